@@ -1,0 +1,1 @@
+"""Graph analysis and rewrite passes over ONNX models (never imports ``pipeline``)."""

@@ -1,0 +1,134 @@
+"""Data that channel analysis produces and every later stage reads.
+
+A *channel space* is what axis 1 of an activation tensor carries. Analysis describes each tensor's channel axis as a
+run of :class:`Segment` s, each a contiguous slice of one :class:`ChannelGroup` (a concat output holds several
+segments, a residual stream one). Channels of one group must be removed together, everywhere the group appears.
+
+The cost model (:class:`CostTerm`) writes the MACs and the parameter count of every costed node as
+``coeff * (in_fixed + sum of in-group widths) * (out_fixed + sum of out-group widths)``, which is exact for Conv,
+ConvTranspose, Gemm and MatMul (depthwise: ``in_fixed = 1``; Gemm after Flatten: ``coeff`` holds ``H*W``). The
+planner uses it to predict the cost of a plan without rewriting the graph; tests check the prediction against the
+counter run on the pruned graph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` channels of group ``group_id`` starting at its channel ``start``, laid at ``offset`` of a tensor."""
+
+    group_id: str
+    offset: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that are removed together.
+
+    Attributes:
+        id: stable id: the first producer output tensor name in topological order.
+        size: number of channels.
+        producers: names of the nodes whose outputs create these channels (Conv, Gemm, ...).
+        consumers: names of the nodes whose weights read these channels (their input slices shrink).
+        probes: tensors the exit consumers read (post-BN, post-activation): what calibration measures.
+        frozen: ``None`` when prunable, else a readable reason (``"unsupported consumer Transpose at node_12"``).
+    """
+
+    id: str
+    size: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    probes: tuple[str, ...]
+    frozen: str | None = None
+
+    @property
+    def prunable(self) -> bool:
+        """True when the group may lose channels."""
+        return self.frozen is None
+
+
+@dataclass(frozen=True)
+class CostTerm:
+    """One node's MACs and params as bilinear functions of group widths (see the module docstring)."""
+
+    node: str
+    op_type: str
+    macs_coeff: float
+    params_coeff: float
+    in_fixed: int
+    in_groups: tuple[str, ...]
+    out_fixed: int
+    out_groups: tuple[str, ...]
+    bias_params: float = 0.0  # params that scale with the output width only (bias): bias_params * out_width
+
+    def widths(self, width: Mapping[str, int]) -> tuple[int, int]:
+        """Input and output widths of the node under the given group widths."""
+        w_in = self.in_fixed + sum(width[g] for g in self.in_groups)
+        w_out = self.out_fixed + sum(width[g] for g in self.out_groups)
+        return w_in, w_out
+
+    def macs(self, width: Mapping[str, int]) -> float:
+        """MACs of the node under the given group widths."""
+        w_in, w_out = self.widths(width)
+        return self.macs_coeff * w_in * w_out
+
+    def params(self, width: Mapping[str, int]) -> float:
+        """Parameters of the node under the given group widths."""
+        w_in, w_out = self.widths(width)
+        return self.params_coeff * w_in * w_out + self.bias_params * w_out
+
+
+@dataclass(frozen=True)
+class ChannelGroupIndex:
+    """The result of channel analysis: groups in topological order, each tensor's channel layout, the cost model."""
+
+    groups: tuple[ChannelGroup, ...]
+    by_tensor: Mapping[str, tuple[Segment, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    cost: tuple[CostTerm, ...] = ()
+    other_macs: float = 0.0
+    other_params: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_tensor", MappingProxyType(dict(self.by_tensor)))
+
+    def group(self, group_id: str) -> ChannelGroup:
+        """The group with this id; KeyError names the id."""
+        for item in self.groups:
+            if item.id == group_id:
+                return item
+        raise KeyError(group_id)
+
+    @property
+    def by_id(self) -> Mapping[str, ChannelGroup]:
+        """Groups keyed by id."""
+        return MappingProxyType({g.id: g for g in self.groups})
+
+    def full_widths(self) -> dict[str, int]:
+        """Every group at its full size."""
+        return {g.id: g.size for g in self.groups}
+
+    def predict(self, width: Mapping[str, int] | None = None) -> tuple[float, float]:
+        """Predicted (MACs, params) of the model with these group widths (default: unpruned)."""
+        full = self.full_widths()
+        if width:
+            full.update(width)
+        macs = self.other_macs + sum(t.macs(full) for t in self.cost)
+        params = self.other_params + sum(t.params(full) for t in self.cost)
+        return macs, params
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (groups only; used by ``diprune inspect --json`` and golden files)."""
+        return {"groups": [asdict(g) for g in self.groups]}
+
+    def to_json(self) -> str:
+        """The summary as a JSON string."""
+        return json.dumps(self.to_dict(), indent=1)

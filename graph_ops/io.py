@@ -1,0 +1,109 @@
+"""Loading, saving and verifying ONNX models.
+
+* ``load_model`` reads a model with its external data and turns every way a file can be wrong (missing, not ONNX,
+  truncated, external data missing) into a :class:`~graph_ops.errors.UserInputError` that names the file.
+* ``save_model`` writes atomically: to a temporary file in the target directory, then ``os.replace``; a failure leaves
+  no partial output. Models over 1.8 GB are written with external data.
+* ``verify_model`` runs ``onnx.checker.check_model(full_check=True)`` (which includes strict shape inference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from graph_ops.errors import UserInputError, VerificationError
+
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Return the hex sha256 of a file's bytes (the model identity used by plans and statistics)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, with a clear error for every bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"model file not found: {path}")
+    if path.is_dir():
+        raise UserInputError(f"model path is a directory, expected an .onnx file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as err:
+        raise UserInputError(f"external data of {path} not found ({err.filename}); keep it beside the model") from err
+    except Exception as err:  # protobuf raises several unrelated types for a broken file
+        raise UserInputError(f"{path} is not a readable ONNX model (truncated or another format): {err}") from err
+    if not model.graph.node and not model.graph.output:
+        raise UserInputError(f"{path} is not an ONNX model: it has no graph (is it another format?)")
+    return model
+
+
+def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> Path:
+    """Check an output path before any work: not an input file, and its directory exists and is writable."""
+    out = Path(out)
+    for item in inputs:
+        if out.resolve() == Path(item).resolve():
+            raise UserInputError(f"output path {out} is an input file; choose another path (inputs are never overwritten)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserInputError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(f"output directory is not writable: {parent}")
+    return out
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write bytes to ``path`` atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Save a model atomically; large models get their weights in ``<name>.data`` beside them."""
+    path = Path(path)
+    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+        atomic_write_bytes(path, model.SerializeToString())
+        return path
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".diprune-", dir=path.resolve().parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data", size_threshold=1024)
+        os.replace(tmp_dir / f"{path.name}.data", path.with_name(f"{path.name}.data"))
+        os.replace(tmp_model, path)
+    finally:
+        for leftover in tmp_dir.glob("*"):
+            leftover.unlink()
+        tmp_dir.rmdir()
+    return path
+
+
+def verify_model(model: onnx.ModelProto) -> None:
+    """Run the full ONNX checker (with strict shape inference); raise VerificationError on failure."""
+    try:
+        if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model, full_check=True)
+        else:  # the checker needs a path for models over 2 GB
+            with tempfile.TemporaryDirectory() as tmp:
+                target = Path(tmp) / "model.onnx"
+                onnx.save_model(model, str(target), save_as_external_data=True, location="model.onnx.data")
+                onnx.checker.check_model(str(target), full_check=True)
+    except Exception as err:
+        raise VerificationError(f"model failed onnx.checker full check: {err}") from err
