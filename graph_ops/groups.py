@@ -14,10 +14,14 @@ counter run on the pruned graph.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+import numpy as np
+
+from graph_ops.errors import PlanValidationError
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,39 @@ class ChannelGroupIndex:
         macs = self.other_macs + sum(t.macs(full) for t in self.cost)
         params = self.other_params + sum(t.params(full) for t in self.cost)
         return macs, params
+
+    def validate_keep(self, keep: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+        """Check kept-channel lists against this index; return the sorted kept indices of groups that shrink.
+
+        The one validation of a plan's content, used by ``apply_plan``, the mask oracle and ``PruningPlan.validate``.
+
+        Raises:
+            PlanValidationError: unknown group, frozen group not kept whole, empty / out-of-range / duplicated indices.
+        """
+        groups = self.by_id
+        result: dict[str, np.ndarray] = {}
+        for gid in sorted(keep):
+            if gid not in groups:
+                raise PlanValidationError(f"plan names unknown group '{gid}'; run 'diprune inspect' for the group ids")
+            group = groups[gid]
+            try:
+                idx = np.sort(np.asarray(list(keep[gid]), dtype=np.int64))
+            except (TypeError, ValueError) as err:
+                raise PlanValidationError(f"group '{gid}': kept channels must be integers ({err})") from err
+            if idx.size == 0:
+                raise PlanValidationError(f"group '{gid}' keeps no channel; keep at least one (or leave it out)")
+            if idx[0] < 0 or idx[-1] >= group.size:
+                raise PlanValidationError(f"group '{gid}' has {group.size} channels; kept index out of range "
+                                          f"[{idx[0]}, {idx[-1]}]")
+            if np.any(np.diff(idx) == 0):
+                raise PlanValidationError(f"group '{gid}' lists a kept channel twice (duplicate index)")
+            if idx.size == group.size:
+                continue
+            if group.frozen:
+                raise PlanValidationError(f"group '{gid}' is frozen ({group.frozen}); it cannot lose channels")
+            idx.setflags(write=False)
+            result[gid] = idx
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (groups only; used by ``diprune inspect --json`` and golden files)."""

@@ -65,11 +65,17 @@ def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str])
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write bytes to ``path`` atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    except OSError as err:
+        raise UserInputError(f"cannot write {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserInputError(f"cannot write {path}: {err.strerror or err}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -81,7 +87,10 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
         atomic_write_bytes(path, model.SerializeToString())
         return path
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".diprune-", dir=path.resolve().parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".diprune-", dir=path.resolve().parent))
+    except OSError as err:
+        raise UserInputError(f"cannot write {path}: {err.strerror or err}") from err
     try:
         tmp_model = tmp_dir / path.name
         onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -1,8 +1,305 @@
-"""Command-line interface (placeholder; filled by the stages)."""
+"""The ``diprune`` command line: one subcommand per public function, no logic of its own.
+
+Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage, 3 verification failed.
+User errors print one line ``diprune: error: ...`` on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+from graph_ops.errors import PruneError, UserInputError
+from pipeline.scorers import SCORERS
+
+logger = logging.getLogger("diprune")
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
+    return value
+
+
+def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None) -> object | None:
+    """Open a dataset from the CLI options (``mnist`` = the shipped digits; an .npz; an image folder)."""
+    if spec is None:
+        return None
+    from pipeline.data import open_dataset
+
+    return open_dataset(spec, split=split, limit=args.limit, scale=args.scale, mean=args.mean, std=args.std,
+                        size=args.size, crop=args.crop)
+
+
+def _eval_split(spec: str, args: argparse.Namespace) -> str:
+    """Held-out part for evaluation: ``--eval-split``, else 'test' where the data has one, else all of it."""
+    if args.eval_split:
+        return args.eval_split
+    if spec == "mnist" or Path(spec).is_dir():
+        return "test"
+    if Path(spec).suffix == ".npz" and Path(spec).is_file():
+        import numpy as np
+
+        with np.load(spec, allow_pickle=False) as handle:
+            return "test" if any(k.endswith("_test") for k in handle.files) else "all"
+    return "all"
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", choices=("train", "test", "all"), default=None,
+                        help="calibration part of the data (default: 'train' where the data has one)")
+    parser.add_argument("--eval-split", choices=("train", "test", "all"), default=None,
+                        help="evaluation part of the data (default: 'test' where the data has one, else all)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most N samples (the first N)")
+    parser.add_argument("--scale", type=float, default=None, help="uint8 inputs: x * scale (default 1/255)")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean after scaling")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std after scaling")
+    parser.add_argument("--size", type=int, default=None, help="image folders: resize shorter side to SIZE")
+    parser.add_argument("--crop", type=int, default=None, help="image folders: centre crop CROP x CROP")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import prepare
+    from pipeline.summary import inspect_summary
+
+    info = inspect_summary(prepare(args.model))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"model {args.model} sha256 {info['model_sha256']}")
+    print(f"macs {info['macs']} params {info['params']} groups {len(info['groups'])} "
+          f"prunable {info['prunable_groups']} prunable_conv_share {info['prunable_conv_share']:.3f}")
+    for g in info["groups"]:
+        reason = g["frozen"] or "-"
+        print(f"group {g['id']}\tsize {g['size']}\tfrozen {reason}\t"
+              f"producers {','.join(g['producers'])}\tconsumers {','.join(g['consumers'])}")
     return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from pipeline.apply import apply_plan_file
+
+    result = apply_plan_file(args.model, args.plan, args.output, mask_only=args.mask_only)
+    print(result)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from graph_ops.io import check_writable
+    from pipeline.calibrate import calibrate
+
+    out = check_writable(args.output, args.model)
+    stats = calibrate(args.model, _dataset(args.data, args, split=args.split), pooling=args.pooling,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    stats.save(out)
+    print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from graph_ops.io import atomic_write_bytes, check_writable
+    from pipeline.orchestrate import prepare, score
+    from pipeline.stats import CalibrationStats
+
+    out = check_writable(args.output, args.stats, args.model)
+    prepared = prepare(args.model)
+    stats = CalibrationStats.load(args.stats) if args.stats else None
+    if stats is not None and stats.model_sha256 != prepared.sha256:
+        raise UserInputError(f"statistics {args.stats} were computed for model {stats.model_sha256[:12]}, "
+                             f"not for {args.model} ({prepared.sha256[:12]}); calibrate this model first")
+    scores = score(prepared, stats, args.method, seed=args.seed)
+    atomic_write_bytes(out, scores.to_json(model_path=str(Path(args.model).resolve())).encode())
+    print(f"wrote {out}: {args.method} scores for {len(scores.scores)} groups")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from graph_ops.io import check_writable
+    from pipeline.orchestrate import prepare
+    from pipeline.plan import select_channels
+    from pipeline.scorers.base import ChannelScores
+
+    out = check_writable(args.output, args.scores)
+    scores, model_path = ChannelScores.load(args.scores)
+    prepared = prepare(args.model or model_path)
+    if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
+        raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
+                             f"not {prepared.path} ({prepared.sha256[:12]})")
+    plan = select_channels(scores, prepared.index, target_macs=args.target_macs, target_params=args.target_params,
+                           round_to=args.round_to, min_channels=args.min_channels, protect=tuple(args.protect),
+                           keep_first_and_last=not args.prune_ends)
+    plan = plan.with_sha(prepared.sha256)
+    plan.save(out)
+    print(f"wrote {out}: {plan.summary()}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import prune
+
+    if args.target_macs is None and args.target_params is None:
+        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.5)")
+    eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
+    report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split), method=args.method,
+                   target_macs=args.target_macs, target_params=args.target_params, round_to=args.round_to,
+                   min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
+                   batch_size=args.batch_size, eval_data=eval_data,
+                   seed=args.seed, progress=not args.quiet)
+    for note in report.notes:
+        logger.warning(note)
+    print(f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    report = evaluate(args.model, _dataset(args.data, args, split=_eval_split(args.data, args)),
+                      reference=args.reference)
+    print(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from graph_ops.io import atomic_write_bytes, check_writable
+    from pipeline.bench import measure
+
+    out = check_writable(args.json, *args.models) if args.json else None
+    batches = tuple(int(b) for b in args.batch.split(","))
+    report = measure(args.models, backend=args.backend, batches=batches, warmup_s=args.warmup,
+                     min_duration_s=args.duration, min_iters=args.iterations, rounds=args.rounds,
+                     threads=args.threads, round_to=args.round_to)
+    if out is not None:
+        atomic_write_bytes(out, report.to_json().encode())
+    print(report.to_markdown())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    for line in run_demo(Path(args.work), progress=not args.quiet):
+        print(line)
+    return 0
+
+
+def _add_budget_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target-macs", type=_fraction, default=None, help="fraction of the original MACs to keep")
+    parser.add_argument("--target-params", type=_fraction, default=None, help="fraction of the params to keep")
+    parser.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of N (default 8)")
+    parser.add_argument("--min-channels", type=int, default=8, help="never keep fewer channels in a group")
+    parser.add_argument("--protect", action="append", default=[], metavar="GROUP_ID",
+                        help="never prune this group (repeatable; ids from 'diprune inspect')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; subcommand choices come from the registries."""
+    parser = argparse.ArgumentParser(prog="diprune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "inspect": (cmd_inspect, "channel groups, sizes, freeze reasons, MACs and params"),
+        "apply": (cmd_apply, "apply a plan file: remove channels (or zero them with --mask-only)"),
+        "calibrate": (cmd_calibrate, "stream per-channel statistics of labelled data through onnxruntime"),
+        "score": (cmd_score, "score channels with a registered method"),
+        "plan": (cmd_plan, "choose kept channels to meet a MACs or params budget"),
+        "prune": (cmd_prune, "one shot: calibrate, score, plan, apply, report"),
+        "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
+        "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
+        "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
+    }
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in commands.items()}
+    for name, (func, _) in commands.items():
+        parsers[name].set_defaults(func=func)
+
+    parsers["inspect"].add_argument("model")
+    parsers["inspect"].add_argument("--json", action="store_true", help="print one JSON object")
+
+    parsers["apply"].add_argument("model")
+    parsers["apply"].add_argument("plan")
+    parsers["apply"].add_argument("-o", "--output", required=True)
+    parsers["apply"].add_argument("--mask-only", action="store_true",
+                                  help="zero the removed channels' exit weights instead of removing them (oracle)")
+
+    p = parsers["calibrate"]
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="'mnist', an .npz (inputs + labels) or an image folder")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_data_options(p)
+
+    p = parsers["score"]
+    p.add_argument("stats", nargs="?", default=None, help="statistics from 'diprune calibrate' (not for l1/l2/random)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", choices=sorted(SCORERS), default="di")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+
+    p = parsers["plan"]
+    p.add_argument("scores")
+    p.add_argument("--model", default=None, help="the model (default: the path recorded in the scores file)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--prune-ends", action="store_true", help="also prune the first layer and the classifier input")
+    _add_budget_options(p)
+
+    p = parsers["prune"]
+    p.add_argument("model")
+    p.add_argument("--data", default=None, help="calibration data: 'mnist', an .npz or an image folder")
+    p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
+    p.add_argument("--method", choices=sorted(SCORERS), default="di")
+    p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+    _add_budget_options(p)
+    _add_data_options(p)
+
+    p = parsers["eval"]
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--reference", default=None, help="original model: adds agreement and relative logit error")
+    _add_data_options(p)
+
+    p = parsers["bench"]
+    p.add_argument("models", nargs="+")
+    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,32")
+    p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per model and batch")
+    p.add_argument("--duration", type=float, default=3.0, help="minimum timed seconds per model and batch")
+    p.add_argument("--iterations", type=int, default=30, help="minimum timed iterations")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B A B ...)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--round-to", type=int, default=8, help="warn about channel counts not multiples of N")
+
+    parsers["demo"].add_argument("--work", default="work/demo", help="where the demo writes its files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except PruneError as err:
+        print(f"diprune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("diprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

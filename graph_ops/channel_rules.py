@@ -1,0 +1,422 @@
+"""Per-op channel rules: ``CHANNEL_RULES`` maps an ONNX op_type to the function that propagates channel spaces.
+
+Each rule reads its inputs' layouts from the :class:`graph_ops.channels.Analysis` state and
+
+* creates a new space for a *source* (Conv ``group=1``, ConvTranspose ``group=1``, Gemm / MatMul with a constant
+  2-D weight), with producer edits (weight output axis, bias) and, when its input carries channels, a consumer edit
+  (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm / MatMul K axis, in blocks of ``H*W`` after a channel-major
+  Flatten / Reshape);
+* passes the input's layout on for channel-wise ops (``y[:, c]`` depends on ``x[:, c]`` only), turning per-channel
+  constants (BN parameters, PRelu slopes, ``[C,1,1]`` Mul/Add operands, depthwise weights) into producer edits;
+* unions the spaces of two activations combined elementwise (residual Add, SE gating Mul);
+* lays segments end to end for Concat on axis 1, and cuts them for Split / Slice on segment boundaries;
+* otherwise freezes every space it touches, with a reason (fail closed).
+
+Ops not in the dict freeze their inputs' spaces ("unsupported consumer <op> at node '<name>'").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import onnx
+
+from graph_ops.channels import Analysis, Edit, attr, describe, int_list, node_name, static_prod
+
+Rule = Callable[[Analysis, onnx.NodeProto, int], None]
+
+
+def _extra_outputs_used(a: Analysis, node: onnx.NodeProto) -> bool:
+    return any(o and (o in a.readers or o in a.outputs) for o in node.output[1:])
+
+
+def passthrough(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Channel-wise unary op: the output has the input's layout."""
+    lay = a.lay(node.input[0])
+    if lay is None:
+        return
+    if _extra_outputs_used(a, node):
+        a.freeze(node.input[0], f"unsupported extra output of {describe(node, idx)}")
+        return
+    a.layout[node.output[0]] = list(lay)
+
+
+def _frozen_source(a: Analysis, node: onnx.NodeProto, idx: int, reason: str) -> None:
+    a.freeze_inputs(node, reason)
+    shape = a.shapes.get(node.output[0])
+    if shape and len(shape) >= 2 and shape[1]:
+        a.new_space(node.output[0], shape[1], node_name(node, idx), frozen=reason)
+
+
+def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Conv: a source when ``group=1``, pass-through when depthwise, frozen when grouped."""
+    x, w, y, name = node.input[0], node.input[1], node.output[0], node_name(node, idx)
+    wshape, yshape = a.shapes.get(w), a.shapes.get(y)
+    if not a.is_const(w) or not wshape:
+        _frozen_source(a, node, idx, f"weight of {describe(node, idx)} is not constant")
+        return
+    group, lay = int(attr(node, "group", 1)), a.lay(x)  # type: ignore[arg-type]
+    c_out, c_in_g, k = wshape[0], wshape[1], math.prod(wshape[2:])
+    spatial = static_prod(yshape[2:]) if yshape else None
+    bias = 1.0 if len(node.input) > 2 and node.input[2] else 0.0
+    if group == 1:
+        if lay:
+            a.slot(node, idx, 1, x, 1, role="consumer")
+            a.exits.append((name, x))
+        a.new_space(y, c_out, name)
+        a.slot(node, idx, 1, y, 0)
+        a.slot(node, idx, 2, y, 0)
+        a.add_cost(name, "Conv", k * (spatial or 0), k, 0 if lay else c_in_g, x if lay else None, 0, y, bias)
+    elif c_in_g == 1 and group == c_out and lay and a.channels(x) == group:
+        a.layout[y] = list(lay)
+        a.slot(node, idx, 1, x, 0)
+        a.slot(node, idx, 2, x, 0)
+        a.edits.append(Edit("group", idx, x))
+        a.add_cost(name, "Conv", k * (spatial or 0), k, 1, None, 0, y, bias)
+    else:
+        if c_in_g == 1 and group == c_out and not lay:
+            reason = f"depthwise Conv at '{name}' reads channels without a layout"
+        else:
+            reason = f"{'depthwise multiplier' if c_in_g == 1 else 'grouped'} Conv (group={group}) at '{name}'"
+        _frozen_source(a, node, idx, reason)
+        out = (0, y) if y in a.layout else (c_out, None)
+        a.add_cost(name, "Conv", k * (spatial or 0), k, c_in_g, None, *out, bias)
+
+
+def conv_transpose(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """ConvTranspose with ``group=1``: W is ``[C_in, C_out, k...]``; other groups freeze."""
+    x, w, y, name = node.input[0], node.input[1], node.output[0], node_name(node, idx)
+    wshape, xshape = a.shapes.get(w), a.shapes.get(x)
+    if not a.is_const(w) or not wshape or int(attr(node, "group", 1)) != 1:  # type: ignore[arg-type]
+        _frozen_source(a, node, idx, f"grouped or dynamic ConvTranspose at '{name}'")
+        return
+    lay, k = a.lay(x), math.prod(wshape[2:])
+    if lay:
+        a.slot(node, idx, 1, x, 0, role="consumer")
+        a.exits.append((name, x))
+    a.new_space(y, wshape[1], name)
+    a.slot(node, idx, 1, y, 1)
+    a.slot(node, idx, 2, y, 0)
+    spatial = static_prod(xshape[2:]) if xshape else None
+    bias = 1.0 if len(node.input) > 2 and node.input[2] else 0.0
+    a.add_cost(name, "ConvTranspose", k * (spatial or 0), k, 0 if lay else wshape[0], x if lay else None, 0, y, bias)
+
+
+def _dense(a: Analysis, node: onnx.NodeProto, idx: int, k_axis: int, n: int, k: int) -> None:
+    """Shared part of Gemm / MatMul with a constant weight: consumer edit on the K axis, new output space."""
+    x, y, name = node.input[0], node.output[0], node_name(node, idx)
+    flat, lay, block = a.flat.get(x), a.lay(x), 1
+    src = None
+    if flat:
+        src, block = flat
+    elif lay:
+        src = x
+    if src:
+        a.slot(node, idx, 1, src, k_axis, role="consumer", block=block)
+        a.exits.append((name, src))
+    a.new_space(y, n, name)
+    a.slot(node, idx, 1, y, 1 - k_axis)
+    bias = 0.0
+    if len(node.input) > 2 and node.input[2]:
+        cshape = a.shapes.get(node.input[2]) or ()
+        if cshape and cshape[-1] == n and math.prod(cshape) == n:
+            a.slot(node, idx, 2, y, len(cshape) - 1)
+            bias = 1.0
+        else:
+            a.freeze(y, f"bias of {describe(node, idx)} is not per-channel")
+    a.add_cost(name, node.op_type, block, block, 0 if src else k, src, 0, y, bias)
+
+
+def gemm(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Gemm with a constant B (respects transB); transA or a dynamic B freezes."""
+    b = node.input[1]
+    bshape = a.shapes.get(b)
+    if not a.is_const(b) or not bshape or len(bshape) != 2 or attr(node, "transA", 0):
+        _frozen_source(a, node, idx, f"unsupported Gemm (transA or dynamic B) at '{node_name(node, idx)}'")
+        return
+    trans_b = bool(attr(node, "transB", 0))
+    n, k = (bshape[0], bshape[1]) if trans_b else (bshape[1], bshape[0])
+    _dense(a, node, idx, 1 if trans_b else 0, n, k)
+
+
+def matmul(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """MatMul of a 2-D activation by a constant 2-D weight ``[K, N]``; anything else freezes."""
+    x, b = node.input[0], node.input[1]
+    bshape = a.shapes.get(b)
+    if a.is_const(b) and bshape and len(bshape) == 2 and (x in a.flat or a.rank(x) == 2):
+        _dense(a, node, idx, 0, bshape[1], bshape[0])
+    else:
+        a.freeze_inputs(node, f"unsupported consumer MatMul at node '{node_name(node, idx)}'")
+
+
+def _per_channel_const(a: Analysis, node: onnx.NodeProto, idx: int, pos: int, x: str, rank: int) -> bool:
+    """Check constant input ``pos`` broadcasts onto ``x``; add a slot when it varies along axis 1."""
+    shape = a.shapes.get(node.input[pos])
+    if shape is None or len(shape) > rank:
+        a.freeze(x, f"unsupported constant operand of {describe(node, idx)}")
+        return False
+    axis = len(shape) - (rank - 1)
+    if axis < 0 or shape[axis] == 1:
+        return True
+    if shape[axis] == a.channels(x):
+        return a.slot(node, idx, pos, x, axis)
+    a.freeze(x, f"constant operand of {describe(node, idx)} does not broadcast on channels")
+    return False
+
+
+def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Add/Sub/Mul/Div/Pow/Max/Min/Sum/Mean/PRelu: union activations, slice per-channel constants."""
+    names = [t for t in node.input if t]
+    acts = [t for t in names if not a.is_const(t)]
+    if not any(a.lay(t) for t in acts):
+        return
+    where, y = describe(node, idx), node.output[0]
+    rank = a.rank(y)
+    if rank is None or any(a.lay(t) is None or a.rank(t) != rank for t in acts):
+        a.freeze_inputs(node, f"broadcast over channels at {where}")
+        return
+    if any(a.channels(t) != a.channels(acts[0]) for t in acts):
+        a.freeze_inputs(node, f"broadcast over channels at {where}")
+        return
+    for other in acts[1:]:
+        a.union_layouts(acts[0], other, where)
+    for pos, name in enumerate(node.input):
+        if name and a.is_const(name):
+            _per_channel_const(a, node, idx, pos, acts[0], rank)
+    a.layout[y] = list(a.layout[acts[0]])
+    if node.op_type == "PRelu" and a.edits and a.edits[-1].node == idx:
+        a.add_cost(node_name(node, idx), "PRelu", 0, 1, 1, None, 0, acts[0])
+
+
+def batchnorm(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """BatchNormalization / InstanceNormalization: channel-wise, parameters are producer-side slots."""
+    x = node.input[0]
+    if a.lay(x) is None:
+        return
+    for pos in range(1, len(node.input)):
+        a.slot(node, idx, pos, x, 0)
+    passthrough(a, node, idx)
+    if node.op_type == "BatchNormalization":
+        a.add_cost(node_name(node, idx), "BatchNormalization", 0, 2, 1, None, 0, x)
+
+
+def concat(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Concat on axis 1 lays segments end to end; on other axes it unions the inputs' spaces."""
+    ins = [t for t in node.input if t]
+    if not any(a.lay(t) for t in ins):
+        return
+    rank, where = a.rank(node.output[0]), describe(node, idx)
+    if rank is None or any(a.lay(t) is None for t in ins):
+        a.freeze_inputs(node, f"input without channel layout at {where}")
+        return
+    axis = int(attr(node, "axis", 0)) % rank  # type: ignore[arg-type]
+    if axis != 1:
+        for other in ins[1:]:
+            a.union_layouts(ins[0], other, where)
+        a.layout[node.output[0]] = list(a.layout[ins[0]])
+        return
+    segs, offset = [], 0
+    for t in ins:
+        segs.extend((s, offset + off, start, n) for s, off, start, n in a.layout[t])
+        offset += a.channels(t)
+    a.layout[node.output[0]] = segs
+
+
+def _cut(a: Analysis, x: str, lo: int, hi: int) -> list | None:
+    """Segments of ``x`` inside ``[lo, hi)``, re-offset; None if a bound falls inside a segment."""
+    bounds = {off for _, off, _, _ in a.layout[x]} | {a.channels(x)}
+    if lo not in bounds or hi not in bounds:
+        return None
+    return [(s, off - lo, st, n) for s, off, st, n in a.layout[x] if lo <= off < hi]
+
+
+def split(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Split on axis 1 only at segment boundaries (sizes recomputed by surgery); other axes pass through."""
+    x = node.input[0]
+    if a.lay(x) is None:
+        return
+    rank = a.rank(x) or 0
+    if rank < 2 or int(attr(node, "axis", 0)) % rank != 1:  # type: ignore[arg-type]
+        for out in node.output:
+            a.layout[out] = list(a.layout[x])
+        return
+    sizes = [(a.shapes.get(o) or (None, None))[1] for o in node.output]
+    lo, cuts = 0, []
+    for out, size in zip(node.output, sizes, strict=True):
+        cut = _cut(a, x, lo, lo + size) if size else None
+        if cut is None:
+            a.freeze(x, f"Split off segment boundaries at {describe(node, idx)}")
+            return
+        cuts.append((out, cut))
+        lo += size
+    for out, cut in cuts:
+        a.layout[out] = cut
+    a.edits.append(Edit("split", idx, x))
+
+
+def slice_(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Slice: axis 1 only with step 1 and bounds on segment boundaries; other axes pass through."""
+    x, where = node.input[0], describe(node, idx)
+    if a.lay(x) is None:
+        return
+    rank = a.rank(x) or 0
+    starts, ends = int_list(a, node, 1, "starts"), int_list(a, node, 2, "ends")
+    axes, steps = int_list(a, node, 3, "axes"), int_list(a, node, 4, "steps")
+    if starts is None or ends is None or rank < 2 or attr(node, "starts") is not None:
+        a.freeze(x, f"dynamic or legacy Slice at {where}")
+        return
+    axes = [ax % rank for ax in (axes if axes is not None else range(len(starts)))]
+    if 1 not in axes:
+        a.layout[node.output[0]] = list(a.layout[x])
+        return
+    j, c = axes.index(1), a.channels(x)
+    lo, hi = (v + c if v < 0 else v for v in (starts[j], ends[j]))
+    cut = None if steps and steps[j] != 1 else _cut(a, x, min(max(lo, 0), c), min(max(hi, 0), c))
+    if not cut:
+        a.freeze(x, f"Slice off segment boundaries at {where}")
+        return
+    a.layout[node.output[0]] = cut
+    a.edits.append(Edit("slice", idx, x, axis=j))
+
+
+def _flatten_to_dense(a: Analysis, node: onnx.NodeProto, idx: int, x: str) -> bool:
+    """Record ``x`` as a channel-major flattened input of Gemm/MatMul readers (block = H*W) if proven."""
+    xshape, y = a.shapes.get(x), node.output[0]
+    if not xshape or len(xshape) < 3 or static_prod(xshape[1:]) is None or y in a.outputs:
+        return False
+    readers = a.readers.get(y, [])
+    ok = readers and all(
+        r.input[0] == y and y not in r.input[1:] and a.is_const(r.input[1]) and (
+            (r.op_type == "Gemm" and not attr(r, "transA", 0)) or r.op_type == "MatMul")
+        for r in readers)
+    if ok:
+        a.flat[y] = (x, math.prod(xshape[2:]))  # type: ignore[arg-type]
+    return bool(ok)
+
+
+def flatten(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Flatten(axis=1): identity on [N, C]; channel-major into Gemm/MatMul; otherwise freeze."""
+    x = node.input[0]
+    if a.lay(x) is None:
+        return
+    axis = int(attr(node, "axis", 1))  # type: ignore[arg-type]
+    if axis == 1 and a.rank(x) == 2:
+        a.layout[node.output[0]] = list(a.layout[x])
+    elif axis != 1 or not _flatten_to_dense(a, node, idx, x):
+        a.freeze(x, f"Flatten not provably channel-major into Gemm at {describe(node, idx)}")
+
+
+def reshape(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+    """Reshape: [N,C,...] -> [N, C*H*W] into Gemm/MatMul (shape entry recomputed), [N,C] -> [N,C]; else freeze."""
+    x = node.input[0]
+    if a.lay(x) is None:
+        return
+    target, xshape = int_list(a, node, 1, "shape"), a.shapes.get(x)
+    c = a.channels(x)
+    ok = target is not None and xshape is not None and len(target) == 2 and len(xshape) >= 2
+    if ok and len(xshape) == 2 and target[1] in (c, -1) and target[0] != -1:  # type: ignore[index]
+        a.layout[node.output[0]] = list(a.layout[x])
+        return
+    flat = static_prod(xshape[1:]) if ok else None  # type: ignore[index]
+    if ok and flat and target[1] in (flat, -1) and _flatten_to_dense(a, node, idx, x):  # type: ignore[index]
+        if target[1] != -1:  # type: ignore[index]
+            a.edits.append(Edit("vector", idx, x, pos=1, axis=1, block=a.flat[node.output[0]][1]))
+        return
+    a.freeze(x, f"reshape of the channel axis at {describe(node, idx)}")
+
+
+def _axes_rule(allowed: Callable[[Analysis, onnx.NodeProto, int], bool]) -> Rule:
+    """A pass-through rule guarded by a predicate that says the op leaves axes 0 and 1 alone."""
+
+    def rule(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
+        if a.lay(node.input[0]) is None:
+            return
+        if allowed(a, node, a.rank(node.input[0]) or 0):
+            passthrough(a, node, idx)
+        else:
+            a.freeze(node.input[0], f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
+
+    rule.__doc__ = allowed.__doc__
+    return rule
+
+
+def _reduce_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
+    """Reduce* over spatial axes only."""
+    axes = int_list(a, node, 1, "axes")
+    return bool(axes) and rank > 2 and all(ax % rank > 1 for ax in axes)  # type: ignore[union-attr]
+
+
+def _squeeze_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
+    """Squeeze / Unsqueeze of axes after the channel axis."""
+    axes = int_list(a, node, 1, "axes")
+    out_rank = rank + len(axes) if node.op_type == "Unsqueeze" and axes else rank
+    return bool(axes) and rank > 0 and all(ax % out_rank > 1 for ax in axes)  # type: ignore[union-attr]
+
+
+def _transpose_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
+    """Transpose that keeps axes 0 and 1 in place."""
+    perm = attr(node, "perm")
+    return perm is not None and list(perm)[:2] == [0, 1]  # type: ignore[call-overload]
+
+
+def _softmax_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
+    """Softmax-like op over an axis after the channel axis (pre-13 semantics flatten from ``axis``)."""
+    axis = int(attr(node, "axis", -1 if a.opset >= 13 else 1)) % max(rank, 1)  # type: ignore[arg-type]
+    return axis > 1
+
+
+def _pad_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
+    """Pad that pads spatial axes only."""
+    pads = int_list(a, node, 1, "pads")
+    axes = int_list(a, node, 3, "_none_") or list(range(rank))
+    if pads is None or len(pads) != 2 * len(axes):
+        return False
+    n = len(axes)
+    return all(pads[i] == 0 and pads[i + n] == 0 for i, ax in enumerate(axes) if ax % rank < 2)
+
+
+def _resize_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
+    """Resize / Upsample with scale 1 (or size unchanged) on axes 0 and 1."""
+    axes = [ax % rank for ax in (attr(node, "axes") or range(rank))]  # type: ignore[union-attr]
+    pos = 1 if node.op_type == "Upsample" or a.opset < 11 else 2
+    scales = a.const(node.input[pos]) if len(node.input) > pos and node.input[pos] else None
+    if scales is not None and scales.size:
+        return scales.size == len(axes) and all(float(s) == 1.0 for s, ax in zip(scales.ravel(), axes, strict=True)
+                                                if ax < 2)
+    sizes = int_list(a, node, 3, "_none_")
+    xshape = a.shapes.get(node.input[0]) or ()
+    return sizes is not None and 1 not in axes and all(ax != 0 or sizes[i] == xshape[0]
+                                                       for i, ax in enumerate(axes))
+
+
+_UNARY = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh",
+          "Softplus", "Softsign", "Gelu", "Erf", "Mish", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Cast",
+          "Identity", "Dropout", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Relu6",
+          "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu")
+_REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+           "ReduceSumSquare", "ReduceProd")
+
+CHANNEL_RULES: dict[str, Rule] = {
+    **dict.fromkeys(_UNARY, passthrough),
+    **dict.fromkeys(_BINARY, elementwise),
+    **dict.fromkeys(_REDUCE, _axes_rule(_reduce_ok)),
+    **dict.fromkeys(("Squeeze", "Unsqueeze"), _axes_rule(_squeeze_ok)),
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _axes_rule(_softmax_ok)),
+    **dict.fromkeys(("Resize", "Upsample"), _axes_rule(_resize_ok)),
+    "Transpose": _axes_rule(_transpose_ok),
+    "Pad": _axes_rule(_pad_ok),
+    "Conv": conv,
+    "ConvTranspose": conv_transpose,
+    "Gemm": gemm,
+    "MatMul": matmul,
+    "BatchNormalization": batchnorm,
+    "InstanceNormalization": batchnorm,
+    "Concat": concat,
+    "Split": split,
+    "Slice": slice_,
+    "Flatten": flatten,
+    "Reshape": reshape,
+}
+"""op_type -> rule; ops not listed freeze every channel space among their inputs."""

@@ -1,0 +1,76 @@
+"""The built-in demo: prune the shipped MNIST CNN with DI and show what was gained.
+
+Steps (all on shipped files, nothing downloaded): analyse the model's channel groups; calibrate on 2,000 digits of the
+training split; prune to 50 % of the MACs with ``di`` and, for comparison, with the data-free ``l2`` and ``random``
+baselines; evaluate each on the 2,000 held-out digits; prove the surgery exact by comparing the pruned model with
+the same plan applied as a mask (zeroed exit weights) on the held-out digits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from graph_ops.channels import prunable_share
+from graph_ops.mask import zero_channels
+from graph_ops.prune import apply_plan
+from pipeline.data import Dataset, open_dataset
+from pipeline.orchestrate import PreparedModel, keep_lists, prepare, prune
+from pipeline.plan import PruningPlan
+
+DEMO_MODEL = "mnist_cnn.onnx"
+CALIBRATION_SAMPLES = 2000
+TARGET_MACS = 0.5
+
+
+def demo_model_path() -> Path:
+    """The shipped demo model (a small CNN trained on the MNIST training split)."""
+    return Path(str(resources.files("pipeline") / "data" / DEMO_MODEL))
+
+
+def _outputs(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def _mask_agreement(prepared: PreparedModel, plan: PruningPlan, dataset: Dataset) -> float:
+    """Max |pruned - masked| / max |masked| over the evaluation inputs."""
+    keep = keep_lists(plan)
+    pruned = apply_plan(prepared.model, prepared.index, keep).SerializeToString()
+    masked = zero_channels(prepared.model, prepared.index, keep).SerializeToString()
+    worst = 0.0
+    for feeds, _ in dataset.batches(500):
+        a, b = _outputs(pruned, feeds), _outputs(masked, feeds)
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
+    return worst
+
+
+def run_demo(work: Path, *, progress: bool = True) -> Iterator[str]:
+    """Run the demo, yielding the lines to print."""
+    work.mkdir(parents=True, exist_ok=True)
+    model = demo_model_path()
+    prepared = prepare(model)
+    groups = prepared.index.groups
+    yield (f"model {model.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable, "
+           f"{prunable_share(prepared.model, prepared.index):.0%} of conv channels prunable")
+    calib = open_dataset("mnist", split="train", limit=CALIBRATION_SAMPLES)
+    test = open_dataset("mnist", split="test")
+    yield f"calibration: {calib.num_samples} training digits; evaluation: {test.num_samples} held-out digits"
+    yield f"{'method':<8} {'MACs kept':>9} {'params kept':>11} {'top-1 before':>12} {'top-1 after':>11}"
+    for method in ("di", "l2", "random"):
+        out = work / f"mnist_cnn.{method}.onnx"
+        report = prune(model, out, data=calib, method=method, target_macs=TARGET_MACS, eval_data=test,
+                       progress=progress)
+        ev = report.evaluation
+        yield (f"{method:<8} {report.macs_fraction:>9.3f} {report.params_fraction:>11.3f} "
+               f"{ev['original']['top1']:>12.4f} {ev['pruned']['top1']:>11.4f}")
+    plan = PruningPlan.load(work / "mnist_cnn.di.onnx.plan.json")
+    yield (f"exactness: pruned vs masked (same plan, zeroed exit weights) max relative output difference "
+           f"{_mask_agreement(prepared, plan, test):.2e}")
+    yield f"outputs in {work}/ (pruned models and their .report.json)"

@@ -1,0 +1,172 @@
+"""Export a torch module to a canonical ONNX file, checked against torch.
+
+``export_torch`` puts the module in eval mode, exports it with the chosen exporter (dynamo by default, written as a
+single file; or the legacy TorchScript exporter), loads the result, runs :func:`graph_ops.canonicalize.canonicalize`
+(which, among others, fuses BatchNorm and gives every Conv its own bias), saves it atomically and, with ``check``,
+compares onnxruntime's outputs with torch's on the example input (``rtol=1e-3, atol=1e-4``).
+
+``load_torchvision`` builds a torchvision architecture with seeded random weights and randomised BatchNorm running
+statistics (so that BN folding is exercised), because no pretrained weights are available offline.
+
+torch and torchvision are imported inside the functions: the package imports without them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from graph_ops.canonicalize import canonicalize
+from graph_ops.io import load_model, save_model
+from pipeline.errors import UserInputError, VerificationError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_NO_AUX = ("googlenet", "inception_v3")
+
+
+def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo: bool = True,
+               dynamic_batch: bool = True) -> None:
+    """Run a torch exporter only (no canonicalization, no check): one ``.onnx`` file, input ``input``.
+
+    The dynamo exporter is asked for at least opset 18, the lowest it implements with torch 2.13 (its conversion
+    down to 17 fails on ReduceMean and keeps 18 anyway, after a slow attempt).
+    """
+    import warnings
+
+    import torch
+
+    names = {"input_names": ["input"], "output_names": ["output"]}
+    if dynamo:
+        shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+        torch.onnx.export(model, (example,), str(path), opset_version=max(opset, 18), dynamo=True, external_data=False,
+                          dynamic_shapes=shapes, verbose=False, **names)
+    else:
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        with warnings.catch_warnings():  # the legacy exporter is deprecated, on purpose here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False, dynamic_axes=axes,
+                              **names)
+
+
+def _torch_outputs(model: Any, example: Any) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = model(example)
+    items = out if isinstance(out, (tuple, list)) else [out]
+    return [t.detach().cpu().numpy() for t in items]
+
+
+def _check(path: Path, example: np.ndarray, expected: list[np.ndarray], rtol: float, atol: float) -> None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: example})
+    for index, (a, b) in enumerate(zip(got, expected, strict=False)):
+        if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
+            err = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
+            raise VerificationError(f"exported {path} differs from torch at output {index}: max |error| {err:.3g} "
+                                    f"(shapes {a.shape} vs {b.shape}, rtol {rtol}, atol {atol})")
+
+
+def export_torch(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    dynamo: bool = True,
+    dynamic_batch: bool = True,
+    check: bool = True,
+) -> Path:
+    """Export ``model`` to a canonical single-file ONNX model at ``path``.
+
+    Args:
+        model: the module; it is switched to eval mode.
+        example_input: one input tensor (its shape fixes every dim but, with ``dynamic_batch``, the batch).
+        path: where to write the ``.onnx`` file (atomically).
+        opset: ONNX opset to export with (the dynamo exporter uses at least 18).
+        dynamo: use the dynamo exporter (default) instead of the legacy TorchScript one.
+        dynamic_batch: make the batch dimension symbolic.
+        check: compare onnxruntime's outputs with torch's (``rtol=1e-3, atol=1e-4``).
+
+    Returns:
+        The path written.
+
+    Raises:
+        UserInputError: the exporter failed (the message carries torch's reason).
+        VerificationError: the exported model disagrees with torch, or fails the ONNX checker.
+    """
+    path = Path(path)
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="diprune-export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            export_raw(model, example_input, raw, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch)
+        except Exception as err:  # torch raises many unrelated types from its exporters
+            kind = "dynamo" if dynamo else "legacy"
+            raise UserInputError(f"torch {kind} export of {type(model).__name__} failed: {err}") from err
+        canonical = canonicalize(load_model(raw))
+    save_model(canonical, path)
+    logger.info("exported %s to %s (%d nodes)", type(model).__name__, path, len(canonical.graph.node))
+    if check:
+        example = example_input.detach().cpu().numpy()
+        _check(path, example, _torch_outputs(model, example_input), rtol=1e-3, atol=1e-4)
+    return path
+
+
+def import_torchvision_models() -> types.ModuleType:
+    """``torchvision.models``, importable on CPU-only torch (registers an empty ``_meta_registrations``)."""
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torchvision.models
+
+    return torchvision.models
+
+
+def load_torchvision(name: str, num_classes: int = 1000, seed: int = 0) -> torch.nn.Module:
+    """A torchvision architecture with seeded random weights and randomised BN statistics, in eval mode.
+
+    Args:
+        name: a ``torchvision.models`` builder name, e.g. ``"resnet18"``.
+        num_classes: size of the classifier head.
+        seed: seeds weight init and the BN statistics.
+
+    Returns:
+        The module in eval mode.
+
+    Raises:
+        UserInputError: unknown architecture name.
+    """
+    import torch
+
+    models = import_torchvision_models()
+    try:
+        builder = models.get_model_builder(name)
+    except ValueError as err:
+        raise UserInputError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()") from err
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if name in _NO_AUX:
+        kwargs.update(aux_logits=False, init_weights=True)
+    torch.manual_seed(seed)
+    model = builder(**kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.copy_(torch.empty(module.running_var.shape).uniform_(0.5, 2.0, generator=generator))
+                if module.affine:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    return model.eval()

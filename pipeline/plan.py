@@ -1,0 +1,280 @@
+"""Pruning plans: the file contract, its validation, and the global budget allocation that makes one.
+
+File (a contract)::
+
+    {"format": "diprune.plan/1", "model_sha256": "<sha>", "groups": {"<group id>": {"keep": [sorted indices]}},
+     "meta": {...optional...}}
+
+Groups not named keep all their channels.
+
+Allocation (methods.md §1.6 ii, greedy, no accuracy evaluation). Every prunable group ``g`` (not frozen, not
+protected, and - with ``keep_first_and_last`` - not produced by a node reading a graph input, nor read by the last
+Gemm/MatMul) has a ladder of widths ``size > w_1 > w_2 > ... >= w_min``: ``w_1`` is ``size`` rounded down to a
+multiple of ``round_to`` (the first step is shorter when ``size`` is not a multiple), later rungs are multiples of
+``round_to``, and ``w_min`` is the smallest multiple of ``round_to`` that is ``>= min_channels``. A step moves one
+group one rung down; its information loss is
+
+* with a retention curve (DI): ``log r(w) − log r(w')`` (``r`` floored at 1e-12);
+* otherwise: the score mass of the channels removed (lowest scores first) over the group's total score mass,
+
+and its saving is the predicted cost drop (``ChannelGroupIndex.predict``, the bilinear ``CostTerm`` model, so a
+group's saving includes the shrunken inputs of its consumers). Each step takes the smallest ``loss / saving``
+(ties: group id), until the predicted MACs (and/or params) fraction is ``<=`` the target. When one or more
+single steps would meet the target, the finishing step is the one of them with the least loss (not the best
+ratio), which avoids a large overshoot from a cheap-per-MAC but big step. The greedy stops at the first step that
+crosses the target, so the result is within one step of it. When every group is at its
+minimum first, the plan is returned with ``meta["reached"] = False`` and a note.
+
+"First layer" is detected from the cost model: a producer whose cost term reads only graph inputs (groups
+without producers) or no group at all (a fixed-width input), except a depthwise producer (``in_fixed = 1``) of a
+group that has other producers (a grayscale first conv feeding a residual stream is therefore not protected;
+protect it by id if needed). "Classifier" is the last Gemm/MatMul term of ``index.cost`` (topological order);
+the groups it reads are protected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from graph_ops.groups import ChannelGroupIndex
+from graph_ops.io import atomic_write_bytes
+from pipeline.errors import PlanValidationError, UserInputError
+from pipeline.scorers.base import ChannelScores
+
+logger = logging.getLogger(__name__)
+
+PLAN_FORMAT = "diprune.plan/1"
+_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Kept channel indices per group (groups not named keep all), for one model."""
+
+    model_sha256: str
+    keep: Mapping[str, tuple[int, ...]]
+    meta: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        keep = {gid: tuple(sorted(int(c) for c in chans)) for gid, chans in sorted(self.keep.items())}
+        object.__setattr__(self, "keep", MappingProxyType(keep))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    def with_sha(self, model_sha256: str) -> PruningPlan:
+        """The same plan for the model with this sha256."""
+        return replace(self, model_sha256=model_sha256)
+
+    def summary(self) -> str:
+        """One line: groups pruned and predicted cost fractions."""
+        macs, params = self.meta.get("macs_fraction"), self.meta.get("params_fraction")
+        text = f"{len(self.keep)} groups pruned"
+        if macs is not None and params is not None:
+            text += f", predicted MACs x{macs:.3f}, params x{params:.3f}"
+        if self.meta.get("reached") is False:
+            text += " (target NOT reached)"
+        return text
+
+    def to_json(self) -> str:
+        """The plan file text (deterministic: sorted keys)."""
+        doc = {"format": PLAN_FORMAT, "model_sha256": self.model_sha256,
+               "groups": {gid: {"keep": list(chans)} for gid, chans in self.keep.items()}}
+        if self.meta:
+            doc["meta"] = dict(self.meta)
+        return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan file atomically."""
+        atomic_write_bytes(path, self.to_json().encode())
+        return Path(path)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> PruningPlan:
+        """Parse plan-file text; malformed content raises UserInputError naming the problem."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{source} is not JSON ({err}); give a file written by 'diprune plan'") from err
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            raise UserInputError(f"{source} is not a plan file: format {found!r}, expected {PLAN_FORMAT!r}")
+        sha, groups, meta = doc.get("model_sha256"), doc.get("groups"), doc.get("meta", {})
+        if not isinstance(sha, str) or not isinstance(groups, dict) or not isinstance(meta, dict):
+            raise UserInputError(f"{source}: 'model_sha256' must be a string, 'groups' and 'meta' objects")
+        keep = {}
+        for gid, entry in groups.items():
+            chans = entry.get("keep") if isinstance(entry, dict) else None
+            if not isinstance(chans, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in chans):
+                raise UserInputError(f"{source}: group {gid!r} needs {{\"keep\": [integer channel indices]}}")
+            keep[gid] = chans
+        return cls(model_sha256=sha, keep=keep, meta=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PruningPlan:
+        """Read a plan file."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"plan file not found: {path}")
+        return cls.from_json(path.read_text(), source=str(path))
+
+    def validate(self, index: ChannelGroupIndex, model_sha256: str) -> None:
+        """Check the plan fits this model: same sha, known prunable groups, in-range non-empty unique keeps."""
+        if self.model_sha256 != model_sha256:
+            raise PlanValidationError(f"plan was made for model {self.model_sha256[:12]}, this model is "
+                                      f"{model_sha256[:12]}; make a new plan for this model")
+        index.validate_keep(self.keep)
+
+
+def _ladder(size: int, round_to: int, min_channels: int) -> list[int]:
+    """Allowed widths of one group, from ``size`` down (see the module docstring)."""
+    step = max(round_to, 1)
+    floor_width = max(step, math.ceil(max(min_channels, 1) / step) * step)
+    widths = [size]
+    width = (size // step) * step
+    if width == size:
+        width -= step
+    while width >= floor_width:
+        widths.append(width)
+        width -= step
+    return widths
+
+
+def _ends(index: ChannelGroupIndex) -> set[str]:
+    """Groups produced from a graph input, and groups read by the last Gemm/MatMul."""
+    inputs = {g.id for g in index.groups if not g.producers}  # graph inputs (frozen groups without producers)
+    reads_input = {t.node: t for t in index.cost if set(t.in_groups) <= inputs}
+    out = set()
+    for group in index.groups:
+        readers = [reads_input[p] for p in group.producers if p in reads_input]
+        # a depthwise producer (in_fixed 1) of a group that has another producer only passes channels through
+        if any(t.in_fixed != 1 or len(group.producers) == 1 for t in readers):
+            out.add(group.id)
+    classifier = [t for t in index.cost if t.op_type in ("Gemm", "MatMul")]
+    if classifier:
+        out.update(classifier[-1].in_groups)
+    return out
+
+
+@dataclass
+class _Allocation:
+    """Mutable state of the greedy allocation (local to one ``select_channels`` call)."""
+
+    index: ChannelGroupIndex
+    scores: ChannelScores
+    ladders: dict[str, list[int]]
+    rung: dict[str, int]
+    weights: tuple[float, float]  # (MACs, params) weight of the saving; 0 for a metric without a target
+    full: tuple[float, float]
+
+    def widths(self) -> dict[str, int]:
+        return {gid: self.ladders[gid][r] for gid, r in self.rung.items()}
+
+    def loss(self, gid: str, old: int, new: int) -> float:
+        if gid in self.scores.retention:
+            curve = self.scores.retention[gid]
+            return math.log(max(curve[old], _FLOOR)) - math.log(max(curve[new], _FLOOR))
+        values = np.maximum(self.scores.scores[gid], 0.0)
+        removed = self.scores.elimination_order(gid)[len(values) - old:len(values) - new]
+        total = float(values.sum())
+        return float(values[removed].sum()) / total if total > 0 else (old - new) / len(values)
+
+    def terms_of(self, gid: str) -> list[Any]:
+        return [t for t in self.index.cost if gid in t.in_groups or gid in t.out_groups]
+
+    def candidate(self, gid: str) -> tuple[float, str, float, float, float] | None:
+        """(loss per cost saved, group id, loss, MACs saved, params saved) of moving ``gid`` one rung down."""
+        r = self.rung[gid]
+        if r + 1 >= len(self.ladders[gid]):
+            return None
+        old, new = self.ladders[gid][r], self.ladders[gid][r + 1]
+        before = {**self.index.full_widths(), **self.widths()}
+        after = {**before, gid: new}
+        terms = self.terms_of(gid)
+        d_macs = sum(t.macs(before) - t.macs(after) for t in terms)
+        d_params = sum(t.params(before) - t.params(after) for t in terms)
+        saving = self.weights[0] * d_macs / max(self.full[0], _FLOOR) + self.weights[1] * d_params / max(
+            self.full[1], _FLOOR)
+        if saving <= 0:
+            return None
+        loss = self.loss(gid, old, new)
+        return loss / saving, gid, loss, d_macs, d_params
+
+
+def _fractions(index: ChannelGroupIndex, widths: Mapping[str, int], full: tuple[float, float]) -> tuple[float, float]:
+    macs, params = index.predict(widths)
+    return macs / full[0] if full[0] else 1.0, params / full[1] if full[1] else 1.0
+
+
+def _choose(options: list[tuple[float, str, float, float, float]], now: tuple[float, float],
+            full: tuple[float, float], targets: tuple[float, float]) -> str:
+    """Best ratio; but when some steps alone meet the budget, the one of them that loses least (finishing move)."""
+    finishing = [(loss, gid) for _, gid, loss, d_macs, d_params in options
+                 if (now[0] - d_macs) <= targets[0] * full[0] and (now[1] - d_params) <= targets[1] * full[1]]
+    if finishing:
+        return min(finishing)[1]
+    return min(options)[1]
+
+
+def _check_targets(target_macs: float | None, target_params: float | None) -> None:
+    if target_macs is None and target_params is None:
+        raise UserInputError("give a budget: target_macs and/or target_params (fractions of the original, 0..1]")
+    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+        if value is not None and not 0 < value <= 1:
+            raise UserInputError(f"{name} must be a fraction in (0, 1], got {value}")
+
+
+def _keep_lists(scores: ChannelScores, alloc: _Allocation) -> dict[str, tuple[int, ...]]:
+    keep = {}
+    for gid, width in sorted(alloc.widths().items()):
+        size = alloc.ladders[gid][0]
+        if width < size:
+            keep[gid] = tuple(sorted(int(c) for c in scores.elimination_order(gid)[size - width:]))
+    return keep
+
+
+def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_macs: float | None = None,
+                    target_params: float | None = None, round_to: int = 8, min_channels: int = 8,
+                    protect: Iterable[str] = (), keep_first_and_last: bool = True) -> PruningPlan:
+    """Choose kept channels for a MACs and/or params budget by greedy global allocation (module docstring)."""
+    _check_targets(target_macs, target_params)
+    protected = set(protect) | (_ends(index) if keep_first_and_last else set())
+    ladders = {g.id: _ladder(g.size, round_to, min_channels) for g in index.groups
+               if g.prunable and g.id not in protected and g.id in scores.scores}
+    full = index.predict()
+    alloc = _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), full)
+    targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
+    fractions = _fractions(index, alloc.widths(), full)
+    neighbours = {gid: {h for t in alloc.terms_of(gid) for h in (*t.in_groups, *t.out_groups)} for gid in ladders}
+    cache: dict[str, tuple[float, str, float, float, float] | None] = {}
+    while fractions[0] > targets[0] or fractions[1] > targets[1]:
+        weights = (float(fractions[0] > targets[0]), float(fractions[1] > targets[1]))
+        if weights != alloc.weights:
+            alloc.weights, cache = weights, {}
+        for gid in sorted(ladders):
+            if gid not in cache:
+                cache[gid] = alloc.candidate(gid)
+        options = [c for c in cache.values() if c is not None]
+        if not options:
+            break
+        gid = _choose(options, index.predict(alloc.widths()), full, targets)
+        alloc.rung[gid] += 1
+        for other in neighbours[gid] | {gid}:
+            cache.pop(other, None)
+        fractions = _fractions(index, alloc.widths(), full)
+    reached = fractions[0] <= targets[0] and fractions[1] <= targets[1]
+    notes = [] if reached else [f"budget not reached: every prunable group is at its minimum width "
+                                f"(predicted MACs x{fractions[0]:.3f}, params x{fractions[1]:.3f})"]
+    if not reached:
+        logger.warning(notes[0])
+    meta = {"method": scores.method, "target_macs": target_macs, "target_params": target_params,
+            "round_to": round_to, "min_channels": min_channels, "protected": sorted(protected),
+            "macs_fraction": fractions[0], "params_fraction": fractions[1], "reached": reached, "notes": notes}
+    return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(scores, alloc), meta=meta)

@@ -1,0 +1,78 @@
+"""The pruning report: what was asked, what was achieved, and how long each stage took.
+
+Written beside the pruned model as ``<out>.report.json`` (format ``diprune.report/1``) so that an MLOps gate can read
+the budget, the achieved MACs/params fractions, the kept channels per group and, when an evaluation set was given,
+held-out accuracy of the original and the pruned model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graph_ops.io import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class Report:
+    """Result of one ``prune`` run."""
+
+    model: str
+    model_sha256: str
+    output: str
+    output_sha256: str
+    method: str
+    budget: Mapping[str, Any]
+    original: Mapping[str, float]
+    pruned: Mapping[str, float]
+    groups: Mapping[str, Mapping[str, int]]
+    timings_s: Mapping[str, float]
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def macs_fraction(self) -> float:
+        """Pruned MACs over original MACs."""
+        return self.pruned["macs"] / self.original["macs"]
+
+    @property
+    def params_fraction(self) -> float:
+        """Pruned params over original params."""
+        return self.pruned["params"] / self.original["params"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {
+            "format": "diprune.report/1",
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "output": self.output,
+            "output_sha256": self.output_sha256,
+            "method": self.method,
+            "budget": dict(self.budget),
+            "original": dict(self.original),
+            "pruned": dict(self.pruned),
+            "macs_fraction": round(self.macs_fraction, 6),
+            "params_fraction": round(self.params_fraction, 6),
+            "groups": {k: dict(v) for k, v in self.groups.items()},
+            "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+            "evaluation": dict(self.evaluation),
+            "notes": list(self.notes),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON, atomically."""
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n").encode())
+        return Path(path)
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        acc = ""
+        if "pruned" in self.evaluation and "original" in self.evaluation:
+            acc = (f", top-1 {self.evaluation['original']['top1']:.4f} -> {self.evaluation['pruned']['top1']:.4f}")
+        return (f"{self.method}: MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} "
+                f"({self.macs_fraction:.3f}), params {self.original['params']:.4g} -> {self.pruned['params']:.4g} "
+                f"({self.params_fraction:.3f}){acc}")

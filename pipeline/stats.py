@@ -1,0 +1,233 @@
+"""Sufficient statistics of pooled probe activations (methods.md §1.1, §2.2, §3.2).
+
+For every probe tensor the calibration runner pools each sample's activation map to a feature vector
+``x ∈ R^d`` (``d = C * cells``, channel-major: channel ``c`` owns features ``c*cells .. c*cells+cells-1``) and
+accumulates, in float64::
+
+    n, n_k (class counts), s = Σ x, s_k = Σ_{i∈k} x, G = Σ x xᵀ (uncentred), plus per channel the number of exact
+    zeros and the sum of |activation| over all raw elements (before pooling).
+
+Everything DI, LDA and PLS need follows exactly: ``μ = s/n``, ``μ_k = s_k/n_k``, total scatter
+``S = G − n μ μᵀ``, ``D[:, k] = √n_k (μ_k − μ)``, between scatter ``S_B = D Dᵀ``, within scatter ``S − S_B``.
+All fields are sums, so :meth:`ProbeStats.merge` is exact, associative and order-independent (up to float64
+rounding), which lets calibration be sharded. Note: the uncentred gram loses relative precision in ``S`` when
+``|μ|`` is much larger than the spread of the features; post-activation CNN features are well within float64 range.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from graph_ops.io import atomic_write_bytes
+from pipeline.errors import CalibrationError, UserInputError
+
+STATS_FORMAT = "diprune.stats/1"
+_ARRAYS = ("class_counts", "sum", "class_sums", "gram", "zeros", "abs_sum")
+
+
+def _frozen(array: np.ndarray, dtype: Any) -> np.ndarray:
+    out = np.array(array, dtype=dtype, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True)
+class ProbeStats:
+    """Sums over the samples seen at one probe tensor (see the module docstring); arrays are read-only."""
+
+    n: int
+    class_counts: np.ndarray
+    sum: np.ndarray
+    class_sums: np.ndarray
+    gram: np.ndarray
+    zeros: np.ndarray
+    abs_sum: np.ndarray
+    elements: int
+    cells: int
+
+    def __post_init__(self) -> None:
+        for name in _ARRAYS:
+            dtype = np.int64 if name in ("class_counts", "zeros") else np.float64
+            object.__setattr__(self, name, _frozen(getattr(self, name), dtype))
+        d, k, c = self.sum.shape[0], self.class_counts.shape[0], self.zeros.shape[0]
+        if (self.class_sums.shape != (k, d) or self.gram.shape != (d, d) or self.abs_sum.shape != (c,)
+                or c * self.cells != d):
+            raise CalibrationError(f"inconsistent probe statistics shapes: d={d}, K={k}, C={c}, cells={self.cells}, "
+                                   f"class_sums {self.class_sums.shape}, gram {self.gram.shape}")
+
+    @classmethod
+    def empty(cls, channels: int, cells: int, num_classes: int) -> ProbeStats:
+        """Statistics of zero samples for a probe with ``channels`` channels of ``cells`` pooled cells each."""
+        d = channels * cells
+        return cls(n=0, class_counts=np.zeros(num_classes), sum=np.zeros(d), class_sums=np.zeros((num_classes, d)),
+                   gram=np.zeros((d, d)), zeros=np.zeros(channels), abs_sum=np.zeros(channels), elements=0,
+                   cells=cells)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``d``."""
+        return int(self.sum.shape[0])
+
+    @property
+    def channels(self) -> int:
+        """Channel count ``C``."""
+        return int(self.zeros.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Class count ``K``."""
+        return int(self.class_counts.shape[0])
+
+    def update(self, features: np.ndarray, labels: np.ndarray, raw: np.ndarray | None = None) -> ProbeStats:
+        """Add a batch: pooled ``features`` (n, d), integer ``labels`` (n,), optional ``raw`` activations (n, C, ...)."""
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
+        if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] != y.shape[0]:
+            raise CalibrationError(f"batch of features {x.shape} and labels {y.shape} does not fit a probe with "
+                                   f"d={self.dim}")
+        if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+            raise CalibrationError(f"labels must lie in 0..{self.num_classes - 1}, got {y.min()}..{y.max()}")
+        if not np.isfinite(x).all():
+            raise CalibrationError("pooled features contain NaN or inf; check the model and the input scaling")
+        onehot = np.zeros((x.shape[0], self.num_classes))
+        onehot[np.arange(x.shape[0]), y] = 1.0
+        zeros, abs_sum, elements = self.zeros, self.abs_sum, self.elements
+        if raw is not None:
+            r = np.asarray(raw)
+            if r.ndim < 2 or r.shape[0] != x.shape[0] or r.shape[1] != self.channels:
+                raise CalibrationError(f"raw activations {r.shape} do not fit {x.shape[0]} samples x "
+                                       f"{self.channels} channels")
+            axes = (0, *range(2, r.ndim))
+            zeros = zeros + np.count_nonzero(r == 0, axis=axes)
+            abs_sum = abs_sum + np.abs(r, dtype=np.float64).sum(axis=axes)
+            elements = elements + int(r.size // self.channels)
+        return ProbeStats(n=self.n + x.shape[0], class_counts=self.class_counts + onehot.sum(axis=0).astype(np.int64),
+                          sum=self.sum + x.sum(axis=0), class_sums=self.class_sums + onehot.T @ x,
+                          gram=self.gram + x.T @ x, zeros=zeros, abs_sum=abs_sum, elements=elements,
+                          cells=self.cells)
+
+    def merge(self, other: ProbeStats) -> ProbeStats:
+        """Statistics of the union of both sample sets (exact sums; associative and order-independent)."""
+        if (self.dim, self.num_classes, self.channels, self.cells) != (
+                other.dim, other.num_classes, other.channels, other.cells):
+            raise CalibrationError(f"cannot merge probe statistics of different shapes: (d, K, C, cells) = "
+                                   f"{(self.dim, self.num_classes, self.channels, self.cells)} vs "
+                                   f"{(other.dim, other.num_classes, other.channels, other.cells)}")
+        return ProbeStats(n=self.n + other.n, class_counts=self.class_counts + other.class_counts,
+                          sum=self.sum + other.sum, class_sums=self.class_sums + other.class_sums,
+                          gram=self.gram + other.gram, zeros=self.zeros + other.zeros,
+                          abs_sum=self.abs_sum + other.abs_sum, elements=self.elements + other.elements,
+                          cells=self.cells)
+
+    def _need_samples(self) -> None:
+        if self.n == 0:
+            raise CalibrationError("probe statistics hold no samples; run calibration on a non-empty data set")
+
+    def mean(self) -> np.ndarray:
+        """Global mean ``μ`` (d,)."""
+        self._need_samples()
+        return self.sum / self.n
+
+    def scatter(self) -> np.ndarray:
+        """Centred total scatter ``S = G − n μ μᵀ`` (d, d), symmetrised."""
+        mu = self.mean()
+        s = self.gram - self.n * np.outer(mu, mu)
+        return (s + s.T) / 2.0
+
+    def delta(self) -> np.ndarray:
+        """``D`` (d, K): column ``k`` is ``√n_k (μ_k − μ)`` (zero for empty classes)."""
+        mu = self.mean()
+        counts = self.class_counts.astype(np.float64)
+        safe = np.where(counts > 0, counts, 1.0)
+        centred = self.class_sums / safe[:, None] - mu[None, :]
+        return (centred * np.sqrt(counts)[:, None]).T
+
+    def between(self) -> np.ndarray:
+        """Between-class scatter ``S_B = Σ_k n_k (μ_k − μ)(μ_k − μ)ᵀ = D Dᵀ`` (d, d)."""
+        d = self.delta()
+        return d @ d.T
+
+    def within(self) -> np.ndarray:
+        """Within-class scatter ``S − S_B`` (d, d)."""
+        return self.scatter() - self.between()
+
+    def subset(self, features: np.ndarray, channels: np.ndarray) -> ProbeStats:
+        """Statistics restricted to the given feature indices and (for zeros/abs_sum) tensor channels."""
+        f = np.asarray(features, dtype=np.int64)
+        c = np.asarray(channels, dtype=np.int64)
+        cells = len(f) // max(len(c), 1)
+        return ProbeStats(n=self.n, class_counts=self.class_counts, sum=self.sum[f], class_sums=self.class_sums[:, f],
+                          gram=self.gram[np.ix_(f, f)], zeros=self.zeros[c], abs_sum=self.abs_sum[c],
+                          elements=self.elements, cells=cells)
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Per-probe statistics of one model on one labelled data set."""
+
+    model_sha256: str
+    dataset: str
+    pooling: str
+    num_classes: int
+    probes: Mapping[str, ProbeStats] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "probes", MappingProxyType(dict(sorted(self.probes.items()))))
+
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
+        """Statistics of both sample sets (same model, pooling, classes and probes)."""
+        mine = (self.model_sha256, self.pooling, self.num_classes, tuple(self.probes))
+        theirs = (other.model_sha256, other.pooling, other.num_classes, tuple(other.probes))
+        if mine != theirs:
+            raise CalibrationError("cannot merge statistics of different models, poolings, classes or probes: "
+                                   f"{mine[:3]} vs {theirs[:3]}")
+        dataset = self.dataset if self.dataset == other.dataset else f"{self.dataset} + {other.dataset}"
+        merged = {name: stats.merge(other.probes[name]) for name, stats in self.probes.items()}
+        return CalibrationStats(self.model_sha256, dataset, self.pooling, self.num_classes, merged)
+
+    def _header(self) -> dict[str, Any]:
+        return {"format": STATS_FORMAT, "model_sha256": self.model_sha256, "dataset": self.dataset,
+                "pooling": self.pooling, "num_classes": self.num_classes,
+                "probes": [{"name": name, "n": p.n, "elements": p.elements, "cells": p.cells}
+                           for name, p in self.probes.items()]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` (arrays ``p<i>.<field>``, JSON header in ``__header__``), atomically."""
+        arrays: dict[str, np.ndarray] = {"__header__": np.array(json.dumps(self._header()))}
+        for i, stats in enumerate(self.probes.values()):
+            arrays.update({f"p{i}.{name}": np.asarray(getattr(stats, name)) for name in _ARRAYS})
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(path, buffer.getvalue())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStats:
+        """Read a file written by :meth:`save`; a missing, foreign or corrupt file raises UserInputError."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"statistics file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["__header__"]))
+                if header.get("format") != STATS_FORMAT:
+                    raise UserInputError(f"{path} is not a DIPrune statistics file (format "
+                                         f"{header.get('format')!r}, expected {STATS_FORMAT!r})")
+                probes = {entry["name"]: ProbeStats(
+                    n=int(entry["n"]), elements=int(entry["elements"]), cells=int(entry["cells"]),
+                    **{name: data[f"p{i}.{name}"] for name in _ARRAYS}) for i, entry in enumerate(header["probes"])}
+        except UserInputError:
+            raise
+        except Exception as err:  # zipfile, KeyError, JSON and value errors all mean a corrupt file
+            raise UserInputError(f"{path} is not a readable DIPrune statistics file (corrupt or truncated; "
+                                 f"re-run 'diprune calibrate'): {err}") from err
+        return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
+                   pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes)

@@ -1,0 +1,29 @@
+"""Plain summaries of an analysed model, for ``diprune inspect`` (text and ``--json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graph_ops.channels import prunable_share
+from graph_ops.cost import count
+from pipeline.orchestrate import PreparedModel
+
+
+def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
+    """One JSON-ready object: identity, cost, and every group with its freeze reason (or null)."""
+    cost = count(prepared.model)
+    groups = [
+        {"id": g.id, "size": g.size, "frozen": g.frozen, "producers": list(g.producers),
+         "consumers": list(g.consumers), "probes": list(g.probes)}
+        for g in prepared.index.groups
+    ]
+    return {
+        "format": "diprune.inspect/1",
+        "model": str(prepared.path),
+        "model_sha256": prepared.sha256,
+        "macs": int(cost.macs),
+        "params": int(cost.params),
+        "prunable_groups": sum(1 for g in prepared.index.groups if g.prunable),
+        "prunable_conv_share": round(prunable_share(prepared.model, prepared.index), 6),
+        "groups": groups,
+    }

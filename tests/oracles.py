@@ -1,0 +1,62 @@
+"""Test oracles: run models with onnxruntime, compare outputs, draw random valid pruning plans."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from graph_ops.groups import ChannelGroupIndex
+
+
+def run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model on CPU with one thread; return all outputs in graph order."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(feeds))
+
+
+def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batch: int = 2) -> dict[str, np.ndarray]:
+    """Standard-normal float32 feeds for every graph input (dynamic dims -> ``batch``)."""
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for info in model.graph.input:
+        if info.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in info.type.tensor_type.shape.dim]
+        feeds[info.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                        rtol: float = 1e-4, atol: float = 0.0) -> float:
+    """Assert that two models give the same outputs; return the worst error relative to max |output|.
+
+    Each output pair must have equal shapes and ``max|a - b| <= rtol * max|a| + atol``.
+    """
+    worst = 0.0
+    for out_a, out_b in zip(run_ort(a, feeds), run_ort(b, feeds), strict=True):
+        assert out_a.shape == out_b.shape, f"output shapes differ: {out_a.shape} vs {out_b.shape}"
+        scale = float(np.max(np.abs(out_a))) if out_a.size else 0.0
+        err = float(np.max(np.abs(out_a.astype(np.float64) - out_b))) if out_a.size else 0.0
+        assert err <= rtol * scale + atol, f"outputs differ: max abs err {err:.3g} vs max |out| {scale:.3g}"
+        worst = max(worst, err / scale if scale else err)
+    return worst
+
+
+def random_valid_plan(index: ChannelGroupIndex, rng: np.random.Generator, low: float = 0.25,
+                      high: float = 0.9) -> dict[str, list[int]]:
+    """Keep a random ``low..high`` share (at least one channel) of every prunable group, in random order."""
+    plan = {}
+    for group in index.groups:
+        if group.frozen:
+            continue
+        share = rng.uniform(low, high)
+        n_keep = int(min(group.size, max(1, round(share * group.size))))
+        plan[group.id] = [int(i) for i in rng.permutation(group.size)[:n_keep]]
+    return plan

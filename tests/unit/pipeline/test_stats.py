@@ -1,0 +1,112 @@
+"""Sufficient statistics: streaming equals one-shot numpy, merge is exact, files round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import CalibrationError, UserInputError
+from pipeline.stats import CalibrationStats, ProbeStats
+
+
+def _data(seed: int, n: int = 120, channels: int = 5, cells: int = 4, classes: int = 3):
+    rng = np.random.default_rng(seed)
+    raw = np.maximum(rng.normal(size=(n, channels, 4, 4)), 0.0)
+    pooled = raw.reshape(n, channels, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(n, channels * cells)
+    labels = rng.integers(0, classes, n)
+    return pooled, labels, raw
+
+
+def _stream(features, labels, raw, batch: int, cells: int = 4, classes: int = 3) -> ProbeStats:
+    stats = ProbeStats.empty(raw.shape[1], cells, classes)
+    for start in range(0, len(labels), batch):
+        stop = start + batch
+        stats = stats.update(features[start:stop], labels[start:stop], raw[start:stop])
+    return stats
+
+
+@pytest.mark.parametrize("batch", [1, 7, 120], ids=["b1", "b7", "one-shot"])
+def test_streamed_updates_equal_one_shot_numpy(batch: int) -> None:
+    x, y, raw = _data(0)
+    stats = _stream(x, y, raw, batch)
+    mu = x.mean(axis=0)
+    centred = x - mu
+    np.testing.assert_allclose(stats.scatter(), centred.T @ centred, rtol=1e-10, atol=1e-10)
+    between = sum(np.sum(y == k) * np.outer(x[y == k].mean(0) - mu, x[y == k].mean(0) - mu) for k in range(3))
+    np.testing.assert_allclose(stats.between(), between, rtol=1e-10, atol=1e-12)
+    within = sum((x[y == k] - x[y == k].mean(0)).T @ (x[y == k] - x[y == k].mean(0)) for k in range(3))
+    np.testing.assert_allclose(stats.within(), within, rtol=1e-9, atol=1e-10)
+    np.testing.assert_array_equal(stats.zeros, (raw == 0).sum(axis=(0, 2, 3)))
+    np.testing.assert_allclose(stats.abs_sum, np.abs(raw).sum(axis=(0, 2, 3)))
+    assert stats.n == 120 and stats.elements == 120 * 16
+    np.testing.assert_array_equal(stats.class_counts, np.bincount(y, minlength=3))
+
+
+def test_merge_is_associative_and_order_independent() -> None:
+    parts = [_stream(*_data(seed, n=40), batch=40) for seed in range(3)]
+    left = parts[0].merge(parts[1]).merge(parts[2])
+    right = parts[2].merge(parts[0].merge(parts[1]))
+    for name in ("sum", "class_sums", "gram", "zeros", "abs_sum", "class_counts"):
+        np.testing.assert_allclose(getattr(left, name), getattr(right, name), rtol=1e-13)
+    assert left.n == right.n == 120 and left.elements == right.elements
+
+
+def test_merge_rejects_other_shapes() -> None:
+    with pytest.raises(CalibrationError, match="different shapes"):
+        ProbeStats.empty(4, 1, 3).merge(ProbeStats.empty(5, 1, 3))
+
+
+def test_arrays_are_read_only() -> None:
+    stats = _stream(*_data(1), batch=60)
+    with pytest.raises(ValueError, match="read-only"):
+        stats.gram[0, 0] = 1.0
+
+
+@pytest.mark.parametrize("bad", ["labels", "nan"], ids=["label-out-of-range", "nan-features"])
+def test_update_rejects_bad_batches(bad: str) -> None:
+    x, y, raw = _data(2, n=10)
+    if bad == "labels":
+        y = y + 5
+    else:
+        x[0, 0] = np.nan
+    with pytest.raises(CalibrationError):
+        ProbeStats.empty(5, 4, 3).update(x, y, raw)
+
+
+def _calibration(seed: int) -> CalibrationStats:
+    x, y, raw = _data(seed, n=30)
+    return CalibrationStats(model_sha256="ab" * 32, dataset="synthetic", pooling="avg2", num_classes=3,
+                            probes={"relu_2": _stream(x, y, raw, 30), "relu_1": _stream(x, y, raw, 10)})
+
+
+def test_calibration_file_round_trip(tmp_path: Path) -> None:
+    stats = _calibration(3)
+    loaded = CalibrationStats.load(stats.save(tmp_path / "s.npz"))
+    assert (loaded.model_sha256, loaded.pooling, loaded.num_classes) == (stats.model_sha256, "avg2", 3)
+    assert list(loaded.probes) == ["relu_1", "relu_2"]
+    for name, probe in stats.probes.items():
+        np.testing.assert_array_equal(loaded.probes[name].gram, probe.gram)
+        assert (loaded.probes[name].n, loaded.probes[name].cells) == (probe.n, probe.cells)
+
+
+def test_calibration_merge_doubles_counts() -> None:
+    merged = _calibration(4).merge(_calibration(4))
+    assert merged.probes["relu_1"].n == 60
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip", b"PK\x03\x04garbage"], ids=["missing", "text", "bad-zip"])
+def test_load_errors_are_clear(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "s.npz"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserInputError, match=r"not found|not a readable"):
+        CalibrationStats.load(path)
+
+
+def test_load_rejects_foreign_npz(tmp_path: Path) -> None:
+    path = tmp_path / "other.npz"
+    np.savez(path, __header__=np.array('{"format": "other/1"}'))
+    with pytest.raises(UserInputError, match="not a DIPrune statistics file"):
+        CalibrationStats.load(path)
