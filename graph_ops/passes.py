@@ -129,7 +129,7 @@ def run_passes(
             graph.cleanup().toposort()
         except Exception as err:
             raise PassError(name, tuple(done), f"{type(err).__name__}: {err}") from err
-        logger.info("pass %s: %d -> %d nodes%s", name, before, len(graph.nodes), "" if result.modified else " (no change)")
+        logger.debug("pass %s: %d -> %d nodes%s", name, before, len(graph.nodes), "" if result.modified else " (no change)")
         for note in result.notes:
             logger.debug("pass %s: %s", name, note)
         done.append(name)

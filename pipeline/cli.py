@@ -202,8 +202,8 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; subcommand choices come from the registries."""
     parser = argparse.ArgumentParser(prog="diprune", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: stage timings, -vv: debug")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "inspect": (cmd_inspect, "channel groups, sizes, freeze reasons, MACs and params"),
@@ -289,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    level = logging.ERROR if args.quiet else level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)

@@ -13,12 +13,12 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from graph_ops.channels import prunable_share
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
 from pipeline.data import Dataset, open_dataset
+from pipeline.engines import make_session
 from pipeline.orchestrate import PreparedModel, keep_lists, prepare, prune
 from pipeline.plan import PruningPlan
 
@@ -32,21 +32,14 @@ def demo_model_path() -> Path:
     return Path(str(resources.files("pipeline") / "data" / DEMO_MODEL))
 
 
-def _outputs(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
-
-
 def _mask_agreement(prepared: PreparedModel, plan: PruningPlan, dataset: Dataset) -> float:
     """Max |pruned - masked| / max |masked| over the evaluation inputs."""
     keep = keep_lists(plan)
-    pruned = apply_plan(prepared.model, prepared.index, keep).SerializeToString()
-    masked = zero_channels(prepared.model, prepared.index, keep).SerializeToString()
+    pruned, _ = make_session(apply_plan(prepared.model, prepared.index, keep).SerializeToString())
+    masked, _ = make_session(zero_channels(prepared.model, prepared.index, keep).SerializeToString())
     worst = 0.0
-    for feeds, _ in dataset.batches(500):
-        a, b = _outputs(pruned, feeds), _outputs(masked, feeds)
+    for feeds, _ in dataset.bind([i.name for i in pruned.get_inputs()]).batches(500):
+        a, b = pruned.run(None, feeds)[0], masked.run(None, feeds)[0]
         worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
     return worst
 
