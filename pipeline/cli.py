@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
+from pipeline.engines import BACKENDS, PRECISIONS
 from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 
 
 def _fraction(text: str) -> float:
@@ -26,6 +26,16 @@ def _fraction(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
     return value
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes, e.g. 1,8,32") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return values
 
 
 def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None) -> object | None:
@@ -172,10 +182,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import measure
 
     out = check_writable(args.json, *args.models) if args.json else None
-    batches = tuple(int(b) for b in args.batch.split(","))
-    report = measure(args.models, backend=args.backend, batches=batches, warmup_s=args.warmup,
+    report = measure(args.models, backend=args.backend, batches=args.batch, warmup_s=args.warmup,
                      min_duration_s=args.duration, min_iters=args.iterations, rounds=args.rounds,
-                     threads=args.threads, round_to=args.round_to)
+                     threads=args.threads, round_to=args.round_to, data=args.data, precision=args.precision,
+                     workdir=args.workdir)
     if out is not None:
         atomic_write_bytes(out, report.to_json().encode())
     print(report.to_markdown())
@@ -272,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["bench"]
     p.add_argument("models", nargs="+")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8,32")
+    p.add_argument("--batch", type=_batches, default=(1,), help="comma-separated batch sizes, e.g. 1,8,32")
+    p.add_argument("--data", default=None, help="inputs from an .npz instead of seeded random inputs")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT engine precision")
+    p.add_argument("--workdir", default=None, help="TensorRT: where engines and the timing cache are kept")
     p.add_argument("--json", default=None, help="write the full report here")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per model and batch")
     p.add_argument("--duration", type=float, default=3.0, help="minimum timed seconds per model and batch")
