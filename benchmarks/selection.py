@@ -1,0 +1,241 @@
+"""Task-aware selection quality: held-out top-1 after pruning (no recovery), per model, budget and method.
+
+Protocol. Calibration data: the first ``N`` samples of the MNIST training split (samples 0..N-1 of
+``pipeline/data/mnist10k.npz``, ``open_dataset("mnist", split="train", limit=N)``); evaluation: the whole held-out
+split (samples 8000..9999). Each model is prepared and calibrated once (``gap`` pooling, the default probes) and the
+statistics are reused by every statistics-based method and budget; the stages are chained as
+``prepare -> calibrate -> score -> select_channels -> apply_plan -> evaluate`` (what ``pipeline.orchestrate.prune``
+does, minus the file writes). Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
+(``graph_ops.cost.count``). ``random`` is the mean over seeds 0, 1, 2. Planner defaults: ``round_to=8``,
+``min_channels=8``, first and last layers kept.
+
+DI study (``--study``, on by default): pooling ``avg2`` vs ``gap``; ridge ``eps``; calibration size; and whether
+the allocation or the ranking limits DI: a plan's per-group widths (allocation) from one method combined with the
+within-group ranking of another (``alloc X + rank Y`` keeps, in every group, the ``width_X`` channels that ``Y``
+eliminates last).
+
+Run from the repository root: ``python -m benchmarks.selection [--quick]``; writes
+``benchmarks/results/selection.json`` and ``benchmarks/results/selection.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graph_ops.cost import count
+from graph_ops.io import atomic_write_bytes
+from graph_ops.prune import apply_plan
+from pipeline.bench import machine_info
+from pipeline.calibrate import calibrate, default_probes
+from pipeline.data import open_dataset
+from pipeline.evaluate import evaluate
+from pipeline.orchestrate import PreparedModel, keep_lists, prepare, score
+from pipeline.plan import PruningPlan, select_channels
+from pipeline.scorers import SCORERS
+from pipeline.scorers.base import ChannelScores
+from pipeline.stats import CalibrationStats
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"cnn": ROOT / "pipeline/data/mnist_cnn.onnx", "vgg": ROOT / "benchmarks/models/mnist_vgg.onnx",
+          "resnet": ROOT / "benchmarks/models/mnist_resnet.onnx",
+          "mobilenet": ROOT / "benchmarks/models/mnist_mobilenet.onnx",
+          "inception": ROOT / "benchmarks/models/mnist_inception.onnx"}
+METHODS = ("di", "lda", "pls-vip", "l2", "random", "mean-act", "apoz")
+TARGETS = (0.75, 0.5, 0.35)
+RANDOM_SEEDS = (0, 1, 2)
+EPS_VALUES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+RESULTS = ROOT / "benchmarks" / "results"
+THREADS = 1
+
+
+class Runner:
+    """One model: its prepared form, the evaluation set and a cache of calibration statistics."""
+
+    def __init__(self, path: Path, test: Any, n_calib: int) -> None:
+        self.prepared: PreparedModel = prepare(path)
+        self.test = test
+        self.n_calib = n_calib
+        self.full = count(self.prepared.model)
+        self._stats: dict[tuple[str, int], CalibrationStats] = {}
+        self.original_top1 = evaluate(self.prepared.model, test, backend="ort-cpu", intra_op_threads=THREADS).top1
+
+    def stats(self, pooling: str = "gap", n: int | None = None) -> CalibrationStats:
+        """Calibration statistics on the first ``n`` training samples (computed once per setting)."""
+        key = (pooling, n or self.n_calib)
+        if key not in self._stats:
+            data = open_dataset("mnist", split="train", limit=key[1])
+            self._stats[key] = calibrate(
+                self.prepared.path, data, probes=default_probes(self.prepared.model, self.prepared.index),
+                pooling=pooling, backend="ort-cpu", intra_op_threads=THREADS, progress=False,
+                canonical=self.prepared.model)
+        return self._stats[key]
+
+    def scores(self, method: str, *, seed: int = 0, pooling: str = "gap", n: int | None = None,
+               params: Mapping[str, float] | None = None) -> ChannelScores:
+        """Scores of one method (statistics only for the methods that need them)."""
+        stats = self.stats(pooling, n) if getattr(SCORERS[method], "requires_stats", False) else None
+        return score(self.prepared, stats, method, seed=seed, params=params)
+
+    def plan(self, scores: ChannelScores, target: float) -> PruningPlan:
+        """The planner's allocation for a kept-MACs target."""
+        return select_channels(scores, self.prepared.index, target_macs=target)
+
+    def measure(self, keep: Mapping[str, Sequence[int]]) -> dict[str, float]:
+        """Rewrite with these keep lists and measure held-out top-1 and the achieved cost fractions."""
+        pruned = apply_plan(self.prepared.model, self.prepared.index, {g: tuple(k) for g, k in keep.items()})
+        after = count(pruned)
+        top1 = evaluate(pruned, self.test, backend="ort-cpu", intra_op_threads=THREADS).top1
+        return {"top1": float(top1), "macs_fraction": after.macs / self.full.macs,
+                "params_fraction": after.params / self.full.params}
+
+
+def cross_keep(alloc: PruningPlan, ranking: ChannelScores, index: Any) -> dict[str, tuple[int, ...]]:
+    """Per-group widths of ``alloc`` with the channels ``ranking`` eliminates last (its within-group order)."""
+    sizes = {g.id: g.size for g in index.groups}
+    keep = {}
+    for gid, kept in sorted(alloc.keep.items()):
+        width = len(kept)
+        keep[gid] = tuple(sorted(int(c) for c in ranking.elimination_order(gid)[sizes[gid] - width:]))
+    return keep
+
+
+def mean_of(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Field-wise mean (and the per-seed top-1 values)."""
+    out = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    out["top1_per_seed"] = [r["top1"] for r in rows]
+    out["top1_std"] = float(np.std([r["top1"] for r in rows]))
+    return out
+
+
+def main_table(runner: Runner, targets: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """``{target: {method: result}}`` for every method."""
+    out: dict[str, dict[str, Any]] = {str(t): {} for t in targets}
+    for method in METHODS:
+        seeds = RANDOM_SEEDS if method == "random" else (0,)
+        scored = [runner.scores(method, seed=s) for s in seeds]
+        for target in targets:
+            rows = [runner.measure(keep_lists(runner.plan(sc, target))) for sc in scored]
+            out[str(target)][method] = mean_of(rows) if method == "random" else rows[0]
+        logger.info("%s done", method)
+    return out
+
+
+def di_study(runner: Runner, targets: Sequence[float], n_small: int) -> dict[str, Any]:
+    """DI knobs (pooling, eps, calibration size) and the allocation-vs-ranking crossing."""
+    settings: dict[str, dict[str, Any]] = {
+        "gap (default)": {}, "avg2": {"pooling": "avg2"}, f"N={n_small}": {"n": n_small},
+        **{f"eps={e:g}": {"params": {"eps": e}} for e in EPS_VALUES if e != 1e-3}}
+    knobs: dict[str, dict[str, Any]] = {str(t): {} for t in targets}
+    for name, kwargs in settings.items():
+        scored = runner.scores("di", **kwargs)
+        for target in targets:
+            knobs[str(target)][name] = runner.measure(keep_lists(runner.plan(scored, target)))
+    ranks = {m: runner.scores(m) for m in ("di", "l2")}
+    crossing: dict[str, dict[str, Any]] = {str(t): {} for t in targets}
+    for target in targets:
+        plans = {m: runner.plan(sc, target) for m, sc in ranks.items()}
+        for a in ranks:
+            for r in ranks:
+                keep = cross_keep(plans[a], ranks[r], runner.prepared.index)
+                crossing[str(target)][f"alloc {a} + rank {r}"] = runner.measure(keep)
+    return {"knobs": knobs, "crossing": crossing}
+
+
+def cell(result: Mapping[str, float]) -> str:
+    """``top-1 (achieved MACs fraction)``."""
+    return f"{100 * result['top1']:.2f} ({result['macs_fraction']:.3f})"
+
+
+def markdown_table(title: str, data: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+                   originals: Mapping[str, float]) -> list[str]:
+    """Rows model x target, one column per key of the innermost mapping."""
+    first = next(iter(data.values()))
+    columns = list(next(iter(first.values())))
+    lines = [f"### {title}", "", "| model (orig. top-1) | target | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for model, per_target in data.items():
+        for target, row in per_target.items():
+            best = max(row[c]["top1"] for c in columns)
+            cells = [f"**{cell(row[c])}**" if row[c]["top1"] == best else cell(row[c]) for c in columns]
+            lines.append(f"| {model} ({100 * originals[model]:.2f}) | {target} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def write_markdown(doc: Mapping[str, Any], path: Path) -> None:
+    """The markdown report: main table, then the DI study tables."""
+    originals = {m: v["original_top1"] for m, v in doc["models"].items()}
+    lines = ["# Selection quality: held-out top-1 % (achieved kept-MACs fraction), no recovery", "",
+             f"Command: `{doc['command']}`; calibration N={doc['n_calib']} (training split, first N), "
+             f"evaluation {doc['n_eval']} held-out samples; random = mean over seeds {doc['random_seeds']}; "
+             f"runtime {doc['runtime_s']:.0f} s on {doc['machine']['cpu']} "
+             f"({doc['machine']['cores_available']} cores). Best cell of each row in bold.", ""]
+    lines += markdown_table("All methods", {m: v["results"] for m, v in doc["models"].items()}, originals)
+    study = {m: v["di_study"] for m, v in doc["models"].items() if "di_study" in v}
+    if study:
+        lines += markdown_table("DI knobs (default: gap, eps=1e-3, N as above)",
+                                {m: s["knobs"] for m, s in study.items()}, originals)
+        lines += markdown_table("Allocation (per-group widths) x within-group ranking",
+                                {m: s["crossing"] for m, s in study.items()}, originals)
+    atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+def run(models: Sequence[str], n_calib: int, n_small: int, targets: Sequence[float], study: bool) -> dict[str, Any]:
+    """Every model: main table and (optionally) the DI study."""
+    test = open_dataset("mnist", split="test")
+    out: dict[str, Any] = {}
+    for name in models:
+        start = time.perf_counter()
+        runner = Runner(MODELS[name], test, n_calib)
+        entry: dict[str, Any] = {"file": str(MODELS[name].relative_to(ROOT)), "original_top1": runner.original_top1,
+                                 "macs": runner.full.macs, "params": runner.full.params,
+                                 "results": main_table(runner, targets)}
+        if study:
+            entry["di_study"] = di_study(runner, targets, n_small)
+        entry["seconds"] = time.perf_counter() - start
+        logger.info("%s: %.1f s", name, entry["seconds"])
+        out[name] = entry
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--n-calib", type=int, default=4000, help="calibration samples (training split)")
+    parser.add_argument("--n-small", type=int, default=1000, help="smaller calibration size for the DI study")
+    parser.add_argument("--no-study", action="store_true", help="skip the DI knob / allocation study")
+    parser.add_argument("--quick", action="store_true", help="demo model only, N=1000/250, targets 0.5")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for selection.json / selection.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("graph_ops").setLevel(logging.WARNING)
+    models, n_calib, n_small, targets = args.models, args.n_calib, args.n_small, TARGETS
+    if args.quick:
+        models, n_calib, n_small, targets = ["cnn"], 1000, 250, (0.5,)
+    start = time.perf_counter()
+    results = run(models, n_calib, n_small, targets, not args.no_study)
+    doc = {"command": "python -m benchmarks.selection " + " ".join(sys.argv[1:] if argv is None else argv),
+           "machine": machine_info(), "n_calib": n_calib, "n_small": n_small, "n_eval": 2000,
+           "calibration": "first N samples of the training split (0..7999), gap pooling unless stated",
+           "targets": list(targets), "methods": list(METHODS), "random_seeds": list(RANDOM_SEEDS),
+           "eps_values": list(EPS_VALUES), "planner": {"round_to": 8, "min_channels": 8, "keep_first_and_last": True},
+           "threads": THREADS, "models": results, "runtime_s": time.perf_counter() - start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out / "selection.json", json.dumps(doc, indent=1, sort_keys=True).encode())
+    write_markdown(doc, args.out / "selection.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
