@@ -15,6 +15,7 @@ from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
 from pipeline.engines import BACKENDS, PRECISIONS
+from pipeline.recover import RECOVERY
 from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
@@ -160,8 +161,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split), method=args.method,
                    target_macs=args.target_macs, target_params=args.target_params, round_to=args.round_to,
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
-                   batch_size=args.batch_size, eval_data=eval_data,
-                   seed=args.seed, progress=not args.quiet)
+                   batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
+                   recover=args.recover, recover_mode=args.recover_mode)
     for note in report.notes:
         logger.warning(note)
     print(f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recover", choices=sorted(RECOVERY), default="regress",
+                   help="training-free refit of the consumers of removed channels (default: regress)")
+    p.add_argument("--recover-mode", choices=("sequential", "one-pass"), default="sequential",
+                   help="sequential: layer by layer on the partly recovered model (default); one-pass: faster")
     p.add_argument("-o", "--output", required=True)
     _add_budget_options(p)
     _add_data_options(p)

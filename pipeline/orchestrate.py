@@ -22,6 +22,7 @@ from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze, producer_weights
 from graph_ops.cost import count
 from graph_ops.groups import ChannelGroupIndex
+from graph_ops.errors import UserInputError
 from graph_ops.io import check_writable, load_model, save_model, sha256_file
 from graph_ops.prune import apply_plan
 from pipeline.plan import PruningPlan, select_channels
@@ -81,15 +82,29 @@ def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
 def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",
           target_macs: float | None = None, target_params: float | None = None, round_to: int = 8,
           min_channels: int = 8, protect: Iterable[str] = (), pooling: str = "gap", batch_size: int = 64,
-          eval_data: object | None = None, seed: int = 0, progress: bool = True) -> Report:
+          eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str = "regress",
+          recover_mode: str = "sequential") -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
-    evaluation from held-out data). Data-free methods (``l1``, ``l2``, ``random``) accept ``data=None``.
+    evaluation from held-out data). Data-free methods (``l1``, ``l2``, ``random``) accept ``data=None`` when
+    ``recover="none"``. ``recover`` (a key of ``pipeline.recover.RECOVERY``) refits the consumers of removed
+    channels by least squares on the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs
+    from the partly recovered model) or ``one-pass``.
     """
     from pipeline.calibrate import calibrate, default_probes
 
+    from pipeline.recover import RECOVERY
+    from pipeline.recover import recover as recover_model
+
     out_path = check_writable(out_path, model_path)
+    if recover not in RECOVERY:
+        raise UserInputError(f"unknown recovery {recover!r}; choose one of {sorted(RECOVERY)}")
+    if recover_mode not in ("sequential", "one-pass"):
+        raise UserInputError(f"unknown recovery mode {recover_mode!r}; choose 'sequential' or 'one-pass'")
+    if data is None and (recover != "none" or getattr(SCORERS[method], "requires_stats", False)):
+        raise UserInputError(f"method {method!r} with recovery {recover!r} needs calibration data: pass --data "
+                             "(or use a data-free method with --recover none)")
     timings: dict[str, float] = {}
     with _timed(timings, "analyze"):
         prepared = prepare(model_path)
@@ -105,6 +120,13 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                                round_to=round_to, min_channels=min_channels, protect=tuple(protect))
     with _timed(timings, "apply"):
         pruned = apply_plan(prepared.model, prepared.index, keep_lists(plan))
+    recovery: dict[str, object] = {"method": "none"}
+    if recover != "none":
+        with _timed(timings, "recover"):
+            pruned, rec = recover_model(prepared.model, pruned, prepared.index, keep_lists(plan), data,
+                                        method=recover, batch_size=batch_size, seed=seed,
+                                        sequential=recover_mode == "sequential")
+        recovery = {**rec.to_dict(), "mode": recover_mode}
     evaluation = {}
     if eval_data is not None:
         from pipeline.evaluate import evaluate
@@ -122,6 +144,6 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         method=method, budget={"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
                                "min_channels": min_channels, "protect": sorted(protect)},
         original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
-        groups=groups, timings_s=timings, evaluation=evaluation, notes=notes)
+        groups=groups, timings_s=timings, evaluation=evaluation, notes=notes, recovery=recovery)
     report.save(Path(f"{out_path}.report.json"))
     return report

@@ -32,6 +32,7 @@ class Report:
     timings_s: Mapping[str, float]
     evaluation: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    recovery: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def macs_fraction(self) -> float:
@@ -59,6 +60,7 @@ class Report:
             "params_fraction": round(self.params_fraction, 6),
             "groups": {k: dict(v) for k, v in self.groups.items()},
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
+            "recovery": dict(self.recovery),
             "evaluation": dict(self.evaluation),
             "notes": list(self.notes),
         }

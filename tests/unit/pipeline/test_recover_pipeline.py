@@ -1,0 +1,216 @@
+"""Training-free recovery end to end: statistics through onnxruntime, rewritten consumers, unchanged interface."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graph_ops.canonicalize import canonicalize
+from graph_ops.channels import analyze
+from graph_ops.groups import ChannelGroupIndex
+from graph_ops.probes import expose_tensors
+from graph_ops.prune import apply_plan
+from pipeline.data import Dataset, from_iterable
+from pipeline.errors import UserInputError
+from pipeline.recover import RECOVERY, _levels, consumer_targets, recover
+from tests.graphs import conv_transpose, matmul_head
+from tests.oracles import run_ort
+
+SIDE = 8
+
+
+def _correlated_net(seed: int = 0) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv A (16 correlated channels) -> Relu -> Conv Q (6) -> Relu -> Flatten -> Gemm(10)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((4, 3 * 9))
+    w_a = (rng.standard_normal((16, 4)) @ base + 0.1 * rng.standard_normal((16, 27))).reshape(16, 3, 3, 3) / 5
+    inits = {"w_a": w_a, "b_a": rng.standard_normal(16) * 0.3, "w_q": rng.standard_normal((6, 16, 3, 3)) / 12,
+             "b_q": rng.standard_normal(6) * 0.3, "w_g": rng.standard_normal((10, 6 * SIDE * SIDE)) / 20,
+             "b_g": rng.standard_normal(10) * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "w_a", "b_a"], ["a"], name="conv_a", pads=[1] * 4, kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["a"], ["a_relu"], name="relu_a"),
+             helper.make_node("Conv", ["a_relu", "w_q", "b_q"], ["q"], name="conv_q", pads=[1] * 4,
+                              kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["q"], ["q_relu"], name="relu_q"),
+             helper.make_node("Flatten", ["q_relu"], ["flat"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["flat", "w_g", "b_g"], ["logits"], name="gemm", transB=1)]
+    graph = helper.make_graph(
+        nodes, "correlated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return canonicalize(onnx.shape_inference.infer_shapes(model))
+
+
+def _data(seed: int, n: int) -> Dataset:
+    x = np.random.default_rng(seed).standard_normal((n, 3, SIDE, SIDE)).astype(np.float32)
+    return from_iterable([(x, None)], name=f"gaussian{seed}")
+
+
+def _group(index: ChannelGroupIndex, size: int) -> str:
+    return next(g.id for g in index.groups if g.prunable and g.size == size)
+
+
+@pytest.fixture(scope="module")
+def net() -> tuple[onnx.ModelProto, ChannelGroupIndex]:
+    model = _correlated_net()
+    return model, analyze(model)
+
+
+def _relative_error(ref: onnx.ModelProto, model: onnx.ModelProto, tensor: str, x: np.ndarray) -> float:
+    want = run_ort(expose_tensors(ref, [tensor]), {"x": x})[-1].astype(np.float64)
+    got = run_ort(expose_tensors(model, [tensor]), {"x": x})[-1]
+    return float(np.sum((want - got) ** 2) / np.sum(want**2))
+
+
+@pytest.mark.parametrize(("size", "kept", "tensor"), [(16, 10, "q"), (6, 3, "logits")], ids=["conv", "flatten-gemm"])
+def test_each_method_reduces_consumer_error(net: tuple, size: int, kept: int, tensor: str) -> None:
+    model, index = net
+    keep = {_group(index, size): range(kept)}
+    pruned = apply_plan(model, index, keep)
+    x = next(iter(_data(1, 64).batches(64)))[0]["input"]
+    errors = {}
+    for method in ("none", "bias", "regress"):
+        recovered, _ = recover(model, pruned, index, keep, _data(0, 300), method=method, intra_op_threads=1)
+        errors[method] = _relative_error(model, recovered, tensor, x)
+    assert errors["regress"] < errors["bias"] < errors["none"], errors
+    assert errors["regress"] < 0.5 * errors["none"], errors
+
+
+def _io(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    return [(v.name, str(v.type)) for v in [*model.graph.input, *model.graph.output]]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "sequential"])
+@pytest.mark.parametrize("method", sorted(RECOVERY))
+def test_interface_unchanged_and_checker_passes(net: tuple, method: str, sequential: bool) -> None:
+    model, index = net
+    keep = {_group(index, 16): [1, 3, 5, 7, 9, 11, 13], _group(index, 6): [0, 2, 4]}
+    pruned = apply_plan(model, index, keep)
+    before = pruned.SerializeToString()
+    recovered, report = recover(model, pruned, index, keep, _data(0, 100), method=method, batch_size=32,
+                                sequential=sequential, intra_op_threads=1)
+    assert pruned.SerializeToString() == before
+    assert _io(recovered) == _io(pruned)
+    assert [v.name for v in recovered.graph.input] == [v.name for v in model.graph.input]
+    onnx.checker.check_model(recovered, full_check=True)
+    assert run_ort(recovered, {"x": np.zeros((2, 3, SIDE, SIDE), np.float32)})[0].shape == (2, 10)
+    assert len(report.consumers) == (0 if method == "none" else 2)
+
+
+def test_report_names_consumers_and_is_json(net: tuple) -> None:
+    model, index = net
+    keep = {_group(index, 16): range(8), _group(index, 6): range(4)}
+    _, report = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 200), intra_op_threads=1)
+    found = {c.node: c for c in report.consumers}
+    assert sorted(found) == ["conv_q", "gemm"]
+    assert (found["conv_q"].kept, found["conv_q"].removed) == (8, 8)
+    assert (found["gemm"].kept, found["gemm"].removed) == (4, 2)
+    assert all(c.alpha in (1e-4, 1e-3, 1e-2) and c.error_after <= c.error_mean <= 1.0 for c in report.consumers)
+    assert report.samples == 200
+    assert json.loads(json.dumps(report.to_dict()))["method"] == "regress"
+
+
+def test_fixed_ridge_is_used(net: tuple) -> None:
+    model, index = net
+    keep = {_group(index, 16): range(8)}
+    _, report = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 50), ridge=0.3,
+                        intra_op_threads=1)
+    assert [c.alpha for c in report.consumers] == [0.3]
+
+
+def test_none_needs_no_data_and_returns_the_pruned_model(net: tuple) -> None:
+    model, index = net
+    keep = {_group(index, 16): range(8)}
+    pruned = apply_plan(model, index, keep)
+    recovered, report = recover(model, pruned, index, keep, None, method="none")
+    assert recovered.SerializeToString() == pruned.SerializeToString()
+    assert report.consumers == () and report.samples == 0
+
+
+@pytest.mark.parametrize(("method", "data", "match"), [("ridge", "yes", "unknown recovery"),
+                                                       ("bias", None, "needs calibration data")],
+                         ids=["unknown-method", "no-data"])
+def test_bad_requests_are_user_errors(net: tuple, method: str, data: object, match: str) -> None:
+    model, index = net
+    keep = {_group(index, 16): range(8)}
+    dataset = _data(0, 10) if data else None
+    with pytest.raises(UserInputError, match=match):
+        recover(model, apply_plan(model, index, keep), index, keep, dataset, method=method)
+
+
+@pytest.mark.parametrize(("motif", "reason"), [(matmul_head, "MatMul"), (conv_transpose, "strided ConvTranspose")],
+                         ids=["matmul", "conv-transpose"])
+def test_unsupported_consumer_is_skipped_and_recorded(motif: object, reason: str) -> None:
+    model, _ = motif()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): range(4)}
+    pruned = apply_plan(model, index, keep)
+    x = np.random.default_rng(0).standard_normal((6, 1, 3, 8, 8)).astype(np.float32)
+    data = from_iterable([(item, None) for item in x])
+    recovered, report = recover(model, pruned, index, keep, data, method="regress", batch_size=1,
+                                intra_op_threads=1)
+    assert report.consumers == ()
+    assert len(report.skipped) == 1 and reason in report.skipped[0][1]
+    assert recovered.SerializeToString() == pruned.SerializeToString()
+
+
+@pytest.mark.slow
+def test_mnist_regress_beats_plain_removal() -> None:
+    """The shipped MNIST CNN at 30 % MACs (l2 plan): regression recovery restores held-out accuracy, and the
+    sequential (error-accumulation corrected) variant does at least as well."""
+    from pipeline.data import mnist_path, open_dataset
+    from pipeline.evaluate import evaluate
+    from pipeline.orchestrate import keep_lists, prepare, score
+    from pipeline.plan import select_channels
+
+    prepared = prepare(mnist_path().with_name("mnist_cnn.onnx"))
+    plan = select_channels(score(prepared, None, "l2"), prepared.index, target_macs=0.3)
+    keep = keep_lists(plan)
+    pruned = apply_plan(prepared.model, prepared.index, keep)
+    calib, test = open_dataset("mnist", split="train", limit=600), open_dataset("mnist", split="test", limit=500)
+    top1 = {"none": evaluate(pruned, test, intra_op_threads=1).top1}
+    for sequential in (False, True):
+        recovered, _ = recover(prepared.model, pruned, prepared.index, keep, calib, sequential=sequential,
+                               intra_op_threads=1)
+        top1[sequential] = evaluate(recovered, test, intra_op_threads=1).top1
+    assert top1[False] > top1["none"] + 0.2, top1
+    assert top1[True] >= top1[False], top1
+
+
+def test_sequential_levels_and_first_level_equals_one_pass(net: tuple) -> None:
+    model, index = net
+    keep = {_group(index, 16): range(8), _group(index, 6): range(3)}
+    pruned = apply_plan(model, index, keep)
+    targets, _ = consumer_targets(model, index, keep)
+    assert [t.node for t in targets] == ["conv_q", "gemm"]
+    assert _levels(model, targets) == [0, 1]
+    x = next(iter(_data(1, 64).batches(64)))[0]["input"]
+    outs, errors = [], []
+    for sequential in (False, True):
+        recovered, report = recover(model, pruned, index, keep, _data(0, 300), sequential=sequential,
+                                    intra_op_threads=1)
+        outs.append(run_ort(expose_tensors(recovered, ["q"]), {"x": x})[-1])
+        errors.append(_relative_error(model, recovered, "logits", x))
+        assert ("sequential" in report.notes[0]) == sequential
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    assert errors[1] < errors[0]
+
+
+def test_consumer_that_also_loses_outputs_keeps_its_recovered_rows(net: tuple) -> None:
+    """conv_q reads pruned A and is itself pruned: its kept rows equal those of the A-only recovery."""
+    model, index = net
+    keep_a = {_group(index, 16): range(8)}
+    keep_both = {**keep_a, _group(index, 6): [1, 4]}
+    x = next(iter(_data(1, 8).batches(8)))[0]["input"]
+    outs = []
+    for keep in (keep_a, keep_both):
+        recovered, _ = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 100), ridge=1e-3,
+                               intra_op_threads=1)
+        outs.append(run_ort(expose_tensors(recovered, ["q"]), {"x": x})[-1])
+    np.testing.assert_allclose(outs[1], outs[0][:, [1, 4]], rtol=1e-4, atol=1e-5)
