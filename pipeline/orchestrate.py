@@ -21,8 +21,8 @@ from onnx import numpy_helper
 from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze, producer_weights
 from graph_ops.cost import count
-from graph_ops.groups import ChannelGroupIndex
 from graph_ops.errors import UserInputError
+from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import check_writable, load_model, save_model, sha256_file
 from graph_ops.prune import apply_plan
 from pipeline.plan import PruningPlan, select_channels
@@ -93,7 +93,6 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     from the partly recovered model) or ``one-pass``.
     """
     from pipeline.calibrate import calibrate, default_probes
-
     from pipeline.recover import RECOVERY
     from pipeline.recover import recover as recover_model
 
