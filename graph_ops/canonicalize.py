@@ -18,7 +18,9 @@ After ``canonicalize`` (the passes of ``graph_ops.CANONICALIZE`` in order) a mod
    bias of shape ``(1, N)`` or ``()`` becomes ``(N,)``; a genuine ``(M, N)`` bias is left as is (noted).
 6. **No constant is shared** between two weight/bias slots of Conv/ConvTranspose/Gemm, nor between two non-scalar
    operands of Add/Mul/Sub/Div/PRelu: every such use but one gets a copy named ``<orig>__<node>``.
-7. The model's opset and IR version are kept; ``value_info`` is re-inferred (strict).
+7. The model's opset is kept, and its IR version unless below 4: IR 3 requires every initializer to be a graph
+   input, which new constants are not, so such models become IR 4 (``graph_ops.passes.MIN_IR_VERSION``; exact,
+   IR 4 reads IR 3 graphs the same). Constant graph inputs are dropped. ``value_info`` is re-inferred (strict).
 
 No pass changes a graph input or output name. Weights are never mutated in place: changed weights are new
 constants whose name adds a suffix (``__bn``, ``__<node>``) to the original.
@@ -321,7 +323,7 @@ def canonicalize(model: onnx.ModelProto, *, verify: bool = True) -> onnx.ModelPr
         verify: run the full ONNX checker on the result.
 
     Returns:
-        The canonical model, same opset and IR version, fresh inferred shapes.
+        The canonical model, same opset and IR version (at least 4), fresh inferred shapes.
     """
     from graph_ops import CANONICALIZE
 

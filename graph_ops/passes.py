@@ -41,6 +41,8 @@ class PassResult:
 
 GraphPass = Callable[[gs.Graph], PassResult]
 
+MIN_IR_VERSION = 4  # the first IR version that allows initializers which are not graph inputs
+
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A deep copy of a model (passes and shape inference never touch the caller's proto)."""
@@ -79,9 +81,15 @@ def graph_from_model(model: onnx.ModelProto) -> gs.Graph:
 
 
 def model_from_graph(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a graph, keeping the template's IR version, opsets, producer and metadata."""
+    """Export a graph, keeping the template's opsets, producer and metadata, and its IR version (at least 4).
+
+    IR versions below 4 require every initializer to be listed as a graph input, which the constants the passes
+    create are not; such models are raised to IR 4 (:data:`MIN_IR_VERSION`, whose semantics include IR 3's). As for
+    any IR version, the export lists only the non-constant graph inputs: an initializer that was also an input (the
+    IR 3 way to store weights, overridable in principle) becomes a plain constant, its value unchanged.
+    """
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = template.ir_version
+    model.ir_version = max(template.ir_version, MIN_IR_VERSION)
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
     model.producer_name = template.producer_name

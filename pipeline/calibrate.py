@@ -36,7 +36,6 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ from graph_ops.io import load_model, sha256_file
 from graph_ops.probes import expose_tensors
 from pipeline.data import validate_batch
 from pipeline.errors import CalibrationError, PruneError, UserInputError
-from pipeline.stats import CalibrationStats, ProbeStats
+from pipeline.stats import CalibrationStats, ChannelSummary, ProbeStats, channel_summaries
 
 logger = logging.getLogger(__name__)
 
@@ -170,21 +169,6 @@ def _num_classes(model: onnx.ModelProto, dataset: Any, require_labels: bool) -> 
     return 1
 
 
-def channel_summaries(activation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample channel sums ``(N, C)`` (float64) and per-channel zero counts and absolute sums ``(C,)``.
-
-    One float64 reduction over the contiguous spatial axis gives the sums (and the GAP features, sums / H W); for a
-    non-negative activation (post-ReLU, the usual probe) the absolute sums are the same sums, so no extra pass.
-    """
-    n, c = activation.shape[:2]
-    flat = activation.reshape(n, c, -1)
-    sums = flat.sum(axis=2, dtype=np.float64)
-    zeros = np.count_nonzero(flat == 0, axis=(0, 2))
-    if flat.size and flat.min() >= 0:
-        return sums, zeros, sums.sum(axis=0)
-    return sums, zeros, np.abs(flat).sum(axis=2, dtype=np.float64).sum(axis=0)
-
-
 def _fold(probe: ProbeStats | None, activation: np.ndarray, labels: np.ndarray, k: int, num_classes: int,
           name: str, start: int) -> ProbeStats:
     """Pool one batch of a probe, check it, and fold it into the probe's statistics."""
@@ -202,11 +186,8 @@ def _fold(probe: ProbeStats | None, activation: np.ndarray, labels: np.ndarray, 
                                f"the inputs are finite; check the input scaling (--scale/--mean/--std)")
     if probe is None:
         probe = ProbeStats.empty(activation.shape[1], cells, num_classes)
-    # zeros / abs_sum / elements as ProbeStats.update(raw=...) defines them, from the reductions above (one pass
-    # fewer over the activation than passing ``raw``).
-    updated = probe.update(features, labels)
-    return replace(updated, zeros=updated.zeros + zeros, abs_sum=updated.abs_sum + abs_sum,
-                   elements=updated.elements + activation.shape[0] * spatial)
+    summary = ChannelSummary(zeros=zeros, abs_sum=abs_sum, elements=activation.shape[0] * spatial)
+    return probe.update(features, labels, summary=summary)
 
 
 def _check_amount(stats: Mapping[str, ProbeStats], require_labels: bool) -> None:

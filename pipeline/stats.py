@@ -7,6 +7,11 @@ accumulates, in float64::
     n, n_k (class counts), s = Σ x, s_k = Σ_{i∈k} x, G = Σ x xᵀ (uncentred), plus per channel the number of exact
     zeros and the sum of |activation| over all raw elements (before pooling).
 
+The per-channel part of a batch is a :class:`ChannelSummary`, computed by :func:`channel_summaries` (one float64
+reduction over the contiguous spatial axis, whose per-sample channel sums the caller can reuse for GAP features; a
+zero count; and, only for a tensor with negative values, a second reduction of ``|a|``). ``ProbeStats.update``
+takes either the raw activations or a summary made from them; both paths are this one piece of code.
+
 Everything DI, LDA and PLS need follows exactly: ``μ = s/n``, ``μ_k = s_k/n_k``, total scatter
 ``S = G − n μ μᵀ``, ``D[:, k] = √n_k (μ_k − μ)``, between scatter ``S_B = D Dᵀ``, within scatter ``S − S_B``.
 All fields are sums, so :meth:`ProbeStats.merge` is exact, associative and order-independent (up to float64
@@ -37,6 +42,52 @@ def _frozen(array: np.ndarray, dtype: Any) -> np.ndarray:
     out = np.array(array, dtype=dtype, copy=True)
     out.setflags(write=False)
     return out
+
+
+def channel_summaries(activation: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample channel sums ``(N, C)`` (float64) and per-channel zero counts and absolute sums ``(C,)``.
+
+    One float64 reduction over the contiguous spatial axis gives the sums (and the GAP features, sums / H W); for a
+    non-negative activation (post-ReLU, the usual probe) the absolute sums are the same sums, so no extra pass.
+    """
+    n, c = activation.shape[:2]
+    flat = activation.reshape(n, c, -1)
+    sums = flat.sum(axis=2, dtype=np.float64)
+    zeros = np.count_nonzero(flat == 0, axis=(0, 2))
+    if flat.size and flat.min() >= 0:
+        return sums, zeros, sums.sum(axis=0)
+    return sums, zeros, np.abs(flat).sum(axis=2, dtype=np.float64).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class ChannelSummary:
+    """Per-channel reductions of one batch of raw activations ``(N, C, ...)``; arrays are read-only.
+
+    Attributes:
+        zeros: exact zeros per channel ``(C,)``.
+        abs_sum: ``Σ |a|`` per channel ``(C,)`` (float64).
+        elements: elements per channel, ``N * prod(spatial dims)``.
+    """
+
+    zeros: np.ndarray
+    abs_sum: np.ndarray
+    elements: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "zeros", _frozen(self.zeros, np.int64))
+        object.__setattr__(self, "abs_sum", _frozen(self.abs_sum, np.float64))
+        if self.zeros.ndim != 1 or self.abs_sum.shape != self.zeros.shape or self.elements < 0:
+            raise CalibrationError(f"inconsistent channel summary: zeros {self.zeros.shape}, abs_sum "
+                                   f"{self.abs_sum.shape}, elements {self.elements}")
+
+    @classmethod
+    def of(cls, activation: np.ndarray) -> tuple[np.ndarray, ChannelSummary]:
+        """Summarise raw activations ``(N, C, ...)``; also return the per-sample channel sums ``(N, C)``."""
+        a = np.asarray(activation)
+        if a.ndim < 2:
+            raise CalibrationError(f"raw activations of shape {a.shape} have no channel axis; expected (N, C, ...)")
+        sums, zeros, abs_sum = channel_summaries(a)
+        return sums, cls(zeros=zeros, abs_sum=abs_sum, elements=int(a.size // max(a.shape[1], 1)))
 
 
 @dataclass(frozen=True)
@@ -86,8 +137,14 @@ class ProbeStats:
         """Class count ``K``."""
         return int(self.class_counts.shape[0])
 
-    def update(self, features: np.ndarray, labels: np.ndarray, raw: np.ndarray | None = None) -> ProbeStats:
-        """Add a batch: pooled ``features`` (n, d), integer ``labels`` (n,), optional ``raw`` activations (n, C, ...)."""
+    def update(self, features: np.ndarray, labels: np.ndarray, raw: np.ndarray | None = None, *,
+               summary: ChannelSummary | None = None) -> ProbeStats:
+        """Add a batch: pooled ``features`` (n, d), integer ``labels`` (n,), and the batch's raw activations.
+
+        Give the raw activations ``(n, C, ...)`` either as ``raw`` or already summarised as ``summary``
+        (``ChannelSummary.of(raw)[1]``; the calibration runner reuses the sums it computes for pooling), or neither
+        (zeros / abs_sum / elements then stay as they are).
+        """
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
         if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] != y.shape[0]:
@@ -99,20 +156,28 @@ class ProbeStats:
             raise CalibrationError("pooled features contain NaN or inf; check the model and the input scaling")
         onehot = np.zeros((x.shape[0], self.num_classes))
         onehot[np.arange(x.shape[0]), y] = 1.0
-        zeros, abs_sum, elements = self.zeros, self.abs_sum, self.elements
-        if raw is not None:
-            r = np.asarray(raw)
-            if r.ndim < 2 or r.shape[0] != x.shape[0] or r.shape[1] != self.channels:
-                raise CalibrationError(f"raw activations {r.shape} do not fit {x.shape[0]} samples x "
-                                       f"{self.channels} channels")
-            axes = (0, *range(2, r.ndim))
-            zeros = zeros + np.count_nonzero(r == 0, axis=axes)
-            abs_sum = abs_sum + np.abs(r, dtype=np.float64).sum(axis=axes)
-            elements = elements + int(r.size // self.channels)
+        summary = self._summary(raw, summary, x.shape[0])
         return ProbeStats(n=self.n + x.shape[0], class_counts=self.class_counts + onehot.sum(axis=0).astype(np.int64),
                           sum=self.sum + x.sum(axis=0), class_sums=self.class_sums + onehot.T @ x,
-                          gram=self.gram + x.T @ x, zeros=zeros, abs_sum=abs_sum, elements=elements,
+                          gram=self.gram + x.T @ x, zeros=self.zeros + summary.zeros,
+                          abs_sum=self.abs_sum + summary.abs_sum, elements=self.elements + summary.elements,
                           cells=self.cells)
+
+    def _summary(self, raw: np.ndarray | None, summary: ChannelSummary | None, n: int) -> ChannelSummary:
+        """The batch's channel summary (from ``raw`` or as given), checked against this probe."""
+        if raw is not None and summary is not None:
+            raise CalibrationError("give the raw activations or their summary, not both")
+        if raw is not None:
+            r = np.asarray(raw)
+            if r.ndim < 2 or r.shape[0] != n or r.shape[1] != self.channels:
+                raise CalibrationError(f"raw activations {r.shape} do not fit {n} samples x {self.channels} channels")
+            summary = ChannelSummary.of(r)[1]
+        if summary is None:
+            return ChannelSummary(np.zeros(self.channels), np.zeros(self.channels), 0)
+        if summary.zeros.shape != (self.channels,):
+            raise CalibrationError(f"channel summary of {summary.zeros.shape[0]} channels does not fit a probe "
+                                   f"with {self.channels}")
+        return summary
 
     def merge(self, other: ProbeStats) -> ProbeStats:
         """Statistics of the union of both sample sets (exact sums; associative and order-independent)."""
