@@ -150,7 +150,9 @@ def _ladder(size: int, round_to: int, min_channels: int) -> list[int]:
 def _ends(index: ChannelGroupIndex) -> set[str]:
     """Groups produced from a graph input, and groups read by the last Gemm/MatMul."""
     inputs = {g.id for g in index.groups if not g.producers}  # graph inputs (frozen groups without producers)
-    reads_input = {t.node: t for t in index.cost if set(t.in_groups) <= inputs}
+    # only a producer that really reads a graph input is a first layer; an input without a channel layout (e.g.
+    # after a channel shuffle) says nothing about depth
+    reads_input = {t.node: t for t in index.cost if t.in_groups and set(t.in_groups) <= inputs}
     out = set()
     for group in index.groups:
         readers = [reads_input[p] for p in group.producers if p in reads_input]

@@ -162,3 +162,26 @@ def test_plan_load_missing_file(tmp_path: Path) -> None:
 def test_validation_errors(sha: str, keep: dict, match: str) -> None:
     with pytest.raises(PlanValidationError, match=match):
         PruningPlan(model_sha256=SHA, keep=keep).validate(_index(), sha)
+
+
+def test_a_producer_with_a_layout_free_input_is_not_a_first_layer() -> None:
+    """A conv reading a tensor without channel layout (e.g. after a channel shuffle) is not protected as 'first'."""
+    hw = 8 * 8
+    cost = (CostTerm(node="stem", op_type="Conv", macs_coeff=9.0 * hw, params_coeff=9.0, in_fixed=0,
+                     in_groups=("input",), out_fixed=0, out_groups=("a",), bias_params=1.0),
+            CostTerm(node="after_shuffle", op_type="Conv", macs_coeff=hw, params_coeff=1.0, in_fixed=64, in_groups=(),
+                     out_fixed=0, out_groups=("b",), bias_params=1.0),
+            CostTerm(node="fc", op_type="Gemm", macs_coeff=1.0, params_coeff=1.0, in_fixed=0, in_groups=("c",),
+                     out_fixed=10, out_groups=(), bias_params=0.0),
+            CostTerm(node="mix", op_type="Conv", macs_coeff=hw, params_coeff=1.0, in_fixed=0, in_groups=("a", "b"),
+                     out_fixed=0, out_groups=("c",), bias_params=1.0))
+    groups = (ChannelGroup(id="input", size=3, producers=(), consumers=("stem",), probes=(), frozen="graph input"),
+              ChannelGroup(id="a", size=64, producers=("stem",), consumers=("mix",), probes=("a",)),
+              ChannelGroup(id="b", size=64, producers=("after_shuffle",), consumers=("mix",), probes=("b",)),
+              ChannelGroup(id="c", size=64, producers=("mix",), consumers=("fc",), probes=("c",)))
+    index = ChannelGroupIndex(groups=groups, cost=cost)
+    scores = ChannelScores(method="l2", params={}, scores={g: np.arange(64.0) for g in ("a", "b", "c")})
+    plan = select_channels(scores, index, target_macs=0.6, round_to=8)
+    assert "a" not in plan.keep  # the stem (reads the graph input) stays whole
+    assert "c" not in plan.keep  # the classifier input stays whole
+    assert len(plan.keep["b"]) < 64  # the conv after the shuffle is prunable
