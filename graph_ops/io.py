@@ -62,6 +62,12 @@ def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str])
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write bytes to ``path`` atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
@@ -72,6 +78,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
