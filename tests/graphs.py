@@ -290,3 +290,35 @@ MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
         graph_output_of_conv, unknown_op)
 }
 """Motif name -> builder."""
+
+
+def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], classes: int, spatial: int = 8,
+                    w1_scale: float = 1.0, seed: int = 0) -> str:
+    """Write ``input -> Conv -> Relu -> Conv -> Relu -> GAP -> Flatten -> Gemm -> logits`` (opset 17) to ``path``.
+
+    The smallest real classifier with two prunable groups and a frozen logits group; used by CLI and calibration
+    tests. ``w1_scale`` scales the first weight (huge values make activations overflow to inf).
+    """
+    rng = np.random.default_rng(seed)
+    c1, c2 = widths
+
+    def init(name: str, *shape: int, scale: float = 1.0) -> onnx.TensorProto:
+        return numpy_helper.from_array((scale * rng.standard_normal(shape)).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [init("w1", c1, in_channels, 3, 3, scale=w1_scale), init("b1", c1), init("w2", c2, c1, 3, 3),
+             init("b2", c2), init("w3", classes, c2), init("b3", classes)]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", in_channels, spatial, spatial])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path

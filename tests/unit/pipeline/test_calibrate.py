@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze
@@ -19,6 +18,7 @@ from pipeline.calibrate import calibrate, channel_summaries, default_probes, poo
 from pipeline.data import from_iterable
 from pipeline.errors import CalibrationError, UserInputError
 from pipeline.stats import CalibrationStats
+from tests.graphs import tiny_classifier
 
 CLASSES = 3
 PROBES = ("r1", "r2")
@@ -26,28 +26,7 @@ PROBES = ("r1", "r2")
 
 def _conv_net(path: Path, *, w1_scale: float = 1.0) -> Path:
     """input(N,2,8,8) -> Conv(4) -> Relu -> Conv(6) -> Relu -> GAP -> Flatten -> Gemm(3) -> logits."""
-    rng = np.random.default_rng(0)
-
-    def init(name: str, *shape: int, scale: float = 1.0) -> onnx.TensorProto:
-        return numpy_helper.from_array((scale * rng.standard_normal(shape)).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc", transB=1),
-    ]
-    inits = [init("w1", 4, 2, 3, 3, scale=w1_scale), init("b1", 4), init("w2", 6, 4, 3, 3), init("b2", 6),
-             init("w3", CLASSES, 6), init("b3", CLASSES)]
-    graph = helper.make_graph(nodes, "tiny",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.save(model, str(path))
-    return path
+    return Path(tiny_classifier(str(path), in_channels=2, widths=(4, 6), classes=CLASSES, w1_scale=w1_scale))
 
 
 def _data(n: int = 60, *, seed: int = 1, shape: tuple[int, ...] = (2, 8, 8), labels: bool = True,

@@ -11,39 +11,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.channels import analyze
 from graph_ops.io import sha256_file
 from pipeline.cli import main
+from tests.graphs import tiny_classifier
 
 
 def _tiny_model(path: Path) -> Path:
     """input(1x3x8x8) -> Conv(8) -> Relu -> Conv(16) -> Relu -> GAP -> Flatten -> Gemm(10) -> logits."""
-    rng = np.random.default_rng(0)
-
-    def init(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 16, 8, 3, 3), init("b2", 16), init("w3", 10, 16),
-         init("b3", 10)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.save(model, str(path))
-    return path
+    return Path(tiny_classifier(str(path), in_channels=3, widths=(8, 16), classes=10))
 
 
 @pytest.fixture
