@@ -48,11 +48,14 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return model
 
 
-def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str]) -> Path:
-    """Check an output path before any work: not an input file, and its directory exists and is writable."""
+def check_writable(out: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> Path:
+    """Check an output path before any work: not an input file, and its directory exists and is writable.
+
+    ``inputs`` may contain ``None`` for optional inputs that were not given.
+    """
     out = Path(out)
     for item in inputs:
-        if out.resolve() == Path(item).resolve():
+        if item is not None and out.resolve() == Path(item).resolve():
             raise UserInputError(f"output path {out} is an input file; choose another path (inputs are never overwritten)")
     parent = out.resolve().parent
     if not parent.is_dir():

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
-from pipeline.engines import BACKENDS, PRECISIONS
+from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
 from pipeline.recover import RECOVERY
 from pipeline.scorers import SCORERS
 
@@ -37,6 +37,15 @@ def _batches(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
     return values
+
+
+def _round_to(args: argparse.Namespace) -> int:
+    """``--round-to`` if given, else the default of the deployment target (``--backend``, ``--precision``)."""
+    if args.round_to is not None:
+        if args.round_to < 1:
+            raise UserInputError(f"--round-to must be a positive integer, got {args.round_to}")
+        return args.round_to
+    return default_round_to(args.backend, args.precision)
 
 
 def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None) -> object | None:
@@ -144,8 +153,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
     plan = select_channels(scores, prepared.index, target_macs=args.target_macs, target_params=args.target_params,
-                           round_to=args.round_to, min_channels=args.min_channels, protect=tuple(args.protect),
-                           keep_first_and_last=not args.prune_ends)
+                           round_to=_round_to(args), min_channels=args.min_channels,
+                           protect=tuple(args.protect), keep_first_and_last=not args.prune_ends)
     plan = plan.with_sha(prepared.sha256)
     plan.save(out)
     print(f"wrote {out}: {plan.summary()}")
@@ -159,7 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.5)")
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
     report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split), method=args.method,
-                   target_macs=args.target_macs, target_params=args.target_params, round_to=args.round_to,
+                   target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
                    recover=args.recover, recover_mode=args.recover_mode)
@@ -185,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = check_writable(args.json, *args.models) if args.json else None
     report = measure(args.models, backend=args.backend, batches=args.batch, warmup_s=args.warmup,
                      min_duration_s=args.duration, min_iters=args.iterations, rounds=args.rounds,
-                     threads=args.threads, round_to=args.round_to, data=args.data, precision=args.precision,
+                     threads=args.threads, round_to=_round_to(args), data=args.data, precision=args.precision,
                      workdir=args.workdir)
     if out is not None:
         atomic_write_bytes(out, report.to_json().encode())
@@ -204,7 +213,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-macs", type=_fraction, default=None, help="fraction of the original MACs to keep")
     parser.add_argument("--target-params", type=_fraction, default=None, help="fraction of the params to keep")
-    parser.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of N (default 8)")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="kept widths are multiples of N (default: from --backend/--precision, 8 for ort-cpu)")
+    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
+                        help="deployment target; picks the --round-to default")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="deployment precision; picks the --round-to default (int8 on TensorRT: 32)")
     parser.add_argument("--min-channels", type=int, default=8, help="never keep fewer channels in a group")
     parser.add_argument("--protect", action="append", default=[], metavar="GROUP_ID",
                         help="never prune this group (repeatable; ids from 'diprune inspect')")
@@ -297,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=30, help="minimum timed iterations")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B A B ...)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--round-to", type=int, default=8, help="warn about channel counts not multiples of N")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="warn about channel counts not multiples of N (default: from --backend/--precision)")
 
     parsers["demo"].add_argument("--work", default="work/demo", help="where the demo writes its files")
     return parser

@@ -36,6 +36,34 @@ ORT_BACKENDS: dict[str, tuple[str, ...]] = {
 BACKENDS = (*ORT_BACKENDS, "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 
+# Default channel multiple for the planner, per (backend, precision). Where each value comes from:
+# - ort-cpu fp32: measured (benchmarks/round_to.py): widths that are not multiples of 4 cost 25-35 % more per MAC,
+#   multiples of 8 were no better than multiples of 4; 8 is kept so that a CPU-pruned model stays aligned for GPUs.
+# - GPU fp32/fp16 (ort-cuda, ort-trt, tensorrt): 8, NVIDIA's Tensor-Core alignment for FP16 (TensorRT issue #3876,
+#   "channel % 8 == 0" formats); not measured here (no GPU was available when this table was written).
+# - int8 on TensorRT: 32, NVIDIA's INT8 Tensor-Core alignment (TensorRT issue #1310); not measured here.
+ROUND_TO_DEFAULTS: dict[tuple[str, str], int] = {
+    ("ort-cpu", "fp32"): 8,
+    ("ort-cuda", "fp32"): 8,
+    ("ort-cuda", "fp16"): 8,
+    ("ort-trt", "fp32"): 8,
+    ("ort-trt", "fp16"): 8,
+    ("ort-trt", "int8"): 32,
+    ("tensorrt", "fp32"): 8,
+    ("tensorrt", "fp16"): 8,
+    ("tensorrt", "int8"): 32,
+}
+
+
+def default_round_to(backend: str = "ort-cpu", precision: str = "fp32") -> int:
+    """The planner's channel multiple for a deployment target (see ROUND_TO_DEFAULTS for the evidence)."""
+    try:
+        return ROUND_TO_DEFAULTS[(backend, precision)]
+    except KeyError:
+        known = ", ".join(f"{b}/{p}" for b, p in ROUND_TO_DEFAULTS)
+        raise UserInputError(f"no channel-multiple default for {backend}/{precision}; known targets: {known}; "
+                             "or pass --round-to N") from None
+
 
 def check_backend(backend: str) -> str:
     """Return ``backend`` if it is known, else raise a UserInputError listing the choices."""

@@ -175,3 +175,17 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["prune"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(("extra", "multiple"), [([], 8), (["--backend", "tensorrt", "--precision", "int8"], 32),
+                                                 (["--round-to", "4"], 4)], ids=["ort-cpu", "trt-int8", "explicit"])
+def test_round_to_default_follows_the_deployment_target(extra: list[str], multiple: int, tmp_path: Path) -> None:
+    """Also covers ``score`` of a data-free method without a statistics file."""
+    model = Path(tiny_classifier(str(tmp_path / "m.onnx"), in_channels=3, widths=(64, 64), classes=10))
+    scores = tmp_path / "s.json"
+    assert main(["-q", "score", "--model", str(model), "--method", "l2", "-o", str(scores)]) == 0
+    plan = tmp_path / "p.json"
+    assert main(["-q", "plan", str(scores), "--target-macs", "0.5", "--prune-ends", *extra, "-o", str(plan)]) == 0
+    kept = [len(g["keep"]) for g in json.loads(plan.read_text())["groups"].values()]
+    assert kept
+    assert all(k % multiple == 0 for k in kept)
