@@ -1,0 +1,92 @@
+"""Pure helpers of the quality benchmark (``benchmarks/quality.py``, ``benchmarks/peers.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.peers import module_path
+from benchmarks.quality import bisect_budget, fmt, merge, report_lines, series
+from graph_ops.cost import count
+
+
+@pytest.mark.parametrize(("node", "path"), [
+    ("/0/0.0/Conv", "0.0"),
+    ("/2/body/body.0/body.0.0/Conv", "2.body.0.0"),
+    ("/3/short/short.0/Conv", "3.short.0"),
+    ("/2/b4/b4.1/b4.1.0/Conv", "2.b4.1.0"),
+    ("/10/10.2/Gemm", "10.2"),
+], ids=["vgg-stem", "resnet-body", "resnet-shortcut", "inception-pool-branch", "head"])
+def test_module_path_maps_legacy_node_names(node: str, path: str) -> None:
+    assert module_path(node) == path
+
+
+def conv_model(width: int) -> onnx.ModelProto:
+    """x[1,4,8,8] -> Conv(width, 3x3) -> Conv(4, 1x1): MACs linear in ``width``."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(width, 4, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(4, width, 1, 1)).astype(np.float32), "w2")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Conv", ["h", "w2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", [0.75, 0.5, 0.25], ids=["0.75", "0.5", "0.25"])
+def test_bisect_budget_matches_the_target(target: float) -> None:
+    full = count(conv_model(64)).macs
+    sparsity, model, frac = bisect_budget(lambda s: conv_model(max(1, round(64 * (1 - s)))), full, target)
+    assert model is not None
+    assert abs(frac - target) <= 1 / 64 + 1e-9
+    assert count(model).macs / full == pytest.approx(frac)
+    assert 0.0 <= sparsity <= 0.98
+
+
+def test_bisect_budget_reports_an_unreachable_budget() -> None:
+    full = count(conv_model(64)).macs
+    _, _, frac = bisect_budget(lambda s: conv_model(max(32, round(64 * (1 - s)))), full, 0.25)
+    assert frac == pytest.approx(0.5)
+
+
+def test_fmt_cells() -> None:
+    assert fmt({"top1": 0.98765, "macs_fraction": 0.2512}) == "98.77 (0.251)"
+    assert fmt(None) == "not run"
+    assert fmt({"error": "PassError: no | way\nmore"}).startswith("declined: PassError: no / way")
+    assert fmt({"top1": 0.5, "macs_fraction": 0.6, "note": "x"}).endswith("(budget not reached)")
+
+
+def sample_doc() -> dict:
+    cell = {"top1": 0.9, "macs_fraction": 0.25}
+    return {"models": {"vgg": {
+        "original": {"top1": 0.99},
+        "diprune": {"0.25": {"di": {"none": {"top1": 0.1, "macs_fraction": 0.25}, "regress": {"top1": 0.985,
+                                                                                              "macs_fraction": 0.25}},
+                             "l2": {"error": "cannot reach"}, "lda": {"none": cell}}},
+        "onnxsim-l2": {"0.25": cell}}}}
+
+
+def test_series_rows_and_partial_cells() -> None:
+    rows = series(sample_doc()["models"]["vgg"])
+    assert rows["di+R2"]["0.25"]["top1"] == 0.985
+    assert "error" in rows["l2"]["0.25"] and "error" in rows["l2+R2"]["0.25"]
+    assert "lda+R2" not in rows  # a recovery that has not run yet is no row
+    assert rows["onnxsim-l2"]["0.25"]["top1"] == 0.9
+
+
+def test_report_goal_check_and_bold_best() -> None:
+    text = "\n".join(report_lines(sample_doc()))
+    assert "| vgg | -0.50 | 1 / 1 |" in text
+    assert "| di+R2 | not run | not run | **98.50 (0.250)** | not run |" in text
+
+
+def test_merge_creates_and_updates_levels(tmp_path) -> None:
+    path = tmp_path / "q.json"
+    merge(path, ["models", "vgg", "a"], 1)
+    merge(path, ["models", "vgg", "b"], {"x": 2})
+    merge(path, ["models", "vgg", "a"], 3)
+    assert json.loads(path.read_text()) == {"models": {"vgg": {"a": 3, "b": {"x": 2}}}}
