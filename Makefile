@@ -16,6 +16,10 @@ $(VENV)/.test: $(VENV)/.core constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+$(VENV)/.bench: $(VENV)/.core constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	touch $@
+
 demo: $(VENV)/.core
 	$(VENV)/bin/diprune demo
 
@@ -24,6 +28,14 @@ test: $(VENV)/.test
 
 test-zoo: $(VENV)/.test
 	$(PY) -m pytest -q -m zoo
+
+# Regenerates benchmarks/results/quality.{json,md} and quality_<family>.png (about 2 hours on 2 cores).
+bench-quality: $(VENV)/.bench
+	for stage in diprune onnxsim tp task report; do $(PY) -m benchmarks.quality --stage $$stage || exit 1; done
+
+# Regenerates benchmarks/results/latency.{json,md} (torchvision models on onnxruntime CPU, 1 thread).
+bench-latency: $(VENV)/.test
+	$(PY) -m benchmarks.latency --threads 1
 
 clean:
 	rm -rf $(VENV) work

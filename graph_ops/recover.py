@@ -269,19 +269,14 @@ def _fresh_name(base: str, taken: set[str]) -> str:
 def write_consumer(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray, delta: np.ndarray) -> None:
     """Write a recovered weight and add ``delta`` to the bias of ``node`` (a node of ``model``), in place.
 
-    New values go to fresh initializers ``<old>__recovered``; originals no node reads any more are dropped. A Gemm's
-    delta is scaled by ``alpha / beta``; a missing bias is created (Conv, ConvTranspose, Gemm).
+    A Gemm's delta is scaled by ``alpha / beta``; a missing bias is created (Conv, ConvTranspose, Gemm); see
+    :func:`write_weights`.
 
     Raises:
         PreconditionError: the weight or bias is not an initializer, a shape mismatch, or a MatMul that would need
             a bias (callers record it and skip).
     """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    taken = set(inits) | {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
-    old_w = inits.get(node.input[1])
-    if old_w is None or tuple(old_w.dims) != weight.shape:
-        raise PreconditionError(f"consumer '{node.name}': weight is not an initializer of shape {weight.shape}")
+    inits = {t.name: t for t in model.graph.initializer}
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if node.op_type == "MatMul" or (has_bias and node.input[2] not in inits):
         raise PreconditionError(f"consumer '{node.name}' ({node.op_type}) has no writable bias")
@@ -290,18 +285,37 @@ def write_consumer(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndar
     bias = numpy_helper.to_array(inits[node.input[2]]) if has_bias else np.zeros(delta.shape, weight.dtype)
     if bias.size != delta.size:
         raise PreconditionError(f"consumer '{node.name}': bias of shape {bias.shape} is not per output channel")
-    names = []
-    for value, base in ((weight, node.input[1]), ((bias + delta.reshape(bias.shape)).astype(bias.dtype),
-                                                  node.input[2] if has_bias else f"{node.name}_bias")):
+    write_weights(model, node, weight, (bias + delta.reshape(bias.shape)).astype(bias.dtype))
+
+
+def write_weights(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None) -> None:
+    """Replace the weight (input 1) and, unless ``bias`` is None, the bias (input 2) of ``node``, in place.
+
+    New values go to fresh initializers ``<old>__recovered`` (a missing bias is created as ``<node>_bias``);
+    originals no node reads any more are dropped. The weight keeps its shape.
+
+    Raises:
+        PreconditionError: the weight is not an initializer of ``weight``'s shape.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    taken = set(inits) | {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
+    old_w = inits.get(node.input[1])
+    if old_w is None or tuple(old_w.dims) != weight.shape:
+        raise PreconditionError(f"layer '{node.name}': weight is not an initializer of shape {weight.shape}")
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    slots = [(1, weight, node.input[1])]
+    if bias is not None:
+        slots.append((2, bias, node.input[2] if has_bias else f"{node.name}_bias"))
+    old = []
+    for pos, value, base in slots:
         name = _fresh_name(base, taken)
         taken.add(name)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        names.append(name)
-    old = [node.input[1], node.input[2] if has_bias else ""]
-    node.input[1] = names[0]
-    while len(node.input) < 3:
-        node.input.append("")
-    node.input[2] = names[1]
+        while len(node.input) <= pos:
+            node.input.append("")
+        old.append(node.input[pos])
+        node.input[pos] = name
     _drop_unused(graph, [n for n in old if n])
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
-from pipeline.recover import RECOVERY
+from pipeline.recover import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recover", choices=sorted(RECOVERY), default="regress",
-                   help="training-free refit of the consumers of removed channels (default: regress)")
+    p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY,
+                   help="training-free recovery after removal: none, bias (R1), regress (R2), lstsq (R3: least-squares "
+                        f"refit of every affected layer) (default: {DEFAULT_RECOVERY})")
     p.add_argument("--recover-mode", choices=("sequential", "one-pass"), default="sequential",
                    help="sequential: layer by layer on the partly recovered model (default); one-pass: faster")
     p.add_argument("-o", "--output", required=True)

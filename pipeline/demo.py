@@ -2,7 +2,7 @@
 
 Steps (all on shipped files, nothing downloaded): analyse the model's channel groups; calibrate on 2,000 digits of the
 training split; prune to 50 % of the MACs with ``di`` and, for comparison, with the data-free ``l2`` and ``random``
-baselines, each without recovery and with the default training-free recovery (``regress``, sequential); evaluate each
+baselines, each without recovery and with the default training-free recovery (``lstsq``, sequential); evaluate each
 on the 2,000 held-out digits; prove the surgery exact by comparing the pruned model (before recovery) with the same
 plan applied as a mask (zeroed exit weights) on the held-out digits.
 """
@@ -22,6 +22,7 @@ from pipeline.data import Dataset, open_dataset
 from pipeline.engines import make_session
 from pipeline.orchestrate import PreparedModel, keep_lists, prepare, prune
 from pipeline.plan import PruningPlan
+from pipeline.recover import DEFAULT_RECOVERY
 
 DEMO_MODEL = "mnist_cnn.onnx"
 CALIBRATION_SAMPLES = 2000
@@ -57,16 +58,16 @@ def run_demo(work: Path, *, progress: bool = True) -> Iterator[str]:
     test = open_dataset("mnist", split="test")
     yield f"calibration: {calib.num_samples} training digits; evaluation: {test.num_samples} held-out digits"
     yield (f"{'method':<8} {'MACs kept':>9} {'params kept':>11} {'top-1 original':>14} "
-           f"{'pruned, no recovery':>19} {'pruned + regress':>16}")
+           f"{'pruned, no recovery':>19} {'pruned + ' + DEFAULT_RECOVERY:>16}")
     for method in ("di", "l2", "random"):
         top1 = {}
-        for recover in ("none", "regress"):
+        for recover in ("none", DEFAULT_RECOVERY):
             out = work / f"mnist_cnn.{method}.{recover}.onnx"
             report = prune(model, out, data=calib, method=method, target_macs=TARGET_MACS, eval_data=test,
                            progress=progress, recover=recover)
             top1[recover] = report.evaluation["pruned"]["top1"]
         yield (f"{method:<8} {report.macs_fraction:>9.3f} {report.params_fraction:>11.3f} "
-               f"{report.evaluation['original']['top1']:>14.4f} {top1['none']:>19.4f} {top1['regress']:>16.4f}")
+               f"{report.evaluation['original']['top1']:>14.4f} {top1['none']:>19.4f} {top1[DEFAULT_RECOVERY]:>16.4f}")
     plan = PruningPlan.load(work / "mnist_cnn.di.none.onnx.plan.json")
     yield (f"exact surgery: pruned vs masked (same di plan, exit weights zeroed, before recovery) max relative "
            f"output difference {_mask_agreement(prepared, plan, test):.2e}")

@@ -82,20 +82,22 @@ def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
 def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",
           target_macs: float | None = None, target_params: float | None = None, round_to: int = 8,
           min_channels: int = 8, protect: Iterable[str] = (), pooling: str = "gap", batch_size: int = 64,
-          eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str = "regress",
+          eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
           recover_mode: str = "sequential") -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
     evaluation from held-out data). Data-free methods (``l1``, ``l2``, ``random``) accept ``data=None`` when
-    ``recover="none"``. ``recover`` (a key of ``pipeline.recover.RECOVERY``) refits the consumers of removed
-    channels by least squares on the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs
-    from the partly recovered model) or ``one-pass``.
+    ``recover="none"``. ``recover`` (a key of ``pipeline.recover.RECOVERY``; default
+    ``pipeline.recover.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on the
+    calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered model) or
+    ``one-pass``.
     """
     from pipeline.calibrate import calibrate, default_probes
-    from pipeline.recover import RECOVERY
+    from pipeline.recover import DEFAULT_RECOVERY, RECOVERY
     from pipeline.recover import recover as recover_model
 
+    recover = DEFAULT_RECOVERY if recover is None else recover
     out_path = check_writable(out_path, model_path)
     if recover not in RECOVERY:
         raise UserInputError(f"unknown recovery {recover!r}; choose one of {sorted(RECOVERY)}")

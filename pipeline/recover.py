@@ -1,21 +1,24 @@
-"""Training-free recovery after channel removal: statistics with onnxruntime, then the weight algebra of
-:mod:`graph_ops.recover` on every exit consumer whose input lost channels.
+"""Training-free recovery after channel removal: statistics with onnxruntime, then weight algebra.
 
-Procedure (methods.md 6.2, R1 / R2): for each consumer edit recorded by analysis (Conv ``W[:, c]``, ConvTranspose
-``W[c]``, Gemm K rows, in ``H*W`` blocks after Flatten) whose input tensor loses channels under the plan, stream the
-calibration data through the ORIGINAL model with the consumer inputs exposed as outputs and accumulate float64
-:class:`graph_ops.recover.CrossMoments` of the full input ``a`` and the kept channels ``z`` (activations are never
-stored; at most ``max_positions`` seeded random pixels per image for a convolutional input). In the default one-pass
-mode ``z = a_K`` (statistics of the original model only: plain R1 / R2). With ``sequential=True`` (error-accumulation
-correction as in He et al. 2017) consumers are processed level by level from input to output and ``z`` is read from
-the partly recovered pruned model, one data pass per level, so each consumer also corrects the drift of its kept
-inputs. Every fifth batch is held out to choose the ridge factor ``α ∈ {1e-4, 1e-3, 1e-2}`` of R2 by reconstruction
-error; the map is then refit on all batches and folded into the pruned model's consumer weight and bias (node and
-tensor names are kept by ``apply_plan``; a consumer that is itself a pruned producer has its output rows re-sliced).
+The registry :data:`RECOVERY` (it feeds the CLI's ``--recover``) holds the methods of methods.md 6.2:
 
-Limits: MatMul consumers (no bias to absorb the fill) are skipped and recorded; grouped or depthwise consumers never
-carry a consumer edit (analysis freezes them or passes channels through), and a Conv consumer with ``group != 1`` would
-be skipped and recorded. Recovery only rewrites consumer weights and biases: the graph interface never changes.
+* ``none``: plain removal (R0).
+* ``bias`` (R1) and ``regress`` (R2): a channel map ``a ≈ F z + f`` of every exit consumer's full input from its
+  kept channels, folded into the consumer (:mod:`graph_ops.recover`). For each consumer edit recorded by analysis
+  (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm K rows, in ``H*W`` blocks after Flatten) whose input loses
+  channels, the calibration data is streamed through the ORIGINAL model with the consumer inputs exposed and float64
+  :class:`graph_ops.recover.CrossMoments` of the full input ``a`` and the kept channels ``z`` are accumulated
+  (activations are never stored; at most ``max_positions`` seeded random pixels per image). One pass: ``z = a_K``.
+  Sequential (error-accumulation correction as in He et al. 2017): consumers are processed level by level from input
+  to output and ``z`` is read from the partly recovered pruned model, so each consumer also corrects the drift of its
+  kept inputs. Every fifth batch is held out to choose the ridge factor ``α ∈ {1e-4, 1e-3, 1e-2}`` of R2.
+  MatMul consumers (no bias to absorb the offset), grouped consumers and strided ConvTranspose are skipped and
+  recorded.
+* ``lstsq`` (R3, the default): every affected Conv (per group: depthwise and grouped layers too), Gemm and MatMul
+  refit by least squares on im2col patches of its pruned input against the original model's output
+  (:mod:`pipeline.refit`, algebra in :mod:`graph_ops.refit`).
+
+Recovery only rewrites weights and biases: the graph's structure and interface never change.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,7 +36,6 @@ from graph_ops.channels import Edit, analyze_with_edits, node_name
 from graph_ops.errors import PreconditionError
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import verify_model
-from graph_ops.probes import expose_tensors
 from graph_ops.prune import check_index, kept_indices
 from graph_ops.recover import (
     ALPHAS,
@@ -44,12 +47,12 @@ from graph_ops.recover import (
     select_drift,
     write_consumer,
 )
-from pipeline.errors import CalibrationError, UserInputError
+from pipeline.errors import UserInputError
+from pipeline.layerwise import layer_levels, node_by_name, stream_pairs
 
 logger = logging.getLogger(__name__)
 
 MIN_VECTORS_PER_DIM = 10  # methods.md: at least 10x more samples than the regression's dimension
-HOLD_OUT_EVERY = 5  # batch i is held out (for choosing α) when i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,6 @@ class _Target:
 Solver = Callable[[CrossMoments, CrossMoments | None, np.ndarray, float | None], ChannelMap | None]
 
 
-def _none(fit: CrossMoments, held: CrossMoments | None, kept: np.ndarray, ridge: float | None) -> ChannelMap | None:
-    return None
-
-
 def _bias(fit: CrossMoments, held: CrossMoments | None, kept: np.ndarray, ridge: float | None) -> ChannelMap | None:
     return drift_mean(fit if held is None else fit.merge(held), kept)
 
@@ -116,7 +115,6 @@ def _regress(fit: CrossMoments, held: CrossMoments | None, kept: np.ndarray,
     return select_drift(fit, held, kept, ALPHAS if ridge is None else (float(ridge),))
 
 
-RECOVERY: dict[str, Solver] = {"none": _none, "bias": _bias, "regress": _regress}
 
 
 def consumer_targets(original: onnx.ModelProto, index: ChannelGroupIndex,
@@ -200,45 +198,25 @@ class _Moments:
                             self.gram_z.copy(), self.cross.copy())
 
 
-def _run(session: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    try:
-        outputs = session.run(list(names), dict(feeds))
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise CalibrationError(f"onnxruntime failed while collecting recovery statistics: {err}") from err
-    for name, value in zip(names, outputs, strict=True):
-        if not np.all(np.isfinite(value)):
-            raise CalibrationError(f"tensor '{name}' has NaN/Inf values on the recovery data")
-    return outputs
-
-
 def collect_moments(original: onnx.ModelProto, current: onnx.ModelProto | None, targets: Sequence[_Target],
-                    dataset: Any, *, batch_size: int = 64, max_positions: int | None = 1024, seed: int = 0,
-                    backend: str = "auto", intra_op_threads: int | None = None) -> tuple[dict[str, tuple], int]:
+                    dataset: Any, *, max_positions: int | None = 1024, seed: int = 0,
+                    **session: Any) -> dict[str, tuple[CrossMoments, CrossMoments]]:
     """Stream ``dataset`` through ``original`` (and ``current``, the partly recovered pruned model, when given).
 
-    Returns:
-        Per consumer input tensor, (fit, held-out) :class:`CrossMoments`, and the number of samples.
-    """
-    from pipeline.calibrate import model_input_specs, open_session
-    from pipeline.data import validate_batch
+    ``session`` takes :func:`pipeline.layerwise.stream_pairs` options (batch_size, backend, intra_op_threads).
 
+    Returns:
+        Per consumer input tensor, (fit, held-out) :class:`CrossMoments`.
+    """
     shapes = {t.tensor: (t.channels, t.block, t.kept) for t in targets}
     names = sorted(shapes)
-    sessions = [open_session(expose_tensors(m, names).SerializeToString(), backend, intra_op_threads)
-                for m in (original, current) if m is not None]
-    specs = model_input_specs(original)
     acc = {name: (_Moments(*shapes[name]), _Moments(*shapes[name])) for name in names}
-    rng, samples = np.random.default_rng(seed), 0
-    for i, (feeds, _) in enumerate(dataset.bind(list(specs)).batches(batch_size)):
-        validate_batch(feeds, specs, f"dataset '{dataset.name}'")
-        runs = [_run(session, names, feeds) for session in sessions]
-        part = 1 if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else 0
+    rng = np.random.default_rng(seed)
+    for held, outs, cur in stream_pairs(original, names, current, names if current is not None else [], dataset,
+                                        **session):
         for j, name in enumerate(names):
-            acc[name][part].add(runs[0][j], runs[1][j] if current is not None else None, rng, max_positions)
-        samples += runs[0][0].shape[0]
-    if samples == 0:
-        raise CalibrationError("the recovery dataset yielded no samples")
-    return {name: (fit.freeze(), held.freeze()) for name, (fit, held) in acc.items()}, samples
+            acc[name][int(held)].add(outs[j], cur[j] if cur else None, rng, max_positions)
+    return {name: (fit.freeze(), held.freeze()) for name, (fit, held) in acc.items()}
 
 
 def _recover_one(pruned: onnx.ModelProto, original: onnx.ModelProto, target: _Target, moments: tuple,
@@ -261,7 +239,7 @@ def _recover_one(pruned: onnx.ModelProto, original: onnx.ModelProto, target: _Ta
     if target.out_keep is not None:  # replay the producer edit of the consumer's own output rows
         new_weight = np.take(new_weight, target.out_keep, axis=target.out_axis)
         delta = delta[target.out_keep]
-    write_consumer(pruned, _node_by_name(pruned, target.node), new_weight, delta)
+    write_consumer(pruned, node_by_name(pruned, target.node), new_weight, delta)
     return ConsumerRecovery(target.node, target.op_type, target.tensor, int(target.kept.size),
                             target.channels - int(target.kept.size), cmap.alpha,
                             map_error(check, drift_mean(fit, target.kept)) / base, map_error(check, cmap) / base)
@@ -277,34 +255,68 @@ def _try_one(pruned: onnx.ModelProto, original: onnx.ModelProto, target: _Target
         return target.node, str(err)
 
 
-def _levels(model: onnx.ModelProto, targets: Sequence[_Target]) -> list[int]:
-    """Per target, how many other targets lie upstream of its input on the longest path (graph order is
-    topological)."""
-    by_index = {t.index: t for t in targets}
-    depth: dict[str, int] = {}
-    level: dict[int, int] = {}
-    for idx, node in enumerate(model.graph.node):
-        here = max((depth.get(name, 0) for name in node.input if name), default=0)
-        if idx in by_index:
-            level[idx] = here
-            here += 1
-        for name in node.output:
-            depth[name] = here
-    return [level[t.index] for t in targets]
+@dataclass(frozen=True)
+class RecoveryOptions:
+    """Settings shared by the recovery methods (see :func:`recover`)."""
+
+    ridge: float | None = None
+    batch_size: int = 64
+    max_positions: int | None = 1024
+    refit_positions: int | None = 64
+    seed: int = 0
+    sequential: bool = False
+    backend: str = "auto"
+    intra_op_threads: int | None = None
+
+    def session(self) -> dict[str, Any]:
+        """Options of :func:`pipeline.layerwise.stream_pairs`."""
+        return {"batch_size": self.batch_size, "backend": self.backend, "intra_op_threads": self.intra_op_threads}
 
 
-def _node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    for idx, node in enumerate(model.graph.node):
-        if node_name(node, idx) == name:
-            return node
-    raise PreconditionError(f"pruned model has no node '{name}'; pass the model apply_plan returned")
+Outcome = tuple[list[Any], list[tuple[str, str]]]
+
+
+def map_recovery(solver: Solver, original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
+                 keep: Mapping[str, Sequence[int]], dataset: Any, opts: RecoveryOptions) -> Outcome:
+    """R1 / R2: a channel map of every consumer's input folded into its weights, level by level when sequential."""
+    targets, skipped = consumer_targets(original, index, keep)
+    levels = layer_levels(original, [t.index for t in targets]) if opts.sequential else [0] * len(targets)
+    done: list[Any] = []
+    for level in sorted(set(levels)):
+        batch = [t for t, lvl in zip(targets, levels, strict=True) if lvl == level]
+        moments = collect_moments(original, out if opts.sequential else None, batch, dataset,
+                                  max_positions=opts.max_positions, seed=opts.seed, **opts.session())
+        results = [_try_one(out, original, t, moments[t.tensor], solver, opts.ridge) for t in batch]
+        done += [r for r in results if isinstance(r, ConsumerRecovery)]
+        skipped += [r for r in results if isinstance(r, tuple)]
+    return done, skipped
+
+
+def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
+                   keep: Mapping[str, Sequence[int]], dataset: Any, opts: RecoveryOptions) -> Outcome:
+    """R3: every affected layer refit on its pruned input against the original output (:mod:`pipeline.refit`)."""
+    from pipeline.refit import refit_model
+
+    return refit_model(original, out, index, keep, dataset, sequential=opts.sequential, ridge=opts.ridge,
+                       positions=opts.refit_positions, seed=opts.seed, **opts.session())
+
+
+Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]], Any,
+                     RecoveryOptions], Outcome]
+
+RECOVERY: dict[str, Recovery | None] = {
+    "none": None,
+    "bias": partial(map_recovery, _bias),
+    "regress": partial(map_recovery, _regress),
+    "lstsq": lstsq_recovery,
+}
+DEFAULT_RECOVERY = "lstsq"
 
 
 def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGroupIndex,
-            keep: Mapping[str, Sequence[int]], dataset: Any, *, method: str = "regress", ridge: float | None = None,
-            batch_size: int = 64, max_positions: int | None = 1024, seed: int = 0, sequential: bool = False,
-            backend: str = "auto", intra_op_threads: int | None = None) -> tuple[onnx.ModelProto, RecoveryReport]:
-    """Rewrite the consumers of a pruned model so that they compensate for the removed channels.
+            keep: Mapping[str, Sequence[int]], dataset: Any, *, method: str = DEFAULT_RECOVERY,
+            sequential: bool = True, **options: Any) -> tuple[onnx.ModelProto, RecoveryReport]:
+    """Rewrite a pruned model's weights so that it compensates for the removed channels.
 
     Args:
         original: the (canonical) model ``index`` and the plan refer to; statistics are taken on it.
@@ -312,46 +324,40 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         index: ``analyze(original)``.
         keep: the plan's kept channels per group.
         dataset: calibration :class:`pipeline.data.Dataset` (training split; labels are not needed).
-        method: a key of :data:`RECOVERY` (``none``, ``bias`` = R1, ``regress`` = R2).
-        ridge: fixed ridge factor α for R2 (default: chosen from 1e-4, 1e-3, 1e-2 on held-out batches).
-        batch_size: samples per onnxruntime call.
-        max_positions: pixels sampled per image for convolutional inputs (None: all).
-        seed: seed of the pixel sampling.
-        sequential: error-accumulation correction: consumers are recovered level by level (input to output), each
-            fitted on inputs of the partly recovered pruned model against the original model's inputs (one data
-            pass per level); default: one pass, statistics of the original model only.
-        backend, intra_op_threads: onnxruntime settings (see :func:`pipeline.calibrate.open_session`).
+        method: a key of :data:`RECOVERY`: ``none``, ``bias`` (R1), ``regress`` (R2) or ``lstsq`` (R3).
+        sequential: error-accumulation correction: layers are recovered level by level (input to output), each
+            fitted on inputs of the partly recovered pruned model against the original model (one data pass per
+            level); False: one pass (R1 / R2: statistics of the original model only).
+        options: fields of :class:`RecoveryOptions`: ``ridge`` (fixed ridge factor α; default: chosen on
+            held-out batches), ``batch_size``, ``max_positions`` (pixels sampled per image for R1 / R2; None: all),
+            ``refit_positions`` (output positions sampled per image for R3; None: all), ``seed``, ``backend``,
+            ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`).
 
     Returns:
         The recovered model (verified with the full ONNX checker) and a :class:`RecoveryReport`.
 
     Raises:
-        UserInputError: unknown method or no data for a data-driven method.
+        UserInputError: unknown method or option, or no data for a data-driven method.
         PlanValidationError: the plan or index does not fit ``original``.
         CalibrationError: data that does not fit the model, or NaN/Inf activations.
     """
     if method not in RECOVERY:
         raise UserInputError(f"unknown recovery method '{method}'; choose one of {', '.join(RECOVERY)}")
+    try:
+        opts = RecoveryOptions(sequential=sequential, **options)
+    except TypeError as err:
+        raise UserInputError(f"recover(): {err}") from err
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
-    targets, skipped = consumer_targets(original, index, keep)
     notes = ("sequential: inputs from the partly recovered pruned model, targets from the original",) if sequential \
-        else ("statistics from the original model; no error-accumulation correction",)
-    if method == "none" or not targets:
-        return out, RecoveryReport(method, 0, (), tuple(skipped), notes)
+        else ("one pass: no error-accumulation correction",)
+    run = RECOVERY[method]
+    if run is None:
+        return out, RecoveryReport(method, 0, (), (), notes)
     if dataset is None:
         raise UserInputError(f"recovery '{method}' needs calibration data (the training split); give a dataset")
-    levels = _levels(original, targets) if sequential else [0] * len(targets)
-    done, samples = [], 0
-    for level in sorted(set(levels)):
-        batch = [t for t, lvl in zip(targets, levels, strict=True) if lvl == level]
-        moments, samples = collect_moments(original, out if sequential else None, batch, dataset,
-                                           batch_size=batch_size, max_positions=max_positions, seed=seed,
-                                           backend=backend, intra_op_threads=intra_op_threads)
-        results = [_try_one(out, original, t, moments[t.tensor], RECOVERY[method], ridge) for t in batch]
-        done += [r for r in results if isinstance(r, ConsumerRecovery)]
-        skipped += [r for r in results if isinstance(r, tuple)]
+    done, skipped = run(original, out, index, keep, dataset, opts)
     verify_model(out)
-    logger.info("recovery '%s': %d consumers rewritten, %d skipped, %d samples", method, len(done), len(skipped),
-                samples)
-    return out, RecoveryReport(method, samples, tuple(done), tuple(skipped), notes)
+    samples = getattr(dataset, "num_samples", None)
+    logger.info("recovery '%s': %d layers rewritten, %d skipped", method, len(done), len(skipped))
+    return out, RecoveryReport(method, samples or 0, tuple(done), tuple(skipped), notes)

@@ -10,8 +10,19 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.peers import module_path
-from benchmarks.quality import bisect_budget, fmt, merge, report_lines, series
+from benchmarks.quality import (
+    DI_ROW,
+    bisect_budget,
+    fmt,
+    head_classes,
+    merge,
+    report_lines,
+    restrict_head,
+    series,
+    task_top1,
+)
 from graph_ops.cost import count
+from pipeline.recover import DEFAULT_RECOVERY
 
 
 @pytest.mark.parametrize(("node", "path"), [
@@ -64,24 +75,57 @@ def sample_doc() -> dict:
     cell = {"top1": 0.9, "macs_fraction": 0.25}
     return {"models": {"vgg": {
         "original": {"top1": 0.99},
-        "diprune": {"0.25": {"di": {"none": {"top1": 0.1, "macs_fraction": 0.25}, "regress": {"top1": 0.985,
-                                                                                              "macs_fraction": 0.25}},
+        "diprune": {"0.25": {"di": {"none": {"top1": 0.1, "macs_fraction": 0.25},
+                                    DEFAULT_RECOVERY: {"top1": 0.985, "macs_fraction": 0.25},
+                                    "regress": {"top1": 0.95, "macs_fraction": 0.25}},
                              "l2": {"error": "cannot reach"}, "lda": {"none": cell}}},
         "onnxsim-l2": {"0.25": cell}}}}
 
 
 def test_series_rows_and_partial_cells() -> None:
     rows = series(sample_doc()["models"]["vgg"])
-    assert rows["di+R2"]["0.25"]["top1"] == 0.985
-    assert "error" in rows["l2"]["0.25"] and "error" in rows["l2+R2"]["0.25"]
-    assert "lda+R2" not in rows  # a recovery that has not run yet is no row
+    assert rows[DI_ROW]["0.25"]["top1"] == 0.985
+    assert rows["di+regress"]["0.25"]["top1"] == 0.95
+    assert "error" in rows["l2"]["0.25"] and "error" in rows[f"l2+{DEFAULT_RECOVERY}"]["0.25"]
+    assert f"lda+{DEFAULT_RECOVERY}" not in rows  # a recovery that has not run yet is no row
     assert rows["onnxsim-l2"]["0.25"]["top1"] == 0.9
 
 
 def test_report_goal_check_and_bold_best() -> None:
     text = "\n".join(report_lines(sample_doc()))
-    assert "| vgg | -0.50 | 1 / 1 |" in text
-    assert "| di+R2 | not run | not run | **98.50 (0.250)** | not run |" in text
+    assert "| vgg | -0.50 | 1 / 1 | 0.25: onnxsim-l2 90.00 | 0.25: di+regress 95.00 |" in text
+    assert f"| {DI_ROW} | not run | not run | **98.50 (0.250)** | not run |" in text
+
+
+def _tiny_head_model() -> onnx.ModelProto:
+    """x[N,4] -> Gemm(transB=1) to 10 logits, whose logit c is 10*x0 + c (so logit 9 always wins)."""
+    weight = np.zeros((10, 4), np.float32)
+    weight[:, 0] = 10.0
+    bias = np.arange(10, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="head", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_restricted_head_keeps_the_task_rows_and_predicts_among_them() -> None:
+    from pipeline.data import from_iterable
+
+    model = restrict_head(_tiny_head_model(), head_classes("3-vs-8"))
+    assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2
+    x = np.zeros((4, 4), np.float32)
+    # logits of the restricted head are (3, 8): class 1 (= digit 8) always wins
+    assert task_top1(model, from_iterable([(x, np.array([1, 1, 0, 1]))]), "3-vs-8") == pytest.approx(0.75)
+    assert head_classes("odd-vs-even") is None
+
+
+def test_ten_logit_task_accuracy_is_the_parity_of_the_top_logit() -> None:
+    from pipeline.data import from_iterable
+
+    x = np.zeros((4, 4), np.float32)  # digit 9 wins: odd = group 0
+    assert task_top1(_tiny_head_model(), from_iterable([(x, np.array([0, 0, 1, 0]))]), "odd-vs-even") == 0.75
 
 
 def test_merge_creates_and_updates_levels(tmp_path) -> None:

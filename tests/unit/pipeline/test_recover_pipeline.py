@@ -10,15 +10,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.canonicalize import canonicalize
-from graph_ops.channels import analyze
+from graph_ops.channels import analyze, analyze_with_edits, node_name
 from graph_ops.groups import ChannelGroupIndex
+from graph_ops.mask import zero_channels
 from graph_ops.probes import expose_tensors
-from graph_ops.prune import apply_plan
+from graph_ops.prune import apply_plan, kept_indices
 from pipeline.data import Dataset, from_iterable
 from pipeline.errors import UserInputError
-from pipeline.recover import RECOVERY, _levels, consumer_targets, recover
-from tests.graphs import conv_transpose, matmul_head
-from tests.oracles import run_ort
+from pipeline.layerwise import layer_levels, node_by_name
+from pipeline.recover import RECOVERY, consumer_targets, recover
+from tests.graphs import concat, conv_transpose, depthwise_separable, flatten_gemm, matmul_head, residual
+from tests.oracles import assert_same_outputs, random_valid_plan, run_ort
 
 SIDE = 8
 
@@ -74,10 +76,11 @@ def test_each_method_reduces_consumer_error(net: tuple, size: int, kept: int, te
     pruned = apply_plan(model, index, keep)
     x = next(iter(_data(1, 64).batches(64)))[0]["input"]
     errors = {}
-    for method in ("none", "bias", "regress"):
-        recovered, _ = recover(model, pruned, index, keep, _data(0, 300), method=method, intra_op_threads=1)
+    for method in ("none", "bias", "regress", "lstsq"):
+        recovered, _ = recover(model, pruned, index, keep, _data(0, 1500), method=method, sequential=False,
+                               intra_op_threads=1)
         errors[method] = _relative_error(model, recovered, tensor, x)
-    assert errors["regress"] < errors["bias"] < errors["none"], errors
+    assert errors["lstsq"] < errors["regress"] < errors["bias"] < errors["none"], errors
     assert errors["regress"] < 0.5 * errors["none"], errors
 
 
@@ -105,7 +108,8 @@ def test_interface_unchanged_and_checker_passes(net: tuple, method: str, sequent
 def test_report_names_consumers_and_is_json(net: tuple) -> None:
     model, index = net
     keep = {_group(index, 16): range(8), _group(index, 6): range(4)}
-    _, report = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 200), intra_op_threads=1)
+    _, report = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 200), method="regress",
+                        sequential=False, intra_op_threads=1)
     found = {c.node: c for c in report.consumers}
     assert sorted(found) == ["conv_q", "gemm"]
     assert (found["conv_q"].kept, found["conv_q"].removed) == (8, 8)
@@ -118,8 +122,8 @@ def test_report_names_consumers_and_is_json(net: tuple) -> None:
 def test_fixed_ridge_is_used(net: tuple) -> None:
     model, index = net
     keep = {_group(index, 16): range(8)}
-    _, report = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 50), ridge=0.3,
-                        intra_op_threads=1)
+    _, report = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 50), method="regress",
+                        ridge=0.3, intra_op_threads=1)
     assert [c.alpha for c in report.consumers] == [0.3]
 
 
@@ -176,8 +180,8 @@ def test_mnist_regress_beats_plain_removal() -> None:
     calib, test = open_dataset("mnist", split="train", limit=600), open_dataset("mnist", split="test", limit=500)
     top1 = {"none": evaluate(pruned, test, intra_op_threads=1).top1}
     for sequential in (False, True):
-        recovered, _ = recover(prepared.model, pruned, prepared.index, keep, calib, sequential=sequential,
-                               intra_op_threads=1)
+        recovered, _ = recover(prepared.model, pruned, prepared.index, keep, calib, method="regress",
+                               sequential=sequential, intra_op_threads=1)
         top1[sequential] = evaluate(recovered, test, intra_op_threads=1).top1
     assert top1[False] > top1["none"] + 0.2, top1
     assert top1[True] >= top1[False], top1
@@ -189,12 +193,12 @@ def test_sequential_levels_and_first_level_equals_one_pass(net: tuple) -> None:
     pruned = apply_plan(model, index, keep)
     targets, _ = consumer_targets(model, index, keep)
     assert [t.node for t in targets] == ["conv_q", "gemm"]
-    assert _levels(model, targets) == [0, 1]
+    assert layer_levels(model, [t.index for t in targets]) == [0, 1]
     x = next(iter(_data(1, 64).batches(64)))[0]["input"]
     outs, errors = [], []
     for sequential in (False, True):
-        recovered, report = recover(model, pruned, index, keep, _data(0, 300), sequential=sequential,
-                                    intra_op_threads=1)
+        recovered, report = recover(model, pruned, index, keep, _data(0, 300), method="regress",
+                                    sequential=sequential, intra_op_threads=1)
         outs.append(run_ort(expose_tensors(recovered, ["q"]), {"x": x})[-1])
         errors.append(_relative_error(model, recovered, "logits", x))
         assert ("sequential" in report.notes[0]) == sequential
@@ -210,7 +214,99 @@ def test_consumer_that_also_loses_outputs_keeps_its_recovered_rows(net: tuple) -
     x = next(iter(_data(1, 8).batches(8)))[0]["input"]
     outs = []
     for keep in (keep_a, keep_both):
-        recovered, _ = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 100), ridge=1e-3,
-                               intra_op_threads=1)
+        recovered, _ = recover(model, apply_plan(model, index, keep), index, keep, _data(0, 100), method="regress",
+                               sequential=False, ridge=1e-3, intra_op_threads=1)
         outs.append(run_ort(expose_tensors(recovered, ["q"]), {"x": x})[-1])
     np.testing.assert_allclose(outs[1], outs[0][:, [1, 4]], rtol=1e-4, atol=1e-5)
+
+
+def _scatter_back(original: onnx.ModelProto, recovered: onnx.ModelProto, index: ChannelGroupIndex,
+                  keep: dict, names: set[str]) -> onnx.ModelProto:
+    """The original-size model carrying the recovered weights of ``names`` at the kept rows / input slices (what the
+    removed channels' slices hold does not matter once they are masked)."""
+    fresh, edits = analyze_with_edits(original)
+    plan = fresh.validate_keep(keep)
+    full = onnx.ModelProto()
+    full.CopyFrom(original)
+    inits = {t.name: t for t in full.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in recovered.graph.initializer}
+    for idx, node in enumerate(full.graph.node):
+        name = node_name(node, idx)
+        if name not in names:
+            continue
+        rec = node_by_name(recovered, name)
+        weight = numpy_helper.to_array(inits[node.input[1]]).copy()
+        bias = numpy_helper.to_array(inits[node.input[2]]).copy()
+        axes = [np.arange(n) for n in weight.shape]
+        rows = np.arange(bias.shape[0])
+        for edit in edits:
+            if edit.node == idx and edit.kind == "take" and edit.pos in (1, 2):
+                kept = kept_indices(fresh.by_tensor[edit.tensor], plan, edit.block)
+                if edit.pos == 1:
+                    axes[edit.axis] = kept
+                else:
+                    rows = kept
+        weight[np.ix_(*axes)] = got[rec.input[1]]
+        bias[rows] = got[rec.input[2]]
+        for pos, value in ((1, weight), (2, bias)):
+            inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))
+    return full
+
+
+def _static_batches(model: onnx.ModelProto, n: int, seed: int = 4) -> tuple[Dataset, np.ndarray]:
+    """``n`` single-sample Gaussian batches for a model with a static batch of 1 (the motifs), and the samples."""
+    shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(seed).standard_normal((n, 1, *shape[1:])).astype(np.float32)
+    return from_iterable([(item, None) for item in x]), x
+
+
+MOTIFS = {"correlated": lambda: (_correlated_net(), None), "depthwise": depthwise_separable,
+          "flatten-gemm": flatten_gemm, "concat": concat, "residual": residual}
+
+
+@pytest.mark.parametrize("motif", MOTIFS.values(), ids=MOTIFS.keys())
+def test_lstsq_model_equals_its_mask_reference(motif: object) -> None:
+    """The refit pruned model computes what the original-size model with the same refit weights and the removed
+    channels masked (graph_ops.mask) computes: the refit writes every weight in the surgery's layout."""
+    model, _ = motif()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = random_valid_plan(index, np.random.default_rng(3), 0.4, 0.8)
+    data, x = _static_batches(model, 40)
+    recovered, report = recover(model, apply_plan(model, index, keep), index, keep, data, method="lstsq",
+                                batch_size=1, refit_positions=None, intra_op_threads=1)
+    onnx.checker.check_model(recovered, full_check=True)
+    refit = {c.node for c in report.consumers if c.alpha is not None}
+    assert refit, report
+    reference = zero_channels(_scatter_back(model, recovered, index, keep, refit), index, keep)
+    assert_same_outputs(reference, recovered, {model.graph.input[0].name: x[0]}, rtol=1e-4, atol=1e-5)
+
+
+def test_lstsq_refits_depthwise_layers_per_group() -> None:
+    model, _ = depthwise_separable()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): [0, 2, 3, 5, 6, 7]}
+    data, _ = _static_batches(model, 30, seed=1)
+    _, report = recover(model, apply_plan(model, index, keep), index, keep, data, method="lstsq", batch_size=1,
+                        intra_op_threads=1)
+    ops = {c.op_type: c for c in report.consumers}
+    depthwise = next(c for c in report.consumers if c.dim == 3 * 3 + 1)  # one channel x 3x3 taps + intercept
+    assert depthwise.op_type == "Conv" and set(ops) == {"Conv", "Gemm"}
+
+
+def test_lstsq_refits_a_matmul_consumer_without_intercept() -> None:
+    model, _ = matmul_head()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): range(5)}
+    data, x = _static_batches(model, 60, seed=2)
+    pruned = apply_plan(model, index, keep)
+    recovered, report = recover(model, pruned, index, keep, data, method="lstsq", batch_size=1, intra_op_threads=1)
+    matmuls = [c for c in report.consumers if c.op_type == "MatMul"]
+    assert matmuls and all(c.dim == 5 for c in matmuls[:1]), report  # 5 kept inputs, no intercept column
+    feeds = {"x": x[0]}
+    want = run_ort(model, feeds)[0]
+    err = {name: float(np.sum((run_ort(m, feeds)[0] - want) ** 2)) for name, m in (("plain", pruned),
+                                                                                 ("lstsq", recovered))}
+    assert err["lstsq"] < err["plain"], err

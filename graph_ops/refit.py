@@ -1,0 +1,248 @@
+"""R3: refit a layer by least squares on sampled im2col patches of its (pruned) input (methods.md 6.2, R3).
+
+A layer ``Q`` (Conv with any ``group``, Gemm, MatMul with a constant weight) computes, at every output position,
+``y = Wᵀ x̃`` per group, with ``x̃ = [vec(patch of the input); 1]`` (``d = C_g k_h k_w + 1`` entries: the input
+channels of one group under the kernel, then the intercept; a Gemm / MatMul has ``P = 1`` "position" per sample and
+no kernel, a MatMul has no intercept). Given patches ``x̃`` of the PRUNED model's input (its kept channels, drift of
+earlier layers included) and targets ``y`` = the ORIGINAL model's output at the same sample and position (restricted
+to the output channels the plan keeps), the refit solves, per group,
+
+    ``min_W Σ ||y - Wᵀ x̃||² + λ ||W_{:-1}||²``   i.e.   ``(G + λ D) W = H``,
+
+with the streamed moments ``G = Σ x̃ x̃ᵀ`` (``d x d``), ``H = Σ x̃ yᵀ`` (``d x O_g``), ``D`` the identity without the
+intercept entry (the intercept is not penalised) and ``λ = α tr(G_xx) / (d - 1)``. The held-out error of any ``W`` is
+``Σ||y||² - 2 tr(Wᵀ H) + tr(Wᵀ G W)`` (:func:`patch_error`), so ``α`` is chosen on held-out moments, the layer's
+current weights compete (a refit that does not lower the held-out error is not applied), and the winner is refit on
+all moments. A Gemm ``y = alpha A B' + beta C`` is solved for ``W = alpha B'`` and intercept ``beta C``.
+
+Positions are subsampled per image (He et al. 2017 and ThiNet do the same); memory is ``O(g d² + g d O_g)`` whatever
+the number of samples. Zero padding is modelled exactly (padded taps are zeros in the patch), so unlike R1 / R2 the
+border positions are fitted too. This module is pure numpy + onnx (no onnxruntime, no pipeline import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graph_ops.errors import PreconditionError
+
+REFIT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
+REFIT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """How a layer reads its input: kernel geometry (``kernel == ()`` for Gemm / MatMul) and group count."""
+
+    op_type: str
+    group: int = 1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # (top, left, bottom, right)
+    dilations: tuple[int, ...] = ()
+    intercept: bool = True
+    alpha: float = 1.0  # Gemm
+    beta: float = 1.0  # Gemm
+    trans_b: bool = False  # Gemm
+
+    @classmethod
+    def of(cls, node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> LayerShape:
+        """The shape of ``node`` (with its weight's shape).
+
+        Raises:
+            PreconditionError: a layer this refit does not model (callers record it and leave the layer as it is).
+        """
+        attrs = _attrs(node)
+        if node.op_type == "Conv":
+            if len(weight_shape) != 4:
+                raise PreconditionError(f"{node.op_type} '{node.name}': only 2-D convolutions are refit")
+            if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise PreconditionError(f"Conv '{node.name}': auto_pad is not modelled (canonical models use pads)")
+            kernel = tuple(int(k) for k in weight_shape[2:])
+            return cls("Conv", int(attrs.get("group", 1)), kernel, tuple(attrs.get("strides", (1, 1))),
+                       tuple(attrs.get("pads", (0, 0, 0, 0))), tuple(attrs.get("dilations", (1, 1))))
+        if node.op_type == "Gemm":
+            if attrs.get("transA", 0) or float(attrs.get("beta", 1.0)) == 0.0:
+                raise PreconditionError(f"Gemm '{node.name}' with transA=1 or beta=0 is not refit")
+            return cls("Gemm", alpha=float(attrs.get("alpha", 1.0)), beta=float(attrs.get("beta", 1.0)),
+                       trans_b=bool(attrs.get("transB", 0)))
+        if node.op_type == "MatMul":
+            return cls("MatMul", intercept=False)
+        raise PreconditionError(f"{node.op_type} '{node.name}' is not refit (only {', '.join(REFIT_OPS)})")
+
+
+def sample_positions(n: int, rows: int, cols: int, per_image: int | None,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image, oy, ox)`` of up to ``per_image`` distinct output positions per image (all when None or enough)."""
+    total = rows * cols
+    if per_image is None or per_image >= total:
+        flat = np.tile(np.arange(total), n)
+        image = np.repeat(np.arange(n), total)
+    else:
+        flat = np.argsort(rng.random((n, total)), axis=1)[:, :per_image].ravel()
+        image = np.repeat(np.arange(n), per_image)
+    return image, flat // cols, flat % cols
+
+
+def conv_patches(x: np.ndarray, shape: LayerShape, image: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
+    """``(R, group, C_g * kh * kw)`` input patches of a 2-D Conv at output positions ``(image, oy, ox)``.
+
+    The patch of one group is flattened in the weight's ``(C_g, kh, kw)`` order; padded taps are zeros.
+    """
+    top, left, bottom, right = shape.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
+    iy = oy[:, None] * sh + np.arange(kh) * dh
+    ix = ox[:, None] * sw + np.arange(kw) * dw
+    chans = np.arange(x.shape[1])
+    patches = padded[image[:, None, None, None], chans[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
+    return patches.reshape(len(image), shape.group, -1)
+
+
+@dataclass(frozen=True)
+class PatchMoments:
+    """Streamed moments of one layer's refit problem, per group (float64, read-only).
+
+    Attributes:
+        count: rows (sample positions) accumulated.
+        gram: ``(g, d, d)`` ``Σ x̃ x̃ᵀ``.
+        cross: ``(g, d, O_g)`` ``Σ x̃ yᵀ``.
+        target_sq: ``(g, O_g)`` ``Σ y²``.
+    """
+
+    count: int
+    gram: np.ndarray
+    cross: np.ndarray
+    target_sq: np.ndarray
+
+    def __post_init__(self) -> None:
+        for arr in (self.gram, self.cross, self.target_sq):
+            arr.setflags(write=False)
+
+    def merge(self, other: PatchMoments) -> PatchMoments:
+        """Moments of both sample sets together."""
+        return PatchMoments(self.count + other.count, self.gram + other.gram, self.cross + other.cross,
+                            self.target_sq + other.target_sq)
+
+
+def patch_rows(x: np.ndarray, shape: LayerShape) -> np.ndarray:
+    """``(R, g, d)`` design rows: patches (or feature rows) with the intercept column appended when modelled."""
+    if shape.intercept:
+        x = np.concatenate([x, np.ones((*x.shape[:2], 1), x.dtype)], axis=2)
+    return x
+
+
+def accumulate(rows: np.ndarray, targets: np.ndarray) -> PatchMoments:
+    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (both cast to float64)."""
+    xg = np.ascontiguousarray(np.asarray(rows, np.float64).transpose(1, 0, 2))
+    yg = np.ascontiguousarray(np.asarray(targets, np.float64).transpose(1, 0, 2))
+    return PatchMoments(len(rows), xg.transpose(0, 2, 1) @ xg, xg.transpose(0, 2, 1) @ yg, (yg**2).sum(axis=1))
+
+
+def patch_error(moments: PatchMoments, coef: np.ndarray) -> float:
+    """``Σ ||y - Wᵀ x̃||²`` over the samples the moments describe (``coef``: ``(g, d, O_g)``)."""
+    quad = np.einsum("gio,gij,gjo->", coef, moments.gram, coef)
+    return float(moments.target_sq.sum() - 2.0 * np.sum(coef * moments.cross) + quad)
+
+
+def solve_refit(moments: PatchMoments, alpha: float, intercept: bool) -> np.ndarray:
+    """Ridge least squares per group (intercept unpenalised): ``(g, d, O_g)`` coefficients."""
+    groups, dim, _ = moments.gram.shape
+    penalised = dim - 1 if intercept else dim
+    coef = np.empty(moments.cross.shape)
+    for j in range(groups):
+        gram = moments.gram[j]
+        lam = alpha * max(float(np.trace(gram[:penalised, :penalised])) / max(penalised, 1), 1e-12)
+        reg = gram.copy()
+        reg[np.arange(penalised), np.arange(penalised)] += lam
+        try:
+            coef[j] = np.linalg.solve(reg, moments.cross[j])
+        except np.linalg.LinAlgError:  # only an unpenalised intercept can make it singular (a constant input)
+            coef[j] = np.linalg.lstsq(reg, moments.cross[j], rcond=None)[0]
+    return coef
+
+
+@dataclass(frozen=True)
+class RefitChoice:
+    """The coefficients chosen for one layer: ``alpha`` None means the layer's current weights were kept."""
+
+    coef: np.ndarray
+    alpha: float | None
+    error_before: float
+    error_after: float
+
+
+def choose_refit(fit: PatchMoments, held_out: PatchMoments | None, current: np.ndarray, intercept: bool,
+                 alphas: tuple[float, ...] = REFIT_ALPHAS) -> RefitChoice:
+    """``α`` chosen by held-out error, the current weights competing; the winner refit on all moments.
+
+    Errors are relative to the held-out ``Σ||y||²`` (to the fit moments' when nothing is held out).
+    """
+    check = held_out if held_out is not None and held_out.count else fit
+    scale = max(float(check.target_sq.sum()), 1e-30)
+    before = patch_error(check, current) / scale
+    if check is fit or len(alphas) == 1:
+        alpha = alphas[len(alphas) // 2]
+        merged = fit if check is fit else fit.merge(check)
+        coef = solve_refit(merged, alpha, intercept)
+        return RefitChoice(coef, alpha, before, patch_error(check, coef) / scale)
+    errors = [patch_error(check, solve_refit(fit, a, intercept)) / scale for a in alphas]
+    best = int(np.argmin(errors))
+    if errors[best] >= before:
+        return RefitChoice(current, None, before, before)
+    return RefitChoice(solve_refit(fit.merge(check), alphas[best], intercept), alphas[best], before, errors[best])
+
+
+def coef_from_weights(shape: LayerShape, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """A layer's ONNX weight (and bias) as ``(g, d, O_g)`` coefficients of its design rows."""
+    weight = np.asarray(weight, np.float64)
+    if shape.op_type == "Conv":
+        out = weight.shape[0]
+        mat = weight.reshape(shape.group, out // shape.group, -1).transpose(0, 2, 1)
+    else:
+        mat = (weight.T if shape.trans_b else weight)[None] * shape.alpha
+        out = mat.shape[2]
+    if not shape.intercept:
+        return mat
+    b = np.zeros(out) if bias is None else np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (out,)) * shape.beta
+    return np.concatenate([mat, b.reshape(shape.group, 1, -1)], axis=1)
+
+
+def weights_from_coef(shape: LayerShape, coef: np.ndarray, weight_shape: tuple[int, ...],
+                      dtype: np.dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inverse of :func:`coef_from_weights`: the ONNX weight (of ``weight_shape``) and bias (None for MatMul)."""
+    mat = coef[:, :-1] if shape.intercept else coef
+    bias = coef[:, -1].reshape(-1) / shape.beta if shape.intercept else None
+    if shape.op_type == "Conv":
+        weight = mat.transpose(0, 2, 1).reshape(weight_shape)
+    else:
+        weight = mat[0] / shape.alpha
+        weight = weight.T if shape.trans_b else weight
+    if weight.shape != tuple(weight_shape):
+        raise PreconditionError(f"refit weight of shape {weight.shape} does not fit the layer's {weight_shape}")
+    return weight.astype(dtype), None if bias is None else bias.astype(dtype)
+
+
+def layer_weights(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
+    """The node's weight and bias initializers as arrays.
+
+    Raises:
+        PreconditionError: the weight (or an existing bias) is not an initializer.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    if node.input[1] not in inits:
+        raise PreconditionError(f"{node.op_type} '{node.name}': weight is not an initializer")
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in inits:
+            raise PreconditionError(f"{node.op_type} '{node.name}': bias is not an initializer")
+        bias = numpy_helper.to_array(inits[node.input[2]])
+    return numpy_helper.to_array(inits[node.input[1]]), bias

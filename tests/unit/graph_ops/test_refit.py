@@ -1,0 +1,163 @@
+"""R3 algebra: im2col patches against onnxruntime's Conv, weight <-> coefficient layouts, the ridge solve, the
+held-out choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graph_ops.errors import PreconditionError
+from graph_ops.refit import (
+    LayerShape,
+    PatchMoments,
+    accumulate,
+    choose_refit,
+    coef_from_weights,
+    conv_patches,
+    patch_error,
+    patch_rows,
+    sample_positions,
+    solve_refit,
+    weights_from_coef,
+)
+from tests.oracles import run_ort
+
+
+def _layer(op: str, weight: np.ndarray, bias: np.ndarray | None, x_shape: list, **attrs: object) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "b"))
+        inputs.append("b")
+    graph = helper.make_graph([helper.make_node(op, inputs, ["y"], name="layer", **attrs)], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+CONVS = {
+    "3x3-same": {"cin": 4, "cout": 6, "k": 3, "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 1},
+    "stride2-asym-pad": {"cin": 4, "cout": 6, "k": 3, "strides": [2, 2], "pads": [0, 1, 1, 0], "dilations": [1, 1], "group": 1},
+    "dilated": {"cin": 3, "cout": 5, "k": 3, "strides": [1, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2], "group": 1},
+    "grouped": {"cin": 8, "cout": 6, "k": 3, "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 2},
+    "depthwise": {"cin": 5, "cout": 5, "k": 3, "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1], "group": 5},
+}
+
+
+@pytest.mark.parametrize("case", CONVS.values(), ids=CONVS.keys())
+def test_patches_times_coefficients_equal_onnxruntime_conv(case: dict, rng: np.random.Generator) -> None:
+    cin, cout, k, group = case["cin"], case["cout"], case["k"], case["group"]
+    weight = rng.standard_normal((cout, cin // group, k, k))
+    bias = rng.standard_normal(cout)
+    attrs = {key: case[key] for key in ("strides", "pads", "dilations", "group")}
+    model = _layer("Conv", weight, bias, [2, cin, 9, 9], kernel_shape=[k, k], **attrs)
+    x = rng.standard_normal((2, cin, 9, 9)).astype(np.float32)
+    want = run_ort(model, {"x": x})[0]
+    shape = LayerShape.of(model.graph.node[0], weight.shape)
+    image, oy, ox = sample_positions(2, want.shape[2], want.shape[3], 7, rng)
+    rows = patch_rows(conv_patches(x.astype(np.float64), shape, image, oy, ox), shape)
+    coef = coef_from_weights(shape, weight, bias)
+    got = np.einsum("rgd,gdo->rgo", rows, coef).reshape(len(image), cout)
+    np.testing.assert_allclose(got, want[image, :, oy, ox], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("op", "attrs", "w_shape", "with_bias"), [
+    ("Conv", {"group": 3}, (6, 2, 3, 3), True),
+    ("Conv", {}, (4, 3, 1, 1), False),
+    ("Gemm", {"transB": 1, "alpha": 0.5, "beta": 2.0}, (4, 7), True),
+    ("Gemm", {}, (7, 4), True),
+    ("MatMul", {}, (7, 4), False),
+], ids=["grouped-conv", "conv-no-bias", "gemm-transB-alpha-beta", "gemm", "matmul"])
+def test_coefficients_round_trip_to_weights(op: str, attrs: dict, w_shape: tuple, with_bias: bool,
+                                            rng: np.random.Generator) -> None:
+    node = helper.make_node(op, ["x", "w", "b"] if with_bias else ["x", "w"], ["y"], name="n", **attrs)
+    shape = LayerShape.of(node, w_shape)
+    weight = rng.standard_normal(w_shape).astype(np.float32)
+    out = w_shape[0] if op == "Conv" else (w_shape[0] if attrs.get("transB") else w_shape[1])
+    bias = rng.standard_normal(out).astype(np.float32) if with_bias else None
+    coef = coef_from_weights(shape, weight, bias)
+    back_w, back_b = weights_from_coef(shape, coef, w_shape, np.dtype(np.float32))
+    np.testing.assert_allclose(back_w, weight, rtol=1e-6)
+    if op == "MatMul":
+        assert back_b is None
+    else:
+        np.testing.assert_allclose(back_b, bias if with_bias else np.zeros(out), rtol=1e-6, atol=1e-7)
+
+
+def test_gemm_coefficients_reproduce_onnxruntime(rng: np.random.Generator) -> None:
+    weight, bias = rng.standard_normal((5, 7)), rng.standard_normal(5)
+    model = _layer("Gemm", weight, bias, [6, 7], transB=1, alpha=0.5, beta=2.0)
+    x = rng.standard_normal((6, 7)).astype(np.float32)
+    shape = LayerShape.of(model.graph.node[0], weight.shape)
+    rows = patch_rows(x.astype(np.float64)[:, None, :], shape)
+    got = np.einsum("rgd,gdo->rgo", rows, coef_from_weights(shape, weight, bias))[:, 0]
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("op", "attrs", "reason"), [("Gemm", {"transA": 1}, "transA"),
+                                                     ("Conv", {"auto_pad": "SAME_UPPER"}, "auto_pad"),
+                                                     ("ConvTranspose", {}, "not refit")],
+                         ids=["gemm-transA", "auto-pad", "conv-transpose"])
+def test_unmodelled_layers_are_refused(op: str, attrs: dict, reason: str) -> None:
+    node = helper.make_node(op, ["x", "w"], ["y"], name="n", **attrs)
+    with pytest.raises(PreconditionError, match=reason):
+        LayerShape.of(node, (4, 4, 3, 3) if "Conv" in op else (4, 4))
+
+
+def _problem(rng: np.random.Generator, n: int, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (n, 1, 6) with intercept, a true (1, 6, 3) coefficient, noisy targets."""
+    x = rng.standard_normal((n, 1, 5))
+    rows = patch_rows(x, LayerShape("Gemm"))
+    coef = rng.standard_normal((1, 6, 3))
+    y = np.einsum("rgd,gdo->rgo", rows, coef) + noise * rng.standard_normal((n, 1, 3))
+    return rows, y, coef
+
+
+def test_patch_error_matches_brute_force(rng: np.random.Generator) -> None:
+    rows, y, _ = _problem(rng, 50, 0.3)
+    coef = rng.standard_normal((1, 6, 3))
+    brute = float(np.sum((y - np.einsum("rgd,gdo->rgo", rows, coef)) ** 2))
+    assert patch_error(accumulate(rows, y), coef) == pytest.approx(brute, rel=1e-9)
+
+
+def test_streamed_moments_merge_to_the_one_shot_moments(rng: np.random.Generator) -> None:
+    rows, y, _ = _problem(rng, 40, 0.3)
+    merged = accumulate(rows[:15], y[:15]).merge(accumulate(rows[15:], y[15:]))
+    whole = accumulate(rows, y)
+    assert merged.count == whole.count == 40
+    for a, b in ((merged.gram, whole.gram), (merged.cross, whole.cross), (merged.target_sq, whole.target_sq)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_exact_linear_targets_are_recovered(rng: np.random.Generator) -> None:
+    rows, y, coef = _problem(rng, 200, 0.0)
+    got = solve_refit(accumulate(rows, y), 1e-9, intercept=True)
+    np.testing.assert_allclose(got, coef, rtol=1e-5, atol=1e-6)
+
+
+def test_intercept_is_not_shrunk(rng: np.random.Generator) -> None:
+    """A huge ridge shrinks the slopes to zero but the intercept still fits the target mean."""
+    rows, y, _ = _problem(rng, 300, 0.1)
+    got = solve_refit(accumulate(rows, y), 1e9, intercept=True)
+    np.testing.assert_allclose(got[0, :-1], 0.0, atol=1e-6)
+    np.testing.assert_allclose(got[0, -1], y[:, 0].mean(axis=0), rtol=1e-6)
+
+
+def test_choice_keeps_current_weights_when_the_refit_does_not_help(rng: np.random.Generator) -> None:
+    rows, y, coef = _problem(rng, 100, 0.0)
+    fit, held = accumulate(rows[:20], y[:20]), accumulate(rows[20:], y[20:])
+    choice = choose_refit(fit, held, coef, intercept=True)
+    assert choice.alpha is None and np.array_equal(choice.coef, coef)
+    assert choice.error_before == choice.error_after == pytest.approx(0.0, abs=1e-12)
+
+
+def test_choice_refits_and_lowers_the_held_out_error(rng: np.random.Generator) -> None:
+    rows, y, coef = _problem(rng, 400, 0.2)
+    fit, held = accumulate(rows[:300], y[:300]), accumulate(rows[300:], y[300:])
+    current = coef + 0.5 * rng.standard_normal(coef.shape)
+    choice = choose_refit(fit, held, current, intercept=True, alphas=(1e-4, 1e-1, 10.0))
+    assert choice.alpha in (1e-4, 1e-1, 10.0)
+    assert choice.error_after < 0.5 * choice.error_before
+    assert isinstance(fit.merge(held), PatchMoments)
