@@ -23,6 +23,7 @@ from graph_ops.probes import expose_tensors
 from pipeline.errors import CalibrationError
 
 HOLD_OUT_EVERY = 5  # batch i is held out when i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+MIN_ROWS_PER_DIM = 10  # methods.md 6.2: at least 10x more samples than a regression's dimension (else a warning)
 
 
 def _run(session: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -84,6 +85,15 @@ def layer_levels(model: onnx.ModelProto, indices: Sequence[int]) -> list[int]:
         for name in node.output:
             depth[name] = here
     return [level[i] for i in indices]
+
+
+def level_progress(levels: Sequence[int], progress: bool) -> Iterator[int]:
+    """The distinct levels in order, with a tqdm bar on stderr when ``progress`` (one data pass per level)."""
+    import sys
+
+    from tqdm import tqdm
+
+    yield from tqdm(sorted(set(levels)), desc="recover", unit="level", file=sys.stderr, disable=not progress)
 
 
 def node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:

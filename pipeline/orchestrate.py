@@ -125,7 +125,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     if recover != "none":
         with _timed(timings, "recover"):
             pruned, rec = recover_model(prepared.model, pruned, prepared.index, keep_lists(plan), data,
-                                        method=recover, batch_size=batch_size, seed=seed,
+                                        method=recover, batch_size=batch_size, seed=seed, progress=progress,
                                         sequential=recover_mode == "sequential")
         recovery = {**rec.to_dict(), "mode": recover_mode}
     evaluation = {}

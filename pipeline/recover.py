@@ -48,11 +48,10 @@ from graph_ops.recover import (
     write_consumer,
 )
 from pipeline.errors import UserInputError
-from pipeline.layerwise import layer_levels, node_by_name, stream_pairs
+from pipeline.layerwise import MIN_ROWS_PER_DIM, layer_levels, level_progress, node_by_name, stream_pairs
 
 logger = logging.getLogger(__name__)
 
-MIN_VECTORS_PER_DIM = 10  # methods.md: at least 10x more samples than the regression's dimension
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,12 @@ class ConsumerRecovery:
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """Summary of one recovery run."""
+    """Summary of one recovery run: per rewritten layer a :class:`ConsumerRecovery` (R1 / R2) or a
+    :class:`pipeline.refit.LayerRefit` (R3), and the layers skipped with a reason."""
 
     method: str
     samples: int
-    consumers: tuple[ConsumerRecovery, ...]
+    consumers: tuple[Any, ...]
     skipped: tuple[tuple[str, str], ...]
     notes: tuple[str, ...] = ()
 
@@ -225,10 +225,10 @@ def _recover_one(pruned: onnx.ModelProto, original: onnx.ModelProto, target: _Ta
 
     fit, held = moments
     held = held if held.count else None
-    if fit.count < MIN_VECTORS_PER_DIM * target.kept.size:
+    if fit.count < MIN_ROWS_PER_DIM * target.kept.size:
         logger.warning("consumer '%s': %d calibration vectors for %d kept input channels (about %d needed); the "
                        "regression may overfit: give more calibration samples", target.node, fit.count,
-                       target.kept.size, MIN_VECTORS_PER_DIM * target.kept.size)
+                       target.kept.size, MIN_ROWS_PER_DIM * target.kept.size)
     cmap = solver(fit, held, target.kept, ridge)
     check = held if held is not None else fit
     plain = ChannelMap(drift_mean(fit, target.kept).matrix, np.zeros(fit.sums_a.shape))
@@ -267,6 +267,7 @@ class RecoveryOptions:
     sequential: bool = False
     backend: str = "auto"
     intra_op_threads: int | None = None
+    progress: bool = False
 
     def session(self) -> dict[str, Any]:
         """Options of :func:`pipeline.layerwise.stream_pairs`."""
@@ -282,7 +283,7 @@ def map_recovery(solver: Solver, original: onnx.ModelProto, out: onnx.ModelProto
     targets, skipped = consumer_targets(original, index, keep)
     levels = layer_levels(original, [t.index for t in targets]) if opts.sequential else [0] * len(targets)
     done: list[Any] = []
-    for level in sorted(set(levels)):
+    for level in level_progress(levels, opts.progress):
         batch = [t for t, lvl in zip(targets, levels, strict=True) if lvl == level]
         moments = collect_moments(original, out if opts.sequential else None, batch, dataset,
                                   max_positions=opts.max_positions, seed=opts.seed, **opts.session())
@@ -298,7 +299,7 @@ def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: Chann
     from pipeline.refit import refit_model
 
     return refit_model(original, out, index, keep, dataset, sequential=opts.sequential, ridge=opts.ridge,
-                       positions=opts.refit_positions, seed=opts.seed, **opts.session())
+                       positions=opts.refit_positions, seed=opts.seed, progress=opts.progress, **opts.session())
 
 
 Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]], Any,
@@ -331,7 +332,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         options: fields of :class:`RecoveryOptions`: ``ridge`` (fixed ridge factor α; default: chosen on
             held-out batches), ``batch_size``, ``max_positions`` (pixels sampled per image for R1 / R2; None: all),
             ``refit_positions`` (output positions sampled per image for R3; None: all), ``seed``, ``backend``,
-            ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`).
+            ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`), ``progress`` (a tqdm bar over the
+            levels on stderr).
 
     Returns:
         The recovered model (verified with the full ONNX checker) and a :class:`RecoveryReport`.

@@ -44,11 +44,10 @@ from graph_ops.refit import (
     sample_positions,
     weights_from_coef,
 )
-from pipeline.layerwise import layer_levels, node_by_name, stream_pairs
+from pipeline.layerwise import MIN_ROWS_PER_DIM, layer_levels, level_progress, node_by_name, stream_pairs
 
 logger = logging.getLogger(__name__)
 
-MIN_ROWS_PER_DIM = 10  # methods.md 6.2: at least 10x more samples than the regression's dimension
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def _refit_one(model: onnx.ModelProto, layer: _Layer, fit: PatchMoments | None, 
 
 def refit_model(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
                 keep: Mapping[str, Sequence[int]], dataset: Any, *, sequential: bool = True,
-                ridge: float | None = None, positions: int | None = 64, seed: int = 0,
+                ridge: float | None = None, positions: int | None = 64, seed: int = 0, progress: bool = False,
                 **session: Any) -> tuple[list[LayerRefit], list[tuple[str, str]]]:
     """Refit the affected layers of ``out`` (the pruned model, rewritten in place); see the module docstring.
 
@@ -190,7 +189,7 @@ def refit_model(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelG
     alphas = REFIT_ALPHAS if ridge is None else (float(ridge),)
     levels = layer_levels(original, [layer.index for layer in layers]) if sequential else [0] * len(layers)
     done: list[LayerRefit] = []
-    for level in sorted(set(levels)):
+    for level in level_progress(levels, progress):
         batch = [layer for layer, lvl in zip(layers, levels, strict=True) if lvl == level]
         moments = collect_patch_moments(original, out, batch, dataset, positions=positions, seed=seed + level,
                                         **session)

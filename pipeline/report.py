@@ -72,9 +72,12 @@ class Report:
 
     def summary(self) -> str:
         """One line for the CLI."""
-        acc = ""
+        acc = f", recovery {self.recovery['method']}" if self.recovery.get("method", "none") != "none" else ""
         if "pruned" in self.evaluation and "original" in self.evaluation:
-            acc = (f", top-1 {self.evaluation['original']['top1']:.4f} -> {self.evaluation['pruned']['top1']:.4f}")
+            pruned = self.evaluation["pruned"]
+            acc += f", top-1 {self.evaluation['original']['top1']:.4f} -> {pruned['top1']:.4f}"
+            if pruned.get("agreement") is not None:
+                acc += f", agreement with the original {pruned['agreement']:.4f}"
         return (f"{self.method}: MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} "
                 f"({self.macs_fraction:.3f}), params {self.original['params']:.4g} -> {self.pruned['params']:.4g} "
                 f"({self.params_fraction:.3f}){acc}")

@@ -97,3 +97,25 @@ def test_labels_out_of_range_are_refused(model: Path, tmp_path: Path, capsys: py
     assert err.startswith("diprune: error:")
     assert "12" in err
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_eval_prints_accuracy_agreement_and_logit_error(model: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.onnx"
+    _run(["prune", str(model), *CALIB, "--target-macs", "0.5", "-o", str(out)])
+    capsys.readouterr()
+    _run(["eval", str(out), "--data", "mnist", "--limit", "300", "--reference", str(model)])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 300
+    assert 0.9 < result["top1"] <= result["top5"] <= 1.0
+    assert 0.9 < result["agreement"] <= 1.0
+    assert 0.0 < result["relative_logit_error"] < 1.0
+
+
+def test_prune_report_records_the_default_lstsq_recovery(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.onnx"
+    _run(["prune", str(model), *CALIB, "--target-macs", "0.5", "-o", str(out)])
+    recovery = json.loads(Path(f"{out}.report.json").read_text())["recovery"]
+    assert recovery["method"] == "lstsq" and recovery["mode"] == "sequential"
+    assert recovery["consumers"] and all(c["error_after"] <= c["error_before"] for c in recovery["consumers"])
+    assert {c["op_type"] for c in recovery["consumers"]} == {"Conv", "Gemm"}
