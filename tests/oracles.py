@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
+from graph_ops.channels import analyze_with_edits, node_name
 from graph_ops.groups import ChannelGroupIndex
+from graph_ops.mask import zero_channels
+from graph_ops.prune import kept_indices
 
 
 def run_ort(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -60,3 +64,41 @@ def random_valid_plan(index: ChannelGroupIndex, rng: np.random.Generator, low: f
         n_keep = int(min(group.size, max(1, round(share * group.size))))
         plan[group.id] = [int(i) for i in rng.permutation(group.size)[:n_keep]]
     return plan
+
+
+def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, index: ChannelGroupIndex,
+                        keep: Mapping[str, Sequence[int]], names: set[str]) -> onnx.ModelProto:
+    """The mask oracle of a recovered model: the original-size model carrying the recovered weights and biases of
+    the layers ``names`` at their kept output rows and input slices, with the plan applied as a mask.
+
+    What the removed slices hold does not matter once they are masked, so this model must compute what the recovered
+    pruned model computes: it checks that recovery writes every weight in the surgery's layout.
+    """
+    fresh, edits = analyze_with_edits(original)
+    plan = fresh.validate_keep(keep)
+    full = onnx.ModelProto()
+    full.CopyFrom(original)
+    inits = {t.name: t for t in full.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in recovered.graph.initializer}
+    by_name = {node_name(n, i): n for i, n in enumerate(recovered.graph.node)}
+    for idx, node in enumerate(full.graph.node):
+        name = node_name(node, idx)
+        if name not in names:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).copy()
+        bias = numpy_helper.to_array(inits[node.input[2]]).copy()
+        axes = [np.arange(n) for n in weight.shape]
+        rows = np.arange(bias.shape[0])
+        for edit in edits:
+            if edit.node == idx and edit.kind == "take" and edit.pos in (1, 2):
+                kept = kept_indices(fresh.by_tensor[edit.tensor], plan, edit.block)
+                if edit.pos == 1:
+                    axes[edit.axis] = kept
+                else:
+                    rows = kept
+        weight[np.ix_(*axes)] = got[by_name[name].input[1]]
+        bias[rows] = got[by_name[name].input[2]]
+        for pos, value in ((1, weight), (2, bias)):
+            inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))
+    return zero_channels(full, index, keep)
+

@@ -10,17 +10,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.canonicalize import canonicalize
-from graph_ops.channels import analyze, analyze_with_edits, node_name
+from graph_ops.channels import analyze
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.mask import zero_channels
 from graph_ops.probes import expose_tensors
-from graph_ops.prune import apply_plan, kept_indices
+from graph_ops.prune import apply_plan
 from pipeline.data import Dataset, from_iterable
 from pipeline.errors import UserInputError
-from pipeline.layerwise import layer_levels, node_by_name
+from pipeline.layerwise import layer_levels
 from pipeline.recover import RECOVERY, consumer_targets, recover
 from tests.graphs import concat, conv_transpose, depthwise_separable, flatten_gemm, matmul_head, residual
-from tests.oracles import assert_same_outputs, random_valid_plan, run_ort
+from tests.oracles import assert_same_outputs, random_valid_plan, recovered_reference, run_ort
 
 SIDE = 8
 
@@ -220,39 +219,6 @@ def test_consumer_that_also_loses_outputs_keeps_its_recovered_rows(net: tuple) -
     np.testing.assert_allclose(outs[1], outs[0][:, [1, 4]], rtol=1e-4, atol=1e-5)
 
 
-def _scatter_back(original: onnx.ModelProto, recovered: onnx.ModelProto, index: ChannelGroupIndex,
-                  keep: dict, names: set[str]) -> onnx.ModelProto:
-    """The original-size model carrying the recovered weights of ``names`` at the kept rows / input slices (what the
-    removed channels' slices hold does not matter once they are masked)."""
-    fresh, edits = analyze_with_edits(original)
-    plan = fresh.validate_keep(keep)
-    full = onnx.ModelProto()
-    full.CopyFrom(original)
-    inits = {t.name: t for t in full.graph.initializer}
-    got = {t.name: numpy_helper.to_array(t) for t in recovered.graph.initializer}
-    for idx, node in enumerate(full.graph.node):
-        name = node_name(node, idx)
-        if name not in names:
-            continue
-        rec = node_by_name(recovered, name)
-        weight = numpy_helper.to_array(inits[node.input[1]]).copy()
-        bias = numpy_helper.to_array(inits[node.input[2]]).copy()
-        axes = [np.arange(n) for n in weight.shape]
-        rows = np.arange(bias.shape[0])
-        for edit in edits:
-            if edit.node == idx and edit.kind == "take" and edit.pos in (1, 2):
-                kept = kept_indices(fresh.by_tensor[edit.tensor], plan, edit.block)
-                if edit.pos == 1:
-                    axes[edit.axis] = kept
-                else:
-                    rows = kept
-        weight[np.ix_(*axes)] = got[rec.input[1]]
-        bias[rows] = got[rec.input[2]]
-        for pos, value in ((1, weight), (2, bias)):
-            inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))
-    return full
-
-
 def _static_batches(model: onnx.ModelProto, n: int, seed: int = 4) -> tuple[Dataset, np.ndarray]:
     """``n`` single-sample Gaussian batches for a model with a static batch of 1 (the motifs), and the samples."""
     shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -278,7 +244,7 @@ def test_lstsq_model_equals_its_mask_reference(motif: object) -> None:
     onnx.checker.check_model(recovered, full_check=True)
     refit = {c.node for c in report.consumers if c.alpha is not None}
     assert refit, report
-    reference = zero_channels(_scatter_back(model, recovered, index, keep, refit), index, keep)
+    reference = recovered_reference(model, recovered, index, keep, refit)
     assert_same_outputs(reference, recovered, {model.graph.input[0].name: x[0]}, rtol=1e-4, atol=1e-5)
 
 
