@@ -31,7 +31,7 @@ test-zoo: $(VENV)/.test
 
 # Regenerates benchmarks/results/quality.{json,md} and quality_<family>.png (about 2 hours on 2 cores).
 bench-quality: $(VENV)/.bench
-	for stage in diprune onnxsim tp task report; do $(PY) -m benchmarks.quality --stage $$stage || exit 1; done
+	for stage in diprune seeds onnxsim tp task report; do $(PY) -m benchmarks.quality --stage $$stage || exit 1; done
 
 # Regenerates benchmarks/results/latency.{json,md} (torchvision models on onnxruntime CPU, 1 thread).
 bench-latency: $(VENV)/.test

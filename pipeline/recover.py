@@ -53,7 +53,6 @@ from pipeline.layerwise import MIN_ROWS_PER_DIM, layer_levels, level_progress, n
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ConsumerRecovery:
     """What recovery did to one consumer.
@@ -113,8 +112,6 @@ def _bias(fit: CrossMoments, held: CrossMoments | None, kept: np.ndarray, ridge:
 def _regress(fit: CrossMoments, held: CrossMoments | None, kept: np.ndarray,
              ridge: float | None) -> ChannelMap | None:
     return select_drift(fit, held, kept, ALPHAS if ridge is None else (float(ridge),))
-
-
 
 
 def consumer_targets(original: onnx.ModelProto, index: ChannelGroupIndex,
