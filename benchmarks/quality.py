@@ -5,9 +5,10 @@ the first ``N`` samples of the MNIST training split (``--n-calib``, default 2000
 ``--n-recover``, default 2000); evaluation: the 2000 held-out samples (8000..9999). DIPrune reuses
 :class:`benchmarks.selection.Runner` (one calibration per model, statistics shared by every statistics-based method and
 budget), then for every kept-MACs target ``0.5, 0.35, 0.25, 0.125`` and method ``di, lda, pls-vip, l2, random``
-(random: seed 0; ``--stage seeds`` adds seeds 1 and 2 with the default recovery) the planner's plan is applied (``graph_ops.prune.apply_plan``), recovered with the library's
-default (``pipeline.recover.DEFAULT_RECOVERY``, sequential) or not at all, and evaluated with onnxruntime (1 thread).
-For ``di`` the other recoveries (``bias`` R1, ``regress`` R2) run too (the recovery ablation that picks the default).
+(random: seed 0; ``--stage seeds`` adds seeds 1 and 2 with the default recovery) the planner's plan is applied
+(``graph_ops.prune.apply_plan``), recovered with the library's default (``pipeline.recover.DEFAULT_RECOVERY``,
+sequential) or not at all, and evaluated with onnxruntime (1 thread). For ``di`` the other recoveries (``bias`` R1,
+``regress`` R2) run too (the recovery ablation that picks the default).
 The achieved MACs fraction is always counted on the written graph with ``graph_ops.cost.count``. Peers
 (``benchmarks/peers.py``) run on the same ONNX files and data and are matched on achieved MACs by bisection on their
 sparsity knob.
