@@ -491,8 +491,23 @@ NOTES = ("## Notes", "",
          "")
 
 
+METHOD_COLORS = {"di": "tab:red", "lda": "tab:purple", "pls-vip": "tab:brown", "l2": "tab:blue", "random": "tab:gray"}
+PEER_COLORS = {"onnxsim-l2": "tab:green", "onnxsim-l2+bn": "tab:olive", "onnxsim-wanda": "tab:cyan",
+               "torch-pruning": "tab:orange", "torch-pruning-global": "tab:pink"}
+RECOVERY_STYLES = {"none": ":x", DEFAULT_RECOVERY: "-o", "regress": "-.^", "bias": "--v"}
+
+
+def _style(label: str) -> tuple[str, str, float]:
+    """Line style, colour and width of a row: colour by method (or peer), style by recovery."""
+    if label in PEER_COLORS:
+        return "--s", PEER_COLORS[label], 1.0
+    method, _, recovery = label.partition("+")
+    return RECOVERY_STYLES[recovery or "none"], METHOD_COLORS[method], 2.5 if label == DI_ROW else 1.0
+
+
 def plot_family(doc: Mapping[str, Any], name: str, path: Path) -> None:
-    """Accuracy vs achieved MACs fraction for every row of one family (matplotlib, Agg)."""
+    """Accuracy vs achieved MACs fraction for every row of one family (matplotlib, Agg): every row on the full
+    scale, the recovered rows zoomed near the unpruned accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,21 +515,21 @@ def plot_family(doc: Mapping[str, Any], name: str, path: Path) -> None:
 
     entry = doc["models"][name]
     orig = 100 * entry["original"]["top1"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, ylim in zip(axes, ((0, 100), (orig - 8, orig + 0.5)), strict=True):
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.8))
+    for ax, ylim in zip(axes, ((0, 100), (orig - 6, orig + 0.5)), strict=True):
         for label, cells in series(entry).items():
             pts = sorted((c["macs_fraction"], 100 * c["top1"]) for c in cells.values() if "top1" in c)
-            if pts:
-                style = "-o" if "+" in label and label not in PEER_ROWS else "--s" if label in PEER_ROWS else ":x"
-                ax.plot(*zip(*pts, strict=True), style, label=label, linewidth=2.5 if label == DI_ROW else 1,
-                        markersize=4)
+            if pts and (ax is axes[0] or max(y for _, y in pts) > ylim[0]):
+                style, color, width = _style(label)
+                ax.plot(*zip(*pts, strict=True), style, color=color, label=label, linewidth=width, markersize=4)
         ax.axhline(orig, color="k", linewidth=0.8)
         ax.axhline(orig - 1, color="k", linewidth=0.8, linestyle="--")
         ax.set(xlabel="kept MACs fraction (achieved)", ylabel="held-out top-1 %", ylim=ylim)
-    axes[0].set_title(f"MNIST {name}: training-free")
-    axes[1].set_title("zoom: unpruned (solid) and -1 point (dashed)")
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    axes[0].set_title(f"MNIST {name}: training-free, every row")
+    axes[1].set_title("zoom: unpruned (solid line) and -1 point (dashed)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
