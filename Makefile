@@ -29,7 +29,7 @@ test: $(VENV)/.test
 test-zoo: $(VENV)/.test
 	$(PY) -m pytest -q -m zoo
 
-# Regenerates benchmarks/results/quality.{json,md} and quality_<family>.png (about 2 hours on 2 cores).
+# Regenerates benchmarks/results/quality.{json,md} and quality_<family>.png (about 2 hours of compute on 2 cores).
 bench-quality: $(VENV)/.bench
 	for stage in diprune seeds onnxsim tp task report; do $(PY) -m benchmarks.quality --stage $$stage || exit 1; done
 

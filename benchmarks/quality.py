@@ -414,6 +414,27 @@ def goal_lines(doc: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def ablation_lines(doc: Mapping[str, Any]) -> list[str]:
+    """DI with every recovery, per family and target: top-1 and the seconds the rewrite + recovery took."""
+    recs = ("none", *ABLATION, DEFAULT_RECOVERY)
+    lines = ["## Recovery ablation (DI plans; top-1 %, seconds for removal + recovery)", "",
+             "| family | target | " + " | ".join(recs) + " |", "|---|---|" + "---|" * len(recs)]
+    for name, entry in doc.get("models", {}).items():
+        for t in (str(x) for x in TARGETS):
+            cell = entry.get("diprune", {}).get(t, {}).get("di", {})
+            if "error" in cell or not cell:
+                continue
+            lines.append(f"| {name} | {t} | " + " | ".join(
+                _timed_cell(cell.get(r)) for r in recs) + " |")
+    return [*lines, ""]
+
+
+def _timed_cell(cell: Mapping[str, Any] | None) -> str:
+    if not cell or "top1" not in cell:
+        return "not run"
+    return f"{100 * cell['top1']:.2f}" + (f" ({cell['seconds']:.0f} s)" if "seconds" in cell else "")
+
+
 def seed_lines(doc: Mapping[str, Any]) -> list[str]:
     """DI + default recovery against random + default recovery over several seeds (mean, min..max)."""
     lines = [f"## Random selection over seeds {RANDOM_SEEDS[0]}..{RANDOM_SEEDS[-1]} (both + {DEFAULT_RECOVERY})", "",
@@ -477,7 +498,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
     lines += ["## Per family", ""]
     for name, entry in doc.get("models", {}).items():
         lines += family_table(name, entry)
-    return [*lines, *seed_lines(doc), *task_lines(doc), *NOTES]
+    return [*lines, *ablation_lines(doc), *seed_lines(doc), *task_lines(doc), *NOTES]
 
 
 NOTES = ("## Notes", "",

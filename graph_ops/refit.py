@@ -53,6 +53,14 @@ class LayerShape:
     beta: float = 1.0  # Gemm
     trans_b: bool = False  # Gemm
 
+    def dim(self, weight_shape: tuple[int, ...]) -> int:
+        """Unknowns per output (rows of the per-group Gram matrix) for a weight of this shape."""
+        if self.op_type == "Conv":
+            inputs = int(np.prod(weight_shape[1:]))
+        else:
+            inputs = int(weight_shape[1] if self.trans_b else weight_shape[0])
+        return inputs + int(self.intercept)
+
     @classmethod
     def of(cls, node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> LayerShape:
         """The shape of ``node`` (with its weight's shape).

@@ -260,6 +260,7 @@ class RecoveryOptions:
     batch_size: int = 64
     max_positions: int | None = 1024
     refit_positions: int | None = 64
+    refit_max_dim: int = 5000
     seed: int = 0
     sequential: bool = False
     backend: str = "auto"
@@ -274,6 +275,18 @@ class RecoveryOptions:
 Outcome = tuple[list[Any], list[tuple[str, str]]]
 
 
+def _map_level(solver: Solver, original: onnx.ModelProto, out: onnx.ModelProto, batch: Sequence[_Target],
+               dataset: Any, opts: RecoveryOptions) -> Outcome:
+    """One data pass: the channel maps of the consumers in ``batch`` (independent of each other), written into
+    ``out``."""
+    if not batch:
+        return [], []
+    moments = collect_moments(original, out if opts.sequential else None, batch, dataset,
+                              max_positions=opts.max_positions, seed=opts.seed, **opts.session())
+    results = [_try_one(out, original, t, moments[t.tensor], solver, opts.ridge) for t in batch]
+    return [r for r in results if isinstance(r, ConsumerRecovery)], [r for r in results if isinstance(r, tuple)]
+
+
 def map_recovery(solver: Solver, original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
                  keep: Mapping[str, Sequence[int]], dataset: Any, opts: RecoveryOptions) -> Outcome:
     """R1 / R2: a channel map of every consumer's input folded into its weights, level by level when sequential."""
@@ -281,22 +294,34 @@ def map_recovery(solver: Solver, original: onnx.ModelProto, out: onnx.ModelProto
     levels = layer_levels(original, [t.index for t in targets]) if opts.sequential else [0] * len(targets)
     done: list[Any] = []
     for level in level_progress(levels, opts.progress):
-        batch = [t for t, lvl in zip(targets, levels, strict=True) if lvl == level]
-        moments = collect_moments(original, out if opts.sequential else None, batch, dataset,
-                                  max_positions=opts.max_positions, seed=opts.seed, **opts.session())
-        results = [_try_one(out, original, t, moments[t.tensor], solver, opts.ridge) for t in batch]
-        done += [r for r in results if isinstance(r, ConsumerRecovery)]
-        skipped += [r for r in results if isinstance(r, tuple)]
+        got, missed = _map_level(solver, original, out, [t for t, lvl in zip(targets, levels, strict=True)
+                                                         if lvl == level], dataset, opts)
+        done += got
+        skipped += missed
     return done, skipped
 
 
 def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
                    keep: Mapping[str, Sequence[int]], dataset: Any, opts: RecoveryOptions) -> Outcome:
-    """R3: every affected layer refit on its pruned input against the original output (:mod:`pipeline.refit`)."""
+    """R3: every affected layer refit on its pruned input against the original output (:mod:`pipeline.refit`).
+
+    A layer with more than ``opts.refit_max_dim`` unknowns per output (say a Flatten -> Gemm head of 25,088 inputs,
+    whose Gram matrix alone would take 5 GB) gets R2 instead, at its level, when it is a channel-map consumer.
+    """
     from pipeline.refit import refit_model
 
+    r2_targets = {t.node: t for t in consumer_targets(original, index, keep)[0]}
+
+    def fallback(names: Sequence[str]) -> Outcome:
+        batch = [r2_targets[n] for n in names if n in r2_targets]
+        done, skipped = _map_level(_regress, original, out, batch, dataset, opts)
+        return done, [*skipped, *((n, f"more than {opts.refit_max_dim} unknowns per output for R3 and not a "
+                                      "channel-map consumer for R2; left as it is") for n in names
+                                  if n not in r2_targets)]
+
     return refit_model(original, out, index, keep, dataset, sequential=opts.sequential, ridge=opts.ridge,
-                       positions=opts.refit_positions, seed=opts.seed, progress=opts.progress, **opts.session())
+                       positions=opts.refit_positions, seed=opts.seed, progress=opts.progress,
+                       max_dim=opts.refit_max_dim, fallback=fallback, **opts.session())
 
 
 Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]], Any,
@@ -328,7 +353,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
             level); False: one pass (R1 / R2: statistics of the original model only).
         options: fields of :class:`RecoveryOptions`: ``ridge`` (fixed ridge factor α; default: chosen on
             held-out batches), ``batch_size``, ``max_positions`` (pixels sampled per image for R1 / R2; None: all),
-            ``refit_positions`` (output positions sampled per image for R3; None: all), ``seed``, ``backend``,
+            ``refit_positions`` (output positions sampled per image for R3; None: all), ``refit_max_dim`` (R3:
+            layers with more unknowns per output, whose Gram matrix would not fit in memory comfortably, get R2
+            instead), ``seed``, ``backend``,
             ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`), ``progress`` (a tqdm bar over the
             levels on stderr).
 

@@ -18,7 +18,7 @@ The graph's structure and interface never change: only weight and bias initializ
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,8 @@ from pipeline.layerwise import MIN_ROWS_PER_DIM, layer_levels, level_progress, n
 
 logger = logging.getLogger(__name__)
 
+Fallback = Callable[[Sequence[str]], tuple[list[Any], list[tuple[str, str]]]]
+
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class _Layer:
     output: str
     out_keep: np.ndarray | None  # original output channels the pruned layer keeps (None: all)
     shape: LayerShape  # of the pruned layer
+    dim: int  # unknowns per output: rows of the per-group Gram matrix
 
 
 def _changed_tensors(model: onnx.ModelProto, index: ChannelGroupIndex, plan: Mapping[str, np.ndarray]) -> set[str]:
@@ -110,7 +113,7 @@ def refit_targets(original: onnx.ModelProto, pruned: onnx.ModelProto, index: Cha
         out_keep = kept_indices(segs, dict(plan)) if segs else None
         if out_keep is not None and out_keep.size == sum(s.length for s in segs):
             out_keep = None
-        layers.append(_Layer(name, idx, node.input[0], node.output[0], out_keep, shape))
+        layers.append(_Layer(name, idx, node.input[0], node.output[0], out_keep, shape, shape.dim(weight.shape)))
     return layers, skipped
 
 
@@ -179,18 +182,36 @@ def _refit_one(model: onnx.ModelProto, layer: _Layer, fit: PatchMoments | None, 
 def refit_model(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
                 keep: Mapping[str, Sequence[int]], dataset: Any, *, sequential: bool = True,
                 ridge: float | None = None, positions: int | None = 64, seed: int = 0, progress: bool = False,
-                **session: Any) -> tuple[list[LayerRefit], list[tuple[str, str]]]:
+                max_dim: int | None = None, fallback: Fallback | None = None,
+                **session: Any) -> tuple[list[Any], list[tuple[str, str]]]:
     """Refit the affected layers of ``out`` (the pruned model, rewritten in place); see the module docstring.
 
+    Args:
+        max_dim: layers with more unknowns per output than this (their Gram matrix takes ``8 dim²`` bytes per group)
+            are not refit here: at their level they go to ``fallback`` (their names), or are skipped.
+        fallback: ``names -> (done, skipped)``, another recovery for the too-large layers of one level.
+        session: :func:`pipeline.layerwise.stream_pairs` options (batch_size, backend, intra_op_threads).
+
     Returns:
-        What was done per layer, and the layers skipped with a reason.
+        What was done per layer (:class:`LayerRefit`, or the fallback's records), and the layers skipped with a
+        reason.
     """
     layers, skipped = refit_targets(original, out, index, keep)
     alphas = REFIT_ALPHAS if ridge is None else (float(ridge),)
     levels = layer_levels(original, [layer.index for layer in layers]) if sequential else [0] * len(layers)
-    done: list[LayerRefit] = []
+    done: list[Any] = []
     for level in level_progress(levels, progress):
         batch = [layer for layer, lvl in zip(layers, levels, strict=True) if lvl == level]
+        large = [layer.name for layer in batch if max_dim is not None and layer.dim > max_dim]
+        batch = [layer for layer in batch if layer.name not in large]
+        if large:
+            got, missed = fallback(large) if fallback is not None else ([], [(n, f"more than {max_dim} unknowns "
+                                                                            "per output; left as it is")
+                                                                           for n in large])
+            done += got
+            skipped += missed
+        if not batch:
+            continue
         moments = collect_patch_moments(original, out, batch, dataset, positions=positions, seed=seed + level,
                                         **session)
         results = [_try_refit(out, layer, moments[layer.name], alphas) for layer in batch]

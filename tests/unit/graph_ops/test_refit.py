@@ -78,6 +78,7 @@ def test_coefficients_round_trip_to_weights(op: str, attrs: dict, w_shape: tuple
     out = w_shape[0] if op == "Conv" else (w_shape[0] if attrs.get("transB") else w_shape[1])
     bias = rng.standard_normal(out).astype(np.float32) if with_bias else None
     coef = coef_from_weights(shape, weight, bias)
+    assert coef.shape[1] == shape.dim(w_shape)
     back_w, back_b = weights_from_coef(shape, coef, w_shape, np.dtype(np.float32))
     np.testing.assert_allclose(back_w, weight, rtol=1e-6)
     if op == "MatMul":

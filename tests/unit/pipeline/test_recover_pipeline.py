@@ -276,3 +276,31 @@ def test_lstsq_refits_a_matmul_consumer_without_intercept() -> None:
     err = {name: float(np.sum((run_ort(m, feeds)[0] - want) ** 2)) for name, m in (("plain", pruned),
                                                                                  ("lstsq", recovered))}
     assert err["lstsq"] < err["plain"], err
+
+
+def test_lstsq_gives_too_large_layers_to_regress_and_still_equals_its_mask_reference() -> None:
+    """refit_max_dim below the Flatten -> Gemm head's unknowns: that layer gets R2 at its level, the conv R3."""
+    model, _ = flatten_gemm()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): [0, 1, 3, 4, 6, 7]}
+    data, x = _static_batches(model, 40)
+    recovered, report = recover(model, apply_plan(model, index, keep), index, keep, data, method="lstsq",
+                                batch_size=1, refit_max_dim=100, intra_op_threads=1)
+    kinds = {c.node: type(c).__name__ for c in report.consumers}
+    assert sorted(kinds.values()) == ["ConsumerRecovery", "LayerRefit"], kinds  # the 6*64+1 head, the 17-input Gemm
+    refit = {c.node for c in report.consumers if c.alpha is not None}
+    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, {"x": x[0]},
+                        rtol=1e-4, atol=1e-5)
+
+
+def test_lstsq_skips_a_too_large_layer_that_regress_cannot_take() -> None:
+    model, _ = matmul_head()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): range(5)}
+    data, _ = _static_batches(model, 20)
+    _, report = recover(model, apply_plan(model, index, keep), index, keep, data, method="lstsq", batch_size=1,
+                        refit_max_dim=4, intra_op_threads=1)
+    reasons = dict(report.skipped)
+    assert any("more than 4 unknowns" in r for r in reasons.values()), reasons
