@@ -2,15 +2,19 @@
 
 Which layers: every Conv (any ``group``: depthwise and grouped layers are solved per group), Gemm and MatMul whose
 input differs between the original and the pruned model, i.e. whose input lost channels or lies downstream of a
-layer that did (so a layer behind a protected group still has the drift of its input corrected). How (methods.md 6.2, R3; algebra in :mod:`graph_ops.refit`): layers are processed level by level from
-input to output (:func:`pipeline.layerwise.layer_levels`); for each level, the calibration data is streamed through
-the ORIGINAL model (the layer's output, restricted to the output channels the plan keeps, is the target) and the
-CURRENT pruned model, in which every upstream layer is already refit (the layer's input: im2col patches of the kept
-channels at up to ``positions`` seeded random output positions per image). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``,
-``Σ y²`` are streamed (every fifth batch held out); the ridge factor is chosen on the held-out batches, the layer's
-current weights compete (a refit that does not lower the held-out error is not applied) and the winner is refit on
-all batches and written into the layer's weight and bias. With ``sequential=False`` every layer is fitted in one
-data pass on the pruned model before any refit (faster, no error-accumulation correction).
+layer that did (so a layer behind a protected group still has the drift of its input corrected).
+
+How (methods.md 6.2, R3; algebra in :mod:`graph_ops.refit`): layers are processed level by level from input to output
+(:func:`pipeline.layerwise.layer_levels`); for each level, the calibration data is streamed through the ORIGINAL
+model (the layer's output, restricted to the output channels the plan keeps, is the target) and the CURRENT pruned
+model, in which every upstream layer is already refit (the layer's input: im2col patches of the kept channels at up
+to ``positions`` seeded random output positions per image). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``, ``Σ y²`` are
+streamed (every fifth batch held out); the ridge factor is chosen on the held-out batches, the layer's current
+weights compete (a refit that does not lower the held-out error is not applied) and the winner is refit on all
+batches and written into the layer's weight and bias. With ``sequential=False`` every layer is fitted in one data
+pass on the pruned model before any refit (faster, no error-accumulation correction). Cost per layer: about
+``rows * dim²`` for the moments and ``dim³`` for each solve, memory ``8 dim²`` bytes per group; layers above
+``max_dim`` unknowns go to a fallback (R2 in :func:`pipeline.recover.lstsq_recovery`).
 
 The graph's structure and interface never change: only weight and bias initializers are replaced.
 """
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graph_ops.channels import analyze_with_edits, node_name
+from graph_ops.channels import analyze, node_name
 from graph_ops.errors import PreconditionError
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.prune import check_index, kept_indices
@@ -92,7 +96,7 @@ def _changed_tensors(model: onnx.ModelProto, index: ChannelGroupIndex, plan: Map
 def refit_targets(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGroupIndex,
                   keep: Mapping[str, Sequence[int]]) -> tuple[list[_Layer], list[tuple[str, str]]]:
     """The layers to refit (topological order) and the skipped ones with a reason."""
-    fresh, _ = analyze_with_edits(original)
+    fresh = analyze(original)
     check_index(index, fresh)
     plan = fresh.validate_keep(keep)
     changed = _changed_tensors(original, fresh, plan)
