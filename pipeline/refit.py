@@ -171,9 +171,12 @@ def _refit_one(model: onnx.ModelProto, layer: _Layer, fit: PatchMoments | None, 
     weight, bias = layer_weights(model, node)
     dim = fit.gram.shape[1]
     if fit.count < MIN_ROWS_PER_DIM * dim:
-        logger.warning("layer '%s': %d calibration rows for %d unknowns per output (about %d needed); the refit "
-                       "may overfit: give more calibration samples", layer.name, fit.count, dim,
-                       MIN_ROWS_PER_DIM * dim)
+        # the held-out ridge choice and the keep-current guard bound the harm; fewer rows than unknowns is worth a
+        # warning, fewer than the rule of thumb only a note
+        level = logging.WARNING if fit.count < dim else logging.INFO
+        logger.log(level, "layer '%s': %d calibration rows for %d unknowns per output (about %d advised); the ridge "
+                   "chosen on held-out batches limits overfitting: more calibration samples may refit it better",
+                   layer.name, fit.count, dim, MIN_ROWS_PER_DIM * dim)
     choice = choose_refit(fit, held, coef_from_weights(layer.shape, weight, bias), layer.shape.intercept, alphas)
     if choice.alpha is not None:
         new_weight, new_bias = weights_from_coef(layer.shape, choice.coef, tuple(weight.shape), weight.dtype)
