@@ -277,14 +277,11 @@ def restrict_head(model: onnx.ModelProto, classes: Sequence[int]) -> onnx.ModelP
 
 def task_top1(model: onnx.ModelProto, data: Any, task: str) -> float:
     """Task accuracy: a restricted head predicts its larger logit; a ten-logit head the group of its largest."""
-    logits, labels = [], []
-    session_model = model.SerializeToString()
-    import onnxruntime as ort
+    from pipeline.calibrate import open_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    session = ort.InferenceSession(session_model, opts, providers=["CPUExecutionProvider"])
+    session = open_session(model.SerializeToString(), "ort-cpu", THREADS)
     name = session.get_inputs()[0].name
+    logits, labels = [], []
     for feeds, y in data.batches(500):
         logits.append(session.run(None, {name: next(iter(feeds.values()))})[0])
         labels.append(y)
