@@ -262,7 +262,7 @@ class RecoveryOptions:
     refit_positions: int | None = 64
     refit_max_dim: int = 5000
     seed: int = 0
-    sequential: bool = False
+    sequential: bool = True
     backend: str = "auto"
     intra_op_threads: int | None = None
     progress: bool = False
@@ -310,9 +310,11 @@ def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: Chann
     """
     from pipeline.refit import refit_model
 
-    r2_targets = {t.node: t for t in consumer_targets(original, index, keep)[0]}
+    r2_targets: dict[str, _Target] = {}
 
     def fallback(names: Sequence[str]) -> Outcome:
+        if not r2_targets:  # analysed only when some layer is too large for R3
+            r2_targets.update((t.node, t) for t in consumer_targets(original, index, keep)[0])
         batch = [r2_targets[n] for n in names if n in r2_targets]
         done, skipped = _map_level(_regress, original, out, batch, dataset, opts)
         return done, [*skipped, *((n, f"more than {opts.refit_max_dim} unknowns per output for R3 and not a "

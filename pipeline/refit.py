@@ -124,20 +124,19 @@ def refit_targets(original: onnx.ModelProto, pruned: onnx.ModelProto, index: Cha
 def _design(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
             positions: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Design rows ``(R, g, d)`` from the pruned input and targets ``(R, g, O_g)`` from the original output."""
-    if layer.out_keep is not None:
-        y = y[:, layer.out_keep]
     shape = layer.shape
     if shape.op_type == "Conv":
         if x.ndim != 4 or y.ndim != 4:
             raise PreconditionError(f"Conv '{layer.name}': input or output is not 4-D")
         image, oy, ox = sample_positions(x.shape[0], y.shape[2], y.shape[3], positions, rng)
-        patches = conv_patches(x, shape, image, oy, ox)
-        targets = y[image, :, oy, ox].reshape(len(image), shape.group, -1)
+        patches, targets = conv_patches(x, shape, image, oy, ox), y[image, :, oy, ox]
     else:
         if y.ndim != 2:
             raise PreconditionError(f"{shape.op_type} '{layer.name}': only 2-D inputs and outputs are refit")
-        patches, targets = x.reshape(x.shape[0], 1, -1), y[:, None, :]
-    return patch_rows(patches, shape), targets
+        patches, targets = x.reshape(x.shape[0], 1, -1), y
+    if layer.out_keep is not None:  # only the sampled rows are sliced, never the whole output tensor
+        targets = targets[:, layer.out_keep]
+    return patch_rows(patches, shape), targets.reshape(len(targets), shape.group, -1)
 
 
 def collect_patch_moments(original: onnx.ModelProto, current: onnx.ModelProto, layers: Sequence[_Layer],
