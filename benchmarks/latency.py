@@ -43,17 +43,14 @@ def export(name: str, work: Path) -> Path:
 def pruned(original: Path, target: float, work: Path) -> Path:
     """Prune to ``target`` of the MACs with l2 magnitude scores and round-to 8 (cached).
 
-    The stages are called one by one: analysis (``prepare``), ``score(..., "l2")``, ``select_channels``, ``apply_plan``.
+    The stages are chained by ``pipeline.orchestrate.PruneRun`` (prepare, ``l2`` scores, plan, apply).
     """
-    from graph_ops.prune import apply_plan
-    from pipeline.orchestrate import keep_lists, prepare, score
-    from pipeline.plan import select_channels
+    from pipeline.orchestrate import PruneRun
 
     path = work / f"{original.stem}.l2.{int(target * 100)}.onnx"
     if not path.is_file():
-        prep = prepare(original)
-        plan = select_channels(score(prep, None, "l2"), prep.index, target_macs=target, round_to=8)
-        save_model(apply_plan(prep.model, prep.index, keep_lists(plan)), path)
+        run = PruneRun(original, None, progress=False)
+        save_model(run.apply(run.plan(run.scores("l2"), target_macs=target, round_to=8)), path)
     return path
 
 

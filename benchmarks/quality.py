@@ -6,8 +6,8 @@ the first ``N`` samples of the MNIST training split (``--n-calib``, default 2000
 :class:`benchmarks.selection.Runner` (one calibration per model, statistics shared by every statistics-based method and
 budget), then for every kept-MACs target ``0.5, 0.35, 0.25, 0.125`` and method ``di, lda, pls-vip, l2, random``
 (random: seed 0; ``--stage seeds`` adds seeds 1 and 2 with the default recovery) the planner's plan is applied
-(``graph_ops.prune.apply_plan``), recovered with the library's default (``pipeline.recover.DEFAULT_RECOVERY``,
-sequential) or not at all, and evaluated with onnxruntime (1 thread). For ``di`` the other recoveries (``bias`` R1,
+(``PruneRun.apply``), recovered with the library's default (``pipeline.recovery.DEFAULT_RECOVERY``, sequential;
+``PruneRun.recover``) or not at all, and evaluated with onnxruntime (1 thread). For ``di`` the other recoveries (``bias`` R1,
 ``regress`` R2) run too (the recovery ablation that picks the default).
 The achieved MACs fraction is always counted on the written graph with ``graph_ops.cost.count``. Peers
 (``benchmarks/peers.py``) run on the same ONNX files and data and are matched on achieved MACs by bisection on their
@@ -53,12 +53,12 @@ from benchmarks.selection import Runner
 from graph_ops.cost import count
 from graph_ops.errors import PruneError
 from graph_ops.io import atomic_write_bytes
-from graph_ops.prune import apply_plan
 from pipeline.bench import machine_info
 from pipeline.data import from_iterable, open_dataset
 from pipeline.evaluate import evaluate
-from pipeline.orchestrate import keep_lists
-from pipeline.recover import DEFAULT_RECOVERY, recover
+from pipeline.orchestrate import PruneRun
+from pipeline.plan import PruningPlan
+from pipeline.recovery import DEFAULT_RECOVERY
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,18 @@ def measured(model: onnx.ModelProto, full_macs: int, full_params: int, test: Any
             "params_fraction": after.params / full_params, **extra}
 
 
-def diprune_point(runner: Runner, keep: Mapping[str, Sequence[int]], recovery: str, calib: Any) -> dict[str, Any]:
-    """One plan, rewritten and (optionally) recovered, measured."""
+def diprune_point(runner: Runner, plan: PruningPlan, recovery: str, recover_run: PruneRun) -> dict[str, Any]:
+    """One plan, rewritten and (optionally) recovered on ``recover_run``'s data, measured."""
     start = time.perf_counter()
-    pruned = apply_plan(runner.prepared.model, runner.prepared.index, {g: tuple(k) for g, k in keep.items()})
-    if recovery != "none":
-        pruned, _ = recover(runner.prepared.model, pruned, runner.prepared.index, keep, calib, method=recovery,
-                            sequential=True, backend="ort-cpu", intra_op_threads=THREADS)
+    pruned, _ = recover_run.recover(runner.run.apply(plan), plan, recovery)
     return measured(pruned, runner.full.macs, runner.full.params, runner.test,
                     seconds=round(time.perf_counter() - start, 2))
+
+
+def recovery_run(runner: Runner, n_recover: int) -> PruneRun:
+    """The run whose data recovers the pruned models (the first ``n_recover`` training samples)."""
+    return PruneRun(runner.prepared, open_dataset("mnist", split="train", limit=n_recover), backend="ort-cpu",
+                    intra_op_threads=THREADS, progress=False)
 
 
 def diprune_model(name: str, n_calib: int, n_recover: int, targets: Sequence[float], methods: Sequence[str],
@@ -127,20 +130,20 @@ def diprune_model(name: str, n_calib: int, n_recover: int, targets: Sequence[flo
     """The DIPrune sweep of one model; each (target, method) cell is merged into ``out`` as it is done."""
     test = open_dataset("mnist", split="test")
     runner = Runner(MODELS[name], test, n_calib)
-    calib = open_dataset("mnist", split="train", limit=n_recover)
+    rec = recovery_run(runner, n_recover)
     merge(out, ["models", name, "original"], {"top1": runner.original_top1, "macs": runner.full.macs,
                                               "params": runner.full.params, "file": str(MODELS[name].relative_to(ROOT))})
     for method in methods:
         scores = runner.scores(method, seed=0)
         for target in targets:
             try:
-                keep = keep_lists(runner.plan(scores, target))
+                plan = runner.plan(scores, target)
             except PruneError as err:
                 merge(out, ["models", name, "diprune", str(target), method], {"error": str(err)})
                 continue
             for recovery in (*RECOVERIES, *(ABLATION if method == "di" else ())):
                 try:
-                    cell = diprune_point(runner, keep, recovery, calib)
+                    cell = diprune_point(runner, plan, recovery, rec)
                 except PruneError as err:
                     cell = {"error": f"{type(err).__name__}: {err}"}
                 merge(out, ["models", name, "diprune", str(target), method, recovery], cell)
@@ -151,11 +154,11 @@ def random_seeds_model(name: str, n_calib: int, n_recover: int, targets: Sequenc
     """``random`` + the default recovery with seeds 1.. (seed 0 is in the main sweep), for the seed spread."""
     test = open_dataset("mnist", split="test")
     runner = Runner(MODELS[name], test, n_calib)
-    calib = open_dataset("mnist", split="train", limit=n_recover)
+    rec = recovery_run(runner, n_recover)
     for seed in RANDOM_SEEDS[1:]:
         scores = runner.scores("random", seed=seed)
         for target in targets:
-            cell = diprune_point(runner, keep_lists(runner.plan(scores, target)), DEFAULT_RECOVERY, calib)
+            cell = diprune_point(runner, runner.plan(scores, target), DEFAULT_RECOVERY, rec)
             merge(out, ["models", name, "random_seeds", str(target), str(seed)], cell)
             logger.info("%s random seed %d %s: %s", name, seed, target, cell)
 
@@ -277,7 +280,7 @@ def restrict_head(model: onnx.ModelProto, classes: Sequence[int]) -> onnx.ModelP
 
 def task_top1(model: onnx.ModelProto, data: Any, task: str) -> float:
     """Task accuracy: a restricted head predicts its larger logit; a ten-logit head the group of its largest."""
-    from pipeline.calibrate import open_session
+    from pipeline.runtime import open_session
 
     session = open_session(model.SerializeToString(), "ort-cpu", THREADS)
     name = session.get_inputs()[0].name
@@ -293,9 +296,7 @@ def task_top1(model: onnx.ModelProto, data: Any, task: str) -> float:
 def task_model(name: str, task: str, targets: Sequence[float], n_calib: int, out: Path) -> None:
     """The task rows at each target: task accuracy on the task's held-out samples, achieved MACs fraction."""
     from graph_ops.io import save_model
-    from pipeline.calibrate import calibrate, default_probes
-    from pipeline.orchestrate import prepare, score
-    from pipeline.plan import select_channels
+    from pipeline.prepare import prepare
 
     classes = head_classes(task)
     base = prepare(MODELS[name])
@@ -305,28 +306,21 @@ def task_model(name: str, task: str, targets: Sequence[float], n_calib: int, out
         prepared = prepare(save_model(restrict_head(base.model, classes), WORK / f"{name}.{task}.onnx"))
     calib = task_dataset("train", task, limit=n_calib)
     test = task_dataset("test", task)
-    full = count(prepared.model)
-
-    def stats(model: Any, data: Any) -> Any:
-        return calibrate(model.path, data, probes=default_probes(model.model, model.index), pooling="gap",
-                         backend="ort-cpu", intra_op_threads=THREADS, progress=False, canonical=model.model)
-
+    options = {"backend": "ort-cpu", "intra_op_threads": THREADS, "progress": False}
+    run = PruneRun(prepared, calib, **options)
     # the ten-digit scores come from the unrestricted model: same channel groups, ten-class head
-    scores = {"di (task labels)": score(prepared, stats(prepared, calib), "di"),
-              "di (10-class labels)": score(base, stats(base, open_dataset("mnist", split="train", limit=n_calib)),
-                                            "di"),
-              "l2": score(prepared, None, "l2")}
+    ten = PruneRun(base, open_dataset("mnist", split="train", limit=n_calib), **options)
+    scores = {"di (task labels)": run.scores("di"), "di (10-class labels)": ten.scores("di"), "l2": run.scores("l2")}
     merge(out, ["tasks", task, name, "original"], {"top1": task_top1(prepared.model, test, task),
                                                    "samples": {"calibration": calib.num_samples,
                                                                "evaluation": test.num_samples}})
+    full = prepared.cost
     for row in TASK_ROWS:
         for target in targets:
             try:
-                keep = keep_lists(select_channels(scores[row], prepared.index, target_macs=target))
-                pruned = apply_plan(prepared.model, prepared.index, keep)
-                pruned, _ = recover(prepared.model, pruned, prepared.index, keep, calib, method=DEFAULT_RECOVERY,
-                                    sequential=True, backend="ort-cpu", intra_op_threads=THREADS)
-                cell = {"top1": task_top1(pruned, test, task), "macs_fraction": count(pruned).macs / full.macs}
+                plan = run.plan(scores[row], target_macs=target)
+                pruned, _ = run.recover(run.apply(plan), plan, DEFAULT_RECOVERY)
+                cell = {"top1": task_top1(pruned, test, task), "macs_fraction": run.cost(pruned).macs / full.macs}
             except PruneError as err:
                 cell = {"error": f"{type(err).__name__}: {err}"}
             merge(out, ["tasks", task, name, row, str(target)], cell)
@@ -487,7 +481,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              f"{machine.get('cpu', '?')} ({machine.get('cores_available', '?')} cores), onnxruntime "
              f"{machine.get('versions', {}).get('onnxruntime', '?')}, 1 onnxruntime thread. Calibration: first "
              f"{proto.get('n_calib')} training samples (recovery: first {proto.get('n_recover')}); evaluation: the 2000 held-out samples. "
-             f"`+{DEFAULT_RECOVERY}` / `+regress` / `+bias`: `pipeline.recover.recover(method=..., sequential=True)` "
+             f"`+{DEFAULT_RECOVERY}` / `+regress` / `+bias`: `pipeline.recovery.recover(method=..., sequential=True)` "
              "(R3 / R2 / R1). `random`: seed 0. Peers matched on achieved MACs by bisection on their sparsity knob; "
              "see the docstrings of `benchmarks/quality.py` and `benchmarks/peers.py`. Best cell per column in bold.",
              ""]

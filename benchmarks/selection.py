@@ -3,9 +3,8 @@
 Protocol. Calibration data: the first ``N`` samples of the MNIST training split (samples 0..N-1 of
 ``pipeline/data/mnist10k.npz``, ``open_dataset("mnist", split="train", limit=N)``); evaluation: the whole held-out
 split (samples 8000..9999). Each model is prepared and calibrated once (``gap`` pooling, the default probes) and the
-statistics are reused by every statistics-based method and budget; the stages are chained as
-``prepare -> calibrate -> score -> select_channels -> apply_plan -> evaluate`` (what ``pipeline.orchestrate.prune``
-does, minus the file writes). Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
+statistics are reused by every statistics-based method and budget; the stages are chained by
+``pipeline.orchestrate.PruneRun`` (what ``pipeline.orchestrate.prune`` uses), then ``apply_plan -> evaluate``. Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
 (``graph_ops.cost.count``). ``random`` is the mean over seeds 0, 1, 2. Planner defaults: ``round_to=8``,
 ``min_channels=8``, first and last layers kept.
 
@@ -34,16 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from graph_ops.cost import count
 from graph_ops.io import atomic_write_bytes
-from graph_ops.prune import apply_plan
 from pipeline.bench import machine_info
-from pipeline.calibrate import calibrate, default_probes
 from pipeline.data import open_dataset
 from pipeline.evaluate import evaluate
-from pipeline.orchestrate import PreparedModel, keep_lists, prepare, score
-from pipeline.plan import PruningPlan, select_channels
-from pipeline.scorers import SCORERS
+from pipeline.orchestrate import PruneRun, keep_lists, needs_stats
+from pipeline.plan import PruningPlan
+from pipeline.prepare import PreparedModel, prepare
 from pipeline.scorers.base import ChannelScores
 from pipeline.stats import CalibrationStats
 
@@ -65,41 +61,47 @@ THREADS = 1
 
 
 class Runner:
-    """One model: its prepared form, the evaluation set and a cache of calibration statistics."""
+    """One model: its prepared form, the evaluation set and one :class:`PruneRun` per calibration setting."""
 
     def __init__(self, path: Path, test: Any, n_calib: int) -> None:
         self.prepared: PreparedModel = prepare(path)
         self.test = test
         self.n_calib = n_calib
-        self.full = count(self.prepared.model)
-        self._stats: dict[tuple[str, int], CalibrationStats] = {}
+        self._runs: dict[tuple[str, int], PruneRun] = {}
+        self.run = self._run("gap", n_calib)
+        self.full = self.prepared.cost
         self.original_top1 = evaluate(self.prepared.model, test, backend="ort-cpu", intra_op_threads=THREADS).top1
 
-    def stats(self, pooling: str = "gap", n: int | None = None) -> CalibrationStats:
-        """Calibration statistics on the first ``n`` training samples (computed once per setting)."""
+    def _run(self, pooling: str, n: int | None) -> PruneRun:
         key = (pooling, n or self.n_calib)
-        if key not in self._stats:
+        if key not in self._runs:
             data = open_dataset("mnist", split="train", limit=key[1])
-            self._stats[key] = calibrate(
-                self.prepared.path, data, probes=default_probes(self.prepared.model, self.prepared.index),
-                pooling=pooling, backend="ort-cpu", intra_op_threads=THREADS, progress=False,
-                canonical=self.prepared.model)
-        return self._stats[key]
+            self._runs[key] = PruneRun(self.prepared, data, pooling=pooling, backend="ort-cpu",
+                                       intra_op_threads=THREADS, progress=False)
+        return self._runs[key]
+
+    def stats(self, pooling: str = "gap", n: int | None = None) -> CalibrationStats:
+        """Calibration statistics on the first ``n`` training samples (computed once per setting, with the
+        activation summaries, so one calibration serves every method)."""
+        return self._run(pooling, n).stats(summaries=True)
 
     def scores(self, method: str, *, seed: int = 0, pooling: str = "gap", n: int | None = None,
                params: Mapping[str, float] | None = None) -> ChannelScores:
         """Scores of one method (statistics only for the methods that need them)."""
-        stats = self.stats(pooling, n) if getattr(SCORERS[method], "requires_stats", False) else None
-        return score(self.prepared, stats, method, seed=seed, params=params)
+        run = self._run(pooling, n)
+        if needs_stats(method):
+            self.stats(pooling, n)  # one calibration (with summaries) serves every method of this setting
+        return run.scores(method, seed=seed, params=params)
 
     def plan(self, scores: ChannelScores, target: float) -> PruningPlan:
         """The planner's allocation for a kept-MACs target."""
-        return select_channels(scores, self.prepared.index, target_macs=target)
+        return self.run.plan(scores, target_macs=target)
 
     def measure(self, keep: Mapping[str, Sequence[int]]) -> dict[str, float]:
         """Rewrite with these keep lists and measure held-out top-1 and the achieved cost fractions."""
-        pruned = apply_plan(self.prepared.model, self.prepared.index, {g: tuple(k) for g, k in keep.items()})
-        after = count(pruned)
+        plan = PruningPlan(self.prepared.sha256, keep)
+        pruned = self.run.apply(plan)
+        after = self.run.cost(pruned)
         top1 = evaluate(pruned, self.test, backend="ort-cpu", intra_op_threads=THREADS).top1
         return {"top1": float(top1), "macs_fraction": after.macs / self.full.macs,
                 "params_fraction": after.params / self.full.params}

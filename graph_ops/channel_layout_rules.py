@@ -19,7 +19,7 @@ import math
 
 import onnx
 
-from graph_ops.channels import Analysis, Edit, attr, describe, int_list, static_prod
+from graph_ops.channel_state import Analysis, Edit, attr, describe, int_list, static_prod
 
 
 def concat(a: Analysis, node: onnx.NodeProto, idx: int) -> None:

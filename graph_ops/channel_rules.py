@@ -24,7 +24,7 @@ from collections.abc import Callable
 import onnx
 
 from graph_ops.channel_layout_rules import concat, flatten, reshape, slice_, split
-from graph_ops.channels import Analysis, Edit, attr, describe, int_list, node_name, static_prod
+from graph_ops.channel_state import Analysis, Edit, attr, describe, int_list, node_name, static_prod
 
 Rule = Callable[[Analysis, onnx.NodeProto, int], None]
 

@@ -16,8 +16,8 @@ Parameters are the element counts of:
   counted separately);
 * PRelu: its slope tensor.
 
-Per-channel constants of Add/Mul and every other initializer are not counted. Output spatial sizes come from ONNX
-shape inference (run on a copy). A node whose needed dims are not static is counted with 0 MACs and listed in
+Per-channel constants of Add/Mul and every other initializer are not counted. Output spatial sizes come from the
+shapes the caller passes (a prepared model's analysis holds them) or from ONNX shape inference on a light copy. A node whose needed dims are not static is counted with 0 MACs and listed in
 ``CostReport.unresolved`` (a warning is logged).
 """
 
@@ -30,6 +30,8 @@ from types import MappingProxyType
 
 import numpy as np
 import onnx
+
+from graph_ops.proto import Shape, constants, static_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -52,35 +54,6 @@ class CostReport:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_node", MappingProxyType(dict(self.by_node)))
-
-
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Static shape of every tensor that shape inference can reach (None for symbolic dims)."""
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    del clone.graph.value_info[:]
-    try:
-        clone = onnx.shape_inference.infer_shapes(clone, data_prop=True)
-    except Exception as err:  # best effort: partial shapes are still useful
-        logger.warning("shape inference failed while counting cost: %s", err)
-    shapes: dict[str, tuple[int | None, ...]] = {}
-    graph = clone.graph
-    for info in [*graph.input, *graph.value_info, *graph.output]:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            dims = info.type.tensor_type.shape.dim
-            shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-    for init in graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Shapes of initializers and Constant-node outputs (the constant tensors of the graph)."""
-    consts = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = tuple(node.attribute[0].t.dims)
-    return consts
 
 
 def _prod(dims: tuple[int | None, ...]) -> int | None:
@@ -121,16 +94,19 @@ def _node_cost(
     return 0, 0
 
 
-def count(model: onnx.ModelProto) -> CostReport:
+def count(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -> CostReport:
     """Count MACs (batch 1) and parameters of a model under the module's convention.
 
     Args:
-        model: any ONNX model (not modified); shapes are inferred on a copy.
+        model: any ONNX model (not modified).
+        shapes: its static shapes when the caller has fresh ones (``ChannelGroupIndex.shapes``, or a model's
+            declared shapes right after surgery); default: shape inference on a light copy.
 
     Returns:
         The totals and the per-node breakdown (nodes with nonzero cost only; unnamed nodes as ``<op>@<index>``).
     """
-    shapes, consts = _shapes(model), _constants(model)
+    shapes = static_shapes(model) if shapes is None else shapes
+    consts = {name: tuple(t.dims) for name, t in constants(model).items()}
     by_node: dict[str, tuple[str, int, int]] = {}
     unresolved: list[str] = []
     for index, node in enumerate(model.graph.node):

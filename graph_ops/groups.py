@@ -4,6 +4,11 @@ A *channel space* is what axis 1 of an activation tensor carries. Analysis descr
 run of :class:`Segment` s, each a contiguous slice of one :class:`ChannelGroup` (a concat output holds several
 segments, a residual stream one). Channels of one group must be removed together, everywhere the group appears.
 
+The index is also *the analysis* every later stage takes instead of analysing again: it records the :class:`Edit` s a
+plan implies (which initializer, along which axis, driven by which tensor's kept channels), the channel-major
+flattened inputs of dense heads, the static shapes analysis saw, and a fingerprint of the graph it was computed from
+(:func:`graph_ops.proto.fingerprint`), which surgery, the mask oracle and recovery check before using it.
+
 The cost model (:class:`CostTerm`) writes the MACs and the parameter count of every costed node as
 ``coeff * (in_fixed + sum of in-group widths) * (out_fixed + sum of out-group widths)``, which is exact for Conv,
 ConvTranspose, Gemm and MatMul (depthwise: ``in_fixed = 1``; Gemm after Flatten: ``coeff`` holds ``H*W``). The
@@ -32,6 +37,31 @@ class Segment:
     offset: int
     start: int
     length: int
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change a plan implies, driven by the kept channels of ``tensor`` (expanded by ``block``).
+
+    Attributes:
+        kind: ``"take"`` (slice input ``pos`` of node ``node`` along ``axis``), ``"group"`` (depthwise ``group``
+            attribute), ``"split"`` (Split sizes), ``"slice"`` (Slice starts/ends on axis 1), ``"vector"`` (entry
+            ``axis`` of the integer vector at input ``pos``: Reshape shape, Resize sizes).
+        node: index of the node in ``graph.node``.
+        tensor: the tensor whose channel layout gives the kept indices.
+        role: ``"consumer"`` for exit weights that read the channels (what the mask zeroes), else ``"producer"``.
+        pos: input position of the constant edited.
+        axis: axis of the constant (or entry index for ``"vector"``).
+        block: each channel stands for ``block`` consecutive entries (Flatten -> Gemm: ``H*W``).
+    """
+
+    kind: str
+    node: int
+    tensor: str
+    role: str = "producer"
+    pos: int = 0
+    axis: int = 0
+    block: int = 1
 
 
 @dataclass(frozen=True)
@@ -93,16 +123,39 @@ class CostTerm:
 
 @dataclass(frozen=True)
 class ChannelGroupIndex:
-    """The result of channel analysis: groups in topological order, each tensor's channel layout, the cost model."""
+    """The result of channel analysis: groups in topological order, each tensor's channel layout, the cost model,
+    and what surgery needs to apply a plan without analysing again (see the module docstring).
+
+    Attributes:
+        groups: the channel groups, topological order.
+        by_tensor: each activation tensor's channel axis as segments of groups.
+        cost: the bilinear cost model of every Conv / ConvTranspose / Gemm / MatMul.
+        edits: the edits a plan implies (empty for a hand-built index).
+        flattened: ``Flatten`` / ``Reshape`` output -> (4-D input, ``H*W``) for channel-major dense heads.
+        shapes: static shapes analysis saw (``None`` for unknown dims).
+        fingerprint: :func:`graph_ops.proto.fingerprint` of the analysed graph ("" for a hand-built index).
+    """
 
     groups: tuple[ChannelGroup, ...]
     by_tensor: Mapping[str, tuple[Segment, ...]] = field(default_factory=lambda: MappingProxyType({}))
     cost: tuple[CostTerm, ...] = ()
     other_macs: float = 0.0
     other_params: float = 0.0
+    edits: tuple[Edit, ...] = ()
+    flattened: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
+    shapes: Mapping[str, tuple[int | None, ...]] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "by_tensor", MappingProxyType(dict(self.by_tensor)))
+        for name in ("by_tensor", "flattened", "shapes"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    def check_model(self, fingerprint: str) -> None:
+        """Raise PlanValidationError unless this index was computed from a graph with this fingerprint."""
+        if not self.fingerprint or self.fingerprint != fingerprint:
+            raise PlanValidationError("the channel-group index does not belong to this model (its graph differs "
+                                      "from the analysed one); analyse the model the plan is applied to "
+                                      "(graph_ops.channels.analyze or pipeline.prepare.prepare)")
 
     def group(self, group_id: str) -> ChannelGroup:
         """The group with this id; KeyError names the id."""

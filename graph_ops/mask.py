@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_ops.channels import analyze_with_edits
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.prune import check_index, kept_indices
+from graph_ops.proto import fingerprint
+from graph_ops.prune import kept_indices
 
 
 def zero_channels(model: onnx.ModelProto, index: ChannelGroupIndex,
@@ -26,21 +26,20 @@ def zero_channels(model: onnx.ModelProto, index: ChannelGroupIndex,
 
     Args:
         model: the model ``index`` was computed from (not mutated).
-        index: ``graph_ops.channels.analyze(model)``.
+        index: ``graph_ops.channels.analyze(model)`` (its edits are used; checked by fingerprint).
         keep: group id -> kept channel indices, as for ``apply_plan``.
 
     Raises:
         PlanValidationError: the plan or the index does not fit the model.
     """
-    fresh, edits = analyze_with_edits(model)
-    check_index(index, fresh)
-    plan = fresh.validate_keep(keep)
+    index.check_model(fingerprint(model))
+    plan = index.validate_keep(keep)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
     values: dict[str, np.ndarray] = {}
-    for edit in edits:
-        segments = fresh.by_tensor[edit.tensor]
+    for edit in index.edits:
+        segments = index.by_tensor[edit.tensor]
         if edit.role != "consumer" or not any(seg.group_id in plan for seg in segments):
             continue
         name = out.graph.node[edit.node].input[edit.pos]

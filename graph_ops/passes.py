@@ -104,15 +104,15 @@ def run_passes(
     names: Sequence[str],
     *,
     verify: bool = True,
-    registry: Mapping[str, GraphPass] | None = None,
+    registry: Mapping[str, GraphPass],
 ) -> onnx.ModelProto:
     """Run registered passes in order on a copy of ``model``.
 
     Args:
         model: the input model (with its external data loaded); never modified.
-        names: pass names, keys of ``graph_ops.PASSES`` (or of ``registry``).
+        names: pass names, keys of ``registry``.
         verify: run the full ONNX checker on the result.
-        registry: pass table to use instead of ``graph_ops.PASSES`` (tests).
+        registry: the pass table (``graph_ops.canonicalize.PASSES``, or a test's own).
 
     Returns:
         The rewritten model with freshly inferred shapes.
@@ -121,10 +121,6 @@ def run_passes(
         PassError: a pass failed (the message names it and the passes before it).
         VerificationError: strict shape inference or the checker rejected the result.
     """
-    if registry is None:
-        from graph_ops import PASSES  # the registry imports the passes, so import it late
-
-        registry = PASSES
     unknown = [name for name in names if name not in registry]
     if unknown:
         raise PassError(unknown[0], (), f"unknown pass; known passes: {', '.join(sorted(registry))}")

@@ -11,9 +11,15 @@ Exactness: every removed channel is removed from every tensor that carries it an
 so the pruned model computes exactly what the original computes with those channels' exit weights zeroed
 (:func:`graph_ops.mask.zero_channels`), up to floating-point summation order.
 
-Preconditions: ``index`` is ``analyze(model)`` (checked: same group ids and sizes). New initializers are named
-``<orig>__pruned`` (never edited in place); the input model is not mutated. The result has fresh shapes and passes
-``onnx.checker`` full check.
+Preconditions: ``index`` is ``analyze(model)`` (checked by the graph's fingerprint; the edits it recorded are
+applied, nothing is analysed again). New initializers are named ``<orig>__pruned`` (never edited in place); the
+input model is not mutated.
+
+Shapes: only the channel axis of the tensors whose layout holds a pruned group changes (every other path freezes its
+groups), and a channel-major flattened input of a dense head changes by ``block`` entries per channel, so the
+pruned model's ``value_info`` is the original's with those dims rewritten (:func:`pruned_channels`); shape
+inference runs only when the original declares no complete shapes. The result passes ``onnx.checker`` full check,
+whose strict shape inference confirms every declared shape.
 """
 
 from __future__ import annotations
@@ -25,10 +31,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_ops.channels import Edit, analyze_with_edits, infer_shapes_light
-from graph_ops.errors import PlanValidationError
-from graph_ops.groups import ChannelGroupIndex, Segment
+from graph_ops.groups import ChannelGroupIndex, Edit, Segment
 from graph_ops.io import verify_model
+from graph_ops.proto import (
+    complete_shapes,
+    constants,
+    fingerprint,
+    infer_shapes_light,
+    opset,
+    replace_initializers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +65,12 @@ def kept_indices(segments: Sequence[Segment], keep: dict[str, np.ndarray], block
     return (idx[:, None] * block + np.arange(block)).ravel()
 
 
-def check_index(index: ChannelGroupIndex, fresh: ChannelGroupIndex) -> None:
-    """Raise PlanValidationError when ``index`` was not computed from this model."""
-    if [(g.id, g.size) for g in index.groups] != [(g.id, g.size) for g in fresh.groups]:
-        raise PlanValidationError("the channel-group index does not belong to this model (group ids or sizes "
-                                  "differ); re-run analysis on the model the plan is applied to")
-
-
-def _unique_name(base: str, taken: set[str]) -> str:
-    name, n = f"{base}__pruned", 1
-    while name in taken:
-        name, n = f"{base}__pruned{n}", n + 1
-    taken.add(name)
-    return name
-
-
 class _Constants:
     """New values for node inputs, written as fresh initializers at the end (originals are never edited)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.constants = dict(self.inits)
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = node.attribute[0].t
+        self.constants = constants(model)
         self.pending: dict[tuple[int, int], np.ndarray] = {}
 
     def get(self, node: int, pos: int) -> np.ndarray:
@@ -93,33 +86,8 @@ class _Constants:
         self.pending[(node, pos)] = value
 
     def commit(self) -> None:
-        """Write each edited input as a new initializer ``<orig>__pruned``; drop originals no node reads any more.
-
-        An initializer read once (weights, by the canonical form) is replaced in its list slot, which avoids
-        rebuilding the list of a large model; a shared one gets a new entry and the original stays for its other
-        readers.
-        """
-        graph = self.model.graph
-        taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-        uses: dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                uses[name] = uses.get(name, 0) + 1
-        slot = {t.name: i for i, t in enumerate(graph.initializer)}
-        for (node_idx, pos), value in sorted(self.pending.items()):
-            node = graph.node[node_idx]
-            old, new = node.input[pos], _unique_name(node.input[pos], taken)
-            tensor = numpy_helper.from_array(np.ascontiguousarray(value), new)
-            declared = any(info.name == old for info in graph.input)
-            if old in slot and uses.get(old) == 1 and not declared:
-                graph.initializer[slot.pop(old)].CopyFrom(tensor)
-            else:
-                graph.initializer.append(tensor)
-            uses[old] -= 1
-            node.input[pos] = new
-        graph_io = {info.name for info in [*graph.input, *graph.output]}
-        for i in sorted((slot[n] for n in slot if uses.get(n, 0) == 0 and n not in graph_io), reverse=True):
-            del graph.initializer[i]
+        """Write each edited input as a new initializer ``<orig>__pruned`` (see ``replace_initializers``)."""
+        replace_initializers(self.model, self.pending, "__pruned")
 
 
 class _Indexer:
@@ -170,7 +138,7 @@ def _edit_split(node: onnx.NodeProto, edit: Edit, consts: _Constants, idx_of: _I
         node.attribute.remove(att)
     if len(node.input) > 1 and node.input[1]:
         consts.set(edit.node, 1, sizes)
-    elif any(att.name == "split" for att in attrs) or _opset(consts.model) < 13:
+    elif any(att.name == "split" for att in attrs) or opset(consts.model) < 13:
         node.attribute.append(onnx.helper.make_attribute("split", sizes.tolist()))
     else:  # equal split given by output count: make the sizes explicit
         name = f"{node.name or node.output[0]}_split__pruned"
@@ -178,10 +146,6 @@ def _edit_split(node: onnx.NodeProto, edit: Edit, consts: _Constants, idx_of: _I
         while len(node.input) < 2:
             node.input.append("")
         node.input[1] = name
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _edit_slice(edit: Edit, consts: _Constants, idx_of: _Indexer) -> None:
@@ -202,38 +166,61 @@ def _touches(edit: Edit, model: onnx.ModelProto, idx_of: _Indexer) -> bool:
     return idx_of.changed(edit.tensor)
 
 
-def apply_plan(model: onnx.ModelProto, index: ChannelGroupIndex, keep: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+def pruned_channels(index: ChannelGroupIndex, plan: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Axis-1 size of every tensor the plan shrinks (layouts with a pruned group; flattened dense-head inputs)."""
+    sizes = {name: len(kept_indices(segs, dict(plan))) for name, segs in index.by_tensor.items()
+             if any(seg.group_id in plan for seg in segs)}
+    for name, (source, block) in index.flattened.items():
+        if source in sizes:
+            sizes[name] = sizes[source] * block
+    return sizes
+
+
+def _set_value_info(out: onnx.ModelProto, index: ChannelGroupIndex, plan: Mapping[str, np.ndarray]) -> None:
+    """Declared shapes of the pruned model: the original's with the shrunk channel dims (module docstring)."""
+    if not complete_shapes(out):
+        del out.graph.value_info[:]
+        inferred = infer_shapes_light(out).graph
+        out.graph.value_info.extend(inferred.value_info)
+        for info, fresh in zip(out.graph.output, inferred.output, strict=True):
+            info.CopyFrom(fresh)
+        return
+    sizes = pruned_channels(index, plan)
+    for info in [*out.graph.value_info, *out.graph.output]:
+        if info.name in sizes:
+            info.type.tensor_type.shape.dim[1].dim_value = sizes[info.name]
+
+
+def apply_plan(model: onnx.ModelProto, index: ChannelGroupIndex, keep: Mapping[str, Sequence[int]], *,
+               verify: bool = True) -> onnx.ModelProto:
     """Remove the channels a plan drops, physically (see the module docstring).
 
     Args:
         model: the model ``index`` was computed from (not mutated).
-        index: ``graph_ops.channels.analyze(model)``.
+        index: ``graph_ops.channels.analyze(model)`` (its edits are applied; checked by fingerprint).
         keep: group id -> kept channel indices (any order); groups not named keep everything.
+        verify: run the full ONNX checker on the result (always on, except for callers that verify later).
 
     Returns:
-        A new, verified model with smaller weights and the same inputs and outputs.
+        A new model with smaller weights, the same inputs and outputs, and declared shapes.
 
     Raises:
         PlanValidationError: the plan or the index does not fit the model.
         VerificationError: the result fails the ONNX checker (a bug: please report it).
     """
-    fresh, edits = analyze_with_edits(model)
-    check_index(index, fresh)
-    plan = fresh.validate_keep(keep)
+    index.check_model(fingerprint(model))
+    plan = index.validate_keep(keep)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if plan:
-        idx_of = _Indexer(fresh, plan)
+        idx_of = _Indexer(index, plan)
         consts = _Constants(out)
-        for edit in edits:
-            if _touches(edit, out, idx_of):
-                _apply_edit(edit, out, consts, idx_of)
+        touched = [edit for edit in index.edits if _touches(edit, out, idx_of)]
+        for edit in touched:
+            _apply_edit(edit, out, consts, idx_of)
         consts.commit()
-        log.info("pruned %d groups (%d edits)", len(plan), sum(_touches(e, out, idx_of) for e in edits))
-    del out.graph.value_info[:]
-    inferred = infer_shapes_light(out).graph
-    out.graph.value_info.extend(inferred.value_info)
-    for info, fresh in zip(out.graph.output, inferred.output, strict=True):
-        info.CopyFrom(fresh)
-    verify_model(out)
+        log.info("pruned %d groups (%d edits)", len(plan), len(touched))
+    _set_value_info(out, index, plan)
+    if verify:
+        verify_model(out)
     return out

@@ -7,9 +7,11 @@ from pathlib import Path
 from graph_ops.cost import count
 from graph_ops.io import check_writable, save_model
 from graph_ops.mask import zero_channels
+from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
-from pipeline.orchestrate import keep_lists, prepare
+from pipeline.orchestrate import keep_lists
 from pipeline.plan import PruningPlan
+from pipeline.prepare import prepare
 
 
 def apply_plan_file(model_path: str | Path, plan_path: str | Path, out_path: str | Path, *,
@@ -22,7 +24,7 @@ def apply_plan_file(model_path: str | Path, plan_path: str | Path, out_path: str
     rewrite = zero_channels if mask_only else apply_plan
     result = rewrite(prepared.model, prepared.index, keep_lists(plan))
     save_model(result, out)
-    before, after = count(prepared.model), count(result)
+    before, after = prepared.cost, count(result, declared_shapes(result))
     kind = "masked" if mask_only else "pruned"
     return (f"wrote {out} ({kind}): MACs {before.macs} -> {after.macs} ({after.macs / before.macs:.3f}), "
             f"params {before.params} -> {after.params} ({after.params / before.params:.3f})")

@@ -36,7 +36,8 @@ import onnx
 
 from graph_ops.errors import UserInputError, VerificationError
 from graph_ops.io import load_model, sha256_file
-from pipeline.engines import ORT_BACKENDS, check_backend, load_npz, make_feeds, make_session, time_calls
+from pipeline.engines import check_backend, time_calls
+from pipeline.runtime import ORT_BACKENDS, load_npz, make_feeds, make_session
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
-from pipeline.recover import DEFAULT_RECOVERY, RECOVERY
+from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
@@ -86,7 +86,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import prepare
+    from pipeline.prepare import prepare
     from pipeline.summary import inspect_summary
 
     info = inspect_summary(prepare(args.model))
@@ -125,7 +125,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from graph_ops.io import atomic_write_bytes, check_writable
-    from pipeline.orchestrate import prepare, score
+    from pipeline.orchestrate import score
+    from pipeline.prepare import prepare
     from pipeline.stats import CalibrationStats
 
     out = check_writable(args.output, args.stats, args.model)
@@ -142,8 +143,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from graph_ops.io import check_writable
-    from pipeline.orchestrate import prepare
     from pipeline.plan import select_channels
+    from pipeline.prepare import prepare
     from pipeline.scorers.base import ChannelScores
 
     out = check_writable(args.output, args.scores)

@@ -14,15 +14,15 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from graph_ops.channels import prunable_share
 from graph_ops.mask import zero_channels
-from graph_ops.prune import apply_plan
 from pipeline.data import Dataset, open_dataset
-from pipeline.engines import make_session
-from pipeline.orchestrate import PreparedModel, keep_lists, prepare, prune
+from pipeline.orchestrate import PruneRun, keep_lists, write_candidate
 from pipeline.plan import PruningPlan
-from pipeline.recover import DEFAULT_RECOVERY
+from pipeline.recovery import DEFAULT_RECOVERY
+from pipeline.runtime import make_session
 
 DEMO_MODEL = "mnist_cnn.onnx"
 CALIBRATION_SAMPLES = 2000
@@ -34,41 +34,45 @@ def demo_model_path() -> Path:
     return Path(str(resources.files("pipeline") / "data" / DEMO_MODEL))
 
 
-def _mask_agreement(prepared: PreparedModel, plan: PruningPlan, dataset: Dataset) -> float:
+def _mask_agreement(run: PruneRun, pruned: onnx.ModelProto, plan: PruningPlan, dataset: Dataset) -> float:
     """Max |pruned - masked| / max |masked| over the evaluation inputs."""
-    keep = keep_lists(plan)
-    pruned, _ = make_session(apply_plan(prepared.model, prepared.index, keep).SerializeToString())
-    masked, _ = make_session(zero_channels(prepared.model, prepared.index, keep).SerializeToString())
+    prepared = run.prepared
+    pruned_session, _ = make_session(pruned.SerializeToString())
+    masked, _ = make_session(zero_channels(prepared.model, prepared.index, keep_lists(plan)).SerializeToString())
     worst = 0.0
-    for feeds, _ in dataset.bind([i.name for i in pruned.get_inputs()]).batches(500):
-        a, b = pruned.run(None, feeds)[0], masked.run(None, feeds)[0]
+    for feeds, _ in dataset.bind([i.name for i in pruned_session.get_inputs()]).batches(500):
+        a, b = pruned_session.run(None, feeds)[0], masked.run(None, feeds)[0]
         worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
     return worst
 
 
 def run_demo(work: Path, *, progress: bool = True) -> Iterator[str]:
-    """Run the demo, yielding the lines to print."""
+    """Run the demo, yielding the lines to print (one :class:`PruneRun`: one analysis, one calibration)."""
     work.mkdir(parents=True, exist_ok=True)
     model = demo_model_path()
-    prepared = prepare(model)
-    groups = prepared.index.groups
-    yield (f"model {model.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable, "
-           f"{prunable_share(prepared.model, prepared.index):.0%} of conv channels prunable")
     calib = open_dataset("mnist", split="train", limit=CALIBRATION_SAMPLES)
     test = open_dataset("mnist", split="test")
+    run = PruneRun(model, calib, progress=progress, work_dir=work)
+    groups = run.prepared.index.groups
+    yield (f"model {model.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable, "
+           f"{prunable_share(run.prepared.model, run.prepared.index):.0%} of conv channels prunable")
     yield f"calibration: {calib.num_samples} training digits; evaluation: {test.num_samples} held-out digits"
     yield (f"{'method':<8} {'MACs kept':>9} {'params kept':>11} {'top-1 original':>14} "
            f"{'pruned, no recovery':>19} {'pruned + ' + DEFAULT_RECOVERY:>16}")
+    original = run.evaluate(run.prepared.model, test, reference=False)
+    exact = None
     for method in ("di", "l2", "random"):
         top1 = {}
         for recover in ("none", DEFAULT_RECOVERY):
-            out = work / f"mnist_cnn.{method}.{recover}.onnx"
-            report = prune(model, out, data=calib, method=method, target_macs=TARGET_MACS, eval_data=test,
-                           progress=progress, recover=recover)
-            top1[recover] = report.evaluation["pruned"]["top1"]
+            candidate = run.candidate(method, target_macs=TARGET_MACS, recover=recover)
+            evaluation = {"original": original, "pruned": run.evaluate(candidate.model, test)}
+            report = write_candidate(run, candidate, work / f"mnist_cnn.{method}.{recover}.onnx",
+                                     evaluation=evaluation)
+            top1[recover] = evaluation["pruned"]["top1"]
+            if method == "di" and recover == "none":
+                exact = _mask_agreement(run, candidate.model, candidate.plan, test)
         yield (f"{method:<8} {report.macs_fraction:>9.3f} {report.params_fraction:>11.3f} "
-               f"{report.evaluation['original']['top1']:>14.4f} {top1['none']:>19.4f} {top1[DEFAULT_RECOVERY]:>16.4f}")
-    plan = PruningPlan.load(work / "mnist_cnn.di.none.onnx.plan.json")
+               f"{original['top1']:>14.4f} {top1['none']:>19.4f} {top1[DEFAULT_RECOVERY]:>16.4f}")
     yield (f"exact surgery: pruned vs masked (same di plan, exit weights zeroed, before recovery) max relative "
-           f"output difference {_mask_agreement(prepared, plan, test):.2e}")
+           f"output difference {exact:.2e}")
     yield f"outputs in {work}/ (pruned models and their .report.json)"

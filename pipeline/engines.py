@@ -1,38 +1,31 @@
-"""Inference engines for benchmarking: onnxruntime sessions and (optionally) TensorRT engines.
+"""Deployment targets and TensorRT engines (onnxruntime sessions live in :mod:`pipeline.runtime`).
 
-* ``make_session`` builds an onnxruntime session for one backend and returns the execution providers that are
-  *really* active (``session.get_providers()``): onnxruntime silently falls back to the CPU provider when CUDA or
-  TensorRT cannot be loaded, so a run that asked for ``ort-cuda`` but runs on the CPU is refused with a clear error.
-* ``make_feeds`` gives fixed inputs for one batch size: seeded random, or the first samples of an .npz file.
+* ``BACKENDS`` / ``PRECISIONS``: the targets ``bench`` and the planner know; ``ROUND_TO_DEFAULTS``: the planner's
+  channel multiple per target, with its evidence.
 * TensorRT (the ``[trt]`` extra: ``tensorrt`` 10.x and ``cuda-python``) is imported lazily, only inside
   ``build_engine`` / ``TrtRunner``, so this module imports on CPU-only machines. The engine is built from the ONNX
   file with an explicit optimisation profile (min = opt = max = the benchmarked shape), FP32/FP16/INT8 (INT8
   calibrated with an entropy calibrator on user data), an on-disk timing cache and a saved engine. The runner uses a
   CUDA stream, CUDA events around the enqueue (GPU compute time) and around the copies (H2D, D2H), and replays the
   enqueue through a CUDA graph when capture succeeds.
+* ``time_calls``: the timing loop shared by every backend.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from graph_ops.errors import UserInputError
+from pipeline.runtime import ORT_BACKENDS
 
 logger = logging.getLogger(__name__)
 
-ORT_BACKENDS: dict[str, tuple[str, ...]] = {
-    "ort-cpu": ("CPUExecutionProvider",),
-    "ort-cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "ort-trt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
 BACKENDS = (*ORT_BACKENDS, "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -70,128 +63,6 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise UserInputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     return backend
-
-
-def make_session(model: str | Path | bytes, backend: str = "ort-cpu", intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None) -> tuple[ort.InferenceSession, tuple[str, ...]]:
-    """Create an onnxruntime session for ``backend`` and check that the wanted provider is really active.
-
-    Args:
-        model: path to an .onnx file, or the serialized model bytes.
-        backend: ``ort-cpu``, ``ort-cuda`` or ``ort-trt``.
-        intra_op_threads: onnxruntime intra-op threads (None: onnxruntime's default, one per physical core).
-        inter_op_threads: onnxruntime inter-op threads (None: default).
-
-    Returns:
-        The session and the providers it actually uses, in priority order.
-
-    Raises:
-        UserInputError: unknown backend, unreadable model, or the backend's provider is not active here.
-    """
-    if check_backend(backend) not in ORT_BACKENDS:
-        raise UserInputError(f"backend '{backend}' is not an onnxruntime backend; use build_engine/TrtRunner")
-    options = ort.SessionOptions()
-    if intra_op_threads is not None:
-        options.intra_op_num_threads = int(intra_op_threads)
-    if inter_op_threads is not None:
-        options.inter_op_num_threads = int(inter_op_threads)
-    wanted = ORT_BACKENDS[backend]
-    source = model if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes) and not Path(model).is_file():
-        raise UserInputError(f"model file not found: {model}")
-    try:
-        with warnings.catch_warnings():  # "provider not available" is reported below, as an error
-            warnings.simplefilter("ignore", UserWarning)
-            session = ort.InferenceSession(source, options, providers=list(wanted))
-    except Exception as err:  # onnxruntime raises its own unrelated exception types
-        raise UserInputError(f"onnxruntime cannot load {'<bytes>' if isinstance(model, bytes) else model} "
-                             f"for {backend}: {err}") from err
-    active = tuple(session.get_providers())
-    if wanted[0] not in active:
-        raise UserInputError(
-            f"backend {backend} asked for {wanted[0]} but onnxruntime runs on {', '.join(active)} "
-            f"(available here: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu with a "
-            f"matching CUDA/TensorRT, or use --backend ort-cpu")
-    return session, active
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
-              "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
-
-
-def _input_specs(session: Any) -> list[tuple[str, list[Any], type]]:
-    specs = []
-    for arg in session.get_inputs():
-        if arg.type not in _ORT_TYPES:
-            raise UserInputError(f"input {arg.name} has unsupported type {arg.type}")
-        specs.append((arg.name, list(arg.shape), _ORT_TYPES[arg.type]))
-    return specs
-
-
-def _resolve_shape(name: str, shape: list[Any], batch: int, model: str) -> tuple[int, ...]:
-    dims = [batch if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)]
-    if dims and dims[0] != batch:
-        raise UserInputError(f"{model}: input {name} has a fixed batch of {dims[0]}, cannot run batch {batch}; "
-                             f"export the model with a dynamic batch dimension")
-    if any(not isinstance(d, int) for d in dims):
-        raise UserInputError(f"{model}: input {name} has symbolic dimensions {shape} besides the batch; "
-                             f"export with static spatial sizes")
-    return tuple(int(d) for d in dims)
-
-
-def _data_array(data: Mapping[str, np.ndarray], name: str, single: bool) -> np.ndarray:
-    if name in data:
-        return data[name]
-    if single and "x" in data:
-        return data["x"]
-    if single and len(data) == 1:
-        return next(iter(data.values()))
-    raise UserInputError(f"data file has no array named '{name}' (arrays: {', '.join(sorted(data))})")
-
-
-def make_feeds(session: Any, batch: int, *, seed: int = 0, data: Mapping[str, np.ndarray] | None = None,
-               model: str = "model") -> dict[str, np.ndarray]:
-    """Fixed inputs for one batch: seeded standard-normal (integers: 0..9), or the first ``batch`` data samples.
-
-    Data samples are repeated when there are fewer than ``batch``; uint8 data for a float input is scaled by 1/255
-    and a missing channel axis (N,H,W for N,1,H,W) is inserted.
-    """
-    specs = _input_specs(session)
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, shape, dtype in specs:
-        dims = _resolve_shape(name, shape, batch, model)
-        if data is None:
-            sample = rng.standard_normal(dims) if np.issubdtype(dtype, np.floating) else rng.integers(0, 10, dims)
-            feeds[name] = np.asarray(sample, dtype=dtype)
-            continue
-        arr = np.asarray(_data_array(data, name, len(specs) == 1))
-        if arr.ndim == len(dims) - 1:
-            arr = arr[:, None]
-        if arr.dtype == np.uint8 and np.issubdtype(dtype, np.floating):
-            arr = arr.astype(np.float32) / 255.0
-        arr = np.resize(arr, (batch, *arr.shape[1:])).astype(dtype)
-        if arr.shape != dims:
-            raise UserInputError(f"{model}: data for input {name} has sample shape {arr.shape[1:]}, "
-                                 f"the model wants {dims[1:]}")
-        feeds[name] = arr
-    return feeds
-
-
-def load_npz(data: str | Path | Mapping[str, np.ndarray] | None) -> Mapping[str, np.ndarray] | None:
-    """The arrays of an .npz file (a mapping or None passes through), with clear errors."""
-    if data is None or isinstance(data, Mapping):
-        return data
-    path = Path(data)
-    if not path.is_file():
-        raise UserInputError(f"data file not found: {path}")
-    try:
-        with np.load(path) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"{path} is not a readable .npz file: {err}") from err
-
 
 
 # ----------------------------------------------------------------------------------------------- TensorRT (lazy)

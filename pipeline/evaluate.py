@@ -16,16 +16,14 @@ labels ``top1``/``top5`` are None (agreement with a reference still works).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
-from pipeline.calibrate import check_labels, model_input_specs, open_session
-from pipeline.data import validate_batch
 from pipeline.errors import CalibrationError, UserInputError
+from pipeline.runtime import check_labels, model_input_specs, open_session, run, stream
 
 TOP_K = 5
 
@@ -127,8 +125,6 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     Returns:
         The :class:`EvalReport`.
     """
-    from tqdm import tqdm
-
     if dataset is None:
         raise UserInputError("evaluation needs data: give a dataset (e.g. --data mnist)")
     proto = _as_model(model)
@@ -139,17 +135,13 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     if reference is not None:
         ref_session = open_session(_as_model(reference).SerializeToString(), backend, intra_op_threads)
     totals = _Totals()
-    dataset = dataset.bind(list(specs))
-    with tqdm(total=getattr(dataset, "num_samples", None), desc="evaluate", unit="sample", file=sys.stderr,
-              disable=not progress) as bar:
-        for feeds, labels in dataset.batches(batch_size):
-            validate_batch(feeds, specs, f"dataset '{dataset.name}'")
-            outputs = session.run(None, dict(feeds))
-            n = outputs[0].shape[0]
-            if labels is not None:
-                totals.add_labels(outputs[0], check_labels(labels, n, num_classes or outputs[0].shape[1]))
-            if ref_session is not None:
-                totals.add_reference(outputs, ref_session.run(None, dict(feeds)))
-            totals.n += n
-            bar.update(n)
-    return _report(totals, num_classes or outputs[0].shape[1], ref_session is not None)
+    width = num_classes
+    for batch in stream(session, dataset, None, specs, batch_size=batch_size, stage="evaluate", progress=progress):
+        logits = batch.outputs[0]
+        width = num_classes or logits.shape[1]
+        if batch.labels is not None:
+            totals.add_labels(logits, check_labels(batch.labels, batch.size, width))
+        if ref_session is not None:
+            totals.add_reference(batch.outputs, run(ref_session, None, batch.feeds, stage="evaluate"))
+        totals.n += batch.size
+    return _report(totals, width, ref_session is not None)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from graph_ops.canonicalize import canonicalize
 from graph_ops.io import load_model, save_model
@@ -70,9 +69,9 @@ def _torch_outputs(model: Any, example: Any) -> list[np.ndarray]:
 
 
 def _check(path: Path, example: np.ndarray, expected: list[np.ndarray], rtol: float, atol: float) -> None:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from pipeline.runtime import make_session
+
+    session, _ = make_session(path, "ort-cpu", intra_op_threads=1)
     got = session.run(None, {session.get_inputs()[0].name: example})
     for index, (a, b) in enumerate(zip(got, expected, strict=False)):
         if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):

@@ -1,82 +1,240 @@
-"""The one-shot job: canonicalize, analyse, calibrate, score, plan, rewrite, verify, evaluate, report.
+"""The stage chain: prepare -> calibrate -> score -> plan -> apply -> recover -> evaluate -> report, each run once.
 
-Every stage is a public function of its own module; this module only chains them, times them and writes the
-outputs atomically. The input model file is never modified; the output is written only after the pruned graph passed
-``onnx.checker`` (full check) and, when an evaluation set is given, after both models were evaluated.
+:class:`PruneRun` holds one prepared model (:mod:`pipeline.prepare`: loaded, canonicalized and analysed once) and its
+calibration data, and runs every stage on demand, once per need: statistics are computed once per pooling and shared
+by every statistics-based method, scores once per method and seed, and every stage takes the one analysis instead of
+analysing again. :meth:`PruneRun.candidate` chains plan -> apply -> recover for one method and budget. ``prune``
+(the one-shot job of the CLI), the demo and the benchmarks all go through it. The input model file is never
+modified; :func:`write_candidate` writes a candidate's model, plan and report atomically, the model only after it
+passed ``onnx.checker`` (full check) and, when an evaluation set is given, after both models were evaluated.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from graph_ops.canonicalize import canonicalize
-from graph_ops.channels import analyze, producer_weights
-from graph_ops.cost import count
+from graph_ops.cost import CostReport, count
 from graph_ops.errors import UserInputError
-from graph_ops.groups import ChannelGroupIndex
-from graph_ops.io import check_writable, load_model, save_model, sha256_file
+from graph_ops.io import check_writable, save_model, sha256_file
+from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
+from pipeline.calibrate import calibrate
 from pipeline.plan import PruningPlan, select_channels
+from pipeline.prepare import PreparedModel, as_prepared, prepare
+from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
 from pipeline.stats import CalibrationStats
 
+__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "score", "write_candidate"]
+
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class PreparedModel:
-    """A model loaded once: its file identity, its canonical graph and its channel groups."""
-
-    path: Path
-    sha256: str
-    model: onnx.ModelProto
-    index: ChannelGroupIndex
-
-    def weights(self) -> dict[str, np.ndarray]:
-        """Initializers as numpy arrays (for the data-free scorers)."""
-        return {init.name: numpy_helper.to_array(init) for init in self.model.graph.initializer}
-
-
-def prepare(path: str | Path) -> PreparedModel:
-    """Load, canonicalize and analyse a model file."""
-    path = Path(path)
-    model = load_model(path)
-    sha = sha256_file(path)
-    canonical = canonicalize(model)
-    return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical))
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[stage] = time.perf_counter() - start
-    logger.info("%s took %.2f s", stage, timings[stage])
+RECOVER_MODES = ("sequential", "one-pass")
 
 
 def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, *, seed: int = 0,
           params: Mapping[str, float] | None = None) -> ChannelScores:
     """Score every prunable group of a prepared model with a registered scorer."""
-    scorer = SCORERS[method]
+    if method not in SCORERS:
+        raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
     ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
-                         seed=seed, model_sha256=prepared.sha256, producer_weights=producer_weights(prepared.model))
-    return scorer(ctx)
+                         seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights)
+    return SCORERS[method](ctx)
 
 
 def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
     """The plan's keep lists, the form ``apply_plan`` takes."""
     return {gid: tuple(keep) for gid, keep in plan.keep.items()}
+
+
+def needs_stats(method: str) -> bool:
+    """True for the scorers that read calibration statistics."""
+    return bool(getattr(SCORERS[method], "requires_stats", False))
+
+
+def needs_summaries(method: str) -> bool:
+    """True for the scorers that read zero counts / absolute sums (``mean-act``, ``apoz``)."""
+    return bool(getattr(SCORERS[method], "requires_summaries", False))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One pruned model of a run: the method and plan, the model after recovery, and what recovery did."""
+
+    method: str
+    plan: PruningPlan
+    model: onnx.ModelProto
+    recovery: Mapping[str, Any]
+    budget: Mapping[str, Any]
+    timings_s: Mapping[str, float] = field(default_factory=dict)
+
+
+class PruneRun:
+    """One model and its calibration data; every stage on demand, once per need (see the module docstring).
+
+    Args:
+        model: a prepared model or an ONNX file (prepared here).
+        data: calibration data (a :class:`pipeline.data.Dataset`, training split), or None for data-free methods
+            without recovery.
+        pooling: calibration pooling (``gap``, ``avg2``, ``avg4``).
+        batch_size: samples per onnxruntime call (calibration and recovery).
+        backend: ``auto``, ``ort-cpu`` or ``ort-cuda`` for calibration, recovery and evaluation.
+        intra_op_threads: onnxruntime intra-op threads.
+        seed: seed of random scorers and of recovery's position sampling.
+        progress: tqdm bars on stderr.
+        work_dir: where recovery may spill large activations (default: the system's temp folder).
+    """
+
+    def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *, pooling: str = "gap",
+                 batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
+                 progress: bool = True, work_dir: str | os.PathLike[str] | None = None) -> None:
+        """Prepare the model (timed as ``analyze``); nothing else runs yet."""
+        self.timings: dict[str, float] = {}
+        with self.timed("analyze"):
+            self.prepared = as_prepared(model)
+        self.data, self.pooling, self.batch_size = data, pooling, batch_size
+        self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
+        self.work_dir = None if work_dir is None else str(work_dir)
+        self._stats: dict[bool, CalibrationStats] = {}
+        self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[stage]``."""
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        logger.info("%s took %.2f s", stage, time.perf_counter() - start)
+
+    def stats(self, *, summaries: bool = False) -> CalibrationStats:
+        """Calibration statistics (computed once; with ``summaries`` the zero counts and absolute sums too)."""
+        if True in self._stats:
+            return self._stats[True]
+        if summaries or False not in self._stats:
+            if self.data is None:
+                raise UserInputError("calibration needs data: pass --data (or use a data-free method: l1, l2, "
+                                     "random)")
+            with self.timed("calibrate"):
+                self._stats[summaries] = calibrate(self.prepared, self.data, pooling=self.pooling,
+                                                   batch_size=self.batch_size, backend=self.backend,
+                                                   intra_op_threads=self.threads, progress=self.progress,
+                                                   summaries=summaries)
+        return self._stats[summaries]
+
+    def scores(self, method: str, *, seed: int | None = None,
+               params: Mapping[str, float] | None = None) -> ChannelScores:
+        """Scores of one method (statistics only for the methods that read them), computed once per setting."""
+        if method not in SCORERS:
+            raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+        key = (method, self.seed if seed is None else seed, tuple(sorted((params or {}).items())))
+        if key not in self._scores:
+            stats = self.stats(summaries=needs_summaries(method)) if needs_stats(method) else None
+            with self.timed("score"):
+                self._scores[key] = score(self.prepared, stats, method, seed=key[1], params=params)
+        return self._scores[key]
+
+    def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
+             round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
+             keep_first_and_last: bool = True) -> PruningPlan:
+        """The planner's allocation for a budget, for this model (its sha recorded)."""
+        with self.timed("plan"):
+            plan = select_channels(scores, self.prepared.index, target_macs=target_macs, target_params=target_params,
+                                   round_to=round_to, min_channels=min_channels, protect=tuple(protect),
+                                   keep_first_and_last=keep_first_and_last)
+        return plan.with_sha(self.prepared.sha256)
+
+    def apply(self, plan: PruningPlan) -> onnx.ModelProto:
+        """The plan applied to the canonical model (verified with the full checker)."""
+        with self.timed("apply"):
+            return apply_plan(self.prepared.model, self.prepared.index, keep_lists(plan))
+
+    def recover(self, pruned: onnx.ModelProto, plan: PruningPlan, method: str = DEFAULT_RECOVERY,
+                mode: str = "sequential") -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """Training-free recovery of a pruned model (``method`` a key of ``RECOVERY``); returns the model and the
+        recovery record of the report."""
+        if method == "none":
+            return pruned, {"method": "none"}
+        if self.data is None:
+            raise UserInputError(f"recovery {method!r} needs calibration data: pass --data (or --recover none)")
+        with self.timed("recover"):
+            model, report = recover(self.prepared.model, pruned, self.prepared.index, keep_lists(plan), self.data,
+                                    method=method, sequential=mode == "sequential", batch_size=self.batch_size,
+                                    seed=self.seed, progress=self.progress, backend=self.backend,
+                                    intra_op_threads=self.threads, spill_dir=self.work_dir)
+        return model, {**report.to_dict(), "mode": mode}
+
+    def candidate(self, method: str, *, target_macs: float | None = None, target_params: float | None = None,
+                  round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
+                  keep_first_and_last: bool = True, recover: str | None = None,
+                  recover_mode: str = "sequential") -> Candidate:
+        """score -> plan -> apply -> recover for one method and budget."""
+        recover = DEFAULT_RECOVERY if recover is None else recover
+        check_options(method, recover, recover_mode, self.data)
+        before = dict(self.timings)
+        scores = self.scores(method)
+        plan = self.plan(scores, target_macs=target_macs, target_params=target_params, round_to=round_to,
+                         min_channels=min_channels, protect=protect, keep_first_and_last=keep_first_and_last)
+        model, recovery = self.recover(self.apply(plan), plan, recover, recover_mode)
+        budget = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
+                  "min_channels": min_channels, "protect": sorted(protect)}
+        spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
+        return Candidate(method, plan, model, recovery, budget, spent)
+
+    def cost(self, model: onnx.ModelProto) -> CostReport:
+        """MACs and params of a model of this run (its declared shapes, no shape inference)."""
+        return count(model, declared_shapes(model))
+
+    def evaluate(self, model: onnx.ModelProto, data: Any, *, reference: bool = True) -> dict[str, Any]:
+        """Held-out metrics of a model (and its agreement with the original when ``reference``)."""
+        from pipeline.evaluate import evaluate
+
+        with self.timed("evaluate"):
+            return evaluate(model, data, reference=self.prepared.model if reference else None,
+                            backend=self.backend, intra_op_threads=self.threads).to_dict()
+
+
+def check_options(method: str, recover: str, recover_mode: str, data: Any | None) -> None:
+    """Refuse unknown methods, recoveries and modes, and data-driven work without data, before any work."""
+    if method not in SCORERS:
+        raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    if recover not in RECOVERY:
+        raise UserInputError(f"unknown recovery {recover!r}; choose one of {sorted(RECOVERY)}")
+    if recover_mode not in RECOVER_MODES:
+        raise UserInputError(f"unknown recovery mode {recover_mode!r}; choose 'sequential' or 'one-pass'")
+    if data is None and (recover != "none" or needs_stats(method)):
+        raise UserInputError(f"method {method!r} with recovery {recover!r} needs calibration data: pass --data "
+                             "(or use a data-free method with --recover none)")
+
+
+def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
+                    evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None) -> Report:
+    """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (each atomically) and return the report."""
+    out_path = Path(out_path)
+    save_model(candidate.model, out_path)
+    candidate.plan.save(Path(f"{out_path}.plan.json"))
+    before, after = run.prepared.cost, run.cost(candidate.model)
+    index = run.prepared.index
+    groups = {g.id: {"size": g.size, "kept": len(candidate.plan.keep.get(g.id, range(g.size)))} for g in index.groups}
+    notes = tuple(str(n) for n in candidate.plan.meta.get("notes", ()))
+    report = Report(
+        model=str(run.prepared.path), model_sha256=run.prepared.sha256, output=str(out_path),
+        output_sha256=sha256_file(out_path), method=candidate.method, budget=dict(candidate.budget),
+        original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
+        groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
+        evaluation=dict(evaluation or {}), notes=notes, recovery=dict(candidate.recovery))
+    report.save(Path(f"{out_path}.report.json"))
+    return report
 
 
 def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",
@@ -88,63 +246,21 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
     evaluation from held-out data). Data-free methods (``l1``, ``l2``, ``random``) accept ``data=None`` when
-    ``recover="none"``. ``recover`` (a key of ``pipeline.recover.RECOVERY``; default
-    ``pipeline.recover.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on the
-    calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered model) or
-    ``one-pass``.
+    ``recover="none"``. ``recover`` (a key of ``pipeline.recovery.RECOVERY``; default
+    ``pipeline.recovery.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on
+    the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered
+    model) or ``one-pass``. One :class:`PruneRun` chains the stages; the report's ``timings_s`` has one entry per
+    stage that ran.
     """
-    from pipeline.calibrate import calibrate, default_probes
-    from pipeline.recover import DEFAULT_RECOVERY, RECOVERY
-    from pipeline.recover import recover as recover_model
-
     recover = DEFAULT_RECOVERY if recover is None else recover
     out_path = check_writable(out_path, model_path)
-    if recover not in RECOVERY:
-        raise UserInputError(f"unknown recovery {recover!r}; choose one of {sorted(RECOVERY)}")
-    if recover_mode not in ("sequential", "one-pass"):
-        raise UserInputError(f"unknown recovery mode {recover_mode!r}; choose 'sequential' or 'one-pass'")
-    if data is None and (recover != "none" or getattr(SCORERS[method], "requires_stats", False)):
-        raise UserInputError(f"method {method!r} with recovery {recover!r} needs calibration data: pass --data "
-                             "(or use a data-free method with --recover none)")
-    timings: dict[str, float] = {}
-    with _timed(timings, "analyze"):
-        prepared = prepare(model_path)
-    stats = None
-    if getattr(SCORERS[method], "requires_stats", False):
-        with _timed(timings, "calibrate"):
-            stats = calibrate(prepared.path, data, probes=default_probes(prepared.model, prepared.index), pooling=pooling, batch_size=batch_size,
-                              progress=progress, canonical=prepared.model)
-    with _timed(timings, "score"):
-        scores = score(prepared, stats, method, seed=seed)
-    with _timed(timings, "plan"):
-        plan = select_channels(scores, prepared.index, target_macs=target_macs, target_params=target_params,
-                               round_to=round_to, min_channels=min_channels, protect=tuple(protect))
-    with _timed(timings, "apply"):
-        pruned = apply_plan(prepared.model, prepared.index, keep_lists(plan))
-    recovery: dict[str, object] = {"method": "none"}
-    if recover != "none":
-        with _timed(timings, "recover"):
-            pruned, rec = recover_model(prepared.model, pruned, prepared.index, keep_lists(plan), data,
-                                        method=recover, batch_size=batch_size, seed=seed, progress=progress,
-                                        sequential=recover_mode == "sequential")
-        recovery = {**rec.to_dict(), "mode": recover_mode}
+    check_options(method, recover, recover_mode, data)
+    run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
+                   work_dir=out_path.resolve().parent)
+    candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, round_to=round_to,
+                              min_channels=min_channels, protect=protect, recover=recover, recover_mode=recover_mode)
     evaluation = {}
     if eval_data is not None:
-        from pipeline.evaluate import evaluate
-
-        with _timed(timings, "evaluate"):
-            evaluation = {"original": evaluate(prepared.model, eval_data).to_dict(),
-                          "pruned": evaluate(pruned, eval_data, reference=prepared.model).to_dict()}
-    save_model(pruned, out_path)
-    plan.save(Path(f"{out_path}.plan.json"))
-    before, after = count(prepared.model), count(pruned)
-    groups = {g.id: {"size": g.size, "kept": len(plan.keep.get(g.id, range(g.size)))} for g in prepared.index.groups}
-    notes = tuple(str(n) for n in plan.meta.get("notes", ()))
-    report = Report(
-        model=str(model_path), model_sha256=prepared.sha256, output=str(out_path), output_sha256=sha256_file(out_path),
-        method=method, budget={"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
-                               "min_channels": min_channels, "protect": sorted(protect)},
-        original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
-        groups=groups, timings_s=timings, evaluation=evaluation, notes=notes, recovery=recovery)
-    report.save(Path(f"{out_path}.report.json"))
-    return report
+        evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
+                      "pruned": run.evaluate(candidate.model, eval_data)}
+    return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings)

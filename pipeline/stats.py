@@ -234,6 +234,65 @@ class ProbeStats:
                           elements=self.elements, cells=cells)
 
 
+class ProbeAccumulator:
+    """Mutable running sums of one probe, folded in place batch after batch (what calibration streams into);
+    :meth:`freeze` returns the read-only :class:`ProbeStats`. Same sums as :meth:`ProbeStats.update`, without
+    copying the ``d x d`` Gram matrix at every batch; feature rows are buffered and folded into the Gram matrix
+    ``block_rows`` at a time (one ``X^T X`` of 512 rows is several times faster than eight of 64)."""
+
+    def __init__(self, channels: int, cells: int, num_classes: int, block_rows: int = 512) -> None:
+        """Zero sums for a probe of ``channels`` channels with ``cells`` pooled cells each and ``num_classes``."""
+        d = channels * cells
+        self.channels, self.cells, self.n, self.elements, self.block_rows = channels, cells, 0, 0, block_rows
+        self.class_counts = np.zeros(num_classes, np.int64)
+        self.sum, self.class_sums, self.gram = np.zeros(d), np.zeros((num_classes, d)), np.zeros((d, d))
+        self.zeros, self.abs_sum = np.zeros(channels, np.int64), np.zeros(channels)
+        self.pending: list[np.ndarray] = []
+
+    def add(self, features: np.ndarray, labels: np.ndarray, summary: ChannelSummary | None = None) -> None:
+        """Fold one batch of pooled ``features`` (n, d) with integer ``labels`` (n,) and an optional summary."""
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
+        k = self.class_counts.shape[0]
+        if x.ndim != 2 or x.shape[1] != self.sum.shape[0] or x.shape[0] != y.shape[0]:
+            raise CalibrationError(f"batch of features {x.shape} and labels {y.shape} does not fit a probe with "
+                                   f"d={self.sum.shape[0]}")
+        if y.size and (y.min() < 0 or y.max() >= k):
+            raise CalibrationError(f"labels must lie in 0..{k - 1}, got {y.min()}..{y.max()}")
+        if not np.isfinite(x).all():
+            raise CalibrationError("pooled features contain NaN or inf; check the model and the input scaling")
+        present, slot = np.unique(y, return_inverse=True)
+        onehot = np.zeros((x.shape[0], present.size))
+        onehot[np.arange(x.shape[0]), slot] = 1.0
+        self.n += x.shape[0]
+        self.class_counts += np.bincount(y, minlength=k)
+        self.sum += x.sum(axis=0)
+        self.class_sums[present] += onehot.T @ x
+        self.pending.append(x)
+        if sum(len(p) for p in self.pending) >= self.block_rows:
+            self._flush()
+        if summary is not None:
+            if summary.zeros.shape != (self.channels,):
+                raise CalibrationError(f"channel summary of {summary.zeros.shape[0]} channels does not fit a probe "
+                                       f"with {self.channels}")
+            self.zeros += summary.zeros
+            self.abs_sum += summary.abs_sum
+            self.elements += summary.elements
+
+    def _flush(self) -> None:
+        if self.pending:
+            rows = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+            self.gram += rows.T @ rows
+            self.pending = []
+
+    def freeze(self) -> ProbeStats:
+        """The statistics accumulated so far."""
+        self._flush()
+        return ProbeStats(n=self.n, class_counts=self.class_counts, sum=self.sum, class_sums=self.class_sums,
+                          gram=self.gram, zeros=self.zeros, abs_sum=self.abs_sum, elements=self.elements,
+                          cells=self.cells)
+
+
 @dataclass(frozen=True)
 class CalibrationStats:
     """Per-probe statistics of one model on one labelled data set."""

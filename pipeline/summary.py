@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from graph_ops.channels import prunable_share
-from graph_ops.cost import count
-from pipeline.orchestrate import PreparedModel
+from pipeline.prepare import PreparedModel
 
 
 def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
     """One JSON-ready object: identity, cost, and every group with its freeze reason (or null)."""
-    cost = count(prepared.model)
+    cost = prepared.cost
     groups = [
         {"id": g.id, "size": g.size, "frozen": g.frozen, "producers": list(g.producers),
          "consumers": list(g.consumers), "probes": list(g.probes)}

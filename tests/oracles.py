@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from graph_ops.channels import analyze_with_edits, node_name
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.mask import zero_channels
+from graph_ops.proto import node_name
 from graph_ops.prune import kept_indices
 
 
@@ -74,8 +74,7 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
     What the removed slices hold does not matter once they are masked, so this model must compute what the recovered
     pruned model computes: it checks that recovery writes every weight in the surgery's layout.
     """
-    fresh, edits = analyze_with_edits(original)
-    plan = fresh.validate_keep(keep)
+    plan = index.validate_keep(keep)
     full = onnx.ModelProto()
     full.CopyFrom(original)
     inits = {t.name: t for t in full.graph.initializer}
@@ -89,9 +88,9 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
         bias = numpy_helper.to_array(inits[node.input[2]]).copy()
         axes = [np.arange(n) for n in weight.shape]
         rows = np.arange(bias.shape[0])
-        for edit in edits:
+        for edit in index.edits:
             if edit.node == idx and edit.kind == "take" and edit.pos in (1, 2):
-                kept = kept_indices(fresh.by_tensor[edit.tensor], plan, edit.block)
+                kept = kept_indices(index.by_tensor[edit.tensor], plan, edit.block)
                 if edit.pos == 1:
                     axes[edit.axis] = kept
                 else:

@@ -67,6 +67,7 @@ class ActivationScorer:
     name: str
     requires_stats: bool = True
     requires_labels: bool = False
+    requires_summaries: bool = True
 
     def __call__(self, ctx: ScoringContext) -> ChannelScores:
         """Score every prunable group; see the module docstring."""
@@ -75,6 +76,10 @@ class ActivationScorer:
         for group in ctx.prunable():
             per_probe = []
             for view in group_views(group, ctx.index, stats):
+                if view.stats.elements == 0 and view.stats.n > 0:
+                    raise UserInputError(f"method '{self.name}' needs per-channel zero counts and absolute sums, "
+                                         f"which these statistics lack (calibrated with summaries=False); "
+                                         f"re-run calibration with summaries")
                 elements = max(view.stats.elements, 1)
                 if self.name == "apoz":
                     value = 1.0 - view.stats.zeros / elements

@@ -76,14 +76,15 @@ def di_value(stats: ProbeStats, eps: float = DEFAULT_EPS) -> float:
 class Eliminator:
     """Greedy DI elimination state of one probe view (see the module docstring for the algebra).
 
-    With few classes (``4K <= d``) ``Q = M D`` is kept explicitly and updated every step (``O(dK)``), and
+    Classes without calibration samples have zero columns in ``D`` and are dropped (a 1000-class head calibrated on
+    a few classes costs what those classes cost). With few classes (``4K <= d``) ``Q = M D`` is kept explicitly and updated every step (``O(dK)``), and
     ``G_BB = Q_B Q_Bᵀ`` is read from it; otherwise ``G`` is kept lazily like ``M``.
     """
 
     def __init__(self, stats: ProbeStats, blocks: np.ndarray, eps: float = DEFAULT_EPS, flush: int = _FLUSH) -> None:
         """Factor ``S + ρI`` and set up the lazy downdate buffers; ``blocks`` is (channels, b) feature indices."""
         s = stats.scatter()
-        delta = stats.delta()
+        delta = stats.delta()[:, np.asarray(stats.class_counts) > 0]  # empty classes: zero columns, no information
         self.m = inverse_spd(s + ridge(s, eps) * np.eye(s.shape[0]))
         self.q = self.m @ delta
         self.q_mode = 4 * delta.shape[1] <= s.shape[0]

@@ -43,7 +43,8 @@ def _model(path: Path, width: int = 16) -> Path:
 def test_engine_matches_onnxruntime(tmp_path: Path, precision: str) -> None:
     _require_tensorrt()
     from pipeline.bench import TRT_TOLERANCE
-    from pipeline.engines import TrtRunner, build_engine, make_session
+    from pipeline.engines import TrtRunner, build_engine
+    from pipeline.runtime import make_session
 
     model = _model(tmp_path / "m.onnx")
     feeds = {"input": np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)}
@@ -80,7 +81,7 @@ def test_ort_cuda_provider_is_really_active(tmp_path: Path) -> None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
-    from pipeline.engines import make_session
+    from pipeline.runtime import make_session
 
     _, providers = make_session(_model(tmp_path / "m.onnx"), "ort-cuda")
     assert providers[0] == "CUDAExecutionProvider"

@@ -54,3 +54,68 @@ def test_heavy_optional_parts_are_imported_lazily(path: Path) -> None:
 )
 def test_statistics_and_scoring_do_not_touch_graph_libraries(path: Path) -> None:
     assert not _imports(path) & {"onnx_graphsurgeon", "onnx"}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _internal_edges(paths: list[Path], package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (anywhere in the file, late imports included).
+
+    ``from a.b import c`` is an edge to ``a.b.c`` when that is a module, else to ``a.b``.
+    """
+    modules = {_module_name(p): p for p in paths}
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                           for alias in node.names]
+            edges[name].update(t for t in targets if t in modules and t != name and t.split(".")[0] == package)
+    return edges
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (as a list of modules), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+@pytest.mark.parametrize(("package", "paths"), [("graph_ops", GRAPH_OPS), ("pipeline", PIPELINE)],
+                         ids=["graph_ops", "pipeline"])
+def test_no_import_cycles_inside_a_package(package: str, paths: list[Path]) -> None:
+    cycle = _cycle(_internal_edges(paths, package))
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_onnxruntime_sessions_live_in_the_runtime_module() -> None:
+    """One onnxruntime home: only pipeline/runtime.py creates sessions (engines.py keeps TensorRT)."""
+    creators = [p for p in GRAPH_OPS + PIPELINE if "InferenceSession(" in p.read_text()]
+    assert [p.relative_to(ROOT).as_posix() for p in creators] == ["pipeline/runtime.py"]

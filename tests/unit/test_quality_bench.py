@@ -22,7 +22,7 @@ from benchmarks.quality import (
     task_top1,
 )
 from graph_ops.cost import count
-from pipeline.recover import DEFAULT_RECOVERY
+from pipeline.recovery import DEFAULT_RECOVERY
 
 
 @pytest.mark.parametrize(("node", "path"), [

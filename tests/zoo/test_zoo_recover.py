@@ -20,7 +20,7 @@ from graph_ops.channels import analyze
 from graph_ops.io import load_model
 from graph_ops.prune import apply_plan
 from pipeline.data import from_iterable
-from pipeline.recover import recover
+from pipeline.recovery import recover
 from tests.models import ZOO
 from tests.oracles import assert_same_outputs, random_feeds, random_valid_plan, recovered_reference
 

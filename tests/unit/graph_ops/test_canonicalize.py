@@ -241,7 +241,7 @@ def test_failing_pass_is_reported_with_its_predecessors() -> None:
     with pytest.raises(PassError, match=r"pass 'explode' failed \(after: fold_constants\).*boom"):
         run_passes(conv_bn(True), ["fold_constants", "explode"], registry=registry)
     with pytest.raises(PassError, match="unknown pass"):
-        run_passes(conv_bn(True), ["no_such_pass"])
+        run_passes(conv_bn(True), ["no_such_pass"], registry=PASSES)
 
 
 def test_registry_lists_the_canonical_order() -> None:

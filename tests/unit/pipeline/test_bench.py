@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.errors import UserInputError
 from pipeline.bench import FORMAT, LatencyStats, machine_info, measure, width_warnings
-from pipeline.engines import make_feeds, make_session
+from pipeline.runtime import make_feeds, make_session
 
 FAST = {"warmup_s": 0.0, "min_duration_s": 0.05, "min_iters": 6, "threads": 1}
 

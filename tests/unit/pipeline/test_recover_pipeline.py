@@ -16,8 +16,7 @@ from graph_ops.probes import expose_tensors
 from graph_ops.prune import apply_plan
 from pipeline.data import Dataset, from_iterable
 from pipeline.errors import UserInputError
-from pipeline.layerwise import layer_levels
-from pipeline.recover import RECOVERY, consumer_targets, recover
+from pipeline.recovery import RECOVERY, consumer_targets, layer_levels, recover
 from tests.graphs import concat, conv_transpose, depthwise_separable, flatten_gemm, matmul_head, residual
 from tests.oracles import assert_same_outputs, random_valid_plan, recovered_reference, run_ort
 
@@ -169,8 +168,9 @@ def test_mnist_regress_beats_plain_removal() -> None:
     sequential (error-accumulation corrected) variant does at least as well."""
     from pipeline.data import mnist_path, open_dataset
     from pipeline.evaluate import evaluate
-    from pipeline.orchestrate import keep_lists, prepare, score
+    from pipeline.orchestrate import keep_lists, score
     from pipeline.plan import select_channels
+    from pipeline.prepare import prepare
 
     prepared = prepare(mnist_path().with_name("mnist_cnn.onnx"))
     plan = select_channels(score(prepared, None, "l2"), prepared.index, target_macs=0.3)

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.errors import PreconditionError
-from graph_ops.refit import (
+from graph_ops.least_squares import (
     LayerShape,
     PatchMoments,
     accumulate,

@@ -1,4 +1,5 @@
-"""Training-free recovery of a consumer layer after channel removal: the weight algebra (methods.md 6.2).
+"""R1 / R2 recovery algebra: a linear map of a consumer's removed input channels, folded into its weights
+(methods.md 6.2; the driver is :mod:`pipeline.recovery.maps`).
 
 A consumer ``Q`` (Conv, ConvTranspose, Gemm, MatMul) reads an input whose channel axis holds ``C`` channels; a plan
 keeps the set ``K`` and removes ``R``. Write the consumer weight with its input-channel axis first as
@@ -40,6 +41,7 @@ import onnx
 from onnx import numpy_helper
 
 from graph_ops.errors import PreconditionError
+from graph_ops.proto import attr, write_weights
 
 ALPHAS = (1e-4, 1e-3, 1e-2)
 
@@ -252,75 +254,24 @@ def fold_map(weight: np.ndarray, axis: int, block: int, kept: np.ndarray, cmap: 
     return np.moveaxis(new, 0, axis).astype(weight.dtype), delta
 
 
-def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
-    for att in node.attribute:
-        if att.name == name:
-            return float(onnx.helper.get_attribute_value(att))
-    return default
-
-
-def _fresh_name(base: str, taken: set[str]) -> str:
-    name, n = f"{base}__recovered", 1
-    while name in taken:
-        name, n = f"{base}__recovered{n}", n + 1
-    return name
-
-
-def write_consumer(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray, delta: np.ndarray) -> None:
-    """Write a recovered weight and add ``delta`` to the bias of ``node`` (a node of ``model``), in place.
+def write_consumer(model: onnx.ModelProto, idx: int, weight: np.ndarray, delta: np.ndarray) -> None:
+    """Write a recovered weight and add ``delta`` to the bias of node ``idx`` of ``model``, in place.
 
     A Gemm's delta is scaled by ``alpha / beta``; a missing bias is created (Conv, ConvTranspose, Gemm); see
-    :func:`write_weights`.
+    :func:`graph_ops.proto.write_weights`.
 
     Raises:
         PreconditionError: the weight or bias is not an initializer, a shape mismatch, or a MatMul that would need
             a bias (callers record it and skip).
     """
+    node = model.graph.node[idx]
     inits = {t.name: t for t in model.graph.initializer}
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if node.op_type == "MatMul" or (has_bias and node.input[2] not in inits):
         raise PreconditionError(f"consumer '{node.name}' ({node.op_type}) has no writable bias")
     if node.op_type == "Gemm":
-        delta = delta * _attr(node, "alpha", 1.0) / _attr(node, "beta", 1.0)
+        delta = delta * float(attr(node, "alpha", 1.0)) / float(attr(node, "beta", 1.0))  # type: ignore[arg-type]
     bias = numpy_helper.to_array(inits[node.input[2]]) if has_bias else np.zeros(delta.shape, weight.dtype)
     if bias.size != delta.size:
         raise PreconditionError(f"consumer '{node.name}': bias of shape {bias.shape} is not per output channel")
-    write_weights(model, node, weight, (bias + delta.reshape(bias.shape)).astype(bias.dtype))
-
-
-def write_weights(model: onnx.ModelProto, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None) -> None:
-    """Replace the weight (input 1) and, unless ``bias`` is None, the bias (input 2) of ``node``, in place.
-
-    New values go to fresh initializers ``<old>__recovered`` (a missing bias is created as ``<node>_bias``);
-    originals no node reads any more are dropped. The weight keeps its shape.
-
-    Raises:
-        PreconditionError: the weight is not an initializer of ``weight``'s shape.
-    """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    taken = set(inits) | {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
-    old_w = inits.get(node.input[1])
-    if old_w is None or tuple(old_w.dims) != weight.shape:
-        raise PreconditionError(f"layer '{node.name}': weight is not an initializer of shape {weight.shape}")
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    slots = [(1, weight, node.input[1])]
-    if bias is not None:
-        slots.append((2, bias, node.input[2] if has_bias else f"{node.name}_bias"))
-    old = []
-    for pos, value, base in slots:
-        name = _fresh_name(base, taken)
-        taken.add(name)
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        while len(node.input) <= pos:
-            node.input.append("")
-        old.append(node.input[pos])
-        node.input[pos] = name
-    _drop_unused(graph, [n for n in old if n])
-
-
-def _drop_unused(graph: onnx.GraphProto, names: list[str]) -> None:
-    used = {i for n in graph.node for i in n.input} | {v.name for v in [*graph.input, *graph.output]}
-    for i in reversed(range(len(graph.initializer))):
-        if graph.initializer[i].name in names and graph.initializer[i].name not in used:
-            del graph.initializer[i]
+    write_weights(model, idx, weight, (bias + delta.reshape(bias.shape)).astype(bias.dtype))

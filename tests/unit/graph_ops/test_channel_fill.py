@@ -1,4 +1,4 @@
-"""Weight algebra of training-free recovery (graph_ops.recover): moments, fills, folding, writing consumers."""
+"""Weight algebra of training-free recovery (graph_ops.channel_fill): moments, fills, folding, writing consumers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_ops.errors import PreconditionError
-from graph_ops.recover import (
+from graph_ops.channel_fill import (
     ALPHAS,
     ChannelMap,
     ChannelMoments,
@@ -27,6 +26,7 @@ from graph_ops.recover import (
     select_regress,
     write_consumer,
 )
+from graph_ops.errors import PreconditionError
 from tests.oracles import run_ort
 
 
@@ -143,7 +143,7 @@ def test_write_conv_consumer_adds_delta(with_bias: bool, rng: np.random.Generato
     b = rng.standard_normal(4).astype(np.float32) if with_bias else None
     model = _single("Conv", w, b, [1, 3, 5, 5], kernel_shape=[3, 3])
     delta = np.arange(4.0)
-    write_consumer(model, model.graph.node[0], w * 2, delta)
+    write_consumer(model, 0, w * 2, delta)
     onnx.checker.check_model(model, full_check=True)
     x = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
     bias = (b if with_bias else np.zeros(4, np.float32)) + delta.astype(np.float32)
@@ -157,7 +157,7 @@ def test_write_gemm_scales_delta_by_alpha_over_beta(rng: np.random.Generator) ->
     b = rng.standard_normal(4).astype(np.float32)
     model = _single("Gemm", w, b, [2, 6], alpha=2.0, beta=0.5)
     delta = rng.standard_normal(4)
-    write_consumer(model, model.graph.node[0], w, delta)
+    write_consumer(model, 0, w, delta)
     x = rng.standard_normal((2, 6)).astype(np.float32)
     np.testing.assert_allclose(run_ort(model, {"x": x})[0], 2 * x @ w + 0.5 * b + 2 * delta, rtol=1e-4, atol=1e-4)
 
@@ -166,14 +166,14 @@ def test_write_matmul_consumer_is_refused(rng: np.random.Generator) -> None:
     w = rng.standard_normal((6, 4)).astype(np.float32)
     model = _single("MatMul", w, None, [2, 6])
     with pytest.raises(PreconditionError, match="no writable bias"):
-        write_consumer(model, model.graph.node[0], w, np.zeros(4))
+        write_consumer(model, 0, w, np.zeros(4))
 
 
 def test_write_rejects_shape_mismatch(rng: np.random.Generator) -> None:
     w = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
     model = _single("Conv", w, None, [1, 3, 2, 2], kernel_shape=[1, 1])
     with pytest.raises(PreconditionError, match="shape"):
-        write_consumer(model, model.graph.node[0], w[:, :2], np.zeros(4))
+        write_consumer(model, 0, w[:, :2], np.zeros(4))
 
 
 def _cross(a: np.ndarray, z: np.ndarray) -> CrossMoments:

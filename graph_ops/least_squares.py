@@ -1,4 +1,5 @@
-"""R3: refit a layer by least squares on sampled im2col patches of its (pruned) input (methods.md 6.2, R3).
+"""R3 algebra: refit a layer by least squares on sampled im2col patches of its (pruned) input (methods.md 6.2, R3;
+the driver is :mod:`pipeline.recovery.refit`).
 
 A layer ``Q`` (Conv with any ``group``, Gemm, MatMul with a constant weight) computes, at every output position,
 ``y = Wᵀ x̃`` per group, with ``x̃ = [vec(patch of the input); 1]`` (``d = C_g k_h k_w + 1`` entries: the input
@@ -26,16 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from graph_ops.errors import PreconditionError
+from graph_ops.proto import attrs as node_attrs
 
 REFIT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
 REFIT_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ class LayerShape:
         Raises:
             PreconditionError: a layer this refit does not model (callers record it and leave the layer as it is).
         """
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         if node.op_type == "Conv":
             if len(weight_shape) != 4:
                 raise PreconditionError(f"{node.op_type} '{node.name}': only 2-D convolutions are refit")
@@ -115,6 +112,28 @@ def conv_patches(x: np.ndarray, shape: LayerShape, image: np.ndarray, oy: np.nda
     return patches.reshape(len(image), shape.group, -1)
 
 
+def patch_index(shape: LayerShape, height: int, width: int, oy: np.ndarray,
+                ox: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat positions in the (unpadded) ``height x width`` input of every tap of the patches at output positions
+    ``(oy, ox)``, and the mask of taps inside the input: ``(R, kh * kw)`` each, taps row-major. A tap in the zero
+    padding points at position 0 with mask 0 (what :func:`graph_ops.probes.add_position_gathers` reads, so that the
+    gathered, masked patches equal :func:`conv_patches`)."""
+    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
+    top, left = shape.pads[0], shape.pads[1]
+    iy = (oy[:, None] * sh + np.arange(kh) * dh - top)[:, :, None]
+    ix = (ox[:, None] * sw + np.arange(kw) * dw - left)[:, None, :]
+    inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+    flat = np.where(inside, iy * width + ix, 0)
+    return flat.reshape(len(oy), kh * kw), inside.reshape(len(oy), kh * kw)
+
+
+def gathered_patches(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarray:
+    """``(N, C, P * taps)`` gathered input values -> ``(N * P, group, C_g * taps)``, the :func:`conv_patches` layout."""
+    n, channels = values.shape[:2]
+    blocks = values.reshape(n, channels, -1, taps).transpose(0, 2, 1, 3)
+    return blocks.reshape(-1, shape.group, (channels // shape.group) * taps)
+
+
 @dataclass(frozen=True)
 class PatchMoments:
     """Streamed moments of one layer's refit problem, per group (float64, read-only).
@@ -150,14 +169,43 @@ def patch_rows(x: np.ndarray, shape: LayerShape) -> np.ndarray:
 
 def accumulate(rows: np.ndarray, targets: np.ndarray) -> PatchMoments:
     """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (both cast to float64)."""
+    if rows.shape[1] == 1:  # one group: plain 2-D products (numpy's fast path for X^T X)
+        x = np.asarray(rows[:, 0], np.float64)
+        y = np.asarray(targets[:, 0], np.float64)
+        return PatchMoments(len(rows), (x.T @ x)[None], (x.T @ y)[None], (y**2).sum(axis=0)[None])
     xg = np.ascontiguousarray(np.asarray(rows, np.float64).transpose(1, 0, 2))
     yg = np.ascontiguousarray(np.asarray(targets, np.float64).transpose(1, 0, 2))
     return PatchMoments(len(rows), xg.transpose(0, 2, 1) @ xg, xg.transpose(0, 2, 1) @ yg, (yg**2).sum(axis=1))
 
 
+class MomentSums:
+    """Mutable float64 sums of :class:`PatchMoments`, folded in place batch after batch (no ``d x d`` copy per
+    batch); :meth:`freeze` gives the read-only moments."""
+
+    def __init__(self) -> None:
+        """No rows yet (arrays are allocated by the first batch)."""
+        self.count = 0
+        self.gram = self.cross = self.target_sq = np.zeros(0)
+
+    def add(self, rows: np.ndarray, targets: np.ndarray) -> None:
+        """Fold design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (what :func:`accumulate` computes)."""
+        part = accumulate(rows, targets)
+        if self.count == 0:
+            self.gram, self.cross, self.target_sq = part.gram.copy(), part.cross.copy(), part.target_sq.copy()
+        else:
+            self.gram += part.gram
+            self.cross += part.cross
+            self.target_sq += part.target_sq
+        self.count += part.count
+
+    def freeze(self) -> PatchMoments | None:
+        """The moments so far (None before any row)."""
+        return None if self.count == 0 else PatchMoments(self.count, self.gram, self.cross, self.target_sq)
+
+
 def patch_error(moments: PatchMoments, coef: np.ndarray) -> float:
     """``Σ ||y - Wᵀ x̃||²`` over the samples the moments describe (``coef``: ``(g, d, O_g)``)."""
-    quad = np.einsum("gio,gij,gjo->", coef, moments.gram, coef)
+    quad = float(np.sum(coef * np.matmul(moments.gram, coef)))  # tr(Wᵀ G W) per group, through BLAS
     return float(moments.target_sq.sum() - 2.0 * np.sum(coef * moments.cross) + quad)
 
 
@@ -237,20 +285,3 @@ def weights_from_coef(shape: LayerShape, coef: np.ndarray, weight_shape: tuple[i
     if weight.shape != tuple(weight_shape):
         raise PreconditionError(f"refit weight of shape {weight.shape} does not fit the layer's {weight_shape}")
     return weight.astype(dtype), None if bias is None else bias.astype(dtype)
-
-
-def layer_weights(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None]:
-    """The node's weight and bias initializers as arrays.
-
-    Raises:
-        PreconditionError: the weight (or an existing bias) is not an initializer.
-    """
-    inits = {t.name: t for t in model.graph.initializer}
-    if node.input[1] not in inits:
-        raise PreconditionError(f"{node.op_type} '{node.name}': weight is not an initializer")
-    bias = None
-    if len(node.input) > 2 and node.input[2]:
-        if node.input[2] not in inits:
-            raise PreconditionError(f"{node.op_type} '{node.name}': bias is not an initializer")
-        bias = numpy_helper.to_array(inits[node.input[2]])
-    return numpy_helper.to_array(inits[node.input[1]]), bias

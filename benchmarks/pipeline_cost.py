@@ -1,0 +1,197 @@
+"""Cost of one prune run at production scale: wall time and peak memory of every stage, as ratios to plain inference.
+
+Protocol. torchvision ResNet-50 and ResNet-18 at 224x224 (seeded random weights with randomised BatchNorm
+statistics, ``pipeline.export.load_torchvision``; no pretrained weights can be downloaded here), exported once with
+``pipeline.export.export_torch`` and cached in ``--work``. Data: ``--images`` (default 256) seeded standard-normal
+images with labels cycling through 10 classes (what an ImageNet-normalised calibration set looks like to the
+statistics; the content does not change the cost). The job is ``diprune prune --method di --target-macs 0.5
+--recover lstsq`` at batch 64, run stage by stage through ``pipeline.orchestrate.PruneRun`` (the code path of
+``prune``): analyse (load, canonicalize, analyse), calibrate, score, plan, apply, recover, write (model, plan, report).
+Plain inference = an onnxruntime session with its default options over the same images at the same batch size and
+threads (session creation included). Every model runs in its own child process, plain inference first then the prune, so peak memory is the
+child's own: the peak resident set size (``VmRSS`` sampled every 10 ms) during each stage, and the process's
+``ru_maxrss`` at the end. The calibration and recovery options are the CLI defaults.
+
+Run from the repository root: ``python -m benchmarks.pipeline_cost [--models resnet50 resnet18] [--images 256]``
+(about 10 minutes on 2 cores); writes ``benchmarks/results/pipeline_cost.json`` and ``pipeline_cost.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+GOALS = {"calibrate": 1.3, "total": 6.0, "peak_gib_resnet50": 2.0}
+STAGES = ("analyze", "calibrate", "score", "plan", "apply", "recover", "write")
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Peak resident set size per stage, sampled every 10 ms by a daemon thread."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peaks: dict[str, float] = {}
+        self._stop = False
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop:
+            self.current = max(self.current, _rss())
+            time.sleep(0.01)
+
+    @contextmanager
+    def stage(self, name: str, seconds: dict[str, float]) -> Iterator[None]:
+        """Time the block and record its peak RSS in GiB."""
+        self.current = _rss()
+        start = time.perf_counter()
+        yield
+        seconds[name] = round(time.perf_counter() - start, 3)
+        self.peaks[name] = round(max(self.current, _rss()) / 2**30, 3)
+
+
+def export(name: str, work: Path) -> Path:
+    """The seeded-random torchvision model at 224x224 (exported once)."""
+    path = work / f"{name}.onnx"
+    if not path.is_file():
+        import torch
+
+        from pipeline.export import export_torch, load_torchvision
+
+        work.mkdir(parents=True, exist_ok=True)
+        export_torch(load_torchvision(name, seed=0), torch.randn(1, 3, 224, 224), path)
+    return path
+
+
+def dataset(images: int, batch: int) -> Any:
+    """Seeded standard-normal images, labels cycling through 10 classes."""
+    from pipeline.data import from_iterable
+
+    x = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
+    y = (np.arange(images) % 10).astype(np.int64)
+    return from_iterable([(x[i:i + batch], y[i:i + batch]) for i in range(0, images, batch)],
+                         name=f"gaussian {images}x3x224x224")
+
+
+def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One model in this process: plain inference, then the prune stage by stage."""
+    from pipeline.orchestrate import PruneRun, write_candidate
+    from pipeline.runtime import feed_batches, make_session, model_input_specs
+
+    path = export(name, args.work)
+    data = dataset(args.images, args.batch)
+    memory, seconds = PeakMemory(), {}
+    with memory.stage("plain", seconds):
+        from graph_ops.io import load_model
+
+        model = load_model(path)
+        session, _ = make_session(model.SerializeToString(), "ort-cpu")  # onnxruntime's defaults
+        for feeds, _ in feed_batches(data, model_input_specs(model), args.batch):
+            session.run(None, feeds)
+        del session, model
+    with memory.stage("analyze", seconds):
+        run = PruneRun(path, data, batch_size=args.batch, backend="ort-cpu", progress=False, work_dir=args.work)
+    with memory.stage("calibrate", seconds):
+        run.stats()
+    with memory.stage("score", seconds):
+        scores = run.scores("di")
+    with memory.stage("plan", seconds):
+        plan = run.plan(scores, target_macs=0.5)
+    with memory.stage("apply", seconds):
+        pruned = run.apply(plan)
+    with memory.stage("recover", seconds):
+        model, recovery = run.recover(pruned, plan, "lstsq")
+    with memory.stage("write", seconds):
+        from pipeline.orchestrate import Candidate
+
+        candidate = Candidate("di", plan, model, recovery, {"target_macs": 0.5})
+        report = write_candidate(run, candidate, args.work / f"{name}.di.50.onnx")
+    total = sum(seconds[s] for s in STAGES)
+    plain = seconds["plain"]
+    return {
+        "model": name, "images": args.images, "batch": args.batch, "seconds": seconds,
+        "ratio_to_plain": {**{s: round(seconds[s] / plain, 3) for s in STAGES}, "total": round(total / plain, 3)},
+        "peak_rss_gib": memory.peaks, "ru_maxrss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "macs_fraction": round(report.macs_fraction, 4), "params_fraction": round(report.params_fraction, 4),
+        "recovered_layers": len(recovery.get("consumers", [])), "skipped_layers": len(recovery.get("skipped", [])),
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results table."""
+    machine = doc["machine"]
+    lines = [f"# Pipeline cost ({machine['cpu']}, {machine['cores_available']} cores, onnxruntime "
+             f"{machine['versions'].get('onnxruntime')})", "",
+             f"`prune --method di --target-macs 0.5 --recover lstsq`, {doc['images']} images, batch {doc['batch']}. "
+             "Seconds per stage, with the ratio to plain onnxruntime inference of the original model over the same "
+             "images in the same process; peak resident memory per stage (GiB).", "",
+             "| model | plain s | " + " | ".join(STAGES) + " | total | peak GiB |",
+             "|---|---" + "|---" * (len(STAGES) + 2) + "|"]
+    for row in doc["models"]:
+        cells = [f"{row['seconds'][s]:.1f} ({row['ratio_to_plain'][s]:.2f}x)" for s in STAGES]
+        total = sum(row["seconds"][s] for s in STAGES)
+        lines.append(f"| {row['model']} | {row['seconds']['plain']:.1f} | " + " | ".join(cells)
+                     + f" | {total:.1f} ({row['ratio_to_plain']['total']:.2f}x) | {max(row['peak_rss_gib'].values()):.2f} |")
+    lines += ["", "Peak resident memory per stage (GiB): " + "; ".join(
+        f"{row['model']}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["peak_rss_gib"].items())
+        for row in doc["models"]),
+        "", f"Goals (issue 9): calibrate <= {GOALS['calibrate']}x plain, total <= {GOALS['total']}x plain, peak <= "
+        f"{GOALS['peak_gib_resnet50']} GiB for resnet50 at batch 64.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every model in a child process and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "resnet18"])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=ROOT / "work" / "cost")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline_cost.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+    from pipeline.bench import machine_info
+
+    rows = []
+    for name in args.models:
+        command = [sys.executable, "-m", "benchmarks.pipeline_cost", "--child", name, "--images", str(args.images),
+                   "--batch", str(args.batch), "--work", str(args.work)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    info = machine_info()
+    doc = {"images": args.images, "batch": args.batch, "models": rows, "goals": GOALS, "machine": info}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
+

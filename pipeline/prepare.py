@@ -1,0 +1,87 @@
+"""The spine of a run: a model file loaded, canonicalized and analysed once, then handed to every stage.
+
+:func:`prepare` reads the file (clear errors for every way it can be wrong), hashes it (the identity plans and
+statistics record), canonicalizes it (:func:`graph_ops.canonicalize.canonicalize`: the only two shape inferences of
+a run happen there) and analyses the canonical graph with the shapes canonicalization just inferred. The resulting
+:class:`PreparedModel` carries the analysis (:class:`~graph_ops.groups.ChannelGroupIndex`: groups, the edits a plan
+implies, static shapes, the graph's fingerprint), so surgery, the mask oracle, recovery, the cost counter and the
+scorers never analyse or infer shapes again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graph_ops.canonicalize import canonicalize
+from graph_ops.channels import analyze, producer_weights
+from graph_ops.cost import CostReport, count
+from graph_ops.groups import ChannelGroupIndex
+from graph_ops.io import load_model, sha256_file
+from graph_ops.proto import declared_shapes
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model loaded once: its file identity, its canonical graph and its analysis.
+
+    Attributes:
+        path: the model file (never modified).
+        sha256: sha256 of the file's bytes.
+        model: the canonical model (what analysis, calibration, surgery and recovery work on).
+        index: ``analyze(model)``: channel groups, edits, static shapes, fingerprint.
+    """
+
+    path: Path
+    sha256: str
+    model: onnx.ModelProto
+    index: ChannelGroupIndex
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Initializers as numpy arrays (for the data-free scorers)."""
+        return {init.name: numpy_helper.to_array(init) for init in self.model.graph.initializer}
+
+    @cached_property
+    def cost(self) -> CostReport:
+        """MACs and params of the canonical model (counted once, on the analysis's shapes)."""
+        return count(self.model, self.index.shapes)
+
+    @cached_property
+    def producer_weights(self) -> dict[str, tuple[str, int]]:
+        """Producer node -> (weight initializer, output-channel axis), read off the analysis's edits."""
+        return producer_weights(self.model, self.index)
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """All probes of all prunable groups, in topological group order, without repeats."""
+        return default_probes(self.index)
+
+
+def default_probes(index: ChannelGroupIndex) -> tuple[str, ...]:
+    """All probes of all prunable groups of an analysis, in topological group order, without repeats."""
+    return tuple(dict.fromkeys(p for group in index.groups if group.prunable for p in group.probes))
+
+
+def prepare(path: str | os.PathLike[str]) -> PreparedModel:
+    """Load, hash, canonicalize and analyse a model file (see the module docstring).
+
+    Raises:
+        UserInputError: a missing or unreadable file.
+        PassError, VerificationError: canonicalization failed (the message names the pass).
+    """
+    path = Path(path)
+    model = load_model(path)
+    sha = sha256_file(path)
+    canonical = canonicalize(model)
+    return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical, declared_shapes(canonical)))
+
+
+def as_prepared(model: PreparedModel | str | os.PathLike[str]) -> PreparedModel:
+    """A prepared model as it is, or a model file prepared."""
+    return model if isinstance(model, PreparedModel) else prepare(model)

@@ -1,0 +1,330 @@
+"""R3 (``lstsq``) recovery: refit the layers of a pruned model by least squares against the original's outputs.
+
+Which layers: every Conv (any ``group``: depthwise and grouped layers are solved per group), Gemm and MatMul whose
+input differs between the original and the pruned model, i.e. whose input lost channels or lies downstream of a
+layer that did (so a layer behind a protected group still has the drift of its input corrected).
+
+How (methods.md 6.2, R3; algebra in :mod:`graph_ops.least_squares`): layers are processed level by level from input
+to output (:mod:`pipeline.recovery.sweep`: one sweep advances both models a level at a time); for each level, the
+ORIGINAL model gives the layer's output, restricted to the output channels the plan keeps (the target), and the
+CURRENT pruned model, in which every upstream layer is already refit, gives the layer's input (im2col patches of the
+kept channels at up to ``positions`` seeded random output positions per image). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``, ``Σ y²`` are
+streamed (every fifth batch held out); the ridge factor is chosen on the held-out batches, the layer's current
+weights compete (a refit that does not lower the held-out error is not applied) and the winner is refit on all
+batches and written into the layer's weight and bias. With ``sequential=False`` every layer is fitted in one data
+pass on the pruned model before any refit (faster, no error-accumulation correction). Cost per layer: about
+``rows * dim²`` for the moments and ``dim³`` for each solve, memory ``8 dim²`` bytes per group; layers above
+``max_dim`` unknowns get R2 at their level (:mod:`pipeline.recovery.maps`) when they are channel-map consumers, in
+the same sweep step, or are skipped with a reason.
+
+The graph's structure and interface never change: only weight and bias initializers are replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graph_ops.errors import PreconditionError
+from graph_ops.groups import ChannelGroupIndex
+from graph_ops.least_squares import (
+    REFIT_ALPHAS,
+    REFIT_OPS,
+    LayerShape,
+    MomentSums,
+    PatchMoments,
+    choose_refit,
+    coef_from_weights,
+    conv_patches,
+    gathered_patches,
+    patch_index,
+    patch_rows,
+    sample_positions,
+    weights_from_coef,
+)
+from graph_ops.probes import PositionGather
+from graph_ops.proto import (
+    declared_shapes,
+    fingerprint,
+    layer_weights,
+    node_index,
+    node_name,
+    opset,
+    write_weights,
+)
+from graph_ops.prune import kept_indices
+from pipeline.recovery.maps import MapLevel, MapTarget, consumer_targets, regress_solver
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, LevelJob, layer_levels, sweep_levels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerRefit:
+    """What the refit did to one layer: held-out relative errors ``Σ||y - Wᵀx̃||² / Σ||y||²`` of the weights it
+    had (``error_before``) and of the weights it got (``error_after``); ``alpha`` None: the weights were kept."""
+
+    node: str
+    op_type: str
+    tensor: str
+    rows: int
+    dim: int
+    alpha: float | None
+    error_before: float
+    error_after: float
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    index: int  # in the original graph (levels)
+    input: str
+    output: str
+    out_keep: np.ndarray | None  # original output channels the pruned layer keeps (None: all)
+    shape: LayerShape  # of the pruned layer
+    dim: int  # unknowns per output: rows of the per-group Gram matrix
+    gather: tuple[int, int, int, int, int, int] | None = None  # static (C_out, H_out, W_out, C_in, H_in, W_in) of a Conv
+
+
+def _gather_geometry(node: onnx.NodeProto, shape: LayerShape, original: Mapping[str, tuple],
+                     pruned: Mapping[str, tuple]) -> tuple[int, int, int, int, int, int] | None:
+    """Static sizes a Conv's gathers need (output channels and size in the original, input channels and size in
+    the pruned model), or None (not a 2-D Conv, or a dynamic size: whole tensors are read instead)."""
+    out, x = original.get(node.output[0]), pruned.get(node.input[0])
+    if shape.op_type != "Conv" or not out or not x or len(out) != 4 or len(x) != 4:
+        return None
+    dims = (out[1], out[2], out[3], x[1], x[2], x[3])
+    return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
+
+
+def _changed_tensors(model: onnx.ModelProto, index: ChannelGroupIndex, plan: Mapping[str, np.ndarray]) -> set[str]:
+    """Tensors that lose channels under the plan, and everything computed from them."""
+    changed: set[str] = set()
+    for node in model.graph.node:
+        loses = any(kept_indices(segs, dict(plan)).size < sum(s.length for s in segs)
+                    for segs in (index.by_tensor.get(o, ()) for o in node.output) if segs)
+        if loses or any(name in changed for name in node.input):
+            changed.update(node.output)
+    return changed
+
+
+def refit_targets(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGroupIndex,
+                  keep: Mapping[str, Sequence[int]]) -> tuple[list[_Layer], list[tuple[str, str]]]:
+    """The layers to refit (topological order) and the skipped ones with a reason (``index``: ``analyze(original)``,
+    checked by fingerprint)."""
+    index.check_model(fingerprint(original))
+    plan = index.validate_keep(keep)
+    changed = _changed_tensors(original, index, plan)
+    pruned_shapes = declared_shapes(pruned)
+    gathers = opset(original) >= 11
+    layers: list[_Layer] = []
+    skipped: list[tuple[str, str]] = []
+    for idx, node in enumerate(original.graph.node):
+        if node.op_type not in (*REFIT_OPS, "ConvTranspose") or not node.input or node.input[0] not in changed:
+            continue
+        name = node_name(node, idx)
+        try:
+            target = pruned.graph.node[node_index(pruned, name)]
+            weight, _ = layer_weights(pruned, target)
+            shape = LayerShape.of(target, tuple(weight.shape))
+        except PreconditionError as err:
+            skipped.append((name, f"{err}; left as it is"))
+            continue
+        segs = index.by_tensor.get(node.output[0], ())
+        out_keep = kept_indices(segs, dict(plan)) if segs else None
+        if out_keep is not None and out_keep.size == sum(s.length for s in segs):
+            out_keep = None
+        geometry = _gather_geometry(node, shape, index.shapes, pruned_shapes) if gathers else None
+        layers.append(_Layer(name, idx, node.input[0], node.output[0], out_keep, shape, shape.dim(weight.shape),
+                             geometry))
+    return layers, skipped
+
+
+def _design(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+            positions: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Design rows ``(R, g, d)`` from the pruned input and targets ``(R, g, O_g)`` from the original output."""
+    shape = layer.shape
+    if shape.op_type == "Conv":
+        if x.ndim != 4 or y.ndim != 4:
+            raise PreconditionError(f"Conv '{layer.name}': input or output is not 4-D")
+        image, oy, ox = sample_positions(x.shape[0], y.shape[2], y.shape[3], positions, rng)
+        patches, targets = conv_patches(x, shape, image, oy, ox), y[image, :, oy, ox]
+    else:
+        if y.ndim != 2:
+            raise PreconditionError(f"{shape.op_type} '{layer.name}': only 2-D inputs and outputs are refit")
+        patches, targets = x.reshape(x.shape[0], 1, -1), y
+    return _rows(layer, patches, targets)
+
+
+def _rows(layer: _Layer, patches: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Design rows ``(R, g, d)`` and targets ``(R, g, O_g)`` (kept output channels only)."""
+    if layer.out_keep is not None:  # only the sampled rows are sliced, never the whole output tensor
+        targets = targets[:, layer.out_keep]
+    return patch_rows(patches, layer.shape), targets.reshape(len(targets), layer.shape.group, -1)
+
+
+class RefitLevel(LevelJob):
+    """The least-squares refits of one level's layers: per layer, (fit, held-out) :class:`PatchMoments`.
+
+    A Conv with static sizes reads only its sampled positions, gathered inside the graph
+    (:class:`graph_ops.probes.PositionGather`): the original output at the positions, the pruned input at every tap
+    of their patches (the positions are drawn before the batch runs, in the order :func:`_design` draws them, so
+    the rows are the same). Other layers read whole tensors (:func:`_design`).
+    """
+
+    def __init__(self, layers: Sequence[_Layer], out: onnx.ModelProto, *, ridge: float | None,
+                 positions: int | None, seed: int) -> None:
+        """Plan the level: layer outputs from the original, layer inputs from the pruned model."""
+        self.layers, self.out = list(layers), out
+        self.alphas = REFIT_ALPHAS if ridge is None else (float(ridge),)
+        self.specs: dict[str, tuple[PositionGather, PositionGather]] = {}
+        for layer in self.layers:
+            if layer.gather is not None:
+                c_out, c_in = layer.gather[0], layer.gather[3]
+                keep = None if layer.out_keep is None else tuple(int(c) for c in layer.out_keep)
+                mask = f"{layer.name}__refit_x_mask" if any(layer.shape.pads) else None
+                self.specs[layer.name] = (
+                    PositionGather(layer.output, f"{layer.name}__refit_y_index", f"{layer.name}__refit_y",
+                                   c_out if keep is None else len(keep), keep=keep),
+                    PositionGather(layer.input, f"{layer.name}__refit_x_index", f"{layer.name}__refit_x", c_in,
+                                   mask=mask))
+        whole = [layer for layer in self.layers if layer.name not in self.specs]
+        self.original = tuple(dict.fromkeys([*(s[0] for s in self.specs.values()), *(x.output for x in whole)]))
+        self.current = tuple(dict.fromkeys([*(s[1] for s in self.specs.values()), *(x.input for x in whole)]))
+        self.rng = np.random.default_rng(seed)
+        self.positions = positions
+        self.drawn: dict[int, dict[str, np.ndarray]] = {}  # batch -> index inputs (drawn once per batch)
+        self.acc = {layer.name: (MomentSums(), MomentSums()) for layer in self.layers}  # (fit, held-out)
+
+    def indices(self, batch: int, n: int) -> dict[str, np.ndarray]:
+        """Every gathered layer's positions for a batch, drawn at the batch's first request (batches in order,
+        layers in order: the draws of :func:`_design`)."""
+        if batch not in self.drawn:
+            if batch != len(self.drawn):
+                raise PreconditionError(f"refit: positions of batch {batch} asked before those of batch "
+                                        f"{len(self.drawn)}")
+            picks = {}
+            for layer in self.layers:
+                if layer.gather is None:
+                    continue
+                _, h, w, _, h_in, w_in = layer.gather
+                _, oy, ox = sample_positions(n, h, w, self.positions, self.rng)
+                y_spec, x_spec = self.specs[layer.name]
+                picks[y_spec.index] = (oy * w + ox).reshape(n, 1, -1).astype(np.int32)
+                flat, inside = patch_index(layer.shape, h_in, w_in, oy, ox)
+                picks[x_spec.index] = flat.reshape(n, 1, -1).astype(np.int32)
+                if x_spec.mask is not None:
+                    picks[x_spec.mask] = inside.reshape(n, 1, -1).astype(np.float32)
+            self.drawn[batch] = picks
+        return self.drawn[batch]
+
+    def add(self, held: bool, original: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> None:
+        """Fold one batch: design rows from the pruned input, targets from the original output (layer order)."""
+        for layer in self.layers:
+            if layer.name in self.specs:
+                y_spec, x_spec = self.specs[layer.name]
+                y = original[y_spec.output]  # (N, kept outputs, P): the kept channels were gathered in the graph
+                targets = y.transpose(0, 2, 1).reshape(-1, y.shape[1])
+                taps = int(np.prod(layer.shape.kernel))
+                patches = gathered_patches(current[x_spec.output], layer.shape, taps)
+                rows, targets = patch_rows(patches, layer.shape), targets.reshape(len(targets), layer.shape.group, -1)
+            else:
+                rows, targets = _design(layer, current[layer.input], original[layer.output], self.rng,
+                                        self.positions)
+            self.acc[layer.name][int(held)].add(rows, targets)
+
+    def finish(self) -> tuple[list[Any], list[tuple[str, str]]]:
+        """Choose, solve and write every layer of the level."""
+        self.drawn.clear()
+        results = [_try_refit(self.out, layer, [m.freeze() for m in self.acc[layer.name]], self.alphas)
+                   for layer in self.layers]
+        return [r for r in results if isinstance(r, LayerRefit)], [r for r in results if isinstance(r, tuple)]
+
+
+def _refit_one(model: onnx.ModelProto, layer: _Layer, fit: PatchMoments | None, held: PatchMoments | None,
+               alphas: tuple[float, ...]) -> LayerRefit:
+    if fit is None:
+        fit, held = held, None
+    if fit is None:
+        raise PreconditionError(f"layer '{layer.name}': no calibration rows")
+    idx = node_index(model, layer.name)
+    weight, bias = layer_weights(model, model.graph.node[idx])
+    dim = fit.gram.shape[1]
+    if fit.count < MIN_ROWS_PER_DIM * dim:
+        # the held-out ridge choice and the keep-current guard bound the harm; fewer rows than unknowns is worth a
+        # warning, fewer than the rule of thumb only a note
+        level = logging.WARNING if fit.count < dim else logging.INFO
+        logger.log(level, "layer '%s': %d calibration rows for %d unknowns per output (about %d advised); the ridge "
+                   "chosen on held-out batches limits overfitting: more calibration samples may refit it better",
+                   layer.name, fit.count, dim, MIN_ROWS_PER_DIM * dim)
+    choice = choose_refit(fit, held, coef_from_weights(layer.shape, weight, bias), layer.shape.intercept, alphas)
+    if choice.alpha is not None:
+        new_weight, new_bias = weights_from_coef(layer.shape, choice.coef, tuple(weight.shape), weight.dtype)
+        write_weights(model, idx, new_weight, new_bias)
+    rows = fit.count + (held.count if held is not None else 0)
+    return LayerRefit(layer.name, layer.shape.op_type, layer.input, rows, dim, choice.alpha, choice.error_before,
+                      choice.error_after)
+
+
+def _try_refit(model: onnx.ModelProto, layer: _Layer, moments: list[PatchMoments | None],
+               alphas: tuple[float, ...]) -> LayerRefit | tuple[str, str]:
+    """Refit one layer, or return (layer, reason) when its weights cannot take the refit."""
+    try:
+        return _refit_one(model, layer, moments[0], moments[1], alphas)
+    except PreconditionError as err:
+        logger.warning("refit skipped layer '%s': %s", layer.name, err)
+        return layer.name, str(err)
+
+
+class _Skip(LevelJob):
+    """Layers a level can neither refit nor regress: recorded with the reason, nothing read."""
+
+    def __init__(self, skipped: list[tuple[str, str]]) -> None:
+        self.skipped = skipped
+
+    def add(self, held: bool, original: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> None:
+        """Nothing to fold."""
+
+    def finish(self) -> tuple[list[Any], list[tuple[str, str]]]:
+        """The recorded skips."""
+        return [], self.skipped
+
+
+def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
+                   keep: Mapping[str, Sequence[int]], dataset: Any, opts: Any) -> tuple[list[Any], list[tuple]]:
+    """R3 over every affected layer, level by level when ``opts.sequential`` (one sweep over the data).
+
+    A layer with more than ``opts.refit_max_dim`` unknowns per output (say a Flatten -> Gemm head of 25,088 inputs,
+    whose Gram matrix alone would take 5 GB) gets R2 instead, at its level, when it is a channel-map consumer.
+    """
+    layers, skipped = refit_targets(original, out, index, keep)
+    levels = layer_levels(original, [layer.index for layer in layers]) if opts.sequential else [0] * len(layers)
+    large = {layer.name for layer in layers if layer.dim > opts.refit_max_dim}
+    maps: dict[str, MapTarget] = {}
+    if large:  # consumer targets are needed only when some layer is too large for R3
+        maps = {t.node: t for t in consumer_targets(original, index, keep)[0]}
+    jobs: dict[int, list[LevelJob]] = {}
+    for level in sorted(set(levels)):
+        batch = [layer for layer, lvl in zip(layers, levels, strict=True) if lvl == level]
+        level_jobs: list[LevelJob] = []
+        too_large = [layer.name for layer in batch if layer.name in large]
+        if too_large:
+            level_jobs.append(MapLevel([maps[n] for n in too_large if n in maps], original, out, regress_solver,
+                                       sequential=opts.sequential, ridge=opts.ridge,
+                                       max_positions=opts.max_positions, seed=opts.seed))
+            level_jobs.append(_Skip([(n, f"more than {opts.refit_max_dim} unknowns per output for R3 and not a "
+                                         "channel-map consumer for R2; left as it is")
+                                     for n in too_large if n not in maps]))
+        fit = [layer for layer in batch if layer.name not in large]
+        if fit:
+            level_jobs.append(RefitLevel(fit, out, ridge=opts.ridge, positions=opts.refit_positions,
+                                         seed=opts.seed + level))
+        jobs[level] = level_jobs
+    done, missed = sweep_levels(original, out, dict(zip((layer.index for layer in layers), levels, strict=True)),
+                                jobs, dataset, sequential=opts.sequential, progress=opts.progress, **opts.session())
+    return done, skipped + missed
