@@ -13,11 +13,12 @@ The achieved MACs fraction is always counted on the written graph with ``graph_o
 (``benchmarks/peers.py``) run on the same ONNX files and data and are matched on achieved MACs by bisection on their
 sparsity knob.
 
-Task-dependent scenario (``--stage task``): 3-vs-8 and odd-vs-even. The head is restricted to the task: for 3-vs-8 the
-classifier keeps only the rows of digits 3 and 8 (two logits; the predicted class is the larger); odd-vs-even needs
-all ten logits and predicts the parity of the largest. Calibration and recovery use the first ``N`` training samples
-of the task (only 3s and 8s for 3-vs-8, every digit for odd-vs-even), with binary task labels; evaluation uses the
-task's held-out samples. Rows: ``di (task labels)``, ``di (10-class labels)`` (the same model scored with the ten digit
+Task-dependent scenario (``--stage task``), with the product's task feature (``pipeline.task``, what
+``--task-classes`` / ``--task-map`` do): 3-vs-8 restricts the head to the logits of digits 3 and 8 (the predicted class
+is the larger); odd-vs-even groups the ten logits into two (log-sum-exp per group: the group with more probability mass
+wins; before the product feature this benchmark predicted the parity of the single largest logit). Calibration and
+recovery use the first ``N`` training samples of the task (only 3s and 8s for 3-vs-8, every digit for odd-vs-even),
+with task labels; evaluation uses the task's held-out samples. Rows: ``di (task labels)``, ``di (10-class labels)`` (the same model scored with the ten digit
 labels of the first ``N`` training samples: the task-agnostic choice) and ``l2``, each with the default recovery on
 the task's calibration samples; targets down to 1/32 of the MACs. Reported: the smallest achieved MACs fraction that
 stays within 1 point of the unpruned task accuracy.
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,12 @@ from graph_ops.cost import count
 from graph_ops.errors import PruneError
 from graph_ops.io import atomic_write_bytes
 from pipeline.bench import machine_info
-from pipeline.data import from_iterable, open_dataset
+from pipeline.data import open_dataset
 from pipeline.evaluate import evaluate
 from pipeline.orchestrate import PruneRun
 from pipeline.plan import PruningPlan
 from pipeline.recovery import DEFAULT_RECOVERY
+from pipeline.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -239,88 +242,55 @@ def peer_recovered(model: onnx.ModelProto, original: onnx.ModelProto, full: Any,
         return {"error": f"{type(err).__name__}: {err}"[:500]}
 
 
-def task_dataset(split: str, task: str, limit: int | None = None, digits: bool = False) -> Any:
-    """The first ``limit`` samples of a split that belong to the task, with binary task labels (0: first group,
-    1: second) or, with ``digits=True``, their digit labels."""
-    base = open_dataset("mnist", split=split)
+def task_of(task: str) -> Task:
+    """The product's task for a benchmark task: 3-vs-8 keeps the logits of digits 3 and 8 (``--task-classes 3,8``);
+    odd-vs-even groups the ten digits (``--task-map``: log-sum-exp of the member logits per group)."""
     first, second = TASKS[task]
-    labels = np.asarray(base.labels)
+    if len(first) == 1 and len(second) == 1:
+        return Task(classes=(*first, *second))
+    return Task(groups=(("odd" if 1 in first else "first", first), ("even" if 0 in second else "second", second)))
+
+
+def task_samples(split: str, task: str, limit: int | None = None) -> Any:
+    """The first ``limit`` samples of an MNIST split whose digit belongs to the task (digit labels: the run's task
+    maps them)."""
+    data = open_dataset("mnist", split=split)
+    labels = np.asarray(data.labels)
+    first, second = TASKS[task]
     rows = np.flatnonzero(np.isin(labels, first + second))[:limit]
-    x = base.loader(rows)[base.keys[0]]
-    y = labels[rows] if digits else np.isin(labels[rows], second).astype(np.int64)
-    return from_iterable([(x, y)], name=f"mnist {split} {task}")
+    base = data.loader
+    return replace(data, name=f"{data.name} {task}[:{rows.size}]", num_samples=int(rows.size), labels=labels[rows],
+                   loader=lambda idx: base(rows[idx]))
 
 
-def head_classes(task: str) -> tuple[int, ...] | None:
-    """The logits a task's head keeps (None: all ten are needed)."""
-    first, second = TASKS[task]
-    classes = tuple(sorted(first + second))
-    return classes if len(classes) < 10 else None
-
-
-def restrict_head(model: onnx.ModelProto, classes: Sequence[int]) -> onnx.ModelProto:
-    """A copy whose final Gemm (transB=1, producing the first graph output) keeps only the rows of ``classes``."""
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    node = next(n for n in graph.node if n.output[0] == graph.output[0].name)
-    if node.op_type != "Gemm" or not any(a.name == "transB" and a.i == 1 for a in node.attribute):
-        raise ValueError(f"the head '{node.name}' is not a Gemm with transB=1")
-    inits = {t.name: t for t in graph.initializer}
-    for pos in (1, 2):
-        value = numpy_helper.to_array(inits[node.input[pos]])[list(classes)]
-        inits[node.input[pos]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), node.input[pos]))
-    graph.output[0].type.tensor_type.shape.dim[1].dim_value = len(classes)
-    del graph.value_info[:]
-    onnx.checker.check_model(out, full_check=True)
-    return out
-
-
-def task_top1(model: onnx.ModelProto, data: Any, task: str) -> float:
-    """Task accuracy: a restricted head predicts its larger logit; a ten-logit head the group of its largest."""
-    from pipeline.runtime import open_session
-
-    session = open_session(model.SerializeToString(), "ort-cpu", THREADS)
-    name = session.get_inputs()[0].name
-    logits, labels = [], []
-    for feeds, y in data.batches(500):
-        logits.append(session.run(None, {name: next(iter(feeds.values()))})[0])
-        labels.append(y)
-    top = np.concatenate(logits).argmax(axis=1)
-    pred = top if head_classes(task) is not None else np.isin(top, TASKS[task][1]).astype(np.int64)
-    return float(np.mean(pred == np.concatenate(labels)))
+def task_top1(model: onnx.ModelProto, data: Any) -> float:
+    """Task accuracy: the argmax of the task head against the task labels (``pipeline.evaluate``)."""
+    return float(evaluate(model, data, backend="ort-cpu", intra_op_threads=THREADS).top1)
 
 
 def task_model(name: str, task: str, targets: Sequence[float], n_calib: int, out: Path) -> None:
-    """The task rows at each target: task accuracy on the task's held-out samples, achieved MACs fraction."""
-    from graph_ops.io import save_model
-    from pipeline.prepare import prepare
-
-    classes = head_classes(task)
-    base = prepare(MODELS[name])
-    prepared = base
-    if classes is not None:
-        WORK.mkdir(parents=True, exist_ok=True)
-        prepared = prepare(save_model(restrict_head(base.model, classes), WORK / f"{name}.{task}.onnx"))
-    calib = task_dataset("train", task, limit=n_calib)
-    test = task_dataset("test", task)
+    """The task rows at each target, with the product's task feature (``pipeline.task``): the head is the task's,
+    calibration and recovery use the first ``n_calib`` training samples of the task's classes, evaluation the task's
+    held-out samples; task accuracy and achieved MACs fraction per cell."""
+    spec = task_of(task)
     options = {"backend": "ort-cpu", "intra_op_threads": THREADS, "progress": False}
-    run = PruneRun(prepared, calib, **options)
-    # the ten-digit scores come from the unrestricted model: same channel groups, ten-class head
-    ten = PruneRun(base, open_dataset("mnist", split="train", limit=n_calib), **options)
+    run = PruneRun(MODELS[name], task_samples("train", task, n_calib), task=spec, **options)
+    calib = run.data
+    test = run.task_data(open_dataset("mnist", split="test"), "evaluation")
+    # the ten-digit scores come from the model without a task head, calibrated on the first n_calib training digits
+    ten = PruneRun(MODELS[name], open_dataset("mnist", split="train", limit=n_calib), **options)
     scores = {"di (task labels)": run.scores("di"), "di (10-class labels)": ten.scores("di"), "l2": run.scores("l2")}
-    merge(out, ["tasks", task, name, "original"], {"top1": task_top1(prepared.model, test, task),
+    merge(out, ["tasks", task, name, "original"], {"top1": task_top1(run.prepared.model, test),
+                                                   "task": spec.to_dict(),
                                                    "samples": {"calibration": calib.num_samples,
                                                                "evaluation": test.num_samples}})
-    full = prepared.cost
+    full = run.prepared.cost
     for row in TASK_ROWS:
         for target in targets:
             try:
                 plan = run.plan(scores[row], target_macs=target)
                 pruned, _ = run.recover(run.apply(plan), plan, DEFAULT_RECOVERY)
-                cell = {"top1": task_top1(pruned, test, task), "macs_fraction": run.cost(pruned).macs / full.macs}
+                cell = {"top1": task_top1(pruned, test), "macs_fraction": run.cost(pruned).macs / full.macs}
             except PruneError as err:
                 cell = {"error": f"{type(err).__name__}: {err}"}
             merge(out, ["tasks", task, name, row, str(target)], cell)

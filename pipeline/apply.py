@@ -12,14 +12,15 @@ from graph_ops.prune import apply_plan
 from pipeline.orchestrate import keep_lists
 from pipeline.plan import PruningPlan
 from pipeline.prepare import prepare
+from pipeline.task import Task
 
 
 def apply_plan_file(model_path: str | Path, plan_path: str | Path, out_path: str | Path, *,
                     mask_only: bool = False) -> str:
     """Validate the plan against the model file, rewrite, verify, save atomically; return a one-line summary."""
     out = check_writable(out_path, model_path, plan_path)
-    prepared = prepare(model_path)
     plan = PruningPlan.load(plan_path)
+    prepared = prepare(model_path, Task.from_dict(plan.meta.get("task")))
     plan.validate(prepared.index, prepared.sha256)
     rewrite = zero_channels if mask_only else apply_plan
     result = rewrite(prepared.model, prepared.index, keep_lists(plan))

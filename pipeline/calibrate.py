@@ -132,7 +132,8 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
 
     Args:
         model: the prepared model (:func:`pipeline.prepare.prepare`), or an ONNX file (prepared here; never
-            modified; its sha256 identifies the statistics).
+            modified; its sha256 identifies the statistics). A prepared model with a task records it in the
+            statistics; ``dataset`` must then hold task labels (:meth:`pipeline.task.Task.dataset`).
         dataset: a :class:`pipeline.data.Dataset` (``batches(batch_size)`` yields ``(feeds, labels)``).
         probes: tensors to measure; default: all probes of all prunable groups of the canonical model.
         pooling: ``gap``, ``avg2`` or ``avg4`` (see the module docstring).
@@ -179,4 +180,5 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     _check_amount(stats, require_labels)
     logger.info("calibrated %d probes on %d samples (pooling %s)", len(stats), next(iter(stats.values())).n, pooling)
     return CalibrationStats(model_sha256=prepared.sha256, dataset=str(getattr(dataset, "name", type(dataset).__name__)),
-                            pooling=pooling, num_classes=num_classes, probes={p: stats[p] for p in names})
+                            pooling=pooling, num_classes=num_classes, probes={p: stats[p] for p in names},
+                            task=prepared.task.to_dict() if prepared.task else None)

@@ -111,15 +111,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task(args: argparse.Namespace) -> object | None:
+    """The task of ``--task-classes`` / ``--task-map`` (None when neither is given)."""
+    from pipeline.task import task_from_options
+
+    return task_from_options(getattr(args, "task_classes", None), getattr(args, "task_map", None))
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from graph_ops.io import check_writable
     from pipeline.calibrate import calibrate
+    from pipeline.prepare import prepare
 
     out = check_writable(args.output, args.model)
-    stats = calibrate(args.model, _dataset(args.data, args, split=args.split), pooling=args.pooling,
-                      batch_size=args.batch_size, progress=not args.quiet)
+    task = _task(args)
+    data = _dataset(args.data, args, split=args.split)
+    note = ""
+    if task is not None:
+        restricted = task.dataset(data)
+        data, note = restricted.data, f" (task {task.describe()}: {restricted.dropped} samples of other classes dropped)"
+    stats = calibrate(prepare(args.model, task), data, pooling=args.pooling, batch_size=args.batch_size,
+                      progress=not args.quiet)
     stats.save(out)
-    print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples")
+    print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
     return 0
 
 
@@ -128,10 +142,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.orchestrate import score
     from pipeline.prepare import prepare
     from pipeline.stats import CalibrationStats
+    from pipeline.task import Task
 
     out = check_writable(args.output, args.stats, args.model)
-    prepared = prepare(args.model)
     stats = CalibrationStats.load(args.stats) if args.stats else None
+    prepared = prepare(args.model, Task.from_dict(stats.task) if stats is not None else None)
     if stats is not None and stats.model_sha256 != prepared.sha256:
         raise UserInputError(f"statistics {args.stats} were computed for model {stats.model_sha256[:12]}, "
                              f"not for {args.model} ({prepared.sha256[:12]}); calibrate this model first")
@@ -146,10 +161,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import select_channels
     from pipeline.prepare import prepare
     from pipeline.scorers.base import ChannelScores
+    from pipeline.task import Task
 
     out = check_writable(args.output, args.scores)
     scores, model_path = ChannelScores.load(args.scores)
-    prepared = prepare(args.model or model_path)
+    prepared = prepare(args.model or model_path, Task.from_dict(scores.task))
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
@@ -157,6 +173,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                            round_to=_round_to(args), min_channels=args.min_channels,
                            protect=tuple(args.protect), keep_first_and_last=not args.prune_ends)
     plan = plan.with_sha(prepared.sha256)
+    if scores.task:
+        from dataclasses import replace
+
+        plan = replace(plan, meta={**plan.meta, "task": dict(scores.task)})
     plan.save(out)
     print(f"wrote {out}: {plan.summary()}")
     return 0
@@ -165,16 +185,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.orchestrate import prune
 
-    if args.target_macs is None and args.target_params is None:
-        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.5)")
+    if args.target_macs is None and args.target_params is None and args.max_drop is None:
+        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.5), or "
+                             "--max-drop P (accuracy points) with --eval-data")
+    if args.max_drop is not None and (args.target_macs is not None or args.target_params is not None):
+        raise UserInputError("--max-drop searches the budget itself; drop --target-macs / --target-params")
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
     report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split), method=args.method,
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
-                   recover=args.recover, recover_mode=args.recover_mode)
+                   recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop)
     for note in report.notes:
         logger.warning(note)
+    for step in report.search:
+        logger.info("searched MACs %.4f: top-1 %.4f (%s)", step["macs_fraction"], step["top1"],
+                    "within" if step["within"] else "outside")
     print(f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
     return 0
 
@@ -182,9 +208,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
 
+    task = _task(args)
     report = evaluate(args.model, _dataset(args.data, args, split=_eval_split(args.data, args)),
-                      reference=args.reference)
-    print(json.dumps(report.to_dict(), indent=1))
+                      reference=args.reference, task=task)
+    doc = report.to_dict()
+    if task is not None:
+        doc["task"] = {**task.to_dict(), "names": list(task.names)}
+    print(json.dumps(doc, indent=1))
     return 0
 
 
@@ -209,6 +239,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in run_demo(Path(args.work), progress=not args.quiet):
         print(line)
     return 0
+
+
+def _add_task_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--task-classes", default=None, metavar="C1,C2,...",
+                       help="the task uses these classes of the model, in this order: the head keeps their scores, "
+                            "data of other classes is dropped, labels become task indices")
+    group.add_argument("--task-map", default=None, metavar="FILE.json",
+                       help='grouped task, e.g. {"odd": [1,3,5,7,9], "even": [0,2,4,6,8]}: one score per group '
+                            "(log-sum-exp of the member logits)")
 
 
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
     p.add_argument("--batch-size", type=int, default=64)
     _add_data_options(p)
+    _add_task_options(p)
 
     p = parsers["score"]
     p.add_argument("stats", nargs="?", default=None, help="statistics from 'diprune calibrate' (not for l1/l2/random)")
@@ -291,14 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-mode", choices=("sequential", "one-pass"), default="sequential",
                    help="sequential: layer by layer on the partly recovered model (default); one-pass: faster")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--max-drop", type=float, default=None, metavar="P",
+                   help="instead of a budget: the smallest model whose held-out top-1 (on --eval-data) stays within "
+                        "P accuracy points of the unpruned model; the report lists every budget tried")
     _add_budget_options(p)
     _add_data_options(p)
+    _add_task_options(p)
 
     p = parsers["eval"]
     p.add_argument("model")
     p.add_argument("--data", required=True)
     p.add_argument("--reference", default=None, help="original model: adds agreement and relative logit error")
     _add_data_options(p)
+    _add_task_options(p)
 
     p = parsers["bench"]
     p.add_argument("models", nargs="+")

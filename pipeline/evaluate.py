@@ -24,6 +24,7 @@ import onnx
 
 from pipeline.errors import CalibrationError, UserInputError
 from pipeline.runtime import check_labels, model_input_specs, open_session, run, stream
+from pipeline.task import Task
 
 TOP_K = 5
 
@@ -110,7 +111,8 @@ def _report(totals: _Totals, num_classes: int, with_reference: bool) -> EvalRepo
 
 def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
              reference: str | os.PathLike[str] | onnx.ModelProto | None = None, batch_size: int = 256,
-             backend: str = "auto", intra_op_threads: int | None = None, progress: bool = False) -> EvalReport:
+             backend: str = "auto", intra_op_threads: int | None = None, progress: bool = False,
+             task: Task | None = None) -> EvalReport:
     """Top-1/top-5 accuracy of ``model`` on ``dataset``; agreement and logit error against ``reference``.
 
     Args:
@@ -121,6 +123,8 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         backend: ``auto`` (CUDA EP when really active, else CPU), ``ort-cpu`` or ``ort-cuda``.
         intra_op_threads: onnxruntime intra-op threads (default: onnxruntime's choice).
         progress: show a tqdm bar on stderr.
+        task: evaluate on the user's task (:mod:`pipeline.task`): the models get the task's head unless they carry
+            it already (a model pruned for the task), and the dataset keeps the task's samples with task labels.
 
     Returns:
         The :class:`EvalReport`.
@@ -128,6 +132,10 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     if dataset is None:
         raise UserInputError("evaluation needs data: give a dataset (e.g. --data mnist)")
     proto = _as_model(model)
+    if task is not None:
+        proto = task.head(proto)
+        reference = None if reference is None else task.head(_as_model(reference))
+        dataset = task.dataset(dataset).data
     num_classes = _num_classes(proto)
     specs = model_input_specs(proto)
     session = open_session(proto.SerializeToString(), backend, intra_op_threads)

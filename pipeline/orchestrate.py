@@ -16,17 +16,19 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from graph_ops.cost import CostReport, count
-from graph_ops.errors import UserInputError
+from graph_ops.errors import UserInputError, VerificationError
 from graph_ops.io import check_writable, save_model, sha256_file
 from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
+from graph_ops.task_head import model_task
 from pipeline.calibrate import calibrate
 from pipeline.plan import PruningPlan, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
@@ -35,6 +37,7 @@ from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
 from pipeline.stats import CalibrationStats
+from pipeline.task import Task
 
 __all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "score", "write_candidate"]
 
@@ -45,12 +48,17 @@ RECOVER_MODES = ("sequential", "one-pass")
 
 def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, *, seed: int = 0,
           params: Mapping[str, float] | None = None) -> ChannelScores:
-    """Score every prunable group of a prepared model with a registered scorer."""
+    """Score every prunable group of a prepared model with a registered scorer (the scores record its task)."""
     if method not in SCORERS:
         raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    task = prepared.task.to_dict() if prepared.task else None
+    if stats is not None and (stats.task or None) != task:
+        raise UserInputError(f"the statistics were calibrated for task {stats.task}, the model is prepared for "
+                             f"{task}; calibrate with the same --task-classes / --task-map")
     ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
                          seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights)
-    return SCORERS[method](ctx)
+    scores = SCORERS[method](ctx)
+    return replace(scores, task=task) if task else scores
 
 
 def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
@@ -94,20 +102,34 @@ class PruneRun:
         seed: seed of random scorers and of recovery's position sampling.
         progress: tqdm bars on stderr.
         work_dir: where recovery may spill large activations (default: the system's temp folder).
+        task: the user's task (:class:`pipeline.task.Task`): the model's head is rewritten into the task's scores
+            and the calibration data keeps only the task's samples, with task labels.
     """
 
     def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *, pooling: str = "gap",
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
-                 progress: bool = True, work_dir: str | os.PathLike[str] | None = None) -> None:
+                 progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
+                 task: Task | None = None) -> None:
         """Prepare the model (timed as ``analyze``); nothing else runs yet."""
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
-            self.prepared = as_prepared(model)
+            self.prepared = as_prepared(model, task)
+        self.task = self.prepared.task
+        self.dropped: dict[str, int] = {}
+        data = self.task_data(data, "calibration")
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else str(work_dir)
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
+
+    def task_data(self, data: Any | None, role: str) -> Any | None:
+        """``data`` restricted to the run's task (samples of other classes dropped, task labels), or as it is."""
+        if data is None or self.task is None:
+            return data
+        restricted = self.task.dataset(data)
+        self.dropped[role] = restricted.dropped
+        return restricted.data
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -144,6 +166,14 @@ class PruneRun:
                 self._scores[key] = score(self.prepared, stats, method, seed=key[1], params=params)
         return self._scores[key]
 
+    def task_record(self) -> dict[str, Any]:
+        """What reports say about the task: the head (output, width, classes or groups) and dropped samples."""
+        if self.task is None:
+            return {}
+        head = model_task(self.prepared.model) or {}
+        return {**self.task.to_dict(), "output": head.get("output"), "original_width": head.get("width"),
+                "names": list(self.task.names), "dropped_samples": dict(self.dropped)}
+
     def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
              round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
              keep_first_and_last: bool = True) -> PruningPlan:
@@ -152,6 +182,8 @@ class PruneRun:
             plan = select_channels(scores, self.prepared.index, target_macs=target_macs, target_params=target_params,
                                    round_to=round_to, min_channels=min_channels, protect=tuple(protect),
                                    keep_first_and_last=keep_first_and_last)
+        if self.task is not None:
+            plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
         return plan.with_sha(self.prepared.sha256)
 
     def apply(self, plan: PruningPlan) -> onnx.ModelProto:
@@ -196,7 +228,8 @@ class PruneRun:
         return count(model, declared_shapes(model))
 
     def evaluate(self, model: onnx.ModelProto, data: Any, *, reference: bool = True) -> dict[str, Any]:
-        """Held-out metrics of a model (and its agreement with the original when ``reference``)."""
+        """Held-out metrics of a model of this run (and its agreement with the original when ``reference``);
+        ``data`` is restricted to the run's task (:meth:`task_data`) by the caller."""
         from pipeline.evaluate import evaluate
 
         with self.timed("evaluate"):
@@ -218,7 +251,8 @@ def check_options(method: str, recover: str, recover_mode: str, data: Any | None
 
 
 def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
-                    evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None) -> Report:
+                    evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
+                    search: tuple[Mapping[str, Any], ...] = ()) -> Report:
     """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (each atomically) and return the report."""
     out_path = Path(out_path)
     save_model(candidate.model, out_path)
@@ -232,16 +266,73 @@ def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.Path
         output_sha256=sha256_file(out_path), method=candidate.method, budget=dict(candidate.budget),
         original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
         groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
-        evaluation=dict(evaluation or {}), notes=notes, recovery=dict(candidate.recovery))
+        evaluation=dict(evaluation or {}), notes=notes, recovery=dict(candidate.recovery), task=run.task_record(),
+        search=search)
     report.save(Path(f"{out_path}.report.json"))
     return report
+
+
+SEARCH_STEPS = 6
+"""Bisection steps of ``--max-drop`` after the smallest reachable model (each one a prune + recovery + evaluation)."""
+
+
+def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float, *, steps: int = SEARCH_STEPS,
+                    **options: Any) -> tuple[Candidate, dict[str, Any], tuple[dict[str, Any], ...]]:
+    """The smallest model (by achieved MACs) whose held-out top-1 stays within ``max_drop`` points of the unpruned
+    model's, found on one calibration: first the smallest reachable model (every group at its floor), then a
+    geometric bisection of the MACs target between the largest failing and the smallest passing achieved fraction.
+    Accuracy is not guaranteed monotone in the budget, so this is a search, not a proof; every tried budget is
+    returned.
+
+    Returns:
+        The best candidate, its evaluation ``{"original": ..., "pruned": ...}`` and the tried budgets.
+
+    Raises:
+        VerificationError: no tried budget keeps the accuracy within the bound (nothing is written).
+    """
+    if max_drop < 0:
+        raise UserInputError(f"--max-drop is a number of accuracy points >= 0, got {max_drop}")
+    original = run.evaluate(run.prepared.model, eval_data, reference=False)
+    if original.get("top1") is None:
+        raise UserInputError("--max-drop needs labelled evaluation data (top-1 accuracy)")
+    bound = original["top1"] - max_drop / 100.0
+    full = run.prepared.cost.macs
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, Candidate, dict[str, Any]] | None = None
+    low, high = None, 1.0
+    target = 1e-6  # first: the smallest reachable model
+    for _ in range(steps + 1):
+        candidate = run.candidate(method, target_macs=target, **options)
+        pruned = run.evaluate(candidate.model, eval_data)
+        achieved = run.cost(candidate.model).macs / full
+        passed = pruned["top1"] >= bound
+        tried.append({"target_macs": round(target, 6), "macs_fraction": round(achieved, 6), "top1": pruned["top1"],
+                      "drop_points": round(100 * (original["top1"] - pruned["top1"]), 3), "within": passed})
+        logger.info("--max-drop search: target %.4f -> MACs %.4f, top-1 %.4f (%s)", target, achieved, pruned["top1"],
+                    "within" if passed else "outside")
+        if passed and (best is None or achieved < best[0]):
+            best = (achieved, candidate, pruned)
+        if passed:
+            high = min(high, achieved)
+            if low is None:
+                break  # the smallest reachable model is within the bound
+        else:
+            low = achieved if low is None else max(low, achieved)
+        if low is not None and high / low < 1.02:
+            break
+        target = float(np.sqrt(low * high)) if low is not None else 1.0
+    if best is None:
+        raise VerificationError(f"no tried budget keeps the held-out top-1 within {max_drop} points of the unpruned "
+                                f"model's {original['top1']:.4f}: " + "; ".join(
+                                    f"MACs {t['macs_fraction']:.3f} -> {t['top1']:.4f}" for t in tried))
+    return best[1], {"original": original, "pruned": best[2]}, tuple(tried)
 
 
 def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",
           target_macs: float | None = None, target_params: float | None = None, round_to: int = 8,
           min_channels: int = 8, protect: Iterable[str] = (), pooling: str = "gap", batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
-          recover_mode: str = "sequential") -> Report:
+          recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -249,18 +340,30 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     ``recover="none"``. ``recover`` (a key of ``pipeline.recovery.RECOVERY``; default
     ``pipeline.recovery.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on
     the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered
-    model) or ``one-pass``. One :class:`PruneRun` chains the stages; the report's ``timings_s`` has one entry per
-    stage that ran.
+    model) or ``one-pass``. ``task`` restricts the model's head and both datasets to the user's task
+    (:mod:`pipeline.task`). ``max_drop`` (accuracy points, instead of a budget) searches for the smallest model
+    within that many points of the unpruned model on ``eval_data`` (:func:`smallest_within`). One :class:`PruneRun`
+    chains the stages; the report's ``timings_s`` has one entry per stage that ran.
     """
     recover = DEFAULT_RECOVERY if recover is None else recover
     out_path = check_writable(out_path, model_path)
     check_options(method, recover, recover_mode, data)
+    if max_drop is not None and eval_data is None:
+        raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
+    if max_drop is None and target_macs is None and target_params is None:
+        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept), or --max-drop P")
     run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
-                   work_dir=out_path.resolve().parent)
-    candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, round_to=round_to,
-                              min_channels=min_channels, protect=protect, recover=recover, recover_mode=recover_mode)
-    evaluation = {}
-    if eval_data is not None:
-        evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
-                      "pruned": run.evaluate(candidate.model, eval_data)}
-    return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings)
+                   work_dir=out_path.resolve().parent, task=task)
+    eval_data = run.task_data(eval_data, "evaluation")
+    options = {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
+               "recover_mode": recover_mode}
+    search: tuple[dict[str, Any], ...] = ()
+    if max_drop is not None:
+        candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
+    else:
+        candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, **options)
+        evaluation = {}
+        if eval_data is not None:
+            evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
+                          "pruned": run.evaluate(candidate.model, eval_data)}
+    return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search)

@@ -25,6 +25,8 @@ from graph_ops.cost import CostReport, count
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import load_model, sha256_file
 from graph_ops.proto import declared_shapes
+from pipeline.errors import UserInputError
+from pipeline.task import Task
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,14 @@ class PreparedModel:
         sha256: sha256 of the file's bytes.
         model: the canonical model (what analysis, calibration, surgery and recovery work on).
         index: ``analyze(model)``: channel groups, edits, static shapes, fingerprint.
+        task: the task whose head the canonical model carries (:mod:`pipeline.task`), or None.
     """
 
     path: Path
     sha256: str
     model: onnx.ModelProto
     index: ChannelGroupIndex
+    task: Task | None = None
 
     def weights(self) -> dict[str, np.ndarray]:
         """Initializers as numpy arrays (for the data-free scorers)."""
@@ -68,20 +72,29 @@ def default_probes(index: ChannelGroupIndex) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for group in index.groups if group.prunable for p in group.probes))
 
 
-def prepare(path: str | os.PathLike[str]) -> PreparedModel:
-    """Load, hash, canonicalize and analyse a model file (see the module docstring).
+def prepare(path: str | os.PathLike[str], task: Task | None = None) -> PreparedModel:
+    """Load, hash, canonicalize and analyse a model file (see the module docstring); with a ``task``, the model's
+    first output is rewritten into the task's scores first (:meth:`pipeline.task.Task.head`).
 
     Raises:
-        UserInputError: a missing or unreadable file.
+        UserInputError: a missing or unreadable file, or a task that does not fit the model's output.
         PassError, VerificationError: canonicalization failed (the message names the pass).
     """
     path = Path(path)
     model = load_model(path)
     sha = sha256_file(path)
+    if task is not None:
+        model = task.head(model)
     canonical = canonicalize(model)
-    return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical, declared_shapes(canonical)))
+    return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical, declared_shapes(canonical)),
+                         task=task)
 
 
-def as_prepared(model: PreparedModel | str | os.PathLike[str]) -> PreparedModel:
-    """A prepared model as it is, or a model file prepared."""
-    return model if isinstance(model, PreparedModel) else prepare(model)
+def as_prepared(model: PreparedModel | str | os.PathLike[str], task: Task | None = None) -> PreparedModel:
+    """A prepared model as it is (its task must be ``task`` when one is given), or a model file prepared."""
+    if not isinstance(model, PreparedModel):
+        return prepare(model, task)
+    if task is not None and model.task != task:
+        raise UserInputError(f"the prepared model carries task {model.task and model.task.to_dict()}, not "
+                             f"{task.to_dict()}; prepare it with the task")
+    return model

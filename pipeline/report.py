@@ -2,7 +2,9 @@
 
 Written beside the pruned model as ``<out>.report.json`` (format ``diprune.report/1``) so that an MLOps gate can read
 the budget, the achieved MACs/params fractions, the kept channels per group and, when an evaluation set was given,
-held-out accuracy of the original and the pruned model.
+held-out accuracy of the original and the pruned model. With a task (``--task-classes`` / ``--task-map``) it records
+the task head (original output name and width, the classes or groups kept) and how many samples of other classes were
+dropped; with ``--max-drop`` every budget the search tried.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Report:
     evaluation: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     recovery: Mapping[str, Any] = field(default_factory=dict)
+    task: Mapping[str, Any] = field(default_factory=dict)
+    search: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def macs_fraction(self) -> float:
@@ -63,6 +67,8 @@ class Report:
             "recovery": dict(self.recovery),
             "evaluation": dict(self.evaluation),
             "notes": list(self.notes),
+            **({"task": dict(self.task)} if self.task else {}),
+            **({"search": [dict(s) for s in self.search]} if self.search else {}),
         }
 
     def save(self, path: str | Path) -> Path:

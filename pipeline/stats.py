@@ -302,26 +302,27 @@ class CalibrationStats:
     pooling: str
     num_classes: int
     probes: Mapping[str, ProbeStats] = field(default_factory=lambda: MappingProxyType({}))
+    task: Mapping[str, Any] | None = None  # the task whose head the model carried (pipeline.task.Task.to_dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "probes", MappingProxyType(dict(sorted(self.probes.items()))))
 
     def merge(self, other: CalibrationStats) -> CalibrationStats:
         """Statistics of both sample sets (same model, pooling, classes and probes)."""
-        mine = (self.model_sha256, self.pooling, self.num_classes, tuple(self.probes))
-        theirs = (other.model_sha256, other.pooling, other.num_classes, tuple(other.probes))
+        mine = (self.model_sha256, self.pooling, self.num_classes, tuple(self.probes), self.task)
+        theirs = (other.model_sha256, other.pooling, other.num_classes, tuple(other.probes), other.task)
         if mine != theirs:
             raise CalibrationError("cannot merge statistics of different models, poolings, classes or probes: "
                                    f"{mine[:3]} vs {theirs[:3]}")
         dataset = self.dataset if self.dataset == other.dataset else f"{self.dataset} + {other.dataset}"
         merged = {name: stats.merge(other.probes[name]) for name, stats in self.probes.items()}
-        return CalibrationStats(self.model_sha256, dataset, self.pooling, self.num_classes, merged)
+        return CalibrationStats(self.model_sha256, dataset, self.pooling, self.num_classes, merged, self.task)
 
     def _header(self) -> dict[str, Any]:
         return {"format": STATS_FORMAT, "model_sha256": self.model_sha256, "dataset": self.dataset,
                 "pooling": self.pooling, "num_classes": self.num_classes,
                 "probes": [{"name": name, "n": p.n, "elements": p.elements, "cells": p.cells}
-                           for name, p in self.probes.items()]}
+                           for name, p in self.probes.items()], **({"task": dict(self.task)} if self.task else {})}
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.npz`` (arrays ``p<i>.<field>``, JSON header in ``__header__``), atomically."""
@@ -354,4 +355,5 @@ class CalibrationStats:
             raise UserInputError(f"{path} is not a readable DIPrune statistics file (corrupt or truncated; "
                                  f"re-run 'diprune calibrate'): {err}") from err
         return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
-                   pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes)
+                   pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes,
+                   task=header.get("task"))

@@ -81,6 +81,7 @@ class ChannelScores:
     order: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
     retention: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
     model_sha256: str = ""
+    task: Mapping[str, Any] | None = None  # the task whose head the scored model carried (pipeline.task)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(sorted(self.params.items()))))
@@ -106,6 +107,8 @@ class ChannelScores:
             groups[gid] = entry
         doc = {"format": SCORES_FORMAT, "model_sha256": self.model_sha256, "model_path": model_path,
                "method": self.method, "params": dict(self.params), "groups": groups}
+        if self.task:
+            doc["task"] = dict(self.task)
         return json.dumps(doc, indent=1, sort_keys=True)
 
     @classmethod
@@ -123,7 +126,7 @@ class ChannelScores:
                          scores={g: e["scores"] for g, e in groups.items()},
                          order={g: e["order"] for g, e in groups.items() if "order" in e},
                          retention={g: e["retention"] for g, e in groups.items() if "retention" in e},
-                         model_sha256=str(doc.get("model_sha256") or ""))
+                         model_sha256=str(doc.get("model_sha256") or ""), task=doc.get("task"))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserInputError(f"scores file has a missing or malformed field: {err!r}") from err
         return scores, doc.get("model_path")

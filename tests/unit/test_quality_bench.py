@@ -14,11 +14,10 @@ from benchmarks.quality import (
     DI_ROW,
     bisect_budget,
     fmt,
-    head_classes,
     merge,
     report_lines,
-    restrict_head,
     series,
+    task_of,
     task_top1,
 )
 from graph_ops.cost import count
@@ -110,22 +109,18 @@ def _tiny_head_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_restricted_head_keeps_the_task_rows_and_predicts_among_them() -> None:
+def test_benchmark_tasks_are_the_products_task_heads() -> None:
     from pipeline.data import from_iterable
 
-    model = restrict_head(_tiny_head_model(), head_classes("3-vs-8"))
+    assert task_of("3-vs-8").classes == (3, 8)
+    assert task_of("odd-vs-even").groups == (("odd", (1, 3, 5, 7, 9)), ("even", (0, 2, 4, 6, 8)))
+    model = task_of("3-vs-8").head(_tiny_head_model())
     assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2
     x = np.zeros((4, 4), np.float32)
-    # logits of the restricted head are (3, 8): class 1 (= digit 8) always wins
-    assert task_top1(model, from_iterable([(x, np.array([1, 1, 0, 1]))]), "3-vs-8") == pytest.approx(0.75)
-    assert head_classes("odd-vs-even") is None
-
-
-def test_ten_logit_task_accuracy_is_the_parity_of_the_top_logit() -> None:
-    from pipeline.data import from_iterable
-
-    x = np.zeros((4, 4), np.float32)  # digit 9 wins: odd = group 0
-    assert task_top1(_tiny_head_model(), from_iterable([(x, np.array([0, 0, 1, 0]))]), "odd-vs-even") == 0.75
+    # logits of the restricted head are (3, 8): task class 1 (= digit 8) always wins
+    assert task_top1(model, from_iterable([(x, np.array([1, 1, 0, 1]))])) == pytest.approx(0.75)
+    grouped = task_of("odd-vs-even").head(_tiny_head_model())  # logit c = c: odd holds more mass (9, 7, ...)
+    assert task_top1(grouped, from_iterable([(x, np.array([0, 0, 1, 0]))])) == 0.75
 
 
 def test_merge_creates_and_updates_levels(tmp_path) -> None:
