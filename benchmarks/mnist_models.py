@@ -9,6 +9,8 @@ logits. The families cover the graph constructs that channel pruning must handle
 * ``resnet`` (about 0.9M): basic residual blocks with 1x1 projection shortcuts and identity blocks.
 * ``mobilenet`` (about 0.9M): MobileNetV2 inverted residuals (1x1 expand, 3x3 depthwise, 1x1 linear project).
 * ``inception`` (about 0.8M): GoogLeNet-style modules whose four branches are concatenated on the channel axis.
+* ``lenet`` (about 1.2M): Conv 32 -> Conv 64 -> MaxPool -> Flatten -> Linear 128 -> Linear 10, the plain small
+  classifier whose Flatten -> Linear head reads every spatial position of the last conv.
 
 This module imports torch at import time; it is a benchmark script helper, not part of the runtime package.
 """
@@ -170,12 +172,22 @@ def inception() -> nn.Module:
     )  # fmt: skip
 
 
+def lenet() -> nn.Module:
+    """LeNet-style plain CNN (the common small production classifier): Conv 32 (3x3) -> ReLU -> Conv 64 (3x3) ->
+    ReLU -> MaxPool 2 -> Flatten (64 x 12 x 12) -> Linear 128 -> ReLU -> Linear 10; no BatchNorm, no padding."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(inplace=True), nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 12 * 12, 128), nn.ReLU(inplace=True), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
 FAMILIES = {
     "demo": DemoNet,
     "resnet": resnet,
     "inception": inception,
     "vgg": vgg,
     "mobilenet": mobilenet,
+    "lenet": lenet,
 }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,7 +213,7 @@ def _pool_one(b: _Builder, x: str, shape: tuple[int | None, ...], elem_type: int
     return PooledProbe(x, shape_out, b.output(sums, double), nonzero, abs_sum, sizes)
 
 
-def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int = 1,
+def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int | Mapping[str, int] = 1,
                       summaries: bool = False) -> tuple[onnx.ModelProto, tuple[PooledProbe, ...]]:
     """A copy of ``model`` whose outputs are pooled summaries of the named tensors (and nothing else).
 
@@ -238,7 +238,7 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
     Args:
         model: the model (not modified); its declared shapes should cover the probes (a canonical model's do).
         names: probe tensors (node outputs or graph inputs of the main graph).
-        bins: K of the K x K adaptive bins (1: global sums).
+        bins: K of the K x K adaptive bins (1: global sums), for every probe or per probe name (missing: 1).
         summaries: add the nonzero counts and absolute sums.
 
     Returns:
@@ -261,12 +261,13 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
     probes = []
     for name in wanted:
         shape = shapes.get(name)
+        k = bins if isinstance(bins, int) else int(bins.get(name, 1))
         if shape is None or len(shape) < 2:
             raise PreconditionError(f"probe '{name}' needs a known shape (N, C, ...); it has {shape}")
-        if bins > 1 and len(shape) != 2 and (len(shape) != 4 or shape[2] is None or shape[3] is None):
-            raise PreconditionError(f"{bins}x{bins} pooling needs a static 4-D (N, C, H, W) probe, but '{name}' has "
+        if k > 1 and len(shape) != 2 and (len(shape) != 4 or shape[2] is None or shape[3] is None):
+            raise PreconditionError(f"{k}x{k} pooling needs a static 4-D (N, C, H, W) probe, but '{name}' has "
                                     f"shape {shape}; use global pooling or fix the input shape")
-        probes.append(_pool_one(builder, name, shape, types.get(name, onnx.TensorProto.FLOAT), bins, summaries))
+        probes.append(_pool_one(builder, name, shape, types.get(name, onnx.TensorProto.FLOAT), k, summaries))
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph

@@ -7,7 +7,10 @@ activations). The pooling runs *inside the graph* (:func:`graph_ops.probes.add_p
 and a spatial ``ReduceSum`` right after each probe's producer), so onnxruntime returns ``O(N C)`` numbers per probe
 and memory and transfer scale with channels, never with channels x positions or with the number of samples.
 
-Pooling (``POOLINGS``): ``gap`` averages over all spatial positions (``cells = 1``); ``avgK`` is K x K adaptive
+Pooling (``POOLINGS``): ``auto`` (the default) chooses per probe what its consumers read (:mod:`pipeline.pooling`: the
+grid a Flatten -> Gemm head sees, global average before global pooling, 2 x 2 otherwise, within a feature budget)
+and records it per probe in the statistics; ``gap`` averages over all spatial positions (``cells = 1``); ``avgK`` is
+K x K adaptive
 average pooling with the bin edges of ``torch.nn.AdaptiveAvgPool2d`` (bin ``i`` of an axis of length ``L`` covers
 ``[floor(i L / K), ceil((i + 1) L / K))``), giving ``cells = K * K`` features per channel laid out channel-major:
 feature ``c * cells + i * K + j`` is bin ``(i, j)`` of channel ``c``. Two-dimensional probes ``(N, C)`` have
@@ -41,16 +44,19 @@ import onnx
 from graph_ops.errors import PreconditionError
 from graph_ops.probes import PooledProbe, add_pooled_probes
 from pipeline.errors import CalibrationError, UserInputError
+from pipeline.pooling import consumer_bins
 from pipeline.prepare import PreparedModel, as_prepared, default_probes
 from pipeline.runtime import check_labels, model_input_specs, open_session, output_classes, stream
 from pipeline.stats import CalibrationStats, ChannelSummary, ProbeAccumulator, ProbeStats, channel_summaries
 
-__all__ = ["POOLINGS", "calibrate", "channel_summaries", "default_probes"]
+__all__ = ["DEFAULT_POOLING", "POOLINGS", "calibrate", "channel_summaries", "default_probes"]
 
 logger = logging.getLogger(__name__)
 
-POOLINGS: dict[str, int] = {"gap": 1, "avg2": 2, "avg4": 4}
-"""Pooling name -> K of the K x K adaptive average pooling (``gap`` = 1 x 1)."""
+POOLINGS: dict[str, int] = {"auto": 0, "gap": 1, "avg2": 2, "avg4": 4}
+"""Pooling name -> K of the K x K adaptive average pooling (``gap`` = 1 x 1; ``auto``: per probe, what its consumers
+read, :mod:`pipeline.pooling`)."""
+DEFAULT_POOLING = "auto"
 
 MIN_SAMPLES_PER_DIM = 10
 MIN_SAMPLES_PER_CLASS = 5
@@ -126,7 +132,7 @@ def _labels(labels: np.ndarray | None, n: int, num_classes: int, require_labels:
 
 
 def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, probes: Sequence[str] | None = None,
-              pooling: str = "gap", batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None,
+              pooling: str = DEFAULT_POOLING, batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None,
               progress: bool = True, require_labels: bool = True, summaries: bool = True) -> CalibrationStats:
     """Stream a dataset through a model and return per-probe sufficient statistics.
 
@@ -136,7 +142,7 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
             statistics; ``dataset`` must then hold task labels (:meth:`pipeline.task.Task.dataset`).
         dataset: a :class:`pipeline.data.Dataset` (``batches(batch_size)`` yields ``(feeds, labels)``).
         probes: tensors to measure; default: all probes of all prunable groups of the canonical model.
-        pooling: ``gap``, ``avg2`` or ``avg4`` (see the module docstring).
+        pooling: ``auto`` (per probe), ``gap``, ``avg2`` or ``avg4`` (see the module docstring).
         batch_size: samples per onnxruntime call.
         backend: ``auto`` (CUDA EP when really active, else CPU), ``ort-cpu`` or ``ort-cuda``.
         intra_op_threads: onnxruntime intra-op threads (default: onnxruntime's choice).
@@ -163,7 +169,8 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     if not names:
         raise CalibrationError(f"{prepared.path} has no prunable channel groups, so there is nothing to calibrate")
     try:
-        pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=POOLINGS[pooling], summaries=summaries)
+        bins = consumer_bins(prepared.model, prepared.index, names) if pooling == "auto" else POOLINGS[pooling]
+        pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries)
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
     session = open_session(pooled_model.SerializeToString(), backend, intra_op_threads)

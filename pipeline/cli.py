@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
+from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
@@ -195,7 +196,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
-                   recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop)
+                   recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
+                   robustness=args.robustness)
     for note in report.notes:
         logger.warning(note)
     for step in report.search:
@@ -209,11 +211,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
 
     task = _task(args)
-    report = evaluate(args.model, _dataset(args.data, args, split=_eval_split(args.data, args)),
-                      reference=args.reference, task=task)
+    data = _dataset(args.data, args, split=_eval_split(args.data, args))
+    report = evaluate(args.model, data, reference=args.reference, task=task)
     doc = report.to_dict()
     if task is not None:
         doc["task"] = {**task.to_dict(), "names": list(task.names)}
+    if args.robustness:
+        from graph_ops.io import load_model
+        from pipeline.robustness import robustness
+
+        if args.reference is None:
+            raise UserInputError("--robustness compares the model with its original: pass --reference ORIGINAL.onnx")
+        model, original = load_model(args.model), load_model(args.reference)
+        if task is not None:
+            model, original, data = task.head(model), task.head(original), task.dataset(data).data
+        doc["robustness"] = robustness(original, model, data)
     print(json.dumps(doc, indent=1))
     return 0
 
@@ -299,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--data", required=True, help="'mnist', an .npz (inputs + labels) or an image folder")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
+    p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
+                   help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
     p.add_argument("--batch-size", type=int, default=64)
     _add_data_options(p)
     _add_task_options(p)
@@ -323,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="calibration data: 'mnist', an .npz or an image folder")
     p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
     p.add_argument("--method", choices=sorted(SCORERS), default="di")
-    p.add_argument("--pooling", choices=("gap", "avg2", "avg4"), default="gap")
+    p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
+                   help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY,
@@ -332,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-mode", choices=("sequential", "one-pass"), default="sequential",
                    help="sequential: layer by layer on the partly recovered model (default); one-pass: faster")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--robustness", action="store_true",
+                   help="report top-1 and agreement under noise and FGSM/PGD attacks (needs --eval-data)")
     p.add_argument("--max-drop", type=float, default=None, metavar="P",
                    help="instead of a budget: the smallest model whose held-out top-1 (on --eval-data) stays within "
                         "P accuracy points of the unpruned model; the report lists every budget tried")
@@ -343,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--data", required=True)
     p.add_argument("--reference", default=None, help="original model: adds agreement and relative logit error")
+    p.add_argument("--robustness", action="store_true",
+                   help="with --reference: top-1 and agreement under Gaussian noise and FGSM/PGD examples crafted "
+                        "on the original (adversarial part needs the [torch] extra)")
     _add_data_options(p)
     _add_task_options(p)
 

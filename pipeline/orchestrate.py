@@ -29,10 +29,11 @@ from graph_ops.io import check_writable, save_model, sha256_file
 from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
-from pipeline.calibrate import calibrate
+from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
 from pipeline.plan import PruningPlan, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
@@ -56,7 +57,8 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
         raise UserInputError(f"the statistics were calibrated for task {stats.task}, the model is prepared for "
                              f"{task}; calibrate with the same --task-classes / --task-map")
     ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
-                         seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights)
+                         seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights,
+                         layers=prepared.layers)
     scores = SCORERS[method](ctx)
     return replace(scores, task=task) if task else scores
 
@@ -106,7 +108,8 @@ class PruneRun:
             and the calibration data keeps only the task's samples, with task labels.
     """
 
-    def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *, pooling: str = "gap",
+    def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *,
+                 pooling: str = DEFAULT_POOLING,
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
                  task: Task | None = None) -> None:
@@ -165,6 +168,18 @@ class PruneRun:
             with self.timed("score"):
                 self._scores[key] = score(self.prepared, stats, method, seed=key[1], params=params)
         return self._scores[key]
+
+    def calibration_record(self) -> dict[str, Any]:
+        """How many calibration samples each probe had against the advice (10 per feature), when calibrated."""
+        stats = self._stats.get(True) or self._stats.get(False)
+        if stats is None:
+            return {}
+        probes = {name: {"samples": p.n, "features": p.dim, "advised_samples": MIN_SAMPLES_PER_DIM * p.dim}
+                  for name, p in stats.probes.items()}
+        below = sorted(name for name, p in probes.items() if p["samples"] < p["advised_samples"])
+        return {"pooling": stats.pooling, "samples": next(iter(probes.values()))["samples"] if probes else 0,
+                "advised_samples": max((p["advised_samples"] for p in probes.values()), default=0),
+                "probes_below_advice": below, "probes": probes}
 
     def task_record(self) -> dict[str, Any]:
         """What reports say about the task: the head (output, width, classes or groups) and dropped samples."""
@@ -250,6 +265,16 @@ def check_options(method: str, recover: str, recover_mode: str, data: Any | None
                              "(or use a data-free method with --recover none)")
 
 
+def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
+    """The recovery record with, per refit layer, the rows it had against the advice (10 per unknown)."""
+    out = dict(recovery)
+    layers = [c for c in recovery.get("consumers", []) if "rows" in c and "dim" in c]
+    if layers:
+        below = [c["node"] for c in layers if c["rows"] < MIN_ROWS_PER_DIM * c["dim"]]
+        out["advice"] = {"rows_per_unknown": MIN_ROWS_PER_DIM, "layers": len(layers), "layers_below_advice": below}
+    return out
+
+
 def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
                     search: tuple[Mapping[str, Any], ...] = ()) -> Report:
@@ -266,8 +291,8 @@ def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.Path
         output_sha256=sha256_file(out_path), method=candidate.method, budget=dict(candidate.budget),
         original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
         groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
-        evaluation=dict(evaluation or {}), notes=notes, recovery=dict(candidate.recovery), task=run.task_record(),
-        search=search)
+        evaluation=dict(evaluation or {}), notes=notes, recovery=_with_advice(candidate.recovery),
+        task=run.task_record(), search=search, calibration=run.calibration_record())
     report.save(Path(f"{out_path}.report.json"))
     return report
 
@@ -330,9 +355,11 @@ def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float,
 
 def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",
           target_macs: float | None = None, target_params: float | None = None, round_to: int = 8,
-          min_channels: int = 8, protect: Iterable[str] = (), pooling: str = "gap", batch_size: int = 64,
+          min_channels: int = 8, protect: Iterable[str] = (), pooling: str = DEFAULT_POOLING,
+          batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
-          recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None) -> Report:
+          recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
+          robustness: bool = False) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -343,9 +370,12 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     model) or ``one-pass``. ``task`` restricts the model's head and both datasets to the user's task
     (:mod:`pipeline.task`). ``max_drop`` (accuracy points, instead of a budget) searches for the smallest model
     within that many points of the unpruned model on ``eval_data`` (:func:`smallest_within`). One :class:`PruneRun`
-    chains the stages; the report's ``timings_s`` has one entry per stage that ran.
+    chains the stages; the report's ``timings_s`` has one entry per stage that ran. ``robustness`` adds top-1 and
+    agreement under noise and adversarial examples to the evaluation (:mod:`pipeline.robustness`).
     """
     recover = DEFAULT_RECOVERY if recover is None else recover
+    if robustness and eval_data is None:
+        raise UserInputError("--robustness needs held-out data: pass --eval-data")
     out_path = check_writable(out_path, model_path)
     check_options(method, recover, recover_mode, data)
     if max_drop is not None and eval_data is None:
@@ -366,4 +396,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         if eval_data is not None:
             evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
                           "pruned": run.evaluate(candidate.model, eval_data)}
+    if robustness:
+        from pipeline.robustness import robustness as measure_robustness
+
+        with run.timed("robustness"):
+            evaluation["robustness"] = measure_robustness(run.prepared.model, candidate.model, eval_data,
+                                                          seed=seed, backend=run.backend)
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search)

@@ -22,8 +22,14 @@ group's saving includes the shrunken inputs of its consumers). Each step takes t
 (ties: group id), until the predicted MACs (and/or params) fraction is ``<=`` the target. When one or more
 single steps would meet the target, the finishing step is the one of them with the least loss (not the best
 ratio), which avoids a large overshoot from a cheap-per-MAC but big step. The greedy stops at the first step that
-crosses the target, so the result is within one step of it. When every group is at its
-minimum first, the plan is returned with ``meta["reached"] = False`` and a note.
+crosses the target, so the result is within one step of it. Then the *fill-back* moves groups back up one rung, the
+one that regains the most information first, as long as the budget still holds (``meta["filled_back"]`` steps), so
+the achieved fraction ends as close to the target as the widths allow, never above it. A group whose single
+``round_to`` step would cost more than ``FINE_SHARE`` (10 %) of the model's MACs (or params) steps by
+``round_to / 2`` instead (``meta["fine_steps"]`` and a note say so; no finer, since widths that are not multiples of
+4 cost 25-35 % more per MAC on onnxruntime CPU), e.g. the wide last conv of a small classifier that holds most of the
+MACs. When every group is at its minimum first, the plan is returned with
+``meta["reached"] = False`` and a note.
 
 "First layer" is detected from the cost model: a producer whose cost term reads only graph inputs (groups
 without producers) or no group at all (a fixed-width input), except a depthwise producer (``in_fixed = 1``) of a
@@ -54,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "diprune.plan/1"
 _FLOOR = 1e-12
+FINE_SHARE = 0.1
+"""A group whose ``round_to``-channel step costs more than this share of the model's MACs (or params) steps finer."""
 
 
 @dataclass(frozen=True)
@@ -242,14 +250,61 @@ def _keep_lists(scores: ChannelScores, alloc: _Allocation) -> dict[str, tuple[in
     return keep
 
 
+def _fine_steps(index: ChannelGroupIndex, groups: Iterable[Any], round_to: int, share: float,
+                targets: tuple[float | None, float | None]) -> dict[str, int]:
+    """Groups whose ``round_to`` step is more than ``share`` of the targeted cost get half the step (once: multiples
+    of 4 are what onnxruntime CPU needs, ``benchmarks/round_to.py``, so a step of 8 goes no finer than 4)."""
+    full = index.predict()
+    fine = {}
+    for group in groups:
+        if round_to < 2:
+            break
+        cut = index.predict({group.id: max(group.size - round_to, 0)})
+        shares = [(full[i] - cut[i]) / full[i] for i in (0, 1) if targets[i] is not None and full[i] > 0]
+        if max(shares, default=0.0) > share:
+            fine[group.id] = round_to // 2
+    return fine
+
+
+def _fill_back(alloc: _Allocation, targets: tuple[float, float], full: tuple[float, float]) -> int:
+    """Move groups back up one rung while the budget still holds, most information regained first; returns how
+    many steps were added back."""
+    added = 0
+    while True:
+        best = None
+        for gid in sorted(alloc.rung):
+            r = alloc.rung[gid]
+            if r == 0:
+                continue
+            widths = {**alloc.widths(), gid: alloc.ladders[gid][r - 1]}
+            fractions = _fractions(alloc.index, widths, full)
+            if fractions[0] > targets[0] or fractions[1] > targets[1]:
+                continue
+            gain = alloc.loss(gid, alloc.ladders[gid][r - 1], alloc.ladders[gid][r])
+            key = (gain, -fractions[0] - fractions[1])
+            if best is None or key > best[0]:
+                best = (key, gid)
+        if best is None:
+            return added
+        alloc.rung[best[1]] -= 1
+        added += 1
+
+
 def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_macs: float | None = None,
                     target_params: float | None = None, round_to: int = 8, min_channels: int = 8,
-                    protect: Iterable[str] = (), keep_first_and_last: bool = True) -> PruningPlan:
-    """Choose kept channels for a MACs and/or params budget by greedy global allocation (module docstring)."""
+                    protect: Iterable[str] = (), keep_first_and_last: bool = True, fill_back: bool = True,
+                    fine_share: float | None = FINE_SHARE) -> PruningPlan:
+    """Choose kept channels for a MACs and/or params budget by greedy global allocation (module docstring).
+
+    ``fill_back``: after the greedy, add back the most valuable removed steps that still fit the budget.
+    ``fine_share``: a group whose ``round_to`` step is more than this share of the targeted cost gets a finer step
+    (recorded in ``meta["fine_steps"]`` and the notes); None keeps every group on ``round_to``.
+    """
     _check_targets(target_macs, target_params)
     protected = set(protect) | (_ends(index) if keep_first_and_last else set())
-    ladders = {g.id: _ladder(g.size, round_to, min_channels) for g in index.groups
-               if g.prunable and g.id not in protected and g.id in scores.scores}
+    movable = [g for g in index.groups if g.prunable and g.id not in protected and g.id in scores.scores]
+    fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
+    ladders = {g.id: _ladder(g.size, fine.get(g.id, round_to), min_channels) for g in movable}
     full = index.predict()
     alloc = _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), full)
     targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
@@ -276,7 +331,13 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
                                 f"(predicted MACs x{fractions[0]:.3f}, params x{fractions[1]:.3f})"]
     if not reached:
         logger.warning(notes[0])
+    added = _fill_back(alloc, targets, full) if reached and fill_back else 0
+    fractions = _fractions(index, alloc.widths(), full)
+    used_fine = {gid: step for gid, step in fine.items() if alloc.rung[gid] > 0}
+    notes += [f"group {gid} steps by {step} channels, not {round_to}: one {round_to}-channel step is more than "
+              f"{fine_share:.0%} of the model's cost" for gid, step in sorted(used_fine.items())]
     meta = {"method": scores.method, "target_macs": target_macs, "target_params": target_params,
             "round_to": round_to, "min_channels": min_channels, "protected": sorted(protected),
-            "macs_fraction": fractions[0], "params_fraction": fractions[1], "reached": reached, "notes": notes}
+            "macs_fraction": fractions[0], "params_fraction": fractions[1], "reached": reached, "notes": notes,
+            "filled_back": added, "fine_steps": used_fine}
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(scores, alloc), meta=meta)

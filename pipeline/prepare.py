@@ -24,8 +24,9 @@ from graph_ops.channels import analyze, producer_weights
 from graph_ops.cost import CostReport, count
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import load_model, sha256_file
-from graph_ops.proto import declared_shapes
+from graph_ops.proto import declared_shapes, node_name
 from pipeline.errors import UserInputError
+from pipeline.scorers.base import Layer
 from pipeline.task import Task
 
 
@@ -60,6 +61,17 @@ class PreparedModel:
     def producer_weights(self) -> dict[str, tuple[str, int]]:
         """Producer node -> (weight initializer, output-channel axis), read off the analysis's edits."""
         return producer_weights(self.model, self.index)
+
+    @cached_property
+    def layers(self) -> tuple[Layer, ...]:
+        """Every layer that reads channels (its consumer edit of the weight), topological order."""
+        found = []
+        for edit in self.index.edits:
+            if edit.role == "consumer" and edit.kind == "take" and edit.pos == 1:
+                node = self.model.graph.node[edit.node]
+                found.append(Layer(node_name(node, edit.node), node.input[1], edit.axis, edit.block, edit.tensor,
+                                   node.output[0]))
+        return tuple(found)
 
     @property
     def probes(self) -> tuple[str, ...]:

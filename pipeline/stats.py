@@ -321,7 +321,8 @@ class CalibrationStats:
     def _header(self) -> dict[str, Any]:
         return {"format": STATS_FORMAT, "model_sha256": self.model_sha256, "dataset": self.dataset,
                 "pooling": self.pooling, "num_classes": self.num_classes,
-                "probes": [{"name": name, "n": p.n, "elements": p.elements, "cells": p.cells}
+                "probes": [{"name": name, "n": p.n, "elements": p.elements, "cells": p.cells,
+                            "pooling": "gap" if p.cells == 1 else f"avg{round(p.cells ** 0.5)}"}
                            for name, p in self.probes.items()], **({"task": dict(self.task)} if self.task else {})}
 
     def save(self, path: str | Path) -> Path:

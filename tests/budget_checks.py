@@ -39,10 +39,12 @@ def widths_of(plan: PruningPlan, index: ChannelGroupIndex) -> dict[str, int]:
 
 
 def rounding_step(plan: PruningPlan, index: ChannelGroupIndex, round_to: int) -> float:
-    """The largest predicted MACs increase of moving one shrunk group up one rung (see the module docstring)."""
+    """The largest predicted MACs increase of moving one shrunk group up one rung (see the module docstring; a
+    group the planner gave a finer step, ``meta["fine_steps"]``, moves by that step)."""
     widths = widths_of(plan, index)
+    fine = plan.meta.get("fine_steps", {})
     now = index.predict(widths)[0]
-    steps = [index.predict({**widths, g.id: min(widths[g.id] + round_to, g.size)})[0] - now
+    steps = [index.predict({**widths, g.id: min(widths[g.id] + fine.get(g.id, round_to), g.size)})[0] - now
              for g in index.groups if widths[g.id] < g.size]
     return max(steps, default=0.0)
 
@@ -63,8 +65,11 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
     (a group whose convs have unknown spatial size, e.g. behind an unfolded dynamic Reshape, costs 0 predicted MACs,
     so shrinking it cannot help a MACs budget).
     """
+    fine = plan.meta.get("fine_steps", {})
     for gid, kept in plan.keep.items():
-        assert len(kept) % round_to == 0 and len(kept) < index.group(gid).size, (gid, len(kept))
+        step = fine.get(gid, round_to)
+        assert step in (round_to, round_to // 2), (gid, step)
+        assert len(kept) % step == 0 and len(kept) < index.group(gid).size, (gid, len(kept))
     full = count(original).macs
     achieved = count(pruned).macs / full
     assert math.isclose(achieved, plan.meta["macs_fraction"], rel_tol=1e-9), (achieved, plan.meta["macs_fraction"])

@@ -6,6 +6,7 @@ from pipeline.scorers.base import ChannelScores, Scorer, ScoringContext
 from pipeline.scorers.baselines import ActivationScorer, NormScorer, RandomScorer
 from pipeline.scorers.di import DIScorer
 from pipeline.scorers.lda import LDAScorer
+from pipeline.scorers.lda_trace import LDATraceScorer
 from pipeline.scorers.pls import PLSVIPScorer
 
 __all__ = ["SCORERS", "ChannelScores", "Scorer", "ScoringContext"]
@@ -13,6 +14,7 @@ __all__ = ["SCORERS", "ChannelScores", "Scorer", "ScoringContext"]
 SCORERS: dict[str, Scorer] = {
     "di": DIScorer(),
     "lda": LDAScorer(),
+    "lda-trace": LDATraceScorer(),
     "pls-vip": PLSVIPScorer(),
     "l1": NormScorer(name="l1", power=1),
     "l2": NormScorer(name="l2", power=2),

@@ -40,6 +40,20 @@ def _frozen_map(items: Mapping[str, Any], dtype: Any) -> Mapping[str, np.ndarray
 
 
 @dataclass(frozen=True)
+class Layer:
+    """A layer that reads channels (an exit consumer: Conv with group 1, ConvTranspose, Gemm, MatMul), in the
+    form the tracing scorers need: its weight initializer, the weight axis of its input channels, the columns per
+    channel (``H*W`` after a channel-major Flatten, else 1), the tensor whose channels it reads and its output."""
+
+    name: str
+    weight: str
+    axis: int
+    block: int
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
 class ScoringContext:
     """Everything a scorer may read.
 
@@ -52,6 +66,7 @@ class ScoringContext:
         model_sha256: identity of the scored model (copied into the scores).
         producer_weights: producer node name -> (weight initializer name, output-channel axis); needed by
             ``l1``/``l2`` (Conv: axis 0, Gemm with transB=1: axis 0, MatMul: axis 1, ConvTranspose: axis 1).
+        layers: every layer that reads channels, in topological order (:class:`Layer`; for ``lda-trace``).
     """
 
     index: ChannelGroupIndex
@@ -61,6 +76,7 @@ class ScoringContext:
     seed: int = 0
     model_sha256: str = ""
     producer_weights: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
+    layers: tuple[Layer, ...] = ()
 
     def param(self, name: str, default: float) -> float:
         """A float parameter with its default."""

@@ -185,3 +185,40 @@ def test_a_producer_with_a_layout_free_input_is_not_a_first_layer() -> None:
     assert "a" not in plan.keep  # the stem (reads the graph input) stays whole
     assert "c" not in plan.keep  # the classifier input stays whole
     assert len(plan.keep["b"]) < 64  # the conv after the shuffle is prunable
+
+
+@pytest.mark.parametrize("retention", [False, True], ids=["scores", "retention"])
+@pytest.mark.parametrize("target", [0.8, 0.55, 0.35, 0.2])
+def test_fill_back_stays_within_the_budget_and_is_at_least_as_close(target: float, retention: bool) -> None:
+    index = _index()
+    scores = _scores(3, retention)
+    full = index.predict()[0]
+    plain = select_channels(scores, index, target_macs=target, keep_first_and_last=False, fill_back=False,
+                            fine_share=None)
+    filled = select_channels(scores, index, target_macs=target, keep_first_and_last=False, fine_share=None)
+    assert plain.meta["reached"] and filled.meta["reached"]
+    assert plain.meta["macs_fraction"] <= filled.meta["macs_fraction"] <= target
+    widths = {g.id: len(filled.keep.get(g.id, range(g.size))) for g in index.groups}
+    for gid in filled.keep:  # no shrunk group can move up one step without breaking the budget
+        up = min(widths[gid] + 8, index.group(gid).size)
+        assert index.predict({**widths, gid: up})[0] / full > target, gid
+    assert (filled.meta["filled_back"] > 0) == (dict(filled.keep) != dict(plain.keep))
+
+
+def test_a_group_holding_a_large_share_of_the_cost_steps_finer() -> None:
+    """g4 (64 channels, read by a wide Gemm) holds most of the MACs: its 8-channel step is more than 10 % of the
+    model, so it steps by 4, and the plan says so."""
+    hw = 16 * 16
+    cost = (CostTerm("conv", "Conv", 9.0 * hw, 9.0, 3, (), 0, ("g",), 1.0),
+            CostTerm("conv2", "Conv", 9.0 * hw, 9.0, 0, ("g",), 0, ("h",), 1.0),
+            CostTerm("fc", "Gemm", 16.0, 16.0, 0, ("h",), 10, (), 0.0))
+    groups = (ChannelGroup("g", 16, ("conv",), ("conv2",), ("g_relu",)),
+              ChannelGroup("h", 64, ("conv2",), ("fc",), ("h_relu",)))
+    index = ChannelGroupIndex(groups=groups, cost=cost)
+    scores = ChannelScores(method="l2", params={}, scores={"g": np.arange(16.0), "h": np.arange(64.0)},
+                           model_sha256=SHA)
+    plan = select_channels(scores, index, target_macs=0.7, keep_first_and_last=False)
+    assert plan.meta["fine_steps"].get("h") == 4 and any("group h steps by 4" in n for n in plan.meta["notes"])
+    assert len(plan.keep["h"]) % 4 == 0 and plan.meta["macs_fraction"] <= 0.7
+    coarse = select_channels(scores, index, target_macs=0.7, keep_first_and_last=False, fine_share=None)
+    assert 0.7 - plan.meta["macs_fraction"] <= 0.7 - coarse.meta["macs_fraction"]

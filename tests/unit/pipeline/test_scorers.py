@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -238,3 +241,45 @@ def test_di_without_class_information_is_uninformative_not_an_error() -> None:
     scores = SCORERS["di"](ScoringContext(index=_index([("g", 8)], {"t": [("g", 0)]}), stats=stats))
     np.testing.assert_array_equal(scores.order["g"], np.arange(8))
     np.testing.assert_allclose(scores.retention["g"], np.arange(9) / 8)
+
+
+def test_lda_trace_follows_utility_that_reaches_the_decision() -> None:
+    """x(6) -> Gemm A (identity) -> Relu -> Gemm H (4) -> Relu -> classifier. Inputs 0 and 1 both carry the
+    class, but H reads channel 1 of A with zero weight: layer-local LDA ranks A's channel 1 high, the traced
+    utility of the pre-decision layer (lda-trace) gives it nothing and ranks channel 0 first."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.calibrate import calibrate
+    from pipeline.data import from_iterable
+    from pipeline.orchestrate import score
+    from pipeline.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    w_h = np.zeros((4, 6), np.float32)
+    w_h[0, 0], w_h[1, 2], w_h[2, 3], w_h[3, 4:] = 1.0, 1.0, 1.0, 0.5
+    inits = {"wa": np.eye(6, dtype=np.float32), "ba": np.full(6, 3.0, np.float32), "wh": w_h,
+             "bh": np.full(4, 0.5, np.float32), "wc": rng.standard_normal((3, 4)).astype(np.float32),
+             "bc": np.zeros(3, np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "wa", "ba"], ["a"], name="A", transB=1),
+             helper.make_node("Relu", ["a"], ["ar"], name="ra"),
+             helper.make_node("Gemm", ["ar", "wh", "bh"], ["h"], name="H", transB=1),
+             helper.make_node("Relu", ["h"], ["hr"], name="rh"),
+             helper.make_node("Gemm", ["hr", "wc", "bc"], ["logits"], name="C", transB=1)]
+    graph = helper.make_graph(nodes, "planted", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = Path(tempfile.mkdtemp()) / "planted.onnx"
+    onnx.save(model, str(path))
+    y = np.arange(900) % 3
+    x = rng.standard_normal((900, 6)).astype(np.float32) * 0.3
+    x[:, 0] += y
+    x[:, 1] += y
+    prepared = prepare(path)
+    stats = calibrate(prepared, from_iterable([(x, y)]), progress=False)
+    traced = score(prepared, stats, "lda-trace").scores
+    local = score(prepared, stats, "lda").scores
+    group = next(g for g in prepared.index.groups if g.size == 6 and g.prunable).id
+    assert int(np.argmax(traced[group])) == 0 and traced[group][1] == 0.0
+    assert local[group][1] > 10 * np.median(local[group])  # the layer-local criterion keeps the unused channel
