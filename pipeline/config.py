@@ -269,8 +269,8 @@ def _prune(value: Any) -> PruneSpec:
     section = _keys(value, "prune", names)
     methods = tuple(_choice(m, "prune.methods", sorted(SCORERS)) for m in _list(section.get("methods", "di"),
                                                                                  "prune.methods"))
-    targets = {key: tuple(_number(t, f"prune.{key}", low=0.0, high=1.0, low_open=True)
-                          for t in _list(section[key], f"prune.{key}")) if key in section else ()
+    targets = {key: tuple(dict.fromkeys(_number(t, f"prune.{key}", low=0.0, high=1.0, low_open=True)
+                                        for t in _list(section[key], f"prune.{key}"))) if key in section else ()
                for key in ("target_macs", "target_params")}
     if not targets["target_macs"] and not targets["target_params"]:
         raise UserInputError("config: give a budget: 'prune.target_macs' and/or 'prune.target_params' (fractions "

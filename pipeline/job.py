@@ -240,6 +240,8 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     output = config.output
     _prepare_output(output)
     job = _Job(config, RunCache(output / "cache", enabled=use_cache), echo or (lambda _: None), progress)
+    if use_cache:  # also where recovery may spill activations
+        job.cache.root.mkdir(parents=True, exist_ok=True)
     calibration = None if config.calibration is None else _open(config.calibration, evaluation=False)
     evaluation = _open(config.evaluation, evaluation=True)
     _check_gates_fit_data(job, evaluation)
@@ -254,7 +256,7 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     if job.counts["calibration"] == "not needed" and any(needs_stats(m) for m in prune.methods):
         job.counts["calibration"] = "not needed (every candidate reused)"
     eval_id = data_identity(config.evaluation, evaluation.name)
-    job.echo(f"evaluate: the original and {len(made)} candidates on {evaluation.num_samples} samples")
+    job.echo(f"evaluate: the original and {len(made)} candidate(s) on {evaluation.num_samples} samples")
     original = _evaluate(job, run, run.prepared.model, evaluation, eval_id, reference=False)
     paths = []
     for name, candidate, _ in made:
@@ -302,7 +304,7 @@ def _finish(job: _Job, run: PruneRun, model_path: Path, calibration: Any, evalua
     atomic_write_files({output / "report.json": report.to_json().encode(),
                         output / "report.md": report.to_markdown().encode()})
     if tracker is not None:
-        job.echo(f"mlflow: logging the run and {len(report.candidates)} child runs to {tracker.uri}")
+        job.echo(f"mlflow: logging the run and {len(report.candidates)} child run(s) to {tracker.uri}")
         tracker.log_run(report, output)
     return report
 

@@ -178,6 +178,8 @@ class RunReport:
             verdict = "pass" if not failed else "FAIL " + ",".join(failed)
             lines.append(f"{c.name:<18} {c.macs_fraction:>6.3f} {c.params_fraction:>6.3f} {top1:>7} {drop:>7} "
                          f"{speed:>8}  {verdict}")
+        if not self.gates:
+            lines.append("no gates configured: every candidate passes")
         if self.best is not None:
             lines.append(f"best: {self.best} -> {output}/best.onnx (exit 0)")
         else:

@@ -35,6 +35,14 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def _store_error(uri: str, err: Exception) -> UserInputError:
+    hint = ""
+    if uri.startswith("file:") or "://" not in uri:
+        hint = " (MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE=true; the default sqlite store needs nothing)"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserInputError(f"MLflow tracking store {uri} is not usable: {first}{hint}")
+
+
 def _metrics(candidate: Mapping[str, Any]) -> dict[str, float]:
     values = {k: candidate.get(k) for k in ("macs_fraction", "params_fraction", "top1", "top5", "top1_drop",
                                              "agreement", "relative_logit_error")}
@@ -53,8 +61,8 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, output: Path) -> None:
         """Connect, create (or reuse) the experiment and open the parent run."""
         self.uri = uri
-        self.client = _client(uri)
         try:
+            self.client = _client(uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is not None:
                 self.experiment_id = found.experiment_id
@@ -63,8 +71,10 @@ class MlflowTracker:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
                                                  tags={"diprune.kind": "run"}).info.run_id
+        except UserInputError:
+            raise
         except Exception as err:  # mlflow raises its own types and store-specific errors
-            raise UserInputError(f"MLflow tracking store {uri} is not usable: {err}") from err
+            raise _store_error(uri, err) from err
         self.experiment = experiment
         self.children: dict[str, str] = {}
 
@@ -97,8 +107,18 @@ class MlflowTracker:
         return run_id
 
     def log_run(self, report: Any, output: Path) -> None:
-        """Log the parent run's record and one child run per candidate, then close the parent run."""
-        doc = report.to_dict()
+        """Log the parent run's record and one child run per candidate, then close the parent run.
+
+        Raises:
+            UserInputError: the store failed (the report files are written already).
+        """
+        try:
+            self._log_run(report.to_dict(), output)
+        except Exception as err:  # mlflow raises its own types and store-specific errors
+            raise UserInputError(f"logging to MLflow failed ({_store_error(self.uri, err)}); report.json and "
+                                 "report.md are written") from err
+
+    def _log_run(self, doc: dict[str, Any], output: Path) -> None:
         config = doc["config"]
         params = {"model": Path(doc["original"]["path"]).name, "methods": ",".join(config["prune"]["methods"]),
                   "target_macs": config["prune"]["target_macs"], "target_params": config["prune"]["target_params"],

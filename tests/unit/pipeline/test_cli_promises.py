@@ -56,12 +56,12 @@ def _mnist_arrays(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", ["truncated-zip", "not-a-zip"])
-@pytest.mark.parametrize("command", ["calibrate", "eval"])
+@pytest.mark.parametrize("command", ["calibrate", "eval", "bench"])
 def test_corrupt_npz_is_one_error_line(kind: str, command: str, model: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(mnist_path().read_bytes()[:4000] if kind == "truncated-zip" else b"\x80\x04 not numpy" * 50)
-    extra = ["-o", str(tmp_path / "s.npz")] if command == "calibrate" else []
+    extra = {"calibrate": ["-o", str(tmp_path / "s.npz")], "eval": [], "bench": ["--duration", "0"]}[command]
     line = _error(["-q", command, str(model), "--data", str(bad), *extra], capsys)
     assert "bad.npz is not a readable .npz file" in line
     assert not (tmp_path / "s.npz").exists()

@@ -249,3 +249,22 @@ def test_plots_skipped_without_matplotlib_is_stated(tmp_path: Path) -> None:
     assert "Plots were skipped: matplotlib is not installed" in (tmp_path / "out" / "report.md").read_text()
     assert not (tmp_path / "out" / "plots").exists()
     assert report["cache"]["calibration"] == "not needed"
+
+
+def test_run_exports_a_factory_model_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch", reason="model: {export: ...} needs the [torch] extra")
+    (tmp_path / "net.py").write_text(
+        "import torch\n\n\ndef digits():\n    torch.manual_seed(0)\n    return torch.nn.Sequential(\n"
+        "        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),\n"
+        "        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))\n")
+    model = {"export": "net.py:digits", "input_shape": [1, 1, 28, 28], "exporter": "legacy"}
+    config = _config(tmp_path, model=model, data={"calibration": None, "evaluation": {"path": "mnist", "limit": 100}},
+                     prune={"methods": ["l2"], "recover": "none", "prune_ends": True}, gates=None)
+    assert main(["run", str(config)]) == 0
+    first = capsys.readouterr().err
+    assert "parity torch vs onnxruntime" in first and ": ok" in first
+    report = _report(tmp_path / "out")
+    assert Path(report["original"]["path"]).parent == tmp_path / "out" / "cache"
+    assert report["candidates"][0]["macs_fraction"] <= 0.5
+    assert main(["run", str(config)]) == 0
+    assert "reused from the cache" in capsys.readouterr().err.split("\n")[0]

@@ -76,3 +76,12 @@ def test_without_mlflow_the_option_names_the_extra(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "diprune[mlflow]" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "report.json").exists()  # refused before the work
+
+
+def test_an_unusable_store_fails_before_the_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("mlflow", reason="MLflow is the optional [mlflow] extra (about 850 MB), not installed here")
+    assert main(["-q", "run", str(_config(tmp_path)), "--mlflow", "nosuchscheme://store"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diprune: error: MLflow tracking store nosuchscheme://store is not usable")
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "report.json").exists()
