@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,7 +251,8 @@ def _describe(paths: Sequence[str], backend: str, threads: int | None, round_to:
     return infos, warnings
 
 
-def _measure_batch(paths: Sequence[str], backend: str, batch: int, opts: Mapping[str, Any]) -> tuple[list, list, list]:
+def _measure_batch(paths: Sequence[str], backend: str, batch: int, opts: Mapping[str, Any],
+                   bar: Any = None) -> tuple[list, list, list]:
     """Warm up every model, then the interleaved rounds; results, comparisons and schedule of one batch size."""
     runners = []
     for path in paths:
@@ -267,6 +269,8 @@ def _measure_batch(paths: Sequence[str], backend: str, batch: int, opts: Mapping
         for i, (run, _) in enumerate(runners):
             schedule.append((r, i, batch))
             samples[i].append(time_calls(run, min_duration_s=per_round_s, min_iters=per_round_iters))
+            if bar is not None:
+                bar.update(1)
     medians = [[float(np.median(s)) for s in per_model] for per_model in samples]
     results = [_model_result(path, batch, samples[i], medians[i], runners[i][1]) for i, path in enumerate(paths)]
     comparisons = [Comparison(baseline=paths[0], model=path, batch=batch,
@@ -278,7 +282,8 @@ def _measure_batch(paths: Sequence[str], backend: str, batch: int, opts: Mapping
 def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Sequence[int] = (1,), *,
             warmup_s: float = 1.0, min_duration_s: float = 3.0, min_iters: int = 30, rounds: int = 5, seed: int = 0,
             threads: int | None = None, data: str | Path | Mapping[str, np.ndarray] | None = None,
-            round_to: int = 8, precision: str = "fp32", workdir: str | Path | None = None) -> BenchReport:
+            round_to: int = 8, precision: str = "fp32", workdir: str | Path | None = None,
+            progress: bool = False) -> BenchReport:
     """Measure the latency of ``models`` on ``backend`` at each batch size, in interleaved rounds.
 
     Args:
@@ -295,6 +300,7 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
         round_to: warn about Conv output channels that are not multiples of this (<= 1: no warning).
         precision: TensorRT precision (``tensorrt`` backend only; parity with onnxruntime is checked first).
         workdir: where TensorRT engines and caches go (default: beside each model).
+        progress: a tqdm bar on stderr over the timed (round, model) slots.
 
     Returns:
         The frozen report.
@@ -309,11 +315,15 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
             "seed": seed, "threads": threads, "data": load_npz(data), "precision": precision, "workdir": workdir}
     infos, warnings = _describe(paths, backend, threads, round_to)
     results, comparisons, schedule = [], [], []
-    for batch in batches:
-        batch_results, batch_comparisons, batch_schedule = _measure_batch(paths, backend, batch, opts)
-        results += batch_results
-        comparisons += batch_comparisons
-        schedule += batch_schedule
+    from tqdm import tqdm
+
+    with tqdm(total=len(batches) * rounds * len(paths), desc="bench", unit="slot", file=sys.stderr,
+              disable=not progress) as bar:
+        for batch in batches:
+            batch_results, batch_comparisons, batch_schedule = _measure_batch(paths, backend, batch, opts, bar)
+            results += batch_results
+            comparisons += batch_comparisons
+            schedule += batch_schedule
     for w in warnings:
         logger.warning(w)
     settings = {**{k: v for k, v in opts.items() if k not in ("data", "workdir")}, "round_to": round_to,

@@ -1,6 +1,7 @@
 """The ``diprune`` command line: one subcommand per public function, no logic of its own.
 
-Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage, 3 verification failed.
+Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage, 3 verification failed (``export``: the
+parity check; ``run``: no candidate passes every gate).
 User errors print one line ``diprune: error: ...`` on stderr, never a traceback.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,26 @@ from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
 
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (give 1 or more)")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -43,8 +65,6 @@ def _batches(text: str) -> tuple[int, ...]:
 def _round_to(args: argparse.Namespace) -> int:
     """``--round-to`` if given, else the default of the deployment target (``--backend``, ``--precision``)."""
     if args.round_to is not None:
-        if args.round_to < 1:
-            raise UserInputError(f"--round-to must be a positive integer, got {args.round_to}")
         return args.round_to
     return default_round_to(args.backend, args.precision)
 
@@ -56,21 +76,20 @@ def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None) -
     from pipeline.data import open_dataset
 
     return open_dataset(spec, split=split, limit=args.limit, scale=args.scale, mean=args.mean, std=args.std,
-                        size=args.size, crop=args.crop)
+                        size=args.size, crop=args.crop, input_keys=args.input_key, label_key=args.label_key)
 
 
 def _eval_split(spec: str, args: argparse.Namespace) -> str:
     """Held-out part for evaluation: ``--eval-split``, else 'test' where the data has one, else all of it."""
-    if args.eval_split:
-        return args.eval_split
-    if spec == "mnist" or Path(spec).is_dir():
-        return "test"
-    if Path(spec).suffix == ".npz" and Path(spec).is_file():
-        import numpy as np
+    from pipeline.data import default_eval_split
 
-        with np.load(spec, allow_pickle=False) as handle:
-            return "test" if any(k.endswith("_test") for k in handle.files) else "all"
-    return "all"
+    return args.eval_split or default_eval_split(spec)
+
+
+def _warn(args: argparse.Namespace, text: str) -> None:
+    """One ``diprune: warning: ...`` line on stderr (not with -q)."""
+    if not args.quiet:
+        print(f"diprune: warning: {text}", file=sys.stderr)
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -78,17 +97,58 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="calibration part of the data (default: 'train' where the data has one)")
     parser.add_argument("--eval-split", choices=("train", "test", "all"), default=None,
                         help="evaluation part of the data (default: 'test' where the data has one, else all)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most N samples (the first N)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use at most N samples (the first N)")
     parser.add_argument("--scale", type=float, default=None, help="uint8 inputs: x * scale (default 1/255)")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean after scaling")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std after scaling")
-    parser.add_argument("--size", type=int, default=None, help="image folders: resize shorter side to SIZE")
-    parser.add_argument("--crop", type=int, default=None, help="image folders: centre crop CROP x CROP")
+    parser.add_argument("--size", type=_positive_int, default=None, help="image folders: resize shorter side to SIZE")
+    parser.add_argument("--crop", type=_positive_int, default=None, help="image folders: centre crop CROP x CROP")
+    parser.add_argument("--input-key", action="append", default=None, metavar="ARRAY[=INPUT]",
+                        help=".npz: the input array (default: every array but the labels); ARRAY=INPUT per input "
+                             "of a multi-input model (repeatable)")
+    parser.add_argument("--label-key", default=None, metavar="ARRAY", help=".npz: the labels array (default: y)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from graph_ops.io import check_writable
+    from pipeline.export_spec import export_spec, parse_input_shape
+
+    out = check_writable(args.output)
+    name, shape = parse_input_shape(args.input_shape) if args.input_shape else (None, None)
+    result = export_spec(args.spec, out, input_shape=shape, input_name=name, opset=args.opset,
+                         dynamic_batch=args.dynamic_batch, exporter=args.exporter, rtol=args.rtol, atol=args.atol)
+    print(result.parity.summary())
+    print(result.summary())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.config import load_config
+    from pipeline.job import run_config
+
+    config = load_config(args.config)
+    if args.output:
+        config = replace(config, output=Path(args.output))
+    echo = None if args.quiet else (lambda line: print(f"diprune run: {line}", file=sys.stderr))
+    report = run_config(config, mlflow=args.mlflow is not None, mlflow_uri=args.mlflow or None,
+                        progress=not args.quiet, echo=echo, use_cache=not args.no_cache)
+    print("\n".join(report.summary_lines(_shown(config.output))))
+    return report.exit_code
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the working directory when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.prepare import prepare
-    from pipeline.summary import inspect_summary
+    from pipeline.summary import group_status_text, inspect_summary
 
     info = inspect_summary(prepare(args.model))
     if args.json:
@@ -98,8 +158,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"macs {info['macs']} params {info['params']} groups {len(info['groups'])} "
           f"prunable {info['prunable_groups']} prunable_conv_share {info['prunable_conv_share']:.3f}")
     for g in info["groups"]:
-        reason = g["frozen"] or "-"
-        print(f"group {g['id']}\tsize {g['size']}\tfrozen {reason}\t"
+        print(f"group {g['id']}\tsize {g['size']}\tstatus {group_status_text(g)}\t"
               f"producers {','.join(g['producers'])}\tconsumers {','.join(g['consumers'])}")
     return 0
 
@@ -179,11 +238,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         plan = replace(plan, meta={**plan.meta, "task": dict(scores.task)})
     plan.save(out)
+    for note in plan.meta.get("notes", ()):
+        _warn(args, note)
     print(f"wrote {out}: {plan.summary()}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from graph_ops.io import check_writable
     from pipeline.orchestrate import prune
 
     if args.target_macs is None and args.target_params is None and args.max_drop is None:
@@ -191,15 +253,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              "--max-drop P (accuracy points) with --eval-data")
     if args.max_drop is not None and (args.target_macs is not None or args.target_params is not None):
         raise UserInputError("--max-drop searches the budget itself; drop --target-macs / --target-params")
+    for path in (args.output, f"{args.output}.plan.json", f"{args.output}.report.json"):
+        check_writable(path, args.model)
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
     report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split), method=args.method,
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
                    recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
-                   robustness=args.robustness)
+                   robustness=args.robustness, keep_first_and_last=not args.prune_ends)
     for note in report.notes:
-        logger.warning(note)
+        _warn(args, note)
     for step in report.search:
         logger.info("searched MACs %.4f: top-1 %.4f (%s)", step["macs_fraction"], step["top1"],
                     "within" if step["within"] else "outside")
@@ -212,6 +276,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = _task(args)
     data = _dataset(args.data, args, split=_eval_split(args.data, args))
+    if data.labels is None:
+        if args.reference is None:
+            raise UserInputError(f"data {args.data} has no labels and no --reference was given, so there is nothing "
+                                 "to measure; name the labels array with --label-key, or compare with --reference "
+                                 "ORIGINAL.onnx")
+        _warn(args, f"data {args.data} has no labels: top-1/top-5 are not measured (null), only the agreement "
+                    "with the reference (name the labels array with --label-key)")
     report = evaluate(args.model, data, reference=args.reference, task=task)
     doc = report.to_dict()
     if task is not None:
@@ -266,24 +337,51 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-macs", type=_fraction, default=None, help="fraction of the original MACs to keep")
     parser.add_argument("--target-params", type=_fraction, default=None, help="fraction of the params to keep")
-    parser.add_argument("--round-to", type=int, default=None,
+    parser.add_argument("--round-to", type=_positive_int, default=None,
                         help="kept widths are multiples of N (default: from --backend/--precision, 8 for ort-cpu)")
     parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
                         help="deployment target; picks the --round-to default")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="deployment precision; picks the --round-to default (int8 on TensorRT: 32)")
-    parser.add_argument("--min-channels", type=int, default=8, help="never keep fewer channels in a group")
+    parser.add_argument("--min-channels", type=_positive_int, default=8, help="never keep fewer channels in a group")
     parser.add_argument("--protect", action="append", default=[], metavar="GROUP_ID",
                         help="never prune this group (repeatable; ids from 'diprune inspect')")
+    parser.add_argument("--prune-ends", action="store_true",
+                        help="also prune the first layer and the classifier input (protected by default)")
+
+
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="torchvision:NAME, timm:NAME (timm installed) or path/to/file.py:FACTORY (a function "
+                                "returning a torch.nn.Module)")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--input-shape", default=None, metavar="[NAME:]DIMS",
+                   help="example input, e.g. input:1x3x224x224 (default: the architecture's; required for file.py)")
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (the dynamo exporter uses >= 18)")
+    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="symbolic batch dimension (default; calibration and evaluation run in batches)")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="torch exporter")
+    p.add_argument("--rtol", type=_non_negative, default=1e-3, help="parity check: relative tolerance")
+    p.add_argument("--atol", type=_non_negative, default=1e-4, help="parity check: absolute tolerance")
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """``-v``/``-q``; on the subcommands without defaults, so that options given before the subcommand stay."""
+    verbose = {"default": 0} if default else {"default": argparse.SUPPRESS}
+    quiet = {"default": False} if default else {"default": argparse.SUPPRESS}
+    parser.add_argument("-v", "--verbose", action="count", help="-v: stage timings, -vv: debug", **verbose)
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars", **quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; subcommand choices come from the registries."""
     parser = argparse.ArgumentParser(prog="diprune", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: stage timings, -vv: debug")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    _add_verbosity(parser, default=True)
+    common = argparse.ArgumentParser(add_help=False)  # -v/-q after the subcommand too
+    _add_verbosity(common, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "export": (cmd_export, "export a torch model (torchvision:NAME, timm:NAME, file.py:FACTORY) to canonical ONNX, "
+                               "checked against torch"),
         "inspect": (cmd_inspect, "channel groups, sizes, freeze reasons, MACs and params"),
         "apply": (cmd_apply, "apply a plan file: remove channels (or zero them with --mask-only)"),
         "calibrate": (cmd_calibrate, "stream per-channel statistics of labelled data through onnxruntime"),
@@ -293,10 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
         "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
         "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
+        "run": (cmd_run, "the whole job from a YAML config: candidates, evaluation, latency, gates, report, "
+                         "best.onnx (exit 3 when no candidate passes)"),
     }
-    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in commands.items()}
+    parsers = {name: sub.add_parser(name, help=text, description=text, parents=[common])
+               for name, (_, text) in commands.items()}
     for name, (func, _) in commands.items():
         parsers[name].set_defaults(func=func)
+
+    _add_export_options(parsers["export"])
 
     parsers["inspect"].add_argument("model")
     parsers["inspect"].add_argument("--json", action="store_true", help="print one JSON object")
@@ -313,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
                    help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     _add_data_options(p)
     _add_task_options(p)
 
@@ -328,7 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scores")
     p.add_argument("--model", default=None, help="the model (default: the path recorded in the scores file)")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--prune-ends", action="store_true", help="also prune the first layer and the classifier input")
     _add_budget_options(p)
 
     p = parsers["prune"]
@@ -338,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=sorted(SCORERS), default="di")
     p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
                    help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY,
                    help="training-free recovery after removal: none, bias (R1), regress (R2), lstsq (R3: least-squares "
@@ -373,15 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT engine precision")
     p.add_argument("--workdir", default=None, help="TensorRT: where engines and the timing cache are kept")
     p.add_argument("--json", default=None, help="write the full report here")
-    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per model and batch")
-    p.add_argument("--duration", type=float, default=3.0, help="minimum timed seconds per model and batch")
-    p.add_argument("--iterations", type=int, default=30, help="minimum timed iterations")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B A B ...)")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--round-to", type=int, default=None,
+    p.add_argument("--warmup", type=_non_negative, default=1.0, help="warm-up seconds per model and batch")
+    p.add_argument("--duration", type=_non_negative, default=3.0, help="minimum timed seconds per model and batch")
+    p.add_argument("--iterations", type=_positive_int, default=30, help="minimum timed iterations")
+    p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved rounds (A B A B ...)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="onnxruntime intra-op threads (default: onnxruntime's choice, one per physical core)")
+    p.add_argument("--round-to", type=_positive_int, default=None,
                    help="warn about channel counts not multiples of N (default: from --backend/--precision)")
 
     parsers["demo"].add_argument("--work", default="work/demo", help="where the demo writes its files")
+
+    p = parsers["run"]
+    p.add_argument("config", help="the job file (YAML; see README, 'Use it in a pipeline')")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: the config's 'output')")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="URI",
+                   help="log to MLflow (default store: sqlite:///OUTPUT/mlflow.db); needs the [mlflow] extra")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything; neither read nor write "
+                                                           "OUTPUT/cache")
     return parser
 
 
@@ -400,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diprune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (diprune ... | head): not an error of ours, no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ class Dataset:
             return replace(self, input_name=names[0])
         raise CalibrationError(
             f"dataset '{self.name}' provides arrays {list(self.feed_names)} but the model has inputs {list(names)}; "
-            "map arrays to inputs explicitly (input_map={'array': 'input', ...})"
+            "name the input array with --input-key ARRAY (or ARRAY=INPUT per input; Python: input_map=...) "
+            "and the labels with --label-key"
         )
 
 
@@ -175,12 +176,14 @@ def _select_split(arrays: dict[str, np.ndarray], labels_key: str, split: str | N
     if suffixed:
         return suffixed
     if any(k.endswith(("_train", "_test")) for k in arrays):
-        raise CalibrationError(f"{path} has split arrays but none ending in '_{split}'")
+        raise CalibrationError(f"{path} has split arrays but none ending in '_{split}'; choose another --split "
+                               f"(its arrays: {', '.join(sorted(arrays))})")
     n = len(arrays[labels_key]) if labels_key in arrays else len(next(iter(arrays.values())))
     if n <= MNIST_TRAIN:
         raise CalibrationError(
             f"{path} has {n} samples and no explicit split arrays; the built-in split convention "
-            f"(0..{MNIST_TRAIN - 1} train, rest test) needs more than {MNIST_TRAIN}; pass split=None"
+            f"(0..{MNIST_TRAIN - 1} train, rest test) needs more than {MNIST_TRAIN}; use all of it with "
+            f"--split all (Python: split=None), or store <name>_train / <name>_test arrays"
         )
     part = slice(0, MNIST_TRAIN) if split == "train" else slice(MNIST_TRAIN, None)
     return {k: v[part] for k, v in arrays.items()}
@@ -196,8 +199,33 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as handle:
             return {k: handle[k] for k in sorted(handle.files)}
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"{path} is not a readable .npz file: {err}") from err
+    except Exception as err:  # zipfile, zlib, pickle and value errors all mean a corrupt or foreign file
+        raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or holding Python objects; "
+                             f"write it with numpy.savez): {err}") from err
+
+
+def npz_keys(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The array names of an ``.npz`` file (nothing else is read), with a clear error for a corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as handle:
+            return tuple(sorted(handle.files))
+    except Exception as err:  # zipfile and value errors mean a corrupt or foreign file
+        raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or not written by "
+                             f"numpy.savez): {err}") from err
+
+
+def _check_normalisation(scale: float | None, mean: object, std: object) -> None:
+    """``scale``, ``mean`` and ``std`` must be finite and ``std`` non-zero (a zero std is a setting, not the data)."""
+    if scale is not None and not (np.isfinite(scale) and scale != 0):
+        raise UserInputError(f"--scale must be a finite non-zero number, got {scale}")
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
+            raise UserInputError(f"--{name} must be finite numbers, got {np.asarray(value).tolist()}")
+    if std is not None and np.any(np.asarray(std, dtype=np.float64) == 0):
+        raise UserInputError(f"--std must be non-zero (it divides the inputs), got {np.asarray(std).tolist()}")
 
 
 def from_npz(
@@ -231,14 +259,16 @@ def from_npz(
     path = Path(path)
     if layout not in LAYOUTS:
         raise UserInputError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    _check_normalisation(scale, mean, std)
     arrays = _select_split(_read_npz(path), labels_key or "", split, path)
     if labels_key is not None and labels_key != "y" and labels_key not in arrays:
-        raise UserInputError(f"{path} has no labels array {labels_key!r}; it has {sorted(arrays)}")
+        raise UserInputError(f"{path} has no labels array {labels_key!r}; it has {sorted(arrays)} (--label-key)")
     labels = arrays.pop(labels_key, None) if labels_key else None
     mapping = dict(input_map) if input_map is not None else {k: k for k in arrays}
     missing = sorted(set(mapping) - set(arrays))
     if missing or not mapping:
-        raise UserInputError(f"{path}: input arrays {missing or '(none)'} not found; it has {sorted(arrays)}")
+        raise UserInputError(f"{path}: input arrays {missing or '(none)'} not found; it has {sorted(arrays)} "
+                             "(--input-key)")
     sources = {name: arrays[key] for key, name in mapping.items()}
     counts = {name: len(arr) for name, arr in sources.items()}
     counts |= {} if labels is None else {"labels": len(labels)}
@@ -281,6 +311,7 @@ def from_image_folder(
         UserInputError: Missing root, no class folders or no images, Pillow not installed, bad channel order.
     """
     root = Path(root)
+    _check_normalisation(None, mean, std)
     if channel_order not in ("RGB", "BGR", "L"):
         raise UserInputError(f"channel_order must be 'RGB', 'BGR' or 'L', got {channel_order!r}")
     if not root.is_dir():
@@ -373,6 +404,34 @@ def from_iterable(
                    lambda idx: {k: a[idx] for k, a in arrays.items()})  # fmt: skip
 
 
+def input_map_from_keys(keys: Sequence[str] | None) -> dict[str, str] | None:
+    """``--input-key`` values (``ARRAY`` or ``ARRAY=INPUT``) as ``{array: model input}`` (None when not given).
+
+    A bare ``ARRAY`` feeds the model's single input; ``ARRAY=INPUT`` names the input (one per input of a multi-input
+    model).
+    """
+    if not keys:
+        return None
+    mapping: dict[str, str] = {}
+    for key in keys:
+        array, _, name = str(key).partition("=")
+        if not array or (_ and not name):
+            raise UserInputError(f"--input-key {key!r}: give ARRAY or ARRAY=INPUT (an array name of the .npz file)")
+        mapping[array] = name or array
+    return mapping
+
+
+def default_eval_split(spec: str | os.PathLike[str]) -> str:
+    """The held-out part of a data spec: ``test`` for mnist, an image folder and an .npz with ``*_test`` arrays,
+    else ``all``."""
+    path = Path(spec)
+    if str(spec) == "mnist" or path.is_dir():
+        return "test"
+    if path.suffix == ".npz" and path.is_file():
+        return "test" if any(k.endswith("_test") for k in npz_keys(path)) else "all"
+    return "all"
+
+
 def open_dataset(
     spec: str | os.PathLike[str],
     *,
@@ -383,28 +442,35 @@ def open_dataset(
     std: float | Sequence[float] | None = None,
     size: int | None = None,
     crop: int | None = None,
+    input_keys: Sequence[str] | None = None,
+    label_key: str | None = None,
 ) -> Dataset:
     """Open a dataset from a CLI-style spec: ``"mnist"``, an ``.npz`` file or an image folder.
 
     * ``"mnist"``: the shipped digits with the demo model's normalisation (mean 0.1307, std 0.3081 unless given);
       ``split`` defaults to ``"train"``.
     * ``.npz``: :func:`from_npz`; ``split`` defaults to ``"train"`` when the file has ``*_train`` arrays, else all.
+      ``input_keys`` (``ARRAY`` or ``ARRAY=INPUT``, see :func:`input_map_from_keys`) picks the input arrays and
+      ``label_key`` the labels (default ``y``; arrays named otherwise are inputs).
     * a folder: :func:`from_image_folder` (of ``root/<split>`` when that exists); defaults size 256, crop 224 and
       the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), RGB.
 
     ``split="all"`` means every sample. Raises UserInputError for a spec that is none of these.
     """
     chosen = None if split == "all" else split
+    if (input_keys or label_key) and not (str(spec) == "mnist" or Path(spec).suffix == ".npz"):
+        raise UserInputError("--input-key/--label-key name arrays of an .npz file; image folders take their labels "
+                             "from the class sub-folders")
+    npz_options = {"input_map": input_map_from_keys(input_keys), "labels_key": label_key or "y"}
     if str(spec) == "mnist":
         mean, std = (0.1307 if mean is None else mean), (0.3081 if std is None else std)
         chosen = "train" if split is None else chosen
-        return from_npz(mnist_path(), scale=scale, mean=mean, std=std, split=chosen, limit=limit)
+        return from_npz(mnist_path(), scale=scale, mean=mean, std=std, split=chosen, limit=limit, **npz_options)
     path = Path(spec)
     if path.is_file() and path.suffix == ".npz":
         if split is None:
-            with np.load(path, allow_pickle=False) as handle:
-                chosen = "train" if any(k.endswith("_train") for k in handle.files) else None
-        return from_npz(path, scale=scale, mean=mean, std=std, split=chosen, limit=limit)
+            chosen = "train" if any(k.endswith("_train") for k in npz_keys(path)) else None
+        return from_npz(path, scale=scale, mean=mean, std=std, split=chosen, limit=limit, **npz_options)
     if path.is_dir():
         if scale is not None:
             raise UserInputError(

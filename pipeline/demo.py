@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from graph_ops.channels import prunable_share
+from graph_ops.errors import UserInputError
 from graph_ops.mask import zero_channels
 from pipeline.data import Dataset, open_dataset
 from pipeline.orchestrate import PruneRun, keep_lists, write_candidate
@@ -48,7 +49,12 @@ def _mask_agreement(run: PruneRun, pruned: onnx.ModelProto, plan: PruningPlan, d
 
 def run_demo(work: Path, *, progress: bool = True) -> Iterator[str]:
     """Run the demo, yielding the lines to print (one :class:`PruneRun`: one analysis, one calibration)."""
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() and not work.is_dir():
+        raise UserInputError(f"--work {work} is a file; give a directory (it is created when missing)")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserInputError(f"cannot create the work directory {work}: {err.strerror or err}") from err
     model = demo_model_path()
     calib = open_dataset("mnist", split="train", limit=CALIBRATION_SAMPLES)
     test = open_dataset("mnist", split="test")

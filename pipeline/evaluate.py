@@ -61,6 +61,15 @@ def _num_classes(model: onnx.ModelProto) -> int:
     return int(dims[1].dim_value) if dims[1].HasField("dim_value") else 0
 
 
+def _check_same_inputs(model: dict[str, Any], reference: dict[str, Any]) -> None:
+    """The reference must take the same inputs (names and ranks) as the model, fed the same batches."""
+    ranks = {name: len(shape) for name, (shape, _) in model.items()}
+    ref_ranks = {name: len(shape) for name, (shape, _) in reference.items()}
+    if ranks != ref_ranks:
+        raise UserInputError(f"the reference model takes inputs {ref_ranks} (name: rank) but the model takes {ranks}; "
+                             "compare a pruned model with the original it was pruned from (same inputs)")
+
+
 def _top_counts(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
     """Numbers of top-1 and top-5 hits in one batch."""
     top1 = int((logits.argmax(axis=1) == labels).sum())
@@ -141,7 +150,9 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     session = open_session(proto.SerializeToString(), backend, intra_op_threads)
     ref_session = None
     if reference is not None:
-        ref_session = open_session(_as_model(reference).SerializeToString(), backend, intra_op_threads)
+        ref_proto = _as_model(reference)
+        _check_same_inputs(specs, model_input_specs(ref_proto))
+        ref_session = open_session(ref_proto.SerializeToString(), backend, intra_op_threads)
     totals = _Totals()
     width = num_classes
     for batch in stream(session, dataset, None, specs, batch_size=batch_size, stage="evaluate", progress=progress):

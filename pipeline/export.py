@@ -2,8 +2,10 @@
 
 ``export_torch`` puts the module in eval mode, exports it with the chosen exporter (dynamo by default, written as a
 single file; or the legacy TorchScript exporter), loads the result, runs :func:`graph_ops.canonicalize.canonicalize`
-(which, among others, fuses BatchNorm and gives every Conv its own bias), saves it atomically and, with ``check``,
-compares onnxruntime's outputs with torch's on the example input (``rtol=1e-3, atol=1e-4``).
+(which, among others, fuses BatchNorm and gives every Conv its own bias), with ``check`` compares onnxruntime's
+outputs with torch's on the example input (:func:`parity`, ``rtol=1e-3, atol=1e-4``) and only then saves it
+atomically, so a model that fails the check is never written. The ``diprune export SPEC`` side (``torchvision:``,
+``timm:`` and ``file.py:factory`` specs, input shapes) is :mod:`pipeline.export_spec`.
 
 ``load_torchvision`` builds a torchvision architecture with seeded random weights and randomised BatchNorm running
 statistics (so that BN folding is exercised), because no pretrained weights are available offline.
@@ -18,6 +20,7 @@ import os
 import sys
 import tempfile
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +39,8 @@ _NO_AUX = ("googlenet", "inception_v3")
 
 
 def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo: bool = True,
-               dynamic_batch: bool = True) -> None:
-    """Run a torch exporter only (no canonicalization, no check): one ``.onnx`` file, input ``input``.
+               dynamic_batch: bool = True, input_name: str = "input") -> None:
+    """Run a torch exporter only (no canonicalization, no check): one ``.onnx`` file, input ``input_name``.
 
     The dynamo exporter is asked for at least opset 18, the lowest it implements with torch 2.13 (its conversion
     down to 17 fails on ReduceMean and keeps 18 anyway, after a slow attempt).
@@ -46,13 +49,15 @@ def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo:
 
     import torch
 
-    names = {"input_names": ["input"], "output_names": ["output"]}
+    names = {"input_names": [input_name], "output_names": ["output"]}
     if dynamo:
         shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
-        torch.onnx.export(model, (example,), str(path), opset_version=max(opset, 18), dynamo=True, external_data=False,
-                          dynamic_shapes=shapes, verbose=False, **names)
+        with warnings.catch_warnings():  # torch's own deprecation notices about its internals are not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model, (example,), str(path), opset_version=max(opset, 18), dynamo=True,
+                              external_data=False, dynamic_shapes=shapes, verbose=False, **names)
     else:
-        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        axes = {input_name: {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
         with warnings.catch_warnings():  # the legacy exporter is deprecated, on purpose here
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False, dynamic_axes=axes,
@@ -68,16 +73,81 @@ def _torch_outputs(model: Any, example: Any) -> list[np.ndarray]:
     return [t.detach().cpu().numpy() for t in items]
 
 
-def _check(path: Path, example: np.ndarray, expected: list[np.ndarray], rtol: float, atol: float) -> None:
+@dataclass(frozen=True)
+class Parity:
+    """torch against onnxruntime on one input: the worst output difference and the verdict.
+
+    ``passed`` when every output has torch's shape and ``|ort - torch| <= atol + rtol * |torch|`` elementwise
+    (``numpy.allclose``); ``max_abs_error`` is the largest ``|ort - torch|``, ``max_rel_error`` that over the largest
+    ``|torch|`` of its output.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    rtol: float
+    atol: float
+    passed: bool
+    detail: str = ""
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        verdict = "ok" if self.passed else f"FAILED{': ' + self.detail if self.detail else ''}"
+        return (f"parity torch vs onnxruntime: max |error| {self.max_abs_error:.3g} (relative "
+                f"{self.max_rel_error:.3g}; tolerance rtol {self.rtol:g}, atol {self.atol:g}): {verdict}")
+
+
+def parity(model_bytes: bytes, example: np.ndarray, expected: list[np.ndarray], *, rtol: float = 1e-3,
+           atol: float = 1e-4) -> Parity:
+    """Compare onnxruntime's outputs of a serialized model on ``example`` with ``expected`` (torch's outputs)."""
     from pipeline.runtime import make_session
 
-    session, _ = make_session(path, "ort-cpu", intra_op_threads=1)
+    session, _ = make_session(model_bytes, "ort-cpu", intra_op_threads=1)
     got = session.run(None, {session.get_inputs()[0].name: example})
+    worst_abs, worst_rel, passed = 0.0, 0.0, len(got) == len(expected)
+    detail = "" if passed else f"{len(got)} outputs, torch gives {len(expected)}"
     for index, (a, b) in enumerate(zip(got, expected, strict=False)):
-        if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
-            err = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
-            raise VerificationError(f"exported {path} differs from torch at output {index}: max |error| {err:.3g} "
-                                    f"(shapes {a.shape} vs {b.shape}, rtol {rtol}, atol {atol})")
+        if a.shape != b.shape:
+            passed, detail = False, f"output {index} has shape {a.shape}, torch gives {b.shape}"
+            worst_abs = worst_rel = float("inf")
+            continue
+        err = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-12))
+        if not np.allclose(a, b, rtol=rtol, atol=atol):
+            passed, detail = False, detail or f"output {index} differs"
+    return Parity(worst_abs, worst_rel, rtol, atol, passed, detail)
+
+
+def export_checked(model: Any, example_input: Any, path: str | os.PathLike[str], *, opset: int = 17,
+                   dynamo: bool = True, dynamic_batch: bool = True, input_name: str = "input", check: bool = True,
+                   rtol: float = 1e-3, atol: float = 1e-4) -> Parity | None:
+    """:func:`export_torch` with the input name and tolerances chosen; returns the parity check (None unchecked).
+
+    Raises:
+        UserInputError: the exporter failed.
+        VerificationError: the parity check failed (nothing is written; the message holds the errors).
+    """
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="diprune-export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            export_raw(model, example_input, raw, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch,
+                       input_name=input_name)
+        except Exception as err:  # torch raises many unrelated types from its exporters
+            kind = "dynamo" if dynamo else "legacy"
+            raise UserInputError(f"torch {kind} export of {type(model).__name__} failed: {err}") from err
+        canonical = canonicalize(load_model(raw))
+    result = None
+    if check:
+        example = example_input.detach().cpu().numpy()
+        result = parity(canonical.SerializeToString(), example, _torch_outputs(model, example_input), rtol=rtol,
+                        atol=atol)
+        if not result.passed:
+            raise VerificationError(f"exported {type(model).__name__} differs from torch, nothing written: "
+                                    f"{result.summary()}")
+    save_model(canonical, path)
+    logger.info("exported %s to %s (%d nodes)", type(model).__name__, path, len(canonical.graph.node))
+    return result
 
 
 def export_torch(
@@ -99,31 +169,17 @@ def export_torch(
         opset: ONNX opset to export with (the dynamo exporter uses at least 18).
         dynamo: use the dynamo exporter (default) instead of the legacy TorchScript one.
         dynamic_batch: make the batch dimension symbolic.
-        check: compare onnxruntime's outputs with torch's (``rtol=1e-3, atol=1e-4``).
+        check: compare onnxruntime's outputs with torch's (``rtol=1e-3, atol=1e-4``) before writing.
 
     Returns:
-        The path written.
+        The path written (nothing is written when the check fails).
 
     Raises:
         UserInputError: the exporter failed (the message carries torch's reason).
         VerificationError: the exported model disagrees with torch, or fails the ONNX checker.
     """
-    path = Path(path)
-    model.eval()
-    with tempfile.TemporaryDirectory(prefix="diprune-export-") as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        try:
-            export_raw(model, example_input, raw, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch)
-        except Exception as err:  # torch raises many unrelated types from its exporters
-            kind = "dynamo" if dynamo else "legacy"
-            raise UserInputError(f"torch {kind} export of {type(model).__name__} failed: {err}") from err
-        canonical = canonicalize(load_model(raw))
-    save_model(canonical, path)
-    logger.info("exported %s to %s (%d nodes)", type(model).__name__, path, len(canonical.graph.node))
-    if check:
-        example = example_input.detach().cpu().numpy()
-        _check(path, example, _torch_outputs(model, example_input), rtol=1e-3, atol=1e-4)
-    return path
+    export_checked(model, example_input, path, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch, check=check)
+    return Path(path)
 
 
 def import_torchvision_models() -> types.ModuleType:

@@ -11,6 +11,7 @@ passed ``onnx.checker`` (full check) and, when an evaluation set is given, after
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -25,11 +26,12 @@ import onnx
 
 from graph_ops.cost import CostReport, count
 from graph_ops.errors import UserInputError, VerificationError
-from graph_ops.io import check_writable, save_model, sha256_file
+from graph_ops.io import EXTERNAL_DATA_THRESHOLD, atomic_write_files, check_writable, save_model, sha256_file
 from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
 from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
+from pipeline.errors import CalibrationError
 from pipeline.plan import PruningPlan, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
@@ -157,6 +159,17 @@ class PruneRun:
                                                    summaries=summaries)
         return self._stats[summaries]
 
+    def use_stats(self, stats: CalibrationStats, *, summaries: bool) -> None:
+        """Use statistics computed earlier for this model and pooling (e.g. from a cache) instead of calibrating.
+
+        Raises:
+            CalibrationError: the statistics belong to another model or pooling.
+        """
+        if stats.model_sha256 != self.prepared.sha256 or stats.pooling != self.pooling:
+            raise CalibrationError(f"statistics of model {stats.model_sha256[:12]} / pooling {stats.pooling} do not "
+                                   f"fit this run ({self.prepared.sha256[:12]} / {self.pooling})")
+        self._stats[summaries] = stats
+
     def scores(self, method: str, *, seed: int | None = None,
                params: Mapping[str, float] | None = None) -> ChannelScores:
         """Scores of one method (statistics only for the methods that read them), computed once per setting."""
@@ -249,7 +262,7 @@ class PruneRun:
 
         with self.timed("evaluate"):
             return evaluate(model, data, reference=self.prepared.model if reference else None,
-                            backend=self.backend, intra_op_threads=self.threads).to_dict()
+                            backend=self.backend, intra_op_threads=self.threads, progress=self.progress).to_dict()
 
 
 def check_options(method: str, recover: str, recover_mode: str, data: Any | None) -> None:
@@ -278,23 +291,46 @@ def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
 def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
                     search: tuple[Mapping[str, Any], ...] = ()) -> Report:
-    """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (each atomically) and return the report."""
+    """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` all or nothing and return the report.
+
+    The three files are written to temporary files first and renamed into place together; when one cannot be
+    written, none is left behind. (A model over 1.8 GB is saved first, with its external data, and removed again
+    when the plan or the report cannot be written.)
+    """
     out_path = Path(out_path)
-    save_model(candidate.model, out_path)
-    candidate.plan.save(Path(f"{out_path}.plan.json"))
+    plan_path, report_path = Path(f"{out_path}.plan.json"), Path(f"{out_path}.report.json")
+    for path in (out_path, plan_path, report_path):
+        check_writable(path, run.prepared.path)
+    data = candidate.model.SerializeToString() if candidate.model.ByteSize() < EXTERNAL_DATA_THRESHOLD else None
+    if data is None:
+        save_model(candidate.model, out_path)
+    report = candidate_report(run, candidate, out_path, hashlib.sha256(data).hexdigest() if data is not None
+                              else sha256_file(out_path), evaluation=evaluation, timings=timings, search=search)
+    files = {plan_path: candidate.plan.to_json().encode(), report_path: report.to_json().encode()}
+    try:
+        atomic_write_files({out_path: data, **files} if data is not None else files)
+    except BaseException:
+        if data is None:
+            out_path.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def candidate_report(run: PruneRun, candidate: Candidate, out_path: Path, output_sha256: str, *,
+                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
+                     search: tuple[Mapping[str, Any], ...] = ()) -> Report:
+    """The report of a candidate written to ``out_path`` (whose bytes have ``output_sha256``)."""
     before, after = run.prepared.cost, run.cost(candidate.model)
     index = run.prepared.index
     groups = {g.id: {"size": g.size, "kept": len(candidate.plan.keep.get(g.id, range(g.size)))} for g in index.groups}
     notes = tuple(str(n) for n in candidate.plan.meta.get("notes", ()))
-    report = Report(
+    return Report(
         model=str(run.prepared.path), model_sha256=run.prepared.sha256, output=str(out_path),
-        output_sha256=sha256_file(out_path), method=candidate.method, budget=dict(candidate.budget),
+        output_sha256=output_sha256, method=candidate.method, budget=dict(candidate.budget),
         original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
         groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
         evaluation=dict(evaluation or {}), notes=notes, recovery=_with_advice(candidate.recovery),
         task=run.task_record(), search=search, calibration=run.calibration_record())
-    report.save(Path(f"{out_path}.report.json"))
-    return report
 
 
 SEARCH_STEPS = 6
@@ -359,7 +395,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
           recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
-          robustness: bool = False) -> Report:
+          robustness: bool = False, keep_first_and_last: bool = True) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -367,16 +403,19 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     ``recover="none"``. ``recover`` (a key of ``pipeline.recovery.RECOVERY``; default
     ``pipeline.recovery.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on
     the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered
-    model) or ``one-pass``. ``task`` restricts the model's head and both datasets to the user's task
-    (:mod:`pipeline.task`). ``max_drop`` (accuracy points, instead of a budget) searches for the smallest model
-    within that many points of the unpruned model on ``eval_data`` (:func:`smallest_within`). One :class:`PruneRun`
-    chains the stages; the report's ``timings_s`` has one entry per stage that ran. ``robustness`` adds top-1 and
-    agreement under noise and adversarial examples to the evaluation (:mod:`pipeline.robustness`).
+    model) or ``one-pass``. ``keep_first_and_last`` protects the first layer and the classifier input. ``task``
+    restricts the model's head and both datasets to the user's task (:mod:`pipeline.task`). ``max_drop`` (accuracy
+    points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
+    ``eval_data`` (:func:`smallest_within`). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has
+    one entry per stage that ran. ``robustness`` adds top-1 and agreement under noise and adversarial examples to
+    the evaluation (:mod:`pipeline.robustness`).
     """
     recover = DEFAULT_RECOVERY if recover is None else recover
     if robustness and eval_data is None:
         raise UserInputError("--robustness needs held-out data: pass --eval-data")
     out_path = check_writable(out_path, model_path)
+    for sibling in (f"{out_path}.plan.json", f"{out_path}.report.json"):
+        check_writable(sibling, model_path)
     check_options(method, recover, recover_mode, data)
     if max_drop is not None and eval_data is None:
         raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
@@ -386,7 +425,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                    work_dir=out_path.resolve().parent, task=task)
     eval_data = run.task_data(eval_data, "evaluation")
     options = {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
-               "recover_mode": recover_mode}
+               "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last}
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)

@@ -28,8 +28,9 @@ the achieved fraction ends as close to the target as the widths allow, never abo
 ``round_to`` step would cost more than ``FINE_SHARE`` (10 %) of the model's MACs (or params) steps by
 ``round_to / 2`` instead (``meta["fine_steps"]`` and a note say so; no finer, since widths that are not multiples of
 4 cost 25-35 % more per MAC on onnxruntime CPU), e.g. the wide last conv of a small classifier that holds most of the
-MACs. When every group is at its minimum first, the plan is returned with
-``meta["reached"] = False`` and a note.
+MACs. When no group can move any more first, the plan is returned with ``meta["reached"] = False`` and a note that
+names what blocked each group (frozen, protected by default or by ``protect``, too narrow for
+``round_to``/``min_channels``, at its minimum). ``protect`` ids must be groups of the model.
 
 "First layer" is detected from the cost model: a producer whose cost term reads only graph inputs (groups
 without producers) or no group at all (a fixed-width input), except a depthwise producer (``in_fixed = 1``) of a
@@ -155,22 +156,39 @@ def _ladder(size: int, round_to: int, min_channels: int) -> list[int]:
     return widths
 
 
-def _ends(index: ChannelGroupIndex) -> set[str]:
-    """Groups produced from a graph input, and groups read by the last Gemm/MatMul."""
+def default_protected(index: ChannelGroupIndex) -> dict[str, str]:
+    """Groups protected by default (``keep_first_and_last``), with the reason: ``"first layer"`` for a group produced
+    from a graph input, ``"classifier input"`` for a group read by the last Gemm/MatMul."""
     inputs = {g.id for g in index.groups if not g.producers}  # graph inputs (frozen groups without producers)
     # only a producer that really reads a graph input is a first layer; an input without a channel layout (e.g.
     # after a channel shuffle) says nothing about depth
     reads_input = {t.node: t for t in index.cost if t.in_groups and set(t.in_groups) <= inputs}
-    out = set()
+    out: dict[str, str] = {}
     for group in index.groups:
         readers = [reads_input[p] for p in group.producers if p in reads_input]
         # a depthwise producer (in_fixed 1) of a group that has another producer only passes channels through
         if any(t.in_fixed != 1 or len(group.producers) == 1 for t in readers):
-            out.add(group.id)
+            out[group.id] = "first layer"
     classifier = [t for t in index.cost if t.op_type in ("Gemm", "MatMul")]
     if classifier:
-        out.update(classifier[-1].in_groups)
-    return out
+        out.update(dict.fromkeys(classifier[-1].in_groups, "classifier input"))
+    return {gid: out[gid] for gid in sorted(out)}
+
+
+def _ends(index: ChannelGroupIndex) -> set[str]:
+    """Groups produced from a graph input, and groups read by the last Gemm/MatMul."""
+    return set(default_protected(index))
+
+
+def _check_protect(index: ChannelGroupIndex, protect: Iterable[str]) -> set[str]:
+    """The ``protect`` ids, each checked to be a group of the model (a typo would silently protect nothing)."""
+    ids = {g.id for g in index.groups}
+    unknown = sorted(set(protect) - ids)
+    if unknown:
+        known = ", ".join(sorted(g.id for g in index.groups if g.prunable)) or "(none)"
+        raise UserInputError(f"unknown group id(s) to protect: {', '.join(unknown)}; the model's prunable groups "
+                             f"are {known} (ids from 'diprune inspect')")
+    return set(protect)
 
 
 @dataclass
@@ -290,6 +308,31 @@ def _fill_back(alloc: _Allocation, targets: tuple[float, float], full: tuple[flo
         added += 1
 
 
+def _blocked_note(index: ChannelGroupIndex, alloc: _Allocation, protected: Mapping[str, str], round_to: int,
+                  min_channels: int, fractions: tuple[float, float]) -> str:
+    """Why the budget was not reached: every group that could not move further, by cause (one sentence)."""
+    causes: dict[str, list[str]] = {}
+    floor_width = max(max(round_to, 1), math.ceil(max(min_channels, 1) / max(round_to, 1)) * max(round_to, 1))
+    for group in index.groups:
+        gid = group.id
+        if not group.prunable:
+            cause = "frozen (see 'diprune inspect')"
+        elif gid in protected:
+            cause = protected[gid]
+        elif gid not in alloc.ladders:
+            cause = "without scores"
+        elif len(alloc.ladders[gid]) == 1:
+            cause = f"too narrow to prune (size <= the minimum width {floor_width}: lower --round-to/--min-channels)"
+        elif alloc.rung[gid] + 1 == len(alloc.ladders[gid]):
+            cause = f"at their minimum width {floor_width} (--min-channels {min_channels}, --round-to {round_to})"
+        else:
+            cause = "whose removal saves nothing the budget counts"
+        causes.setdefault(cause, []).append(gid)
+    parts = [f"{len(ids)} {'group' if len(ids) == 1 else 'groups'} {cause}" for cause, ids in causes.items()]
+    return (f"budget not reached (predicted MACs x{fractions[0]:.3f}, params x{fractions[1]:.3f}): nothing more can "
+            f"be removed: {'; '.join(parts)}")
+
+
 def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_macs: float | None = None,
                     target_params: float | None = None, round_to: int = 8, min_channels: int = 8,
                     protect: Iterable[str] = (), keep_first_and_last: bool = True, fill_back: bool = True,
@@ -299,9 +342,18 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
     ``fill_back``: after the greedy, add back the most valuable removed steps that still fit the budget.
     ``fine_share``: a group whose ``round_to`` step is more than this share of the targeted cost gets a finer step
     (recorded in ``meta["fine_steps"]`` and the notes); None keeps every group on ``round_to``.
+
+    Raises:
+        UserInputError: no budget or a fraction outside (0, 1], ``min_channels`` or ``round_to`` below 1, or a
+            ``protect`` id that is not a group of the model.
     """
     _check_targets(target_macs, target_params)
-    protected = set(protect) | (_ends(index) if keep_first_and_last else set())
+    if round_to < 1 or min_channels < 1:
+        raise UserInputError(f"round_to and min_channels must be positive integers, got {round_to} and {min_channels}")
+    user = _check_protect(index, protect)
+    ends = default_protected(index) if keep_first_and_last else {}
+    protected = {**{gid: f"protected by default ({why}; --prune-ends lifts that)" for gid, why in ends.items()},
+                 **dict.fromkeys(user, "protected by --protect")}
     movable = [g for g in index.groups if g.prunable and g.id not in protected and g.id in scores.scores]
     fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
     ladders = {g.id: _ladder(g.size, fine.get(g.id, round_to), min_channels) for g in movable}
@@ -327,10 +379,9 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
             cache.pop(other, None)
         fractions = _fractions(index, alloc.widths(), full)
     reached = fractions[0] <= targets[0] and fractions[1] <= targets[1]
-    notes = [] if reached else [f"budget not reached: every prunable group is at its minimum width "
-                                f"(predicted MACs x{fractions[0]:.3f}, params x{fractions[1]:.3f})"]
-    if not reached:
-        logger.warning(notes[0])
+    notes = [] if reached else [_blocked_note(index, alloc, protected, round_to, min_channels, fractions)]
+    if not reached:  # the caller reports it (the CLI once, as a warning); logged here for -v only
+        logger.info(notes[0])
     added = _fill_back(alloc, targets, full) if reached and fill_back else 0
     fractions = _fractions(index, alloc.widths(), full)
     used_fine = {gid: step for gid, step in fine.items() if alloc.rung[gid] > 0}

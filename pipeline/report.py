@@ -74,9 +74,13 @@ class Report:
             **({"search": [dict(s) for s in self.search]} if self.search else {}),
         }
 
+    def to_json(self) -> str:
+        """The report file's text."""
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+
     def save(self, path: str | Path) -> Path:
         """Write the report as JSON, atomically."""
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n").encode())
+        atomic_write_bytes(path, self.to_json().encode())
         return Path(path)
 
     def summary(self) -> str:
@@ -87,6 +91,8 @@ class Report:
             acc += f", top-1 {self.evaluation['original']['top1']:.4f} -> {pruned['top1']:.4f}"
             if pruned.get("agreement") is not None:
                 acc += f", agreement with the original {pruned['agreement']:.4f}"
+        if any(note.startswith("budget not reached") for note in self.notes):
+            acc += ", budget NOT reached (the warning and the report's notes say what blocked it)"
         return (f"{self.method}: MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} "
                 f"({self.macs_fraction:.3f}), params {self.original['params']:.4g} -> {self.pruned['params']:.4g} "
                 f"({self.params_fraction:.3f}){acc}")

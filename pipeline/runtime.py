@@ -337,7 +337,8 @@ def load_npz(data: str | Path | Mapping[str, np.ndarray] | None) -> Mapping[str,
     if not path.is_file():
         raise UserInputError(f"data file not found: {path}")
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"{path} is not a readable .npz file: {err}") from err
+    except Exception as err:  # zipfile, zlib, pickle and value errors all mean a corrupt or foreign file
+        raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or holding Python "
+                             f"objects): {err}") from err

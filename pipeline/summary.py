@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from graph_ops.channels import prunable_share
+from pipeline.plan import default_protected
 from pipeline.prepare import PreparedModel
 
 
 def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
-    """One JSON-ready object: identity, cost, and every group with its freeze reason (or null)."""
+    """One JSON-ready object: identity, cost, and every group with its freeze reason (or null), whether the planner
+    protects it by default (``"first layer"`` / ``"classifier input"``, or null) and its ``status`` (``prunable``,
+    ``protected`` or ``frozen``)."""
     cost = prepared.cost
+    ends = default_protected(prepared.index)
     groups = [
-        {"id": g.id, "size": g.size, "frozen": g.frozen, "producers": list(g.producers),
+        {"id": g.id, "size": g.size, "status": _status(g.frozen, ends.get(g.id)), "frozen": g.frozen,
+         "protected": None if g.frozen else ends.get(g.id), "producers": list(g.producers),
          "consumers": list(g.consumers), "probes": list(g.probes)}
         for g in prepared.index.groups
     ]
@@ -26,3 +31,17 @@ def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
         "prunable_conv_share": round(prunable_share(prepared.model, prepared.index), 6),
         "groups": groups,
     }
+
+
+def _status(frozen: str | None, protected: str | None) -> str:
+    return "frozen" if frozen else "protected" if protected else "prunable"
+
+
+def group_status_text(group: dict[str, Any]) -> str:
+    """The status column of ``diprune inspect``: ``prunable``, ``protected (first layer; --prune-ends lifts
+    that)`` or ``frozen (reason)``."""
+    if group["frozen"]:
+        return f"frozen ({group['frozen']})"
+    if group["protected"]:
+        return f"protected ({group['protected']}; --prune-ends lifts that)"
+    return "prunable"

@@ -53,3 +53,14 @@ def test_canonicalize_keeps_outputs(name: str, exporter: str, zoo_cache: Path, t
     target = zoo_path(name, exporter, zoo_cache)
     if not target.exists():
         save_model(canonical, target)
+
+
+def test_cli_export_resnet18_with_default_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``diprune export torchvision:resnet18`` as documented: dynamo, 1x3x224x224, dynamic batch (about 15 s)."""
+    from pipeline.cli import main
+
+    out = tmp_path / "resnet18.onnx"
+    assert main(["-q", "export", "torchvision:resnet18", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parity torch vs onnxruntime" in printed and printed.splitlines()[0].endswith(": ok")
+    verify_model(load_model(out))

@@ -100,6 +100,13 @@ def test_unreachable_target_is_reported() -> None:
     plan = select_channels(_scores(4, True), _index(), target_macs=0.01, min_channels=16)
     assert plan.meta["reached"] is False and "not reached" in plan.meta["notes"][0]
     assert all(len(plan.keep[g]) == 16 for g in ("g2", "g3"))
+    note = plan.meta["notes"][0]
+    assert "2 groups at their minimum width 16" in note and "protected by default" in note
+
+
+def test_unknown_protect_id_is_refused() -> None:
+    with pytest.raises(UserInputError, match="g_typo"):
+        select_channels(_scores(2, True), _index(), target_macs=0.6, protect=("g2", "g_typo"))
 
 
 def test_keep_follows_elimination_order() -> None:

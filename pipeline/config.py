@@ -1,0 +1,354 @@
+"""The ``diprune run`` job file: YAML in, nested frozen dataclasses out, every mistake named with its key.
+
+Schema (``key: default``; every key but ``model``, ``data`` and a budget is optional)::
+
+    model: path/to/model.onnx        # or {export: "torchvision:resnet18", input_shape: [1, 3, 224, 224],
+                                     #     input_name: input, opset: 17, dynamic_batch: true, exporter: dynamo}
+    data:
+      calibration: calib.npz         # 'mnist', an .npz or an image folder (as --data); or a mapping
+                                     # {path: ..., split, limit, scale, mean, std, size, crop, input_key, label_key}
+      evaluation: test.npz           # same forms; held-out data ('test' split by default where there is one)
+      limit / scale / mean / std / size / crop / input_key / label_key: defaults for both
+    prune:
+      methods: [di]                  # keys of pipeline.scorers.SCORERS
+      target_macs: [0.5]             # fractions kept; and/or target_params: [...]
+      recover: lstsq                 # keys of pipeline.recovery.RECOVERY
+      recover_mode: sequential       # or one-pass
+      round_to: null                 # null: the bench backend's default (8 on ort-cpu)
+      min_channels: 8
+      protect: []                    # group ids never pruned
+      prune_ends: false              # also prune the first layer and the classifier input
+      pooling: gap
+      batch_size: 64
+      seed: 0
+    bench: {backend: ort-cpu, batch: [1], threads: null, warmup: 1.0, duration: 3.0, iterations: 30, rounds: 5}
+    gates: {max_top1_drop: 0.01, min_speedup: 1.3}   # names from pipeline.gates.GATES
+    output: runs/exp1
+    mlflow: {uri: null, experiment: diprune}           # or true; used when given (or with --mlflow)
+
+Relative paths (model, data, output) are relative to the config file's folder, so a config and its data can move
+together; ``mnist`` is the shipped digits. Unknown keys are refused with the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.engines import BACKENDS, PRECISIONS
+from pipeline.errors import UserInputError
+from pipeline.gates import GATES
+from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
+from pipeline.scorers import SCORERS
+
+DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "input_key", "label_key")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An ONNX file, or a torch model to export first (``export`` is a ``diprune export`` spec)."""
+
+    path: Path | None = None
+    export: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    input_name: str | None = None
+    opset: int = 17
+    dynamic_batch: bool = True
+    exporter: str = "dynamo"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One dataset as ``--data`` and the data options would give it (``split`` None: the default part)."""
+
+    source: str
+    split: str | None = None
+    limit: int | None = None
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    size: int | None = None
+    crop: int | None = None
+    input_key: tuple[str, ...] | None = None
+    label_key: str | None = None
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Which candidates to make: every method at every budget, with one recovery."""
+
+    methods: tuple[str, ...] = ("di",)
+    target_macs: tuple[float, ...] = ()
+    target_params: tuple[float, ...] = ()
+    recover: str = DEFAULT_RECOVERY
+    recover_mode: str = "sequential"
+    round_to: int | None = None
+    min_channels: int = 8
+    protect: tuple[str, ...] = ()
+    prune_ends: bool = False
+    pooling: str = "gap"
+    batch_size: int = 64
+    seed: int = 0
+
+    @property
+    def targets(self) -> tuple[tuple[str, float], ...]:
+        """``(kind, fraction)`` budgets, MACs first, in config order."""
+        return tuple(("macs", t) for t in self.target_macs) + tuple(("params", t) for t in self.target_params)
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Latency measurement of the original and every candidate, in the same interleaved rounds."""
+
+    backend: str = "ort-cpu"
+    batch: tuple[int, ...] = (1,)
+    threads: int | None = None
+    warmup: float = 1.0
+    duration: float = 3.0
+    iterations: int = 30
+    rounds: int = 5
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class MlflowSpec:
+    """Where to log the run (``uri`` None: a sqlite store in the output folder)."""
+
+    uri: str | None = None
+    experiment: str = "diprune"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole ``diprune run`` job."""
+
+    model: ModelSpec
+    calibration: DataSpec | None
+    evaluation: DataSpec
+    prune: PruneSpec
+    bench: BenchSpec
+    gates: Mapping[str, float]
+    output: Path
+    mlflow: MlflowSpec | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, JSON-ready (paths as strings)."""
+        doc = asdict(self)
+        doc.pop("source")
+        return _jsonable(doc)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------- parsing
+
+
+def _keys(section: Any, where: str, allowed: Sequence[str]) -> Mapping[str, Any]:
+    """The section as a mapping whose keys are all in ``allowed`` (else a UserInputError with a suggestion)."""
+    if not isinstance(section, Mapping):
+        raise UserInputError(f"config: '{where}' must be a mapping of keys ({', '.join(allowed)}), got "
+                             f"{type(section).__name__}")
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserInputError(f"config: unknown key '{where}.{key}'{hint}; known keys: {', '.join(allowed)}")
+    return section
+
+
+def _number(value: Any, where: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise UserInputError(f"config: '{where}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        span = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise UserInputError(f"config: '{where}' must be in {span}, got {value!r}")
+    return float(value) if not integer else value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    """A scalar or a list, as a non-empty list."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise UserInputError(f"config: '{where}' is empty; give at least one value")
+    return items
+
+
+def _choice(value: Any, where: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise UserInputError(f"config: '{where}' is {value!r}; choose one of {', '.join(choices)}")
+    return str(value)
+
+
+def _path(value: Any, where: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise UserInputError(f"config: '{where}' must be a path, got {value!r}")
+    path = Path(os.path.expanduser(value))
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def _model(value: Any, base: Path) -> ModelSpec:
+    if isinstance(value, str):
+        return ModelSpec(path=_path(value, "model", base))
+    section = _keys(value, "model", ("export", "input_shape", "input_name", "opset", "dynamic_batch", "exporter"))
+    spec = section.get("export")
+    if not isinstance(spec, str) or not spec:
+        raise UserInputError("config: 'model' is a path to an .onnx file or {export: SPEC, input_shape: [...]} with "
+                             "SPEC torchvision:NAME, timm:NAME or path/to/file.py:FACTORY")
+    file, _, factory = spec.rpartition(":")
+    if file.endswith(".py"):  # the factory file is relative to the config too
+        spec = f"{_path(file, 'model.export', base)}:{factory}"
+    shape = section.get("input_shape")
+    dims = None if shape is None else tuple(_number(d, "model.input_shape", integer=True, low=1)
+                                            for d in _list(shape, "model.input_shape"))
+    dynamic = section.get("dynamic_batch", True)
+    if not isinstance(dynamic, bool):
+        raise UserInputError(f"config: 'model.dynamic_batch' must be true or false, got {dynamic!r}")
+    name = section.get("input_name")
+    return ModelSpec(export=spec, input_shape=dims, input_name=None if name is None else str(name),
+                     opset=_number(section.get("opset", 17), "model.opset", integer=True, low=7), dynamic_batch=dynamic,
+                     exporter=_choice(section.get("exporter", "dynamo"), "model.exporter", ("dynamo", "legacy")))
+
+
+def _floats(value: Any, where: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    return tuple(_number(v, where) for v in _list(value, where))
+
+
+def _dataset(value: Any, where: str, base: Path, defaults: Mapping[str, Any]) -> DataSpec:
+    section = {"path": value} if isinstance(value, str) else dict(_keys(value, where, ("path", "split",
+                                                                                        *DATA_OPTIONS)))
+    options = {**defaults, **{k: v for k, v in section.items() if k in DATA_OPTIONS}}
+    raw = section.get("path")
+    if not isinstance(raw, str) or not raw:
+        raise UserInputError(f"config: '{where}' needs a path: 'mnist', an .npz file or an image folder")
+    source = raw if raw == "mnist" else str(_path(raw, f"{where}.path", base))
+    split = section.get("split")
+    if split is not None:
+        _choice(split, f"{where}.split", ("train", "test", "all"))
+    keys = options.get("input_key")
+    return DataSpec(
+        source=source, split=split,
+        limit=None if options.get("limit") is None else _number(options["limit"], f"{where}.limit", integer=True, low=1),
+        scale=None if options.get("scale") is None else _number(options["scale"], f"{where}.scale"),
+        mean=_floats(options.get("mean"), f"{where}.mean"), std=_floats(options.get("std"), f"{where}.std"),
+        size=None if options.get("size") is None else _number(options["size"], f"{where}.size", integer=True, low=1),
+        crop=None if options.get("crop") is None else _number(options["crop"], f"{where}.crop", integer=True, low=1),
+        input_key=None if keys is None else tuple(str(k) for k in _list(keys, f"{where}.input_key")),
+        label_key=None if options.get("label_key") is None else str(options["label_key"]))
+
+
+def _data(value: Any, base: Path) -> tuple[DataSpec | None, DataSpec]:
+    section = _keys(value, "data", ("calibration", "evaluation", *DATA_OPTIONS))
+    if "evaluation" not in section:
+        raise UserInputError("config: 'data.evaluation' is missing: every candidate is evaluated on held-out data "
+                             "('mnist', an .npz or an image folder)")
+    defaults = {k: section[k] for k in DATA_OPTIONS if k in section}
+    calibration = section.get("calibration")
+    calib = None if calibration is None else _dataset(calibration, "data.calibration", base, defaults)
+    return calib, _dataset(section["evaluation"], "data.evaluation", base, defaults)
+
+
+def _prune(value: Any) -> PruneSpec:
+    names = [f.name for f in PruneSpec.__dataclass_fields__.values()]
+    section = _keys(value, "prune", names)
+    methods = tuple(_choice(m, "prune.methods", sorted(SCORERS)) for m in _list(section.get("methods", "di"),
+                                                                                 "prune.methods"))
+    targets = {key: tuple(dict.fromkeys(_number(t, f"prune.{key}", low=0.0, high=1.0, low_open=True)
+                                        for t in _list(section[key], f"prune.{key}"))) if key in section else ()
+               for key in ("target_macs", "target_params")}
+    if not targets["target_macs"] and not targets["target_params"]:
+        raise UserInputError("config: give a budget: 'prune.target_macs' and/or 'prune.target_params' (fractions "
+                             "kept, e.g. [0.5, 0.25])")
+    round_to = section.get("round_to")
+    protect = section.get("protect") or []
+    prune_ends = section.get("prune_ends", False)
+    if not isinstance(prune_ends, bool):
+        raise UserInputError(f"config: 'prune.prune_ends' must be true or false, got {prune_ends!r}")
+    return PruneSpec(
+        methods=tuple(dict.fromkeys(methods)), **targets,
+        recover=_choice(section.get("recover", DEFAULT_RECOVERY), "prune.recover", list(RECOVERY)),
+        recover_mode=_choice(section.get("recover_mode", "sequential"), "prune.recover_mode",
+                             ("sequential", "one-pass")),
+        round_to=None if round_to is None else _number(round_to, "prune.round_to", integer=True, low=1),
+        min_channels=_number(section.get("min_channels", 8), "prune.min_channels", integer=True, low=1),
+        protect=tuple(str(p) for p in _list(protect, "prune.protect")) if protect else (), prune_ends=prune_ends,
+        pooling=_choice(section.get("pooling", "gap"), "prune.pooling", ("gap", "avg2", "avg4")),
+        batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),
+        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0))
+
+
+def _bench(value: Any) -> BenchSpec:
+    section = _keys(value or {}, "bench", [f.name for f in BenchSpec.__dataclass_fields__.values()])
+    threads = section.get("threads")
+    return BenchSpec(
+        backend=_choice(section.get("backend", "ort-cpu"), "bench.backend", BACKENDS),
+        batch=tuple(_number(b, "bench.batch", integer=True, low=1) for b in _list(section.get("batch", 1),
+                                                                                  "bench.batch")),
+        threads=None if threads is None else _number(threads, "bench.threads", integer=True, low=1),
+        warmup=_number(section.get("warmup", 1.0), "bench.warmup", low=0.0),
+        duration=_number(section.get("duration", 3.0), "bench.duration", low=0.0),
+        iterations=_number(section.get("iterations", 30), "bench.iterations", integer=True, low=1),
+        rounds=_number(section.get("rounds", 5), "bench.rounds", integer=True, low=1),
+        precision=_choice(section.get("precision", "fp32"), "bench.precision", PRECISIONS))
+
+
+def _gates(value: Any) -> dict[str, float]:
+    section = _keys(value or {}, "gates", list(GATES))
+    return {name: _number(limit, f"gates.{name}") for name, limit in section.items()}
+
+
+def _mlflow(value: Any) -> MlflowSpec | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return MlflowSpec()
+    section = _keys(value, "mlflow", ("uri", "experiment"))
+    uri = section.get("uri")
+    return MlflowSpec(uri=None if uri is None else str(uri), experiment=str(section.get("experiment", "diprune")))
+
+
+def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> RunConfig:
+    """Validate a parsed config (relative paths against ``base``); every error names its key."""
+    top = _keys(doc, "(top level)", ("model", "data", "prune", "bench", "gates", "output", "mlflow"))
+    for key in ("model", "data", "prune", "output"):
+        if key not in top:
+            raise UserInputError(f"config: '{key}' is missing (see README, 'Use it in a pipeline')")
+    calibration, evaluation = _data(top["data"], base)
+    prune = _prune(top["prune"])
+    if calibration is None and (prune.recover != "none" or any(getattr(SCORERS[m], "requires_stats", False)
+                                                               for m in prune.methods)):
+        raise UserInputError(f"config: 'data.calibration' is missing: methods {', '.join(prune.methods)} with "
+                             f"recover {prune.recover} need calibration data (or use l1/l2/random with recover: none)")
+    return RunConfig(model=_model(top["model"], base), calibration=calibration, evaluation=evaluation, prune=prune,
+                     bench=_bench(top.get("bench")), gates=_gates(top.get("gates")),
+                     output=_path(top["output"], "output", base), mlflow=_mlflow(top.get("mlflow")), source=source)
+
+
+def load_config(path: str | os.PathLike[str]) -> RunConfig:
+    """Read and validate a YAML job file (see the module docstring)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserInputError(f"config {path} is not valid YAML: {err}") from err
+    return config_from_dict(doc, path.resolve().parent, source=path)
