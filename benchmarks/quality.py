@@ -67,10 +67,10 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-FAMILIES = ("vgg", "resnet", "mobilenet", "inception")
+FAMILIES = ("vgg", "resnet", "mobilenet", "inception", "lenet")
 MODELS = {f: ALL_MODELS[f] for f in FAMILIES}
 TARGETS = (0.5, 0.35, 0.25, 0.125)
-METHODS = ("di", "lda", "pls-vip", "l2", "random")
+METHODS = ("di", "lda", "lda-trace", "pls-vip", "l2", "random")
 RECOVERIES = ("none", DEFAULT_RECOVERY)  # every method
 ABLATION = ("bias", "regress")  # di only: the recoveries the default is compared with
 THREADS = 1

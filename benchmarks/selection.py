@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"cnn": ROOT / "pipeline/data/mnist_cnn.onnx", "vgg": ROOT / "benchmarks/models/mnist_vgg.onnx",
           "resnet": ROOT / "benchmarks/models/mnist_resnet.onnx",
           "mobilenet": ROOT / "benchmarks/models/mnist_mobilenet.onnx",
-          "inception": ROOT / "benchmarks/models/mnist_inception.onnx"}
+          "inception": ROOT / "benchmarks/models/mnist_inception.onnx",
+          "lenet": ROOT / "benchmarks/models/mnist_lenet.onnx"}
 METHODS = ("di", "lda", "pls-vip", "l2", "random", "mean-act", "apoz")
 TARGETS = (0.75, 0.5, 0.35)
 RANDOM_SEEDS = (0, 1, 2)
