@@ -18,9 +18,11 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       min_channels: 8
       protect: []                    # group ids never pruned
       prune_ends: false              # also prune the first layer and the classifier input
-      pooling: gap
+      pooling: auto                  # auto: what each probe's consumers read; or gap, avg2, avg4
       batch_size: 64
       seed: 0
+      max_drop: null                 # accuracy points: also search, per method, the smallest model within them
+    task: {classes: [3, 8]}          # or {map: {odd: [1, 3, 5, 7, 9], even: [0, 2, 4, 6, 8]}} or {map: task.json}
     bench: {backend: ort-cpu, batch: [1], threads: null, warmup: 1.0, duration: 3.0, iterations: 30, rounds: 5}
     gates: {max_top1_drop: 0.01, min_speedup: 1.3}   # names from pipeline.gates.GATES
     output: runs/exp1
@@ -39,11 +41,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS
 from pipeline.errors import UserInputError
 from pipeline.gates import GATES
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
+from pipeline.task import Task, load_task_map, task_from_map
 
 DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "input_key", "label_key")
 
@@ -90,9 +94,10 @@ class PruneSpec:
     min_channels: int = 8
     protect: tuple[str, ...] = ()
     prune_ends: bool = False
-    pooling: str = "gap"
+    pooling: str = DEFAULT_POOLING
     batch_size: int = 64
     seed: int = 0
+    max_drop: float | None = None
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
@@ -134,12 +139,14 @@ class RunConfig:
     gates: Mapping[str, float]
     output: Path
     mlflow: MlflowSpec | None = None
+    task: Task | None = None
     source: Path | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, JSON-ready (paths as strings)."""
         doc = asdict(self)
         doc.pop("source")
+        doc["task"] = None if self.task is None else self.task.to_dict()
         return _jsonable(doc)
 
 
@@ -272,9 +279,11 @@ def _prune(value: Any) -> PruneSpec:
     targets = {key: tuple(dict.fromkeys(_number(t, f"prune.{key}", low=0.0, high=1.0, low_open=True)
                                         for t in _list(section[key], f"prune.{key}"))) if key in section else ()
                for key in ("target_macs", "target_params")}
-    if not targets["target_macs"] and not targets["target_params"]:
+    max_drop = section.get("max_drop")
+    max_drop = None if max_drop is None else _number(max_drop, "prune.max_drop", low=0.0)
+    if not targets["target_macs"] and not targets["target_params"] and max_drop is None:
         raise UserInputError("config: give a budget: 'prune.target_macs' and/or 'prune.target_params' (fractions "
-                             "kept, e.g. [0.5, 0.25])")
+                             "kept, e.g. [0.5, 0.25]), or 'prune.max_drop' (accuracy points)")
     round_to = section.get("round_to")
     protect = section.get("protect") or []
     prune_ends = section.get("prune_ends", False)
@@ -288,9 +297,29 @@ def _prune(value: Any) -> PruneSpec:
         round_to=None if round_to is None else _number(round_to, "prune.round_to", integer=True, low=1),
         min_channels=_number(section.get("min_channels", 8), "prune.min_channels", integer=True, low=1),
         protect=tuple(str(p) for p in _list(protect, "prune.protect")) if protect else (), prune_ends=prune_ends,
-        pooling=_choice(section.get("pooling", "gap"), "prune.pooling", ("gap", "avg2", "avg4")),
+        pooling=_choice(section.get("pooling", DEFAULT_POOLING), "prune.pooling", tuple(POOLINGS)),
         batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),
-        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0))
+        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0), max_drop=max_drop)
+
+
+def _task(value: Any, base: Path) -> Task | None:
+    """``{classes: [3, 8]}``, ``{map: {group: [ids], ...}}`` or ``{map: file.json}`` (as --task-classes/--task-map)."""
+    if value is None:
+        return None
+    section = _keys(value, "task", ("classes", "map"))
+    if ("classes" in section) == ("map" in section):
+        raise UserInputError("config: 'task' takes either 'classes: [3, 8]' or 'map: {group: [class ids], ...}' "
+                             "(or a JSON file), not both and not neither")
+    try:
+        if "classes" in section:
+            classes = _list(section["classes"], "task.classes")
+            return Task(classes=tuple(_number(c, "task.classes", integer=True, low=0) for c in classes))
+        if isinstance(section["map"], str):
+            return load_task_map(_path(section["map"], "task.map", base))
+        return task_from_map(section["map"], "'task.map'")
+    except UserInputError as err:
+        message = str(err)
+        raise UserInputError(message if message.startswith("config:") else f"config: 'task': {message}") from None
 
 
 def _bench(value: Any) -> BenchSpec:
@@ -325,19 +354,21 @@ def _mlflow(value: Any) -> MlflowSpec | None:
 
 def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> RunConfig:
     """Validate a parsed config (relative paths against ``base``); every error names its key."""
-    top = _keys(doc, "(top level)", ("model", "data", "prune", "bench", "gates", "output", "mlflow"))
+    top = _keys(doc, "(top level)", ("model", "data", "prune", "bench", "gates", "output", "mlflow", "task"))
     for key in ("model", "data", "prune", "output"):
         if key not in top:
             raise UserInputError(f"config: '{key}' is missing (see README, 'Use it in a pipeline')")
     calibration, evaluation = _data(top["data"], base)
     prune = _prune(top["prune"])
+    task = _task(top.get("task"), base)
     if calibration is None and (prune.recover != "none" or any(getattr(SCORERS[m], "requires_stats", False)
                                                                for m in prune.methods)):
         raise UserInputError(f"config: 'data.calibration' is missing: methods {', '.join(prune.methods)} with "
                              f"recover {prune.recover} need calibration data (or use l1/l2/random with recover: none)")
     return RunConfig(model=_model(top["model"], base), calibration=calibration, evaluation=evaluation, prune=prune,
                      bench=_bench(top.get("bench")), gates=_gates(top.get("gates")),
-                     output=_path(top["output"], "output", base), mlflow=_mlflow(top.get("mlflow")), source=source)
+                     output=_path(top["output"], "output", base), mlflow=_mlflow(top.get("mlflow")), task=task,
+                     source=source)
 
 
 def load_config(path: str | os.PathLike[str]) -> RunConfig:

@@ -27,7 +27,14 @@ from pipeline.config import DataSpec, RunConfig
 from pipeline.engines import default_round_to
 from pipeline.errors import UserInputError
 from pipeline.gates import ACCURACY_GATES
-from pipeline.orchestrate import Candidate, PruneRun, needs_stats, needs_summaries, write_candidate
+from pipeline.orchestrate import (
+    Candidate,
+    PruneRun,
+    needs_stats,
+    needs_summaries,
+    smallest_within,
+    write_candidate,
+)
 from pipeline.plots import write_plots
 from pipeline.run_cache import RunCache, content_key, data_identity, model_digest
 from pipeline.run_report import BatchLatency, CandidateResult, RunReport, judge
@@ -108,31 +115,45 @@ def _use_cached_stats(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None)
     job.counts["calibration"] = "computed"
 
 
-def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None) -> list[tuple[str, Candidate, bool]]:
-    """Every method at every budget: (name, candidate, reused from the cache)."""
+def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evaluation: Any,
+                searches: dict[str, tuple[dict[str, Any], ...]]) -> list[tuple[str, Candidate, bool]]:
+    """Every method at every budget, and with ``prune.max_drop`` the smallest model within it per method (its tried
+    budgets go to ``searches``): (name, candidate, reused from the cache)."""
     prune, bench = job.config.prune, job.config.bench
     round_to = prune.round_to or default_round_to(bench.backend, bench.precision)
-    jobs = [(m, kind, t) for m in prune.methods for kind, t in prune.targets]
+    jobs: list[tuple[str, str, float]] = [(m, kind, t) for m in prune.methods for kind, t in prune.targets]
+    if prune.max_drop is not None:
+        jobs += [(m, "within", prune.max_drop) for m in prune.methods]
     out = []
     for i, (method, kind, target) in enumerate(jobs, 1):
-        name = f"{method}-{kind}{target:g}"
+        name = f"{method}-{kind}{target:g}" + ("pt" if kind == "within" else "")
         settings = {"method": method, "kind": kind, "target": target, "round_to": round_to,
                     "min_channels": prune.min_channels, "protect": sorted(prune.protect), "ends": prune.prune_ends,
                     "recover": prune.recover, "mode": prune.recover_mode, "pooling": prune.pooling,
                     "batch_size": prune.batch_size, "seed": prune.seed}
         key = content_key("candidate", model=run.prepared.sha256, data=calib_id, **settings)
         candidate = job.cache.load_candidate(key)
-        if candidate is not None:
+        search = job.cache.load_json("search", key) if kind == "within" else None
+        if candidate is not None and (kind != "within" or search is not None):
+            if search is not None:
+                searches[name] = tuple(search["tried"])
             job.counts["candidates_reused"] += 1
             job.echo(f"candidate {i}/{len(jobs)} {name}: reused from the cache")
             out.append((name, candidate, True))
             continue
         if needs_stats(method):
             _use_cached_stats(job, run, calib_id)
-        job.echo(f"candidate {i}/{len(jobs)} {name}: score, plan, apply, recover {prune.recover}")
-        candidate = run.candidate(method, round_to=round_to, min_channels=prune.min_channels, protect=prune.protect,
-                                  keep_first_and_last=not prune.prune_ends, recover=prune.recover,
-                                  recover_mode=prune.recover_mode, **{f"target_{kind}": target})
+        options = {"round_to": round_to, "min_channels": prune.min_channels, "protect": prune.protect,
+                   "keep_first_and_last": not prune.prune_ends, "recover": prune.recover,
+                   "recover_mode": prune.recover_mode}
+        if kind == "within":
+            job.echo(f"candidate {i}/{len(jobs)} {name}: the smallest model within {target:g} points (search)")
+            candidate, _, tried = smallest_within(run, method, evaluation, target, **options)
+            searches[name] = tried
+            job.cache.save_json("search", key, {"tried": list(tried)})
+        else:
+            job.echo(f"candidate {i}/{len(jobs)} {name}: score, plan, apply, recover {prune.recover}")
+            candidate = run.candidate(method, **options, **{f"target_{kind}": target})
         job.cache.save_candidate(key, candidate)
         job.counts["candidates_computed"] += 1
         out.append((name, candidate, False))
@@ -248,14 +269,20 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     model_path = _model_path(job)
     prune = config.prune
     run = PruneRun(model_path, calibration, pooling=prune.pooling, batch_size=prune.batch_size, seed=prune.seed,
-                   progress=progress, work_dir=job.cache.root if use_cache else None)
+                   progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task)
+    evaluation = run.task_data(evaluation, "evaluation")
     groups = run.prepared.index.groups
     job.echo(f"model {model_path.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
-    calib_id = None if calibration is None else data_identity(config.calibration, calibration.name)
-    made = _candidates(job, run, calib_id)
+    if config.task is not None:
+        job.echo(f"task {config.task.describe()}: " + ", ".join(f"{n} {role} samples of other classes dropped"
+                                                                for role, n in run.dropped.items()))
+    task = None if config.task is None else config.task.to_dict()
+    calib_id = None if calibration is None else {**data_identity(config.calibration, calibration.name), "task": task}
+    eval_id = {**data_identity(config.evaluation, evaluation.name), "task": task}
+    searches: dict[str, tuple[dict[str, Any], ...]] = {}
+    made = _candidates(job, run, calib_id, evaluation, searches)
     if job.counts["calibration"] == "not needed" and any(needs_stats(m) for m in prune.methods):
         job.counts["calibration"] = "not needed (every candidate reused)"
-    eval_id = data_identity(config.evaluation, evaluation.name)
     job.echo(f"evaluate: the original and {len(made)} candidate(s) on {evaluation.num_samples} samples")
     original = _evaluate(job, run, run.prepared.model, evaluation, eval_id, reference=False)
     paths = []
@@ -264,7 +291,7 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
                                                              reference=True)}
         path = output / "candidates" / f"{name}.onnx"
         with job.timed("write"):
-            write_candidate(run, candidate, path, evaluation=metrics)
+            write_candidate(run, candidate, path, evaluation=metrics, search=searches.get(name, ()))
         paths.append((name, candidate, path, metrics))
     bench = _bench(job, [str(model_path), *(str(p[2]) for p in paths)])
     return _finish(job, run, model_path, calibration, evaluation, original, paths, made, bench, tracker)
@@ -286,9 +313,13 @@ def _finish(job: _Job, run: PruneRun, model_path: Path, calibration: Any, evalua
     original_entry = {"path": str(model_path), "sha256": run.prepared.sha256, "macs": int(run.prepared.cost.macs),
                       "params": int(run.prepared.cost.params), **original,
                       "latency": [vars(b) for b in orig_latency]}
-    data = {"evaluation": {"name": evaluation.name, "n": evaluation.num_samples}}
-    if calibration is not None:
-        data["calibration"] = {"name": calibration.name, "n": calibration.num_samples}
+    data: dict[str, Any] = {"evaluation": {"name": evaluation.name, "n": evaluation.num_samples}}
+    if run.data is not None:
+        data["calibration"] = {"name": run.data.name, "n": run.data.num_samples}
+    for role, dropped in run.dropped.items():  # with a task: samples of other classes
+        data[role]["dropped_other_classes"] = dropped
+    if run.task is not None:
+        data["task"] = run.task_record()
     bench_doc = {"backend": bench.backend, "settings": {**dict(bench.settings), "batches": list(batches)},
                  "machine": dict(bench.machine), "warnings": list(bench.warnings)}
     timings = {**{("prepare" if k == "analyze" else k): v for k, v in run.timings.items()}, **job.timings}

@@ -167,12 +167,18 @@ def load_task_map(path: str | os.PathLike[str]) -> Task:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserInputError(f"{path} is not JSON ({err}); write {{\"group\": [class ids], ...}}") from err
-    if not isinstance(doc, dict) or not all(isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool)
-                                                                        for c in v) for v in doc.values()):
-        raise UserInputError(f"{path}: a task map is an object of class-id lists, e.g. {{\"odd\": [1, 3], \"even\": "
+    return task_from_map(doc, str(path))
+
+
+def task_from_map(doc: Any, where: str) -> Task:
+    """A grouped task from a parsed map (``{"group": [class ids], ...}``, at least two non-empty groups); errors name
+    ``where`` (the file or the config key)."""
+    if not isinstance(doc, Mapping) or not all(isinstance(v, list) and all(isinstance(c, int) and not isinstance(
+            c, bool) for c in v) for v in doc.values()):
+        raise UserInputError(f"{where}: a task map is an object of class-id lists, e.g. {{\"odd\": [1, 3], \"even\": "
                              "[0, 2]}")
     if len(doc) < 2 or any(not v for v in doc.values()):
-        raise UserInputError(f"{path}: a task map needs at least two non-empty groups")
+        raise UserInputError(f"{where}: a task map needs at least two non-empty groups")
     return Task(groups=tuple((str(k), tuple(v)) for k, v in doc.items()))
 
 

@@ -210,8 +210,13 @@ def _write(folder: Path, text: str) -> Path:
     (lambda d: d["bench"].update(batch=[0]), "'bench.batch' must be in [1"),
     (lambda d: d["data"].pop("evaluation"), "'data.evaluation' is missing"),
     (lambda d: d.pop("output"), "'output' is missing"),
+    (lambda d: d.update(task={"classes": [3, 8], "map": {"a": [1], "b": [2]}}), "either 'classes"),
+    (lambda d: d.update(task={"classes": [3]}), "at least two classes"),
+    (lambda d: d.update(task={"map": {"odd": [1, 3]}}), "at least two non-empty groups"),
+    (lambda d: d.update(task={"map": "missing.json"}), "task map file not found"),
+    (lambda d: d["prune"].update(max_drop=-1), "'prune.max_drop' must be in [0.0"),
 ], ids=["prune-typo", "gate-typo", "no-budget", "budget-range", "unknown-method", "batch-0", "no-evaluation",
-        "no-output"])
+        "no-output", "task-both", "task-one-class", "task-one-group", "task-map-missing", "max-drop-negative"])
 def test_config_mistakes_are_one_error_line(change: Callable[[dict], Any], expected: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     doc = yaml.safe_load(_config(tmp_path).read_text())
@@ -268,3 +273,44 @@ def test_run_exports_a_factory_model_once(tmp_path: Path, capsys: pytest.Capture
     assert report["candidates"][0]["macs_fraction"] <= 0.5
     assert main(["run", str(config)]) == 0
     assert "reused from the cache" in capsys.readouterr().err.split("\n")[0]
+
+
+def test_task_config_forms(tmp_path: Path) -> None:
+    doc = yaml.safe_load(_config(tmp_path).read_text())
+    doc["prune"] = {"methods": ["di"], "max_drop": 1}  # a search alone is a budget
+    (tmp_path / "parity.json").write_text(json.dumps({"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8]}))
+    for task, expected in [({"classes": [3, 8]}, {"classes": [3, 8]}),
+                           ({"map": {"low": [0, 1, 2], "high": [7, 8, 9]}}, {"groups": [["low", [0, 1, 2]],
+                                                                                         ["high", [7, 8, 9]]]}),
+                           ({"map": "parity.json"}, {"groups": [["odd", [1, 3, 5, 7, 9]], ["even", [0, 2, 4, 6, 8]]]})]:
+        path = tmp_path / "task.yaml"
+        path.write_text(yaml.safe_dump({**doc, "task": task}, sort_keys=False))
+        config = load_config(path)
+        assert config.task is not None and config.task.to_dict() == expected
+        assert config.to_dict()["task"] == expected
+        assert config.prune.max_drop == 1.0 and config.prune.targets == () and config.prune.pooling == "auto"
+
+
+def test_run_with_a_task_and_a_search(tmp_path: Path) -> None:
+    """3-vs-8 from the config: task head, other digits dropped from both datasets, the max_drop search as one more
+    candidate with every tried budget in its report."""
+    config = _config(tmp_path, task={"classes": [3, 8]}, prune={"methods": ["di"], "target_macs": [0.5],
+                                                                "max_drop": 2.0},
+                     gates={"max_top1_drop": 0.02})
+    assert main(["-q", "run", str(config)]) == 0
+    report = _report(tmp_path / "out")
+    assert [c["name"] for c in report["candidates"]] == ["di-macs0.5", "di-within2pt"]
+    data = report["data"]
+    assert data["task"]["classes"] == [3, 8] and data["task"]["original_width"] == 10
+    assert 0 < data["calibration"]["n"] < 128 and data["calibration"]["n"] + data["calibration"][
+        "dropped_other_classes"] == 128
+    assert 0 < data["evaluation"]["n"] < 400 and data["evaluation"]["n"] + data["evaluation"][
+        "dropped_other_classes"] == 400
+    best = onnx.load(str(tmp_path / "out" / "best.onnx"))
+    assert best.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2  # one logit per task class
+    searched = next(c for c in report["candidates"] if c["name"] == "di-within2pt")
+    assert searched["top1_drop"] <= 0.02 + 1e-9
+    cand = json.loads((tmp_path / "out" / f"{searched['path']}.report.json").read_text())
+    assert cand["search"] and all({"target_macs", "macs_fraction", "top1", "within"} <= set(t) for t in cand["search"])
+    assert searched["macs_fraction"] == pytest.approx(min(t["macs_fraction"] for t in cand["search"] if t["within"]),
+                                                      abs=1e-6)
