@@ -56,9 +56,10 @@ from graph_ops.cost import count
 from graph_ops.errors import PruneError
 from graph_ops.io import atomic_write_bytes
 from pipeline.bench import machine_info
+from pipeline.calibrate import DEFAULT_POOLING
 from pipeline.data import open_dataset
 from pipeline.evaluate import evaluate
-from pipeline.orchestrate import PruneRun
+from pipeline.orchestrate import PruneRun, needs_stats
 from pipeline.plan import PruningPlan
 from pipeline.recovery import DEFAULT_RECOVERY
 from pipeline.task import Task
@@ -78,6 +79,14 @@ TASKS = {"3-vs-8": ((3,), (8,)), "odd-vs-even": ((1, 3, 5, 7, 9), (0, 2, 4, 6, 8
 RANDOM_SEEDS = (0, 1, 2)
 TASK_TARGETS = (0.5, 0.35, 0.25, 0.125, 0.0625, 0.03125)
 TASK_ROWS = ("di (task labels)", "di (10-class labels)", "l2")
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "new": {"pooling": DEFAULT_POOLING, "planner": {}, "key": "diprune"},
+    "old": {"pooling": "gap", "planner": {"fill_back": False, "fine_share": None}, "key": "diprune_old"},
+    "gap": {"pooling": "gap", "planner": {}, "key": "diprune_gap"},
+}
+"""The library's defaults (``new``: auto pooling, fill-back and fine steps), those before issue 13 (``old``: global
+average pooling, a greedy planner on ``round_to`` steps only) and the new planner with the old pooling (``gap``: the
+effect of the pooling alone); ``old`` and ``gap`` run the default recovery and none, without the ablation."""
 WORK = ROOT / "work" / "quality"
 
 
@@ -118,8 +127,10 @@ def diprune_point(runner: Runner, plan: PruningPlan, recovery: str, recover_run:
     """One plan, rewritten and (optionally) recovered on ``recover_run``'s data, measured."""
     start = time.perf_counter()
     pruned, _ = recover_run.recover(runner.run.apply(plan), plan, recovery)
+    step_back = (plan.meta.get("step_back") or {}).get("macs")
     return measured(pruned, runner.full.macs, runner.full.params, runner.test,
-                    seconds=round(time.perf_counter() - start, 2))
+                    seconds=round(time.perf_counter() - start, 2),
+                    **({"step_back_macs": step_back} if step_back is not None else {}))
 
 
 def recovery_run(runner: Runner, n_recover: int) -> PruneRun:
@@ -129,28 +140,36 @@ def recovery_run(runner: Runner, n_recover: int) -> PruneRun:
 
 
 def diprune_model(name: str, n_calib: int, n_recover: int, targets: Sequence[float], methods: Sequence[str],
-                  out: Path) -> None:
-    """The DIPrune sweep of one model; each (target, method) cell is merged into ``out`` as it is done."""
+                  out: Path, defaults: str = "new") -> None:
+    """The DIPrune sweep of one model under the ``defaults`` (:data:`DEFAULTS`); each (target, method) cell is merged
+    into ``out`` as it is done."""
     test = open_dataset("mnist", split="test")
-    runner = Runner(MODELS[name], test, n_calib)
+    setting = DEFAULTS[defaults]
+    runner = Runner(MODELS[name], test, n_calib, pooling=setting["pooling"], planner=setting["planner"])
     rec = recovery_run(runner, n_recover)
+    key = setting["key"]
     merge(out, ["models", name, "original"], {"top1": runner.original_top1, "macs": runner.full.macs,
                                               "params": runner.full.params, "file": str(MODELS[name].relative_to(ROOT))})
+    if any(needs_stats(m) for m in methods):
+        probes = runner.stats().probes
+        merge(out, ["models", name, "pooling", defaults], {p: "gap" if s.cells == 1 else f"avg{round(s.cells ** 0.5)}"
+                                                            for p, s in sorted(probes.items())})
+    recoveries = RECOVERIES if defaults != "old" else (DEFAULT_RECOVERY,)
     for method in methods:
         scores = runner.scores(method, seed=0)
         for target in targets:
             try:
                 plan = runner.plan(scores, target)
             except PruneError as err:
-                merge(out, ["models", name, "diprune", str(target), method], {"error": str(err)})
+                merge(out, ["models", name, key, str(target), method], {"error": str(err)})
                 continue
-            for recovery in (*RECOVERIES, *(ABLATION if method == "di" else ())):
+            for recovery in (*recoveries, *(ABLATION if method == "di" and defaults == "new" else ())):
                 try:
                     cell = diprune_point(runner, plan, recovery, rec)
                 except PruneError as err:
                     cell = {"error": f"{type(err).__name__}: {err}"}
-                merge(out, ["models", name, "diprune", str(target), method, recovery], cell)
-                logger.info("%s %s %s %s: %s", name, method, target, recovery, cell)
+                merge(out, ["models", name, key, str(target), method, recovery], cell)
+                logger.info("%s %s %s %s %s: %s", name, defaults, method, target, recovery, cell)
 
 
 def random_seeds_model(name: str, n_calib: int, n_recover: int, targets: Sequence[float], out: Path) -> None:
@@ -442,6 +461,87 @@ def _task_cell(cell: Mapping[str, Any] | None, target: float) -> str:
     return f"{text} (floor)" if cell and "macs_fraction" in cell and cell["macs_fraction"] > 1.1 * target else text
 
 
+def _noise(top1: float, n: int = 2000) -> float:
+    """Two standard errors of a top-1 measured on ``n`` samples (a fraction)."""
+    return 2 * float(np.sqrt(max(top1 * (1 - top1), 1e-12) / n))
+
+
+def defaults_lines(doc: Mapping[str, Any]) -> list[str]:
+    """New defaults (auto pooling, fill-back, fine steps) against the old ones (gap, greedy on round_to steps), every
+    method + the default recovery, per family and target; a cell is flagged when the new defaults are worse by more
+    than two standard errors of the old top-1 (the noise of 2,000 held-out digits)."""
+    lines = [f"## New defaults vs old (every method + {DEFAULT_RECOVERY}; top-1 % (achieved MACs))", "",
+             "New: `auto` pooling, planner with fine steps and fill-back. Old (before issue 13): `gap` pooling, greedy "
+             "on `round_to` steps only. Verdict per cell: `better` / `worse` when the difference exceeds two standard "
+             "errors of the old top-1 on 2,000 digits (about 0.5 points), else `same (noise)`.", "",
+             "| family | target | method | new | old | change (points) | verdict |", "|---|---|---|---|---|---|---|"]
+    counts: dict[str, int] = {}
+    for name, entry in doc.get("models", {}).items():
+        old_all = entry.get("diprune_old", {})
+        for t in (str(x) for x in TARGETS):
+            for method in METHODS:
+                new = entry.get("diprune", {}).get(t, {}).get(method, {}).get(DEFAULT_RECOVERY)
+                old = old_all.get(t, {}).get(method, {}).get(DEFAULT_RECOVERY)
+                if not new or not old or "top1" not in new or "top1" not in old:
+                    continue
+                change = new["top1"] - old["top1"]
+                verdict = ("better" if change > _noise(old["top1"]) else "worse" if change < -_noise(old["top1"])
+                           else "same (noise)")
+                counts[verdict] = counts.get(verdict, 0) + 1
+                lines.append(f"| {name} | {t} | {method} | {fmt(new)} | {fmt(old)} | {100 * change:+.2f} | "
+                             f"{verdict} |")
+    if len(lines) == 6:
+        return []
+    summary = ", ".join(f"{v}: {n}" for v, n in sorted(counts.items()))
+    return [*lines, "", f"Cells: {summary}.", ""]
+
+
+def landing_lines(doc: Mapping[str, Any]) -> list[str]:
+    """How close DI's plans land on each target: achieved MACs with the new and the old planner, and the smallest
+    step the new planner could have added back (the achieved value must be within it of the target)."""
+    lines = ["## Landing on the target (DI plans; achieved kept-MACs fraction)", "",
+             "| family | target | new planner | smallest step back | target - achieved <= step | old planner |",
+             "|---|---|---|---|---|---|"]
+    for name, entry in doc.get("models", {}).items():
+        for t in (str(x) for x in TARGETS):
+            new = entry.get("diprune", {}).get(t, {}).get("di", {}).get(DEFAULT_RECOVERY, {})
+            old = entry.get("diprune_old", {}).get(t, {}).get("di", {}).get(DEFAULT_RECOVERY, {})
+            if "macs_fraction" not in new:
+                continue
+            step = new.get("step_back_macs")
+            ok = "n/a" if step is None else ("yes" if float(t) - new["macs_fraction"] <= step + 1e-9 else "NO")
+            lines.append(f"| {name} | {t} | {new['macs_fraction']:.3f} | "
+                         f"{'n/a' if step is None else f'{step:.3f}'} | {ok} | "
+                         f"{old['macs_fraction']:.3f} |" if "macs_fraction" in old else
+                         f"| {name} | {t} | {new['macs_fraction']:.3f} | {'n/a' if step is None else f'{step:.3f}'} | "
+                         f"{ok} | not run |")
+    return [*lines, ""] if len(lines) > 4 else []
+
+
+def pooling_lines(doc: Mapping[str, Any]) -> list[str]:
+    """DI with the new planner, auto pooling against global average pooling (the effect of the pooling alone), and
+    the pooling auto chose per probe."""
+    lines = ["## Pooling alone (DI, new planner; top-1 % (achieved MACs))", "",
+             "| family | target | auto, no recovery | gap, no recovery | auto + " + DEFAULT_RECOVERY + " | gap + "
+             + DEFAULT_RECOVERY + " |", "|---|---|---|---|---|---|"]
+    chosen = []
+    for name, entry in doc.get("models", {}).items():
+        gap = entry.get("diprune_gap", {})
+        if not gap:
+            continue
+        picks = entry.get("pooling", {}).get("new", {})
+        kinds = sorted(set(picks.values()))
+        chosen.append(f"{name}: " + ", ".join(f"{k} x{list(picks.values()).count(k)}" for k in kinds))
+        for t in (str(x) for x in TARGETS):
+            auto_cell = entry.get("diprune", {}).get(t, {}).get("di", {})
+            gap_cell = gap.get(t, {}).get("di", {})
+            lines.append(f"| {name} | {t} | {fmt(auto_cell.get('none'))} | {fmt(gap_cell.get('none'))} | "
+                         f"{fmt(auto_cell.get(DEFAULT_RECOVERY))} | {fmt(gap_cell.get(DEFAULT_RECOVERY))} |")
+    if not chosen:
+        return []
+    return [*lines, "", "Pooling `auto` chose per probe: " + "; ".join(chosen) + ".", ""]
+
+
 def report_lines(doc: Mapping[str, Any]) -> list[str]:
     """The whole markdown report."""
     proto = doc.get("protocol", {})
@@ -459,7 +559,9 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
     lines += ["## Per family", ""]
     for name, entry in doc.get("models", {}).items():
         lines += family_table(name, entry)
-    return [*lines, *ablation_lines(doc), *seed_lines(doc), *task_lines(doc), *NOTES]
+    return [*lines, *defaults_lines(doc), *landing_lines(doc), *pooling_lines(doc), *ablation_lines(doc),
+            *seed_lines(doc),
+            *task_lines(doc), *NOTES]
 
 
 NOTES = ("## Notes", "",
@@ -473,7 +575,7 @@ NOTES = ("## Notes", "",
          "")
 
 
-METHOD_COLORS = {"di": "tab:red", "lda": "tab:purple", "pls-vip": "tab:brown", "l2": "tab:blue", "random": "tab:gray"}
+METHOD_COLORS = {"di": "tab:red", "lda": "tab:purple", "lda-trace": "magenta", "pls-vip": "tab:brown", "l2": "tab:blue", "random": "tab:gray"}
 PEER_COLORS = {"onnxsim-l2": "tab:green", "onnxsim-l2+bn": "tab:olive", "onnxsim-wanda": "tab:cyan",
                "torch-pruning": "tab:orange", "torch-pruning-global": "tab:pink"}
 RECOVERY_STYLES = {"none": ":x", DEFAULT_RECOVERY: "-o", "regress": "-.^", "bias": "--v"}
@@ -528,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="+", default=["torch-pruning"], help="torch stage: torch-pruning[-global]")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--defaults", choices=sorted(DEFAULTS), default="new",
+                        help="diprune stage: the library's defaults (new) or those before issue 13 (old)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("graph_ops").setLevel(logging.WARNING)
@@ -547,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models:
         start = time.perf_counter()
         if args.stage == "diprune":
-            diprune_model(name, args.n_calib, args.n_recover, args.targets, args.methods, args.out)
+            diprune_model(name, args.n_calib, args.n_recover, args.targets, args.methods, args.out, args.defaults)
         elif args.stage == "seeds":
             random_seeds_model(name, args.n_calib, args.n_recover, args.targets, args.out)
         elif args.stage == "task":

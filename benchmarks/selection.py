@@ -64,12 +64,17 @@ THREADS = 1
 class Runner:
     """One model: its prepared form, the evaluation set and one :class:`PruneRun` per calibration setting."""
 
-    def __init__(self, path: Path, test: Any, n_calib: int) -> None:
+    def __init__(self, path: Path, test: Any, n_calib: int, *, pooling: str = "gap",
+                 planner: Mapping[str, Any] | None = None) -> None:
+        """``pooling``: the calibration pooling when a call names none; ``planner``: options of the planner
+        (``fill_back``, ``fine_share``; the library's defaults when None)."""
         self.prepared: PreparedModel = prepare(path)
         self.test = test
         self.n_calib = n_calib
+        self.pooling = pooling
+        self.planner = dict(planner or {})
         self._runs: dict[tuple[str, int], PruneRun] = {}
-        self.run = self._run("gap", n_calib)
+        self.run = self._run(pooling, n_calib)
         self.full = self.prepared.cost
         self.original_top1 = evaluate(self.prepared.model, test, backend="ort-cpu", intra_op_threads=THREADS).top1
 
@@ -81,14 +86,15 @@ class Runner:
                                        intra_op_threads=THREADS, progress=False)
         return self._runs[key]
 
-    def stats(self, pooling: str = "gap", n: int | None = None) -> CalibrationStats:
+    def stats(self, pooling: str | None = None, n: int | None = None) -> CalibrationStats:
         """Calibration statistics on the first ``n`` training samples (computed once per setting, with the
         activation summaries, so one calibration serves every method)."""
-        return self._run(pooling, n).stats(summaries=True)
+        return self._run(pooling or self.pooling, n).stats(summaries=True)
 
-    def scores(self, method: str, *, seed: int = 0, pooling: str = "gap", n: int | None = None,
+    def scores(self, method: str, *, seed: int = 0, pooling: str | None = None, n: int | None = None,
                params: Mapping[str, float] | None = None) -> ChannelScores:
         """Scores of one method (statistics only for the methods that need them)."""
+        pooling = pooling or self.pooling
         run = self._run(pooling, n)
         if needs_stats(method):
             self.stats(pooling, n)  # one calibration (with summaries) serves every method of this setting
@@ -96,7 +102,7 @@ class Runner:
 
     def plan(self, scores: ChannelScores, target: float) -> PruningPlan:
         """The planner's allocation for a kept-MACs target."""
-        return self.run.plan(scores, target_macs=target)
+        return self.run.plan(scores, target_macs=target, **self.planner)
 
     def measure(self, keep: Mapping[str, Sequence[int]]) -> dict[str, float]:
         """Rewrite with these keep lists and measure held-out top-1 and the achieved cost fractions."""

@@ -204,12 +204,13 @@ class PruneRun:
 
     def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
              round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
-             keep_first_and_last: bool = True) -> PruningPlan:
-        """The planner's allocation for a budget, for this model (its sha recorded)."""
+             keep_first_and_last: bool = True, **planner: Any) -> PruningPlan:
+        """The planner's allocation for a budget, for this model (its sha recorded); ``planner``: further options of
+        :func:`pipeline.plan.select_channels` (``fill_back``, ``fine_share``)."""
         with self.timed("plan"):
             plan = select_channels(scores, self.prepared.index, target_macs=target_macs, target_params=target_params,
                                    round_to=round_to, min_channels=min_channels, protect=tuple(protect),
-                                   keep_first_and_last=keep_first_and_last)
+                                   keep_first_and_last=keep_first_and_last, **planner)
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
         return plan.with_sha(self.prepared.sha256)

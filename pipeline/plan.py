@@ -308,6 +308,21 @@ def _fill_back(alloc: _Allocation, targets: tuple[float, float], full: tuple[flo
         added += 1
 
 
+def _step_back(alloc: _Allocation, full: tuple[float, float]) -> tuple[float, float] | None:
+    """The smallest (MACs, params) fraction that adding one removed step back would cost, over the groups that lost
+    channels (None when none did): after fill-back, the achieved fraction is within this of the target."""
+    now = _fractions(alloc.index, alloc.widths(), full)
+    steps = []
+    for gid in sorted(alloc.rung):
+        r = alloc.rung[gid]
+        if r > 0:
+            up = _fractions(alloc.index, {**alloc.widths(), gid: alloc.ladders[gid][r - 1]}, full)
+            steps.append((up[0] - now[0], up[1] - now[1]))
+    if not steps:
+        return None
+    return min(s[0] for s in steps), min(s[1] for s in steps)
+
+
 def _blocked_note(index: ChannelGroupIndex, alloc: _Allocation, protected: Mapping[str, str], round_to: int,
                   min_channels: int, fractions: tuple[float, float]) -> str:
     """Why the budget was not reached: every group that could not move further, by cause (one sentence)."""
@@ -384,11 +399,13 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
         logger.info(notes[0])
     added = _fill_back(alloc, targets, full) if reached and fill_back else 0
     fractions = _fractions(index, alloc.widths(), full)
+    step_back = _step_back(alloc, full)
     used_fine = {gid: step for gid, step in fine.items() if alloc.rung[gid] > 0}
     notes += [f"group {gid} steps by {step} channels, not {round_to}: one {round_to}-channel step is more than "
               f"{fine_share:.0%} of the model's cost" for gid, step in sorted(used_fine.items())]
     meta = {"method": scores.method, "target_macs": target_macs, "target_params": target_params,
             "round_to": round_to, "min_channels": min_channels, "protected": sorted(protected),
             "macs_fraction": fractions[0], "params_fraction": fractions[1], "reached": reached, "notes": notes,
-            "filled_back": added, "fine_steps": used_fine}
+            "filled_back": added, "fine_steps": used_fine,
+            "step_back": None if step_back is None else {"macs": step_back[0], "params": step_back[1]}}
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(scores, alloc), meta=meta)
