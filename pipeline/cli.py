@@ -147,10 +147,14 @@ def _shown(path: Path) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.advice import sample_advice
     from pipeline.prepare import prepare
     from pipeline.summary import group_status_text, inspect_summary
 
-    info = inspect_summary(prepare(args.model))
+    prepared = prepare(args.model)
+    info = inspect_summary(prepared)
+    advice = sample_advice(prepared)
+    info["calibration_advice"] = advice.to_dict()
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -160,6 +164,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for g in info["groups"]:
         print(f"group {g['id']}\tsize {g['size']}\tstatus {group_status_text(g)}\t"
               f"producers {','.join(g['producers'])}\tconsumers {','.join(g['consumers'])}")
+    print(advice.summary())
     return 0
 
 
