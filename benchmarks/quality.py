@@ -140,7 +140,7 @@ def recovery_run(runner: Runner, n_recover: int) -> PruneRun:
 
 
 def diprune_model(name: str, n_calib: int, n_recover: int, targets: Sequence[float], methods: Sequence[str],
-                  out: Path, defaults: str = "new") -> None:
+                  out: Path, defaults: str = "new", ablation: bool = True) -> None:
     """The DIPrune sweep of one model under the ``defaults`` (:data:`DEFAULTS`); each (target, method) cell is merged
     into ``out`` as it is done."""
     test = open_dataset("mnist", split="test")
@@ -163,7 +163,7 @@ def diprune_model(name: str, n_calib: int, n_recover: int, targets: Sequence[flo
             except PruneError as err:
                 merge(out, ["models", name, key, str(target), method], {"error": str(err)})
                 continue
-            for recovery in (*recoveries, *(ABLATION if method == "di" and defaults == "new" else ())):
+            for recovery in (*recoveries, *(ABLATION if method == "di" and defaults == "new" and ablation else ())):
                 try:
                     cell = diprune_point(runner, plan, recovery, rec)
                 except PruneError as err:
@@ -316,14 +316,14 @@ def task_model(name: str, task: str, targets: Sequence[float], n_calib: int, out
             logger.info("%s %s %s %s: %s", task, name, row, target, cell)
 
 
-def series(entry: Mapping[str, Any]) -> dict[str, dict[str, Mapping[str, Any]]]:
+def series(entry: Mapping[str, Any], key: str = "diprune") -> dict[str, dict[str, Mapping[str, Any]]]:
     """``{row label: {target: cell}}`` for one model: DIPrune rows (``method`` without recovery,
     ``method+recovery`` with one), then the peers."""
     rows: dict[str, dict[str, Mapping[str, Any]]] = {}
     for method in METHODS:
         for recovery in (*RECOVERIES, *ABLATION):
             label = method if recovery == "none" else f"{method}+{recovery}"
-            cells = {t: per[method] for t, per in entry.get("diprune", {}).items() if method in per}
+            cells = {t: per[method] for t, per in entry.get(key, {}).items() if method in per}
             rows[label] = {t: c if "error" in c else c[recovery] for t, c in cells.items()
                            if "error" in c or recovery in c}
     for peer in PEER_ROWS:
@@ -394,14 +394,15 @@ def goal_lines(doc: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def ablation_lines(doc: Mapping[str, Any]) -> list[str]:
-    """DI with every recovery, per family and target: top-1 and the seconds the rewrite + recovery took."""
+def ablation_lines(doc: Mapping[str, Any], key: str = "diprune_old") -> list[str]:
+    """DI with every recovery, per family and target: top-1 and the seconds the rewrite + recovery took (the ablation
+    that chose the default recovery ran with the defaults before issue 13: ``diprune_old``)."""
     recs = ("none", *ABLATION, DEFAULT_RECOVERY)
-    lines = ["## Recovery ablation (DI plans; top-1 %, seconds for removal + recovery)", "",
+    lines = ["## Recovery ablation (DI plans, defaults before issue 13; top-1 %, seconds for removal + recovery)", "",
              "| family | target | " + " | ".join(recs) + " |", "|---|---|" + "---|" * len(recs)]
     for name, entry in doc.get("models", {}).items():
         for t in (str(x) for x in TARGETS):
-            cell = entry.get("diprune", {}).get(t, {}).get("di", {})
+            cell = entry.get(key, {}).get(t, {}).get("di", {})
             if "error" in cell or not cell:
                 continue
             lines.append(f"| {name} | {t} | " + " | ".join(
@@ -415,16 +416,17 @@ def _timed_cell(cell: Mapping[str, Any] | None) -> str:
     return f"{100 * cell['top1']:.2f}" + (f" ({cell['seconds']:.0f} s)" if "seconds" in cell else "")
 
 
-def seed_lines(doc: Mapping[str, Any]) -> list[str]:
+def seed_lines(doc: Mapping[str, Any], key: str = "diprune", seeds: str = "random_seeds", label: str = "") -> list[str]:
     """DI + default recovery against random + default recovery over several seeds (mean, min..max)."""
-    lines = [f"## Random selection over seeds {RANDOM_SEEDS[0]}..{RANDOM_SEEDS[-1]} (both + {DEFAULT_RECOVERY})", "",
+    lines = [f"## Random selection over seeds {RANDOM_SEEDS[0]}..{RANDOM_SEEDS[-1]} (both + {DEFAULT_RECOVERY}){label}",
+             "",
              "| family | target | " + f"{DI_ROW} | random+{DEFAULT_RECOVERY}: mean (min..max) | seeds |",
              "|---|---|---|---|---|"]
     for name, entry in doc.get("models", {}).items():
-        rows = series(entry)
+        rows = series(entry, key)
         for t in (str(x) for x in TARGETS):
             first = rows.get(f"random+{DEFAULT_RECOVERY}", {}).get(t, {})
-            more = [c for c in entry.get("random_seeds", {}).get(t, {}).values() if "top1" in c]
+            more = [c for c in entry.get(seeds, {}).get(t, {}).values() if "top1" in c]
             tops = [100 * c["top1"] for c in ([first] if "top1" in first else []) + more]
             di = rows.get(DI_ROW, {}).get(t, {})
             if len(tops) < 2 or "top1" not in di:
@@ -560,7 +562,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
     for name, entry in doc.get("models", {}).items():
         lines += family_table(name, entry)
     return [*lines, *defaults_lines(doc), *landing_lines(doc), *pooling_lines(doc), *ablation_lines(doc),
-            *seed_lines(doc),
+            *seed_lines(doc), *seed_lines(doc, "diprune_old", "random_seeds_old", ", defaults before issue 13"),
             *task_lines(doc), *NOTES]
 
 
@@ -630,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peers", nargs="+", default=["torch-pruning"], help="torch stage: torch-pruning[-global]")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--no-ablation", action="store_true", help="diprune stage: skip DI's bias/regress rows")
     parser.add_argument("--defaults", choices=sorted(DEFAULTS), default="new",
                         help="diprune stage: the library's defaults (new) or those before issue 13 (old)")
     args = parser.parse_args(argv)
@@ -651,7 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models:
         start = time.perf_counter()
         if args.stage == "diprune":
-            diprune_model(name, args.n_calib, args.n_recover, args.targets, args.methods, args.out, args.defaults)
+            diprune_model(name, args.n_calib, args.n_recover, args.targets, args.methods, args.out, args.defaults,
+                          ablation=not args.no_ablation)
         elif args.stage == "seeds":
             random_seeds_model(name, args.n_calib, args.n_recover, args.targets, args.out)
         elif args.stage == "task":

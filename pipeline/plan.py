@@ -87,7 +87,10 @@ class PruningPlan:
         macs, params = self.meta.get("macs_fraction"), self.meta.get("params_fraction")
         text = f"{len(self.keep)} groups pruned"
         if macs is not None and params is not None:
+            targets = [f"{k} {self.meta[f'target_{k}']:g}" for k in ("macs", "params")
+                       if self.meta.get(f"target_{k}") is not None]
             text += f", predicted MACs x{macs:.3f}, params x{params:.3f}"
+            text += f" (target {', '.join(targets)})" if targets else ""
         if self.meta.get("reached") is False:
             text += " (target NOT reached)"
         return text

@@ -93,6 +93,9 @@ class Report:
                 acc += f", agreement with the original {pruned['agreement']:.4f}"
         if any(note.startswith("budget not reached") for note in self.notes):
             acc += ", budget NOT reached (the warning and the report's notes say what blocked it)"
+        targets = {k: self.budget.get(f"target_{k}") for k in ("macs", "params")}
+        macs_target = f", target {targets['macs']:g}" if targets["macs"] is not None else ""
+        params_target = f", target {targets['params']:g}" if targets["params"] is not None else ""
         return (f"{self.method}: MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} "
-                f"({self.macs_fraction:.3f}), params {self.original['params']:.4g} -> {self.pruned['params']:.4g} "
-                f"({self.params_fraction:.3f}){acc}")
+                f"({self.macs_fraction:.3f}{macs_target}), params {self.original['params']:.4g} -> "
+                f"{self.pruned['params']:.4g} ({self.params_fraction:.3f}{params_target}){acc}")

@@ -210,6 +210,8 @@ def test_fill_back_stays_within_the_budget_and_is_at_least_as_close(target: floa
         up = min(widths[gid] + 8, index.group(gid).size)
         assert index.predict({**widths, gid: up})[0] / full > target, gid
     assert (filled.meta["filled_back"] > 0) == (dict(filled.keep) != dict(plain.keep))
+    assert f"predicted MACs x{filled.meta['macs_fraction']:.3f}" in filled.summary()
+    assert f"(target macs {target:g})" in filled.summary()
     # the plan states the bound: the target is within the smallest step that could be added back
     assert 0 <= target - filled.meta["macs_fraction"] < filled.meta["step_back"]["macs"]
 
