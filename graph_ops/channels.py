@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import onnx
 
 from graph_ops.channel_rules import CHANNEL_RULES
+from graph_ops.channel_shape_rules import track_shapes
 from graph_ops.channel_state import Analysis
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.proto import Shape, fingerprint, node_name, static_shapes
@@ -51,7 +52,7 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -
         implies and the graph's fingerprint.
     """
     state = Analysis(model, static_shapes(model) if shapes is None else shapes)
-    state.run(CHANNEL_RULES)
+    state.run(CHANNEL_RULES, track_shapes)
     index = state.finish(fingerprint(model))
     frozen = sum(1 for g in index.groups if g.frozen)
     log.debug("analysis: %d groups (%d frozen), %d edits", len(index.groups), frozen, len(index.edits))

@@ -55,14 +55,17 @@ def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: Mapping[s
 
 def random_valid_plan(index: ChannelGroupIndex, rng: np.random.Generator, low: float = 0.25,
                       high: float = 0.9) -> dict[str, list[int]]:
-    """Keep a random ``low..high`` share (at least one channel) of every prunable group, in random order."""
+    """Keep a random ``low..high`` share (at least one channel) of every prunable group, in random order; a group
+    in equal blocks (grouped convolutions) keeps the same random number in each block."""
     plan = {}
     for group in index.groups:
         if group.frozen:
             continue
         share = rng.uniform(low, high)
-        n_keep = int(min(group.size, max(1, round(share * group.size))))
-        plan[group.id] = [int(i) for i in rng.permutation(group.size)[:n_keep]]
+        per = group.size // group.blocks
+        n_keep = int(min(per, max(1, round(share * per))))
+        kept = [b * per + int(i) for b in range(group.blocks) for i in rng.permutation(per)[:n_keep]]
+        plan[group.id] = [kept[i] for i in rng.permutation(len(kept))]
     return plan
 
 
