@@ -59,20 +59,22 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -
     return index
 
 
-def producer_weights(model: onnx.ModelProto, index: ChannelGroupIndex) -> dict[str, tuple[str, int]]:
-    """Producer node name -> (weight initializer name, output-channel axis), read off the surgery's own edits.
+def producer_weights(model: onnx.ModelProto, index: ChannelGroupIndex) -> dict[str, tuple[str, int, str]]:
+    """Producer node name -> (weight initializer name, output-channel axis, the tensor whose layout maps the
+    weight's rows to group channels), read off the surgery's own edits.
 
-    This is what the data-free scorers (``l1``, ``l2``) need: the rows of each producer's weight that make a channel.
+    This is what the data-free scorers (``l1``, ``l2``) need: the rows of each producer's weight that make a channel
+    (after refinement a producer's rows may hold several groups: ``index.by_tensor[tensor]`` says which).
     ``index`` is ``analyze(model)`` (checked by fingerprint).
     """
     index.check_model(fingerprint(model))
     producers = {name for group in index.groups for name in group.producers}
-    weights: dict[str, tuple[str, int]] = {}
+    weights: dict[str, tuple[str, int, str]] = {}
     for edit in index.edits:
         node = model.graph.node[edit.node]
         name = node_name(node, edit.node)
         if edit.kind == "take" and edit.role == "producer" and edit.pos == 1 and name in producers:
-            weights.setdefault(name, (node.input[1], edit.axis))
+            weights.setdefault(name, (node.input[1], edit.axis, edit.tensor))
     return weights
 
 

@@ -1,12 +1,15 @@
 """The ``diprune`` command line: one subcommand per public function, no logic of its own.
 
 Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage, 3 verification failed.
-User errors print one line ``diprune: error: ...`` on stderr, never a traceback.
+User errors print one line ``diprune: error: ...`` on stderr, never a traceback. Only a command's result goes to
+stdout (``--json`` output is pure JSON): whatever libraries print while it runs (onnx-graphsurgeon's ``[W]``
+warnings) is routed to stderr, like the logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -20,6 +23,11 @@ from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
 
+
+
+def _emit(args: argparse.Namespace, text: object = "") -> None:
+    """Print a command's result on the stdout of the caller (library output is routed to stderr meanwhile)."""
+    print(text, file=args.stdout)
 
 
 def _fraction(text: str) -> float:
@@ -72,6 +80,24 @@ def _eval_split(spec: str, args: argparse.Namespace) -> str:
     return "all"
 
 
+def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """The ``--input-shape`` options as ``{input name: dims}``."""
+    from pipeline.prepare import parse_input_shapes
+
+    return parse_input_shapes(args.input_shape)
+
+
+def _with_shapes(path: str | None, args: argparse.Namespace) -> object:
+    """A model file, loaded with its ``--input-shape`` dims fixed when any are given (else the path itself)."""
+    shapes = _shapes(args)
+    if path is None or not shapes:
+        return path
+    from graph_ops.io import load_model
+    from graph_ops.proto import with_input_shapes
+
+    return with_input_shapes(load_model(path), shapes)
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "test", "all"), default=None,
                         help="calibration part of the data (default: 'train' where the data has one)")
@@ -89,16 +115,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.prepare import prepare
     from pipeline.summary import inspect_summary
 
-    info = inspect_summary(prepare(args.model))
+    info = inspect_summary(prepare(args.model, _shapes(args)))
     if args.json:
-        print(json.dumps(info, indent=1))
+        _emit(args, json.dumps(info, indent=1))
         return 0
-    print(f"model {args.model} sha256 {info['model_sha256']}")
-    print(f"macs {info['macs']} params {info['params']} groups {len(info['groups'])} "
+    _emit(args, f"model {args.model} sha256 {info['model_sha256']}")
+    macs = info["macs"] if info["macs"] is not None else (
+        f"unknown ({len(info['macs_unknown_nodes'])} nodes with a dynamic size: give --input-shape)")
+    _emit(args, f"macs {macs} params {info['params']} groups {len(info['groups'])} "
           f"prunable {info['prunable_groups']} prunable_conv_share {info['prunable_conv_share']:.3f}")
     for g in info["groups"]:
         reason = g["frozen"] or "-"
-        print(f"group {g['id']}\tsize {g['size']}\tfrozen {reason}\t"
+        blocks = f"\tblocks {g['blocks']}" if g["blocks"] > 1 else ""
+        _emit(args, f"group {g['id']}\tsize {g['size']}{blocks}\tfrozen {reason}\t"
               f"producers {','.join(g['producers'])}\tconsumers {','.join(g['consumers'])}")
     return 0
 
@@ -106,20 +135,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from pipeline.apply import apply_plan_file
 
-    result = apply_plan_file(args.model, args.plan, args.output, mask_only=args.mask_only)
-    print(result)
+    result = apply_plan_file(args.model, args.plan, args.output, mask_only=args.mask_only,
+                             input_shapes=_shapes(args))
+    _emit(args, result)
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from graph_ops.io import check_writable
     from pipeline.calibrate import calibrate
+    from pipeline.prepare import prepare
 
     out = check_writable(args.output, args.model)
-    stats = calibrate(args.model, _dataset(args.data, args, split=args.split), pooling=args.pooling,
-                      batch_size=args.batch_size, progress=not args.quiet)
+    data = _dataset(args.data, args, split=args.split)
+    stats = calibrate(prepare(args.model, _shapes(args)), data, pooling=args.pooling, batch_size=args.batch_size,
+                      progress=not args.quiet, require_labels=getattr(data, "labels", None) is not None)
     stats.save(out)
-    print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples")
+    _emit(args, f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples")
     return 0
 
 
@@ -130,14 +162,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.stats import CalibrationStats
 
     out = check_writable(args.output, args.stats, args.model)
-    prepared = prepare(args.model)
+    prepared = prepare(args.model, _shapes(args))
     stats = CalibrationStats.load(args.stats) if args.stats else None
     if stats is not None and stats.model_sha256 != prepared.sha256:
         raise UserInputError(f"statistics {args.stats} were computed for model {stats.model_sha256[:12]}, "
                              f"not for {args.model} ({prepared.sha256[:12]}); calibrate this model first")
     scores = score(prepared, stats, args.method, seed=args.seed)
     atomic_write_bytes(out, scores.to_json(model_path=str(Path(args.model).resolve())).encode())
-    print(f"wrote {out}: {args.method} scores for {len(scores.scores)} groups")
+    _emit(args, f"wrote {out}: {args.method} scores for {len(scores.scores)} groups")
     return 0
 
 
@@ -149,16 +181,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, args.scores)
     scores, model_path = ChannelScores.load(args.scores)
-    prepared = prepare(args.model or model_path)
+    prepared = prepare(args.model or model_path, _shapes(args))
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
     plan = select_channels(scores, prepared.index, target_macs=args.target_macs, target_params=args.target_params,
                            round_to=_round_to(args), min_channels=args.min_channels,
                            protect=tuple(args.protect), keep_first_and_last=not args.prune_ends)
-    plan = plan.with_sha(prepared.sha256)
+    plan = plan.with_sha(prepared.sha256).with_input_shapes(prepared.input_shapes)
     plan.save(out)
-    print(f"wrote {out}: {plan.summary()}")
+    _emit(args, f"wrote {out}: {plan.summary()}")
     return 0
 
 
@@ -172,19 +204,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
-                   recover=args.recover, recover_mode=args.recover_mode)
+                   recover=args.recover, recover_mode=args.recover_mode, input_shapes=_shapes(args))
     for note in report.notes:
         logger.warning(note)
-    print(f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
+    _emit(args, f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
 
-    report = evaluate(args.model, _dataset(args.data, args, split=_eval_split(args.data, args)),
-                      reference=args.reference)
-    print(json.dumps(report.to_dict(), indent=1))
+    model, reference = _with_shapes(args.model, args), _with_shapes(args.reference, args)
+    report = evaluate(model, _dataset(args.data, args, split=_eval_split(args.data, args)), reference=reference)
+    _emit(args, json.dumps(report.to_dict(), indent=1))
     return 0
 
 
@@ -196,10 +228,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = measure(args.models, backend=args.backend, batches=args.batch, warmup_s=args.warmup,
                      min_duration_s=args.duration, min_iters=args.iterations, rounds=args.rounds,
                      threads=args.threads, round_to=_round_to(args), data=args.data, precision=args.precision,
-                     workdir=args.workdir)
+                     workdir=args.workdir, input_shapes=_shapes(args))
     if out is not None:
         atomic_write_bytes(out, report.to_json().encode())
-    print(report.to_markdown())
+    _emit(args, report.to_markdown())
     return 0
 
 
@@ -207,7 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
     for line in run_demo(Path(args.work), progress=not args.quiet):
-        print(line)
+        _emit(args, line)
     return 0
 
 
@@ -317,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn about channel counts not multiples of N (default: from --backend/--precision)")
 
     parsers["demo"].add_argument("--work", default="work/demo", help="where the demo writes its files")
+    for name in ("inspect", "calibrate", "score", "plan", "apply", "prune", "eval", "bench"):
+        parsers[name].add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                                   help="static dims of a model input, e.g. images:1x3x640x640 (repeatable); fixes "
+                                        "dynamic sizes for shape inference, MACs, calibration and bench")
     return parser
 
 
@@ -327,8 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     level = logging.ERROR if args.quiet else level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args.stdout = sys.stdout
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(sys.stderr):  # only the command's result goes to stdout (pure JSON)
+            return args.func(args)
     except PruneError as err:
         print(f"diprune: error: {err}", file=sys.stderr)
         return err.exit_code

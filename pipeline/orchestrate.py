@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from graph_ops.cost import CostReport, count
@@ -28,6 +29,8 @@ from graph_ops.io import check_writable, save_model, sha256_file
 from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
 from pipeline.calibrate import calibrate
+from pipeline.errors import CalibrationError
+from pipeline.evaluate import is_classifier
 from pipeline.plan import PruningPlan, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
@@ -48,6 +51,12 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
     """Score every prunable group of a prepared model with a registered scorer."""
     if method not in SCORERS:
         raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    if needs_labels(method) and stats is not None and stats.probes:
+        counts = next(iter(stats.probes.values())).class_counts
+        if int(np.count_nonzero(counts)) < 2:
+            raise CalibrationError(f"method '{method}' needs class labels, but the statistics hold one class (they "
+                                   f"were calibrated on unlabelled data); use a label-free method (l1, l2, random, "
+                                   f"mean-act, apoz) or calibrate on labelled data")
     ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
                          seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights)
     return SCORERS[method](ctx)
@@ -61,6 +70,19 @@ def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
 def needs_stats(method: str) -> bool:
     """True for the scorers that read calibration statistics."""
     return bool(getattr(SCORERS[method], "requires_stats", False))
+
+
+def needs_labels(method: str) -> bool:
+    """True for the label-aware scorers (``di``, ``lda``, ``pls-vip``)."""
+    return bool(getattr(SCORERS[method], "requires_labels", False))
+
+
+def require_labelled(data: Any) -> None:
+    """Refuse data without labels for a label-aware scorer, naming the label-free alternatives."""
+    if data is not None and getattr(data, "labels", None) is None:
+        raise CalibrationError(f"DI, LDA and PLS-VIP need class labels; the data '{getattr(data, 'name', data)}' has "
+                               f"none (an image folder without class sub-folders, or an .npz without 'y'); use a "
+                               f"label-free method (l1, l2, random, mean-act, apoz) or labelled data")
 
 
 def needs_summaries(method: str) -> bool:
@@ -98,11 +120,12 @@ class PruneRun:
 
     def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *, pooling: str = "gap",
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
-                 progress: bool = True, work_dir: str | os.PathLike[str] | None = None) -> None:
-        """Prepare the model (timed as ``analyze``); nothing else runs yet."""
+                 progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
-            self.prepared = as_prepared(model)
+            self.prepared = as_prepared(model, input_shapes)
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else str(work_dir)
@@ -117,8 +140,11 @@ class PruneRun:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         logger.info("%s took %.2f s", stage, time.perf_counter() - start)
 
-    def stats(self, *, summaries: bool = False) -> CalibrationStats:
-        """Calibration statistics (computed once; with ``summaries`` the zero counts and absolute sums too)."""
+    def stats(self, *, summaries: bool = False, labels: bool = False) -> CalibrationStats:
+        """Calibration statistics (computed once; with ``summaries`` the zero counts and absolute sums too; with
+        ``labels`` unlabelled data is refused, as the label-aware scorers need classes)."""
+        if labels:
+            require_labelled(self.data)
         if True in self._stats:
             return self._stats[True]
         if summaries or False not in self._stats:
@@ -129,7 +155,7 @@ class PruneRun:
                 self._stats[summaries] = calibrate(self.prepared, self.data, pooling=self.pooling,
                                                    batch_size=self.batch_size, backend=self.backend,
                                                    intra_op_threads=self.threads, progress=self.progress,
-                                                   summaries=summaries)
+                                                   summaries=summaries, require_labels=labels)
         return self._stats[summaries]
 
     def scores(self, method: str, *, seed: int | None = None,
@@ -139,7 +165,8 @@ class PruneRun:
             raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
         key = (method, self.seed if seed is None else seed, tuple(sorted((params or {}).items())))
         if key not in self._scores:
-            stats = self.stats(summaries=needs_summaries(method)) if needs_stats(method) else None
+            stats = self.stats(summaries=needs_summaries(method), labels=needs_labels(method)) \
+                if needs_stats(method) else None
             with self.timed("score"):
                 self._scores[key] = score(self.prepared, stats, method, seed=key[1], params=params)
         return self._scores[key]
@@ -152,7 +179,7 @@ class PruneRun:
             plan = select_channels(scores, self.prepared.index, target_macs=target_macs, target_params=target_params,
                                    round_to=round_to, min_channels=min_channels, protect=tuple(protect),
                                    keep_first_and_last=keep_first_and_last)
-        return plan.with_sha(self.prepared.sha256)
+        return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
 
     def apply(self, plan: PruningPlan) -> onnx.ModelProto:
         """The plan applied to the canonical model (verified with the full checker)."""
@@ -230,7 +257,8 @@ def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.Path
     report = Report(
         model=str(run.prepared.path), model_sha256=run.prepared.sha256, output=str(out_path),
         output_sha256=sha256_file(out_path), method=candidate.method, budget=dict(candidate.budget),
-        original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
+        original={"macs": None if before.unresolved else before.macs, "params": before.params},
+        pruned={"macs": None if after.unresolved else after.macs, "params": after.params},
         groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
         evaluation=dict(evaluation or {}), notes=notes, recovery=dict(candidate.recovery))
     report.save(Path(f"{out_path}.report.json"))
@@ -241,7 +269,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           target_macs: float | None = None, target_params: float | None = None, round_to: int = 8,
           min_channels: int = 8, protect: Iterable[str] = (), pooling: str = "gap", batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
-          recover_mode: str = "sequential") -> Report:
+          recover_mode: str = "sequential", input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -256,11 +284,12 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     out_path = check_writable(out_path, model_path)
     check_options(method, recover, recover_mode, data)
     run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
-                   work_dir=out_path.resolve().parent)
+                   work_dir=out_path.resolve().parent, input_shapes=input_shapes)
     candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, round_to=round_to,
                               min_channels=min_channels, protect=protect, recover=recover, recover_mode=recover_mode)
     evaluation = {}
     if eval_data is not None:
-        evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
-                      "pruned": run.evaluate(candidate.model, eval_data)}
+        original = run.evaluate(run.prepared.model, eval_data, reference=False) if is_classifier(
+            run.prepared.model) else None  # a detector's original has nothing to score without a reference
+        evaluation = {"original": original, "pruned": run.evaluate(candidate.model, eval_data)}
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings)
