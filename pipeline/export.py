@@ -36,8 +36,10 @@ _NO_AUX = ("googlenet", "inception_v3")
 
 
 def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo: bool = True,
-               dynamic_batch: bool = True) -> None:
+               dynamic_batch: bool = True, dynamic_spatial: bool = False) -> None:
     """Run a torch exporter only (no canonicalization, no check): one ``.onnx`` file, input ``input``.
+
+    ``dynamic_spatial`` makes the input's height and width symbolic too (an export for any image size).
 
     The dynamo exporter is asked for at least opset 18, the lowest it implements with torch 2.13 (its conversion
     down to 17 fails on ReduceMean and keeps 18 anyway, after a slow attempt).
@@ -48,11 +50,15 @@ def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo:
 
     names = {"input_names": ["input"], "output_names": ["output"]}
     if dynamo:
-        shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+        dims = {**({0: torch.export.Dim.DYNAMIC} if dynamic_batch else {}),
+                **({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC} if dynamic_spatial else {})}
+        shapes = (dims,) if dims else None
         torch.onnx.export(model, (example,), str(path), opset_version=max(opset, 18), dynamo=True, external_data=False,
                           dynamic_shapes=shapes, verbose=False, **names)
     else:
-        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        spatial = {2: "height", 3: "width"} if dynamic_spatial else {}
+        axes = {"input": {**({0: "batch"} if dynamic_batch else {}), **spatial},
+                "output": {0: "batch"} if dynamic_batch else {}} if dynamic_batch or dynamic_spatial else None
         with warnings.catch_warnings():  # the legacy exporter is deprecated, on purpose here
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False, dynamic_axes=axes,
@@ -88,6 +94,7 @@ def export_torch(
     opset: int = 17,
     dynamo: bool = True,
     dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
     check: bool = True,
 ) -> Path:
     """Export ``model`` to a canonical single-file ONNX model at ``path``.
@@ -99,6 +106,7 @@ def export_torch(
         opset: ONNX opset to export with (the dynamo exporter uses at least 18).
         dynamo: use the dynamo exporter (default) instead of the legacy TorchScript one.
         dynamic_batch: make the batch dimension symbolic.
+        dynamic_spatial: make the input's height and width symbolic too.
         check: compare onnxruntime's outputs with torch's (``rtol=1e-3, atol=1e-4``).
 
     Returns:
@@ -113,7 +121,8 @@ def export_torch(
     with tempfile.TemporaryDirectory(prefix="diprune-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
-            export_raw(model, example_input, raw, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch)
+            export_raw(model, example_input, raw, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch,
+                       dynamic_spatial=dynamic_spatial)
         except Exception as err:  # torch raises many unrelated types from its exporters
             kind = "dynamo" if dynamo else "legacy"
             raise UserInputError(f"torch {kind} export of {type(model).__name__} failed: {err}") from err

@@ -82,7 +82,7 @@ class Report:
             acc += f", agreement with the original {pruned['agreement']:.4f}"
         elif pruned.get("relative_logit_error") is None and pruned.get("outputs"):
             worst = max(o["relative_error"] for o in pruned["outputs"].values())
-            acc += f", output relative error vs the original {worst:.4f} (worst output)"
+            acc += f", output relative error vs the original {worst:.3g} (worst output)"
         macs = "MACs unknown (dynamic input size)" if self.macs_fraction is None else (
             f"MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} ({self.macs_fraction:.3f})")
         return (f"{self.method}: {macs}, params {self.original['params']:.4g} -> {self.pruned['params']:.4g} "

@@ -191,11 +191,18 @@ def check_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
 
 def feed_batches(dataset: Any, specs: InputSpecs,
                  batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    """The dataset's ``(feeds, labels)`` batches, bound to the model's input names and checked against ``specs``."""
+    """The dataset's ``(feeds, labels)`` batches, bound to the model's input names and checked against ``specs``.
+
+    A model whose inputs all have the same static batch (e.g. prepared with ``--input-shape images:1x3x640x640``)
+    gets batches of exactly that size, whatever ``batch_size`` says.
+    """
     if dataset is None:
         raise UserInputError("this stage needs data: give a dataset (e.g. --data mnist or an .npz file)")
     if batch_size < 1:
         raise UserInputError(f"batch size must be positive, got {batch_size}")
+    static = {shape[0] if shape else None for shape, _ in specs.values()}
+    if len(static) == 1 and isinstance(next(iter(static)), int):
+        batch_size = int(next(iter(static)))
     bound = dataset.bind(list(specs))
     for feeds, labels in bound.batches(batch_size):
         validate_batch(feeds, specs, f"dataset '{bound.name}'")
