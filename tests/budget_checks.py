@@ -42,7 +42,7 @@ def rounding_step(plan: PruningPlan, index: ChannelGroupIndex, round_to: int) ->
     """The largest predicted MACs increase of moving one shrunk group up one rung (see the module docstring)."""
     widths = widths_of(plan, index)
     now = index.predict(widths)[0]
-    steps = [index.predict({**widths, g.id: min(widths[g.id] + round_to, g.size)})[0] - now
+    steps = [index.predict({**widths, g.id: min(widths[g.id] + math.lcm(round_to, g.blocks), g.size)})[0] - now
              for g in index.groups if widths[g.id] < g.size]
     return max(steps, default=0.0)
 
@@ -57,14 +57,16 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
                  target: float, round_to: int = 8, min_channels: int = 8) -> BudgetCheck:
     """Assert the MACs budget contract of a plan; return the numbers for reporting.
 
-    Asserts: kept widths are multiples of ``round_to`` (or full); the counted MACs fraction of ``pruned`` equals
+    Asserts: kept widths are multiples of ``round_to`` (of ``lcm(round_to, blocks)`` for a group in equal blocks; or
+    full); the counted MACs fraction of ``pruned`` equals
     the plan's predicted fraction; and either it is ``<= target`` and within one rounding step of it, or the plan
     says ``reached: false`` with a note and no movable group whose shrinking would save MACs is above its floor
     (a group whose convs have unknown spatial size, e.g. behind an unfolded dynamic Reshape, costs 0 predicted MACs,
     so shrinking it cannot help a MACs budget).
     """
     for gid, kept in plan.keep.items():
-        assert len(kept) % round_to == 0 and len(kept) < index.group(gid).size, (gid, len(kept))
+        group = index.group(gid)
+        assert len(kept) % math.lcm(round_to, group.blocks) == 0 and len(kept) < group.size, (gid, len(kept))
     full = count(original).macs
     achieved = count(pruned).macs / full
     assert math.isclose(achieved, plan.meta["macs_fraction"], rel_tol=1e-9), (achieved, plan.meta["macs_fraction"])
@@ -78,7 +80,8 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
         widths, protected = widths_of(plan, index), set(plan.meta["protected"])
         movable = [g for g in index.groups if g.prunable and g.id not in protected]
         now = index.predict(widths)[0]
-        above = [g.id for g in movable if widths[g.id] > floor_width(g.size, round_to, min_channels)
-                 and index.predict({**widths, g.id: floor_width(g.size, round_to, min_channels)})[0] < now]
+        floors = {g.id: floor_width(g.size, math.lcm(round_to, g.blocks), min_channels) for g in movable}
+        above = [g.id for g in movable if widths[g.id] > floors[g.id]
+                 and index.predict({**widths, g.id: floors[g.id]})[0] < now]
         assert not above, f"target missed although shrinking these groups would save MACs: {above}"
     return BudgetCheck(achieved=achieved, target=target, step=step, reached=reached)

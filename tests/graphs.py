@@ -292,12 +292,13 @@ MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
 """Motif name -> builder."""
 
 
-def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], classes: int, spatial: int = 8,
+def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], classes: int, spatial: int | None = 8,
                     w1_scale: float = 1.0, seed: int = 0) -> str:
     """Write ``input -> Conv -> Relu -> Conv -> Relu -> GAP -> Flatten -> Gemm -> logits`` (opset 17) to ``path``.
 
     The smallest real classifier with two prunable groups and a frozen logits group; used by CLI and calibration
-    tests. ``w1_scale`` scales the first weight (huge values make activations overflow to inf).
+    tests. ``w1_scale`` scales the first weight (huge values make activations overflow to inf); ``spatial=None``
+    makes the input's height and width symbolic (``H``, ``W``).
     """
     rng = np.random.default_rng(seed)
     c1, c2 = widths
@@ -318,7 +319,8 @@ def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], cla
              init("b2", c2), init("w3", classes, c2), init("b3", classes)]
     graph = helper.make_graph(
         nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", in_channels, spatial, spatial])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                       ["N", in_channels, spatial or "H", spatial or "W"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     return path

@@ -96,6 +96,7 @@ def export_production(name: str, exporter: str, cache_dir: str | Path) -> Path:
     from pipeline.export import export_torch
 
     path = Path(cache_dir) / f"{name}-{exporter}.onnx"
-    if not path.exists():
-        export_torch(build(name), example(name), path, dynamo=exporter == "dynamo", check=True)
+    if not path.exists():  # Ultralytics heads compute anchors from the batch too: a static batch keeps every size static
+        export_torch(build(name), example(name), path, dynamo=exporter == "dynamo", check=True,
+                     dynamic_batch=name not in ULTRALYTICS)
     return path
