@@ -1,7 +1,10 @@
-"""The working state of one channel analysis (union-find over channel spaces, layouts, edits, costs) and the
-small readers the per-op rules share. The rules (:mod:`graph_ops.channel_rules`,
-:mod:`graph_ops.channel_layout_rules`) read and extend an :class:`Analysis`; :func:`graph_ops.channels.analyze`
-runs them and turns the state into the public :class:`~graph_ops.groups.ChannelGroupIndex`.
+"""The working state of one channel analysis (refinable channel spaces, layouts, edits, costs, grouped-conv block
+constraints, integer shape vectors) and the small readers the per-op rules share. The rules
+(:mod:`graph_ops.channel_rules`, :mod:`graph_ops.channel_layout_rules`, :mod:`graph_ops.channel_shape_rules`) read
+and extend an :class:`Analysis`; :func:`graph_ops.channels.analyze` runs them and :meth:`Analysis.finish` turns
+the state into the public :class:`~graph_ops.groups.ChannelGroupIndex`: every segment is refined to whole pieces
+(:mod:`graph_ops.channel_spaces`), each piece (a union-find root that is not cut) becomes a group, and segments,
+cost terms and probes are resolved to those groups.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
 """Channel-group analysis: which channels of which tensors must be removed together (style.md 1.5).
 
 Every activation tensor with a channel axis (axis 1 of NCHW / NC) is described as a run of segments, each a contiguous
-slice of one *channel space*. Sources (Conv with ``group=1``, ConvTranspose, Gemm / MatMul with a constant weight)
-create a new space; channel-wise ops pass their input's space on; an elementwise op of two activations unions the
-spaces (union-find); Concat on axis 1 lays its inputs' segments end to end. The per-op rules are the plain dict
-``graph_ops.channel_rules.CHANNEL_RULES``. Anything the rules do not understand *freezes* every space it touches, with a
-readable reason (fail closed): a frozen group is never pruned.
+slice of one *channel space*. Sources (Conv with ``group=1``, grouped Conv, ConvTranspose, Gemm / MatMul with a
+constant weight) create a new space; channel-wise ops pass their input's space on; an elementwise op of two
+activations unions the spaces (union-find); Concat on axis 1 lays its inputs' segments end to end; Split / Slice keep
+a range. Where ranges do not fall on piece boundaries, spaces are cut into pieces (the common refinement,
+:mod:`graph_ops.channel_spaces`); every final piece is a group. A grouped Conv asks its input and output groups to
+keep the same number of channels in each of its conv groups (``ChannelGroup.blocks``). The per-op rules are the
+plain dict ``graph_ops.channel_rules.CHANNEL_RULES`` (integer shape arithmetic: ``channel_shape_rules``). Anything
+the rules do not understand *freezes* the channels it touches, with a readable reason (fail closed): a frozen group
+is never pruned.
 
 Removing channel ``c`` of a group is exact when every tensor that carries the group loses that channel and every
 weight that reads it (the *consumer* slots: Conv ``W[:, c]``, Gemm K rows, ``H*W`` blocks after Flatten) loses the
