@@ -84,7 +84,8 @@ def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     elif lay and a.channels(x) == group * c_in_g and c_out % group == 0:
         _grouped_conv(a, node, idx, group, k * (spatial or 0), known)
     else:
-        reason = f"Conv (group={group}) at '{name}' reads channels without a layout"
+        kind = "depthwise Conv" if c_in_g == 1 and group == c_out else f"Conv (group={group})"
+        reason = f"{kind} at '{name}' reads channels without a layout"
         _frozen_source(a, node, idx, reason)
         out = (0, y) if y in a.layout else (c_out, None)
         a.add_cost(name, "Conv", k * (spatial or 0), k, c_in_g, None, *out, bias, macs_known=known)

@@ -250,7 +250,8 @@ def write_weights(model: onnx.ModelProto, idx: int, weight: np.ndarray, bias: np
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph inputs named in ``shapes`` have those static dims (value_info cleared).
+    """A copy of ``model`` whose graph inputs named in ``shapes`` have those static dims (``value_info`` re-inferred
+    with data propagation, so that constant folding can evaluate shape chains for these sizes).
 
     Raises:
         UserInputError: an unknown input name, a rank that differs, or a dim that contradicts a static one.
@@ -272,4 +273,8 @@ def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
             dim.Clear()
             dim.dim_value = int(value)
     del out.graph.value_info[:]
+    try:  # fresh shapes (with data propagation) let constant folding resolve shape chains for these sizes
+        out.graph.value_info.extend(infer_shapes_light(out).graph.value_info)
+    except Exception as err:  # inference may fail on exotic graphs: canonicalization infers again anyway
+        log.warning("shape inference with the given input shapes failed (%s)", err)
     return out

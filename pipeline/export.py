@@ -118,6 +118,7 @@ def export_torch(
     """
     path = Path(path)
     model.eval()
+    expected = _torch_outputs(model, example_input) if check else []  # before: an exporter may leave the module traced
     with tempfile.TemporaryDirectory(prefix="diprune-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
@@ -131,7 +132,7 @@ def export_torch(
     logger.info("exported %s to %s (%d nodes)", type(model).__name__, path, len(canonical.graph.node))
     if check:
         example = example_input.detach().cpu().numpy()
-        _check(path, example, _torch_outputs(model, example_input), rtol=1e-3, atol=1e-4)
+        _check(path, example, expected, rtol=1e-3, atol=1e-4)
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graph_ops.canonical_passes import fold_shape_chains
 from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze, producer_weights
 from graph_ops.cost import CostReport, count
@@ -110,7 +111,7 @@ def prepare(path: str | os.PathLike[str], input_shapes: InputShapes | None = Non
     model = load_model(path)
     sha = sha256_file(path)
     if input_shapes:
-        model = with_input_shapes(model, input_shapes)
+        model = fold_shape_chains(with_input_shapes(model, input_shapes))
     canonical = canonicalize(model)
     return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical, declared_shapes(canonical)),
                          input_shapes=dict(input_shapes or {}))
