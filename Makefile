@@ -16,6 +16,13 @@ $(VENV)/.test: $(VENV)/.core constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# timm and ultralytics for the production zoo tests: --no-deps (their own requirements would pull CUDA torch and
+# GUI OpenCV), then the few modules they import.
+$(VENV)/.production: $(VENV)/.test constraints.txt
+	$(PY) -m pip install -q -c constraints.txt --no-deps timm==1.0.31 ultralytics==8.4.190 ultralytics-thop==2.2.3
+	$(PY) -m pip install -q -c constraints.txt pyyaml opencv-python-headless psutil polars safetensors huggingface_hub
+	touch $@
+
 $(VENV)/.bench: $(VENV)/.core constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	touch $@
@@ -26,7 +33,7 @@ demo: $(VENV)/.core
 test: $(VENV)/.test
 	$(PY) -m pytest -q
 
-test-zoo: $(VENV)/.test
+test-zoo: $(VENV)/.test $(VENV)/.production
 	$(PY) -m pytest -q -m zoo
 
 # Regenerates benchmarks/results/quality.{json,md} and quality_<family>.png (about 2 hours of compute on 2 cores).

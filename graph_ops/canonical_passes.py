@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graph_ops.errors import PreconditionError
-from graph_ops.passes import PassResult
+from graph_ops.passes import PassResult, graph_from_model, model_from_graph
 
 logger = logging.getLogger(__name__)
 
@@ -299,3 +300,21 @@ def materialize_bias(graph: gs.Graph, /) -> PassResult:
             added += 1
     copies = _unshare(graph)
     return PassResult(added + copies > 0, (f"{added} biases set, {copies} shared constants copied", *notes))
+
+
+def fold_shape_chains(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.ModelProto:
+    """Alternate shape inference (with data propagation) and constant folding until nothing more folds.
+
+    One folding round resolves the shape chains whose inputs have inferred shapes; a folded Reshape target gives the
+    next block its shapes only after inference runs again (a ShuffleNet exported with a dynamic batch: one block per
+    round once the input size is fixed). Used when input sizes are fixed (``pipeline.prepare.prepare`` with
+    ``input_shapes``); exact (folding evaluates the same ops with onnxruntime). Returns a new model.
+    """
+    graph = graph_from_model(model)
+    for _ in range(max_rounds):
+        before = len(graph.nodes)
+        graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
+        if len(graph.nodes) == before:
+            break
+        graph = graph_from_model(model_from_graph(graph, model))
+    return model_from_graph(graph, model)

@@ -5,12 +5,16 @@ Part of ``graph_ops.channel_rules.CHANNEL_RULES`` (the one registry); the layout
 
 * **Concat** on axis 1 lays its inputs' segments end to end (offsets shifted by the preceding inputs' widths); on
   any other axis the inputs must share one layout, so their spaces are unioned.
-* **Split / Slice** on axis 1 (Slice with step 1) keep the segments inside ``[lo, hi)``, re-offset by ``-lo``, and
-  are exact only when both bounds fall on segment boundaries (surgery recomputes the sizes / bounds); otherwise the
-  input's spaces freeze. On other axes the layout passes through.
+* **Split / Slice** on axis 1 (Slice with step 1) keep the parts of the segments inside ``[lo, hi)``, re-offset by
+  ``-lo``; a bound inside a segment cuts its space there (the pieces on either side become separate groups once
+  analysis refines the spaces, :mod:`graph_ops.channel_spaces`). Surgery recomputes sizes and bounds from the kept
+  channels. A channel step or an empty range freezes. On other axes the layout passes through.
 * **Flatten / Reshape** of ``[N, C, H, W]`` to ``[N, C*H*W]`` is channel-major, so channel ``c`` owns the block
   ``[c*H*W, (c+1)*H*W)`` of the Gemm / MatMul K axis; it is accepted only when every reader is such a dense op with
-  a constant weight (recorded in ``Analysis.flat``). ``[N, C] -> [N, C]`` is the identity. Anything else freezes.
+  a constant weight (recorded in ``Analysis.flat``). ``[N, C] -> [N, C]`` is the identity, and so is a reshape of the
+  spatial axes only (``[N, C, H, W] -> [N, C, H*W]``) whose channel entry is ``0``, the input's own count read
+  through ``Shape`` (:mod:`graph_ops.channel_shape_rules`) or a constant that surgery rewrites. Anything else
+  (a channel shuffle, a split into heads) freezes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import math
 
 import onnx
 
-from graph_ops.channel_state import Analysis, Edit, attr, describe, int_list, static_prod
+from graph_ops.channel_shape_rules import channel_entry_ok
+from graph_ops.channel_state import Analysis, Edit, Seg, attr, describe, int_list, static_prod
 
 
 def concat(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
@@ -44,16 +49,21 @@ def concat(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     a.layout[node.output[0]] = segs
 
 
-def _cut(a: Analysis, x: str, lo: int, hi: int) -> list | None:
-    """Segments of ``x`` inside ``[lo, hi)``, re-offset; None if a bound falls inside a segment."""
-    bounds = {off for _, off, _, _ in a.layout[x]} | {a.channels(x)}
-    if lo not in bounds or hi not in bounds:
+def _cut(a: Analysis, x: str, lo: int, hi: int) -> list[Seg] | None:
+    """Segments of ``x`` inside ``[lo, hi)``, re-offset by ``-lo``; a bound inside a segment keeps the part of it
+    (analysis later refines its space there); None for an empty range."""
+    if not 0 <= lo < hi <= a.channels(x):
         return None
-    return [(s, off - lo, st, n) for s, off, st, n in a.layout[x] if lo <= off < hi]
+    out = []
+    for space, off, start, n in a.layout[x]:
+        first, last = max(lo, off), min(hi, off + n)
+        if first < last:
+            out.append((space, first - lo, start + first - off, last - first))
+    return out
 
 
 def split(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-    """Split on axis 1 only at segment boundaries (sizes recomputed by surgery); other axes pass through."""
+    """Split on axis 1 (sizes recomputed by surgery); other axes pass through."""
     x = node.input[0]
     if a.lay(x) is None:
         return
@@ -67,7 +77,7 @@ def split(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     for out, size in zip(node.output, sizes, strict=True):
         cut = _cut(a, x, lo, lo + size) if size else None
         if cut is None:
-            a.freeze(x, f"Split off segment boundaries at {describe(node, idx)}")
+            a.freeze(x, f"Split with unknown or empty sizes at {describe(node, idx)}")
             return
         cuts.append((out, cut))
         lo += size
@@ -77,7 +87,7 @@ def split(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
 
 
 def slice_(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-    """Slice: axis 1 only with step 1 and bounds on segment boundaries; other axes pass through."""
+    """Slice: axis 1 with step 1 and constant bounds (surgery recomputes them); other axes pass through."""
     x, where = node.input[0], describe(node, idx)
     if a.lay(x) is None:
         return
@@ -95,7 +105,7 @@ def slice_(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     lo, hi = (v + c if v < 0 else v for v in (starts[j], ends[j]))
     cut = None if steps and steps[j] != 1 else _cut(a, x, min(max(lo, 0), c), min(max(hi, 0), c))
     if not cut:
-        a.freeze(x, f"Slice off segment boundaries at {where}")
+        a.freeze(x, f"Slice of channels with a step or an empty range at {where}")
         return
     a.layout[node.output[0]] = cut
     a.edits.append(Edit("slice", idx, x, axis=j))
@@ -128,20 +138,47 @@ def flatten(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.freeze(x, f"Flatten not provably channel-major into Gemm at {describe(node, idx)}")
 
 
+def _spatial_only(a: Analysis, x: str, target: list, xshape: tuple) -> bool:
+    """``target`` keeps axis 0 and the channel axis of ``x`` and reshapes only the spatial axes."""
+    rest, spatial = target[2:], xshape[2:]
+    if sum(1 for e in target if e == -1) > 1 or any(e == 0 for e in rest):
+        return False
+    if target[0] not in (0, (x, 0)) and not (isinstance(target[0], int) and target[0] in (xshape[0], -1)):
+        return False
+    if -1 in rest:
+        return target[0] != -1
+    if rest == [(x, axis) for axis in range(2, len(xshape))]:
+        return True
+    sizes = [xshape[e[1]] if isinstance(e, tuple) and e[0] == x else e for e in rest]
+    return all(isinstance(v, int) for v in sizes) and static_prod(spatial) == math.prod(sizes)
+
+
 def reshape(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-    """Reshape: [N,C,...] -> [N, C*H*W] into Gemm/MatMul (shape entry recomputed), [N,C] -> [N,C]; else freeze."""
-    x = node.input[0]
+    """Reshape: [N,C,...] -> [N, C*H*W] into Gemm/MatMul (shape entry recomputed), [N,C] -> [N,C], and reshapes of
+    the spatial axes only ([N,C,H,W] -> [N,C,H*W]; the channel entry is the input's own count or recomputed);
+    anything that moves channels (heads, channel shuffles) freezes."""
+    x, y = node.input[0], node.output[0]
     if a.lay(x) is None:
         return
-    target, xshape = int_list(a, node, 1, "shape"), a.shapes.get(x)
+    const_target, xshape = int_list(a, node, 1, "shape"), a.shapes.get(x)
+    target = const_target if const_target is not None else channel_entry_ok(a, node, 1, x)
     c = a.channels(x)
-    ok = target is not None and xshape is not None and len(target) == 2 and len(xshape) >= 2
-    if ok and len(xshape) == 2 and target[1] in (c, -1) and target[0] != -1:  # type: ignore[index]
-        a.layout[node.output[0]] = list(a.layout[x])
-        return
-    flat = static_prod(xshape[1:]) if ok else None  # type: ignore[index]
-    if ok and flat and target[1] in (flat, -1) and _flatten_to_dense(a, node, idx, x):  # type: ignore[index]
-        if target[1] != -1:  # type: ignore[index]
-            a.edits.append(Edit("vector", idx, x, pos=1, axis=1, block=a.flat[node.output[0]][1]))
+    ok = target is not None and xshape is not None and len(xshape) >= 2 and len(target) >= 2 and not (
+        attr(node, "allowzero", 0) and 0 in target)  # type: ignore[operator]
+    if ok and const_target is not None and len(target) == 2:  # type: ignore[arg-type]
+        if len(xshape) == 2 and target[1] in (c, -1) and target[0] != -1:  # type: ignore[index]
+            a.layout[y] = list(a.layout[x])
+            return
+        flat = static_prod(xshape[1:])  # type: ignore[index]
+        if flat and target[1] in (flat, -1) and _flatten_to_dense(a, node, idx, x):  # type: ignore[index]
+            if target[1] != -1:  # type: ignore[index]
+                a.edits.append(Edit("vector", idx, x, pos=1, axis=1, block=a.flat[y][1]))
+            return
+    own = target[1] in (0, (x, 1)) if ok else False  # type: ignore[index]
+    edited = ok and const_target is not None and target[1] == c  # type: ignore[index]
+    if (own or edited) and len(xshape) > 2 and _spatial_only(a, x, target, xshape):  # type: ignore[arg-type]
+        a.layout[y] = list(a.layout[x])
+        if edited:
+            a.edits.append(Edit("vector", idx, x, pos=1, axis=1))
         return
     a.freeze(x, f"reshape of the channel axis at {describe(node, idx)}")

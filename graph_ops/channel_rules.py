@@ -6,9 +6,12 @@ Each rule reads its inputs' layouts from the :class:`graph_ops.channels.Analysis
   2-D weight), with producer edits (weight output axis, bias) and, when its input carries channels, a consumer edit
   (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm / MatMul K axis, in blocks of ``H*W`` after a channel-major
   Flatten / Reshape);
+* a grouped Conv (``1 < group``, not depthwise) is a source too, whose input and output must keep the same number
+  of channels in each conv group (equal-count blocks, :attr:`graph_ops.groups.ChannelGroup.blocks`);
 * passes the input's layout on for channel-wise ops (``y[:, c]`` depends on ``x[:, c]`` only), turning per-channel
   constants (BN parameters, PRelu slopes, ``[C,1,1]`` Mul/Add operands, depthwise weights) into producer edits;
-* unions the spaces of two activations combined elementwise (residual Add, SE gating Mul);
+* unions the spaces of two activations combined elementwise (residual Add, SE gating Mul), refining differently
+  segmented layouts to their common refinement (:mod:`graph_ops.channel_spaces`);
 * lays segments end to end for Concat on axis 1, cuts them for Split / Slice on segment boundaries, and maps
   channel-major Flatten / Reshape into dense layers (those rules live in ``graph_ops.channel_layout_rules``);
 * otherwise freezes every space it touches, with a reason (fail closed).
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import onnx
 
 from graph_ops.channel_layout_rules import concat, flatten, reshape, slice_, split
+from graph_ops.channel_shape_rules import channel_entry_ok
 from graph_ops.channel_state import Analysis, Edit, attr, describe, int_list, node_name, static_prod
 
 Rule = Callable[[Analysis, onnx.NodeProto, int], None]
@@ -52,7 +56,7 @@ def _frozen_source(a: Analysis, node: onnx.NodeProto, idx: int, reason: str) -> 
 
 
 def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-    """Conv: a source when ``group=1``, pass-through when depthwise, frozen when grouped."""
+    """Conv: a source when ``group=1``, pass-through when depthwise, per-conv-group when grouped."""
     x, w, y, name = node.input[0], node.input[1], node.output[0], node_name(node, idx)
     wshape, yshape = a.shapes.get(w), a.shapes.get(y)
     if not a.is_const(w) or not wshape:
@@ -61,7 +65,7 @@ def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     group, lay = int(attr(node, "group", 1)), a.lay(x)  # type: ignore[arg-type]
     c_out, c_in_g, k = wshape[0], wshape[1], math.prod(wshape[2:])
     spatial = static_prod(yshape[2:]) if yshape else None
-    bias = 1.0 if len(node.input) > 2 and node.input[2] else 0.0
+    bias, known = (1.0 if len(node.input) > 2 and node.input[2] else 0.0), spatial is not None
     if group == 1:
         if lay:
             a.slot(node, idx, 1, x, 1, role="consumer")
@@ -69,21 +73,43 @@ def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.new_space(y, c_out, name)
         a.slot(node, idx, 1, y, 0)
         a.slot(node, idx, 2, y, 0)
-        a.add_cost(name, "Conv", k * (spatial or 0), k, 0 if lay else c_in_g, x if lay else None, 0, y, bias)
+        a.add_cost(name, "Conv", k * (spatial or 0), k, 0 if lay else c_in_g, x if lay else None, 0, y, bias,
+                   macs_known=known)
     elif c_in_g == 1 and group == c_out and lay and a.channels(x) == group:
         a.layout[y] = list(lay)
         a.slot(node, idx, 1, x, 0)
         a.slot(node, idx, 2, x, 0)
         a.edits.append(Edit("group", idx, x))
-        a.add_cost(name, "Conv", k * (spatial or 0), k, 1, None, 0, y, bias)
+        a.add_cost(name, "Conv", k * (spatial or 0), k, 1, None, 0, y, bias, macs_known=known)
+    elif lay and a.channels(x) == group * c_in_g and c_out % group == 0:
+        _grouped_conv(a, node, idx, group, k * (spatial or 0), known)
     else:
-        if c_in_g == 1 and group == c_out and not lay:
-            reason = f"depthwise Conv at '{name}' reads channels without a layout"
-        else:
-            reason = f"{'depthwise multiplier' if c_in_g == 1 else 'grouped'} Conv (group={group}) at '{name}'"
+        kind = "depthwise Conv" if c_in_g == 1 and group == c_out else f"Conv (group={group})"
+        reason = f"{kind} at '{name}' reads channels without a layout"
         _frozen_source(a, node, idx, reason)
         out = (0, y) if y in a.layout else (c_out, None)
-        a.add_cost(name, "Conv", k * (spatial or 0), k, c_in_g, None, *out, bias)
+        a.add_cost(name, "Conv", k * (spatial or 0), k, c_in_g, None, *out, bias, macs_known=known)
+
+
+def _grouped_conv(a: Analysis, node: onnx.NodeProto, idx: int, group: int, macs_per_pair: float,
+                  known: bool) -> None:
+    """Grouped Conv (``1 < group``, not depthwise): output channels form a new space, and both the input and the
+    output keep the same number of channels in each of the ``group`` conv groups (``Analysis.blocks``), so the
+    pruned layer is again a grouped conv with ``group`` groups. The weight ``[C_out, C_in/group, k...]`` loses
+    rows (output side) and, per row, the columns of the removed input channels of its own conv group (a
+    ``"grouped"`` consumer edit). MACs ``= k * spatial * C_in * C_out / group``.
+    """
+    x, y, name = node.input[0], node.output[0], node_name(node, idx)
+    where = f"'{name}'"
+    k = math.prod((a.shapes.get(node.input[1]) or ())[2:])
+    a.slot(node, idx, 1, x, 1, role="consumer", kind="grouped")  # before the row edit: per-row columns of W
+    a.exits.append((name, x))
+    a.new_space(y, (a.shapes.get(node.input[1]) or (0,))[0], name)
+    a.slot(node, idx, 1, y, 0)
+    a.slot(node, idx, 2, y, 0)
+    a.blocks.extend([(x, group, where), (y, group, where)])
+    bias = 1.0 if len(node.input) > 2 and node.input[2] else 0.0
+    a.add_cost(name, "Conv", macs_per_pair, k, 0, x, 0, y, bias, divisor=group, macs_known=known)
 
 
 def conv_transpose(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
@@ -102,7 +128,8 @@ def conv_transpose(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     a.slot(node, idx, 2, y, 0)
     spatial = static_prod(xshape[2:]) if xshape else None
     bias = 1.0 if len(node.input) > 2 and node.input[2] else 0.0
-    a.add_cost(name, "ConvTranspose", k * (spatial or 0), k, 0 if lay else wshape[0], x if lay else None, 0, y, bias)
+    a.add_cost(name, "ConvTranspose", k * (spatial or 0), k, 0 if lay else wshape[0], x if lay else None, 0, y, bias,
+               macs_known=spatial is not None)
 
 
 def _dense(a: Analysis, node: onnx.NodeProto, idx: int, k_axis: int, n: int, k: int) -> None:
@@ -167,28 +194,43 @@ def _per_channel_const(a: Analysis, node: onnx.NodeProto, idx: int, pos: int, x:
     return False
 
 
+def _broadcast_on_channels(a: Analysis, tensor: str, rank: int, width: int | None) -> bool:
+    """True when an operand has no channel axis of its own in the output (absent, or 1 broadcast to ``width``)."""
+    shape = a.shapes.get(tensor)
+    if shape is None or width in (None, 1):
+        return False
+    axis = len(shape) - (rank - 1)
+    return axis < 0 or shape[axis] == 1
+
+
 def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-    """Add/Sub/Mul/Div/Pow/Max/Min/Sum/Mean/PRelu: union activations, slice per-channel constants."""
+    """Add/Sub/Mul/Div/Pow/Max/Min/Sum/Mean/PRelu: join the activations' layouts (refining them to a common
+    segmentation), slice per-channel constants; an activation broadcast over channels (one channel, e.g. a spatial
+    attention map) is only read (its own one-channel group is frozen: it cannot shrink)."""
     names = [t for t in node.input if t]
     acts = [t for t in names if not a.is_const(t)]
     if not any(a.lay(t) for t in acts):
         return
     where, y = describe(node, idx), node.output[0]
     rank = a.rank(y)
-    if rank is None or any(a.lay(t) is None or a.rank(t) != rank for t in acts):
+    width = (a.shapes.get(y) or (None, None))[1] if rank and rank >= 2 else None
+    wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width)]
+    if rank is None or not wide or any(a.lay(t) is None or a.rank(t) != rank for t in wide):
         a.freeze_inputs(node, f"broadcast over channels at {where}")
         return
-    if any(a.channels(t) != a.channels(acts[0]) for t in acts):
+    if any(a.channels(t) != a.channels(wide[0]) for t in wide):
         a.freeze_inputs(node, f"broadcast over channels at {where}")
         return
-    for other in acts[1:]:
-        a.union_layouts(acts[0], other, where)
+    for narrow in set(acts) - set(wide):  # its one channel is broadcast to all: it can never shrink
+        a.freeze(narrow, f"broadcast over channels at {where}")
+    for other in wide[1:]:
+        a.union_layouts(wide[0], other, where)
     for pos, name in enumerate(node.input):
         if name and a.is_const(name):
-            _per_channel_const(a, node, idx, pos, acts[0], rank)
-    a.layout[y] = list(a.layout[acts[0]])
+            _per_channel_const(a, node, idx, pos, wide[0], rank)
+    a.layout[y] = list(a.layout[wide[0]])
     if node.op_type == "PRelu" and a.edits and a.edits[-1].node == idx:
-        a.add_cost(node_name(node, idx), "PRelu", 0, 1, 1, None, 0, acts[0])
+        a.add_cost(node_name(node, idx), "PRelu", 0, 1, 1, None, 0, wide[0])
 
 
 def batchnorm(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
@@ -261,8 +303,11 @@ def _resize_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
     if scales is not None and scales.size:
         return scales.size == len(axes) and all(float(s) == 1.0 for s, ax in zip(scales.ravel(), axes, strict=True)
                                                 if ax < 2)
+    x, xshape = node.input[0], a.shapes.get(node.input[0]) or ()
+    entries = channel_entry_ok(a, node, 3, x) if node.input[3:4] and node.input[3] in a.dims else None
+    if entries is not None and len(entries) == rank == len(axes):  # sizes read at run time, e.g. Shape(x)[:2] + [H, W]
+        return entries[1] == (x, 1) and entries[0] in ((x, 0), xshape[0] if xshape else -1)
     sizes = int_list(a, node, 3, "_none_")
-    xshape = a.shapes.get(node.input[0]) or ()
     return sizes is not None and 1 not in axes and all(ax != 0 or sizes[i] == xshape[0]
                                                        for i, ax in enumerate(axes))
 

@@ -1,25 +1,31 @@
-"""The working state of one channel analysis (union-find over channel spaces, layouts, edits, costs) and the
-small readers the per-op rules share. The rules (:mod:`graph_ops.channel_rules`,
-:mod:`graph_ops.channel_layout_rules`) read and extend an :class:`Analysis`; :func:`graph_ops.channels.analyze`
-runs them and turns the state into the public :class:`~graph_ops.groups.ChannelGroupIndex`.
+"""The working state of one channel analysis (refinable channel spaces, layouts, edits, costs, grouped-conv block
+constraints, integer shape vectors) and the small readers the per-op rules share. The rules
+(:mod:`graph_ops.channel_rules`, :mod:`graph_ops.channel_layout_rules`, :mod:`graph_ops.channel_shape_rules`) read
+and extend an :class:`Analysis`; :func:`graph_ops.channels.analyze` runs them and :meth:`Analysis.finish` turns
+the state into the public :class:`~graph_ops.groups.ChannelGroupIndex`: every segment is refined to whole pieces
+(:mod:`graph_ops.channel_spaces`), each piece (a union-find root that is not cut) becomes a group, and segments,
+cost terms and probes are resolved to those groups.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graph_ops.channel_spaces import Spaces, merge_blocks
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex, CostTerm, Edit, Segment
 from graph_ops.proto import Shape, attr, constants, node_name, opset
 
 __all__ = ["Analysis", "Edit", "attr", "describe", "int_list", "node_name", "static_prod"]
 
 Seg = tuple[int, int, int, int]  # (space, offset, start, length) while analysing
+Dim = tuple[str, int] | int | None  # an entry of an integer shape vector: (tensor, axis), a constant, unknown
 
 
 @dataclass(frozen=True)
@@ -33,10 +39,13 @@ class _RawCost:
     out_fixed: int
     out_tensor: str | None
     bias_params: float = 0.0
+    divisor: int = 1
+    macs_known: bool = True
 
 
 class Analysis:
-    """Working state of one analysis run (union-find over channel spaces, layouts, edits, costs)."""
+    """Working state of one analysis run: refinable channel spaces (:mod:`graph_ops.channel_spaces`), each tensor's
+    layout as segments of them, edits, costs, equal-block constraints of grouped convolutions."""
 
     def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> None:
         """Index the model: its static shapes (given), constants, use counts."""
@@ -55,39 +64,16 @@ class Analysis:
         self.opset = opset(model)
         self.flat: dict[str, tuple[str, int]] = {}  # Flatten output -> (4-D input, H*W)
         self.layout: dict[str, list[Seg]] = {}
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.origin: list[str] = []
-        self.reason: list[str | None] = []
-        self.producers: list[list[str]] = []
+        self.spaces = Spaces()
+        self.blocks: list[tuple[str, int, str]] = []  # (tensor, conv groups, where): equal kept count per block
         self.exits: list[tuple[str, str]] = []  # (consumer node name, probe tensor)
         self.edits: list[Edit] = []
         self.costs: list[_RawCost] = []
-
-    # ---- union-find -------------------------------------------------------------------------------------------
-    def find(self, space: int) -> int:
-        """Root of a space (path halving)."""
-        while self.parent[space] != space:
-            self.parent[space] = self.parent[self.parent[space]]
-            space = self.parent[space]
-        return space
-
-    def union(self, a: int, b: int) -> None:
-        """Merge two spaces; the older root stays root (keeps ids topological) and the first reason wins."""
-        ra, rb = sorted((self.find(a), self.find(b)))
-        if ra != rb:
-            self.parent[rb] = ra
-            self.reason[ra] = self.reason[ra] or self.reason[rb]
-            self.producers[ra].extend(self.producers[rb])
+        self.dims: dict[str, list[Dim]] = {}  # integer shape vectors whose entries are known dims (shape_rules)
 
     def new_space(self, tensor: str, size: int, producer: str | None, frozen: str | None = None) -> int:
         """Create a space of ``size`` channels as the whole layout of ``tensor``."""
-        space = len(self.parent)
-        self.parent.append(space)
-        self.size.append(size)
-        self.origin.append(tensor)
-        self.reason.append(frozen)
-        self.producers.append([producer] if producer else [])
+        space = self.spaces.new(tensor, size, producer, frozen)
         self.layout[tensor] = [(space, 0, 0, size)]
         return space
 
@@ -97,12 +83,11 @@ class Analysis:
         return self.layout.get(tensor) if tensor else None
 
     def freeze(self, tensor: str, reason: str) -> None:
-        """Freeze every space in the layout of ``tensor`` (the first reason of a space is kept)."""
+        """Freeze the channels ``tensor`` carries (the pieces of its segments; the first reason of a piece is kept)."""
         if tensor in self.flat:  # a flattened head input: freeze the 4-D tensor it comes from
             self.freeze(self.flat[tensor][0], reason)
-        for space, *_ in self.layout.get(tensor, ()):
-            root = self.find(space)
-            self.reason[root] = self.reason[root] or reason
+        for space, _, start, length in self.layout.get(tensor, ()):
+            self.spaces.freeze(space, start, length, reason)
 
     def freeze_inputs(self, node: onnx.NodeProto, reason: str) -> None:
         """Freeze the spaces of every input of a node."""
@@ -127,22 +112,18 @@ class Analysis:
         """True for initializers and Constant node outputs."""
         return name in self.constants
 
-    def full(self, seg: Seg) -> bool:
-        """True when a segment covers its whole space."""
-        return seg[2] == 0 and seg[3] == self.size[self.find(seg[0])]
-
     def union_layouts(self, a: str, b: str, where: str) -> bool:
-        """Union two layouts segment by segment; on misalignment freeze both and return False."""
+        """Join two layouts channel by channel, refining both to their common segmentation (module
+        :mod:`graph_ops.channel_spaces`); layouts of different widths freeze both and return False."""
         la, lb = self.layout[a], self.layout[b]
-        aligned = len(la) == len(lb) and all(
-            sa[1] == sb[1] and sa[3] == sb[3] and self.full(sa) and self.full(sb) for sa, sb in zip(la, lb, strict=False)
-        )
-        if not aligned:
+        if self.channels(a) != self.channels(b):
             self.freeze(a, f"misaligned channel layouts at {where}")
             self.freeze(b, f"misaligned channel layouts at {where}")
             return False
-        for sa, sb in zip(la, lb, strict=True):
-            self.union(sa[0], sb[0])
+        bounds = sorted({off for _, off, _, _ in la} | {off for _, off, _, _ in lb} | {self.channels(a)})
+        for lo, hi in itertools.pairwise(bounds):
+            (sa, ia), (sb, ib) = _at(la, lo), _at(lb, lo)
+            self.spaces.union_range(sa, ia, sb, ib, hi - lo)
         return True
 
     def slot(self, node: onnx.NodeProto, idx: int, pos: int, tensor: str, axis: int, **kw: object) -> bool:
@@ -161,15 +142,20 @@ class Analysis:
         if self.uses.get(name, 0) > 1 and kw.get("role") == "consumer":  # the mask zeroes weights by name
             self.freeze(tensor, f"exit weight '{name}' of {where} is shared by several nodes")
             return False
-        self.edits.append(Edit("take", idx, tensor, pos=pos, axis=axis, **kw))  # type: ignore[arg-type]
+        kind = str(kw.pop("kind", "take"))
+        self.edits.append(Edit(kind, idx, tensor, pos=pos, axis=axis, **kw))  # type: ignore[arg-type]
         return True
 
     def add_cost(self, *args: object, **kw: object) -> None:
         """Record a cost term whose widths come from tensors' layouts (resolved at the end)."""
         self.costs.append(_RawCost(*args, **kw))  # type: ignore[arg-type]
 
-    def run(self, rules: dict) -> None:
-        """Apply the rules to every node in topological order, then freeze what reaches graph outputs."""
+    def run(self, rules: dict, shapes_hook: Callable[[Analysis, onnx.NodeProto, int], bool] | None = None) -> None:
+        """Apply the rules to every node in topological order, then freeze what reaches graph outputs.
+
+        ``shapes_hook`` sees every node first and returns True when it handled the node as integer shape
+        arithmetic (:func:`graph_ops.channel_shape_rules.track_shapes`).
+        """
         for info in self.graph.input:
             shape = self.shapes.get(info.name)
             if info.name not in self.inits and shape and len(shape) >= 2 and shape[1]:
@@ -177,6 +163,8 @@ class Analysis:
         for idx, node in enumerate(self.graph.node):
             for name in sorted(_subgraph_reads(node)):  # outer tensors read implicitly by If / Loop bodies
                 self.freeze(name, f"read inside a subgraph of {node.op_type} '{node_name(node, idx)}'")
+            if shapes_hook is not None and shapes_hook(self, node, idx):
+                continue
             rule = rules.get(node.op_type)
             if rule is not None:
                 rule(self, node, idx)
@@ -184,16 +172,23 @@ class Analysis:
                 self.freeze_inputs(node, f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
         for info in self.graph.output:
             self.freeze(info.name, f"reaches graph output '{info.name}'")
+            for entry in self.dims.get(info.name, ()):
+                if isinstance(entry, tuple) and entry[1] == 1:
+                    self.freeze(entry[0], f"its channel count reaches graph output '{info.name}'")
 
     # ---- results ----------------------------------------------------------------------------------------------
     def finish(self, fingerprint: str) -> ChannelGroupIndex:
-        """Resolve the union-find into the public index (ids topological, deterministic)."""
-        roots = sorted({self.find(s) for s in range(len(self.parent))})
-        gid = {r: self.origin[r] for r in roots}
-        by_tensor = {
-            t: tuple(Segment(gid[self.find(s)], off, start, n) for s, off, start, n in segs)
-            for t, segs in self.layout.items()
-        }
+        """Refine every space to whole pieces per segment, resolve the union-find into the public index (ids
+        deterministic, groups in topological order of their origin)."""
+        sp = self.spaces
+        for segs in self.layout.values():
+            for space, _, start, length in segs:
+                sp.whole_leaves(space, start, length)
+        blocks = self._block_counts()
+        roots = sorted({sp.find(leaf) for segs in self.layout.values() for space, _, start, length in segs
+                        for leaf, _, _ in sp.leaves(space, start, length)}, key=lambda r: sp.key[r])
+        gid = {r: sp.group_id(r) for r in roots}
+        by_tensor = {t: self._segments(segs, gid) for t, segs in self.layout.items()}
         consumers: dict[str, list[str]] = {g: [] for g in gid.values()}
         probes: dict[str, list[str]] = {g: [] for g in gid.values()}
         for node, probe in self.exits:
@@ -201,20 +196,58 @@ class Analysis:
                 _append_new(consumers[seg.group_id], node)
                 _append_new(probes[seg.group_id], probe)
         groups = tuple(
-            ChannelGroup(gid[r], self.size[r], tuple(dict.fromkeys(self.producers[r])),
-                         tuple(consumers[gid[r]]), tuple(probes[gid[r]]), self.reason[r])
+            ChannelGroup(gid[r], sp.size[r], tuple(dict.fromkeys(sp.producers[r])), tuple(consumers[gid[r]]),
+                         tuple(probes[gid[r]]), sp.reason[r], blocks.get(r, 1))
             for r in roots
         )
         return ChannelGroupIndex(groups, by_tensor, tuple(self._resolve(c, by_tensor) for c in self.costs),
                                  edits=tuple(self.edits), flattened=dict(self.flat), shapes=self.shapes,
                                  fingerprint=fingerprint)
 
+    def _segments(self, segs: list[Seg], gid: dict[int, str]) -> tuple[Segment, ...]:
+        out = []
+        for space, offset, start, length in segs:
+            pos = offset
+            for leaf, _, n in self.spaces.leaves(space, start, length):
+                out.append(Segment(gid[self.spaces.find(leaf)], pos, 0, n))
+                pos += n
+        return tuple(out)
+
+    def _block_counts(self) -> dict[int, int]:
+        """Equal-count blocks per piece from grouped convolutions; a constraint that spans several pieces, or
+        two that do not nest, freezes the pieces concerned (fail closed)."""
+        sp, counts = self.spaces, {}
+        for tensor, conv_groups, where in self.blocks:
+            segs = self.layout.get(tensor, [])
+            leaves = [sp.find(leaf) for space, _, start, length in segs
+                      for leaf in sp.whole_leaves(space, start, length)]
+            if len(leaves) != 1:
+                self.freeze(tensor, f"grouped Conv (group={conv_groups}) at {where} reads channels of several "
+                                    f"groups")
+                continue
+            leaf = leaves[0]
+            merged = merge_blocks(counts.get(leaf, 1), conv_groups, sp.size[leaf])
+            if merged is None or merged == sp.size[leaf]:
+                why = "one channel per conv group" if merged else f"blocks of {counts[leaf]} and {conv_groups} do not nest"
+                self.freeze(tensor, f"grouped Conv (group={conv_groups}) at {where}: {why}")
+                continue
+            counts[leaf] = merged
+        return {sp.find(leaf): n for leaf, n in counts.items() if sp.reason[sp.find(leaf)] is None}
+
     @staticmethod
     def _resolve(raw: _RawCost, by_tensor: dict[str, tuple[Segment, ...]]) -> CostTerm:
         in_groups = tuple(s.group_id for s in by_tensor[raw.in_tensor]) if raw.in_tensor else ()
         out_groups = tuple(s.group_id for s in by_tensor[raw.out_tensor]) if raw.out_tensor else ()
         return CostTerm(raw.node, raw.op_type, raw.macs_coeff, raw.params_coeff, raw.in_fixed, in_groups,
-                        raw.out_fixed, out_groups, raw.bias_params)
+                        raw.out_fixed, out_groups, raw.bias_params, raw.divisor, raw.macs_known)
+
+
+def _at(segs: list[Seg], pos: int) -> tuple[int, int]:
+    """(space, channel in space) of tensor channel ``pos`` of a layout."""
+    for space, offset, start, length in segs:
+        if offset <= pos < offset + length:
+            return space, start + pos - offset
+    raise AssertionError(f"channel {pos} outside the layout")
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:

@@ -1,11 +1,15 @@
 """Channel-group analysis: which channels of which tensors must be removed together (style.md 1.5).
 
 Every activation tensor with a channel axis (axis 1 of NCHW / NC) is described as a run of segments, each a contiguous
-slice of one *channel space*. Sources (Conv with ``group=1``, ConvTranspose, Gemm / MatMul with a constant weight)
-create a new space; channel-wise ops pass their input's space on; an elementwise op of two activations unions the
-spaces (union-find); Concat on axis 1 lays its inputs' segments end to end. The per-op rules are the plain dict
-``graph_ops.channel_rules.CHANNEL_RULES``. Anything the rules do not understand *freezes* every space it touches, with a
-readable reason (fail closed): a frozen group is never pruned.
+slice of one *channel space*. Sources (Conv with ``group=1``, grouped Conv, ConvTranspose, Gemm / MatMul with a
+constant weight) create a new space; channel-wise ops pass their input's space on; an elementwise op of two
+activations unions the spaces (union-find); Concat on axis 1 lays its inputs' segments end to end; Split / Slice keep
+a range. Where ranges do not fall on piece boundaries, spaces are cut into pieces (the common refinement,
+:mod:`graph_ops.channel_spaces`); every final piece is a group. A grouped Conv asks its input and output groups to
+keep the same number of channels in each of its conv groups (``ChannelGroup.blocks``). The per-op rules are the
+plain dict ``graph_ops.channel_rules.CHANNEL_RULES`` (integer shape arithmetic: ``channel_shape_rules``). Anything
+the rules do not understand *freezes* the channels it touches, with a readable reason (fail closed): a frozen group
+is never pruned.
 
 Removing channel ``c`` of a group is exact when every tensor that carries the group loses that channel and every
 weight that reads it (the *consumer* slots: Conv ``W[:, c]``, Gemm K rows, ``H*W`` blocks after Flatten) loses the
@@ -31,6 +35,7 @@ from collections.abc import Mapping
 import onnx
 
 from graph_ops.channel_rules import CHANNEL_RULES
+from graph_ops.channel_shape_rules import track_shapes
 from graph_ops.channel_state import Analysis
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.proto import Shape, fingerprint, node_name, static_shapes
@@ -51,27 +56,29 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -
         implies and the graph's fingerprint.
     """
     state = Analysis(model, static_shapes(model) if shapes is None else shapes)
-    state.run(CHANNEL_RULES)
+    state.run(CHANNEL_RULES, track_shapes)
     index = state.finish(fingerprint(model))
     frozen = sum(1 for g in index.groups if g.frozen)
     log.debug("analysis: %d groups (%d frozen), %d edits", len(index.groups), frozen, len(index.edits))
     return index
 
 
-def producer_weights(model: onnx.ModelProto, index: ChannelGroupIndex) -> dict[str, tuple[str, int]]:
-    """Producer node name -> (weight initializer name, output-channel axis), read off the surgery's own edits.
+def producer_weights(model: onnx.ModelProto, index: ChannelGroupIndex) -> dict[str, tuple[str, int, str]]:
+    """Producer node name -> (weight initializer name, output-channel axis, the tensor whose layout maps the
+    weight's rows to group channels), read off the surgery's own edits.
 
-    This is what the data-free scorers (``l1``, ``l2``) need: the rows of each producer's weight that make a channel.
+    This is what the data-free scorers (``l1``, ``l2``) need: the rows of each producer's weight that make a channel
+    (after refinement a producer's rows may hold several groups: ``index.by_tensor[tensor]`` says which).
     ``index`` is ``analyze(model)`` (checked by fingerprint).
     """
     index.check_model(fingerprint(model))
     producers = {name for group in index.groups for name in group.producers}
-    weights: dict[str, tuple[str, int]] = {}
+    weights: dict[str, tuple[str, int, str]] = {}
     for edit in index.edits:
         node = model.graph.node[edit.node]
         name = node_name(node, edit.node)
         if edit.kind == "take" and edit.role == "producer" and edit.pos == 1 and name in producers:
-            weights.setdefault(name, (node.input[1], edit.axis))
+            weights.setdefault(name, (node.input[1], edit.axis, edit.tensor))
     return weights
 
 

@@ -10,8 +10,10 @@ flattened inputs of dense heads, the static shapes analysis saw, and a fingerpri
 (:func:`graph_ops.proto.fingerprint`), which surgery, the mask oracle and recovery check before using it.
 
 The cost model (:class:`CostTerm`) writes the MACs and the parameter count of every costed node as
-``coeff * (in_fixed + sum of in-group widths) * (out_fixed + sum of out-group widths)``, which is exact for Conv,
-ConvTranspose, Gemm and MatMul (depthwise: ``in_fixed = 1``; Gemm after Flatten: ``coeff`` holds ``H*W``). The
+``coeff * (in_fixed + sum of in-group widths) * (out_fixed + sum of out-group widths) / divisor``, which is exact for
+Conv, ConvTranspose, Gemm and MatMul (depthwise: ``in_fixed = 1``; Gemm after Flatten: ``coeff`` holds ``H*W``;
+grouped Conv with ``G`` conv groups: ``divisor = G``, exact because a valid plan keeps widths that are multiples of
+``G`` on both sides, so the product is an integer multiple of ``G`` and the float division is exact). The
 planner uses it to predict the cost of a plan without rewriting the graph; tests check the prediction against the
 counter run on the pruned graph.
 """
@@ -75,6 +77,9 @@ class ChannelGroup:
         consumers: names of the nodes whose weights read these channels (their input slices shrink).
         probes: tensors the exit consumers read (post-BN, post-activation): what calibration measures.
         frozen: ``None`` when prunable, else a readable reason (``"unsupported consumer Transpose at node_12"``).
+        blocks: the channels come in ``blocks`` equal consecutive blocks (the conv groups of a grouped
+            convolution that reads or writes them) and a plan must keep the same number in every block, so that
+            the pruned convolution is again a valid grouped convolution; 1 for no constraint.
     """
 
     id: str
@@ -83,6 +88,7 @@ class ChannelGroup:
     consumers: tuple[str, ...]
     probes: tuple[str, ...]
     frozen: str | None = None
+    blocks: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -103,6 +109,8 @@ class CostTerm:
     out_fixed: int
     out_groups: tuple[str, ...]
     bias_params: float = 0.0  # params that scale with the output width only (bias): bias_params * out_width
+    divisor: int = 1  # conv groups of a grouped convolution: MACs and weights are divided by it (exactly)
+    macs_known: bool = True  # False when a spatial size was not static (the MACs are then unknown, not 0)
 
     def widths(self, width: Mapping[str, int]) -> tuple[int, int]:
         """Input and output widths of the node under the given group widths."""
@@ -113,12 +121,12 @@ class CostTerm:
     def macs(self, width: Mapping[str, int]) -> float:
         """MACs of the node under the given group widths."""
         w_in, w_out = self.widths(width)
-        return self.macs_coeff * w_in * w_out
+        return self.macs_coeff * w_in * w_out / self.divisor
 
     def params(self, width: Mapping[str, int]) -> float:
         """Parameters of the node under the given group widths."""
         w_in, w_out = self.widths(width)
-        return self.params_coeff * w_in * w_out + self.bias_params * w_out
+        return self.params_coeff * w_in * w_out / self.divisor + self.bias_params * w_out
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,11 @@ class ChannelGroupIndex:
         """Groups keyed by id."""
         return MappingProxyType({g.id: g for g in self.groups})
 
+    @property
+    def unknown_macs(self) -> tuple[str, ...]:
+        """Nodes whose MACs the cost model cannot state (a dynamic spatial size): a MACs budget is meaningless."""
+        return tuple(t.node for t in self.cost if not t.macs_known)
+
     def full_widths(self) -> dict[str, int]:
         """Every group at its full size."""
         return {g.id: g.size for g in self.groups}
@@ -211,6 +224,12 @@ class ChannelGroupIndex:
                 continue
             if group.frozen:
                 raise PlanValidationError(f"group '{gid}' is frozen ({group.frozen}); it cannot lose channels")
+            if group.blocks > 1:
+                counts = np.bincount(idx // (group.size // group.blocks), minlength=group.blocks)
+                if np.any(counts != counts[0]):
+                    raise PlanValidationError(f"group '{gid}' comes in {group.blocks} equal blocks (grouped "
+                                              f"convolution); keep the same number of channels in each block, "
+                                              f"got {counts.tolist()}")
             idx.setflags(write=False)
             result[gid] = idx
         return result

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graph_ops.errors import PreconditionError
+from graph_ops.errors import PreconditionError, UserInputError
 
 Shape = tuple[int | None, ...]
 
@@ -247,3 +247,34 @@ def write_weights(model: onnx.ModelProto, idx: int, weight: np.ndarray, bias: np
     if bias is not None:
         values[(idx, 2)] = bias
     replace_initializers(model, values, suffix)
+
+
+def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs named in ``shapes`` have those static dims (``value_info`` re-inferred
+    with data propagation, so that constant folding can evaluate shape chains for these sizes).
+
+    Raises:
+        UserInputError: an unknown input name, a rank that differs, or a dim that contradicts a static one.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name for t in out.graph.initializer}
+    inputs = {info.name: info for info in out.graph.input if info.name not in inits}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise UserInputError(f"--input-shape names input '{name}', the model has inputs {sorted(inputs)}")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise UserInputError(f"--input-shape {name}: the input has rank {len(shape.dim)}, got {len(dims)} dims")
+        for axis, (dim, value) in enumerate(zip(shape.dim, dims, strict=True)):
+            if dim.HasField("dim_value") and dim.dim_value != value:
+                raise UserInputError(f"--input-shape {name}: dim {axis} is fixed to {dim.dim_value} in the model, "
+                                     f"got {value}")
+            dim.Clear()
+            dim.dim_value = int(value)
+    del out.graph.value_info[:]
+    try:  # fresh shapes (with data propagation) let constant folding resolve shape chains for these sizes
+        out.graph.value_info.extend(infer_shapes_light(out).graph.value_info)
+    except Exception as err:  # inference may fail on exotic graphs: canonicalization infers again anyway
+        log.warning("shape inference with the given input shapes failed (%s)", err)
+    return out

@@ -4,8 +4,9 @@ A plan keeps, for some groups, a subset of their channels (sorted indices). For 
 holds segments of those groups, the kept indices along axis 1 are ``offset + (k - start)`` for each kept channel ``k``
 of each segment (:func:`kept_indices`). Surgery applies the edits recorded by analysis with those
 indices: ``np.take`` of initializers along the recorded axis (producer rows and biases, BN / PRelu / Mul constants,
-depthwise weights, consumer input slices, Gemm K rows in blocks of ``H*W``), depthwise ``group = len(keep)``, Split
-sizes, Slice starts/ends on axis 1, Reshape / Resize integer vectors. Concat needs nothing (its inputs shrink).
+depthwise weights, consumer input slices, Gemm K rows in blocks of ``H*W``), grouped-Conv weight columns per conv
+group (:func:`grouped_columns`), depthwise ``group = len(keep)``, Split sizes, Slice starts/ends on axis 1,
+Reshape / Resize integer vectors. Concat needs nothing (its inputs shrink).
 
 Exactness: every removed channel is removed from every tensor that carries it and from every weight that reads it,
 so the pruned model computes exactly what the original computes with those channels' exit weights zeroed
@@ -117,6 +118,10 @@ def _apply_edit(edit: Edit, model: onnx.ModelProto, consts: _Constants, idx_of: 
     if edit.kind == "take":
         consts.set(edit.node, edit.pos, np.take(consts.get(edit.node, edit.pos), idx_of(edit.tensor, edit.block),
                                                 axis=edit.axis))
+    elif edit.kind == "grouped":
+        value = consts.get(edit.node, edit.pos)
+        consts.set(edit.node, edit.pos, grouped_columns(value, _group_attr(node), idx_of(edit.tensor, 1),
+                                                        idx_of.full(edit.tensor)))
     elif edit.kind == "group":
         for att in node.attribute:
             if att.name == "group":
@@ -129,6 +134,20 @@ def _apply_edit(edit: Edit, model: onnx.ModelProto, consts: _Constants, idx_of: 
         _edit_split(node, edit, consts, idx_of)
     elif edit.kind == "slice":
         _edit_slice(edit, consts, idx_of)
+
+
+def _group_attr(node: onnx.NodeProto) -> int:
+    return next((att.i for att in node.attribute if att.name == "group"), 1)
+
+
+def grouped_columns(weight: np.ndarray, group: int, kept: np.ndarray, c_in: int) -> np.ndarray:
+    """Weight ``[C_out, C_in/group, k...]`` of a grouped Conv restricted, row by row, to the kept input channels of
+    the row's own conv group (the plan keeps the same number in every conv group)."""
+    cin_g, cout_g = c_in // group, weight.shape[0] // group
+    cols = np.stack([kept[(kept >= g * cin_g) & (kept < (g + 1) * cin_g)] - g * cin_g for g in range(group)])
+    rows = cols[np.arange(weight.shape[0]) // cout_g]
+    index = rows.reshape(rows.shape + (1,) * (weight.ndim - 2))
+    return np.take_along_axis(weight, np.broadcast_to(index, rows.shape + weight.shape[2:]), axis=1)
 
 
 def _edit_split(node: onnx.NodeProto, edit: Edit, consts: _Constants, idx_of: _Indexer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from graph_ops.cost import count
@@ -9,6 +10,7 @@ from graph_ops.io import check_writable, save_model
 from graph_ops.mask import zero_channels
 from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
+from pipeline.errors import UserInputError
 from pipeline.orchestrate import keep_lists
 from pipeline.plan import PruningPlan
 from pipeline.prepare import prepare
@@ -16,16 +18,26 @@ from pipeline.task import Task
 
 
 def apply_plan_file(model_path: str | Path, plan_path: str | Path, out_path: str | Path, *,
-                    mask_only: bool = False) -> str:
-    """Validate the plan against the model file, rewrite, verify, save atomically; return a one-line summary."""
+                    mask_only: bool = False, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> str:
+    """Validate the plan against the model file, rewrite, verify, save atomically; return a one-line summary.
+
+    The model is prepared with ``input_shapes``, else with the input shapes the plan was made with (plan meta
+    ``input_shapes``); giving shapes that differ from the plan's is refused.
+    """
     out = check_writable(out_path, model_path, plan_path)
     plan = PruningPlan.load(plan_path)
-    prepared = prepare(model_path, Task.from_dict(plan.meta.get("task")))
+    planned = {k: tuple(v) for k, v in dict(plan.meta.get("input_shapes") or {}).items()}
+    if input_shapes and planned and dict(input_shapes) != planned:
+        raise UserInputError(f"the plan was made with --input-shape {planned}, not {dict(input_shapes)}; "
+                             f"apply it with the same input shapes")
+    prepared = prepare(model_path, input_shapes or planned, task=Task.from_dict(plan.meta.get("task")))
     plan.validate(prepared.index, prepared.sha256)
     rewrite = zero_channels if mask_only else apply_plan
     result = rewrite(prepared.model, prepared.index, keep_lists(plan))
     save_model(result, out)
     before, after = prepared.cost, count(result, declared_shapes(result))
     kind = "masked" if mask_only else "pruned"
-    return (f"wrote {out} ({kind}): MACs {before.macs} -> {after.macs} ({after.macs / before.macs:.3f}), "
+    macs = (f"MACs {before.macs} -> {after.macs} ({after.macs / before.macs:.3f})" if not before.unresolved
+            and before.macs else "MACs unknown (a dynamic input size: give --input-shape)")
+    return (f"wrote {out} ({kind}): {macs}, "
             f"params {before.params} -> {after.params} ({after.params / before.params:.3f})")

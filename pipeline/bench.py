@@ -221,7 +221,8 @@ def _check_parity(model: str, session: Any, feeds: Mapping[str, np.ndarray], out
 def _runner(model: str, backend: str, batch: int, opts: Mapping[str, Any]) -> tuple[Callable[[], Any], Any]:
     """Fixed inputs for ``batch`` and a zero-argument callable running the model on them (and the TrtRunner)."""
     session, _ = make_session(model, backend if backend in ORT_BACKENDS else "ort-cpu", opts["threads"])
-    feeds = make_feeds(session, batch, seed=opts["seed"], data=opts["data"], model=model)
+    feeds = make_feeds(session, batch, seed=opts["seed"], data=opts["data"], model=model,
+                       input_shapes=opts["input_shapes"])
     if backend in ORT_BACKENDS:
         return (lambda: session.run(None, feeds)), None
     from pipeline.engines import TrtRunner, build_engine
@@ -283,7 +284,7 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
             warmup_s: float = 1.0, min_duration_s: float = 3.0, min_iters: int = 30, rounds: int = 5, seed: int = 0,
             threads: int | None = None, data: str | Path | Mapping[str, np.ndarray] | None = None,
             round_to: int = 8, precision: str = "fp32", workdir: str | Path | None = None,
-            progress: bool = False) -> BenchReport:
+            progress: bool = False, input_shapes: Mapping[str, Sequence[int]] | None = None) -> BenchReport:
     """Measure the latency of ``models`` on ``backend`` at each batch size, in interleaved rounds.
 
     Args:
@@ -301,6 +302,7 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
         precision: TensorRT precision (``tensorrt`` backend only; parity with onnxruntime is checked first).
         workdir: where TensorRT engines and caches go (default: beside each model).
         progress: a tqdm bar on stderr over the timed (round, model) slots.
+        input_shapes: dims of inputs with symbolic sizes besides the batch (``{"images": (1, 3, 640, 640)}``).
 
     Returns:
         The frozen report.
@@ -312,7 +314,8 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
         raise UserInputError("rounds, iterations and batch sizes must be positive integers")
     paths = [str(m) for m in models]
     opts = {"warmup_s": warmup_s, "min_duration_s": min_duration_s, "min_iters": min_iters, "rounds": rounds,
-            "seed": seed, "threads": threads, "data": load_npz(data), "precision": precision, "workdir": workdir}
+            "seed": seed, "threads": threads, "data": load_npz(data), "precision": precision, "workdir": workdir,
+            "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}}
     infos, warnings = _describe(paths, backend, threads, round_to)
     results, comparisons, schedule = [], [], []
     from tqdm import tqdm

@@ -2,12 +2,15 @@
 
 Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage, 3 verification failed (``export``: the
 parity check; ``run``: no candidate passes every gate).
-User errors print one line ``diprune: error: ...`` on stderr, never a traceback.
+User errors print one line ``diprune: error: ...`` on stderr, never a traceback. Only a command's result goes to
+stdout (``--json`` output is pure JSON): whatever libraries print while it runs (onnx-graphsurgeon's ``[W]``
+warnings) is routed to stderr, like the logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +46,9 @@ def _non_negative(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
     return value
+def _emit(args: argparse.Namespace, text: object = "") -> None:
+    """Print a command's result on the stdout of the caller (library output is routed to stderr meanwhile)."""
+    print(text, file=args.stdout)
 
 
 def _fraction(text: str) -> float:
@@ -92,6 +98,24 @@ def _warn(args: argparse.Namespace, text: str) -> None:
         print(f"diprune: warning: {text}", file=sys.stderr)
 
 
+def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """The ``--input-shape`` options as ``{input name: dims}``."""
+    from pipeline.prepare import parse_input_shapes
+
+    return parse_input_shapes(args.input_shape)
+
+
+def _with_shapes(path: str | None, args: argparse.Namespace) -> object:
+    """A model file, loaded with its ``--input-shape`` dims fixed when any are given (else the path itself)."""
+    shapes = _shapes(args)
+    if path is None or not shapes:
+        return path
+    from graph_ops.io import load_model
+    from graph_ops.proto import with_input_shapes
+
+    return with_input_shapes(load_model(path), shapes)
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "test", "all"), default=None,
                         help="calibration part of the data (default: 'train' where the data has one)")
@@ -117,8 +141,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     name, shape = parse_input_shape(args.input_shape) if args.input_shape else (None, None)
     result = export_spec(args.spec, out, input_shape=shape, input_name=name, opset=args.opset,
                          dynamic_batch=args.dynamic_batch, exporter=args.exporter, rtol=args.rtol, atol=args.atol)
-    print(result.parity.summary())
-    print(result.summary())
+    _emit(args, result.parity.summary())
+    _emit(args, result.summary())
     return 0
 
 
@@ -134,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     echo = None if args.quiet else (lambda line: print(f"diprune run: {line}", file=sys.stderr))
     report = run_config(config, mlflow=args.mlflow is not None, mlflow_uri=args.mlflow or None,
                         progress=not args.quiet, echo=echo, use_cache=not args.no_cache)
-    print("\n".join(report.summary_lines(_shown(config.output))))
+    _emit(args, "\n".join(report.summary_lines(_shown(config.output))))
     return report.exit_code
 
 
@@ -151,28 +175,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from pipeline.prepare import prepare
     from pipeline.summary import group_status_text, inspect_summary
 
-    prepared = prepare(args.model)
+    prepared = prepare(args.model, _shapes(args))
     info = inspect_summary(prepared)
     advice = sample_advice(prepared)
     info["calibration_advice"] = advice.to_dict()
     if args.json:
-        print(json.dumps(info, indent=1))
+        _emit(args, json.dumps(info, indent=1))
         return 0
-    print(f"model {args.model} sha256 {info['model_sha256']}")
-    print(f"macs {info['macs']} params {info['params']} groups {len(info['groups'])} "
+    _emit(args, f"model {args.model} sha256 {info['model_sha256']}")
+    macs = info["macs"] if info["macs"] is not None else (
+        f"unknown ({len(info['macs_unknown_nodes'])} nodes with a dynamic size: give --input-shape)")
+    _emit(args, f"macs {macs} params {info['params']} groups {len(info['groups'])} "
           f"prunable {info['prunable_groups']} prunable_conv_share {info['prunable_conv_share']:.3f}")
     for g in info["groups"]:
-        print(f"group {g['id']}\tsize {g['size']}\tstatus {group_status_text(g)}\t"
+        blocks = f"\tblocks {g['blocks']}" if g["blocks"] > 1 else ""
+        _emit(args, f"group {g['id']}\tsize {g['size']}{blocks}\tstatus {group_status_text(g)}\t"
               f"producers {','.join(g['producers'])}\tconsumers {','.join(g['consumers'])}")
-    print(advice.summary())
+    _emit(args, advice.summary())
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from pipeline.apply import apply_plan_file
 
-    result = apply_plan_file(args.model, args.plan, args.output, mask_only=args.mask_only)
-    print(result)
+    result = apply_plan_file(args.model, args.plan, args.output, mask_only=args.mask_only,
+                             input_shapes=_shapes(args))
+    _emit(args, result)
     return 0
 
 
@@ -195,10 +223,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if task is not None:
         restricted = task.dataset(data)
         data, note = restricted.data, f" (task {task.describe()}: {restricted.dropped} samples of other classes dropped)"
-    stats = calibrate(prepare(args.model, task), data, pooling=args.pooling, batch_size=args.batch_size,
-                      progress=not args.quiet)
+    stats = calibrate(prepare(args.model, _shapes(args), task=task), data, pooling=args.pooling,
+                      batch_size=args.batch_size, progress=not args.quiet,
+                      require_labels=getattr(data, "labels", None) is not None)
     stats.save(out)
-    print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
+    _emit(args, f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
     return 0
 
 
@@ -211,13 +240,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, args.stats, args.model)
     stats = CalibrationStats.load(args.stats) if args.stats else None
-    prepared = prepare(args.model, Task.from_dict(stats.task) if stats is not None else None)
+    prepared = prepare(args.model, _shapes(args), task=Task.from_dict(stats.task) if stats is not None else None)
     if stats is not None and stats.model_sha256 != prepared.sha256:
         raise UserInputError(f"statistics {args.stats} were computed for model {stats.model_sha256[:12]}, "
                              f"not for {args.model} ({prepared.sha256[:12]}); calibrate this model first")
     scores = score(prepared, stats, args.method, seed=args.seed)
     atomic_write_bytes(out, scores.to_json(model_path=str(Path(args.model).resolve())).encode())
-    print(f"wrote {out}: {args.method} scores for {len(scores.scores)} groups")
+    _emit(args, f"wrote {out}: {args.method} scores for {len(scores.scores)} groups")
     return 0
 
 
@@ -230,14 +259,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, args.scores)
     scores, model_path = ChannelScores.load(args.scores)
-    prepared = prepare(args.model or model_path, Task.from_dict(scores.task))
+    prepared = prepare(args.model or model_path, _shapes(args), task=Task.from_dict(scores.task))
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
     plan = select_channels(scores, prepared.index, target_macs=args.target_macs, target_params=args.target_params,
                            round_to=_round_to(args), min_channels=args.min_channels,
                            protect=tuple(args.protect), keep_first_and_last=not args.prune_ends)
-    plan = plan.with_sha(prepared.sha256)
+    plan = plan.with_sha(prepared.sha256).with_input_shapes(prepared.input_shapes)
     if scores.task:
         from dataclasses import replace
 
@@ -245,7 +274,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan.save(out)
     for note in plan.meta.get("notes", ()):
         _warn(args, note)
-    print(f"wrote {out}: {plan.summary()}")
+    _emit(args, f"wrote {out}: {plan.summary()}")
     return 0
 
 
@@ -266,13 +295,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
                    recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
-                   robustness=args.robustness, keep_first_and_last=not args.prune_ends)
+                   robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args))
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
         logger.info("searched MACs %.4f: top-1 %.4f (%s)", step["macs_fraction"], step["top1"],
                     "within" if step["within"] else "outside")
-    print(f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
+    _emit(args, f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
     return 0
 
 
@@ -286,9 +315,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserInputError(f"data {args.data} has no labels and no --reference was given, so there is nothing "
                                  "to measure; name the labels array with --label-key, or compare with --reference "
                                  "ORIGINAL.onnx")
-        _warn(args, f"data {args.data} has no labels: top-1/top-5 are not measured (null), only the agreement "
+        _warn(args, f"data {args.data} has no labels: top-1/top-5 are not measured (null), only the comparison "
                     "with the reference (name the labels array with --label-key)")
-    report = evaluate(args.model, data, reference=args.reference, task=task)
+    model, reference = _with_shapes(args.model, args), _with_shapes(args.reference, args)
+    report = evaluate(model, data, reference=reference, task=task)
     doc = report.to_dict()
     if task is not None:
         doc["task"] = {**task.to_dict(), "names": list(task.names)}
@@ -302,7 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if task is not None:
             model, original, data = task.head(model), task.head(original), task.dataset(data).data
         doc["robustness"] = robustness(original, model, data)
-    print(json.dumps(doc, indent=1))
+    _emit(args, json.dumps(doc, indent=1))
     return 0
 
 
@@ -314,10 +344,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = measure(args.models, backend=args.backend, batches=args.batch, warmup_s=args.warmup,
                      min_duration_s=args.duration, min_iters=args.iterations, rounds=args.rounds,
                      threads=args.threads, round_to=_round_to(args), data=args.data, precision=args.precision,
-                     workdir=args.workdir)
+                     workdir=args.workdir, input_shapes=_shapes(args))
     if out is not None:
         atomic_write_bytes(out, report.to_json().encode())
-    print(report.to_markdown())
+    _emit(args, report.to_markdown())
     return 0
 
 
@@ -325,7 +355,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
     for line in run_demo(Path(args.work), progress=not args.quiet):
-        print(line)
+        _emit(args, line)
     return 0
 
 
@@ -498,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log to MLflow (default store: sqlite:///OUTPUT/mlflow.db); needs the [mlflow] extra")
     p.add_argument("--no-cache", action="store_true", help="recompute everything; neither read nor write "
                                                            "OUTPUT/cache")
+    for name in ("inspect", "calibrate", "score", "plan", "apply", "prune", "eval", "bench"):
+        parsers[name].add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                                   help="static dims of a model input, e.g. images:1x3x640x640 (repeatable); fixes "
+                                        "dynamic sizes for shape inference, MACs, calibration and bench")
     return parser
 
 
@@ -508,8 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     level = logging.ERROR if args.quiet else level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args.stdout = sys.stdout
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(sys.stderr):  # only the command's result goes to stdout (pure JSON)
+            return args.func(args)
     except PruneError as err:
         print(f"diprune: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -8,7 +8,8 @@ arrays with a leading batch axis, ``labels`` is an int64 vector or None. Loaders
   float arrays get the same formula with default scale 1. Image layouts are turned into NCHW (see ``LAYOUTS``).
   ``split="train"|"test"`` takes ``<key>_train``/``<key>_test`` arrays when the file has them, otherwise the MNIST
   convention of the shipped data: samples 0..7999 are training, 8000.. held-out test.
-* :func:`from_image_folder`: one sub-folder per class (sorted names give label ids 0..K-1); each image is resized
+* :func:`from_image_folder`: one sub-folder per class (sorted names give label ids 0..K-1), or plain images in the
+  folder itself (unlabelled: for label-free scoring and recovery); each image is resized
   so that its shorter side is ``size`` (bilinear), centre-cropped to ``crop``, scaled to [0, 1], normalised by
   ``(x - mean) / std`` per channel and laid out CHW. Images are read lazily, batch by batch.
 * :func:`from_iterable`: ``(inputs, labels)`` batches from Python; materialised once, so a generator is fine.
@@ -297,10 +298,11 @@ def from_image_folder(
     channel_order: str = "RGB",
     limit: int | None = None,
 ) -> Dataset:
-    """Load a labelled image dataset laid out as ``root/<class name>/<image>`` (class ids from sorted names).
+    """Load an image dataset laid out as ``root/<class name>/<image>`` (class ids from sorted names), or an
+    unlabelled one laid out as ``root/<image>`` (no class sub-folders).
 
     Args:
-        root: Folder with one sub-folder per class.
+        root: Folder with one sub-folder per class, or with the images themselves (unlabelled).
         size: Shorter side after resizing (bilinear).
         crop: Centre crop, ``int`` for square or ``(height, width)``.
         mean, std: Per-channel mean and standard deviation on the [0, 1] scale, in ``channel_order``.
@@ -319,8 +321,12 @@ def from_image_folder(
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = [(f, label) for label, cls in enumerate(classes) for f in sorted((root / cls).iterdir())]
     files = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:  # plain images, no classes: unlabelled (label-free methods and recovery accept it)
+        files = [(f, -1) for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        classes = []
     if not files:
-        raise UserInputError(f"{root} has no images in class sub-folders (expected root/<class>/<image>)")
+        raise UserInputError(f"{root} has no images (expected root/<image> or root/<class>/<image>; suffixes "
+                             f"{', '.join(IMAGE_SUFFIXES)})")
     files = files[:limit] if limit is not None else files
     crop_hw = (crop, crop) if isinstance(crop, int) else tuple(crop)
     channels = 1 if channel_order == "L" else 3
@@ -331,8 +337,9 @@ def from_image_folder(
         images = [_load_image(files[i][0], size, crop_hw, channel_order) for i in idx]
         return {"image": (np.stack(images) - mean_arr) / std_arr}
 
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    name = f"images:{root.name} ({len(classes)} classes) size={size} crop={crop_hw} mean={list(mean)} std={list(std)}"
+    labels = np.array([label for _, label in files], dtype=np.int64) if classes else None
+    kind = f"{len(classes)} classes" if classes else "unlabelled"
+    name = f"images:{root.name} ({kind}) size={size} crop={crop_hw} mean={list(mean)} std={list(std)}"
     name += f" {channel_order}"
     return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader)
 

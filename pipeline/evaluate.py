@@ -1,22 +1,26 @@
-"""Accuracy of a classifier on held-out data, and its agreement with a reference model.
+"""Accuracy of a classifier on held-out data, and the fidelity of a model's outputs to a reference model.
 
-The model's first output must be class scores ``(N, K)``. Over all samples of the dataset:
+Classifier metrics (the model's first output is class scores ``(N, K)``), over all samples of the dataset:
 
 * ``top1`` = fraction with ``argmax(logits) == label`` (numpy's argmax: the first maximum wins a tie);
 * ``top5`` (only when ``K > 5``) = fraction whose label is among the five largest scores, i.e. fewer than five
   scores are strictly greater than the label's score (a tie at the boundary counts in the label's favour);
 * with a reference model: ``agreement`` = fraction with identical argmax, and ``relative_logit_error`` =
   ``||a - b|| / ||b||`` (Frobenius norms) accumulated over *all* outputs of both models and all samples, with ``a``
-  the model's and ``b`` the reference's outputs (both models must have the same outputs).
+  the model's and ``b`` the reference's outputs.
+
+Output fidelity (any model, e.g. a detector, with a reference; both models must have the same outputs): per output
+``o``, over all samples, ``relative_error = ||a_o - b_o|| / ||b_o||``, ``cosine = <a_o, b_o> / (||a_o|| ||b_o||)``
+(the outputs flattened; 1.0 when both are zero) and ``max_abs_diff = max |a_o - b_o|``.
 
 Accumulation is in float64 across batches, so memory does not grow with the dataset. Accuracy needs labels; without
-labels ``top1``/``top5`` are None (agreement with a reference still works).
+labels ``top1``/``top5`` are None. A model that is not a classifier can only be evaluated against a reference.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,13 +35,14 @@ TOP_K = 5
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Evaluation result (fractions in [0, 1]; None when not measured)."""
+    """Evaluation result (fractions in [0, 1]; None when not measured); ``outputs``: fidelity per output name."""
 
     n: int
     top1: float | None
     top5: float | None
     agreement: float | None = None
     relative_logit_error: float | None = None
+    outputs: dict[str, dict[str, float]] | None = field(default=None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with every field."""
@@ -52,12 +57,13 @@ def _as_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProt
     return load_model(model)
 
 
+def is_classifier(model: onnx.ModelProto) -> bool:
+    """True when the first output is rank 2 (class scores ``(N, K)``)."""
+    return len(model.graph.output[0].type.tensor_type.shape.dim) == 2
+
+
 def _num_classes(model: onnx.ModelProto) -> int:
-    out = model.graph.output[0]
-    dims = out.type.tensor_type.shape.dim
-    if len(dims) != 2:
-        raise UserInputError(f"evaluation needs class scores (N, K) as the first output; '{out.name}' has rank "
-                             f"{len(dims)}")
+    dims = model.graph.output[0].type.tensor_type.shape.dim
     return int(dims[1].dim_value) if dims[1].HasField("dim_value") else 0
 
 
@@ -79,55 +85,84 @@ def _top_counts(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
 
 
 @dataclass
+class _Fidelity:
+    """Running sums of one output's fidelity (internal)."""
+
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    own_sq: float = 0.0
+    dot: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        diff = a64 - b64
+        self.diff_sq += float(diff @ diff)
+        self.ref_sq += float(b64 @ b64)
+        self.own_sq += float(a64 @ a64)
+        self.dot += float(a64 @ b64)
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
+
+    def report(self) -> dict[str, float]:
+        norms = np.sqrt(self.own_sq * self.ref_sq)
+        return {"relative_error": float(np.sqrt(self.diff_sq) / np.sqrt(self.ref_sq)) if self.ref_sq > 0 else float(
+                    np.sqrt(self.diff_sq)),
+                "cosine": float(self.dot / norms) if norms > 0 else float(self.own_sq == self.ref_sq),
+                "max_abs_diff": self.max_abs}
+
+
+@dataclass
 class _Totals:
     """Running sums of one evaluation (internal, mutated only inside :func:`evaluate`)."""
 
+    classifier: bool
     n: int = 0
     labelled: int = 0
     top1: int = 0
     top5: int = 0
     agree: int = 0
-    diff_sq: float = 0.0
-    ref_sq: float = 0.0
+    fidelity: dict[str, _Fidelity] = field(default_factory=dict)
 
     def add_labels(self, logits: np.ndarray, labels: np.ndarray) -> None:
         top1, top5 = _top_counts(logits, labels)
         self.top1, self.top5, self.labelled = self.top1 + top1, self.top5 + top5, self.labelled + len(labels)
 
-    def add_reference(self, outputs: list[np.ndarray], ref_outputs: list[np.ndarray]) -> None:
+    def add_reference(self, names: list[str], outputs: list[np.ndarray], ref_outputs: list[np.ndarray]) -> None:
         if [a.shape for a in outputs] != [b.shape for b in ref_outputs]:
             raise UserInputError(f"model and reference outputs differ: {[a.shape for a in outputs]} vs "
                                  f"{[b.shape for b in ref_outputs]}")
-        self.agree += int((outputs[0].argmax(axis=1) == ref_outputs[0].argmax(axis=1)).sum())
-        for a, b in zip(outputs, ref_outputs, strict=True):
-            a64, b64 = a.astype(np.float64), b.astype(np.float64)
-            self.diff_sq += float(np.square(a64 - b64).sum())
-            self.ref_sq += float(np.square(b64).sum())
+        if self.classifier:
+            self.agree += int((outputs[0].argmax(axis=1) == ref_outputs[0].argmax(axis=1)).sum())
+        for name, a, b in zip(names, outputs, ref_outputs, strict=True):
+            self.fidelity.setdefault(name, _Fidelity()).add(a, b)
 
 
 def _report(totals: _Totals, num_classes: int, with_reference: bool) -> EvalReport:
     if totals.n == 0:
         raise CalibrationError("the evaluation dataset yielded no samples")
-    labelled = totals.labelled == totals.n
-    error = None
+    labelled = totals.classifier and totals.labelled == totals.n
+    error = outputs = None
     if with_reference:
-        error = float(np.sqrt(totals.diff_sq) / np.sqrt(totals.ref_sq)) if totals.ref_sq > 0 else float(
-            np.sqrt(totals.diff_sq))
+        outputs = {name: f.report() for name, f in totals.fidelity.items()}
+        diff, ref = (sum(getattr(f, k) for f in totals.fidelity.values()) for k in ("diff_sq", "ref_sq"))
+        error = float(np.sqrt(diff) / np.sqrt(ref)) if ref > 0 else float(np.sqrt(diff))
     return EvalReport(n=totals.n, top1=totals.top1 / totals.n if labelled else None,
                       top5=totals.top5 / totals.n if labelled and num_classes > TOP_K else None,
-                      agreement=totals.agree / totals.n if with_reference else None, relative_logit_error=error)
+                      agreement=totals.agree / totals.n if with_reference and totals.classifier else None,
+                      relative_logit_error=error if totals.classifier else None, outputs=outputs)
 
 
 def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
              reference: str | os.PathLike[str] | onnx.ModelProto | None = None, batch_size: int = 256,
              backend: str = "auto", intra_op_threads: int | None = None, progress: bool = False,
              task: Task | None = None) -> EvalReport:
-    """Top-1/top-5 accuracy of ``model`` on ``dataset``; agreement and logit error against ``reference``.
+    """Top-1/top-5 accuracy of a classifier on ``dataset``; agreement and output fidelity against ``reference``.
 
     Args:
-        model: an .onnx path or a ModelProto; its first output must be ``(N, K)`` class scores.
+        model: an .onnx path or a ModelProto.
         dataset: a :class:`pipeline.data.Dataset` (``batches(batch_size)`` yields ``(feeds, labels)``).
-        reference: optional model (path or ModelProto) with the same inputs and outputs, e.g. the unpruned one.
+        reference: optional model (path or ModelProto) with the same inputs and outputs, e.g. the unpruned one;
+            required when the model is not a classifier (its first output is not ``(N, K)``).
         batch_size: samples per onnxruntime call.
         backend: ``auto`` (CUDA EP when really active, else CPU), ``ort-cpu`` or ``ort-cuda``.
         intra_op_threads: onnxruntime intra-op threads (default: onnxruntime's choice).
@@ -145,22 +180,28 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         proto = task.head(proto)
         reference = None if reference is None else task.head(_as_model(reference))
         dataset = task.dataset(dataset).data
-    num_classes = _num_classes(proto)
+    classifier = is_classifier(proto)
+    if not classifier and reference is None:
+        out = proto.graph.output[0]
+        raise UserInputError(f"the first output '{out.name}' is not (N, K) class scores, so there is no accuracy to "
+                             f"measure; give the original model with --reference to report output fidelity")
+    num_classes = _num_classes(proto) if classifier else 0
     specs = model_input_specs(proto)
+    names = [o.name for o in proto.graph.output]
     session = open_session(proto.SerializeToString(), backend, intra_op_threads)
     ref_session = None
     if reference is not None:
         ref_proto = _as_model(reference)
         _check_same_inputs(specs, model_input_specs(ref_proto))
         ref_session = open_session(ref_proto.SerializeToString(), backend, intra_op_threads)
-    totals = _Totals()
+    totals = _Totals(classifier)
     width = num_classes
     for batch in stream(session, dataset, None, specs, batch_size=batch_size, stage="evaluate", progress=progress):
-        logits = batch.outputs[0]
-        width = num_classes or logits.shape[1]
-        if batch.labels is not None:
-            totals.add_labels(logits, check_labels(batch.labels, batch.size, width))
+        if classifier:
+            width = num_classes or batch.outputs[0].shape[1]
+            if batch.labels is not None:
+                totals.add_labels(batch.outputs[0], check_labels(batch.labels, batch.size, width))
         if ref_session is not None:
-            totals.add_reference(batch.outputs, run(ref_session, None, batch.feeds, stage="evaluate"))
+            totals.add_reference(names, batch.outputs, run(ref_session, None, batch.feeds, stage="evaluate"))
         totals.n += batch.size
     return _report(totals, width, ref_session is not None)

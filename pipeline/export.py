@@ -39,8 +39,10 @@ _NO_AUX = ("googlenet", "inception_v3")
 
 
 def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo: bool = True,
-               dynamic_batch: bool = True, input_name: str = "input") -> None:
+               dynamic_batch: bool = True, input_name: str = "input", dynamic_spatial: bool = False) -> None:
     """Run a torch exporter only (no canonicalization, no check): one ``.onnx`` file, input ``input_name``.
+
+    ``dynamic_spatial`` makes the input's height and width symbolic too (an export for any image size).
 
     The dynamo exporter is asked for at least opset 18, the lowest it implements with torch 2.13 (its conversion
     down to 17 fails on ReduceMean and keeps 18 anyway, after a slow attempt).
@@ -51,13 +53,17 @@ def export_raw(model: Any, example: Any, path: Path, *, opset: int = 17, dynamo:
 
     names = {"input_names": [input_name], "output_names": ["output"]}
     if dynamo:
-        shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+        dims = {**({0: torch.export.Dim.DYNAMIC} if dynamic_batch else {}),
+                **({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC} if dynamic_spatial else {})}
+        shapes = (dims,) if dims else None
         with warnings.catch_warnings():  # torch's own deprecation notices about its internals are not the user's
             warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(model, (example,), str(path), opset_version=max(opset, 18), dynamo=True,
                               external_data=False, dynamic_shapes=shapes, verbose=False, **names)
     else:
-        axes = {input_name: {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        spatial = {2: "height", 3: "width"} if dynamic_spatial else {}
+        axes = {input_name: {**({0: "batch"} if dynamic_batch else {}), **spatial},
+                "output": {0: "batch"} if dynamic_batch else {}} if dynamic_batch or dynamic_spatial else None
         with warnings.catch_warnings():  # the legacy exporter is deprecated, on purpose here
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False, dynamic_axes=axes,
@@ -120,7 +126,7 @@ def parity(model_bytes: bytes, example: np.ndarray, expected: list[np.ndarray], 
 
 def export_checked(model: Any, example_input: Any, path: str | os.PathLike[str], *, opset: int = 17,
                    dynamo: bool = True, dynamic_batch: bool = True, input_name: str = "input", check: bool = True,
-                   rtol: float = 1e-3, atol: float = 1e-4) -> Parity | None:
+                   rtol: float = 1e-3, atol: float = 1e-4, dynamic_spatial: bool = False) -> Parity | None:
     """:func:`export_torch` with the input name and tolerances chosen; returns the parity check (None unchecked).
 
     Raises:
@@ -128,11 +134,17 @@ def export_checked(model: Any, example_input: Any, path: str | os.PathLike[str],
         VerificationError: the parity check failed (nothing is written; the message holds the errors).
     """
     model.eval()
+    try:  # before exporting: an exporter may leave the module traced
+        expected = _torch_outputs(model, example_input) if check else []
+    except Exception as err:  # the user's module, any error type
+        kind = "dynamo" if dynamo else "legacy"
+        raise UserInputError(f"torch {kind} export of {type(model).__name__} failed: running it on the example "
+                             f"input raised {type(err).__name__}: {err}") from err
     with tempfile.TemporaryDirectory(prefix="diprune-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
             export_raw(model, example_input, raw, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch,
-                       input_name=input_name)
+                       input_name=input_name, dynamic_spatial=dynamic_spatial)
         except Exception as err:  # torch raises many unrelated types from its exporters
             kind = "dynamo" if dynamo else "legacy"
             raise UserInputError(f"torch {kind} export of {type(model).__name__} failed: {err}") from err
@@ -140,8 +152,7 @@ def export_checked(model: Any, example_input: Any, path: str | os.PathLike[str],
     result = None
     if check:
         example = example_input.detach().cpu().numpy()
-        result = parity(canonical.SerializeToString(), example, _torch_outputs(model, example_input), rtol=rtol,
-                        atol=atol)
+        result = parity(canonical.SerializeToString(), example, expected, rtol=rtol, atol=atol)
         if not result.passed:
             raise VerificationError(f"exported {type(model).__name__} differs from torch, nothing written: "
                                     f"{result.summary()}")
@@ -158,6 +169,7 @@ def export_torch(
     opset: int = 17,
     dynamo: bool = True,
     dynamic_batch: bool = True,
+    dynamic_spatial: bool = False,
     check: bool = True,
 ) -> Path:
     """Export ``model`` to a canonical single-file ONNX model at ``path``.
@@ -169,6 +181,7 @@ def export_torch(
         opset: ONNX opset to export with (the dynamo exporter uses at least 18).
         dynamo: use the dynamo exporter (default) instead of the legacy TorchScript one.
         dynamic_batch: make the batch dimension symbolic.
+        dynamic_spatial: make the input's height and width symbolic too.
         check: compare onnxruntime's outputs with torch's (``rtol=1e-3, atol=1e-4``) before writing.
 
     Returns:
@@ -178,7 +191,8 @@ def export_torch(
         UserInputError: the exporter failed (the message carries torch's reason).
         VerificationError: the exported model disagrees with torch, or fails the ONNX checker.
     """
-    export_checked(model, example_input, path, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch, check=check)
+    export_checked(model, example_input, path, opset=opset, dynamo=dynamo, dynamic_batch=dynamic_batch,
+                   dynamic_spatial=dynamic_spatial, check=check)
     return Path(path)
 
 

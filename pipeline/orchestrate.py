@@ -32,6 +32,7 @@ from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
 from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
 from pipeline.errors import CalibrationError
+from pipeline.evaluate import is_classifier
 from pipeline.plan import PruningPlan, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
@@ -58,6 +59,12 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
     if stats is not None and (stats.task or None) != task:
         raise UserInputError(f"the statistics were calibrated for task {stats.task}, the model is prepared for "
                              f"{task}; calibrate with the same --task-classes / --task-map")
+    if needs_labels(method) and stats is not None and stats.probes:
+        counts = next(iter(stats.probes.values())).class_counts
+        if int(np.count_nonzero(counts)) < 2:
+            raise CalibrationError(f"method '{method}' needs class labels, but the statistics hold one class (they "
+                                   f"were calibrated on unlabelled data); use a label-free method (l1, l2, random, "
+                                   f"mean-act, apoz) or calibrate on labelled data")
     ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
                          seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights,
                          layers=prepared.layers)
@@ -73,6 +80,19 @@ def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
 def needs_stats(method: str) -> bool:
     """True for the scorers that read calibration statistics."""
     return bool(getattr(SCORERS[method], "requires_stats", False))
+
+
+def needs_labels(method: str) -> bool:
+    """True for the label-aware scorers (``di``, ``lda``, ``pls-vip``)."""
+    return bool(getattr(SCORERS[method], "requires_labels", False))
+
+
+def require_labelled(data: Any) -> None:
+    """Refuse data without labels for a label-aware scorer, naming the label-free alternatives."""
+    if data is not None and getattr(data, "labels", None) is None:
+        raise CalibrationError(f"DI, LDA and PLS-VIP need class labels; the data '{getattr(data, 'name', data)}' has "
+                               f"none (an image folder without class sub-folders, or an .npz without 'y'); use a "
+                               f"label-free method (l1, l2, random, mean-act, apoz) or labelled data")
 
 
 def needs_summaries(method: str) -> bool:
@@ -114,11 +134,11 @@ class PruneRun:
                  pooling: str = DEFAULT_POOLING,
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
-                 task: Task | None = None) -> None:
-        """Prepare the model (timed as ``analyze``); nothing else runs yet."""
+                 task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
-            self.prepared = as_prepared(model, task)
+            self.prepared = as_prepared(model, input_shapes, task=task)
         self.task = self.prepared.task
         self.dropped: dict[str, int] = {}
         data = self.task_data(data, "calibration")
@@ -144,8 +164,11 @@ class PruneRun:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         logger.info("%s took %.2f s", stage, time.perf_counter() - start)
 
-    def stats(self, *, summaries: bool = False) -> CalibrationStats:
-        """Calibration statistics (computed once; with ``summaries`` the zero counts and absolute sums too)."""
+    def stats(self, *, summaries: bool = False, labels: bool = False) -> CalibrationStats:
+        """Calibration statistics (computed once; with ``summaries`` the zero counts and absolute sums too; with
+        ``labels`` unlabelled data is refused, as the label-aware scorers need classes)."""
+        if labels:
+            require_labelled(self.data)
         if True in self._stats:
             return self._stats[True]
         if summaries or False not in self._stats:
@@ -156,7 +179,7 @@ class PruneRun:
                 self._stats[summaries] = calibrate(self.prepared, self.data, pooling=self.pooling,
                                                    batch_size=self.batch_size, backend=self.backend,
                                                    intra_op_threads=self.threads, progress=self.progress,
-                                                   summaries=summaries)
+                                                   summaries=summaries, require_labels=labels)
         return self._stats[summaries]
 
     def use_stats(self, stats: CalibrationStats, *, summaries: bool) -> None:
@@ -177,7 +200,8 @@ class PruneRun:
             raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
         key = (method, self.seed if seed is None else seed, tuple(sorted((params or {}).items())))
         if key not in self._scores:
-            stats = self.stats(summaries=needs_summaries(method)) if needs_stats(method) else None
+            stats = self.stats(summaries=needs_summaries(method), labels=needs_labels(method)) \
+                if needs_stats(method) else None
             with self.timed("score"):
                 self._scores[key] = score(self.prepared, stats, method, seed=key[1], params=params)
         return self._scores[key]
@@ -213,7 +237,7 @@ class PruneRun:
                                    keep_first_and_last=keep_first_and_last, **planner)
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
-        return plan.with_sha(self.prepared.sha256)
+        return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
 
     def apply(self, plan: PruningPlan) -> onnx.ModelProto:
         """The plan applied to the canonical model (verified with the full checker)."""
@@ -328,7 +352,8 @@ def candidate_report(run: PruneRun, candidate: Candidate, out_path: Path, output
     return Report(
         model=str(run.prepared.path), model_sha256=run.prepared.sha256, output=str(out_path),
         output_sha256=output_sha256, method=candidate.method, budget=dict(candidate.budget),
-        original={"macs": before.macs, "params": before.params}, pruned={"macs": after.macs, "params": after.params},
+        original={"macs": None if before.unresolved else before.macs, "params": before.params},
+        pruned={"macs": None if after.unresolved else after.macs, "params": after.params},
         groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
         evaluation=dict(evaluation or {}), notes=notes, recovery=_with_advice(candidate.recovery),
         task=run.task_record(), search=search, calibration=run.calibration_record())
@@ -396,7 +421,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
           recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
-          robustness: bool = False, keep_first_and_last: bool = True) -> Report:
+          robustness: bool = False, keep_first_and_last: bool = True,
+          input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -423,7 +449,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     if max_drop is None and target_macs is None and target_params is None:
         raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept), or --max-drop P")
     run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
-                   work_dir=out_path.resolve().parent, task=task)
+                   work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes)
     eval_data = run.task_data(eval_data, "evaluation")
     options = {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
                "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last}
@@ -434,8 +460,9 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, **options)
         evaluation = {}
         if eval_data is not None:
-            evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
-                          "pruned": run.evaluate(candidate.model, eval_data)}
+            original = run.evaluate(run.prepared.model, eval_data, reference=False) if is_classifier(
+                run.prepared.model) else None  # a detector's original has nothing to score without a reference
+            evaluation = {"original": original, "pruned": run.evaluate(candidate.model, eval_data)}
     if robustness:
         from pipeline.robustness import robustness as measure_robustness
 

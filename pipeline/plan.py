@@ -32,6 +32,12 @@ MACs. When no group can move any more first, the plan is returned with ``meta["r
 names what blocked each group (frozen, protected by default or by ``protect``, too narrow for
 ``round_to``/``min_channels``, at its minimum). ``protect`` ids must be groups of the model.
 
+A group in ``G`` equal blocks (a grouped convolution reads or writes it, ``ChannelGroup.blocks``) steps in
+multiples of ``lcm(round_to, G)`` and loses channels block-fairly (:func:`block_order`: the same number from each
+block, each block's lowest-scored first), so the pruned convolution keeps ``G`` groups. A MACs budget needs every
+Conv / Gemm cost to be known: a dynamic spatial size (``ChannelGroupIndex.unknown_macs``) is refused, naming
+``--input-shape``.
+
 "First layer" is detected from the cost model: a producer whose cost term reads only graph inputs (groups
 without producers) or no group at all (a fixed-width input), except a depthwise producer (``in_fixed = 1``) of a
 group that has other producers (a grayscale first conv feeding a residual stream is therefore not protected;
@@ -81,6 +87,12 @@ class PruningPlan:
     def with_sha(self, model_sha256: str) -> PruningPlan:
         """The same plan for the model with this sha256."""
         return replace(self, model_sha256=model_sha256)
+
+    def with_input_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> PruningPlan:
+        """The same plan recording the input shapes its model was prepared with (``apply`` reuses them)."""
+        if not shapes:
+            return self
+        return replace(self, meta={**self.meta, "input_shapes": {k: list(v) for k, v in sorted(shapes.items())}})
 
     def summary(self) -> str:
         """One line: groups pruned and predicted cost fractions."""
@@ -145,9 +157,9 @@ class PruningPlan:
         index.validate_keep(self.keep)
 
 
-def _ladder(size: int, round_to: int, min_channels: int) -> list[int]:
+def _ladder(size: int, round_to: int, min_channels: int, blocks: int = 1) -> list[int]:
     """Allowed widths of one group, from ``size`` down (see the module docstring)."""
-    step = max(round_to, 1)
+    step = math.lcm(max(round_to, 1), blocks)
     floor_width = max(step, math.ceil(max(min_channels, 1) / step) * step)
     widths = [size]
     width = (size // step) * step
@@ -204,6 +216,11 @@ class _Allocation:
     rung: dict[str, int]
     weights: tuple[float, float]  # (MACs, params) weight of the saving; 0 for a metric without a target
     full: tuple[float, float]
+    blocks: dict[str, int]
+
+    def order(self, gid: str) -> np.ndarray:
+        """The scores' elimination order, made block-fair for a group in equal blocks (:func:`block_order`)."""
+        return block_order(self.scores.elimination_order(gid), self.blocks.get(gid, 1))
 
     def widths(self) -> dict[str, int]:
         return {gid: self.ladders[gid][r] for gid, r in self.rung.items()}
@@ -213,7 +230,7 @@ class _Allocation:
             curve = self.scores.retention[gid]
             return math.log(max(curve[old], _FLOOR)) - math.log(max(curve[new], _FLOOR))
         values = np.maximum(self.scores.scores[gid], 0.0)
-        removed = self.scores.elimination_order(gid)[len(values) - old:len(values) - new]
+        removed = self.order(gid)[len(values) - old:len(values) - new]
         total = float(values.sum())
         return float(values[removed].sum()) / total if total > 0 else (old - new) / len(values)
 
@@ -262,12 +279,29 @@ def _check_targets(target_macs: float | None, target_params: float | None) -> No
             raise UserInputError(f"{name} must be a fraction in (0, 1], got {value}")
 
 
-def _keep_lists(scores: ChannelScores, alloc: _Allocation) -> dict[str, tuple[int, ...]]:
+def block_order(order: np.ndarray, blocks: int) -> np.ndarray:
+    """An elimination order in which every prefix of ``blocks * r`` channels holds exactly ``r`` of each of the
+    ``blocks`` equal blocks: round ``r`` takes, in ``order``'s sequence, the ``r``-th channel of each block to leave
+    (an order that already respects the blocks, such as DI's with ``blocks``, is returned unchanged)."""
+    if blocks <= 1:
+        return order
+    per = len(order) // blocks
+    rank_in_block = np.empty(len(order), dtype=np.int64)
+    seen = np.zeros(blocks, dtype=np.int64)
+    for channel in order:
+        rank_in_block[channel] = seen[channel // per]
+        seen[channel // per] += 1
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    return np.asarray(sorted(order, key=lambda c: (rank_in_block[c], position[c])), dtype=np.int64)
+
+
+def _keep_lists(alloc: _Allocation) -> dict[str, tuple[int, ...]]:
     keep = {}
     for gid, width in sorted(alloc.widths().items()):
         size = alloc.ladders[gid][0]
         if width < size:
-            keep[gid] = tuple(sorted(int(c) for c in scores.elimination_order(gid)[size - width:]))
+            keep[gid] = tuple(sorted(int(c) for c in alloc.order(gid)[size - width:]))
     return keep
 
 
@@ -368,15 +402,21 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
     _check_targets(target_macs, target_params)
     if round_to < 1 or min_channels < 1:
         raise UserInputError(f"round_to and min_channels must be positive integers, got {round_to} and {min_channels}")
+    if target_macs is not None and index.unknown_macs:
+        unknown = index.unknown_macs
+        raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm nodes (e.g. "
+                             f"'{unknown[0]}') have a dynamic spatial size; give the input shape with "
+                             f"--input-shape NAME:1x3xHxW (prepare(path, input_shapes=...)), or use --target-params")
     user = _check_protect(index, protect)
     ends = default_protected(index) if keep_first_and_last else {}
     protected = {**{gid: f"protected by default ({why}; --prune-ends lifts that)" for gid, why in ends.items()},
                  **dict.fromkeys(user, "protected by --protect")}
     movable = [g for g in index.groups if g.prunable and g.id not in protected and g.id in scores.scores]
     fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
-    ladders = {g.id: _ladder(g.size, fine.get(g.id, round_to), min_channels) for g in movable}
+    ladders = {g.id: _ladder(g.size, fine.get(g.id, round_to), min_channels, g.blocks) for g in movable}
+    blocks = {g.id: g.blocks for g in movable}
     full = index.predict()
-    alloc = _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), full)
+    alloc = _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), full, blocks)
     targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
     fractions = _fractions(index, alloc.widths(), full)
     neighbours = {gid: {h for t in alloc.terms_of(gid) for h in (*t.in_groups, *t.out_groups)} for gid in ladders}
@@ -408,7 +448,8 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
               f"{fine_share:.0%} of the model's cost" for gid, step in sorted(used_fine.items())]
     meta = {"method": scores.method, "target_macs": target_macs, "target_params": target_params,
             "round_to": round_to, "min_channels": min_channels, "protected": sorted(protected),
-            "macs_fraction": fractions[0], "params_fraction": fractions[1], "reached": reached, "notes": notes,
-            "filled_back": added, "fine_steps": used_fine,
-            "step_back": None if step_back is None else {"macs": step_back[0], "params": step_back[1]}}
-    return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(scores, alloc), meta=meta)
+            "macs_fraction": None if index.unknown_macs else fractions[0], "params_fraction": fractions[1],
+            "reached": reached, "notes": notes, "filled_back": added, "fine_steps": used_fine,
+            "step_back": None if step_back is None else {"macs": None if index.unknown_macs else step_back[0],
+                                                         "params": step_back[1]}}
+    return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(alloc), meta=meta)

@@ -11,7 +11,8 @@ scorers never analyse or infer shapes again.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graph_ops.canonical_passes import fold_shape_chains
 from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze, producer_weights
 from graph_ops.cost import CostReport, count
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import load_model, sha256_file
-from graph_ops.proto import declared_shapes, node_name
+from graph_ops.proto import declared_shapes, node_name, with_input_shapes
 from pipeline.errors import UserInputError
 from pipeline.scorers.base import Layer
 from pipeline.task import Task
@@ -39,6 +41,7 @@ class PreparedModel:
         sha256: sha256 of the file's bytes.
         model: the canonical model (what analysis, calibration, surgery and recovery work on).
         index: ``analyze(model)``: channel groups, edits, static shapes, fingerprint.
+        input_shapes: the static input dims the model was prepared with (empty: as in the file).
         task: the task whose head the canonical model carries (:mod:`pipeline.task`), or None.
     """
 
@@ -46,6 +49,7 @@ class PreparedModel:
     sha256: str
     model: onnx.ModelProto
     index: ChannelGroupIndex
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     task: Task | None = None
 
     def weights(self) -> dict[str, np.ndarray]:
@@ -58,8 +62,8 @@ class PreparedModel:
         return count(self.model, self.index.shapes)
 
     @cached_property
-    def producer_weights(self) -> dict[str, tuple[str, int]]:
-        """Producer node -> (weight initializer, output-channel axis), read off the analysis's edits."""
+    def producer_weights(self) -> dict[str, tuple[str, int, str]]:
+        """Producer node -> (weight initializer, output-channel axis, layout tensor), read off the analysis's edits."""
         return producer_weights(self.model, self.index)
 
     @cached_property
@@ -84,28 +88,62 @@ def default_probes(index: ChannelGroupIndex) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for group in index.groups if group.prunable for p in group.probes))
 
 
-def prepare(path: str | os.PathLike[str], task: Task | None = None) -> PreparedModel:
+InputShapes = Mapping[str, tuple[int, ...]]
+
+
+def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["images:1x3x640x640", ...]`` (the CLI's repeatable ``--input-shape``) -> ``{"images": (1, 3, 640, 640)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition(":")
+        try:
+            values = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            values = ()
+        if not sep or not name or not values or min(values) < 1:
+            raise UserInputError(f"--input-shape {spec!r}: expected NAME:DIMS with positive dims, e.g. "
+                                 f"images:1x3x640x640")
+        if name in shapes:
+            raise UserInputError(f"--input-shape names input '{name}' twice")
+        shapes[name] = values
+    return shapes
+
+
+def prepare(path: str | os.PathLike[str], input_shapes: InputShapes | None = None, *,
+            task: Task | None = None) -> PreparedModel:
     """Load, hash, canonicalize and analyse a model file (see the module docstring); with a ``task``, the model's
     first output is rewritten into the task's scores first (:meth:`pipeline.task.Task.head`).
 
+    Args:
+        path: the model file (never modified).
+        input_shapes: static dims for graph inputs (``{"images": (1, 3, 640, 640)}``), written into the model before
+            canonicalization, so that shape inference, the cost model, calibration and the pruned model use them
+            (the pruned model keeps them: it is specialised to these input sizes).
+        task: a task (:mod:`pipeline.task`) whose head replaces the first output (after the input shapes).
+
     Raises:
-        UserInputError: a missing or unreadable file, or a task that does not fit the model's output.
+        UserInputError: a missing or unreadable file, an input shape that does not fit the model, or a task that
+            does not fit the model's output.
         PassError, VerificationError: canonicalization failed (the message names the pass).
     """
     path = Path(path)
     model = load_model(path)
     sha = sha256_file(path)
+    if input_shapes:
+        model = fold_shape_chains(with_input_shapes(model, input_shapes))
     if task is not None:
         model = task.head(model)
     canonical = canonicalize(model)
     return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical, declared_shapes(canonical)),
-                         task=task)
+                         input_shapes=dict(input_shapes or {}), task=task)
 
 
-def as_prepared(model: PreparedModel | str | os.PathLike[str], task: Task | None = None) -> PreparedModel:
-    """A prepared model as it is (its task must be ``task`` when one is given), or a model file prepared."""
+def as_prepared(model: PreparedModel | str | os.PathLike[str], input_shapes: InputShapes | None = None, *,
+                task: Task | None = None) -> PreparedModel:
+    """A prepared model as it is (its task must be ``task`` when one is given), or a model file prepared (with
+    ``input_shapes`` and ``task``)."""
     if not isinstance(model, PreparedModel):
-        return prepare(model, task)
+        return prepare(model, input_shapes, task=task)
     if task is not None and model.task != task:
         raise UserInputError(f"the prepared model carries task {model.task and model.task.to_dict()}, not "
                              f"{task.to_dict()}; prepare it with the task")

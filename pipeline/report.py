@@ -41,8 +41,10 @@ class Report:
     calibration: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def macs_fraction(self) -> float:
-        """Pruned MACs over original MACs."""
+    def macs_fraction(self) -> float | None:
+        """Pruned MACs over original MACs (None when a dynamic input size leaves the MACs unknown)."""
+        if self.pruned.get("macs") is None or not self.original.get("macs"):
+            return None
         return self.pruned["macs"] / self.original["macs"]
 
     @property
@@ -62,7 +64,7 @@ class Report:
             "budget": dict(self.budget),
             "original": dict(self.original),
             "pruned": dict(self.pruned),
-            "macs_fraction": round(self.macs_fraction, 6),
+            "macs_fraction": None if self.macs_fraction is None else round(self.macs_fraction, 6),
             "params_fraction": round(self.params_fraction, 6),
             "groups": {k: dict(v) for k, v in self.groups.items()},
             "timings_s": {k: round(v, 4) for k, v in self.timings_s.items()},
@@ -86,16 +88,20 @@ class Report:
     def summary(self) -> str:
         """One line for the CLI."""
         acc = f", recovery {self.recovery['method']}" if self.recovery.get("method", "none") != "none" else ""
-        if "pruned" in self.evaluation and "original" in self.evaluation:
-            pruned = self.evaluation["pruned"]
-            acc += f", top-1 {self.evaluation['original']['top1']:.4f} -> {pruned['top1']:.4f}"
-            if pruned.get("agreement") is not None:
-                acc += f", agreement with the original {pruned['agreement']:.4f}"
+        pruned, original = self.evaluation.get("pruned") or {}, self.evaluation.get("original") or {}
+        if pruned.get("top1") is not None and original.get("top1") is not None:
+            acc += f", top-1 {original['top1']:.4f} -> {pruned['top1']:.4f}"
+        if pruned.get("agreement") is not None:
+            acc += f", agreement with the original {pruned['agreement']:.4f}"
+        elif pruned.get("relative_logit_error") is None and pruned.get("outputs"):
+            worst = max(o["relative_error"] for o in pruned["outputs"].values())
+            acc += f", output relative error vs the original {worst:.3g} (worst output)"
         if any(note.startswith("budget not reached") for note in self.notes):
             acc += ", budget NOT reached (the warning and the report's notes say what blocked it)"
         targets = {k: self.budget.get(f"target_{k}") for k in ("macs", "params")}
         macs_target = f", target {targets['macs']:g}" if targets["macs"] is not None else ""
         params_target = f", target {targets['params']:g}" if targets["params"] is not None else ""
-        return (f"{self.method}: MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} "
-                f"({self.macs_fraction:.3f}{macs_target}), params {self.original['params']:.4g} -> "
-                f"{self.pruned['params']:.4g} ({self.params_fraction:.3f}{params_target}){acc}")
+        macs = "MACs unknown (dynamic input size)" if self.macs_fraction is None else (
+            f"MACs {self.original['macs']:.4g} -> {self.pruned['macs']:.4g} ({self.macs_fraction:.3f}{macs_target})")
+        return (f"{self.method}: {macs}, params {self.original['params']:.4g} -> {self.pruned['params']:.4g} "
+                f"({self.params_fraction:.3f}{params_target}){acc}")

@@ -191,11 +191,18 @@ def check_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
 
 def feed_batches(dataset: Any, specs: InputSpecs,
                  batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    """The dataset's ``(feeds, labels)`` batches, bound to the model's input names and checked against ``specs``."""
+    """The dataset's ``(feeds, labels)`` batches, bound to the model's input names and checked against ``specs``.
+
+    A model whose inputs all have the same static batch (e.g. prepared with ``--input-shape images:1x3x640x640``)
+    gets batches of exactly that size, whatever ``batch_size`` says.
+    """
     if dataset is None:
         raise UserInputError("this stage needs data: give a dataset (e.g. --data mnist or an .npz file)")
     if batch_size < 1:
         raise UserInputError(f"batch size must be positive, got {batch_size}")
+    static = {shape[0] if shape else None for shape, _ in specs.values()}
+    if len(static) == 1 and isinstance(next(iter(static)), int):
+        batch_size = int(next(iter(static)))
     bound = dataset.bind(list(specs))
     for feeds, labels in bound.batches(batch_size):
         validate_batch(feeds, specs, f"dataset '{bound.name}'")
@@ -279,14 +286,21 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
 # ----------------------------------------------------------------------------------------------- fixed feeds
 
 
-def _resolve_shape(name: str, shape: list[Any], batch: int, model: str) -> tuple[int, ...]:
+def _resolve_shape(name: str, shape: list[Any], batch: int, model: str,
+                   fixed: Sequence[int] | None = None) -> tuple[int, ...]:
+    if fixed is not None:
+        if len(fixed) != len(shape) or any(isinstance(d, int) and d != f for d, f in zip(shape[1:], fixed[1:],
+                                                                                         strict=False)):
+            raise UserInputError(f"{model}: --input-shape {name}:{'x'.join(map(str, fixed))} does not fit the "
+                                 f"input's shape {shape}")
+        shape = [shape[0], *fixed[1:]]
     dims = [batch if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)]
     if dims and dims[0] != batch:
         raise UserInputError(f"{model}: input {name} has a fixed batch of {dims[0]}, cannot run batch {batch}; "
                              f"export the model with a dynamic batch dimension")
     if any(not isinstance(d, int) for d in dims):
         raise UserInputError(f"{model}: input {name} has symbolic dimensions {shape} besides the batch; "
-                             f"export with static spatial sizes")
+                             f"give them with --input-shape {name}:1x...")
     return tuple(int(d) for d in dims)
 
 
@@ -301,8 +315,10 @@ def _data_array(data: Mapping[str, np.ndarray], name: str, single: bool) -> np.n
 
 
 def make_feeds(session: Any, batch: int, *, seed: int = 0, data: Mapping[str, np.ndarray] | None = None,
-               model: str = "model") -> dict[str, np.ndarray]:
+               model: str = "model", input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """Fixed inputs for one batch: seeded standard-normal (integers: 0..9), or the first ``batch`` data samples.
+
+    ``input_shapes`` gives the dims of inputs with symbolic sizes (the batch always comes from ``batch``).
 
     Data samples are repeated when there are fewer than ``batch``; uint8 data for a float input is scaled by 1/255
     and a missing channel axis (N,H,W for N,1,H,W) is inserted.
@@ -311,7 +327,7 @@ def make_feeds(session: Any, batch: int, *, seed: int = 0, data: Mapping[str, np
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, shape, dtype in specs:
-        dims = _resolve_shape(name, shape, batch, model)
+        dims = _resolve_shape(name, shape, batch, model, (input_shapes or {}).get(name))
         if data is None:
             sample = rng.standard_normal(dims) if np.issubdtype(dtype, np.floating) else rng.integers(0, 10, dims)
             feeds[name] = np.asarray(sample, dtype=dtype)

@@ -18,14 +18,16 @@ def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
     groups = [
         {"id": g.id, "size": g.size, "status": _status(g.frozen, ends.get(g.id)), "frozen": g.frozen,
          "protected": None if g.frozen else ends.get(g.id), "producers": list(g.producers),
-         "consumers": list(g.consumers), "probes": list(g.probes)}
+         "consumers": list(g.consumers), "probes": list(g.probes), "blocks": g.blocks}
         for g in prepared.index.groups
     ]
     return {
         "format": "diprune.inspect/1",
         "model": str(prepared.path),
         "model_sha256": prepared.sha256,
-        "macs": int(cost.macs),
+        "macs": None if cost.unresolved else int(cost.macs),
+        "macs_unknown_nodes": list(cost.unresolved),
+        "input_shapes": {k: list(v) for k, v in prepared.input_shapes.items()},
         "params": int(cost.params),
         "prunable_groups": sum(1 for g in prepared.index.groups if g.prunable),
         "prunable_conv_share": round(prunable_share(prepared.model, prepared.index), 6),

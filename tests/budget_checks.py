@@ -44,7 +44,8 @@ def rounding_step(plan: PruningPlan, index: ChannelGroupIndex, round_to: int) ->
     widths = widths_of(plan, index)
     fine = plan.meta.get("fine_steps", {})
     now = index.predict(widths)[0]
-    steps = [index.predict({**widths, g.id: min(widths[g.id] + fine.get(g.id, round_to), g.size)})[0] - now
+    steps = [index.predict({**widths, g.id: min(widths[g.id] + math.lcm(fine.get(g.id, round_to), g.blocks),
+                                                g.size)})[0] - now
              for g in index.groups if widths[g.id] < g.size]
     return max(steps, default=0.0)
 
@@ -59,7 +60,8 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
                  target: float, round_to: int = 8, min_channels: int = 8) -> BudgetCheck:
     """Assert the MACs budget contract of a plan; return the numbers for reporting.
 
-    Asserts: kept widths are multiples of ``round_to`` (or full); the counted MACs fraction of ``pruned`` equals
+    Asserts: kept widths are multiples of ``round_to`` (of ``lcm(round_to, blocks)`` for a group in equal blocks; or
+    full); the counted MACs fraction of ``pruned`` equals
     the plan's predicted fraction; and either it is ``<= target`` and within one rounding step of it, or the plan
     says ``reached: false`` with a note and no movable group whose shrinking would save MACs is above its floor
     (a group whose convs have unknown spatial size, e.g. behind an unfolded dynamic Reshape, costs 0 predicted MACs,
@@ -67,9 +69,10 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
     """
     fine = plan.meta.get("fine_steps", {})
     for gid, kept in plan.keep.items():
+        group = index.group(gid)
         step = fine.get(gid, round_to)
         assert step in (round_to, round_to // 2), (gid, step)
-        assert len(kept) % step == 0 and len(kept) < index.group(gid).size, (gid, len(kept))
+        assert len(kept) % math.lcm(step, group.blocks) == 0 and len(kept) < group.size, (gid, len(kept))
     full = count(original).macs
     achieved = count(pruned).macs / full
     assert math.isclose(achieved, plan.meta["macs_fraction"], rel_tol=1e-9), (achieved, plan.meta["macs_fraction"])
@@ -83,7 +86,8 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
         widths, protected = widths_of(plan, index), set(plan.meta["protected"])
         movable = [g for g in index.groups if g.prunable and g.id not in protected]
         now = index.predict(widths)[0]
-        above = [g.id for g in movable if widths[g.id] > floor_width(g.size, round_to, min_channels)
-                 and index.predict({**widths, g.id: floor_width(g.size, round_to, min_channels)})[0] < now]
+        floors = {g.id: floor_width(g.size, math.lcm(round_to, g.blocks), min_channels) for g in movable}
+        above = [g.id for g in movable if widths[g.id] > floors[g.id]
+                 and index.predict({**widths, g.id: floors[g.id]})[0] < now]
         assert not above, f"target missed although shrinking these groups would save MACs: {above}"
     return BudgetCheck(achieved=achieved, target=target, step=step, reached=reached)

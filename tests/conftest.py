@@ -68,3 +68,27 @@ def small_cnn_onnx(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return export_small_cnn(exporter, directory)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def production_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """Factory ``(name, exporter) -> path`` of a canonical production model (timm, Ultralytics), exported once per
+    session; skips with the reason when the package is missing or the exporter fails on the architecture."""
+    from tests.production_models import export_production, missing
+
+    directory = tmp_path_factory.mktemp("production")
+    failures: dict[tuple[str, str], str] = {}
+
+    def get(name: str, exporter: str = "legacy") -> Path:
+        reason = missing(name) or failures.get((name, exporter))
+        if reason:
+            pytest.skip(reason)
+        from pipeline.errors import UserInputError
+
+        try:
+            return export_production(name, exporter, directory)
+        except UserInputError as err:  # torch's exporter cannot handle the architecture: a skip that names why
+            failures[(name, exporter)] = f"the {exporter} exporter fails on {name}: {str(err)[:200]}"
+            pytest.skip(failures[(name, exporter)])
+
+    return get

@@ -173,10 +173,10 @@ def matmul_head() -> tuple[onnx.ModelProto, Expected]:
 
 
 def grouped_conv() -> tuple[onnx.ModelProto, Expected]:
-    """A group=2 conv freezes its input and output groups."""
+    """A group=2 conv: its input and output groups come in 2 equal blocks (same kept count in each)."""
     n = Net(10)
     y = n.op("Relu", [n.conv(n.op("Relu", [n.conv("x", 3, 8)]), 8, 8, group=2)])
-    return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(5, (16,), "grouped Conv (group=2)")
+    return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(5, (8, 8, 16))
 
 
 def channel_shuffle() -> tuple[onnx.ModelProto, Expected]:
@@ -215,12 +215,12 @@ def split_equal() -> tuple[onnx.ModelProto, Expected]:
 
 
 def split_off_boundary() -> tuple[onnx.ModelProto, Expected]:
-    """Split [3, 5] of one 8-channel group: frozen."""
+    """Split [3, 5] of one 8-channel group: refined into two groups of 3 and 5, pruned independently."""
     n = Net(14)
     n.op("Split", [n.op("Relu", [n.conv("x", 3, 8)]), n.const(np.array([3, 5], np.int64))], n_out=2, axis=1)
     a, b = n.outputs()
     y = n.op("Add", [n.conv(a, 3, 8), n.conv(b, 5, 8)])
-    return n.model(n.head(y, 8)), Expected(4, (8,), "Split off segment boundaries")
+    return n.model(n.head(y, 8)), Expected(5, (3, 5, 8))
 
 
 def slice_channels() -> tuple[onnx.ModelProto, Expected]:
@@ -292,12 +292,13 @@ MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
 """Motif name -> builder."""
 
 
-def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], classes: int, spatial: int = 8,
+def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], classes: int, spatial: int | None = 8,
                     w1_scale: float = 1.0, seed: int = 0) -> str:
     """Write ``input -> Conv -> Relu -> Conv -> Relu -> GAP -> Flatten -> Gemm -> logits`` (opset 17) to ``path``.
 
     The smallest real classifier with two prunable groups and a frozen logits group; used by CLI and calibration
-    tests. ``w1_scale`` scales the first weight (huge values make activations overflow to inf).
+    tests. ``w1_scale`` scales the first weight (huge values make activations overflow to inf); ``spatial=None``
+    makes the input's height and width symbolic (``H``, ``W``).
     """
     rng = np.random.default_rng(seed)
     c1, c2 = widths
@@ -318,7 +319,8 @@ def tiny_classifier(path: str, *, in_channels: int, widths: tuple[int, int], cla
              init("b2", c2), init("w3", classes, c2), init("b3", classes)]
     graph = helper.make_graph(
         nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", in_channels, spatial, spatial])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                       ["N", in_channels, spatial or "H", spatial or "W"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     return path

@@ -55,14 +55,17 @@ def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: Mapping[s
 
 def random_valid_plan(index: ChannelGroupIndex, rng: np.random.Generator, low: float = 0.25,
                       high: float = 0.9) -> dict[str, list[int]]:
-    """Keep a random ``low..high`` share (at least one channel) of every prunable group, in random order."""
+    """Keep a random ``low..high`` share (at least one channel) of every prunable group, in random order; a group
+    in equal blocks (grouped convolutions) keeps the same random number in each block."""
     plan = {}
     for group in index.groups:
         if group.frozen:
             continue
         share = rng.uniform(low, high)
-        n_keep = int(min(group.size, max(1, round(share * group.size))))
-        plan[group.id] = [int(i) for i in rng.permutation(group.size)[:n_keep]]
+        per = group.size // group.blocks
+        n_keep = int(min(per, max(1, round(share * per))))
+        kept = [b * per + int(i) for b in range(group.blocks) for i in rng.permutation(per)[:n_keep]]
+        plan[group.id] = [kept[i] for i in rng.permutation(len(kept))]
     return plan
 
 
@@ -88,14 +91,28 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
         bias = numpy_helper.to_array(inits[node.input[2]]).copy()
         axes = [np.arange(n) for n in weight.shape]
         rows = np.arange(bias.shape[0])
+        grouped = None  # a grouped conv's kept input channels (its columns differ per conv group)
         for edit in index.edits:
-            if edit.node == idx and edit.kind == "take" and edit.pos in (1, 2):
+            if edit.node == idx and edit.kind == "grouped" and any(s.group_id in plan for s in
+                                                                   index.by_tensor[edit.tensor]):
+                grouped = (kept_indices(index.by_tensor[edit.tensor], plan),
+                           sum(s.length for s in index.by_tensor[edit.tensor]))
+            elif edit.node == idx and edit.kind == "take" and edit.pos in (1, 2):
                 kept = kept_indices(index.by_tensor[edit.tensor], plan, edit.block)
                 if edit.pos == 1:
                     axes[edit.axis] = kept
                 else:
                     rows = kept
-        weight[np.ix_(*axes)] = got[by_name[name].input[1]]
+        refit = got[by_name[name].input[1]]
+        if grouped is None:
+            weight[np.ix_(*axes)] = refit
+        else:  # row r (original row axes[0][r]) of conv group g holds the kept columns of group g, in order
+            kept_in, c_in = grouped
+            cin_g, cout_g = weight.shape[1], weight.shape[0] // (c_in // weight.shape[1])
+            for r, row in enumerate(axes[0]):
+                g = row // cout_g
+                cols = kept_in[(kept_in >= g * cin_g) & (kept_in < (g + 1) * cin_g)] - g * cin_g
+                weight[row, cols] = refit[r]
         bias[rows] = got[by_name[name].input[2]]
         for pos, value in ((1, weight), (2, bias)):
             inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))

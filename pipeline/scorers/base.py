@@ -64,8 +64,9 @@ class ScoringContext:
         params: scorer parameters (e.g. ``eps`` for DI).
         seed: seed of every random choice.
         model_sha256: identity of the scored model (copied into the scores).
-        producer_weights: producer node name -> (weight initializer name, output-channel axis); needed by
-            ``l1``/``l2`` (Conv: axis 0, Gemm with transB=1: axis 0, MatMul: axis 1, ConvTranspose: axis 1).
+        producer_weights: producer node name -> (weight initializer name, output-channel axis[, layout tensor]);
+            needed by ``l1``/``l2`` (Conv: axis 0, Gemm with transB=1: axis 0, MatMul: axis 1, ConvTranspose: axis 1;
+            the optional layout tensor maps the weight's rows to groups, else rows are the group's channels).
         layers: every layer that reads channels, in topological order (:class:`Layer`; for ``lda-trace``).
     """
 
@@ -75,7 +76,8 @@ class ScoringContext:
     params: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     seed: int = 0
     model_sha256: str = ""
-    producer_weights: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
+    producer_weights: Mapping[str, tuple[str, int] | tuple[str, int, str]] = field(
+        default_factory=lambda: MappingProxyType({}))
     layers: tuple[Layer, ...] = ()
 
     def param(self, name: str, default: float) -> float:

@@ -2,8 +2,9 @@
 
 Math (higher = keep):
 
-* ``l1`` / ``l2``: for group channel ``c``, the L1 norm / L2 norm of the output-channel slices ``c`` of every
-  producer weight (``ScoringContext.producer_weights`` names each producer's initializer and its output axis; a
+* ``l1`` / ``l2``: for group channel ``c``, the L1 norm / L2 norm of the output-channel slices that make ``c`` in
+  every producer weight (``ScoringContext.producer_weights`` names each producer's initializer, its output axis
+  and the tensor whose layout maps its rows to groups: after refinement one producer makes several groups; a
   residual group sums the squared (L2) or absolute (L1) entries over all its producers, depthwise ones included).
 * ``mean-act``: ``abs_sum / elements`` per channel, the mean |activation| before pooling (Molchanov et al.'s mean
   activation criterion).
@@ -24,20 +25,31 @@ from pipeline.errors import UserInputError
 from pipeline.scorers.base import ChannelScores, ScoringContext, group_views, require_stats
 
 
+def _rows(ctx: ScoringContext, group: ChannelGroup, tensor: str | None, rows: int) -> list[tuple[int, int]]:
+    """(group channel, weight row) pairs of a producer whose rows are laid out like ``tensor``."""
+    if tensor is None:
+        return [(c, c) for c in range(min(rows, group.size))] if rows == group.size else []
+    return [(seg.start + i, seg.offset + i) for seg in ctx.index.by_tensor.get(tensor, ())
+            if seg.group_id == group.id for i in range(seg.length)]
+
+
 def _producer_rows(ctx: ScoringContext, group: ChannelGroup, power: int) -> np.ndarray:
     total = np.zeros(group.size)
     found = 0
     for node in group.producers:
         if node not in ctx.producer_weights:
             continue
-        name, axis = ctx.producer_weights[node]
+        name, axis, *layout = ctx.producer_weights[node]
         if name not in ctx.weights:
             raise UserInputError(f"weight initializer {name!r} of producer {node!r} was not given to the scorer")
         w = np.moveaxis(np.asarray(ctx.weights[name], dtype=np.float64), axis, 0)
-        if w.shape[0] != group.size:
+        pairs = _rows(ctx, group, layout[0] if layout else None, w.shape[0])
+        if not pairs:
             raise UserInputError(f"producer {node!r} of group {group.id} has {w.shape[0]} output channels, "
                                  f"the group has {group.size}")
-        total += (np.abs(w) ** power).reshape(group.size, -1).sum(axis=1)
+        mass = (np.abs(w) ** power).reshape(w.shape[0], -1).sum(axis=1)
+        channels, rows = np.array(pairs).T
+        np.add.at(total, channels, mass[rows])
         found += 1
     if not found:
         raise UserInputError(f"group {group.id}: no producer weight known (ScoringContext.producer_weights must "

@@ -26,6 +26,10 @@ drops, a joint greedy: each step removes the channel minimising ``mean_p ΔDI_p(
 probe; the retention curve is ``r(w) = mean_p DI_p(w) / DI_p(full)``. Scores are rank-derived: the channel
 eliminated at step ``t`` (0-based) of a group of ``C`` channels scores ``(t + 1) / C``.
 
+A group in ``G`` equal blocks (read or written by a grouped convolution, ``ChannelGroup.blocks``) is eliminated
+round-robin over its blocks (each step among the blocks that lost the fewest channels), so the order and the
+retention respect the per-block constraint at every width that is a multiple of ``G``.
+
 Preconditions: statistics from at least two classes. A probe without class information (``DI = 0``, e.g.
 constant features or one class) gives zero drops (order by channel index) and a retention ``w / C``, with a
 warning.
@@ -196,9 +200,16 @@ class Elimination:
     drops: np.ndarray  # normalised first-step drops of every channel (mean over probes)
 
 
-def eliminate(eliminators: list[Eliminator]) -> Elimination:
-    """Joint greedy backward elimination over probes (reduction "mean" of normalised drops)."""
+def eliminate(eliminators: list[Eliminator], blocks: int = 1) -> Elimination:
+    """Joint greedy backward elimination over probes (reduction "mean" of normalised drops).
+
+    ``blocks > 1`` (a group read or written by a grouped convolution): each step removes from one of the
+    ``blocks`` equal blocks that have lost the fewest channels so far, so that every prefix of ``blocks * r``
+    steps removes exactly ``r`` channels of each block and the retention at those widths is of a valid plan.
+    """
     size = len(eliminators[0].blocks)
+    per = size // blocks
+    removed = np.zeros(blocks, dtype=np.int64)
     scale = [e.di_full if e.di_full > 0 else 1.0 for e in eliminators]
     if any(e.di_full <= 0 for e in eliminators):
         logger.warning("di: a probe carries no class information (DI = 0); its channels are ordered by index")
@@ -208,7 +219,10 @@ def eliminate(eliminators: list[Eliminator]) -> Elimination:
     retention[size] = 1.0
     for step in range(size):
         total = np.mean([e.drops() / s for e, s in zip(eliminators, scale, strict=True)], axis=0)
+        if blocks > 1:
+            total = np.where(removed[np.arange(size) // per] == removed.min(), total, np.inf)
         channel = int(np.argmin(total))  # ties: lowest channel index
+        removed[channel // per] += 1
         for item in eliminators:
             item.remove(channel)
         order[step] = channel
@@ -234,7 +248,7 @@ class DIScorer:
         scores, orders, retentions = {}, {}, {}
         for group in ctx.prunable():
             views = group_views(group, ctx.index, stats)
-            result = eliminate([Eliminator(v.stats, v.blocks, eps) for v in views])
+            result = eliminate([Eliminator(v.stats, v.blocks, eps) for v in views], group.blocks)
             rank = np.empty(group.size)
             rank[result.order] = (np.arange(group.size) + 1.0) / group.size
             scores[group.id], orders[group.id], retentions[group.id] = rank, result.order, result.retention

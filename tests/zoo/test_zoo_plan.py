@@ -1,6 +1,7 @@
 """Budgeted plans on every torchvision zoo model, both exporters: the MACs budget contract holds on real graphs.
 
-For each canonical zoo model (``tests.models.export_zoo``), data-free scores (``l2`` and seeded ``random``) are
+For each canonical zoo model (``tests.models.export_zoo``, prepared with its input shape: the legacy shufflenet's
+channel shuffles otherwise leave spatial sizes unknown, and a MACs budget is then refused), data-free scores (``l2`` and seeded ``random``) are
 planned with ``select_channels(target_macs=t, round_to=8)`` for t in 0.75, 0.5, 0.3. Each plan is applied and the
 MACs counted on the pruned graph (``graph_ops.cost.count``): the fraction is ``<= t`` and within one rounding step
 of it, or the plan says ``reached: false`` and no movable group can shrink any more (``tests.budget_checks`` defines
@@ -21,7 +22,7 @@ from graph_ops.prune import apply_plan
 from pipeline.orchestrate import keep_lists, prepare, score
 from pipeline.plan import select_channels
 from tests.budget_checks import check_budget
-from tests.models import EXPORTERS, ZOO
+from tests.models import EXPORTERS, ZOO, input_shape
 from tests.oracles import assert_same_outputs, random_feeds
 
 pytestmark = pytest.mark.zoo
@@ -34,7 +35,7 @@ METHODS = ("l2", "random")
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_plan_meets_budget(name: str, exporter: str, zoo_model: Callable[[str, str], Path],
                                record_property: Callable[[str, object], None]) -> None:
-    prepared = prepare(zoo_model(name, exporter))
+    prepared = prepare(zoo_model(name, exporter), {"input": input_shape(name)})  # static: every MACs known
     for method in METHODS:
         scores = score(prepared, None, method)
         for target in TARGETS:

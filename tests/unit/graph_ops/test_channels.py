@@ -13,7 +13,8 @@ from graph_ops.cost import count
 from graph_ops.groups import Segment
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan, kept_indices
-from tests.graphs import MOTIFS, Net
+from tests.graphs import Net
+from tests.graphs_refine import ALL_MOTIFS as MOTIFS
 from tests.oracles import assert_same_outputs, random_feeds, run_ort
 
 MOTIF_IDS = sorted(MOTIFS)

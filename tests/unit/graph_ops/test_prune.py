@@ -14,7 +14,7 @@ from graph_ops.errors import PlanValidationError
 from graph_ops.io import verify_model
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
-from tests.graphs import MOTIFS
+from tests.graphs_refine import ALL_MOTIFS as MOTIFS
 from tests.oracles import assert_same_outputs, random_feeds, random_valid_plan, run_ort
 
 MOTIF_IDS = sorted(MOTIFS)

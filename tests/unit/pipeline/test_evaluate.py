@@ -62,7 +62,8 @@ def test_identical_reference_agrees_fully() -> None:
     report = evaluate(_linear(np.eye(10)), _dataset(x, y), reference=_linear(np.eye(10)))
     assert (report.agreement, report.relative_logit_error) == (1.0, 0.0)
     assert report.to_dict() == {"n": 20, "top1": report.top1, "top5": report.top5, "agreement": 1.0,
-                                "relative_logit_error": 0.0}
+                                "relative_logit_error": 0.0,
+                                "outputs": {"logits": {"relative_error": 0.0, "cosine": 1.0, "max_abs_diff": 0.0}}}
 
 
 @pytest.mark.parametrize(("k", "labels", "expect_top1", "expect_top5"),
@@ -83,8 +84,40 @@ def test_ties_in_top5_count_for_the_label() -> None:
     assert (report.top1, report.top5) == (0.5, 1.0)
 
 
-def test_non_classifier_output_is_rejected() -> None:
+def test_non_classifier_output_without_reference_is_rejected() -> None:
     model = _linear(np.eye(4))
     model.graph.output[0].type.tensor_type.shape.dim.add().dim_value = 1
-    with pytest.raises(UserInputError, match="class scores \\(N, K\\)"):
+    with pytest.raises(UserInputError, match=r"not \(N, K\) class scores.*--reference"):
         evaluate(model, _dataset(*_data(4, 4)))
+
+
+def _detector(weights: np.ndarray, scale: float) -> onnx.ModelProto:
+    """Two non-classifier outputs: boxes = input @ W as (N, K, 1), and scores = input * scale (N, K, 1)."""
+    k = weights.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["mm"], name="fc"),
+         helper.make_node("Unsqueeze", ["mm", "axes"], ["boxes"], name="unsq"),
+         helper.make_node("Mul", ["input", "s"], ["ms"], name="mul"),
+         helper.make_node("Unsqueeze", ["ms", "axes"], ["scores"], name="unsq2")], "detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", k, 1]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", k, 1])],
+        [numpy_helper.from_array(weights.astype(np.float32), "w"), numpy_helper.from_array(np.array([2], np.int64),
+                                                                                            "axes"),
+         numpy_helper.from_array(np.array(scale, np.float32), "s")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_output_fidelity_of_a_non_classifier_equals_numpy() -> None:
+    x, _ = _data(40, 6, labels=False, seed=3)
+    w = np.eye(6) + 0.2 * np.random.default_rng(4).standard_normal((6, 6))
+    report = evaluate(_detector(w, 1.5), _dataset(x, None), reference=_detector(np.eye(6), 1.0), batch_size=7)
+    assert (report.top1, report.top5, report.agreement, report.relative_logit_error) == (None, None, None, None)
+    x64 = x.astype(np.float64)
+    for name, a in (("boxes", x64 @ w.astype(np.float32).astype(np.float64)), ("scores", 1.5 * x64)):
+        got = report.outputs[name]
+        assert got["relative_error"] == pytest.approx(np.linalg.norm(a - x64) / np.linalg.norm(x64), rel=1e-5)
+        cosine = float((a * x64).sum() / (np.linalg.norm(a) * np.linalg.norm(x64)))
+        assert got["cosine"] == pytest.approx(cosine, rel=1e-6)
+        assert got["max_abs_diff"] == pytest.approx(float(np.abs(a - x64).max()), rel=1e-5)
+    assert report.outputs["scores"]["cosine"] == pytest.approx(1.0)  # a scaled output points the same way

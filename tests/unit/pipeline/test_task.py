@@ -105,7 +105,7 @@ def test_labels_of_other_classes_never_reach_the_statistics() -> None:
     data = open_dataset("mnist", split="train", limit=600)
     labels = np.asarray(data.labels)
     task = Task(classes=(8, 3))
-    prepared = prepare(demo_model_path(), task)
+    prepared = prepare(demo_model_path(), task=task)
     restricted = task.dataset(data)
     assert restricted.dropped == int((~np.isin(labels, [3, 8])).sum()) and restricted.total == 600
     stats = calibrate(prepared, restricted.data, progress=False)
@@ -152,7 +152,7 @@ def test_the_cli_stages_carry_the_task_from_file_to_file(tmp_path: Path, capsys:
     assert json.loads(Path(plan).read_text())["meta"]["task"] == {"groups": [["odd", [1, 3, 5, 7, 9]],
                                                                               ["even", [0, 2, 4, 6, 8]]]}
     assert main(["-q", "apply", model, plan, "-o", out]) == 0
-    prepared = prepare(model, load_task_map(task_map))
+    prepared = prepare(model, task=load_task_map(task_map))
     keep = {g: v["keep"] for g, v in json.loads(Path(plan).read_text())["groups"].items()}
     x = next(iter(MNIST_X.values()))
     np.testing.assert_allclose(_outputs(onnx.load(out), x),

@@ -1,0 +1,100 @@
+"""Production architectures (timm backbones, Ultralytics detectors built from YAML), both exporters where they work.
+
+Random weights with randomised BatchNorm statistics (``tests.production_models``); the packages are optional test
+extras: without them every test here skips and says which package is missing. For each model:
+
+* analysis: every frozen group has a reason, at least 90 % of the Conv output channels are prunable
+  (:data:`MIN_SHARE`), and every Conv/Gemm MACs is known (static shapes);
+* exact surgery: three seeded random plans (25-90 % kept per group, the same count in every block of a group read
+  or written by a grouped conv) give the outputs of the mask oracle, pass the full checker, and the counted MACs and
+  params equal the cost model's prediction;
+* a budget: ``l2`` scores planned to 0.5 of the MACs meet the budget contract (``tests.budget_checks``) and the plan
+  applied equals its mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graph_ops.channels import analyze, prunable_share
+from graph_ops.cost import count
+from graph_ops.io import load_model
+from graph_ops.mask import zero_channels
+from graph_ops.prune import apply_plan
+from pipeline.orchestrate import keep_lists, prepare, score
+from pipeline.plan import select_channels
+from tests.budget_checks import check_budget
+from tests.oracles import assert_same_outputs, random_feeds, random_valid_plan, run_ort
+from tests.production_models import EXPORTERS, PRODUCTION
+
+pytestmark = pytest.mark.zoo
+
+MIN_SHARE = 0.9
+GROUPED = {"regnety_002", "resnext50_32x4d"}  # grouped convolutions: groups in equal blocks
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", PRODUCTION)
+def test_production_pruned_equals_masked(name: str, exporter: str, production_model: Callable[[str, str], Path],
+                                         record_property: Callable[[str, object], None]) -> None:
+    model = load_model(production_model(name, exporter))
+    index = analyze(model)
+    reasons = [g.frozen for g in index.groups if g.frozen]
+    assert all(r.strip() for r in reasons)
+    share = prunable_share(model, index)
+    record_property("prunable_share", round(share, 4))
+    assert share >= MIN_SHARE, reasons
+    assert not index.unknown_macs
+    assert any(g.blocks > 1 for g in index.groups) == (name in GROUPED)
+    feeds = random_feeds(model, np.random.default_rng(0), batch=1)
+    for seed in range(3):
+        plan = random_valid_plan(index, np.random.default_rng(seed))
+        pruned = apply_plan(model, index, plan)  # runs the full checker
+        assert_same_outputs(zero_channels(model, index, plan), pruned, feeds, rtol=1e-4)
+        macs, params = index.predict({gid: len(kept) for gid, kept in plan.items()})
+        report = count(pruned)
+        assert (macs, params) == (report.macs, report.params)
+    everything = {g.id: list(range(g.size)) for g in index.groups}
+    for a, b in zip(run_ort(model, feeds), run_ort(apply_plan(model, index, everything), feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(np.max(np.abs(a))))
+
+
+@pytest.mark.parametrize("name", PRODUCTION)
+def test_production_budget(name: str, production_model: Callable[[str, str], Path]) -> None:
+    prepared = prepare(production_model(name, "legacy"))
+    plan = select_channels(score(prepared, None, "l2"), prepared.index, target_macs=0.5, round_to=8)
+    keep = keep_lists(plan)
+    pruned = apply_plan(prepared.model, prepared.index, keep)
+    check_budget(plan, prepared.index, prepared.model, pruned, 0.5)
+    feeds = random_feeds(prepared.model, np.random.default_rng(0), batch=1)
+    assert_same_outputs(zero_channels(prepared.model, prepared.index, keep), pruned, feeds, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["regnety_002", "mixnet_m", "ghostnetv2_100", "yolo11n"])
+def test_production_lstsq_recovery_equals_its_mask_reference(name: str,
+                                                             production_model: Callable[[str, str], Path]) -> None:
+    """R3 on refined groups, grouped convs (per conv group) and a detector, against the recovered mask reference
+    (``tests.oracles.recovered_reference``); unlabelled data (recovery never reads labels)."""
+    import onnx
+
+    from pipeline.data import from_iterable
+    from pipeline.recovery import recover
+    from tests.oracles import recovered_reference
+
+    model = load_model(production_model(name, "legacy"))
+    index = analyze(model)
+    keep = random_valid_plan(index, np.random.default_rng(0), 0.5, 0.9)
+    rng = np.random.default_rng(1)
+    samples = [random_feeds(model, rng, batch=1) for _ in range(4)]
+    data = from_iterable([(next(iter(feeds.values())), None) for feeds in samples])
+    recovered, report = recover(model, apply_plan(model, index, keep), index, keep, data, method="lstsq",
+                                ridge=1e-2, batch_size=1, refit_positions=16, intra_op_threads=2)
+    onnx.checker.check_model(recovered, full_check=True)
+    refit = {c.node for c in report.consumers if c.alpha is not None}
+    assert len(refit) >= 3, report.skipped
+    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, samples[0],
+                        rtol=1e-4, atol=1e-5)
