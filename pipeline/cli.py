@@ -111,6 +111,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> object | None:
+    """Ray options of ``--workers`` / ``--ray`` (None when neither is given)."""
+    if args.workers is None and args.ray is None:
+        return None
+    from pipeline.cluster import ray_options
+
+    return ray_options(workers=args.workers, address=args.ray)
+
+
 def _task(args: argparse.Namespace) -> object | None:
     """The task of ``--task-classes`` / ``--task-map`` (None when neither is given)."""
     from pipeline.task import task_from_options
@@ -125,13 +134,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, args.model)
     task = _task(args)
+    cluster = _cluster(args)
     data = _dataset(args.data, args, split=args.split)
     note = ""
     if task is not None:
         restricted = task.dataset(data)
         data, note = restricted.data, f" (task {task.describe()}: {restricted.dropped} samples of other classes dropped)"
     stats = calibrate(prepare(args.model, task), data, pooling=args.pooling, batch_size=args.batch_size,
-                      progress=not args.quiet)
+                      progress=not args.quiet, cluster=cluster)
     stats.save(out)
     print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
     return 0
@@ -195,7 +205,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
-                   recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop)
+                   recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
+                   cluster=_cluster(args))
     for note in report.notes:
         logger.warning(note)
     for step in report.search:
@@ -251,6 +262,16 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
                             "(log-sum-exp of the member logits)")
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="compute the data's shards on a local Ray with N worker processes (extra [ray]); "
+                            "the results equal those of a run without it")
+    group.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="compute the shards on an existing Ray cluster ('auto', HOST:6379, ray://HOST:10001); "
+                            "the data must be readable at the same path on its nodes")
+
+
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-macs", type=_fraction, default=None, help="fraction of the original MACs to keep")
     parser.add_argument("--target-params", type=_fraction, default=None, help="fraction of the params to keep")
@@ -303,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     _add_data_options(p)
     _add_task_options(p)
+    _add_ray_options(p)
 
     p = parsers["score"]
     p.add_argument("stats", nargs="?", default=None, help="statistics from 'diprune calibrate' (not for l1/l2/random)")
@@ -338,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_options(p)
     _add_data_options(p)
     _add_task_options(p)
+    _add_ray_options(p)
 
     p = parsers["eval"]
     p.add_argument("model")

@@ -9,16 +9,19 @@ The registry :data:`RECOVERY` (it feeds the CLI's ``--recover``) holds:
   refit by least squares on im2col patches of its pruned input against the original model's output
   (:mod:`pipeline.recovery.refit`, algebra in :mod:`graph_ops.least_squares`).
 
-Every method reads its data through one :class:`pipeline.recovery.sweep.Sweep`: the original and the pruned model
-advance level by level over the calibration data, each node running once (not both whole models once per level).
-Recovery only rewrites weights and biases: the graph's structure and interface never change.
+Every method plans its work level by level (:class:`pipeline.recovery.sweep.LevelPlan`) and reads its data through
+one sweep (:mod:`pipeline.recovery.sweep`): the original and the pruned model advance level by level over the
+calibration data, each node running once (not both whole models once per level). The data is cut into fixed shards
+whose moments are merged in shard order at every level (:mod:`pipeline.recovery.worker`), in this process or on Ray
+workers (``cluster``), with the same result. Recovery only rewrites weights and biases: the graph's structure and
+interface never change.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -35,7 +38,9 @@ from pipeline.recovery.maps import (
     regress_solver,
 )
 from pipeline.recovery.refit import LayerRefit, lstsq_recovery, refit_targets
-from pipeline.recovery.sweep import SPILL_BYTES, layer_levels
+from pipeline.recovery.sweep import SPILL_BYTES, LevelPlan, layer_levels
+from pipeline.recovery.worker import sweep_levels
+from pipeline.shards import SHARD_BATCHES, shard_layout
 
 __all__ = ["DEFAULT_RECOVERY", "RECOVERY", "ConsumerRecovery", "LayerRefit", "RecoveryOptions", "RecoveryReport",
            "consumer_targets", "layer_levels", "recover", "refit_targets"]
@@ -76,6 +81,8 @@ class RecoveryOptions:
     progress: bool = False
     spill_dir: str | None = None
     spill_bytes: int = SPILL_BYTES
+    shard_batches: int = SHARD_BATCHES
+    cluster: Any | None = None
 
     def session(self) -> dict[str, Any]:
         """Options of :class:`pipeline.recovery.sweep.Sweep`."""
@@ -83,9 +90,9 @@ class RecoveryOptions:
                 "spill_dir": self.spill_dir, "spill_bytes": self.spill_bytes}
 
 
-Outcome = tuple[list[Any], list[tuple[str, str]]]
-Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]], Any,
-                     RecoveryOptions], Outcome]
+Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]],
+                     RecoveryOptions], LevelPlan]
+"""``(original, pruned, index, keep, options) -> LevelPlan``: the jobs of every level (they rewrite ``pruned``)."""
 
 RECOVERY: dict[str, Recovery | None] = {
     "none": None,
@@ -143,7 +150,17 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         return out, RecoveryReport(method, 0, (), (), notes)
     if dataset is None:
         raise UserInputError(f"recovery '{method}' needs calibration data (the training split); give a dataset")
-    done, skipped = run(original, out, index, keep, dataset, opts)
+    plan = run(original, out, index, keep, opts)
+    shards = shard_layout(getattr(dataset, "num_samples", 0), opts.batch_size, opts.shard_batches)
+    executor = None
+    if opts.cluster is not None:
+        from pipeline.cluster import recovery_on_ray
+
+        executor = recovery_on_ray(opts.cluster, partial(run, index=index, keep=keep, opts=replace(opts, cluster=None)),
+                                   original, out, dataset, shards, opts.session())
+    done, missed = sweep_levels(original, out, plan, dataset, shards, progress=opts.progress, session=opts.session(),
+                                executor=executor)
+    skipped = [*plan.skipped, *missed]
     verify_model(out)
     samples = getattr(dataset, "num_samples", None)
     logger.info("recovery '%s': %d layers rewritten, %d skipped", method, len(done), len(skipped))
