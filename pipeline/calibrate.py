@@ -250,14 +250,14 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     job = ShardJob(pooled_model.SerializeToString(), model_input_specs(prepared.model), tuple(pooled), num_classes,
                    require_labels, batch_size, backend, intra_op_threads, shard_batches)
     shards = shard_layout(getattr(dataset, "num_samples", 0), batch_size, shard_batches)
+    if not shards:
+        raise CalibrationError("the calibrate dataset yielded no samples")
     if cluster is not None:
         from pipeline.cluster import calibrate_on_ray
 
         stats = calibrate_on_ray(cluster, job, dataset, shards, progress=progress)
     else:
         stats = job.local(dataset, shards, progress=progress)
-    if not stats:
-        raise CalibrationError("the calibrate dataset yielded no samples")
     _check_amount(stats, require_labels)
     logger.info("calibrated %d probes on %d samples in %d shards (pooling %s)", len(stats),
                 next(iter(stats.values())).n, len(shards), pooling)

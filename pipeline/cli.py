@@ -141,7 +141,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         restricted = task.dataset(data)
         data, note = restricted.data, f" (task {task.describe()}: {restricted.dropped} samples of other classes dropped)"
     stats = calibrate(prepare(args.model, task), data, pooling=args.pooling, batch_size=args.batch_size,
-                      progress=not args.quiet, cluster=cluster)
+                      progress=not args.quiet, cluster=cluster, shard_batches=args.shard_batches)
     stats.save(out)
     print(f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
     return 0
@@ -206,7 +206,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
                    recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
-                   cluster=_cluster(args))
+                   cluster=_cluster(args), shard_batches=args.shard_batches)
     for note in report.notes:
         logger.warning(note)
     for step in report.search:
@@ -262,7 +262,20 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
                             "(log-sum-exp of the member logits)")
 
 
+def _shard_batches(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--shard-batches must be a positive number of batches, got {text}")
+    return value
+
+
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.shards import SHARD_BATCHES
+
+    parser.add_argument("--shard-batches", type=_shard_batches, default=SHARD_BATCHES, metavar="N",
+                        help=f"batches per shard of the data (default {SHARD_BATCHES}); statistics are summed per "
+                             "shard and merged in shard order, so they depend on N (in the last bits), never on "
+                             "--workers")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, default=None, metavar="N",
                        help="compute the data's shards on a local Ray with N worker processes (extra [ray]); "

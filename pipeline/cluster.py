@@ -230,6 +230,7 @@ class RayShards:
         self.ray = ray = self.stack.enter_context(ray_session(options))
         try:
             groups = assign(shards, _workers(ray, options))
+            self.workers = len(groups)
             actor = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
                                max_restarts=options.max_retries, max_task_retries=options.max_retries)(RecoveryActor)
             session = {**session, "intra_op_threads": session.get("intra_op_threads") or options.cpus_per_worker}

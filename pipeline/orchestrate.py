@@ -36,6 +36,7 @@ from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
+from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.task import Task
 
@@ -106,12 +107,13 @@ class PruneRun:
             and the calibration data keeps only the task's samples, with task labels.
         cluster: :class:`pipeline.cluster.RayOptions` (``pipeline.cluster.ray_options(workers=N)`` or
             ``(address=...)``): calibration and recovery shards on Ray workers, same results; None: this process.
+        shard_batches: batches per shard (:mod:`pipeline.shards`; results depend on it in the last bits only).
     """
 
     def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *, pooling: str = "gap",
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
-                 task: Task | None = None, cluster: Any | None = None) -> None:
+                 task: Task | None = None, cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> None:
         """Prepare the model (timed as ``analyze``); nothing else runs yet."""
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
@@ -122,7 +124,7 @@ class PruneRun:
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else str(work_dir)
-        self.cluster = cluster
+        self.cluster, self.shard_batches = cluster, shard_batches
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
 
@@ -154,7 +156,8 @@ class PruneRun:
                 self._stats[summaries] = calibrate(self.prepared, self.data, pooling=self.pooling,
                                                    batch_size=self.batch_size, backend=self.backend,
                                                    intra_op_threads=self.threads, progress=self.progress,
-                                                   summaries=summaries, cluster=self.cluster)
+                                                   summaries=summaries, cluster=self.cluster,
+                                                   shard_batches=self.shard_batches)
         return self._stats[summaries]
 
     def scores(self, method: str, *, seed: int | None = None,
@@ -206,7 +209,8 @@ class PruneRun:
             model, report = recover(self.prepared.model, pruned, self.prepared.index, keep_lists(plan), self.data,
                                     method=method, sequential=mode == "sequential", batch_size=self.batch_size,
                                     seed=self.seed, progress=self.progress, backend=self.backend,
-                                    intra_op_threads=self.threads, spill_dir=self.work_dir, cluster=self.cluster)
+                                    intra_op_threads=self.threads, spill_dir=self.work_dir, cluster=self.cluster,
+                                    shard_batches=self.shard_batches)
         return model, {**report.to_dict(), "mode": mode}
 
     def candidate(self, method: str, *, target_macs: float | None = None, target_params: float | None = None,
@@ -336,7 +340,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           min_channels: int = 8, protect: Iterable[str] = (), pooling: str = "gap", batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
           recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
-          cluster: Any | None = None) -> Report:
+          cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -363,7 +367,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         data_spec(data)  # in-memory data cannot go to Ray workers: refused before any work
     with ray_started(cluster):
         run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
-                       work_dir=out_path.resolve().parent, task=task, cluster=cluster)
+                       work_dir=out_path.resolve().parent, task=task, cluster=cluster, shard_batches=shard_batches)
         return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
                           {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
                            "recover_mode": recover_mode})

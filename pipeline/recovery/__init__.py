@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -51,18 +51,20 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RecoveryReport:
     """Summary of one recovery run: per rewritten layer a :class:`ConsumerRecovery` (R1 / R2) or a
-    :class:`pipeline.recovery.refit.LayerRefit` (R3), and the layers skipped with a reason."""
+    :class:`pipeline.recovery.refit.LayerRefit` (R3), the layers skipped with a reason, and how the sweep went
+    (``sweep``: levels, shards, workers, seconds the driver spent solving, bytes of moments it received)."""
 
     method: str
     samples: int
     consumers: tuple[Any, ...]
     skipped: tuple[tuple[str, str], ...]
     notes: tuple[str, ...] = ()
+    sweep: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"method": self.method, "samples": self.samples, "consumers": [asdict(c) for c in self.consumers],
-                "skipped": [list(s) for s in self.skipped], "notes": list(self.notes)}
+                "skipped": [list(s) for s in self.skipped], "notes": list(self.notes), "sweep": dict(self.sweep)}
 
 
 @dataclass(frozen=True)
@@ -158,10 +160,10 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
 
         executor = recovery_on_ray(opts.cluster, partial(run, index=index, keep=keep, opts=replace(opts, cluster=None)),
                                    original, out, dataset, shards, opts.session())
-    done, missed = sweep_levels(original, out, plan, dataset, shards, progress=opts.progress, session=opts.session(),
-                                executor=executor)
+    done, missed, sweep = sweep_levels(original, out, plan, dataset, shards, progress=opts.progress,
+                                       session=opts.session(), executor=executor)
     skipped = [*plan.skipped, *missed]
     verify_model(out)
     samples = getattr(dataset, "num_samples", None)
     logger.info("recovery '%s': %d layers rewritten, %d skipped", method, len(done), len(skipped))
-    return out, RecoveryReport(method, samples or 0, tuple(done), tuple(skipped), notes)
+    return out, RecoveryReport(method, samples or 0, tuple(done), tuple(skipped), notes, sweep)
