@@ -160,6 +160,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "calibrate": all(r["stats_sha256"] == first["stats_sha256"] for r in results.values()),
         "recover": all(r["model_sha256"] == first["model_sha256"] for r in results.values())},
         sweep={name: r["sweep"] for name, r in results.items()},
+        digests={name: {"stats": r["stats_sha256"], "model": r["model_sha256"]} for name, r in results.items()},
         macs_fraction=round(count(first["pruned"], declared_shapes(first["pruned"])).macs / first["prepared"].cost.macs,
                             4), load_end=os.getloadavg())
     return out
@@ -205,8 +206,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"| {name} | {runs['calibrate'][name]:.1f} | {runs['recover'][name]:.1f} |" for name in runs["calibrate"]]
     local1 = runs["calibrate"]["local, 1 thread"], runs["recover"]["local, 1 thread"]
     ray1 = runs["calibrate"]["Ray, 1 worker"], runs["recover"]["Ray, 1 worker"]
-    lines += ["", f"Identical to the first run (statistics, recovered model bytes): calibration "
-                  f"{result['identical']['calibrate']}, recovery {result['identical']['recover']}.", "",
+    groups: dict[str, list[str]] = {}
+    for name, digest in result["digests"].items():
+        groups.setdefault(f"{digest['stats'][:12]} / {digest['model'][:12]}", []).append(name)
+    lines += ["", "Statistics / recovered model (sha256 prefixes; equal digests are equal to the last bit): "
+              + "; ".join(f"{key}: {', '.join(names)}" for key, names in groups.items()) + ".", "",
               f"Overhead of Ray: start {result['ray_start_s']:.1f} s (ray.init and the first worker process), "
               f"shutdown {result['ray_shutdown_s']:.1f} s; 1 Ray worker minus the same compute without Ray "
               f"(1 onnxruntime thread): calibration {ray1[0] - local1[0]:+.1f} s, recovery {ray1[1] - local1[1]:+.1f} s.",
