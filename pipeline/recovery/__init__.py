@@ -30,6 +30,7 @@ import onnx
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import verify_model
 from pipeline.errors import UserInputError
+from pipeline.recovery.levels import LevelPlan
 from pipeline.recovery.maps import (
     ConsumerRecovery,
     bias_solver,
@@ -38,7 +39,7 @@ from pipeline.recovery.maps import (
     regress_solver,
 )
 from pipeline.recovery.refit import LayerRefit, lstsq_recovery, refit_targets
-from pipeline.recovery.sweep import SPILL_BYTES, LevelPlan, layer_levels
+from pipeline.recovery.sweep import SPILL_BYTES, layer_levels
 from pipeline.recovery.worker import sweep_levels
 from pipeline.shards import SHARD_BATCHES, shard_layout
 

@@ -37,7 +37,8 @@ from graph_ops.errors import PreconditionError
 from graph_ops.groups import ChannelGroupIndex, Edit
 from graph_ops.proto import attrs, fingerprint, node_index, node_name
 from graph_ops.prune import kept_indices
-from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, LevelJob, LevelPlan, batch_rng, layer_levels
+from pipeline.recovery.levels import LevelJob, LevelPlan
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, batch_rng, layer_levels
 
 logger = logging.getLogger(__name__)
 

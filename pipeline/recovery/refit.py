@@ -59,8 +59,9 @@ from graph_ops.proto import (
     write_weights,
 )
 from graph_ops.prune import kept_indices
+from pipeline.recovery.levels import LevelJob, LevelPlan
 from pipeline.recovery.maps import MapLevel, MapTarget, consumer_targets, regress_solver
-from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, LevelJob, LevelPlan, batch_rng, layer_levels
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, batch_rng, layer_levels
 
 logger = logging.getLogger(__name__)
 

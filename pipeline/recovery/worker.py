@@ -27,7 +27,7 @@ import onnx
 from graph_ops.errors import PreconditionError
 from graph_ops.proto import layer_weights, write_weights
 from pipeline.errors import CalibrationError
-from pipeline.recovery.sweep import LevelPlan
+from pipeline.recovery.levels import LevelPlan
 from pipeline.shards import OrderedMerge, Shard
 
 Planner = Callable[[onnx.ModelProto, onnx.ModelProto], LevelPlan]
