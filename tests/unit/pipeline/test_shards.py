@@ -53,6 +53,7 @@ def mnist() -> tuple:
     return prepared, open_dataset("mnist", split="train", limit=600)
 
 
+@pytest.mark.slow
 def test_statistics_are_the_left_fold_of_shards_calibrated_separately(mnist: tuple) -> None:
     """Each shard calibrated on its own (as a Ray task would) and merged in shard order gives exactly the
     statistics of one calibration over all the data."""
@@ -103,6 +104,7 @@ class _Workers:
             worker.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lstsq", "regress"])
 def test_recovery_by_separate_workers_equals_one_process_and_survives_a_restart(mnist: tuple, method: str) -> None:
     prepared, data = mnist
