@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-zoo bench-latency bench-quality clean
+.PHONY: demo test test-zoo test-ray bench-latency bench-quality bench-scale clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ $(VENV)/.production: $(VENV)/.test constraints.txt
 	$(PY) -m pip install -q -c constraints.txt pyyaml opencv-python-headless psutil polars safetensors huggingface_hub
 	touch $@
 
+$(VENV)/.ray: $(VENV)/.test
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray]'
+	touch $@
+
 $(VENV)/.bench: $(VENV)/.core constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	touch $@
@@ -35,6 +39,14 @@ test: $(VENV)/.test
 
 test-zoo: $(VENV)/.test $(VENV)/.production
 	$(PY) -m pytest -q -m zoo
+
+# The Ray tests (tests/unit/pipeline/test_cluster.py) on a local Ray instance; installs the [ray] extra (about 360 MB).
+test-ray: $(VENV)/.ray
+	$(PY) -m pytest -q -m ray
+
+# Regenerates benchmarks/results/scale.{json,md} (ResNet-18, 1,000 images, 1 and 2 Ray workers; about 15 minutes).
+bench-scale: $(VENV)/.ray
+	$(PY) -m benchmarks.scale
 
 # Regenerates benchmarks/results/quality.{json,md} and quality_<family>.png (about 2 hours of compute on 2 cores).
 bench-quality: $(VENV)/.bench

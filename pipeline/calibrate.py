@@ -26,16 +26,20 @@ After the pass: at least two classes are present (when labels are required); a W
 fewer than ``10 * d`` samples for the widest probe or fewer than 5 samples in a class.
 
 The statistics are computed on the prepared (canonical) model - the graph that analysis and surgery use - and
-``model_sha256`` is the sha256 of the file. The file is never modified. Batches are folded in order
-(:func:`pipeline.runtime.stream`), so the same inputs give identical statistics.
+``model_sha256`` is the sha256 of the file. The file is never modified. The data is cut into fixed shards
+(:mod:`pipeline.shards`): batches are folded in order into their shard's sums and the shard sums are merged in shard
+order, so the same inputs give identical statistics, whether one process computes every shard or Ray workers
+compute them (``cluster``: :mod:`pipeline.cluster`, one task per shard, :class:`ShardJob` shipped to each).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,10 +50,26 @@ from graph_ops.probes import PooledProbe, add_pooled_probes
 from pipeline.errors import CalibrationError, UserInputError
 from pipeline.pooling import consumer_bins
 from pipeline.prepare import PreparedModel, as_prepared, default_probes
-from pipeline.runtime import check_labels, model_input_specs, open_session, output_classes, stream
-from pipeline.stats import CalibrationStats, ChannelSummary, ProbeAccumulator, ProbeStats, channel_summaries
+from pipeline.runtime import (
+    Batch,
+    check_labels,
+    fixed_batch,
+    model_input_specs,
+    open_session,
+    output_classes,
+    stream,
+)
+from pipeline.shards import SHARD_BATCHES, OrderedMerge, Shard, shard_layout
+from pipeline.stats import (
+    CalibrationStats,
+    ChannelSummary,
+    ProbeAccumulator,
+    ProbeStats,
+    channel_summaries,
+    merge_probes,
+)
 
-__all__ = ["DEFAULT_POOLING", "POOLINGS", "calibrate", "channel_summaries", "default_probes"]
+__all__ = ["DEFAULT_POOLING", "POOLINGS", "ShardJob", "calibrate", "channel_summaries", "default_probes", "merge_probes"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +151,72 @@ def _labels(labels: np.ndarray | None, n: int, num_classes: int, require_labels:
     return check_labels(labels, n, num_classes)
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard of one calibration runs (small and picklable: it is what a Ray task receives).
+
+    Attributes:
+        model: the serialized model with pooled probes (:func:`graph_ops.probes.add_pooled_probes`).
+        specs: the model's inputs (:func:`pipeline.runtime.model_input_specs`).
+        pooled: the probes' pooled outputs.
+        num_classes: K of the statistics.
+        require_labels: refuse unlabelled data.
+        batch_size: samples per onnxruntime call (shards start on batch boundaries).
+        backend: onnxruntime backend (``auto``, ``ort-cpu``, ``ort-cuda``).
+        intra_op_threads: onnxruntime intra-op threads.
+        shard_batches: batches per shard (:mod:`pipeline.shards`).
+    """
+
+    model: bytes
+    specs: Mapping[str, tuple[tuple[int | None, ...], np.dtype]]
+    pooled: tuple[PooledProbe, ...]
+    num_classes: int
+    require_labels: bool
+    batch_size: int
+    backend: str
+    intra_op_threads: int | None
+    shard_batches: int = SHARD_BATCHES
+
+    @property
+    def outputs(self) -> list[str]:
+        """The graph outputs every batch fetches."""
+        return [name for p in self.pooled for name in (p.shape, p.sums, p.nonzero, p.abs_sum) if name]
+
+    def batches(self, dataset: Any, *, progress: bool) -> Iterable[Batch]:
+        """The pooled outputs of every batch of ``dataset``, in order (one onnxruntime session)."""
+        session = open_session(self.model, self.backend, self.intra_op_threads)
+        return stream(session, dataset, self.outputs, self.specs, batch_size=self.batch_size, stage="calibrate",
+                      progress=progress)
+
+    def fold(self, batches: Iterable[Batch], first_sample: int = 0) -> dict[str, ProbeStats]:
+        """The statistics of a run of batches (one shard), folded in order."""
+        running: dict[str, ProbeAccumulator] = {}
+        for batch in batches:
+            labels = _labels(batch.labels, batch.size, self.num_classes, self.require_labels)
+            values = dict(zip(self.outputs, batch.outputs, strict=True))
+            for probe in self.pooled:
+                running[probe.tensor] = _fold(running.get(probe.tensor), probe, values, labels, self.num_classes,
+                                              first_sample + batch.start)
+        return {name: acc.freeze() for name, acc in running.items()}
+
+    def shard(self, dataset: Any, shard: Shard) -> dict[str, ProbeStats]:
+        """The statistics of one shard of ``dataset`` (what a Ray task computes)."""
+        part = dataset.subset(shard.start, shard.stop)
+        return self.fold(self.batches(part, progress=False), shard.start)
+
+    def local(self, dataset: Any, shards: Sequence[Shard], *, progress: bool) -> dict[str, ProbeStats]:
+        """Every shard in this process (one stream over the data), merged in shard order."""
+        merged: OrderedMerge[dict[str, ProbeStats]] = OrderedMerge(merge_probes)
+        batches = self.batches(dataset, progress=progress)
+        for index, group in itertools.groupby(batches, key=lambda b: b.index // self.shard_batches):
+            merged.add(index, self.fold(group))
+        return merged.result(len(shards))
+
+
 def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, probes: Sequence[str] | None = None,
-              pooling: str = DEFAULT_POOLING, batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None,
-              progress: bool = True, require_labels: bool = True, summaries: bool = True) -> CalibrationStats:
+              pooling: str = DEFAULT_POOLING, batch_size: int = 64, backend: str = "auto",
+              intra_op_threads: int | None = None, progress: bool = True, require_labels: bool = True,
+              summaries: bool = True, cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> CalibrationStats:
     """Stream a dataset through a model and return per-probe sufficient statistics.
 
     Args:
@@ -145,18 +228,23 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
         pooling: ``auto`` (per probe), ``gap``, ``avg2`` or ``avg4`` (see the module docstring).
         batch_size: samples per onnxruntime call.
         backend: ``auto`` (CUDA EP when really active, else CPU), ``ort-cpu`` or ``ort-cuda``.
-        intra_op_threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        intra_op_threads: onnxruntime intra-op threads (default: onnxruntime's choice; on Ray workers: the
+            worker's CPUs).
         progress: show a tqdm bar on stderr.
         require_labels: fail when the dataset has no labels or a single class (DI/LDA/PLS need them).
         summaries: also count zeros and absolute sums per channel (what ``mean-act`` / ``apoz`` read; two more
             reductions per probe).
+        cluster: :class:`pipeline.cluster.RayOptions` to compute the shards on Ray workers (same statistics to the
+            last bit); None: in this process.
+        shard_batches: batches per shard (the statistics depend on it in the last bits, never on the workers).
 
     Returns:
         The statistics, keyed by probe tensor name.
 
     Raises:
         CalibrationError: data that does not fit the model, NaN/Inf, missing or bad labels, one class.
-        UserInputError: unreadable model, unknown probe name, pooling or backend.
+        UserInputError: unreadable model, unknown probe name, pooling or backend; Ray options without Ray or with
+            in-memory data.
     """
     if pooling not in POOLINGS:
         raise UserInputError(f"unknown pooling '{pooling}'; choose one of {', '.join(POOLINGS)}")
@@ -173,19 +261,23 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
         pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries)
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
-    session = open_session(pooled_model.SerializeToString(), backend, intra_op_threads)
     num_classes = _num_classes(prepared.model, dataset, require_labels)
-    outputs = [name for p in pooled for name in (p.shape, p.sums, p.nonzero, p.abs_sum) if name]
-    running: dict[str, ProbeAccumulator] = {}
-    for batch in stream(session, dataset, outputs, model_input_specs(prepared.model), batch_size=batch_size,
-                        stage="calibrate", progress=progress):
-        labels = _labels(batch.labels, batch.size, num_classes, require_labels)
-        values = dict(zip(outputs, batch.outputs, strict=True))
-        for probe in pooled:
-            running[probe.tensor] = _fold(running.get(probe.tensor), probe, values, labels, num_classes, batch.start)
-    stats = {name: acc.freeze() for name, acc in running.items()}
+    specs = model_input_specs(prepared.model)
+    batch_size = fixed_batch(specs, batch_size)  # a static batch is what every onnxruntime call gets
+    job = ShardJob(pooled_model.SerializeToString(), specs, tuple(pooled), num_classes, require_labels, batch_size,
+                   backend, intra_op_threads, shard_batches)
+    shards = shard_layout(getattr(dataset, "num_samples", 0), batch_size, shard_batches)
+    if not shards:
+        raise CalibrationError("the calibrate dataset yielded no samples")
+    if cluster is not None:
+        from pipeline.cluster import calibrate_on_ray
+
+        stats = calibrate_on_ray(cluster, job, dataset, shards, progress=progress)
+    else:
+        stats = job.local(dataset, shards, progress=progress)
     _check_amount(stats, require_labels)
-    logger.info("calibrated %d probes on %d samples (pooling %s)", len(stats), next(iter(stats.values())).n, pooling)
+    logger.info("calibrated %d probes on %d samples in %d shards (pooling %s)", len(stats),
+                next(iter(stats.values())).n, len(shards), pooling)
     return CalibrationStats(model_sha256=prepared.sha256, dataset=str(getattr(dataset, "name", type(dataset).__name__)),
-                            pooling=pooling, num_classes=num_classes, probes={p: stats[p] for p in names},
+                            pooling=pooling, num_classes=job.num_classes, probes={p: stats[p] for p in names},
                             task=prepared.task.to_dict() if prepared.task else None)

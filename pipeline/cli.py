@@ -204,6 +204,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> object | None:
+    """Ray options of ``--workers`` / ``--ray`` (None when neither is given)."""
+    if args.workers is None and args.ray is None:
+        return None
+    from pipeline.cluster import ray_options
+
+    return ray_options(workers=args.workers, address=args.ray)
+
+
 def _task(args: argparse.Namespace) -> object | None:
     """The task of ``--task-classes`` / ``--task-map`` (None when neither is given)."""
     from pipeline.task import task_from_options
@@ -218,6 +227,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     out = check_writable(args.output, args.model)
     task = _task(args)
+    cluster = _cluster(args)
     data = _dataset(args.data, args, split=args.split)
     note = ""
     if task is not None:
@@ -225,7 +235,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         data, note = restricted.data, f" (task {task.describe()}: {restricted.dropped} samples of other classes dropped)"
     stats = calibrate(prepare(args.model, _shapes(args), task=task), data, pooling=args.pooling,
                       batch_size=args.batch_size, progress=not args.quiet,
-                      require_labels=getattr(data, "labels", None) is not None)
+                      require_labels=getattr(data, "labels", None) is not None, cluster=cluster,
+                      shard_batches=args.shard_batches)
     stats.save(out)
     _emit(args, f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
     return 0
@@ -295,7 +306,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
                    recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
-                   robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args))
+                   robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args),
+                   cluster=_cluster(args), shard_batches=args.shard_batches)
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
@@ -367,6 +379,29 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task-map", default=None, metavar="FILE.json",
                        help='grouped task, e.g. {"odd": [1,3,5,7,9], "even": [0,2,4,6,8]}: one score per group '
                             "(log-sum-exp of the member logits)")
+
+
+def _shard_batches(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--shard-batches must be a positive number of batches, got {text}")
+    return value
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.shards import SHARD_BATCHES
+
+    parser.add_argument("--shard-batches", type=_shard_batches, default=SHARD_BATCHES, metavar="N",
+                        help=f"batches per shard of the data (default {SHARD_BATCHES}); statistics are summed per "
+                             "shard and merged in shard order, so they depend on N (in the last bits), never on "
+                             "--workers")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="compute the data's shards on a local Ray with N worker processes (extra [ray]); "
+                            "the results equal those of a run without it")
+    group.add_argument("--ray", default=None, metavar="ADDRESS",
+                       help="compute the shards on an existing Ray cluster ('auto', HOST:6379, ray://HOST:10001); "
+                            "the data must be readable at the same path on its nodes")
 
 
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
@@ -454,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     _add_data_options(p)
     _add_task_options(p)
+    _add_ray_options(p)
 
     p = parsers["score"]
     p.add_argument("stats", nargs="?", default=None, help="statistics from 'diprune calibrate' (not for l1/l2/random)")
@@ -491,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_options(p)
     _add_data_options(p)
     _add_task_options(p)
+    _add_ray_options(p)
 
     p = parsers["eval"]
     p.add_argument("model")

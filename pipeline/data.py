@@ -16,6 +16,12 @@ arrays with a leading batch axis, ``labels`` is an int64 vector or None. Loaders
 
 A dataset built from a single unnamed array is bound to the model's single input by :meth:`Dataset.bind` (called by
 :func:`check_against_model`). All conversions are deterministic.
+
+Datasets read from files carry a :class:`DataSpec`: the source (kind, path, options) and the steps applied since
+(task restriction, input binding, sample ranges), a few hundred bytes that a Ray worker reopens by itself
+(:meth:`DataSpec.open`) to read only its own slice (arrays of an uncompressed ``.npz`` are memory-mapped, images are
+read lazily), instead of arrays pickled and shipped from the driver. In-memory datasets (:func:`from_iterable`) have
+none.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+import struct
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +53,45 @@ ModelInputs = Mapping[str, tuple[Sequence[int | None], np.dtype | type]]
 Loader = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """How to reopen a dataset from its files: the source and the steps applied to it since (see the module
+    docstring).
+
+    Attributes:
+        kind: ``"npz"`` (:func:`from_npz`) or ``"images"`` (:func:`from_image_folder`).
+        path: absolute path of the file or folder (it must be readable at the same path wherever the spec is opened).
+        options: keyword arguments of the loader.
+        steps: ``("task", task dict)``, ``("bind", input name)`` or ``("range", start, stop)``, in order.
+    """
+
+    kind: str
+    path: str
+    options: tuple[tuple[str, Any], ...] = ()
+    steps: tuple[tuple[Any, ...], ...] = ()
+
+    def then(self, *step: Any) -> DataSpec:
+        """This spec with one more step."""
+        return replace(self, steps=(*self.steps, tuple(step)))
+
+    def open(self) -> Dataset:
+        """The dataset this spec describes, read from its files."""
+        options = dict(self.options)
+        data = from_npz(self.path, **options) if self.kind == "npz" else from_image_folder(self.path, **options)
+        for step in self.steps:
+            if step[0] == "task":
+                from pipeline.task import Task
+
+                task = Task.from_dict(step[1])
+                assert task is not None
+                data = task.dataset(data).data
+            elif step[0] == "bind":
+                data = data.bind([step[1]])
+            else:
+                data = data.subset(step[1], step[2])
+        return data
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """Labelled (or unlabelled) samples that can be iterated in batches, deterministically (compared by identity).
@@ -55,6 +103,7 @@ class Dataset:
         labels: Read-only int64 labels of shape (num_samples,), or None.
         keys: Feed keys produced by ``loader`` (array names in the source).
         loader: Function from sample indices to ``{key: batch array}``.
+        spec: How to reopen this dataset from its files (None for in-memory data); see :class:`DataSpec`.
     """
 
     name: str
@@ -63,6 +112,7 @@ class Dataset:
     labels: np.ndarray | None
     keys: tuple[str, ...]
     loader: Loader = field(repr=False, compare=False)
+    spec: DataSpec | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int | None:
@@ -81,11 +131,30 @@ class Dataset:
         if batch_size < 1:
             raise UserInputError(f"batch size must be at least 1, got {batch_size}")
         for start in range(0, self.num_samples, batch_size):
-            idx = np.arange(start, min(start + batch_size, self.num_samples))
-            feeds = self.loader(idx)
-            if self.input_name is not None and len(self.keys) == 1:
-                feeds = {self.input_name: feeds[self.keys[0]]}
-            yield feeds, (None if self.labels is None else self.labels[idx])
+            yield self.take(start, min(start + batch_size, self.num_samples))
+
+    def take(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """``(feeds, labels)`` of samples ``[start, stop)``."""
+        idx = np.arange(start, stop)
+        feeds = self.loader(idx)
+        if self.input_name is not None and len(self.keys) == 1:
+            feeds = {self.input_name: feeds[self.keys[0]]}
+        return feeds, (None if self.labels is None else self.labels[idx])
+
+    def subset(self, start: int, stop: int) -> Dataset:
+        """Samples ``[start, stop)`` as a dataset of their own (its spec, if any, records the range)."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise UserInputError(f"sample range [{start}, {stop}) is outside dataset '{self.name}' of "
+                                 f"{self.num_samples} samples")
+        base = self.loader
+
+        def loader(idx: np.ndarray) -> dict[str, np.ndarray]:
+            return base(np.asarray(idx) + start)
+
+        labels = None if self.labels is None else self.labels[start:stop]
+        spec = None if self.spec is None else self.spec.then("range", start, stop)
+        return replace(self, name=f"{self.name}[{start}:{stop}]", num_samples=stop - start, labels=labels,
+                       loader=loader, spec=spec)
 
     def bind(self, model_input_names: Sequence[str]) -> Dataset:
         """Return this dataset with its feeds named after ``model_input_names``.
@@ -97,7 +166,7 @@ class Dataset:
         if set(self.feed_names) == set(names):
             return self
         if len(self.keys) == 1 and len(names) == 1:
-            return replace(self, input_name=names[0])
+            return replace(self, input_name=names[0], spec=None if self.spec is None else self.spec.then("bind", names[0]))
         raise CalibrationError(
             f"dataset '{self.name}' provides arrays {list(self.feed_names)} but the model has inputs {list(names)}; "
             "name the input array with --input-key ARRAY (or ARRAY=INPUT per input; Python: input_map=...) "
@@ -190,16 +259,34 @@ def _select_split(arrays: dict[str, np.ndarray], labels_key: str, split: str | N
     return {k: v[part] for k, v in arrays.items()}
 
 
+def _options(**options: Any) -> tuple[tuple[str, Any], ...]:
+    """Loader options as a spec records them (sequences as tuples, mappings as sorted pairs turned back on open)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return dict(sorted(value.items()))
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return tuple(np.asarray(value).tolist())
+        return value
+
+    return tuple((key, plain(value)) for key, value in options.items())
+
+
 def _text(value: object, default: float) -> str:
     return str(default if value is None else np.asarray(value).tolist())
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``: read-only memory maps for uncompressed members (a reader touches only the samples
+    it indexes), loaded arrays for compressed ones."""
     if not path.is_file():
         raise UserInputError(f"data file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as handle:
-            return {k: handle[k] for k in sorted(handle.files)}
+            keys = sorted(handle.files)
+            with zipfile.ZipFile(path) as archive:
+                members = {info.filename: info for info in archive.infolist()}
+            mapped = {k: _mapped(path, members.get(f"{k}.npy")) for k in keys}
+            return {k: handle[k] if mapped[k] is None else mapped[k] for k in keys}
     except Exception as err:  # zipfile, zlib, pickle and value errors all mean a corrupt or foreign file
         raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or holding Python objects; "
                              f"write it with numpy.savez): {err}") from err
@@ -227,6 +314,30 @@ def _check_normalisation(scale: float | None, mean: object, std: object) -> None
             raise UserInputError(f"--{name} must be finite numbers, got {np.asarray(value).tolist()}")
     if std is not None and np.any(np.asarray(std, dtype=np.float64) == 0):
         raise UserInputError(f"--std must be non-zero (it divides the inputs), got {np.asarray(std).tolist()}")
+
+
+def _mapped(path: Path, member: zipfile.ZipInfo | None) -> np.ndarray | None:
+    """A stored (uncompressed) ``.npy`` member of a zip file as a read-only memory map, or None."""
+    if member is None or member.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(member.header_offset)
+        local = handle.read(30)  # the local file header: its name and extra field lengths are at bytes 26..29
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        handle.seek(member.header_offset + 30 + name_len + extra_len)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        reader = readers.get(np.lib.format.read_magic(handle))
+        if reader is None:
+            return None
+        shape, fortran, dtype = reader(handle)
+        if dtype.hasobject:
+            return None
+        offset = handle.tell()
+    if not int(np.prod(shape, dtype=np.int64)):
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def from_npz(
@@ -284,8 +395,10 @@ def from_npz(
     keys = tuple(sources)
     name = f"npz:{path.name}" + (f"[{split}]" if split else "") + (f"[:{num}]" if limit is not None else "")
     name += f" scale={'default' if scale is None else scale} mean={_text(mean, 0)} std={_text(std, 1)} layout={layout}"
+    spec = DataSpec("npz", str(path.resolve()), _options(input_map=input_map, labels_key=labels_key, scale=scale,
+                                                         mean=mean, std=std, layout=layout, split=split, limit=limit))
     return Dataset(name, keys[0] if input_map is not None and len(keys) == 1 else None, num,
-                   _checked_labels(labels, str(path)), keys, loader)  # fmt: skip
+                   _checked_labels(labels, str(path)), keys, loader, spec)  # fmt: skip
 
 
 def from_image_folder(
@@ -341,7 +454,9 @@ def from_image_folder(
     kind = f"{len(classes)} classes" if classes else "unlabelled"
     name = f"images:{root.name} ({kind}) size={size} crop={crop_hw} mean={list(mean)} std={list(std)}"
     name += f" {channel_order}"
-    return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader)
+    spec = DataSpec("images", str(root.resolve()), _options(size=size, crop=crop, mean=mean, std=std,
+                                                            channel_order=channel_order, limit=limit))
+    return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader, spec)
 
 
 def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: str) -> np.ndarray:

@@ -40,6 +40,7 @@ from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
+from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.task import Task
 
@@ -128,13 +129,17 @@ class PruneRun:
         work_dir: where recovery may spill large activations (default: the system's temp folder).
         task: the user's task (:class:`pipeline.task.Task`): the model's head is rewritten into the task's scores
             and the calibration data keeps only the task's samples, with task labels.
+        cluster: :class:`pipeline.cluster.RayOptions` (``pipeline.cluster.ray_options(workers=N)`` or
+            ``(address=...)``): calibration and recovery shards on Ray workers, same results; None: this process.
+        shard_batches: batches per shard (:mod:`pipeline.shards`; results depend on it in the last bits only).
     """
 
     def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *,
                  pooling: str = DEFAULT_POOLING,
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
-                 task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+                 task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> None:
         """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
@@ -145,6 +150,7 @@ class PruneRun:
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else str(work_dir)
+        self.cluster, self.shard_batches = cluster, shard_batches
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
 
@@ -179,7 +185,8 @@ class PruneRun:
                 self._stats[summaries] = calibrate(self.prepared, self.data, pooling=self.pooling,
                                                    batch_size=self.batch_size, backend=self.backend,
                                                    intra_op_threads=self.threads, progress=self.progress,
-                                                   summaries=summaries, require_labels=labels)
+                                                   summaries=summaries, require_labels=labels, cluster=self.cluster,
+                                                   shard_batches=self.shard_batches)
         return self._stats[summaries]
 
     def use_stats(self, stats: CalibrationStats, *, summaries: bool) -> None:
@@ -256,7 +263,8 @@ class PruneRun:
             model, report = recover(self.prepared.model, pruned, self.prepared.index, keep_lists(plan), self.data,
                                     method=method, sequential=mode == "sequential", batch_size=self.batch_size,
                                     seed=self.seed, progress=self.progress, backend=self.backend,
-                                    intra_op_threads=self.threads, spill_dir=self.work_dir)
+                                    intra_op_threads=self.threads, spill_dir=self.work_dir, cluster=self.cluster,
+                                    shard_batches=self.shard_batches)
         return model, {**report.to_dict(), "mode": mode}
 
     def candidate(self, method: str, *, target_macs: float | None = None, target_params: float | None = None,
@@ -422,7 +430,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
           recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
           robustness: bool = False, keep_first_and_last: bool = True,
-          input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Report:
+          input_shapes: Mapping[str, tuple[int, ...]] | None = None, cluster: Any | None = None,
+          shard_batches: int = SHARD_BATCHES) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -433,9 +442,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     model) or ``one-pass``. ``keep_first_and_last`` protects the first layer and the classifier input. ``task``
     restricts the model's head and both datasets to the user's task (:mod:`pipeline.task`). ``max_drop`` (accuracy
     points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
-    ``eval_data`` (:func:`smallest_within`). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has
-    one entry per stage that ran. ``robustness`` adds top-1 and agreement under noise and adversarial examples to
-    the evaluation (:mod:`pipeline.robustness`).
+    ``eval_data`` (:func:`smallest_within`). ``robustness`` adds top-1 and agreement under noise and adversarial
+    examples to the evaluation (:mod:`pipeline.robustness`). ``cluster`` (:class:`pipeline.cluster.RayOptions`)
+    computes calibration and recovery shards on Ray, started once for the run. One :class:`PruneRun` chains the
+    stages; the report's ``timings_s`` has one entry per stage that ran.
     """
     recover = DEFAULT_RECOVERY if recover is None else recover
     if robustness and eval_data is None:
@@ -448,11 +458,36 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
     if max_drop is None and target_macs is None and target_params is None:
         raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept), or --max-drop P")
-    run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
-                   work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes)
+    if cluster is not None and data is not None:
+        from pipeline.cluster import data_spec
+
+        data_spec(data)  # in-memory data cannot go to Ray workers: refused before any work
+    with ray_started(cluster):
+        run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
+                       work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes, cluster=cluster,
+                       shard_batches=shard_batches)
+        return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
+                          {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
+                           "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last},
+                          robustness=robustness)
+
+
+@contextmanager
+def ray_started(cluster: Any | None) -> Iterator[None]:
+    """Ray started (or connected) for the block when ``cluster`` is given, so that every stage reuses it."""
+    if cluster is None:
+        yield
+        return
+    from pipeline.cluster import ray_session
+
+    with ray_session(cluster):
+        yield
+
+
+def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_drop: float | None,
+               target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
+               robustness: bool = False) -> Report:
     eval_data = run.task_data(eval_data, "evaluation")
-    options = {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
-               "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last}
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
@@ -468,5 +503,5 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
 
         with run.timed("robustness"):
             evaluation["robustness"] = measure_robustness(run.prepared.model, candidate.model, eval_data,
-                                                          seed=seed, backend=run.backend)
+                                                          seed=run.seed, backend=run.backend)
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search)

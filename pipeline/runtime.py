@@ -189,6 +189,15 @@ def check_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def fixed_batch(specs: InputSpecs, batch_size: int) -> int:
+    """The batch size a model is really fed: the static batch its inputs all share (e.g. prepared with
+    ``--input-shape images:1x3x640x640``), else ``batch_size``. Sharding (:mod:`pipeline.shards`) uses it too."""
+    static = {shape[0] if shape else None for shape, _ in specs.values()}
+    if len(static) == 1 and isinstance(next(iter(static)), int):
+        return int(next(iter(static)))
+    return batch_size
+
+
 def feed_batches(dataset: Any, specs: InputSpecs,
                  batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
     """The dataset's ``(feeds, labels)`` batches, bound to the model's input names and checked against ``specs``.
@@ -200,9 +209,7 @@ def feed_batches(dataset: Any, specs: InputSpecs,
         raise UserInputError("this stage needs data: give a dataset (e.g. --data mnist or an .npz file)")
     if batch_size < 1:
         raise UserInputError(f"batch size must be positive, got {batch_size}")
-    static = {shape[0] if shape else None for shape, _ in specs.values()}
-    if len(static) == 1 and isinstance(next(iter(static)), int):
-        batch_size = int(next(iter(static)))
+    batch_size = fixed_batch(specs, batch_size)
     bound = dataset.bind(list(specs))
     for feeds, labels in bound.batches(batch_size):
         validate_batch(feeds, specs, f"dataset '{bound.name}'")

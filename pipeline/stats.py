@@ -293,6 +293,11 @@ class ProbeAccumulator:
                           cells=self.cells)
 
 
+def merge_probes(total: Mapping[str, ProbeStats], part: Mapping[str, ProbeStats]) -> dict[str, ProbeStats]:
+    """Per-probe merge of two shards' statistics (``total`` first: the merge order is part of the result)."""
+    return {name: stats.merge(part[name]) for name, stats in total.items()}
+
+
 @dataclass(frozen=True)
 class CalibrationStats:
     """Per-probe statistics of one model on one labelled data set."""

@@ -102,8 +102,9 @@ class Task:
         if dropped:
             logger.info("task %s: %d of %d samples of other classes dropped from '%s'", self.describe(), dropped,
                         labels.size, data.name)
+        spec = getattr(data, "spec", None)
         kept = replace(data, name=f"{data.name} task={self.describe()}", num_samples=int(rows.size), labels=mapped,
-                       loader=loader)
+                       loader=loader, spec=None if spec is None else spec.then("task", self.to_dict()))
         return TaskData(kept, dropped, int(labels.size))
 
     def describe(self) -> str:

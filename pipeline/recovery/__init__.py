@@ -9,16 +9,19 @@ The registry :data:`RECOVERY` (it feeds the CLI's ``--recover``) holds:
   refit by least squares on im2col patches of its pruned input against the original model's output
   (:mod:`pipeline.recovery.refit`, algebra in :mod:`graph_ops.least_squares`).
 
-Every method reads its data through one :class:`pipeline.recovery.sweep.Sweep`: the original and the pruned model
-advance level by level over the calibration data, each node running once (not both whole models once per level).
-Recovery only rewrites weights and biases: the graph's structure and interface never change.
+Every method plans its work level by level (:class:`pipeline.recovery.sweep.LevelPlan`) and reads its data through
+one sweep (:mod:`pipeline.recovery.sweep`): the original and the pruned model advance level by level over the
+calibration data, each node running once (not both whole models once per level). The data is cut into fixed shards
+whose moments are merged in shard order at every level (:mod:`pipeline.recovery.worker`), in this process or on Ray
+workers (``cluster``), with the same result. Recovery only rewrites weights and biases: the graph's structure and
+interface never change.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -27,6 +30,7 @@ import onnx
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import verify_model
 from pipeline.errors import UserInputError
+from pipeline.recovery.levels import LevelPlan
 from pipeline.recovery.maps import (
     ConsumerRecovery,
     bias_solver,
@@ -36,6 +40,9 @@ from pipeline.recovery.maps import (
 )
 from pipeline.recovery.refit import LayerRefit, lstsq_recovery, refit_targets
 from pipeline.recovery.sweep import SPILL_BYTES, layer_levels
+from pipeline.recovery.worker import sweep_levels
+from pipeline.runtime import fixed_batch, model_input_specs
+from pipeline.shards import SHARD_BATCHES, shard_layout
 
 __all__ = ["DEFAULT_RECOVERY", "RECOVERY", "ConsumerRecovery", "LayerRefit", "RecoveryOptions", "RecoveryReport",
            "consumer_targets", "layer_levels", "recover", "refit_targets"]
@@ -46,18 +53,20 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RecoveryReport:
     """Summary of one recovery run: per rewritten layer a :class:`ConsumerRecovery` (R1 / R2) or a
-    :class:`pipeline.recovery.refit.LayerRefit` (R3), and the layers skipped with a reason."""
+    :class:`pipeline.recovery.refit.LayerRefit` (R3), the layers skipped with a reason, and how the sweep went
+    (``sweep``: levels, shards, workers, seconds the driver spent solving, bytes of moments it received)."""
 
     method: str
     samples: int
     consumers: tuple[Any, ...]
     skipped: tuple[tuple[str, str], ...]
     notes: tuple[str, ...] = ()
+    sweep: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"method": self.method, "samples": self.samples, "consumers": [asdict(c) for c in self.consumers],
-                "skipped": [list(s) for s in self.skipped], "notes": list(self.notes)}
+                "skipped": [list(s) for s in self.skipped], "notes": list(self.notes), "sweep": dict(self.sweep)}
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class RecoveryOptions:
     progress: bool = False
     spill_dir: str | None = None
     spill_bytes: int = SPILL_BYTES
+    shard_batches: int = SHARD_BATCHES
+    cluster: Any | None = None
 
     def session(self) -> dict[str, Any]:
         """Options of :class:`pipeline.recovery.sweep.Sweep`."""
@@ -83,9 +94,9 @@ class RecoveryOptions:
                 "spill_dir": self.spill_dir, "spill_bytes": self.spill_bytes}
 
 
-Outcome = tuple[list[Any], list[tuple[str, str]]]
-Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]], Any,
-                     RecoveryOptions], Outcome]
+Recovery = Callable[[onnx.ModelProto, onnx.ModelProto, ChannelGroupIndex, Mapping[str, Sequence[int]],
+                     RecoveryOptions], LevelPlan]
+"""``(original, pruned, index, keep, options) -> LevelPlan``: the jobs of every level (they rewrite ``pruned``)."""
 
 RECOVERY: dict[str, Recovery | None] = {
     "none": None,
@@ -143,8 +154,19 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         return out, RecoveryReport(method, 0, (), (), notes)
     if dataset is None:
         raise UserInputError(f"recovery '{method}' needs calibration data (the training split); give a dataset")
-    done, skipped = run(original, out, index, keep, dataset, opts)
+    opts = replace(opts, batch_size=fixed_batch(model_input_specs(original), opts.batch_size))
+    plan = run(original, out, index, keep, opts)
+    shards = shard_layout(getattr(dataset, "num_samples", 0), opts.batch_size, opts.shard_batches)
+    executor = None
+    if opts.cluster is not None:
+        from pipeline.cluster import recovery_on_ray
+
+        executor = recovery_on_ray(opts.cluster, partial(run, index=index, keep=keep, opts=replace(opts, cluster=None)),
+                                   original, out, dataset, shards, opts.session())
+    done, missed, sweep = sweep_levels(original, out, plan, dataset, shards, progress=opts.progress,
+                                       session=opts.session(), executor=executor)
+    skipped = [*plan.skipped, *missed]
     verify_model(out)
     samples = getattr(dataset, "num_samples", None)
     logger.info("recovery '%s': %d layers rewritten, %d skipped", method, len(done), len(skipped))
-    return out, RecoveryReport(method, samples or 0, tuple(done), tuple(skipped), notes)
+    return out, RecoveryReport(method, samples or 0, tuple(done), tuple(skipped), notes, sweep)

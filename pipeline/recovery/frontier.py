@@ -24,6 +24,7 @@ class FrontierStore:
         self.memory: dict[tuple[str, int], np.ndarray] = {}
         self.files: dict[str, Path] = {}
         self.where: dict[tuple[str, int], tuple[int, tuple[int, ...], np.dtype]] = {}
+        self.spilled: dict[str, int] = {}  # spilled batches per tensor
         self.folder: Path | None = None
         self.created = 0
 
@@ -43,6 +44,7 @@ class FrontierStore:
             offset = handle.tell()
             np.ascontiguousarray(array).tofile(handle)
         self.where[(name, batch)] = (offset, array.shape, array.dtype)
+        self.spilled[name] = self.spilled.get(name, 0) + 1
 
     def get(self, name: str, batch: int) -> np.ndarray:
         """Batch ``batch`` of tensor ``name`` (a read-only memory map when spilled)."""
@@ -54,12 +56,26 @@ class FrontierStore:
         # mapped, not copied: onnxruntime and numpy read the page cache directly
         return np.memmap(self.files[name], dtype=dtype, mode="r", offset=offset, shape=shape)
 
+    def discard(self, name: str, batch: int) -> None:
+        """Forget batch ``batch`` of ``name`` (if kept); a tensor's file is deleted with its last batch."""
+        array = self.memory.pop((name, batch), None)
+        if array is not None:
+            self.used -= array.nbytes
+        if self.where.pop((name, batch), None) is not None:
+            self.spilled[name] -= 1
+            if not self.spilled[name]:
+                del self.spilled[name]
+                path = self.files.pop(name, None)
+                if path is not None:
+                    path.unlink(missing_ok=True)
+
     def drop(self, name: str) -> None:
         """Forget every batch of ``name`` (its file is deleted)."""
         for key in [k for k in self.memory if k[0] == name]:
             self.used -= self.memory.pop(key).nbytes
         for key in [k for k in self.where if k[0] == name]:
             del self.where[key]
+        self.spilled.pop(name, None)
         path = self.files.pop(name, None)
         if path is not None:
             path.unlink(missing_ok=True)
@@ -68,6 +84,7 @@ class FrontierStore:
         """Forget everything and remove the spill folder."""
         self.memory.clear()
         self.where.clear()
+        self.spilled.clear()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None

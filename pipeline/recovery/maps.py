@@ -3,7 +3,7 @@
 For each consumer edit recorded by analysis (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm K rows, in ``H*W``
 blocks after Flatten) whose input loses channels, float64 :class:`graph_ops.channel_fill.CrossMoments` of the full
 input ``a`` in the ORIGINAL model and of the kept channels ``z`` are accumulated (activations are never stored; at
-most ``max_positions`` seeded random pixels per image) and a map ``a ≈ F z + f`` is solved and folded into the
+most ``max_positions`` random pixels per image, drawn from :func:`batch_rng` of ``(seed, level, batch)``) and a map ``a ≈ F z + f`` is solved and folded into the
 consumer (algebra: :mod:`graph_ops.channel_fill`). One pass: ``z = a_K`` from the original. Sequential
 (error-accumulation correction as in He et al. 2017): consumers are processed level by level from input to output
 (:mod:`pipeline.recovery.sweep`) and ``z`` is read from the partly recovered pruned model, so each consumer also
@@ -37,7 +37,8 @@ from graph_ops.errors import PreconditionError
 from graph_ops.groups import ChannelGroupIndex, Edit
 from graph_ops.proto import attrs, fingerprint, node_index, node_name
 from graph_ops.prune import kept_indices
-from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, LevelJob, layer_levels, sweep_levels
+from pipeline.recovery.levels import LevelJob, LevelPlan
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, batch_rng, layer_levels
 
 logger = logging.getLogger(__name__)
 
@@ -173,10 +174,10 @@ class _Moments:
         self.gram_z += rows_z.T @ rows_z
         self.cross += rows_a.T @ rows_z
 
-    def freeze(self) -> CrossMoments:
-        """The accumulated moments."""
+    def freeze(self) -> CrossMoments | None:
+        """The accumulated moments (None before any vector)."""
         if self.count == 0:
-            self._allocate()
+            return None
         return CrossMoments(self.count, self.sums_a.copy(), self.sums_z.copy(), self.gram_a.copy(),
                             self.gram_z.copy(), self.cross.copy())
 
@@ -208,31 +209,43 @@ class MapLevel(LevelJob):
 
     def __init__(self, targets: Sequence[MapTarget], original: onnx.ModelProto, out: onnx.ModelProto,
                  solver: Solver, *, sequential: bool, ridge: float | None, max_positions: int | None,
-                 seed: int) -> None:
+                 seed: int, level: int) -> None:
         """Plan the level: which tensors are read (``a`` from the original, ``z`` from the pruned model)."""
         self.targets, self.model, self.out, self.solver, self.ridge = list(targets), original, out, solver, ridge
-        shapes = {t.tensor: (t.channels, t.block, t.kept) for t in self.targets}
-        self.names = sorted(shapes)
+        self.shapes = {t.tensor: (t.channels, t.block, t.kept) for t in self.targets}
+        self.names = sorted(self.shapes)
         self.original = tuple(self.names)
         self.current = tuple(self.names) if sequential else ()
-        self.acc = {name: (_Moments(*shapes[name]), _Moments(*shapes[name])) for name in self.names}
-        self.rng = np.random.default_rng(seed)
-        self.max_positions = max_positions
+        self.acc = self._fresh()
+        self.seed, self.level, self.max_positions = seed, level, max_positions
 
-    def add(self, held: bool, original: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> None:
-        """Fold one batch into every consumer input's moments (inputs in sorted order, one rng)."""
+    def _fresh(self) -> dict[str, tuple[_Moments, _Moments]]:
+        return {name: (_Moments(*self.shapes[name]), _Moments(*self.shapes[name])) for name in self.names}
+
+    def add(self, batch: int, held: bool, original: Mapping[str, np.ndarray],
+            current: Mapping[str, np.ndarray]) -> None:
+        """Fold one batch into every consumer input's moments (inputs in sorted order, one rng per batch)."""
+        rng = batch_rng(self.seed, self.level, batch)
         for name in self.names:
-            self.acc[name][int(held)].add(original[name], current.get(name), self.rng, self.max_positions)
+            self.acc[name][int(held)].add(original[name], current.get(name), rng, self.max_positions)
 
-    def finish(self) -> tuple[list[Any], list[tuple[str, str]]]:
+    def take(self) -> dict[str, tuple[CrossMoments | None, CrossMoments | None]]:
+        """Per consumer input, the (fit, held-out) moments folded since the last call."""
+        part = {name: (fit.freeze(), held.freeze()) for name, (fit, held) in self.acc.items()}
+        self.acc = self._fresh()
+        return part
+
+    def finish(self, moments: Any) -> tuple[list[Any], list[tuple[str, str]]]:
         """Solve and fold every consumer of the level into the pruned model."""
         done: list[Any] = []
         skipped: list[tuple[str, str]] = []
+        moments = moments or {}
         for target in self.targets:
-            fit, held = (m.freeze() for m in self.acc[target.tensor])
+            fit, held = moments.get(target.tensor, (None, None))
             try:
-                done.append(_recover_one(self.out, self.model, target, fit, held if held.count else None,
-                                         self.solver, self.ridge))
+                if fit is None:
+                    raise PreconditionError("no calibration vectors to fit its channel map")
+                done.append(_recover_one(self.out, self.model, target, fit, held, self.solver, self.ridge))
             except PreconditionError as err:
                 logger.warning("recovery skipped consumer '%s': %s", target.node, err)
                 skipped.append((target.node, str(err)))
@@ -240,13 +253,13 @@ class MapLevel(LevelJob):
 
 
 def map_recovery(solver: Solver, original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
-                 keep: Mapping[str, Sequence[int]], dataset: Any, opts: Any) -> tuple[list[Any], list[tuple]]:
-    """R1 / R2 over every consumer, level by level when ``opts.sequential`` (one sweep over the data)."""
+                 keep: Mapping[str, Sequence[int]], opts: Any) -> LevelPlan:
+    """R1 / R2 over every consumer, level by level when ``opts.sequential`` (one sweep over the data): the plan of
+    the sweep (its jobs rewrite ``out``)."""
     targets, skipped = consumer_targets(original, index, keep)
     levels = layer_levels(original, [t.index for t in targets]) if opts.sequential else [0] * len(targets)
     jobs = {level: [MapLevel([t for t, lvl in zip(targets, levels, strict=True) if lvl == level], original, out,
                              solver, sequential=opts.sequential, ridge=opts.ridge, max_positions=opts.max_positions,
-                             seed=opts.seed)] for level in sorted(set(levels))}
-    done, missed = sweep_levels(original, out, dict(zip((t.index for t in targets), levels, strict=True)), jobs,
-                                dataset, sequential=opts.sequential, progress=opts.progress, **opts.session())
-    return done, skipped + missed
+                             seed=opts.seed, level=level)] for level in sorted(set(levels))}
+    return LevelPlan(dict(zip((t.index for t in targets), levels, strict=True)), jobs, tuple(skipped),
+                     opts.sequential)

@@ -8,7 +8,8 @@ How (methods.md 6.2, R3; algebra in :mod:`graph_ops.least_squares`): layers are 
 to output (:mod:`pipeline.recovery.sweep`: one sweep advances both models a level at a time); for each level, the
 ORIGINAL model gives the layer's output, restricted to the output channels the plan keeps (the target), and the
 CURRENT pruned model, in which every upstream layer is already refit, gives the layer's input (im2col patches of the
-kept channels at up to ``positions`` seeded random output positions per image). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``, ``Σ y²`` are
+kept channels at up to ``positions`` random output positions per image, drawn from :func:`batch_rng` of
+``(seed, level, batch, layer)``). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``, ``Σ y²`` are
 streamed (every fifth batch held out); the ridge factor is chosen on the held-out batches, the layer's current
 weights compete (a refit that does not lower the held-out error is not applied) and the winner is refit on all
 batches and written into the layer's weight and bias. With ``sequential=False`` every layer is fitted in one data
@@ -58,8 +59,9 @@ from graph_ops.proto import (
     write_weights,
 )
 from graph_ops.prune import kept_indices
+from pipeline.recovery.levels import LevelJob, LevelPlan
 from pipeline.recovery.maps import MapLevel, MapTarget, consumer_targets, regress_solver
-from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, LevelJob, layer_levels, sweep_levels
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, batch_rng, layer_levels
 
 logger = logging.getLogger(__name__)
 
@@ -173,12 +175,13 @@ class RefitLevel(LevelJob):
 
     A Conv with static sizes reads only its sampled positions, gathered inside the graph
     (:class:`graph_ops.probes.PositionGather`): the original output at the positions, the pruned input at every tap
-    of their patches (the positions are drawn before the batch runs, in the order :func:`_design` draws them, so
-    the rows are the same). Other layers read whole tensors (:func:`_design`).
+    of their patches (the positions are drawn before the batch runs, as :func:`_design` draws them, so the rows are
+    the same). Other layers read whole tensors (:func:`_design`). Each layer's positions in a batch come from
+    ``batch_rng(seed, level, batch, layer index)``.
     """
 
     def __init__(self, layers: Sequence[_Layer], out: onnx.ModelProto, *, ridge: float | None,
-                 positions: int | None, seed: int) -> None:
+                 positions: int | None, seed: int, level: int) -> None:
         """Plan the level: layer outputs from the original, layer inputs from the pruned model."""
         self.layers, self.out = list(layers), out
         self.alphas = REFIT_ALPHAS if ridge is None else (float(ridge),)
@@ -196,34 +199,37 @@ class RefitLevel(LevelJob):
         whole = [layer for layer in self.layers if layer.name not in self.specs]
         self.original = tuple(dict.fromkeys([*(s[0] for s in self.specs.values()), *(x.output for x in whole)]))
         self.current = tuple(dict.fromkeys([*(s[1] for s in self.specs.values()), *(x.input for x in whole)]))
-        self.rng = np.random.default_rng(seed)
-        self.positions = positions
-        self.drawn: dict[int, dict[str, np.ndarray]] = {}  # batch -> index inputs (drawn once per batch)
-        self.acc = {layer.name: (MomentSums(), MomentSums()) for layer in self.layers}  # (fit, held-out)
+        self.seed, self.level, self.positions = seed, level, positions
+        self.drawn: tuple[int, dict[str, np.ndarray]] | None = None  # the last batch's index inputs
+        self.acc = self._fresh()
+
+    def _fresh(self) -> dict[str, tuple[MomentSums, MomentSums]]:
+        return {layer.name: (MomentSums(), MomentSums()) for layer in self.layers}  # (fit, held-out)
+
+    def _rng(self, batch: int, layer: _Layer) -> np.random.Generator:
+        return batch_rng(self.seed, self.level, batch, layer.index)
 
     def indices(self, batch: int, n: int) -> dict[str, np.ndarray]:
-        """Every gathered layer's positions for a batch, drawn at the batch's first request (batches in order,
-        layers in order: the draws of :func:`_design`)."""
-        if batch not in self.drawn:
-            if batch != len(self.drawn):
-                raise PreconditionError(f"refit: positions of batch {batch} asked before those of batch "
-                                        f"{len(self.drawn)}")
-            picks = {}
-            for layer in self.layers:
-                if layer.gather is None:
-                    continue
-                _, h, w, _, h_in, w_in = layer.gather
-                _, oy, ox = sample_positions(n, h, w, self.positions, self.rng)
-                y_spec, x_spec = self.specs[layer.name]
-                picks[y_spec.index] = (oy * w + ox).reshape(n, 1, -1).astype(np.int32)
-                flat, inside = patch_index(layer.shape, h_in, w_in, oy, ox)
-                picks[x_spec.index] = flat.reshape(n, 1, -1).astype(np.int32)
-                if x_spec.mask is not None:
-                    picks[x_spec.mask] = inside.reshape(n, 1, -1).astype(np.float32)
-            self.drawn[batch] = picks
-        return self.drawn[batch]
+        """Every gathered layer's positions for a batch (the same whenever asked: drawn from the batch's rng)."""
+        if self.drawn is not None and self.drawn[0] == batch:
+            return self.drawn[1]
+        picks = {}
+        for layer in self.layers:
+            if layer.gather is None:
+                continue
+            _, h, w, _, h_in, w_in = layer.gather
+            _, oy, ox = sample_positions(n, h, w, self.positions, self._rng(batch, layer))
+            y_spec, x_spec = self.specs[layer.name]
+            picks[y_spec.index] = (oy * w + ox).reshape(n, 1, -1).astype(np.int32)
+            flat, inside = patch_index(layer.shape, h_in, w_in, oy, ox)
+            picks[x_spec.index] = flat.reshape(n, 1, -1).astype(np.int32)
+            if x_spec.mask is not None:
+                picks[x_spec.mask] = inside.reshape(n, 1, -1).astype(np.float32)
+        self.drawn = (batch, picks)
+        return picks
 
-    def add(self, held: bool, original: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> None:
+    def add(self, batch: int, held: bool, original: Mapping[str, np.ndarray],
+            current: Mapping[str, np.ndarray]) -> None:
         """Fold one batch: design rows from the pruned input, targets from the original output (layer order)."""
         for layer in self.layers:
             if layer.name in self.specs:
@@ -234,14 +240,20 @@ class RefitLevel(LevelJob):
                 patches = gathered_patches(current[x_spec.output], layer.shape, taps)
                 rows, targets = patch_rows(patches, layer.shape), targets.reshape(len(targets), layer.shape.group, -1)
             else:
-                rows, targets = _design(layer, current[layer.input], original[layer.output], self.rng,
-                                        self.positions)
+                rows, targets = _design(layer, current[layer.input], original[layer.output],
+                                        self._rng(batch, layer), self.positions)
             self.acc[layer.name][int(held)].add(rows, targets)
 
-    def finish(self) -> tuple[list[Any], list[tuple[str, str]]]:
+    def take(self) -> dict[str, tuple[PatchMoments | None, PatchMoments | None]]:
+        """Per layer, the (fit, held-out) moments folded since the last call."""
+        part = {name: (fit.freeze(), held.freeze()) for name, (fit, held) in self.acc.items()}
+        self.acc, self.drawn = self._fresh(), None
+        return part
+
+    def finish(self, moments: Any) -> tuple[list[Any], list[tuple[str, str]]]:
         """Choose, solve and write every layer of the level."""
-        self.drawn.clear()
-        results = [_try_refit(self.out, layer, [m.freeze() for m in self.acc[layer.name]], self.alphas)
+        moments = moments or {}
+        results = [_try_refit(self.out, layer, list(moments.get(layer.name, (None, None))), self.alphas)
                    for layer in self.layers]
         return [r for r in results if isinstance(r, LayerRefit)], [r for r in results if isinstance(r, tuple)]
 
@@ -287,17 +299,19 @@ class _Skip(LevelJob):
     def __init__(self, skipped: list[tuple[str, str]]) -> None:
         self.skipped = skipped
 
-    def add(self, held: bool, original: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> None:
+    def add(self, batch: int, held: bool, original: Mapping[str, np.ndarray],
+            current: Mapping[str, np.ndarray]) -> None:
         """Nothing to fold."""
 
-    def finish(self) -> tuple[list[Any], list[tuple[str, str]]]:
+    def finish(self, moments: Any) -> tuple[list[Any], list[tuple[str, str]]]:
         """The recorded skips."""
         return [], self.skipped
 
 
 def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: ChannelGroupIndex,
-                   keep: Mapping[str, Sequence[int]], dataset: Any, opts: Any) -> tuple[list[Any], list[tuple]]:
-    """R3 over every affected layer, level by level when ``opts.sequential`` (one sweep over the data).
+                   keep: Mapping[str, Sequence[int]], opts: Any) -> LevelPlan:
+    """R3 over every affected layer, level by level when ``opts.sequential`` (one sweep over the data): the plan of
+    the sweep (:func:`pipeline.recovery.worker.sweep_levels` runs it; its jobs rewrite ``out``).
 
     A layer with more than ``opts.refit_max_dim`` unknowns per output (say a Flatten -> Gemm head of 25,088 inputs,
     whose Gram matrix alone would take 5 GB) gets R2 instead, at its level, when it is a channel-map consumer.
@@ -316,15 +330,14 @@ def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: Chann
         if too_large:
             level_jobs.append(MapLevel([maps[n] for n in too_large if n in maps], original, out, regress_solver,
                                        sequential=opts.sequential, ridge=opts.ridge,
-                                       max_positions=opts.max_positions, seed=opts.seed))
+                                       max_positions=opts.max_positions, seed=opts.seed, level=level))
             level_jobs.append(_Skip([(n, f"more than {opts.refit_max_dim} unknowns per output for R3 and not a "
                                          "channel-map consumer for R2; left as it is")
                                      for n in too_large if n not in maps]))
         fit = [layer for layer in batch if layer.name not in large]
         if fit:
             level_jobs.append(RefitLevel(fit, out, ridge=opts.ridge, positions=opts.refit_positions,
-                                         seed=opts.seed + level))
+                                         seed=opts.seed, level=level))
         jobs[level] = level_jobs
-    done, missed = sweep_levels(original, out, dict(zip((layer.index for layer in layers), levels, strict=True)),
-                                jobs, dataset, sequential=opts.sequential, progress=opts.progress, **opts.session())
-    return done, skipped + missed
+    return LevelPlan(dict(zip((layer.index for layer in layers), levels, strict=True)), jobs, tuple(skipped),
+                     opts.sequential)

@@ -17,12 +17,15 @@ total, plus the frontier traffic), and the values equal those of whole-model run
 (onnxruntime may fuse differently across a cut). One-pass recovery (``sequential=False``) is a single step.
 
 Batches keep the dataset's order; batch ``i`` is held out (for choosing ridge factors) when
-``i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1``.
+``i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1``. Batches are grouped into the fixed shards of :mod:`pipeline.shards`:
+a step can run any subset of batches (:meth:`Sweep.run`), each batch's frontier entries are dropped after their last
+reader, and every random draw depends only on ``(seed, level, batch)`` (:func:`batch_rng`), so a
+:class:`pipeline.recovery.worker.SweepWorker` holding some shards (in this process, or as a Ray actor) computes for
+them exactly what one process computes for all.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +36,21 @@ import onnx
 
 from graph_ops.probes import PositionGather, add_position_gathers
 from graph_ops.proto import declared_shapes
+from pipeline.data import validate_batch
 from pipeline.errors import CalibrationError
 from pipeline.recovery.frontier import FrontierStore
-from pipeline.runtime import feed_batches, model_input_specs, open_session, run
+from pipeline.runtime import model_input_specs, open_session, run
+from pipeline.shards import batch_range
 
 HOLD_OUT_EVERY = 5  # batch i is held out when i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 MIN_ROWS_PER_DIM = 10  # methods.md 6.2: at least 10x more samples than a regression's dimension (else a warning)
 SPILL_BYTES = 512 << 20  # frontier kept in memory up to this many bytes, the rest in files
+
+
+def batch_rng(seed: int, level: int, batch: int, *more: int) -> np.random.Generator:
+    """The generator of the random draws of one level for one (global) batch (``more``: e.g. a layer's node
+    index): the same whoever computes the batch, in whatever order."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, level, batch, *more])
 
 
 def layer_levels(model: onnx.ModelProto, indices: Sequence[int]) -> list[int]:
@@ -56,13 +67,6 @@ def layer_levels(model: onnx.ModelProto, indices: Sequence[int]) -> list[int]:
         for name in node.output:
             depth[name] = here
     return [level[i] for i in indices]
-
-
-def level_progress(levels: Sequence[int], progress: bool) -> Iterator[int]:
-    """The distinct levels in order, with a tqdm bar on stderr when ``progress`` (one sweep step per level)."""
-    from tqdm import tqdm
-
-    yield from tqdm(sorted(set(levels)), desc="recover", unit="level", file=sys.stderr, disable=not progress)
 
 
 def node_steps(model: onnx.ModelProto, levels: Mapping[int, int], *, after: bool) -> list[int]:
@@ -88,7 +92,8 @@ def _tensor(request: Request) -> str:
     return request.tensor if isinstance(request, PositionGather) else request
 
 
-def _key(request: Request) -> str:
+def request_key(request: Request) -> str:
+    """The name a request's value is yielded under: the tensor, or the gather's output."""
     return request.output if isinstance(request, PositionGather) else request
 
 
@@ -138,7 +143,7 @@ def _plan_side(model: onnx.ModelProto, steps: list[int], requests: Mapping[int, 
         last_use[name] = max(last_use.get(name, -1), step)
     for level, wanted in yields.items():  # what is yielded later than computed is kept until then
         for r in wanted:
-            last_use[_key(r)] = max(last_use.get(_key(r), -1), level)
+            last_use[request_key(r)] = max(last_use.get(request_key(r), -1), level)
     return _Side(model, steps, {k: tuple(v) for k, v in requests.items()}, needed, produced_at, last_use, inputs,
                  yields)
 
@@ -181,17 +186,19 @@ def _no_indices(levels: Iterable[int], batch: int, n: int) -> dict[str, np.ndarr
 
 
 class Sweep:
-    """Both models advanced level by level (see the module docstring); call :meth:`level` for levels 0, 1, ... in
-    order, refitting the current model in place between calls.
+    """Both models advanced level by level (see the module docstring): :meth:`run` computes one step for some
+    batches (every batch must have gone through the steps before), refitting the current model in place between
+    steps; :meth:`level` runs one step for every batch.
 
     Args:
         original: the unpruned (canonical) model; its inputs define how the dataset is bound.
         current: the pruned model that recovery rewrites in place (same nodes in the same order), or None.
         levels: node index -> level of every listed layer.
-        requests: level -> (requests to ``original``, requests to ``current``) that :meth:`level` yields per batch:
+        requests: level -> (requests to ``original``, requests to ``current``) that a step yields per batch:
             tensor names (whole tensors) or :class:`graph_ops.probes.PositionGather` (a tensor gathered at
-            positions inside the graph; the indices come from :meth:`level`'s ``indices`` callback).
-        dataset: a :class:`pipeline.data.Dataset` (labels are ignored).
+            positions inside the graph; the indices come from the ``indices`` callback).
+        dataset: a :class:`pipeline.data.Dataset` (labels are ignored); batch ``i`` is its samples
+            ``[i * batch_size, (i + 1) * batch_size)``.
         sequential: False: a single step (one pass; the current model is not refit in between).
         session: ``batch_size``, ``backend``, ``intra_op_threads``, ``spill_dir``, ``spill_bytes``.
     """
@@ -219,34 +226,50 @@ class Sweep:
             ahead = key == "original" and original_ahead
             steps = node_steps(model, levels, after=after) if sequential and not ahead else [0] * count
             self.sides[key] = _plan_side(model, steps, wanted, ahead=ahead)
-        self.dataset, self.batch_size = dataset, batch_size
-        self.backend, self.threads = backend, intra_op_threads
+        if batch_size < 1:
+            raise CalibrationError(f"batch size must be positive, got {batch_size}")
         self.specs = model_input_specs(original)
+        self.dataset = dataset.bind(list(self.specs))
+        self.batch_size, self.backend, self.threads = batch_size, backend, intra_op_threads
         self.store = {key: FrontierStore(spill_bytes // 2, spill_dir) for key in self.sides}
-        self.sizes: list[int] = []
+        self.last = {key: {} for key in self.sides}  # step -> names whose last reader runs at that step
+        for key, side in self.sides.items():
+            for name, step in side.last_use.items():
+                self.last[key].setdefault(step, []).append(name)
+        self.cached: tuple[int, dict[str, tuple[Any, list[str], list[str]]]] | None = None
+
+    @property
+    def num_batches(self) -> int:
+        """Batches of the dataset."""
+        return -(-self.dataset.num_samples // self.batch_size)
+
+    def invalidate(self) -> None:
+        """Forget the sessions built so far (the current model's weights changed)."""
+        self.cached = None
 
     def _runners(self, step: int) -> dict[str, tuple[Any, list[str], list[str]]]:
+        if self.cached is not None and self.cached[0] == step:
+            return self.cached[1]
         runners = {}
         for key, side in self.sides.items():
             sub, ins, outs = _segment(side, step)
             session = None if sub is None else open_session(sub.SerializeToString(), self.backend, self.threads,
                                                             short_lived=True)
             runners[key] = (session, ins, outs)
+        self.cached = (step, runners)
         return runners
 
-    def _inputs(self, step: int) -> Iterator[tuple[int, int, dict[str, np.ndarray] | None]]:
-        if step > 0:
-            yield from ((b, n, None) for b, n in enumerate(self.sizes))
-            return
-        for b, (feeds, _) in enumerate(feed_batches(self.dataset, self.specs, self.batch_size)):
-            self.sizes.append(next(iter(feeds.values())).shape[0])
-            yield b, self.sizes[-1], feeds
-        if not self.sizes:
-            raise CalibrationError("the recovery dataset yielded no samples")
+    def _feeds(self, batch: int) -> dict[str, np.ndarray]:
+        start, stop = batch_range(batch, self.batch_size, self.dataset.num_samples)
+        if start >= stop:
+            raise CalibrationError(f"recovery sweep: batch {batch} lies past the {self.dataset.num_samples} samples")
+        feeds = dict(self.dataset.take(start, stop)[0])
+        validate_batch(feeds, self.specs, f"dataset '{self.dataset.name}'")
+        return feeds
 
     def _side_batch(self, key: str, step: int, batch: int, feeds: dict[str, np.ndarray] | None,
                     indices: Callable[[Iterable[int], int, int], Mapping[str, np.ndarray]],
-                    runner: tuple[Any, list[str], list[str]]) -> list[np.ndarray]:
+                    runner: tuple[Any, list[str], list[str]], n: int) -> list[np.ndarray]:
         side, store = self.sides[key], self.store[key]
         session, ins, outs = runner
         if feeds is not None:
@@ -262,89 +285,51 @@ class Sweep:
             levels = sorted(k for k, wanted in side.yields.items() if any(isinstance(r, PositionGather)
                                                                           and r in side.requests.get(step, ())
                                                                           for r in wanted))
-            picks = indices(levels, batch, self.sizes[batch]) if levels else {}
+            picks = indices(levels, batch, n) if levels else {}
             values = run(session, outs, {n: picks[n] if n in picks else value(n) for n in ins}, stage="recovery",
                          finite=True)
             got = dict(zip(outs, values, strict=True))
             for name, array in got.items():
                 if side.last_use.get(name, -1) > step:
                     store.put(name, batch, array)
-        return [got[_key(r)] if _key(r) in got else value(_key(r)) for r in side.yields.get(step, ())]
+        keys = [request_key(r) for r in side.yields.get(step, ())]
+        return [got[key] if key in got else value(key) for key in keys]
 
-    def level(self, step: int, indices: Callable[[Iterable[int], int, int], Mapping[str, np.ndarray]] | None = None,
-              ) -> Iterator[tuple[bool, list[np.ndarray], list[np.ndarray]]]:
-        """Yield ``(held_out, original values, current values)`` per batch for the requests of level ``step``
-        (in request order; a gather yields ``(N, C, M)``). ``indices(levels, batch, n)`` gives the position indices
-        (by index input name) of the gathers of those levels for batch ``batch`` of ``n`` samples; it is called
-        before every run that computes them, possibly more than once per batch and level (the original model
-        computes every level's gathers at step 0), so it must return the same positions each time.
+    def run(self, step: int, batches: Iterable[int],
+            indices: Callable[[Iterable[int], int, int], Mapping[str, np.ndarray]] | None = None,
+            ) -> Iterator[tuple[int, bool, list[np.ndarray], list[np.ndarray]]]:
+        """Yield ``(batch, held_out, original values, current values)`` for the requests of level ``step``, for
+        each of ``batches`` (global indices, in the order given; each must have run every earlier step). A gather
+        yields ``(N, C, M)``. ``indices(levels, batch, n)`` gives the position indices (by index input name) of
+        the gathers of those levels for batch ``batch`` of ``n`` samples; it is called before every run that
+        computes them, possibly more than once per batch and level (the original model computes every level's
+        gathers at step 0), so it must return the same positions each time.
 
         Raises:
             CalibrationError: no samples, data that does not fit the model, NaN/Inf activations.
         """
         runners = self._runners(step)
         picks = indices if indices is not None else _no_indices
-        for batch, _size, feeds in self._inputs(step):
-            values = {key: self._side_batch(key, step, batch, feeds, picks, runners[key]) for key in self.sides}
-            yield (batch % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1, values.get("original", []),
+        for batch in batches:
+            start, stop = batch_range(batch, self.batch_size, self.dataset.num_samples)
+            feeds = self._feeds(batch) if step == 0 else None
+            values = {key: self._side_batch(key, step, batch, feeds, picks, runners[key], stop - start)
+                      for key in self.sides}
+            for key in self.sides:
+                for name in self.last[key].get(step, ()):
+                    self.store[key].discard(name, batch)
+            yield (batch, batch % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1, values.get("original", []),
                    values.get("current", []))
-        for key, side in self.sides.items():
-            for name in [n for n, last in side.last_use.items() if last <= step]:
-                self.store[key].drop(name)
+
+    def level(self, step: int, indices: Callable[[Iterable[int], int, int], Mapping[str, np.ndarray]] | None = None,
+              ) -> Iterator[tuple[bool, list[np.ndarray], list[np.ndarray]]]:
+        """:meth:`run` over every batch of the dataset, yielding ``(held_out, original values, current values)``."""
+        if self.dataset.num_samples == 0:
+            raise CalibrationError("the recovery dataset yielded no samples")
+        for _, held, outs, curs in self.run(step, range(self.num_batches), indices):
+            yield held, outs, curs
 
     def close(self) -> None:
         """Remove whatever the sweep still keeps (files included)."""
         for store in self.store.values():
             store.close()
-
-
-class LevelJob:
-    """What one recovery method does with the layers of one level: what it reads per batch (``original`` /
-    ``current`` requests), the gather positions it draws before a batch, how it folds a batch into its moments, and
-    how it rewrites the layers at the end of the level (subclasses fill these in)."""
-
-    original: tuple[Request, ...] = ()
-    current: tuple[Request, ...] = ()
-
-    def indices(self, batch: int, n: int) -> dict[str, np.ndarray]:
-        """Index inputs of this job's gathers for batch ``batch`` of ``n`` samples (none by default); the same
-        values every time it is asked for one batch."""
-        return {}
-
-    def add(self, held: bool, original: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> None:
-        """Fold one batch (values by request key: the tensor name, or the gather's output name)."""
-        raise NotImplementedError
-
-    def finish(self) -> tuple[list[Any], list[tuple[str, str]]]:
-        """Rewrite the level's layers; return what was done per layer and the layers skipped with a reason."""
-        raise NotImplementedError
-
-
-def sweep_levels(original: onnx.ModelProto, current: onnx.ModelProto, levels: Mapping[int, int],
-                 jobs: Mapping[int, Sequence[LevelJob]], dataset: Any, *, sequential: bool, progress: bool,
-                 **session: Any) -> tuple[list[Any], list[tuple[str, str]]]:
-    """Run the jobs of every level in order over one :class:`Sweep`; each level's jobs rewrite ``current`` (in place)
-    before the next level is computed. ``levels``: node index -> level of every layer the jobs rewrite."""
-    requests = {k: (tuple(dict.fromkeys(r for j in js for r in j.original)),
-                    tuple(dict.fromkeys(r for j in js for r in j.current))) for k, js in jobs.items()}
-    sweep = Sweep(original, current, levels, requests, dataset, sequential=sequential, **session)
-
-    def indices(wanted: Iterable[int], batch: int, n: int) -> dict[str, np.ndarray]:
-        return {name: value for level in wanted for job in jobs[level] for name, value in job.indices(batch, n).items()}
-
-    done: list[Any] = []
-    skipped: list[tuple[str, str]] = []
-    try:
-        for level in level_progress(list(jobs), progress):
-            keys_o, keys_c = ([_key(r) for r in side] for side in requests[level])
-            for held, outs, curs in sweep.level(level, indices):
-                by_o, by_c = dict(zip(keys_o, outs, strict=True)), dict(zip(keys_c, curs, strict=True))
-                for job in jobs[level]:
-                    job.add(held, by_o, by_c)
-            for job in jobs[level]:
-                got, missed = job.finish()
-                done += got
-                skipped += missed
-    finally:
-        sweep.close()
-    return done, skipped

@@ -44,7 +44,12 @@ def test_graph_ops_never_imports_pipeline(path: Path) -> None:
 @pytest.mark.parametrize("path", GRAPH_OPS + PIPELINE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_heavy_optional_parts_are_imported_lazily(path: Path) -> None:
     top = _module_level_imports(path)
-    assert not top & {"torch", "torchvision", "tensorrt", "pycuda", "polygraphy", "matplotlib"}
+    assert not top & {"torch", "torchvision", "tensorrt", "pycuda", "polygraphy", "matplotlib", "ray"}
+
+
+def test_ray_is_imported_by_the_cluster_module_only() -> None:
+    users = [p.relative_to(ROOT).as_posix() for p in GRAPH_OPS + PIPELINE if "ray" in _imports(p)]
+    assert users == ["pipeline/cluster.py"]
 
 
 @pytest.mark.parametrize(

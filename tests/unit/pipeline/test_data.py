@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -328,3 +329,51 @@ class TestOpenDataset:
     def test_unknown_spec(self, tmp_path: Path) -> None:
         with pytest.raises(UserInputError, match="not found: give 'mnist'"):
             open_dataset(tmp_path / "nothing.npz")
+
+
+class TestDataSpec:
+    """What a Ray worker receives: a small spec it reopens by itself, giving the same samples."""
+
+    @staticmethod
+    def _same(a: Dataset, b: Dataset) -> None:
+        fa, la = _all(a, 5)
+        fb, lb = _all(b, 5)
+        assert a.num_samples == b.num_samples and sorted(fa) == sorted(fb)
+        for key in fa:
+            np.testing.assert_array_equal(fa[key], fb[key])
+        np.testing.assert_array_equal(la, lb)
+
+    def test_npz_with_task_binding_and_ranges_reopens_to_the_same_samples(self) -> None:
+        from pipeline.task import Task
+
+        data = Task(classes=(3, 8)).dataset(open_dataset("mnist", split="train", limit=300)).data
+        part = data.bind(["input"]).subset(10, 60).subset(5, 37)
+        assert part.spec is not None and [s[0] for s in part.spec.steps] == ["task", "bind", "range", "range"]
+        assert len(pickle.dumps(part.spec)) < 1000  # a spec, not arrays
+        reopened = part.spec.open()
+        assert reopened.feed_names == ("input",) and set(reopened.labels.tolist()) <= {0, 1}
+        self._same(part, reopened)
+
+    def test_image_folder_reopens_to_the_same_samples(self, tmp_path: Path) -> None:
+        _write_folder(tmp_path)
+        data = from_image_folder(tmp_path, size=16, crop=12, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]).subset(1, 4)
+        self._same(data, data.spec.open())
+
+    def test_in_memory_data_has_no_spec(self) -> None:
+        assert from_iterable([(np.zeros((2, 3), np.float32), np.array([0, 1]))]).spec is None
+
+    def test_uncompressed_npz_arrays_are_memory_mapped_and_equal_compressed_ones(self, tmp_path: Path) -> None:
+        x = np.random.default_rng(0).integers(0, 255, (9, 4, 5, 3), dtype=np.uint8)
+        np.savez(tmp_path / "plain.npz", x=x, y=np.arange(9) % 2)
+        np.savez_compressed(tmp_path / "packed.npz", x=x, y=np.arange(9) % 2)
+        plain, packed = from_npz(tmp_path / "plain.npz"), from_npz(tmp_path / "packed.npz")
+        self._same(plain, packed)
+        from pipeline.data import _read_npz
+
+        assert isinstance(_read_npz(tmp_path / "plain.npz")["x"], np.memmap)
+        assert not isinstance(_read_npz(tmp_path / "packed.npz")["x"], np.memmap)
+        np.testing.assert_array_equal(_read_npz(tmp_path / "plain.npz")["x"], x)
+
+    def test_a_range_outside_the_data_is_refused(self) -> None:
+        with pytest.raises(UserInputError, match="outside"):
+            open_dataset("mnist", limit=10).subset(5, 11)
