@@ -18,7 +18,8 @@ and timed against the original in interleaved rounds (:func:`pipeline.timing.int
 ratio ``m`` is not within ``tolerance`` of ``F``, the planner's aim is corrected and the plan made again: first
 multiplicatively (``aim' = p * F / m``, ``p`` the plan's predicted fraction: what the model got wrong at this point
 is assumed to hold near it), then, once tries lie on both sides of ``F``, by interpolating ``log m`` against
-``log p`` between the closest ones. At most ``iterations`` plans are timed. The result is, among the tries within
+``log p`` between the closest ones. At most ``iterations`` plans are timed; the loop stops early when the planner
+returns a plan it already timed. The result is, among the tries within
 ``tolerance`` (else within ``band``) of ``F``, the one that loses the least information; without one, the largest
 that is at or below ``F``, else the fastest (a note says the budget was not met, with the numbers). The same loop
 drives a MACs budget to a measured latency (the benchmark's "MACs plan of equal latency").
@@ -192,6 +193,15 @@ def select_for_latency(scores: ChannelScores, index: ChannelGroupIndex, model: L
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(scores, alloc), meta=meta)
 
 
+def with_information_lost(plan: PruningPlan, scores: ChannelScores, index: ChannelGroupIndex) -> PruningPlan:
+    """The plan with ``meta["information_lost"]``: the sum over its groups of the loss (as the planners count it)
+    of going from full width to the kept width; lets MACs plans be compared with latency plans."""
+    alloc = _Allocation(index, scores, {}, {}, (0.0, 0.0), (1.0, 1.0))
+    sizes = {g.id: g.size for g in index.groups}
+    lost = sum(alloc.loss(gid, sizes[gid], len(keep)) for gid, keep in sorted(plan.keep.items()))
+    return replace(plan, meta={**plan.meta, "information_lost": float(lost)})
+
+
 def _information_lost(alloc: _Allocation) -> float:
     """Sum over groups of the loss of going from full width to the chosen width."""
     return float(sum(alloc.loss(gid, ladder[0], ladder[alloc.rung[gid]])
@@ -259,6 +269,8 @@ def closed_loop(make: Callable[[float], PruningPlan], measure: Callable[[Pruning
     aim, tried = goal, []
     for _ in range(iterations):
         plan = make(aim)
+        if any(t["plan"].keep == plan.keep for t in tried):
+            break  # the planner gives the same plan again: measuring it again would not help
         p, m = predicted(plan), measure(plan)
         tried.append({"aim": round(aim, 6), "predicted": p, "measured": m, "plan": plan,
                       "lost": float(plan.meta.get("information_lost", 0.0)),
@@ -267,8 +279,6 @@ def closed_loop(make: Callable[[float], PruningPlan], measure: Callable[[Pruning
         if abs(m / goal - 1) <= tolerance or (m > goal and plan.meta.get("reached") is False):
             break
         aim = min(1.0, max(1e-4, _next_aim(tried, goal)))
-        if any(abs(aim - t["aim"]) < 1e-6 for t in tried):
-            break
     best = _pick(tried, goal, tolerance, band)
     return best["plan"], [{k: v for k, v in t.items() if k != "plan"} for t in tried]
 

@@ -101,6 +101,22 @@ SENSITIVITIES: dict[str, Callable[..., dict[str, float]]] = {
 """Ranking name -> sensitivity function (the registry of ``--int8-ranking``)."""
 
 
+def fewest_passing(n: int, passes: Callable[[int], bool]) -> int:
+    """The smallest ``k`` in ``0..n`` with ``passes(k)``, assuming ``passes(n)`` (not called): ``0``, then
+    ``1, 2, 4, ...`` until one passes, then bisection between the last failing and the first passing ``k``."""
+    low, k = -1, 0
+    while k < n and not passes(k):
+        low, k = k, 1 if k == 0 else min(2 * k, n)
+    high = min(k, n)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if passes(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 @dataclass(frozen=True)
 class MixedPrecision:
     """The result of a mixed-precision search: the INT8 model, the layers kept fp32 and what was tried."""
@@ -145,16 +161,7 @@ def search_mixed_precision(quantizer: Int8Quantizer, evaluate: Callable[[onnx.Mo
                         results[k][0], bound)
         return results[k][0] >= bound - 1e-12
 
-    low, high, k = -1, len(order), 0
-    while k < len(order) and not trial(k):
-        low, k = k, 1 if k == 0 else min(2 * k, len(order))
-    high = min(k, len(order))
-    while high - low > 1:
-        mid = (low + high) // 2
-        if trial(mid):
-            high = mid
-        else:
-            low = mid
+    high = fewest_passing(len(order), trial)
     top1, model = results.get(high) or (reference, quantizer.model)
     tried = tuple({"fp32_layers": k, "top1": results[k][0], "within": results[k][0] >= bound - 1e-12}
                   for k in sorted(results))

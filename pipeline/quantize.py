@@ -45,6 +45,14 @@ def weight_layers(model: onnx.ModelProto) -> tuple[str, ...]:
                  if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in weights)
 
 
+class _NoPreprocessAdvice(logging.Filter):
+    """Drops onnxruntime's "consider pre-processing" advice, logged on the root logger at every quantization: the
+    canonical model is already BatchNorm-folded and shape-inferred (what that pre-processing would do)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over the first ``samples`` samples of a dataset."""
 
@@ -107,6 +115,8 @@ class Int8Quantizer:
         out = Path(self._tmp.name) / "model.int8.onnx"
         source = onnx.ModelProto()
         source.CopyFrom(self.model)  # quantize_static moves the weights of a ModelProto it is given to external data
+        quiet = _NoPreprocessAdvice()
+        logging.getLogger().addFilter(quiet)
         try:
             quantize_static(source, str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -114,6 +124,8 @@ class Int8Quantizer:
                             **options)
         except (ValueError, RuntimeError, onnx.checker.ValidationError) as err:
             raise CalibrationError(f"onnxruntime could not quantize the model to int8: {err}") from err
+        finally:
+            logging.getLogger().removeFilter(quiet)
         model = onnx.load(str(out))
         out.unlink(missing_ok=True)
         return model
