@@ -271,3 +271,25 @@ def test_run_config_takes_latency_budgets_and_int8(tmp_path: Path) -> None:
         config_from_dict({**doc, "prune": {**doc["prune"], "quantize": "int4"}}, tmp_path)
     with pytest.raises(UserInputError, match="target_latency"):
         config_from_dict({**doc, "prune": {"methods": ["di"], "target_latency": [1.5]}}, tmp_path)
+
+
+def test_run_job_with_a_latency_budget_and_int8_twins(tmp_path: Path, cache: Path, model: LatencyModel) -> None:
+    from pipeline.job import run_job
+
+    output = tmp_path / "out"
+    (output / "cache" / "latency").mkdir(parents=True)
+    for file in cache.glob("latency-*.json"):  # the module's measurement, under the key the job will ask for
+        shutil.copy(file, output / "cache" / "latency" / file.name)
+    doc = {"model": str(demo_model_path()),
+           "data": {"calibration": {"path": "mnist", "limit": 64}, "evaluation": {"path": "mnist", "limit": 128}},
+           "prune": {"methods": ["l2"], "target_latency": 0.6, "recover": "none", "quantize": "int8"},
+           "bench": {"threads": 1, "duration": 0.05, "warmup": 0.05, "iterations": 3, "rounds": 2},
+           "output": str(output)}
+    report = run_job(config_from_dict(doc, tmp_path), progress=False)
+    names = [c.name for c in report.candidates]
+    assert names == ["l2-latency0.6", "original-int8", "l2-latency0.6-int8"]
+    fp32, int8 = report.candidate("l2-latency0.6"), report.candidate("l2-latency0.6-int8")
+    assert fp32.target_kind == "latency" and fp32.target == 0.6
+    assert (int8.macs, int8.params) == (fp32.macs, fp32.params)  # quantization keeps the arithmetic
+    assert report.candidate("original-int8").macs_fraction == pytest.approx(1.0)
+    assert (output / "candidates" / "l2-latency0.6-int8.onnx").is_file()
