@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -256,6 +257,13 @@ def report(path: Path = RESULT) -> str:
              f"jobs), onnxruntime {machine.get('versions', {}).get('onnxruntime')}; onnxruntime CPU, 1 intra-op "
              "thread, batch 1. Produced by `python -m benchmarks.latency_budget --stage torchvision|mnist|int8`.",
              ""]
+    for stage, load in snapshot.get("load", {}).items():
+        lines.append(f"- Load average (1 min) of `--stage {stage}` (other jobs on the machine): "
+                     f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end "
+                     f"({load['start_time']} to {load['end_time']} UTC).")
+    lines += [f"- {note}" for note in snapshot.get("notes", ())]
+    if snapshot.get("load") or snapshot.get("notes"):
+        lines.append("")
     if "torchvision" in snapshot:
         lines += ["## torchvision models (random weights, l2 scores)", "", *torchvision_lines(snapshot["torchvision"]),
                   ""]
@@ -278,6 +286,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "latency_budget")
     parser.add_argument("--max-top1-drop", type=float, default=0.0, help="int8 stage: accuracy target in points")
     parser.add_argument("--result", type=Path, default=RESULT, help="the JSON file to merge into")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the results' notes (how a stage was run); repeatable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("graph_ops", "pipeline.calibrate", "pipeline.recovery", "root"):
@@ -285,6 +295,10 @@ def main() -> None:
     logging.getLogger().setLevel(logging.INFO)
     args.work.mkdir(parents=True, exist_ok=True)
     merge(args.result, ["machine"], machine_info())
+    for note in args.note:
+        with locked_doc(args.result) as doc:
+            doc.setdefault("notes", []).append(note)
+    start = {"start": os.getloadavg(), "start_time": time.strftime("%H:%M", time.gmtime())}
     cal = open_dataset("mnist", split="train", limit=2000)
     test = open_dataset("mnist", split="test")
     if args.stage == "torchvision":
@@ -296,6 +310,10 @@ def main() -> None:
     elif args.stage == "int8":
         for name in (args.models.split(",") if args.models else MNIST):
             merge(args.result, ["int8", name], int8_model(name, args.work, cal, test, args.max_top1_drop))
+    if args.stage != "report":
+        run = args.stage if not args.models else f"{args.stage} --models {args.models}"
+        merge(args.result, ["load", run],
+              {**start, "end": os.getloadavg(), "end_time": time.strftime("%H:%M", time.gmtime())})
     print(report(args.result))
 
 
