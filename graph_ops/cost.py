@@ -16,7 +16,9 @@ Parameters are the element counts of:
   counted separately);
 * PRelu: its slope tensor.
 
-Per-channel constants of Add/Mul and every other initializer are not counted. Output spatial sizes come from the
+Per-channel constants of Add/Mul and every other initializer are not counted. In a quantized (QDQ) model a weight
+or bias that reaches its node through ``DequantizeLinear`` of a constant counts as that constant (same shape, same
+MACs and parameter count as the fp32 model). Output spatial sizes come from the
 shapes the caller passes (a prepared model's analysis holds them) or from ONNX shape inference on a light copy. A node whose needed dims are not static is counted with 0 MACs and listed in
 ``CostReport.unresolved`` (a warning is logged).
 """
@@ -78,9 +80,10 @@ def _node_cost(
         macs = None if per_pixel is None or pixels is None else per_pixel * pixels
         return macs, _size(consts, ins[1:3])
     if op == "Gemm":
-        a, out = shapes.get(ins[0]), shapes.get(node.output[0])
-        if a is None or out is None or len(a) != 2:
-            return None, _size(consts, ins[1:3])
+        a, out, w = shapes.get(ins[0]), shapes.get(node.output[0]), shapes.get(ins[1])
+        if a is None or out is None or len(a) != 2:  # unknown activation shapes: K * N from a static 2-D weight
+            static = w is not None and len(w) == 2 and None not in w
+            return (w[0] * w[1] if static else None), _size(consts, ins[1:3])
         k = a[0] if any(at.name == "transA" and at.i for at in node.attribute) else a[1]
         return (None if k is None or out[1] is None else k * out[1]), _size(consts, ins[1:3])
     if op == "MatMul" and len(ins) > 1 and ins[1] in consts and len(consts[ins[1]]) == 2:
@@ -107,6 +110,11 @@ def count(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -> 
     """
     shapes = static_shapes(model) if shapes is None else shapes
     consts = {name: tuple(t.dims) for name, t in constants(model).items()}
+    dequantized = {node.output[0]: consts[node.input[0]] for node in model.graph.node
+                   if node.op_type == "DequantizeLinear" and node.input and node.input[0] in consts}
+    if dequantized:  # QDQ weights: the constant behind DequantizeLinear
+        consts.update(dequantized)
+        shapes = {**shapes, **dequantized}
     by_node: dict[str, tuple[str, int, int]] = {}
     unresolved: list[str] = []
     for index, node in enumerate(model.graph.node):

@@ -261,6 +261,33 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency_target(args: argparse.Namespace) -> object:
+    """Where latency is measured: ``--backend``, ``--precision``, ``--latency-batch``, ``--latency-threads``."""
+    from pipeline.latency_model import LatencyTarget
+
+    return LatencyTarget(backend=args.backend, precision=args.precision, batch=args.latency_batch,
+                         threads=args.latency_threads)
+
+
+def _latency_budget(args: argparse.Namespace) -> object | None:
+    """The ``--target-latency`` budget with its measurement settings (None without it)."""
+    if args.target_latency is None:
+        return None
+    from pipeline.latency_plan import LatencyBudget
+
+    return LatencyBudget(args.target_latency, _latency_target(args), iterations=args.latency_iterations,
+                         cache_dir=Path(args.latency_cache) if args.latency_cache else None)
+
+
+def _latency_note(plan_meta: dict) -> str:
+    """``, measured latency x... of the original (requested x...)`` for a latency plan, else empty."""
+    record = plan_meta.get("latency")
+    if not record:
+        return ""
+    return (f", measured latency x{record['measured_ratio']:.3f} of the original (requested "
+            f"x{record['target_latency']:.3f}; {len(record['tries'])} plan(s) timed)")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from graph_ops.io import check_writable
     from pipeline.plan import select_channels
@@ -274,9 +301,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
-    plan = select_channels(scores, prepared.index, target_macs=args.target_macs, target_params=args.target_params,
-                           round_to=_round_to(args), min_channels=args.min_channels,
-                           protect=tuple(args.protect), keep_first_and_last=not args.prune_ends)
+    options = {"target_macs": args.target_macs, "target_params": args.target_params, "round_to": _round_to(args),
+               "min_channels": args.min_channels, "protect": tuple(args.protect),
+               "keep_first_and_last": not args.prune_ends}
+    latency = _latency_budget(args)
+    if latency is not None:
+        from pipeline.latency_plan import plan_for_latency
+
+        plan = plan_for_latency(prepared, scores, latency, **options)
+    else:
+        plan = select_channels(scores, prepared.index, **options)
     plan = plan.with_sha(prepared.sha256).with_input_shapes(prepared.input_shapes)
     if scores.task:
         from dataclasses import replace
@@ -285,7 +319,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan.save(out)
     for note in plan.meta.get("notes", ()):
         _warn(args, note)
-    _emit(args, f"wrote {out}: {plan.summary()}")
+    _emit(args, f"wrote {out}: {plan.summary()}{_latency_note(dict(plan.meta))}")
     return 0
 
 
@@ -293,11 +327,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from graph_ops.io import check_writable
     from pipeline.orchestrate import prune
 
-    if args.target_macs is None and args.target_params is None and args.max_drop is None:
-        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.5), or "
-                             "--max-drop P (accuracy points) with --eval-data")
-    if args.max_drop is not None and (args.target_macs is not None or args.target_params is not None):
-        raise UserInputError("--max-drop searches the budget itself; drop --target-macs / --target-params")
+    if args.target_macs is None and args.target_params is None and args.max_drop is None \
+            and args.target_latency is None:
+        raise UserInputError("give a budget: --target-macs F, --target-params F or --target-latency F (fraction "
+                             "kept, e.g. 0.5), or --max-drop P (accuracy points) with --eval-data")
+    if args.max_drop is not None and (args.target_macs is not None or args.target_params is not None
+                                      or args.target_latency is not None):
+        raise UserInputError("--max-drop searches the budget itself; drop --target-macs / --target-params / "
+                             "--target-latency")
     for path in (args.output, f"{args.output}.plan.json", f"{args.output}.report.json"):
         check_writable(path, args.model)
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
@@ -307,13 +344,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
                    recover=args.recover, recover_mode=args.recover_mode, task=_task(args), max_drop=args.max_drop,
                    robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args),
-                   cluster=_cluster(args), shard_batches=args.shard_batches)
+                   cluster=_cluster(args), shard_batches=args.shard_batches,
+                   latency=_latency_budget(args), quantize=args.quantize, max_top1_drop=args.max_top1_drop,
+                   int8_ranking=args.int8_ranking, timing=_latency_target(args))
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
         logger.info("searched MACs %.4f: top-1 %.4f (%s)", step["macs_fraction"], step["top1"],
                     "within" if step["within"] else "outside")
-    _emit(args, f"wrote {args.output} and {args.output}.report.json: {report.summary()}")
+    plan_meta = json.loads(Path(f"{args.output}.plan.json").read_text()).get("meta", {})
+    _emit(args, f"wrote {args.output} and {args.output}.report.json: {report.summary()}{_latency_note(plan_meta)}")
+    if "int8" in report.evaluation:
+        from pipeline.int8_stage import int8_path, int8_summary
+
+        _emit(args, f"wrote {int8_path(args.output)}: {int8_summary(report.evaluation['int8'])}")
     return 0
 
 
@@ -418,6 +462,23 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
                         help="never prune this group (repeatable; ids from 'diprune inspect')")
     parser.add_argument("--prune-ends", action="store_true",
                         help="also prune the first layer and the classifier input (protected by default)")
+    _add_latency_options(parser)
+
+
+def _add_latency_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.latency_model import default_cache_dir
+
+    parser.add_argument("--target-latency", type=_fraction, default=None, metavar="F",
+                        help="fraction of the original's latency measured on --backend (closed loop: planned with a "
+                             "latency model of the target, then measured and corrected)")
+    parser.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size latency is measured at")
+    parser.add_argument("--latency-threads", type=_positive_int, default=None,
+                        help="onnxruntime intra-op threads for latency (default: onnxruntime's choice)")
+    parser.add_argument("--latency-iterations", type=_positive_int, default=4,
+                        help="at most this many plans are measured in the closed loop")
+    parser.add_argument("--latency-cache", default=str(default_cache_dir()), metavar="DIR",
+                        help="where latency models are kept, keyed by target, versions and layer shapes "
+                             "(default: %(default)s; '' for none)")
 
 
 def _add_export_options(p: argparse.ArgumentParser) -> None:
@@ -521,6 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--robustness", action="store_true",
                    help="report top-1 and agreement under noise and FGSM/PGD attacks (needs --eval-data)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also write OUT.int8.onnx: the pruned, recovered model in INT8 (onnxruntime static QDQ, "
+                        "per-channel weights, calibrated on --data); the report compares fp32 and int8")
+    p.add_argument("--max-top1-drop", type=_non_negative, default=None, metavar="P",
+                   help="with --quantize int8: keep the layers whose INT8 error loses most information in fp32 "
+                        "until held-out top-1 is within P points of the pruned fp32 model")
+    p.add_argument("--int8-ranking", choices=("di", "magnitude"), default="di",
+                   help="how --max-top1-drop ranks layers: di (DI lost by the class scores) or magnitude "
+                        "(weight quantization error)")
     p.add_argument("--max-drop", type=float, default=None, metavar="P",
                    help="instead of a budget: the smallest model whose held-out top-1 (on --eval-data) stays within "
                         "P accuracy points of the unpruned model; the report lists every budget tried")

@@ -12,6 +12,9 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
     prune:
       methods: [di]                  # keys of pipeline.scorers.SCORERS
       target_macs: [0.5]             # fractions kept; and/or target_params: [...]
+      target_latency: []             # fractions of the original's latency measured on bench.backend at the first
+                                     # bench batch with bench.threads (closed loop; pipeline.latency_plan)
+      quantize: null                 # int8: every candidate and the original also quantized (<name>-int8)
       recover: lstsq                 # keys of pipeline.recovery.RECOVERY
       recover_mode: sequential       # or one-pass
       round_to: null                 # null: the bench backend's default (8 on ort-cpu)
@@ -88,6 +91,8 @@ class PruneSpec:
     methods: tuple[str, ...] = ("di",)
     target_macs: tuple[float, ...] = ()
     target_params: tuple[float, ...] = ()
+    target_latency: tuple[float, ...] = ()
+    quantize: str | None = None
     recover: str = DEFAULT_RECOVERY
     recover_mode: str = "sequential"
     round_to: int | None = None
@@ -101,8 +106,9 @@ class PruneSpec:
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
-        """``(kind, fraction)`` budgets, MACs first, in config order."""
-        return tuple(("macs", t) for t in self.target_macs) + tuple(("params", t) for t in self.target_params)
+        """``(kind, fraction)`` budgets, MACs first, then params, then latency, in config order."""
+        return (tuple(("macs", t) for t in self.target_macs) + tuple(("params", t) for t in self.target_params)
+                + tuple(("latency", t) for t in self.target_latency))
 
 
 @dataclass(frozen=True)
@@ -278,12 +284,14 @@ def _prune(value: Any) -> PruneSpec:
                                                                                  "prune.methods"))
     targets = {key: tuple(dict.fromkeys(_number(t, f"prune.{key}", low=0.0, high=1.0, low_open=True)
                                         for t in _list(section[key], f"prune.{key}"))) if key in section else ()
-               for key in ("target_macs", "target_params")}
+               for key in ("target_macs", "target_params", "target_latency")}
     max_drop = section.get("max_drop")
     max_drop = None if max_drop is None else _number(max_drop, "prune.max_drop", low=0.0)
-    if not targets["target_macs"] and not targets["target_params"] and max_drop is None:
-        raise UserInputError("config: give a budget: 'prune.target_macs' and/or 'prune.target_params' (fractions "
-                             "kept, e.g. [0.5, 0.25]), or 'prune.max_drop' (accuracy points)")
+    if not any(targets.values()) and max_drop is None:
+        raise UserInputError("config: give a budget: 'prune.target_macs', 'prune.target_params' and/or "
+                             "'prune.target_latency' (fractions kept, e.g. [0.5, 0.25]), or 'prune.max_drop' "
+                             "(accuracy points)")
+    quantize = section.get("quantize")
     round_to = section.get("round_to")
     protect = section.get("protect") or []
     prune_ends = section.get("prune_ends", False)
@@ -297,6 +305,7 @@ def _prune(value: Any) -> PruneSpec:
         round_to=None if round_to is None else _number(round_to, "prune.round_to", integer=True, low=1),
         min_channels=_number(section.get("min_channels", 8), "prune.min_channels", integer=True, low=1),
         protect=tuple(str(p) for p in _list(protect, "prune.protect")) if protect else (), prune_ends=prune_ends,
+        quantize=None if quantize is None else _choice(quantize, "prune.quantize", ("int8",)),
         pooling=_choice(section.get("pooling", DEFAULT_POOLING), "prune.pooling", tuple(POOLINGS)),
         batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),
         seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0), max_drop=max_drop)

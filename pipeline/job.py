@@ -131,6 +131,9 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
                     "min_channels": prune.min_channels, "protect": sorted(prune.protect), "ends": prune.prune_ends,
                     "recover": prune.recover, "mode": prune.recover_mode, "pooling": prune.pooling,
                     "batch_size": prune.batch_size, "seed": prune.seed}
+        latency = _latency_budget(job, target) if kind == "latency" else None
+        if latency is not None:  # a latency candidate depends on where latency is measured
+            settings["latency_target"] = vars(latency.on)
         key = content_key("candidate", model=run.prepared.sha256, data=calib_id, **settings)
         candidate = job.cache.load_candidate(key)
         search = job.cache.load_json("search", key) if kind == "within" else None
@@ -153,10 +156,48 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
             job.cache.save_json("search", key, {"tried": list(tried)})
         else:
             job.echo(f"candidate {i}/{len(jobs)} {name}: score, plan, apply, recover {prune.recover}")
-            candidate = run.candidate(method, **options, **{f"target_{kind}": target})
+            candidate = run.candidate(method, **options, latency=latency,
+                                      **({} if latency else {f"target_{kind}": target}))
         job.cache.save_candidate(key, candidate)
         job.counts["candidates_computed"] += 1
         out.append((name, candidate, False))
+    return out
+
+
+def _latency_budget(job: _Job, target: float) -> Any:
+    """A latency budget measured as the bench section says (its backend, first batch, threads); latency models are
+    cached in ``OUTPUT/cache/latency``."""
+    from pipeline.latency_model import LatencyTarget
+    from pipeline.latency_plan import LatencyBudget
+
+    bench = job.config.bench
+    cache = job.cache.root / "latency" if job.cache.enabled else None
+    return LatencyBudget(target, LatencyTarget(backend=bench.backend, batch=bench.batch[0], threads=bench.threads,
+                                               precision=bench.precision), cache_dir=cache)
+
+
+def _int8_twins(job: _Job, run: PruneRun, made: list[tuple[str, Candidate, bool]],
+                calibration: Any) -> list[tuple[str, Candidate, bool]]:
+    """With ``prune.quantize: int8``: the original and every candidate quantized (``<name>-int8``, calibrated on the
+    calibration data; :mod:`pipeline.quantize`)."""
+    if job.config.prune.quantize is None:
+        return []
+    from pipeline.plan import PruningPlan
+    from pipeline.quantize import Int8Quantizer
+
+    sources = [("original", Candidate("original", PruningPlan(run.prepared.sha256, {}), run.prepared.model,
+                                      {"method": "none"}, {}), False), *made]
+    out = []
+    for name, candidate, _ in sources:
+        job.echo(f"int8: quantizing {name}")
+        quantizer = Int8Quantizer(candidate.model, calibration, workdir=job.cache.root if job.cache.enabled else None)
+        with job.timed("int8"):
+            try:
+                model = quantizer.quantize()
+            finally:
+                quantizer.close()
+        out.append((f"{name}-int8", replace(candidate, model=model, budget={**candidate.budget, "quantize": "int8"}),
+                    False))
     return out
 
 
@@ -192,9 +233,10 @@ def _result(run: PruneRun, name: str, candidate: Candidate, reused: bool, path: 
     drop = None if pruned["top1"] is None or original["top1"] is None else original["top1"] - pruned["top1"]
     groups = {g.id: {"size": g.size, "kept": len(candidate.plan.keep.get(g.id, range(g.size)))}
               for g in run.prepared.index.groups}
-    kind = "macs" if candidate.budget.get("target_macs") is not None else "params"
+    kind = next((k for k in ("macs", "params", "latency") if candidate.budget.get(f"target_{k}") is not None), None)
     return CandidateResult(
-        name=name, method=candidate.method, target_kind=kind, target=float(candidate.budget[f"target_{kind}"]),
+        name=name, method=candidate.method, target_kind=kind or "none",
+        target=float(candidate.budget[f"target_{kind}"]) if kind else 1.0,
         recover=str(candidate.recovery.get("method", "none")), path=str(path.relative_to(output)),
         sha256=sha256_file(path), macs=int(cost.macs), params=int(cost.params),
         macs_fraction=cost.macs / full.macs, params_fraction=cost.params / full.params,
@@ -281,6 +323,7 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     eval_id = {**data_identity(config.evaluation, evaluation.name), "task": task}
     searches: dict[str, tuple[dict[str, Any], ...]] = {}
     made = _candidates(job, run, calib_id, evaluation, searches)
+    made += _int8_twins(job, run, made, calibration)
     if job.counts["calibration"] == "not needed" and any(needs_stats(m) for m in prune.methods):
         job.counts["calibration"] = "not needed (every candidate reused)"
     job.echo(f"evaluate: the original and {len(made)} candidate(s) on {evaluation.num_samples} samples")

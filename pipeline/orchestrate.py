@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -43,6 +43,10 @@ from pipeline.scorers.base import ChannelScores, ScoringContext
 from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.task import Task
+
+if TYPE_CHECKING:
+    from pipeline.latency_model import LatencyTarget
+    from pipeline.latency_plan import LatencyBudget
 
 __all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "score", "write_candidate"]
 
@@ -235,13 +239,21 @@ class PruneRun:
 
     def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
              round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
-             keep_first_and_last: bool = True, **planner: Any) -> PruningPlan:
+             keep_first_and_last: bool = True, latency: LatencyBudget | None = None, **planner: Any) -> PruningPlan:
         """The planner's allocation for a budget, for this model (its sha recorded); ``planner``: further options of
-        :func:`pipeline.plan.select_channels` (``fill_back``, ``fine_share``)."""
+        :func:`pipeline.plan.select_channels` (``fill_back``, ``fine_share``); with a ``latency`` budget the latency
+        planner and its closed loop on the target (:mod:`pipeline.latency_plan`)."""
         with self.timed("plan"):
-            plan = select_channels(scores, self.prepared.index, target_macs=target_macs, target_params=target_params,
-                                   round_to=round_to, min_channels=min_channels, protect=tuple(protect),
-                                   keep_first_and_last=keep_first_and_last, **planner)
+            if latency is not None:
+                from pipeline.latency_plan import plan_for_latency
+
+                plan = plan_for_latency(self.prepared, scores, latency, target_macs=target_macs,
+                                        target_params=target_params, round_to=round_to, min_channels=min_channels,
+                                        protect=tuple(protect), keep_first_and_last=keep_first_and_last)
+            else:
+                plan = select_channels(scores, self.prepared.index, target_macs=target_macs,
+                                       target_params=target_params, round_to=round_to, min_channels=min_channels,
+                                       protect=tuple(protect), keep_first_and_last=keep_first_and_last, **planner)
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
         return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
@@ -270,17 +282,26 @@ class PruneRun:
     def candidate(self, method: str, *, target_macs: float | None = None, target_params: float | None = None,
                   round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
                   keep_first_and_last: bool = True, recover: str | None = None,
-                  recover_mode: str = "sequential") -> Candidate:
-        """score -> plan -> apply -> recover for one method and budget."""
+                  recover_mode: str = "sequential", target_latency: float | None = None,
+                  latency: LatencyBudget | None = None) -> Candidate:
+        """score -> plan -> apply -> recover for one method and budget (``target_latency``: a latency budget measured
+        as ``latency`` says, default onnxruntime CPU at batch 1)."""
         recover = DEFAULT_RECOVERY if recover is None else recover
         check_options(method, recover, recover_mode, self.data)
         before = dict(self.timings)
+        if target_latency is not None:
+            from pipeline.latency_plan import LatencyBudget
+
+            latency = replace(latency, target=target_latency) if latency else LatencyBudget(target_latency)
         scores = self.scores(method)
         plan = self.plan(scores, target_macs=target_macs, target_params=target_params, round_to=round_to,
-                         min_channels=min_channels, protect=protect, keep_first_and_last=keep_first_and_last)
+                         min_channels=min_channels, protect=protect, keep_first_and_last=keep_first_and_last,
+                         latency=latency)
         model, recovery = self.recover(self.apply(plan), plan, recover, recover_mode)
         budget = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
                   "min_channels": min_channels, "protect": sorted(protect)}
+        if latency is not None:
+            budget.update(target_latency=latency.target, latency=dict(plan.meta.get("latency", {})))
         spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
         return Candidate(method, plan, model, recovery, budget, spent)
 
@@ -323,8 +344,10 @@ def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
-                    search: tuple[Mapping[str, Any], ...] = ()) -> Report:
-    """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` all or nothing and return the report.
+                    search: tuple[Mapping[str, Any], ...] = (), extra_files: Mapping[Path, bytes] | None = None
+                    ) -> Report:
+    """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (and ``extra_files``, e.g. the INT8 model)
+    all or nothing and return the report.
 
     The three files are written to temporary files first and renamed into place together; when one cannot be
     written, none is left behind. (A model over 1.8 GB is saved first, with its external data, and removed again
@@ -332,14 +355,15 @@ def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.Path
     """
     out_path = Path(out_path)
     plan_path, report_path = Path(f"{out_path}.plan.json"), Path(f"{out_path}.report.json")
-    for path in (out_path, plan_path, report_path):
+    for path in (out_path, plan_path, report_path, *(extra_files or {})):
         check_writable(path, run.prepared.path)
     data = candidate.model.SerializeToString() if candidate.model.ByteSize() < EXTERNAL_DATA_THRESHOLD else None
     if data is None:
         save_model(candidate.model, out_path)
     report = candidate_report(run, candidate, out_path, hashlib.sha256(data).hexdigest() if data is not None
                               else sha256_file(out_path), evaluation=evaluation, timings=timings, search=search)
-    files = {plan_path: candidate.plan.to_json().encode(), report_path: report.to_json().encode()}
+    files = {plan_path: candidate.plan.to_json().encode(), report_path: report.to_json().encode(),
+             **(extra_files or {})}
     try:
         atomic_write_files({out_path: data, **files} if data is not None else files)
     except BaseException:
@@ -431,7 +455,9 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
           robustness: bool = False, keep_first_and_last: bool = True,
           input_shapes: Mapping[str, tuple[int, ...]] | None = None, cluster: Any | None = None,
-          shard_batches: int = SHARD_BATCHES) -> Report:
+          shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
+          quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
+          timing: LatencyTarget | None = None) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -444,9 +470,16 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
     ``eval_data`` (:func:`smallest_within`). ``robustness`` adds top-1 and agreement under noise and adversarial
     examples to the evaluation (:mod:`pipeline.robustness`). ``cluster`` (:class:`pipeline.cluster.RayOptions`)
-    computes calibration and recovery shards on Ray, started once for the run. One :class:`PruneRun` chains the
-    stages; the report's ``timings_s`` has one entry per stage that ran.
+    computes calibration and recovery shards on Ray, started once for the run. ``latency``
+    (:class:`pipeline.latency_plan.LatencyBudget`) is a budget of measured latency (alone or with the MACs / params
+    budgets). ``quantize="int8"`` also writes ``OUT.int8.onnx``, the pruned model quantized with onnxruntime
+    (``max_top1_drop``: DI-guided mixed precision, ``int8_ranking`` ``di`` or ``magnitude``), and the report's
+    ``evaluation.int8`` compares original and pruned models in fp32 and int8 (:mod:`pipeline.int8_stage`), timed on
+    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1). One :class:`PruneRun` chains
+    the stages; the report's ``timings_s`` has one entry per stage that ran.
     """
+    from pipeline.int8_stage import check_int8_options, int8_path
+
     recover = DEFAULT_RECOVERY if recover is None else recover
     if robustness and eval_data is None:
         raise UserInputError("--robustness needs held-out data: pass --eval-data")
@@ -454,10 +487,14 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     for sibling in (f"{out_path}.plan.json", f"{out_path}.report.json"):
         check_writable(sibling, model_path)
     check_options(method, recover, recover_mode, data)
+    check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data)
+    if quantize is not None:
+        check_writable(int8_path(out_path), model_path)
     if max_drop is not None and eval_data is None:
         raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
-    if max_drop is None and target_macs is None and target_params is None:
-        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept), or --max-drop P")
+    if max_drop is None and target_macs is None and target_params is None and latency is None:
+        raise UserInputError("give a budget: --target-macs F, --target-params F or --target-latency F (fraction "
+                             "kept), or --max-drop P")
     if cluster is not None and data is not None:
         from pipeline.cluster import data_spec
 
@@ -469,7 +506,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
                           {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
                            "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last},
-                          robustness=robustness)
+                          robustness=robustness, latency=latency, quantize=quantize, max_top1_drop=max_top1_drop,
+                          int8_ranking=int8_ranking, timing=timing)
 
 
 @contextmanager
@@ -486,13 +524,16 @@ def ray_started(cluster: Any | None) -> Iterator[None]:
 
 def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_drop: float | None,
                target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
-               robustness: bool = False) -> Report:
+               robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
+               max_top1_drop: float | None = None, int8_ranking: str = "di",
+               timing: LatencyTarget | None = None) -> Report:
     eval_data = run.task_data(eval_data, "evaluation")
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
     else:
-        candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, **options)
+        candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
+                                  **options)
         evaluation = {}
         if eval_data is not None:
             original = run.evaluate(run.prepared.model, eval_data, reference=False) if is_classifier(
@@ -504,4 +545,18 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
         with run.timed("robustness"):
             evaluation["robustness"] = measure_robustness(run.prepared.model, candidate.model, eval_data,
                                                           seed=run.seed, backend=run.backend)
-    return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search)
+    extra = {}
+    if quantize is not None:
+        from pipeline.int8_stage import int8_path, int8_stage
+        from pipeline.latency_model import LatencyTarget
+
+        timing = timing or (latency.on if latency is not None else LatencyTarget())
+        with run.timed("int8"):
+            quantized, evaluation["int8"] = int8_stage(
+                run.prepared.model, candidate.model, run.data,
+                None if eval_data is None else (lambda m: run.evaluate(m, eval_data)),
+                timing, max_top1_drop=max_top1_drop,
+                ranking=int8_ranking, workdir=out_path.resolve().parent)
+        extra[int8_path(out_path)] = quantized.SerializeToString()
+    return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search,
+                           extra_files=extra)
