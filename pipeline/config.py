@@ -50,6 +50,7 @@ from pipeline.errors import UserInputError
 from pipeline.gates import GATES
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
+from pipeline.shards import SHARD_BATCHES
 from pipeline.task import Task, load_task_map, task_from_map
 
 DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "input_key", "label_key")
@@ -103,6 +104,9 @@ class PruneSpec:
     batch_size: int = 64
     seed: int = 0
     max_drop: float | None = None
+    workers: int | None = None
+    ray: str | None = None
+    shard_batches: int = SHARD_BATCHES
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
@@ -308,7 +312,12 @@ def _prune(value: Any) -> PruneSpec:
         quantize=None if quantize is None else _choice(quantize, "prune.quantize", ("int8",)),
         pooling=_choice(section.get("pooling", DEFAULT_POOLING), "prune.pooling", tuple(POOLINGS)),
         batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),
-        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0), max_drop=max_drop)
+        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0), max_drop=max_drop,
+        workers=None if section.get("workers") is None else _number(section["workers"], "prune.workers",
+                                                                     integer=True, low=1),
+        ray=None if section.get("ray") is None else str(section["ray"]),
+        shard_batches=_number(section.get("shard_batches", SHARD_BATCHES), "prune.shard_batches", integer=True,
+                              low=1))
 
 
 def _task(value: Any, base: Path) -> Task | None:

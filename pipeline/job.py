@@ -32,6 +32,7 @@ from pipeline.orchestrate import (
     PruneRun,
     needs_stats,
     needs_summaries,
+    ray_started,
     smallest_within,
     write_candidate,
 )
@@ -103,7 +104,7 @@ def _use_cached_stats(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None)
         return
     summaries = any(needs_summaries(m) for m in methods)
     key = content_key("calibration", model=run.prepared.sha256, data=calib_id, pooling=run.pooling,
-                      batch_size=run.batch_size, summaries=summaries)
+                      batch_size=run.batch_size, summaries=summaries, shard_batches=run.shard_batches)
     stats = job.cache.load_stats(key)
     if stats is not None:
         run.use_stats(stats, summaries=summaries)
@@ -308,10 +309,27 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     calibration = None if config.calibration is None else _open(config.calibration, evaluation=False)
     evaluation = _open(config.evaluation, evaluation=True)
     _check_gates_fit_data(job, evaluation)
+    prune = config.prune
+    cluster = None
+    if prune.workers is not None or prune.ray is not None:
+        from pipeline.cluster import data_spec, ray_options
+
+        cluster = ray_options(workers=prune.workers, address=prune.ray)
+        if calibration is not None:
+            data_spec(calibration)  # in-memory data cannot go to Ray workers: refused before any work
+    with ray_started(cluster):
+        return _run_stages(job, config, calibration, evaluation, cluster, progress, use_cache, tracker)
+
+
+def _run_stages(job: _Job, config: RunConfig, calibration: Any, evaluation: Any, cluster: Any, progress: bool,
+                use_cache: bool, tracker: Any) -> RunReport:
+    """:func:`run_job` once the data is open (and Ray started when the config asks for it)."""
+    output = config.output
     model_path = _model_path(job)
     prune = config.prune
     run = PruneRun(model_path, calibration, pooling=prune.pooling, batch_size=prune.batch_size, seed=prune.seed,
-                   progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task)
+                   progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task,
+                   cluster=cluster, shard_batches=prune.shard_batches)
     evaluation = run.task_data(evaluation, "evaluation")
     groups = run.prepared.index.groups
     job.echo(f"model {model_path.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")

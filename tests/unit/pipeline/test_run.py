@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -215,8 +216,11 @@ def _write(folder: Path, text: str) -> Path:
     (lambda d: d.update(task={"map": {"odd": [1, 3]}}), "at least two non-empty groups"),
     (lambda d: d.update(task={"map": "missing.json"}), "task map file not found"),
     (lambda d: d["prune"].update(max_drop=-1), "'prune.max_drop' must be in [0.0"),
+    (lambda d: d["prune"].update(workers=0), "'prune.workers' must be in [1"),
+    (lambda d: d["prune"].update(shard_batches=0), "'prune.shard_batches' must be in [1"),
 ], ids=["prune-typo", "gate-typo", "no-budget", "budget-range", "unknown-method", "batch-0", "no-evaluation",
-        "no-output", "task-both", "task-one-class", "task-one-group", "task-map-missing", "max-drop-negative"])
+        "no-output", "task-both", "task-one-class", "task-one-group", "task-map-missing", "max-drop-negative",
+        "workers-0", "shard-batches-0"])
 def test_config_mistakes_are_one_error_line(change: Callable[[dict], Any], expected: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     doc = yaml.safe_load(_config(tmp_path).read_text())
@@ -314,3 +318,18 @@ def test_run_with_a_task_and_a_search(tmp_path: Path) -> None:
     assert cand["search"] and all({"target_macs", "macs_fraction", "top1", "within"} <= set(t) for t in cand["search"])
     assert searched["macs_fraction"] == pytest.approx(min(t["macs_fraction"] for t in cand["search"] if t["within"]),
                                                       abs=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="Ray is not installed (extra [ray]: make test-ray installs it)")
+def test_run_on_ray_workers_equals_the_run_in_one_process(first_run: tuple[Path, int, str], tmp_path: Path) -> None:
+    """``prune.workers: 2``: calibration and recovery shards on a local Ray; every candidate is the same model, to
+    the last bit, as in the run without Ray (the same shards, merged in the same order)."""
+    output, code, _ = first_run
+    config = _config(tmp_path, prune={"workers": 2})
+    assert main(["-q", "run", str(config)]) == code
+    ours, theirs = _report(tmp_path / "out"), _report(output)
+    for a, b in zip(ours["candidates"], theirs["candidates"], strict=True):
+        assert a["name"] == b["name"] and a["top1"] == b["top1"] and a["macs"] == b["macs"]
+        assert a["sha256"] == b["sha256"], a["name"]  # the candidate's model file, byte for byte
