@@ -21,6 +21,7 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       pooling: gap
       batch_size: 64
       seed: 0
+      finetune_epochs: 0             # > 0: distil the original into every candidate (needs the [torch] extra)
     bench: {backend: ort-cpu, batch: [1], threads: null, warmup: 1.0, duration: 3.0, iterations: 30, rounds: 5}
     gates: {max_top1_drop: 0.01, min_speedup: 1.3}   # names from pipeline.gates.GATES
     output: runs/exp1
@@ -93,6 +94,7 @@ class PruneSpec:
     pooling: str = "gap"
     batch_size: int = 64
     seed: int = 0
+    finetune_epochs: int = 0
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
@@ -290,7 +292,8 @@ def _prune(value: Any) -> PruneSpec:
         protect=tuple(str(p) for p in _list(protect, "prune.protect")) if protect else (), prune_ends=prune_ends,
         pooling=_choice(section.get("pooling", "gap"), "prune.pooling", ("gap", "avg2", "avg4")),
         batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),
-        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0))
+        seed=_number(section.get("seed", 0), "prune.seed", integer=True, low=0),
+        finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0))
 
 
 def _bench(value: Any) -> BenchSpec:
@@ -335,6 +338,8 @@ def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> Run
                                                                for m in prune.methods)):
         raise UserInputError(f"config: 'data.calibration' is missing: methods {', '.join(prune.methods)} with "
                              f"recover {prune.recover} need calibration data (or use l1/l2/random with recover: none)")
+    if calibration is None and prune.finetune_epochs:
+        raise UserInputError("config: 'data.calibration' is missing: 'prune.finetune_epochs' trains on it")
     return RunConfig(model=_model(top["model"], base), calibration=calibration, evaluation=evaluation, prune=prune,
                      bench=_bench(top.get("bench")), gates=_gates(top.get("gates")),
                      output=_path(top["output"], "output", base), mlflow=_mlflow(top.get("mlflow")), source=source)

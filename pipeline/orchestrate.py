@@ -251,6 +251,22 @@ class PruneRun:
         spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
         return Candidate(method, plan, model, recovery, budget, spent)
 
+    def finetune(self, candidate: Candidate, options: Any = None) -> Candidate:
+        """The candidate distilled from the original on the calibration data (:mod:`pipeline.finetune`, needs the
+        ``[torch]`` extra); ``options`` a :class:`pipeline.finetune.FinetuneOptions` (default: seeded with the run's
+        seed). The record goes to ``recovery["finetune"]``, the time to ``timings["finetune"]``."""
+        from pipeline.finetune import FinetuneOptions, finetune, probe_channels
+
+        options = options or FinetuneOptions(seed=self.seed)
+        if self.data is None:
+            raise UserInputError("finetune needs calibration data: pass --data")
+        features = probe_channels(self.prepared, candidate.plan.keep, candidate.model) if options.feature_weight else None
+        with self.timed("finetune"):
+            model, record = finetune(candidate.model, self.prepared.model, self.data, options, features=features,
+                                     progress=self.progress)
+        return replace(candidate, model=model, recovery={**candidate.recovery, "finetune": record.to_dict()},
+                       timings_s={**candidate.timings_s, "finetune": record.seconds})
+
     def cost(self, model: onnx.ModelProto) -> CostReport:
         """MACs and params of a model of this run (its declared shapes, no shape inference)."""
         return count(model, declared_shapes(model))
@@ -276,6 +292,20 @@ def check_options(method: str, recover: str, recover_mode: str, data: Any | None
     if data is None and (recover != "none" or needs_stats(method)):
         raise UserInputError(f"method {method!r} with recovery {recover!r} needs calibration data: pass --data "
                              "(or use a data-free method with --recover none)")
+
+
+def _check_finetune(epochs: int, data: Any | None, max_drop: float | None) -> None:
+    """Refuse a finetune that cannot run, before any work: no torch, no data, or with --max-drop."""
+    from pipeline.torch_bridge import require_torch
+
+    if epochs < 0:
+        raise UserInputError(f"--finetune-epochs is a number of epochs >= 0, got {epochs}")
+    if max_drop is not None:
+        raise UserInputError("--finetune-epochs with --max-drop is not supported (the search evaluates models before "
+                             "any finetune); give a budget (--target-macs) instead")
+    if data is None:
+        raise UserInputError("--finetune-epochs needs calibration data: pass --data")
+    require_torch("--finetune-epochs")
 
 
 def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,7 +425,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           batch_size: int = 64,
           eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
           recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
-          robustness: bool = False, keep_first_and_last: bool = True) -> Report:
+          robustness: bool = False, keep_first_and_last: bool = True, finetune_epochs: int = 0) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -408,7 +438,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
     ``eval_data`` (:func:`smallest_within`). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has
     one entry per stage that ran. ``robustness`` adds top-1 and agreement under noise and adversarial examples to
-    the evaluation (:mod:`pipeline.robustness`).
+    the evaluation (:mod:`pipeline.robustness`). ``finetune_epochs`` > 0 distils the original into the recovered
+    model for that many epochs on ``data`` before it is evaluated and written (:meth:`PruneRun.finetune`).
     """
     recover = DEFAULT_RECOVERY if recover is None else recover
     if robustness and eval_data is None:
@@ -421,6 +452,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
     if max_drop is None and target_macs is None and target_params is None:
         raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept), or --max-drop P")
+    if finetune_epochs:
+        _check_finetune(finetune_epochs, data, max_drop)
     run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
                    work_dir=out_path.resolve().parent, task=task)
     eval_data = run.task_data(eval_data, "evaluation")
@@ -431,6 +464,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
     else:
         candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, **options)
+        if finetune_epochs:
+            from pipeline.finetune import FinetuneOptions
+
+            candidate = run.finetune(candidate, FinetuneOptions(epochs=finetune_epochs, seed=seed))
         evaluation = {}
         if eval_data is not None:
             evaluation = {"original": run.evaluate(run.prepared.model, eval_data, reference=False),
