@@ -12,7 +12,10 @@ Rows, per family and target:
   sequential R3 recovery);
 * ``+ft{E}@{N}``: that model distilled with :func:`pipeline.finetune.finetune` (``FinetuneOptions(epochs=E)``, the
   library's defaults otherwise: KL at T=4 + 0.5 CE, Adam 1e-3 with warm-up and cosine decay, batch 64, seed 0,
-  1 thread) on the first ``N`` training digits, for ``E`` in 1, 3 and ``N`` in 2,000, 8,000;
+  1 thread) on the first ``N`` training digits, for ``E`` in 1, 3 and ``N`` in 2,000, 8,000. The cell records
+  ``kept``: finetune applies the trained weights only when they lower its training objective on the first 1,024
+  samples (``objective``: before, after); otherwise the row's model IS the pruned model it started from. (Cells
+  measured before ``kept`` was recorded lack it; ``--redo-unrecorded`` measures them again, deterministically.);
 * ``push+di+lstsq``: the original pushed first (:func:`pipeline.push.push`, ``PushOptions()``: 3 epochs on the first
   2,000 training digits), then the same DI + lstsq; ``push+di+lstsq+ft3@8000``: that model distilled as above.
 
@@ -84,11 +87,17 @@ def _cell(run: PruneRun, model: onnx.ModelProto, test: Any, **extra: Any) -> dic
             **{k: round(v, 2) if isinstance(v, float) else v for k, v in extra.items()}}
 
 
+REDO_UNRECORDED = {"on": False}  # --redo-unrecorded: finetune cells without ``kept`` count as not done
+
+
 def _done(out: Path, name: str, target: float, row: str) -> bool:
     if not out.exists():
         return False
     doc = json.loads(out.read_text())
-    return "top1" in doc.get("models", {}).get(name, {}).get(str(target), {}).get(row, {})
+    cell = doc.get("models", {}).get(name, {}).get(str(target), {}).get(row, {})
+    if REDO_UNRECORDED["on"] and "+ft" in row and "kept" not in cell:
+        return False
+    return "top1" in cell
 
 
 def _finetuned(out: Path, run: PruneRun, base: tuple[Candidate, bool, float], name: str, target: float, test: Any,
@@ -103,7 +112,9 @@ def _finetuned(out: Path, run: PruneRun, base: tuple[Candidate, bool, float], na
                                  FinetuneOptions(epochs=epochs, threads=THREADS))
         cell = _cell(run, model, test, seconds=record.seconds, ends_pruned=ends,
                      total_seconds=extra_seconds + base_seconds + record.seconds,
-                     distill_loss=[round(record.distill_loss_before, 4), round(record.distill_loss_after, 4)])
+                     distill_loss=[round(record.distill_loss_before, 4), round(record.distill_loss_after, 4)],
+                     objective=[round(record.objective_before, 4), round(record.objective_after, 4)],
+                     kept=record.kept)
         merge(out, ["models", name, str(target), row], cell)
         logger.info("%s %s %s: %s", name, target, row, cell)
 
@@ -201,8 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--report", action="store_true", help="only write finetune.md from finetune.json")
+    parser.add_argument("--redo-unrecorded", action="store_true",
+                        help="measure again the finetune cells that do not record whether the weights were kept")
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON file (finetune.md is written beside it)")
     args = parser.parse_args(argv)
+    REDO_UNRECORDED["on"] = args.redo_unrecorded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("graph_ops", "pipeline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
