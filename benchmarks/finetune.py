@@ -192,7 +192,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              "the protected floor lay above the target; wall seconds from the unpruned model, push included). "
              "**not kept**: the finetune did not lower its training objective, so it returned the pruned model "
              "unchanged (the row repeats the model it started from); `kept?`: measured before that was recorded.",
-             ""]
+             "", *_quality_note(models)]
     for target in TARGETS:
         lines += [f"## {target} of the MACs (goal: within {GOALS[target]} point(s) of unpruned)", "",
                   "| row | " + " | ".join(f"{n} ({100 * models[n]['original']['top1']:.2f})" for n in models) + " |",
@@ -213,6 +213,25 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
                  for t in (rec["terms_before"], rec["terms_after"])]
         lines.append(f"| {name} | {rec['seconds']:.0f} | {100 * rec['top1']:.2f} | {terms[0]} | {terms[1]} |")
     return [*lines, "", *goal_lines(models), *missing_lines(models)]
+
+
+def _quality_note(models: Mapping[str, Any]) -> list[str]:
+    """How ``di+lstsq`` here compares with ``quality.json``'s DI + lstsq (gap pooling) at the same targets."""
+    path = RESULTS / "quality.json"
+    if not path.exists():
+        return []
+    quality = json.loads(path.read_text()).get("models", {})
+    pairs = []
+    for name in models:
+        for target in TARGETS:
+            there = quality.get(name, {}).get("diprune", {}).get(str(target), {}).get("di", {}).get("lstsq", {})
+            here = models[name].get(str(target), {}).get("di+lstsq", {})
+            if "top1" in there and "top1" in here:
+                pairs.append(f"{name} at {target}: {100 * here['top1']:.2f} here, {100 * there['top1']:.2f} there")
+    if not pairs:
+        return []
+    return ["`di+lstsq` uses the library's defaults (`pooling=auto`), not the `gap` pooling of `quality.json`'s DI + "
+            "lstsq sweep, so the two differ: " + "; ".join(pairs) + ".", ""]
 
 
 def goal_lines(models: Mapping[str, Any]) -> list[str]:
