@@ -21,6 +21,8 @@ from pathlib import Path
 from graph_ops.errors import PruneError, UserInputError
 from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
+from pipeline.finetune import FinetuneOptions
+from pipeline.push import PushOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
 
@@ -49,6 +51,23 @@ def _non_negative(text: str) -> float:
 def _emit(args: argparse.Namespace, text: object = "") -> None:
     """Print a command's result on the stdout of the caller (library output is routed to stderr meanwhile)."""
     print(text, file=args.stdout)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -346,7 +365,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args),
                    cluster=_cluster(args), shard_batches=args.shard_batches,
                    latency=_latency_budget(args), quantize=args.quantize, max_top1_drop=args.max_top1_drop,
-                   int8_ranking=args.int8_ranking, timing=_latency_target(args))
+                   int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs)
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
@@ -359,6 +378,71 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         _emit(args, f"wrote {int8_path(args.output)}: {int8_summary(report.evaluation['int8'])}")
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from pipeline.finetune import finetune_file
+
+    options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              temperature=args.temperature, ce_weight=args.ce_weight,
+                              feature_weight=args.feature_weight, seed=args.seed, threads=args.threads)
+    eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
+    doc = finetune_file(args.model, args.reference, args.output, _dataset(args.data, args, split=args.split),
+                        options, plan_path=args.plan, eval_data=eval_data, progress=not args.quiet)
+    for note in doc["notes"]:
+        _warn(args, note)
+    record = doc["finetune"]
+    if not record["kept"]:
+        _warn(args, f"the finetune did not lower its objective ({record['objective_before']:.4f} -> "
+                    f"{record['objective_after']:.4f}); {args.output} has the input's weights (try --epochs or --lr)")
+    line = (f"objective {record['objective_before']:.4f} -> {record['objective_after']:.4f}, distillation loss "
+            f"{record['distill_loss_before']:.4f} -> {record['distill_loss_after']:.4f} ({record['steps']} steps, "
+            f"{record['seconds']:.1f} s)")
+    if "evaluation" in doc:
+        ev = doc["evaluation"]
+        line += f", top-1 {ev['before']['top1']:.4f} -> {ev['after']['top1']:.4f} (reference {ev['reference']['top1']:.4f})"
+    print(f"wrote {args.output} and {args.output}.report.json: {line}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.push import push_and_prune
+
+    if args.target_macs is None and args.target_params is None:
+        raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.25)")
+    options = PushOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sep_weight=args.sep_weight,
+                          cov_weight=args.cov_weight, align_weight=args.align_weight, seed=args.seed,
+                          threads=args.threads)
+    data = _dataset(args.data, args, split=args.split)
+    eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
+    prune_options = {"method": args.method, "target_macs": args.target_macs, "target_params": args.target_params,
+                     "round_to": _round_to(args), "min_channels": args.min_channels, "protect": tuple(args.protect),
+                     "recover": args.recover, "keep_first_and_last": not args.prune_ends, "seed": args.seed,
+                     "finetune_epochs": args.finetune_epochs}
+    with tempfile.TemporaryDirectory(prefix="diprune-push-") as tmp:
+        model = _push_source(args, Path(tmp))
+        report, record = push_and_prune(model, args.output, data=data, options=options, pushed_path=args.pushed,
+                                        eval_data=eval_data, progress=not args.quiet, source=args.model,
+                                        **prune_options)
+    for note in report.notes:
+        _warn(args, note)
+    print(record.summary())
+    print(f"wrote {report.model} (pushed), {args.output} and {args.output}.report.json: {report.summary()}")
+    return 0
+
+
+def _push_source(args: argparse.Namespace, tmp: Path) -> str:
+    """The ONNX file to push: the model path, or a torch spec exported first (``diprune export``'s checks)."""
+    if args.model.endswith(".onnx") or Path(args.model).is_file() or ":" not in args.model:
+        return args.model
+    from pipeline.export_spec import export_spec, parse_input_shape
+
+    name, shape = parse_input_shape(args.input_shape) if args.input_shape else (None, None)
+    result = export_spec(args.model, tmp / "exported.onnx", input_shape=shape, input_name=name)
+    print(result.parity.summary())
+    return str(result.path)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -481,6 +565,47 @@ def _add_latency_options(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s; '' for none)")
 
 
+def _add_training_options(p: argparse.ArgumentParser, defaults: FinetuneOptions | PushOptions) -> None:
+    p.add_argument("--data", required=True, help="training data: 'mnist', an .npz or an image folder")
+    p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"default {defaults.epochs}")
+    p.add_argument("--lr", type=_positive, default=defaults.lr, help=f"Adam's peak learning rate ({defaults.lr:g})")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch and onnxruntime threads (default 1)")
+    p.add_argument("-o", "--output", required=True)
+    _add_data_options(p)
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    defaults = FinetuneOptions()
+    p.add_argument("model", help="the pruned model (its plan <model>.plan.json is read when present)")
+    p.add_argument("--reference", required=True, help="the original model: the teacher")
+    p.add_argument("--temperature", type=_positive, default=defaults.temperature)
+    p.add_argument("--ce-weight", type=_non_negative, default=defaults.ce_weight,
+                   help=f"weight of cross-entropy on the labels, when the data has labels ({defaults.ce_weight:g})")
+    p.add_argument("--feature-weight", type=_non_negative, default=defaults.feature_weight,
+                   help="weight of feature matching at the group probes (needs the plan; default off)")
+    p.add_argument("--plan", default=None, help="the plan the model was pruned with (default: <model>.plan.json)")
+    _add_training_options(p, defaults)
+
+
+def _add_push_options(p: argparse.ArgumentParser) -> None:
+    defaults = PushOptions()
+    p.add_argument("model", help="an .onnx file, or a torch spec as in 'diprune export' (exported first)")
+    p.add_argument("--input-shape", default=None, metavar="[NAME:]DIMS", help="torch specs: the example input")
+    p.add_argument("--method", choices=sorted(SCORERS), default="di")
+    p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY)
+    p.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
+                   help="after recovery, distil the pushed model into the pruned one for N epochs")
+    p.add_argument("--pushed", default=None, help="where the pushed, unpruned model goes (default: <output "
+                                                  "stem>.pushed.onnx; the plan refers to it)")
+    for term in ("sep", "cov", "align"):
+        p.add_argument(f"--{term}-weight", type=_non_negative, default=getattr(defaults, f"{term}_weight"))
+    _add_budget_options(p)
+    _add_training_options(p, defaults)
+
+
 def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="torchvision:NAME, timm:NAME (timm installed) or path/to/file.py:FACTORY (a function "
                                 "returning a torch.nn.Module)")
@@ -519,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
         "score": (cmd_score, "score channels with a registered method"),
         "plan": (cmd_plan, "choose kept channels to meet a MACs or params budget"),
         "prune": (cmd_prune, "one shot: calibrate, score, plan, apply, report"),
+        "finetune": (cmd_finetune, "distil the original into a pruned model for a few epochs (needs the [torch] "
+                                   "extra); same graph, new weights"),
+        "push": (cmd_push, "Grow-Push-Prune's push (train features towards class separation in few channels), then "
+                           "prune with DI and recover (needs the [torch] extra)"),
         "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
         "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
         "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
@@ -591,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-ranking", choices=("di", "magnitude"), default="di",
                    help="how --max-top1-drop ranks layers: di (DI lost by the class scores) or magnitude "
                         "(weight quantization error)")
+    p.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
+                   help="after recovery, distil the original into the pruned model for N epochs on --data "
+                        "(needs the [torch] extra; see 'diprune finetune')")
     p.add_argument("--max-drop", type=float, default=None, metavar="P",
                    help="instead of a budget: the smallest model whose held-out top-1 (on --eval-data) stays within "
                         "P accuracy points of the unpruned model; the report lists every budget tried")
@@ -598,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     _add_task_options(p)
     _add_ray_options(p)
+
+    _add_finetune_options(parsers["finetune"])
+    _add_push_options(parsers["push"])
 
     p = parsers["eval"]
     p.add_argument("model")

@@ -25,6 +25,7 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       batch_size: 64
       seed: 0
       max_drop: null                 # accuracy points: also search, per method, the smallest model within them
+      finetune_epochs: 0             # > 0: distil the original into every candidate (needs the [torch] extra)
     task: {classes: [3, 8]}          # or {map: {odd: [1, 3, 5, 7, 9], even: [0, 2, 4, 6, 8]}} or {map: task.json}
     bench: {backend: ort-cpu, batch: [1], threads: null, warmup: 1.0, duration: 3.0, iterations: 30, rounds: 5}
     gates: {max_top1_drop: 0.01, min_speedup: 1.3}   # names from pipeline.gates.GATES
@@ -107,6 +108,7 @@ class PruneSpec:
     workers: int | None = None
     ray: str | None = None
     shard_batches: int = SHARD_BATCHES
+    finetune_epochs: int = 0
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
@@ -317,7 +319,8 @@ def _prune(value: Any) -> PruneSpec:
                                                                      integer=True, low=1),
         ray=None if section.get("ray") is None else str(section["ray"]),
         shard_batches=_number(section.get("shard_batches", SHARD_BATCHES), "prune.shard_batches", integer=True,
-                              low=1))
+                              low=1),
+        finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0))
 
 
 def _task(value: Any, base: Path) -> Task | None:
@@ -383,6 +386,8 @@ def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> Run
                                                                for m in prune.methods)):
         raise UserInputError(f"config: 'data.calibration' is missing: methods {', '.join(prune.methods)} with "
                              f"recover {prune.recover} need calibration data (or use l1/l2/random with recover: none)")
+    if calibration is None and prune.finetune_epochs:
+        raise UserInputError("config: 'data.calibration' is missing: 'prune.finetune_epochs' trains on it")
     return RunConfig(model=_model(top["model"], base), calibration=calibration, evaluation=evaluation, prune=prune,
                      bench=_bench(top.get("bench")), gates=_gates(top.get("gates")),
                      output=_path(top["output"], "output", base), mlflow=_mlflow(top.get("mlflow")), task=task,

@@ -131,7 +131,8 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
         settings = {"method": method, "kind": kind, "target": target, "round_to": round_to,
                     "min_channels": prune.min_channels, "protect": sorted(prune.protect), "ends": prune.prune_ends,
                     "recover": prune.recover, "mode": prune.recover_mode, "pooling": prune.pooling,
-                    "batch_size": prune.batch_size, "seed": prune.seed}
+                    "batch_size": prune.batch_size, "seed": prune.seed,
+                    **({"finetune_epochs": prune.finetune_epochs} if prune.finetune_epochs else {})}
         latency = _latency_budget(job, target) if kind == "latency" else None
         if latency is not None:  # a latency candidate depends on where latency is measured
             settings["latency_target"] = vars(latency.on)
@@ -159,6 +160,11 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
             job.echo(f"candidate {i}/{len(jobs)} {name}: score, plan, apply, recover {prune.recover}")
             candidate = run.candidate(method, **options, latency=latency,
                                       **({} if latency else {f"target_{kind}": target}))
+        if prune.finetune_epochs:
+            from pipeline.finetune import FinetuneOptions
+
+            job.echo(f"candidate {i}/{len(jobs)} {name}: finetune {prune.finetune_epochs} epoch(s)")
+            candidate = run.finetune(candidate, FinetuneOptions(epochs=prune.finetune_epochs, seed=prune.seed))
         job.cache.save_candidate(key, candidate)
         job.counts["candidates_computed"] += 1
         out.append((name, candidate, False))
@@ -302,6 +308,10 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
         tracker: an open :class:`pipeline.tracking.MlflowTracker`, or None.
     """
     output = config.output
+    if config.prune.finetune_epochs:
+        from pipeline.torch_bridge import require_torch
+
+        require_torch("prune.finetune_epochs")
     _prepare_output(output)
     job = _Job(config, RunCache(output / "cache", enabled=use_cache), echo or (lambda _: None), progress)
     if use_cache:  # also where recovery may spill activations

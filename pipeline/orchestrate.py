@@ -305,6 +305,22 @@ class PruneRun:
         spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
         return Candidate(method, plan, model, recovery, budget, spent)
 
+    def finetune(self, candidate: Candidate, options: Any = None) -> Candidate:
+        """The candidate distilled from the original on the calibration data (:mod:`pipeline.finetune`, needs the
+        ``[torch]`` extra); ``options`` a :class:`pipeline.finetune.FinetuneOptions` (default: seeded with the run's
+        seed). The record goes to ``recovery["finetune"]``, the time to ``timings["finetune"]``."""
+        from pipeline.finetune import FinetuneOptions, finetune, probe_channels
+
+        options = options or FinetuneOptions(seed=self.seed)
+        if self.data is None:
+            raise UserInputError("finetune needs calibration data: pass --data")
+        features = probe_channels(self.prepared, candidate.plan.keep, candidate.model) if options.feature_weight else None
+        with self.timed("finetune"):
+            model, record = finetune(candidate.model, self.prepared.model, self.data, options, features=features,
+                                     progress=self.progress)
+        return replace(candidate, model=model, recovery={**candidate.recovery, "finetune": record.to_dict()},
+                       timings_s={**candidate.timings_s, "finetune": record.seconds})
+
     def cost(self, model: onnx.ModelProto) -> CostReport:
         """MACs and params of a model of this run (its declared shapes, no shape inference)."""
         return count(model, declared_shapes(model))
@@ -330,6 +346,20 @@ def check_options(method: str, recover: str, recover_mode: str, data: Any | None
     if data is None and (recover != "none" or needs_stats(method)):
         raise UserInputError(f"method {method!r} with recovery {recover!r} needs calibration data: pass --data "
                              "(or use a data-free method with --recover none)")
+
+
+def _check_finetune(epochs: int, data: Any | None, max_drop: float | None) -> None:
+    """Refuse a finetune that cannot run, before any work: no torch, no data, or with --max-drop."""
+    from pipeline.torch_bridge import require_torch
+
+    if epochs < 0:
+        raise UserInputError(f"--finetune-epochs is a number of epochs >= 0, got {epochs}")
+    if max_drop is not None:
+        raise UserInputError("--finetune-epochs with --max-drop is not supported (the search evaluates models before "
+                             "any finetune); give a budget (--target-macs) instead")
+    if data is None:
+        raise UserInputError("--finetune-epochs needs calibration data: pass --data")
+    require_torch("--finetune-epochs")
 
 
 def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
@@ -457,7 +487,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           input_shapes: Mapping[str, tuple[int, ...]] | None = None, cluster: Any | None = None,
           shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
           quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
-          timing: LatencyTarget | None = None) -> Report:
+          timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -475,8 +505,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     budgets). ``quantize="int8"`` also writes ``OUT.int8.onnx``, the pruned model quantized with onnxruntime
     (``max_top1_drop``: DI-guided mixed precision, ``int8_ranking`` ``di`` or ``magnitude``), and the report's
     ``evaluation.int8`` compares original and pruned models in fp32 and int8 (:mod:`pipeline.int8_stage`), timed on
-    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1). One :class:`PruneRun` chains
-    the stages; the report's ``timings_s`` has one entry per stage that ran.
+    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1). ``finetune_epochs`` > 0
+    distils the original into the recovered model for that many epochs on ``data`` before it is evaluated and
+    written (:meth:`PruneRun.finetune`). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has one
+    entry per stage that ran.
     """
     from pipeline.int8_stage import check_int8_options, int8_path
 
@@ -495,6 +527,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     if max_drop is None and target_macs is None and target_params is None and latency is None:
         raise UserInputError("give a budget: --target-macs F, --target-params F or --target-latency F (fraction "
                              "kept), or --max-drop P")
+    if finetune_epochs:
+        _check_finetune(finetune_epochs, data, max_drop)
     if cluster is not None and data is not None:
         from pipeline.cluster import data_spec
 
@@ -507,7 +541,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                           {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
                            "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last},
                           robustness=robustness, latency=latency, quantize=quantize, max_top1_drop=max_top1_drop,
-                          int8_ranking=int8_ranking, timing=timing)
+                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs)
 
 
 @contextmanager
@@ -526,7 +560,7 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
                robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
                max_top1_drop: float | None = None, int8_ranking: str = "di",
-               timing: LatencyTarget | None = None) -> Report:
+               timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
     eval_data = run.task_data(eval_data, "evaluation")
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
@@ -534,6 +568,10 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
     else:
         candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
                                   **options)
+        if finetune_epochs:
+            from pipeline.finetune import FinetuneOptions
+
+            candidate = run.finetune(candidate, FinetuneOptions(epochs=finetune_epochs, seed=run.seed))
         evaluation = {}
         if eval_data is not None:
             original = run.evaluate(run.prepared.model, eval_data, reference=False) if is_classifier(

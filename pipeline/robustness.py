@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from pipeline.errors import UserInputError
+from pipeline.errors import UnsupportedModelError, UserInputError
 from pipeline.runtime import feed_batches, model_input_specs, open_session, run
 
 logger = logging.getLogger(__name__)
@@ -59,18 +59,16 @@ def _scores(sessions: Sequence[Any], name: str, batches: Sequence[tuple[np.ndarr
 
 
 def _torch_model(model: onnx.ModelProto) -> Any:
-    """The model as a torch module (onnx2torch), or a reason string when that is not possible."""
-    try:
-        from pipeline.export import import_torchvision_models
+    """The model as a torch module (:func:`pipeline.torch_bridge.to_torch`), or a reason string when that is not
+    possible."""
+    from pipeline.torch_bridge import to_torch
 
-        import_torchvision_models()  # onnx2torch imports torchvision, which needs the CPU-torch fix first
-        import onnx2torch
-    except ImportError as err:
-        return f"needs the [torch] extra with onnx2torch ({err.name} is not installed)"
     try:
-        module = onnx2torch.convert(model).eval()
-    except Exception as err:  # the converter raises its own types for ops it does not cover
-        return f"onnx2torch cannot convert the model: {err}"
+        module = to_torch(model).module.eval()
+    except UserInputError:
+        return "needs the [torch] extra with onnx2torch (not installed)"
+    except UnsupportedModelError as err:
+        return str(err)
     for param in module.parameters():
         param.requires_grad_(False)
     return module

@@ -1,0 +1,132 @@
+"""The training loop the optional torch stages share (:mod:`pipeline.finetune`, :mod:`pipeline.push`).
+
+* :func:`converted`: the ONNX model as a :class:`pipeline.torch_bridge.TorchGraph` in eval mode, the data bound to
+  its inputs, and the round-trip check: torch must reproduce onnxruntime on the first 16 samples (relative error
+  <= ``ROUND_TRIP_TOLERANCE``) before anything is trained;
+* :func:`teacher_logits`: the teacher's first output on every sample, computed once with onnxruntime (a teacher
+  that runs only for its logits costs one inference per sample, not one per sample and epoch);
+* :func:`train`: Adam on the linked parameters, a linear warm-up over the first ``WARMUP`` of the steps (Adam's
+  first steps are large relative to the weights of a refit model) and cosine decay to 0, a seeded shuffle per
+  epoch, a tqdm bar; the loss is the caller's.
+
+Models stay in eval mode while they are trained: BatchNorm keeps its running statistics (initializers the ONNX graph
+reads as they are) and dropout is off, so what is trained is exactly what the ONNX graph computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from pipeline.data import validate_batch
+from pipeline.errors import UserInputError, VerificationError
+from pipeline.runtime import model_input_specs, open_session, stream
+from pipeline.torch_bridge import TorchGraph, parity, to_torch
+
+ROUND_TRIP_TOLERANCE = 1e-5
+WRITE_BACK_TOLERANCE = 1e-4
+WARMUP = 0.1  # share of the steps with a linear learning-rate warm-up
+CHECK_SAMPLES = 16
+
+Batch = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]
+LossFn = Callable[[np.ndarray, Mapping[str, Any], np.ndarray | None], Any]
+
+
+def batches(data: Any, size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
+    """``(indices, feeds, labels)`` of a bound dataset, in a seeded random order (``rng`` None: in order)."""
+    n = data.num_samples
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for start in range(0, n, size):
+        idx = order[start:start + size]
+        feeds = data.loader(idx)
+        if data.input_name is not None and len(data.keys) == 1:
+            feeds = {data.input_name: feeds[data.keys[0]]}
+        yield idx, feeds, (None if data.labels is None else data.labels[idx])
+
+
+def as_tensors(torch: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Feeds as torch tensors (sharing memory where numpy allows)."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+
+
+def converted(model: onnx.ModelProto, data: Any, what: str) -> tuple[TorchGraph, Any, dict[str, np.ndarray], float]:
+    """The model in torch (eval mode), the data bound to its inputs, the check feeds and the round-trip error.
+
+    Raises:
+        UserInputError: no data, or data that does not fit the model.
+        VerificationError: torch does not reproduce onnxruntime within ``ROUND_TRIP_TOLERANCE``.
+    """
+    if data is None or data.num_samples == 0:
+        raise UserInputError(f"{what} needs data: pass --data (the calibration data, e.g. mnist or an .npz)")
+    specs = model_input_specs(model)
+    bound = data.bind(list(specs))
+    graph = to_torch(model)
+    graph.module.eval()
+    _, feeds, _ = next(batches(bound, CHECK_SAMPLES))
+    validate_batch(feeds, specs, f"dataset '{bound.name}'")
+    error = parity(model, graph, feeds)
+    if error > ROUND_TRIP_TOLERANCE:
+        raise VerificationError(f"{what}: onnx2torch does not reproduce the model (relative error {error:.2e} > "
+                                f"{ROUND_TRIP_TOLERANCE:g}); nothing was trained")
+    return graph, bound, feeds, error
+
+
+def check_write_back(model: onnx.ModelProto, graph: TorchGraph, feeds: Mapping[str, np.ndarray], what: str) -> float:
+    """Relative error of the written model against the trained module (must be <= ``WRITE_BACK_TOLERANCE``)."""
+    error = parity(model, graph, feeds)
+    if error > WRITE_BACK_TOLERANCE:
+        raise VerificationError(f"{what}: the written model differs from the trained one (relative error "
+                                f"{error:.2e}); the parameters were not mapped back correctly")
+    return error
+
+
+def teacher_logits(model: onnx.ModelProto, data: Any, *, batch_size: int = 256, threads: int = 1) -> np.ndarray:
+    """The model's first output on every sample of ``data`` (in order), float32, computed with onnxruntime."""
+    specs = model_input_specs(model)
+    session = open_session(model.SerializeToString(), "ort-cpu", threads)
+    name = model.graph.output[0].name
+    parts = [batch.outputs[0] for batch in stream(session, data, [name], specs, batch_size=batch_size,
+                                                  stage="teacher")]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def learning_rate_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first ``WARMUP`` of the steps, then cosine decay to 0."""
+    warm = max(1, round(WARMUP * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def train(torch: Any, params: Sequence[Any], data: Any, loss_fn: LossFn, *, epochs: int, batch_size: int,
+          lr: float, seed: int, progress: bool, desc: str) -> tuple[list[float], int]:
+    """Minimise ``loss_fn(indices, tensors, labels)`` over ``epochs`` passes; returns the mean loss per epoch and
+    the number of steps (module docstring)."""
+    from tqdm import tqdm
+
+    if not params:
+        raise UserInputError(f"{desc}: no parameter of the model could be linked to an initializer; nothing to train")
+    per_epoch = math.ceil(data.num_samples / batch_size)
+    total = epochs * per_epoch
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, total))
+    rng = np.random.default_rng(seed)
+    losses = []
+    with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
+        for _ in range(epochs):
+            running = 0.0
+            for idx, feeds, labels in batches(data, batch_size, rng):
+                loss = loss_fn(idx, as_tensors(torch, feeds), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                running += float(loss.detach())
+                bar.update(1)
+            losses.append(running / per_epoch)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses, total

@@ -1,0 +1,226 @@
+"""Short distillation of a pruned model: same graph, lower distillation loss, deterministic; CLI and config."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pipeline.cli import main
+from pipeline.config import config_from_dict
+from pipeline.data import from_iterable, open_dataset
+from pipeline.demo import demo_model_path
+from pipeline.errors import UserInputError
+from pipeline.finetune import FinetuneOptions, finetune, probe_channels
+from pipeline.orchestrate import PruneRun
+from pipeline.training import learning_rate_factor
+from tests.graphs import INPUT_SHAPE, MOTIFS
+
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None,
+                                 reason="needs the [torch] extra (onnx2torch is not installed)")
+
+
+def _structure(model: onnx.ModelProto) -> tuple:
+    graph = model.graph
+    return (tuple(n.SerializeToString(deterministic=True) for n in graph.node),
+            tuple(i.SerializeToString(deterministic=True) for i in [*graph.input, *graph.output]),
+            tuple((t.name, t.data_type, tuple(t.dims)) for t in graph.initializer))
+
+
+@pytest.fixture(scope="module")
+def pruned_demo() -> tuple[PruneRun, object]:
+    """The demo CNN at 0.35 of the MACs, channels removed without recovery: far from its teacher."""
+    run = PruneRun(demo_model_path(), open_dataset("mnist", split="train", limit=256), progress=False,
+                   intra_op_threads=1)
+    return run, run.candidate("di", target_macs=0.35, recover="none")
+
+
+@needs_torch
+def test_a_short_finetune_lowers_the_distillation_loss_and_keeps_the_graph(pruned_demo) -> None:
+    run, candidate = pruned_demo
+    model, record = finetune(candidate.model, run.prepared.model, run.data, FinetuneOptions(epochs=1))
+    assert record.kept and record.distill_loss_after < 0.8 * record.distill_loss_before
+    assert record.objective_after < record.objective_before
+    assert record.round_trip_error <= 1e-5 and record.write_back_error <= 1e-4
+    assert _structure(model) == _structure(candidate.model)  # same nodes, interface, initializer names and shapes
+    onnx.checker.check_model(model, full_check=True)
+    changed = [a.name for a, b in zip(model.graph.initializer, candidate.model.graph.initializer, strict=True)
+               if not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))]
+    assert len(changed) == record.trained_initializers > 0
+    test = open_dataset("mnist", split="test", limit=300)
+    assert run.evaluate(model, test)["top1"] > run.evaluate(candidate.model, test)["top1"]
+
+
+@needs_torch
+def test_finetune_is_deterministic_and_feature_matching_uses_the_kept_channels(pruned_demo) -> None:
+    run, candidate = pruned_demo
+    data = open_dataset("mnist", split="train", limit=96)
+    features = probe_channels(run.prepared, candidate.plan.keep, candidate.model)
+    widths = {probe: run.prepared.index.shapes[probe][1] for probe in features}
+    assert any(len(idx) < widths[probe] for probe, idx in features.items())  # the plan removed channels there
+    assert all(idx.max() < widths[probe] for probe, idx in features.items())
+    options = FinetuneOptions(epochs=1, batch_size=32, feature_weight=1.0)
+    first, record = finetune(candidate.model, run.prepared.model, data, options, features=features)
+    second, _ = finetune(candidate.model, run.prepared.model, data, options, features=features)
+    assert record.feature_probes == tuple(features)
+    assert first.SerializeToString() == second.SerializeToString()
+
+
+@needs_torch
+def test_a_finetune_that_does_not_lower_its_objective_is_not_applied(pruned_demo) -> None:
+    run, candidate = pruned_demo
+    options = FinetuneOptions(epochs=1, batch_size=128, lr=1.0)  # absurd step size: training diverges
+    model, record = finetune(candidate.model, run.prepared.model, open_dataset("mnist", split="train", limit=128),
+                             options)
+    assert not record.kept and record.objective_after >= record.objective_before
+    assert model.SerializeToString() == candidate.model.SerializeToString()
+
+
+@needs_torch
+def test_cli_finetune_writes_the_model_and_its_report(pruned_demo, tmp_path: Path) -> None:
+    _, candidate = pruned_demo
+    pruned = tmp_path / "pruned.onnx"
+    onnx.save(candidate.model, str(pruned))
+    (tmp_path / "pruned.onnx.plan.json").write_text(candidate.plan.to_json())
+    out = tmp_path / "ft.onnx"
+    code = main(["-q", "finetune", str(pruned), "--reference", str(demo_model_path()), "--data", "mnist",
+                 "--limit", "128", "--epochs", "1", "--feature-weight", "0.5", "-o", str(out)])
+    assert code == 0
+    report = json.loads(Path(f"{out}.report.json").read_text())
+    assert report["format"] == "diprune.finetune/1" and report["finetune"]["kept"]
+    assert report["finetune"]["feature_probes"]  # the plan beside the model was found and used
+    assert _structure(onnx.load(str(out))) == _structure(candidate.model)
+
+
+def test_cli_refuses_a_missing_reference_and_a_bad_epoch_count(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", str(demo_model_path()), "--data", "mnist", "-o", str(tmp_path / "o.onnx")])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["prune", str(demo_model_path()), "--finetune-epochs", "-1", "-o", str(tmp_path / "o.onnx")])
+    assert "--finetune-epochs" in capsys.readouterr().err
+    code = main(["-q", "prune", str(demo_model_path()), "--data", "mnist",
+                 "--finetune-epochs", "1", "--max-drop", "1", "--eval-data", "mnist", "-o", str(tmp_path / "o.onnx")])
+    assert code == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def test_without_torch_the_commands_name_the_extra(tmp_path: Path) -> None:
+    model, out = str(demo_model_path()), str(tmp_path / "o.onnx")
+    commands = [["finetune", model, "--reference", model, "--data", "mnist", "-o", out],
+                ["push", model, "--data", "mnist", "--target-macs", "0.5", "-o", out],
+                ["prune", model, "--data", "mnist", "--target-macs", "0.5", "--finetune-epochs", "1", "-o", out]]
+    code = ("import sys; sys.modules['torch'] = None; from pipeline.cli import main; "
+            f"codes = [main(argv) for argv in {commands!r}]; print(codes)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert result.stdout.strip() == "[1, 1, 1]", result.stderr
+    assert result.stderr.count("pip install 'diprune[torch]'") == 3 and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_config_finetune_epochs(tmp_path: Path) -> None:
+    doc = {"model": "m.onnx", "data": {"calibration": "mnist", "evaluation": "mnist"},
+           "prune": {"target_macs": 0.5, "finetune_epochs": 2}, "output": "out"}
+    assert config_from_dict(doc, tmp_path).prune.finetune_epochs == 2
+    with pytest.raises(UserInputError, match="finetune_epochs"):
+        config_from_dict({**doc, "prune": {"target_macs": 0.5, "finetune_epochs": -1}}, tmp_path)
+    with pytest.raises(UserInputError, match="finetune_epochs' trains on it"):
+        config_from_dict({**doc, "data": {"evaluation": "mnist"},
+                          "prune": {"methods": "l2", "recover": "none", "target_macs": 0.5, "finetune_epochs": 1}},
+                         tmp_path)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    factors = [learning_rate_factor(step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:])) and factors[-1] < 0.01
+
+
+@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": 0.0}, {"ce_weight": -1.0}, {"temperature": 0.0}])
+def test_options_refuse_nonsense(kwargs: dict) -> None:
+    with pytest.raises(UserInputError):
+        FinetuneOptions(**kwargs)
+
+
+@needs_torch
+@pytest.mark.slow
+def test_run_config_finetunes_every_candidate_once(tmp_path: Path) -> None:
+    import yaml
+
+    bench = {"backend": "ort-cpu", "batch": [1], "warmup": 0.02, "duration": 0.05, "iterations": 2, "rounds": 1}
+    doc = {"model": str(demo_model_path()),
+           "data": {"calibration": {"path": "mnist", "limit": 128}, "evaluation": {"path": "mnist", "limit": 200}},
+           "prune": {"methods": ["l2"], "target_macs": [0.5], "recover": "none", "finetune_epochs": 1},
+           "bench": bench, "output": "out"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["-q", "run", str(tmp_path / "job.yaml")]) == 0
+    record = json.loads((tmp_path / "out/candidates/l2-macs0.5.onnx.report.json").read_text())["recovery"]
+    assert record["finetune"]["options"]["epochs"] == 1 and record["finetune"]["kept"]
+    assert main(["-q", "run", str(tmp_path / "job.yaml")]) == 0
+    assert json.loads((tmp_path / "out/report.json").read_text())["cache"]["candidates_reused"] == 1
+
+
+def _perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """The same graph with every Conv/Gemm/MatMul weight and bias scaled by 1 + 0.2 * noise: a different teacher."""
+    rng = np.random.default_rng(seed)
+    weights = {name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") for name in n.input[1:]}
+    teacher = onnx.ModelProto()
+    teacher.CopyFrom(model)
+    for i, tensor in enumerate(teacher.graph.initializer):
+        if tensor.name in weights:
+            value = numpy_helper.to_array(tensor)
+            noisy = value * (1 + 0.2 * rng.standard_normal(value.shape)).astype(np.float32)
+            teacher.graph.initializer[i].CopyFrom(numpy_helper.from_array(noisy, tensor.name))
+    return teacher
+
+
+def _batch_free(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The motif with a symbolic batch dimension (the motifs fix it to 1; finetune checks on 16 samples)."""
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    del model.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _interface(model: onnx.ModelProto) -> tuple:
+    """Structure plus what the graph promises its users: opsets, IR version, value infos, metadata."""
+    graph = model.graph
+    return (_structure(model), tuple(o.SerializeToString() for o in model.opset_import), model.ir_version,
+            tuple(v.SerializeToString(deterministic=True) for v in graph.value_info),
+            tuple((p.key, p.value) for p in model.metadata_props), graph.name)
+
+
+@needs_torch
+@pytest.mark.parametrize("name", sorted(set(MOTIFS) - {"channel_shuffle"}))  # its Reshape fixes the batch to 1
+def test_finetune_on_every_motif_trains_values_and_never_the_structure(name: str) -> None:
+    student = _batch_free(MOTIFS[name]()[0])
+    rng = np.random.default_rng(5)
+    data = from_iterable([(rng.standard_normal((48, *INPUT_SHAPE[1:])).astype(np.float32), None)])
+    model, record = finetune(student, _perturbed(student, 6), data, FinetuneOptions(epochs=2, batch_size=8))
+    assert record.round_trip_error <= 1e-5
+    assert record.kept and record.objective_after < record.objective_before  # it did learn something
+    assert _interface(model) == _interface(student)
+    onnx.checker.check_model(model, full_check=True)
+    assert any(not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(model.graph.initializer, student.graph.initializer, strict=True))
+
+
+@needs_torch
+def test_prune_with_finetune_epochs_writes_the_same_graph_as_without(tmp_path: Path) -> None:
+    common = ["-q", "prune", str(demo_model_path()), "--data", "mnist", "--limit", "192", "--method", "l2",
+              "--recover", "none", "--target-macs", "0.5"]
+    plain, tuned = tmp_path / "plain.onnx", tmp_path / "tuned.onnx"
+    assert main([*common, "-o", str(plain)]) == 0
+    assert main([*common, "--finetune-epochs", "1", "-o", str(tuned)]) == 0
+    before, after = onnx.load(str(plain)), onnx.load(str(tuned))
+    assert _interface(after) == _interface(before)  # the finetune changed values only
+    assert before.SerializeToString() != after.SerializeToString()
+    record = json.loads(Path(f"{tuned}.report.json").read_text())["recovery"]["finetune"]
+    assert record["kept"] and record["options"]["epochs"] == 1 and record["round_trip_error"] <= 1e-5
