@@ -385,11 +385,13 @@ def goal_lines(doc: Mapping[str, Any]) -> list[str]:
         for t in (str(x) for x in TARGETS):
             if "top1" not in di.get(t, {}):
                 continue
+            other = _best_rival(rows, t, [m for m in METHODS if m not in GOAL_RIVALS])
+            others.append(f"{t}: {other[0]} {100 * other[1]:.2f}" if other[1] >= 0 else f"{t}: none run")
             rival = _best_rival(rows, t, GOAL_RIVALS)
+            if rival[1] < 0:  # no rival measured at this target: neither a win nor a loss
+                continue
             wins += di[t]["top1"] > rival[1]
             rivals.append(f"{t}: {rival[0]} {100 * rival[1]:.2f}")
-            other = _best_rival(rows, t, [m for m in METHODS if m not in GOAL_RIVALS])
-            others.append(f"{t}: {other[0]} {100 * other[1]:.2f}")
         lines.append(f"| {name} | {gap} | {wins} / {len(rivals)} | {'; '.join(rivals)} | {'; '.join(others)} |")
     return [*lines, ""]
 
