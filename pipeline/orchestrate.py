@@ -425,6 +425,9 @@ SEARCH_STEPS = 6
 """Bisection steps of ``--max-drop`` after the smallest reachable model (each one a prune + recovery + evaluation)."""
 
 
+_FLOOR_TARGET = 1e-6  # a MACs target no plan reaches: the planner stops at every group's floor
+
+
 def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float, *, steps: int = SEARCH_STEPS,
                     **options: Any) -> tuple[Candidate, dict[str, Any], tuple[dict[str, Any], ...]]:
     """The smallest model (by achieved MACs) whose held-out top-1 stays within ``max_drop`` points of the unpruned
@@ -449,7 +452,7 @@ def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float,
     tried: list[dict[str, Any]] = []
     best: tuple[float, Candidate, dict[str, Any]] | None = None
     low, high = None, 1.0
-    target = 1e-6  # first: the smallest reachable model
+    target = _FLOOR_TARGET  # first: the smallest reachable model
     for _ in range(steps + 1):
         candidate = run.candidate(method, target_macs=target, **options)
         pruned = run.evaluate(candidate.model, eval_data)
@@ -474,7 +477,21 @@ def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float,
         raise VerificationError(f"no tried budget keeps the held-out top-1 within {max_drop} points of the unpruned "
                                 f"model's {original['top1']:.4f}: " + "; ".join(
                                     f"MACs {t['macs_fraction']:.3f} -> {t['top1']:.4f}" for t in tried))
-    return best[1], {"original": original, "pruned": best[2]}, tuple(tried)
+    return _searched(best[1], max_drop), {"original": original, "pruned": best[2]}, tuple(tried)
+
+
+def _searched(candidate: Candidate, max_drop: float) -> Candidate:
+    """The candidate a ``--max-drop`` search chose, with the search as its budget: ``max_drop`` recorded, and when it
+    is the smallest reachable model (asked for with a MACs target no plan can reach) its "budget not reached" note
+    replaced by what it is."""
+    budget = {**candidate.budget, "max_drop": max_drop}
+    if budget.get("target_macs") != _FLOOR_TARGET:
+        return replace(candidate, budget=budget)
+    notes = [n for n in candidate.plan.meta.get("notes", ()) if not str(n).startswith("budget not reached")]
+    notes.append(f"--max-drop {max_drop:g}: the smallest reachable model (every movable group at its floor) is "
+                 f"within the bound")
+    plan = replace(candidate.plan, meta={**candidate.plan.meta, "notes": notes, "target_macs": None})
+    return replace(candidate, plan=plan, budget={**budget, "target_macs": None})
 
 
 def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",

@@ -96,6 +96,9 @@ class Report:
         elif pruned.get("relative_logit_error") is None and pruned.get("outputs"):
             worst = max(o["relative_error"] for o in pruned["outputs"].values())
             acc += f", output relative error vs the original {worst:.3g} (worst output)"
+        if self.budget.get("max_drop") is not None:
+            points = self.budget["max_drop"]
+            acc += f", the smallest model tried within {points:g} point{'' if points == 1 else 's'}"
         if any(note.startswith("budget not reached") for note in self.notes):
             acc += ", budget NOT reached (the warning and the report's notes say what blocked it)"
         targets = {k: self.budget.get(f"target_{k}") for k in ("macs", "params")}

@@ -136,6 +136,10 @@ def test_max_drop_returns_a_model_within_the_bound_and_reports_the_search(tmp_pa
     assert saved["task"]["classes"] == [3, 8] and saved["task"]["original_width"] == 10
     assert len(saved["search"]) == len(report.search)
     assert [d.dim_value for d in onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim][1:] == [2]
+    assert saved["budget"]["max_drop"] == 1.0 and "within 1 point" in report.summary()
+    if report.search[0]["within"]:  # the floor was within the bound: said so, not "budget not reached"
+        assert saved["budget"]["target_macs"] is None and "NOT reached" not in report.summary()
+        assert any("smallest reachable model" in n for n in saved["notes"])
 
 
 def test_the_cli_stages_carry_the_task_from_file_to_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
