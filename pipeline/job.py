@@ -322,12 +322,10 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     prune = config.prune
     cluster = None
     if prune.workers is not None or prune.ray is not None:
-        from pipeline.cluster import data_spec, ray_options
+        from pipeline.cluster import ray_options
 
         cluster = ray_options(workers=prune.workers, address=prune.ray)
-        if calibration is not None:
-            data_spec(calibration)  # in-memory data cannot go to Ray workers: refused before any work
-    with ray_started(cluster):
+    with ray_started(cluster, calibration):
         return _run_stages(job, config, calibration, evaluation, cluster, progress, use_cache, tracker)
 
 

@@ -546,11 +546,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                              "kept), or --max-drop P")
     if finetune_epochs:
         _check_finetune(finetune_epochs, data, max_drop)
-    if cluster is not None and data is not None:
-        from pipeline.cluster import data_spec
-
-        data_spec(data)  # in-memory data cannot go to Ray workers: refused before any work
-    with ray_started(cluster):
+    with ray_started(cluster, data):
         run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
                        work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes, cluster=cluster,
                        shard_batches=shard_batches)
@@ -562,12 +558,16 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
 
 
 @contextmanager
-def ray_started(cluster: Any | None) -> Iterator[None]:
-    """Ray started (or connected) for the block when ``cluster`` is given, so that every stage reuses it."""
+def ray_started(cluster: Any | None, data: Any | None = None) -> Iterator[None]:
+    """Ray started (or connected) for the block when ``cluster`` is given, so that every stage reuses it; ``data``
+    that Ray workers cannot reopen (in-memory arrays) is refused first, before any work."""
     if cluster is None:
         yield
         return
-    from pipeline.cluster import ray_session
+    from pipeline.cluster import data_spec, ray_session
+
+    if data is not None:
+        data_spec(data)
 
     with ray_session(cluster):
         yield
