@@ -8,7 +8,8 @@ and a spatial ``ReduceSum`` right after each probe's producer), so onnxruntime r
 and memory and transfer scale with channels, never with channels x positions or with the number of samples.
 
 Pooling (``POOLINGS``): ``auto`` (the default) chooses per probe what its consumers read (:mod:`pipeline.pooling`: the
-grid a Flatten -> Gemm head sees, global average before global pooling, 2 x 2 otherwise, within a feature budget)
+grid a Flatten -> Gemm head sees, global average before global pooling, 2 x 2 otherwise when the data holds 10
+samples per feature, within a feature budget)
 and records it per probe in the statistics; ``gap`` averages over all spatial positions (``cells = 1``); ``avgK`` is
 K x K adaptive
 average pooling with the bin edges of ``torch.nn.AdaptiveAvgPool2d`` (bin ``i`` of an axis of length ``L`` covers
@@ -48,7 +49,7 @@ import onnx
 from graph_ops.errors import PreconditionError
 from graph_ops.probes import PooledProbe, add_pooled_probes
 from pipeline.errors import CalibrationError, UserInputError
-from pipeline.pooling import consumer_bins
+from pipeline.pooling import MIN_SAMPLES_PER_FEATURE, consumer_bins
 from pipeline.prepare import PreparedModel, as_prepared, default_probes
 from pipeline.runtime import (
     Batch,
@@ -78,7 +79,7 @@ POOLINGS: dict[str, int] = {"auto": 0, "gap": 1, "avg2": 2, "avg4": 4}
 read, :mod:`pipeline.pooling`)."""
 DEFAULT_POOLING = "auto"
 
-MIN_SAMPLES_PER_DIM = 10
+MIN_SAMPLES_PER_DIM = MIN_SAMPLES_PER_FEATURE
 MIN_SAMPLES_PER_CLASS = 5
 
 
@@ -257,7 +258,8 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     if not names:
         raise CalibrationError(f"{prepared.path} has no prunable channel groups, so there is nothing to calibrate")
     try:
-        bins = consumer_bins(prepared.model, prepared.index, names) if pooling == "auto" else POOLINGS[pooling]
+        bins = (consumer_bins(prepared.model, prepared.index, names, getattr(dataset, "num_samples", None))
+                if pooling == "auto" else POOLINGS[pooling])
         pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries)
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err

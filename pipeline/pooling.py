@@ -10,8 +10,14 @@ anyway (``GlobalAveragePool``) sees only the average. So, per probe ``(N, C, H, 
   ``MAX_FEATURES``;
 * **read only by global pooling** (``GlobalAveragePool``/``GlobalMaxPool``, or a ``ReduceMean``/``ReduceMax`` over
   all spatial axes): global average (``K = 1``);
-* **otherwise** (convolutions and other local consumers): a small grid, ``K = 2``, when ``4 C <= MAX_FEATURES`` and
-  the probe is at least 2x2; else global average.
+* **otherwise** (convolutions and other local consumers): a small grid, ``K = 2``, when ``4 C <= MAX_FEATURES``,
+  the probe is at least 2x2 and the calibration set holds at least ``MIN_SAMPLES_PER_FEATURE x 4 C`` samples; else
+  global average. Such a consumer reads every position through its kernel, so neither pooling matches it exactly:
+  the grid only adds where its ``4x`` features are estimated well. Below ``10`` samples per feature the scatter
+  matrices are dominated by their ridge and the grid's extra features add noise to the ranking (measured on the
+  MNIST MobileNetV2 family at 1/8 of the MACs, 2,000 images: ``K = 2`` on 14 probes lost 0.7 points to global
+  average; ``benchmarks/results/quality.md``). The dense-head grid above is kept whatever the sample count: it is
+  exactly what the head reads.
 
 Probes of rank 2 have one feature per channel. ``MAX_FEATURES`` bounds the feature dimension ``d = C K^2``: DI
 inverts and downdates ``d x d`` scatter matrices (``O(d^3)``) and calibration keeps a ``d x d`` Gram per probe.
@@ -27,6 +33,7 @@ from graph_ops.groups import ChannelGroupIndex
 from graph_ops.proto import attr, constants
 
 MAX_FEATURES = 1024
+MIN_SAMPLES_PER_FEATURE = 10  # samples per pooled feature for a stable scatter matrix (methods.md §6.2)
 GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool")
 SPATIAL_REDUCTIONS = ("ReduceMean", "ReduceMax")
 
@@ -43,8 +50,10 @@ def _global(node: onnx.NodeProto, rank: int, consts: dict[str, onnx.TensorProto]
     return axes is not None and sorted(int(a) % rank for a in axes) == list(range(2, rank))  # type: ignore[union-attr]
 
 
-def consumer_bins(model: onnx.ModelProto, index: ChannelGroupIndex, probes: Sequence[str]) -> dict[str, int]:
-    """``K`` of the ``K x K`` pooling of every probe (module docstring)."""
+def consumer_bins(model: onnx.ModelProto, index: ChannelGroupIndex, probes: Sequence[str],
+                  samples: int | None = None) -> dict[str, int]:
+    """``K`` of the ``K x K`` pooling of every probe (module docstring); ``samples``: the calibration set's size
+    (None: as many as the small grids want, e.g. for the sample advice)."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -65,6 +74,7 @@ def consumer_bins(model: onnx.ModelProto, index: ChannelGroupIndex, probes: Sequ
         elif readers.get(probe) and all(_global(node, 4, consts) for node in readers[probe]):
             k = 1
         else:
-            k = 2 if min(height, width) >= 2 and 4 * channels <= MAX_FEATURES else 1
+            enough = samples is None or samples >= MIN_SAMPLES_PER_FEATURE * 4 * channels
+            k = 2 if min(height, width) >= 2 and 4 * channels <= MAX_FEATURES and enough else 1
         bins[probe] = k
     return bins
