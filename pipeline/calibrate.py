@@ -58,6 +58,7 @@ from pipeline.runtime import (
     model_input_specs,
     open_session,
     output_classes,
+    samples_per_run,
     stream,
 )
 from pipeline.shards import SHARD_BATCHES, OrderedMerge, Shard, shard_layout
@@ -166,6 +167,8 @@ class ShardJob:
         backend: onnxruntime backend (``auto``, ``ort-cpu``, ``ort-cuda``).
         intra_op_threads: onnxruntime intra-op threads.
         shard_batches: batches per shard (:mod:`pipeline.shards`).
+        per_run: samples per onnxruntime call (:func:`pipeline.runtime.samples_per_run`; the statistics are the
+            same whatever it is, only the memory changes).
     """
 
     model: bytes
@@ -177,6 +180,7 @@ class ShardJob:
     backend: str
     intra_op_threads: int | None
     shard_batches: int = SHARD_BATCHES
+    per_run: int | None = None
 
     @property
     def outputs(self) -> list[str]:
@@ -187,7 +191,7 @@ class ShardJob:
         """The pooled outputs of every batch of ``dataset``, in order (one onnxruntime session)."""
         session = open_session(self.model, self.backend, self.intra_op_threads)
         return stream(session, dataset, self.outputs, self.specs, batch_size=self.batch_size, stage="calibrate",
-                      progress=progress)
+                      progress=progress, per_run=self.per_run)
 
     def fold(self, batches: Iterable[Batch], first_sample: int = 0) -> dict[str, ProbeStats]:
         """The statistics of a run of batches (one shard), folded in order."""
@@ -267,7 +271,7 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     specs = model_input_specs(prepared.model)
     batch_size = fixed_batch(specs, batch_size)  # a static batch is what every onnxruntime call gets
     job = ShardJob(pooled_model.SerializeToString(), specs, tuple(pooled), num_classes, require_labels, batch_size,
-                   backend, intra_op_threads, shard_batches)
+                   backend, intra_op_threads, shard_batches, samples_per_run(prepared.model, batch_size))
     shards = shard_layout(getattr(dataset, "num_samples", 0), batch_size, shard_batches)
     if not shards:
         raise CalibrationError("the calibrate dataset yielded no samples")

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from pipeline.errors import CalibrationError, UserInputError
-from pipeline.runtime import check_labels, model_input_specs, open_session, run, stream
+from pipeline.runtime import check_labels, model_input_specs, open_session, run, samples_per_run, stream
 from pipeline.task import Task
 
 TOP_K = 5
@@ -196,12 +196,15 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         ref_session = open_session(ref_proto.SerializeToString(), backend, intra_op_threads)
     totals = _Totals(classifier)
     width = num_classes
-    for batch in stream(session, dataset, None, specs, batch_size=batch_size, stage="evaluate", progress=progress):
+    per_run = samples_per_run(proto, batch_size)  # same outputs, the memory of fewer samples per call
+    for batch in stream(session, dataset, None, specs, batch_size=batch_size, stage="evaluate", progress=progress,
+                        per_run=per_run):
         if classifier:
             width = num_classes or batch.outputs[0].shape[1]
             if batch.labels is not None:
                 totals.add_labels(batch.outputs[0], check_labels(batch.labels, batch.size, width))
         if ref_session is not None:
-            totals.add_reference(names, batch.outputs, run(ref_session, None, batch.feeds, stage="evaluate"))
+            totals.add_reference(names, batch.outputs, run(ref_session, None, batch.feeds, stage="evaluate",
+                                                                     per_run=per_run))
         totals.n += batch.size
     return _report(totals, width, ref_session is not None)

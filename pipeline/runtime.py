@@ -8,7 +8,10 @@
 * :func:`model_input_specs` / :func:`session_input_specs`, :func:`output_classes`, :func:`check_labels`: what data
   must look like to fit a model.
 * :func:`feed_batches` binds a :class:`pipeline.data.Dataset` to the model's inputs and checks every batch;
-  :func:`run` calls onnxruntime with its errors turned into :class:`~pipeline.errors.CalibrationError`;
+  :func:`run` calls onnxruntime with its errors turned into :class:`~pipeline.errors.CalibrationError`, in calls of
+  at most :func:`samples_per_run` samples (a batch of a model with large activations is cut into consecutive slices
+  whose per-sample outputs are concatenated: onnxruntime computes every sample independently, so the values are
+  those of one call, while its memory holds the activations of a slice, not of the whole batch);
   :func:`stream` is the one batch loop of calibration and evaluation (batch ``i + 1`` runs in onnxruntime on a worker
   thread, which releases the GIL, while the caller folds batch ``i``; at most two batches of outputs are alive;
   order is kept, so the same inputs give the same results). Recovery's level-by-level sweep
@@ -50,6 +53,12 @@ STREAM_BACKENDS = ("auto", "ort-cpu", "ort-cuda")
 """Backends of calibration, evaluation and recovery (``auto``: CUDA when really active, else CPU)."""
 
 InputSpecs = Mapping[str, tuple[tuple[int | None, ...], np.dtype]]
+
+RUN_BYTES = 256 << 20
+"""About how many bytes of activations one onnxruntime call of a stream may hold (:func:`samples_per_run`)."""
+LIVE_TENSORS = 4
+"""Activations alive at once at the widest point of a network (its input, its output, a residual, a layout copy):
+the estimate of one sample's peak activation memory is this many times its widest activation."""
 
 
 def make_session(model: str | Path | bytes, backend: str = "ort-cpu", intra_op_threads: int | None = None,
@@ -222,19 +231,74 @@ def feed_batches(dataset: Any, specs: InputSpecs,
         yield dict(feeds), labels
 
 
+def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_BYTES) -> int:
+    """Samples per onnxruntime call for batches of ``batch_size``: the whole batch, or equal slices of it small
+    enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes) fits in
+    ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 16 of a batch of 64). A model whose inputs
+    have a static batch always runs whole batches."""
+    from graph_ops.proto import declared_shapes
+
+    if batch_size <= 1 or any(shape and isinstance(shape[0], int) for shape, _ in model_input_specs(model).values()):
+        return batch_size
+    widest = 0
+    for shape in declared_shapes(model).values():
+        if len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            widest = max(widest, 4 * int(np.prod(shape[1:], dtype=np.int64)))
+    most = max(1, budget // max(LIVE_TENSORS * widest, 1))
+    if most >= batch_size:
+        return batch_size
+    calls = -(-batch_size // most)
+    return -(-batch_size // calls)
+
+
 def run(session: Any, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], *, stage: str,
-        finite: bool = False) -> list[np.ndarray]:
+        finite: bool = False, per_run: int | None = None) -> list[np.ndarray]:
     """``session.run`` with onnxruntime's errors as CalibrationError (naming ``stage``); with ``finite``, every
-    output must be free of NaN and Inf."""
+    output must be free of NaN and Inf. ``per_run`` (see :func:`samples_per_run`): at most this many samples per
+    onnxruntime call; the batch is cut along axis 0 of every feed, and the outputs of the slices are concatenated
+    along axis 0 (every output must then lead with the slice's samples; a model whose outputs do not runs the
+    whole batch in one call)."""
+    feeds = dict(feeds)
+    rows = {len(v) if np.ndim(v) else -1 for v in feeds.values()}
+    if per_run is not None and len(rows) == 1 and next(iter(rows)) > per_run:
+        sliced = _run_sliced(session, names, feeds, next(iter(rows)), per_run, stage)
+        if sliced is not None:
+            return _check_finite(session, names, sliced, stage) if finite else sliced
     try:
-        outputs = session.run(None if names is None else list(names), dict(feeds))
+        outputs = session.run(None if names is None else list(names), feeds)
     except Exception as err:  # onnxruntime raises its own unrelated exception types
         raise CalibrationError(f"onnxruntime failed during {stage}: {err}") from err
-    if finite:
-        for name, value in zip(names or [o.name for o in session.get_outputs()], outputs, strict=True):
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                raise CalibrationError(f"tensor '{name}' has NaN or Inf values during {stage} although the inputs "
-                                       f"are finite; check the input scaling (--scale/--mean/--std)")
+    return _check_finite(session, names, outputs, stage) if finite else outputs
+
+
+def _run_sliced(session: Any, names: Sequence[str] | None, feeds: dict[str, np.ndarray], n: int, per_run: int,
+                stage: str) -> list[np.ndarray] | None:
+    """The outputs of ``feeds`` run in slices of ``per_run`` samples, written into whole-batch arrays (allocated
+    from the first slice's shapes); None when an output does not lead with the slice's samples (not per sample)."""
+    whole: list[np.ndarray] = []
+    for start in range(0, n, per_run):
+        stop = min(start + per_run, n)
+        try:
+            outs = session.run(None if names is None else list(names), {k: v[start:stop] for k, v in feeds.items()})
+        except Exception as err:  # onnxruntime raises its own unrelated exception types
+            raise CalibrationError(f"onnxruntime failed during {stage}: {err}") from err
+        if any(np.ndim(o) == 0 or len(o) != stop - start or (whole and o.shape[1:] != w.shape[1:])
+               for o, w in zip(outs, whole or outs, strict=True)):
+            return None
+        if not whole:
+            whole = [np.empty((n, *o.shape[1:]), o.dtype) for o in outs]
+        for target, part in zip(whole, outs, strict=True):
+            target[start:stop] = part
+        del outs
+    return whole
+
+
+def _check_finite(session: Any, names: Sequence[str] | None, outputs: list[np.ndarray],
+                  stage: str) -> list[np.ndarray]:
+    for name, value in zip(names or [o.name for o in session.get_outputs()], outputs, strict=True):
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise CalibrationError(f"tensor '{name}' has NaN or Inf values during {stage} although the inputs "
+                                   f"are finite; check the input scaling (--scale/--mean/--std)")
     return outputs
 
 
@@ -255,7 +319,7 @@ class Batch:
 
 
 def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: InputSpecs, *, batch_size: int,
-           stage: str, progress: bool = False, finite: bool = False) -> Iterator[Batch]:
+           stage: str, progress: bool = False, finite: bool = False, per_run: int | None = None) -> Iterator[Batch]:
     """Run ``session`` over every batch of ``dataset`` (see the module docstring) and yield :class:`Batch` es in order.
 
     Args:
@@ -267,6 +331,7 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
         stage: what the stream is for (progress bar label, error messages).
         progress: a tqdm bar on stderr.
         finite: refuse NaN / Inf outputs.
+        per_run: at most this many samples per onnxruntime call (:func:`run`).
 
     Raises:
         CalibrationError: the dataset yields no samples, a batch does not fit the model, onnxruntime fails.
@@ -280,7 +345,7 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
             tqdm(total=total, desc=stage, unit="sample", file=sys.stderr, disable=not progress) as bar:
         pending: tuple[int, dict[str, np.ndarray], np.ndarray | None, Future] | None = None
         for index, (feeds, labels) in enumerate(batches):
-            future = pool.submit(run, session, names, feeds, stage=stage, finite=finite)
+            future = pool.submit(run, session, names, feeds, stage=stage, finite=finite, per_run=per_run)
             if pending is not None:
                 batch = Batch(pending[0], start, pending[1], pending[2], pending[3].result())
                 start += batch.size

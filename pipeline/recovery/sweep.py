@@ -39,12 +39,12 @@ from graph_ops.proto import declared_shapes
 from pipeline.data import validate_batch
 from pipeline.errors import CalibrationError
 from pipeline.recovery.frontier import FrontierStore
-from pipeline.runtime import model_input_specs, open_session, run
+from pipeline.runtime import model_input_specs, open_session, run, samples_per_run
 from pipeline.shards import batch_range
 
 HOLD_OUT_EVERY = 5  # batch i is held out when i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 MIN_ROWS_PER_DIM = 10  # methods.md 6.2: at least 10x more samples than a regression's dimension (else a warning)
-SPILL_BYTES = 512 << 20  # frontier kept in memory up to this many bytes, the rest in files
+SPILL_BYTES = 256 << 20  # frontier kept in memory up to this many bytes, the rest in files
 
 
 def batch_rng(seed: int, level: int, batch: int, *more: int) -> np.random.Generator:
@@ -231,6 +231,7 @@ class Sweep:
         self.specs = model_input_specs(original)
         self.dataset = dataset.bind(list(self.specs))
         self.batch_size, self.backend, self.threads = batch_size, backend, intra_op_threads
+        self.per_run = samples_per_run(original, batch_size)  # onnxruntime calls of fewer samples, same values
         self.store = {key: FrontierStore(spill_bytes // 2, spill_dir) for key in self.sides}
         self.last = {key: {} for key in self.sides}  # step -> names whose last reader runs at that step
         for key, side in self.sides.items():
@@ -287,7 +288,7 @@ class Sweep:
                                                                           for r in wanted))
             picks = indices(levels, batch, n) if levels else {}
             values = run(session, outs, {n: picks[n] if n in picks else value(n) for n in ins}, stage="recovery",
-                         finite=True)
+                         finite=True, per_run=self.per_run)
             got = dict(zip(outs, values, strict=True))
             for name, array in got.items():
                 if side.last_use.get(name, -1) > step:
