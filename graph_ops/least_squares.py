@@ -127,13 +127,6 @@ def patch_index(shape: LayerShape, height: int, width: int, oy: np.ndarray,
     return flat.reshape(len(oy), kh * kw), inside.reshape(len(oy), kh * kw)
 
 
-def gathered_patches(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarray:
-    """``(N, C, P * taps)`` gathered input values -> ``(N * P, group, C_g * taps)``, the :func:`conv_patches` layout."""
-    n, channels = values.shape[:2]
-    blocks = values.reshape(n, channels, -1, taps).transpose(0, 2, 1, 3)
-    return blocks.reshape(-1, shape.group, (channels // shape.group) * taps)
-
-
 @dataclass(frozen=True)
 class PatchMoments:
     """Streamed moments of one layer's refit problem, per group (float64, read-only).
@@ -158,6 +151,30 @@ class PatchMoments:
         """Moments of both sample sets together."""
         return PatchMoments(self.count + other.count, self.gram + other.gram, self.cross + other.cross,
                             self.target_sq + other.target_sq)
+
+
+def gathered_rows(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarray:
+    """Design rows of gathered input values, built in one pass as float64 (what :func:`accumulate` reads, so it
+    makes no copy): ``(N, C, P * taps)`` (per sample, ``P`` positions of ``taps`` values per channel) -> ``(N * P,
+    group, C_g * taps [+ 1])``, the :func:`conv_patches` layout with the intercept column of :func:`patch_rows`."""
+    n, channels = values.shape[:2]
+    per_group, positions = channels // shape.group, values.shape[2] // taps
+    per = per_group * taps
+    rows = np.empty((n, positions, shape.group, per + int(shape.intercept)))
+    view = rows[..., :per]
+    view.shape = (n, positions, shape.group, per_group, taps)  # a view (raises rather than copy)
+    view[...] = values.reshape(n, shape.group, per_group, positions, taps).transpose(0, 3, 1, 2, 4)
+    if shape.intercept:
+        rows[..., per] = 1.0
+    return rows.reshape(-1, shape.group, rows.shape[-1])
+
+
+def gathered_targets(values: np.ndarray, groups: int) -> np.ndarray:
+    """``(N, O, P)`` gathered outputs -> ``(N * P, groups, O / groups)`` float64 targets (one pass)."""
+    n, out, positions = values.shape
+    targets = np.empty((n, positions, out))
+    targets[...] = values.transpose(0, 2, 1)
+    return targets.reshape(n * positions, groups, out // groups)
 
 
 def patch_rows(x: np.ndarray, shape: LayerShape) -> np.ndarray:

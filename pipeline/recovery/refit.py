@@ -42,7 +42,8 @@ from graph_ops.least_squares import (
     choose_refit,
     coef_from_weights,
     conv_patches,
-    gathered_patches,
+    gathered_rows,
+    gathered_targets,
     patch_index,
     patch_rows,
     sample_positions,
@@ -234,11 +235,9 @@ class RefitLevel(LevelJob):
         for layer in self.layers:
             if layer.name in self.specs:
                 y_spec, x_spec = self.specs[layer.name]
-                y = original[y_spec.output]  # (N, kept outputs, P): the kept channels were gathered in the graph
-                targets = y.transpose(0, 2, 1).reshape(-1, y.shape[1])
-                taps = int(np.prod(layer.shape.kernel))
-                patches = gathered_patches(current[x_spec.output], layer.shape, taps)
-                rows, targets = patch_rows(patches, layer.shape), targets.reshape(len(targets), layer.shape.group, -1)
+                # (N, kept outputs, P): the kept channels were gathered in the graph; both built as float64 at once
+                targets = gathered_targets(original[y_spec.output], layer.shape.group)
+                rows = gathered_rows(current[x_spec.output], layer.shape, int(np.prod(layer.shape.kernel)))
             else:
                 rows, targets = _design(layer, current[layer.input], original[layer.output],
                                         self._rng(batch, layer), self.positions)

@@ -16,6 +16,8 @@ from graph_ops.least_squares import (
     choose_refit,
     coef_from_weights,
     conv_patches,
+    gathered_rows,
+    gathered_targets,
     patch_error,
     patch_rows,
     sample_positions,
@@ -162,3 +164,26 @@ def test_choice_refits_and_lowers_the_held_out_error(rng: np.random.Generator) -
     assert choice.alpha in (1e-4, 1e-1, 10.0)
     assert choice.error_after < 0.5 * choice.error_before
     assert isinstance(fit.merge(held), PatchMoments)
+
+
+@pytest.mark.parametrize("group,intercept", [(1, True), (2, True), (4, False)])
+def test_gathered_rows_and_targets_are_the_patch_layout_in_float64(group: int, intercept: bool) -> None:
+    # gathered values (N, C, P * taps): per sample, P positions of `taps` values per channel
+    rng = np.random.default_rng(0)
+    n, channels, positions, taps = 3, 8, 5, 9
+    values = rng.standard_normal((n, channels, positions * taps)).astype(np.float32)
+    shape = LayerShape("Conv", group=group, kernel=(3, 3), intercept=intercept)
+    rows = gathered_rows(values, shape, taps)
+    # reference, written out: row (sample i, position p), group g = channels of g, each with its taps
+    per = channels // group
+    for i in range(n):
+        for p in range(positions):
+            for g in range(group):
+                expect = [values[i, g * per + c, p * taps + t] for c in range(per) for t in range(taps)]
+                expect += [1.0] if intercept else []
+                np.testing.assert_array_equal(rows[i * positions + p, g], np.asarray(expect, np.float64))
+    assert rows.dtype == np.float64 and rows.shape == (n * positions, group, per * taps + int(intercept))
+    outputs = rng.standard_normal((n, 6, positions)).astype(np.float32)
+    targets = gathered_targets(outputs, 2)
+    assert targets.dtype == np.float64 and targets.shape == (n * positions, 2, 3)
+    np.testing.assert_array_equal(targets[1 * positions + 4, 1], outputs[1, 3:6, 4])
