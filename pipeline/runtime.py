@@ -54,7 +54,7 @@ STREAM_BACKENDS = ("auto", "ort-cpu", "ort-cuda")
 
 InputSpecs = Mapping[str, tuple[tuple[int | None, ...], np.dtype]]
 
-RUN_BYTES = 256 << 20
+RUN_BYTES = 128 << 20
 """About how many bytes of activations one onnxruntime call of a stream may hold (:func:`samples_per_run`)."""
 LIVE_TENSORS = 4
 """Activations alive at once at the widest point of a network (its input, its output, a residual, a layout copy):
@@ -234,7 +234,7 @@ def feed_batches(dataset: Any, specs: InputSpecs,
 def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_BYTES) -> int:
     """Samples per onnxruntime call for batches of ``batch_size``: the whole batch, or equal slices of it small
     enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes) fits in
-    ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 16 of a batch of 64). A model whose inputs
+    ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs
     have a static batch always runs whole batches."""
     from graph_ops.proto import declared_shapes
 
