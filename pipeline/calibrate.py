@@ -191,7 +191,7 @@ class ShardJob:
         """The pooled outputs of every batch of ``dataset``, in order (one onnxruntime session)."""
         session = open_session(self.model, self.backend, self.intra_op_threads)
         return stream(session, dataset, self.outputs, self.specs, batch_size=self.batch_size, stage="calibrate",
-                      progress=progress, per_run=self.per_run)
+                      progress=progress, per_run=self.per_run, shapes={p.shape for p in self.pooled})
 
     def fold(self, batches: Iterable[Batch], first_sample: int = 0) -> dict[str, ProbeStats]:
         """The statistics of a run of batches (one shard), folded in order."""

@@ -29,7 +29,8 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graph_ops.proto import declared_shapes
 from pipeline.data import validate_batch
 from pipeline.errors import CalibrationError, PruneError, UserInputError
 
@@ -236,8 +238,6 @@ def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_B
     enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes) fits in
     ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs
     have a static batch always runs whole batches."""
-    from graph_ops.proto import declared_shapes
-
     if batch_size <= 1 or any(shape and isinstance(shape[0], int) for shape, _ in model_input_specs(model).values()):
         return batch_size
     widest = 0
@@ -252,43 +252,64 @@ def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_B
 
 
 def run(session: Any, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], *, stage: str,
-        finite: bool = False, per_run: int | None = None) -> list[np.ndarray]:
+        finite: bool = False, per_run: int | None = None, shapes: Collection[str] = ()) -> list[np.ndarray]:
     """``session.run`` with onnxruntime's errors as CalibrationError (naming ``stage``); with ``finite``, every
     output must be free of NaN and Inf. ``per_run`` (see :func:`samples_per_run`): at most this many samples per
     onnxruntime call; the batch is cut along axis 0 of every feed, and the outputs of the slices are concatenated
     along axis 0 (every output must then lead with the slice's samples; a model whose outputs do not runs the
-    whole batch in one call)."""
+    whole batch in one call). ``shapes``: outputs that are ``Shape`` tensors of per-sample tensors (the batch in
+    entry 0, the rest the same for every slice): sliced, their entry 0 is the whole batch's."""
     feeds = dict(feeds)
     rows = {len(v) if np.ndim(v) else -1 for v in feeds.values()}
-    if per_run is not None and len(rows) == 1 and next(iter(rows)) > per_run:
-        sliced = _run_sliced(session, names, feeds, next(iter(rows)), per_run, stage)
-        if sliced is not None:
-            return _check_finite(session, names, sliced, stage) if finite else sliced
-    try:
-        outputs = session.run(None if names is None else list(names), feeds)
-    except Exception as err:  # onnxruntime raises its own unrelated exception types
-        raise CalibrationError(f"onnxruntime failed during {stage}: {err}") from err
+    outputs = None
+    if per_run is not None and len(rows) == 1 and next(iter(rows)) > per_run and session not in _NOT_PER_SAMPLE:
+        outputs = _run_sliced(session, names, feeds, next(iter(rows)), per_run, stage, shapes)
+        if outputs is None:
+            _NOT_PER_SAMPLE.add(session)  # found once: later batches run whole without trying slices again
+    if outputs is None:
+        outputs = _call(session, names, feeds, stage)
     return _check_finite(session, names, outputs, stage) if finite else outputs
 
 
+_NOT_PER_SAMPLE: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Sessions with an output that does not lead with the batch's samples: :func:`run` gives them whole batches."""
+
+
+def _call(session: Any, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], stage: str) -> list[np.ndarray]:
+    """One ``session.run``, onnxruntime's errors as CalibrationError."""
+    try:
+        return session.run(None if names is None else list(names), dict(feeds))
+    except Exception as err:  # onnxruntime raises its own unrelated exception types
+        raise CalibrationError(f"onnxruntime failed during {stage}: {err}") from err
+
+
 def _run_sliced(session: Any, names: Sequence[str] | None, feeds: dict[str, np.ndarray], n: int, per_run: int,
-                stage: str) -> list[np.ndarray] | None:
+                stage: str, shapes: Collection[str] = ()) -> list[np.ndarray] | None:
     """The outputs of ``feeds`` run in slices of ``per_run`` samples, written into whole-batch arrays (allocated
-    from the first slice's shapes); None when an output does not lead with the slice's samples (not per sample)."""
+    from the first slice's shapes; a ``shapes`` output gets ``n`` in entry 0); None when an output does not lead
+    with the slice's samples (not per sample)."""
+    is_shape = [name in shapes for name in (names or [o.name for o in session.get_outputs()])]
     whole: list[np.ndarray] = []
     for start in range(0, n, per_run):
         stop = min(start + per_run, n)
-        try:
-            outs = session.run(None if names is None else list(names), {k: v[start:stop] for k, v in feeds.items()})
-        except Exception as err:  # onnxruntime raises its own unrelated exception types
-            raise CalibrationError(f"onnxruntime failed during {stage}: {err}") from err
-        if any(np.ndim(o) == 0 or len(o) != stop - start or (whole and o.shape[1:] != w.shape[1:])
-               for o, w in zip(outs, whole or outs, strict=True)):
-            return None
+        outs = _call(session, names, {k: v[start:stop] for k, v in feeds.items()}, stage)
+        for o, w, shape in zip(outs, whole or outs, is_shape, strict=True):
+            if shape:
+                ok = np.ndim(o) == 1 and len(o) >= 1 and int(o[0]) == stop - start and (
+                    not whole or np.array_equal(o[1:], w[1:]))
+            else:
+                ok = np.ndim(o) > 0 and len(o) == stop - start and (not whole or o.shape[1:] == w.shape[1:])
+            if not ok:
+                return None
         if not whole:
-            whole = [np.empty((n, *o.shape[1:]), o.dtype) for o in outs]
-        for target, part in zip(whole, outs, strict=True):
-            target[start:stop] = part
+            whole = [o.copy() if shape else np.empty((n, *o.shape[1:]), o.dtype)
+                     for o, shape in zip(outs, is_shape, strict=True)]
+            for target, shape in zip(whole, is_shape, strict=True):
+                if shape:
+                    target[0] = n
+        for target, part, shape in zip(whole, outs, is_shape, strict=True):
+            if not shape:
+                target[start:stop] = part
         del outs
     return whole
 
@@ -319,7 +340,8 @@ class Batch:
 
 
 def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: InputSpecs, *, batch_size: int,
-           stage: str, progress: bool = False, finite: bool = False, per_run: int | None = None) -> Iterator[Batch]:
+           stage: str, progress: bool = False, finite: bool = False, per_run: int | None = None,
+           shapes: Collection[str] = ()) -> Iterator[Batch]:
     """Run ``session`` over every batch of ``dataset`` (see the module docstring) and yield :class:`Batch` es in order.
 
     Args:
@@ -331,7 +353,7 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
         stage: what the stream is for (progress bar label, error messages).
         progress: a tqdm bar on stderr.
         finite: refuse NaN / Inf outputs.
-        per_run: at most this many samples per onnxruntime call (:func:`run`).
+        per_run: at most this many samples per onnxruntime call (:func:`run`); ``shapes`` as there.
 
     Raises:
         CalibrationError: the dataset yields no samples, a batch does not fit the model, onnxruntime fails.
@@ -345,7 +367,8 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
             tqdm(total=total, desc=stage, unit="sample", file=sys.stderr, disable=not progress) as bar:
         pending: tuple[int, dict[str, np.ndarray], np.ndarray | None, Future] | None = None
         for index, (feeds, labels) in enumerate(batches):
-            future = pool.submit(run, session, names, feeds, stage=stage, finite=finite, per_run=per_run)
+            future = pool.submit(run, session, names, feeds, stage=stage, finite=finite, per_run=per_run,
+                                 shapes=shapes)
             if pending is not None:
                 batch = Batch(pending[0], start, pending[1], pending[2], pending[3].result())
                 start += batch.size

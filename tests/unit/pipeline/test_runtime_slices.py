@@ -55,7 +55,7 @@ def test_sliced_run_equals_one_call(model: str) -> None:
         np.testing.assert_array_equal(sliced[0], whole[0])
 
 
-def test_outputs_that_are_not_per_sample_run_whole(tmp_path: Path) -> None:
+def test_outputs_that_are_not_per_sample_run_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the output sums over the batch: slices would give partial sums, so the batch runs in one call
     node = helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
@@ -64,6 +64,13 @@ def test_outputs_that_are_not_per_sample_run_whole(tmp_path: Path) -> None:
     session = open_session(model.SerializeToString(), "ort-cpu", 1)
     x = np.ones((10, 3), np.float32)
     assert float(run(session, None, {"x": x}, stage="test", per_run=3)[0]) == 30.0
+    # found once: the next batches of this session run whole without trying slices first
+    import pipeline.runtime
+
+    tried = []
+    monkeypatch.setattr(pipeline.runtime, "_run_sliced", lambda *args: tried.append(args) or None)
+    assert float(run(session, None, {"x": 2 * x}, stage="test", per_run=3)[0]) == 60.0
+    assert tried == []
 
 
 def test_calibration_and_recovery_do_not_depend_on_the_call_size(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,8 +97,9 @@ def test_calibration_and_recovery_do_not_depend_on_the_call_size(model: str, mon
     original = pipeline.runtime._run_sliced
 
     def counted(*args, **kwargs):
-        sliced.append(args[4])
-        return original(*args, **kwargs)
+        result = original(*args, **kwargs)
+        sliced.append(args[4] if result is not None else "whole")  # "whole": fell back to one call
+        return result
 
     monkeypatch.setattr(pipeline.runtime, "_run_sliced", counted)
     stats5, recovered5 = pipeline_run()
