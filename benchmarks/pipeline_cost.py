@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.output import write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GOALS = {"calibrate": 1.3, "total": 6.0, "peak_gib_resnet50": 2.0}
@@ -186,10 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows[-1]), flush=True)
     info = machine_info()
     doc = {"images": args.images, "batch": args.batch, "models": rows, "goals": GOALS, "machine": info}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    print(write_results(args.out, doc, markdown))
 
 
 if __name__ == "__main__":

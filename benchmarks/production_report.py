@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from benchmarks.output import write_results
 from graph_ops.groups import ChannelGroupIndex
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -130,10 +131,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     doc = {"machine": machine_info(), "models": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    print(write_results(args.out, doc, markdown))
 
 
 if __name__ == "__main__":

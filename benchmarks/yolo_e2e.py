@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.output import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -210,10 +212,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "yolo_e2e.json")
     args = parser.parse_args()
     doc = run(args.size, args.calib, args.eval, args.work)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+    print(write_results(args.out, doc, markdown))
 
 
 if __name__ == "__main__":
