@@ -30,7 +30,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,10 +238,23 @@ def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_B
     enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes) fits in
     ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs
     have a static batch always runs whole batches."""
-    if batch_size <= 1 or any(shape and isinstance(shape[0], int) for shape, _ in model_input_specs(model).values()):
+    if static_batch(model):
+        return batch_size
+    return samples_for(declared_shapes(model).values(), batch_size, budget)
+
+
+def static_batch(model: onnx.ModelProto) -> bool:
+    """True when some input of ``model`` has a static batch (such a model always runs whole batches)."""
+    return any(shape and isinstance(shape[0], int) for shape, _ in model_input_specs(model).values())
+
+
+def samples_for(shapes: Iterable[tuple[int | None, ...]], batch_size: int, budget: int = RUN_BYTES) -> int:
+    """:func:`samples_per_run` for the tensors of these shapes (batch first; e.g. what one sub-graph of a model
+    computes and reads): the whole batch, or equal slices of it within ``budget``."""
+    if batch_size <= 1:
         return batch_size
     widest = 0
-    for shape in declared_shapes(model).values():
+    for shape in shapes:
         if len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:]):
             widest = max(widest, 4 * int(np.prod(shape[1:], dtype=np.int64)))
     most = max(1, budget // max(LIVE_TENSORS * widest, 1))

@@ -39,7 +39,7 @@ from graph_ops.proto import declared_shapes
 from pipeline.data import validate_batch
 from pipeline.errors import CalibrationError
 from pipeline.recovery.frontier import FrontierStore
-from pipeline.runtime import model_input_specs, open_session, run, samples_per_run
+from pipeline.runtime import model_input_specs, open_session, run, samples_for, static_batch
 from pipeline.shards import batch_range
 
 HOLD_OUT_EVERY = 5  # batch i is held out when i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
@@ -231,16 +231,18 @@ class Sweep:
         self.specs = model_input_specs(original)
         self.dataset = dataset.bind(list(self.specs))
         self.batch_size, self.backend, self.threads = batch_size, backend, intra_op_threads
-        # the whole-model run of the original (step 0) in onnxruntime calls of fewer samples (same values, the memory
-        # of a slice); the current model's steps are short sub-graphs that run whole batches (slicing them was
-        # measured 6-12 % slower on ResNet-50 in repeated runs, and no lower at peak)
-        self.per_run = samples_per_run(original, batch_size)
+        # every step runs in onnxruntime calls of fewer samples when what its sub-graph computes and reads is large
+        # (same values; the memory of a slice): on ResNet-50 at batch 64 the original's whole pass (step 0) and the
+        # current model's steps at 56 x 56 run in slices, the later ones whole (recovery peak 1.8 instead of 2.2 GiB
+        # at the same speed, measured; slicing every step by the whole model's widest tensor was 6-12 % slower)
+        self.shapes = {key: None if static_batch(side.model) else declared_shapes(side.model)
+                       for key, side in self.sides.items()}
         self.store = {key: FrontierStore(spill_bytes // 2, spill_dir) for key in self.sides}
         self.last = {key: {} for key in self.sides}  # step -> names whose last reader runs at that step
         for key, side in self.sides.items():
             for name, step in side.last_use.items():
                 self.last[key].setdefault(step, []).append(name)
-        self.cached: tuple[int, dict[str, tuple[Any, list[str], list[str]]]] | None = None
+        self.cached: tuple[int, dict[str, tuple[Any, list[str], list[str], int | None]]] | None = None
 
     @property
     def num_batches(self) -> int:
@@ -251,7 +253,7 @@ class Sweep:
         """Forget the sessions built so far (the current model's weights changed)."""
         self.cached = None
 
-    def _runners(self, step: int) -> dict[str, tuple[Any, list[str], list[str]]]:
+    def _runners(self, step: int) -> dict[str, tuple[Any, list[str], list[str], int | None]]:
         if self.cached is not None and self.cached[0] == step:
             return self.cached[1]
         runners = {}
@@ -259,7 +261,12 @@ class Sweep:
             sub, ins, outs = _segment(side, step)
             session = None if sub is None else open_session(sub.SerializeToString(), self.backend, self.threads,
                                                             short_lived=True)
-            runners[key] = (session, ins, outs)
+            per_run = None
+            shapes = self.shapes[key]
+            if sub is not None and shapes is not None:
+                tensors = {*ins, *(o for node in sub.graph.node for o in node.output)}
+                per_run = samples_for((shapes[t] for t in tensors if t in shapes), self.batch_size)
+            runners[key] = (session, ins, outs, per_run)
         self.cached = (step, runners)
         return runners
 
@@ -273,9 +280,9 @@ class Sweep:
 
     def _side_batch(self, key: str, step: int, batch: int, feeds: dict[str, np.ndarray] | None,
                     indices: Callable[[Iterable[int], int, int], Mapping[str, np.ndarray]],
-                    runner: tuple[Any, list[str], list[str]], n: int) -> list[np.ndarray]:
+                    runner: tuple[Any, list[str], list[str], int | None], n: int) -> list[np.ndarray]:
         side, store = self.sides[key], self.store[key]
-        session, ins, outs = runner
+        session, ins, outs, per_run = runner
         if feeds is not None:
             for name in side.inputs:
                 if side.last_use.get(name, -1) > 0:
@@ -291,7 +298,7 @@ class Sweep:
                                                                           for r in wanted))
             picks = indices(levels, batch, n) if levels else {}
             values = run(session, outs, {n: picks[n] if n in picks else value(n) for n in ins}, stage="recovery",
-                         finite=True, per_run=self.per_run if key == "original" else None)
+                         finite=True, per_run=per_run)
             got = dict(zip(outs, values, strict=True))
             for name, array in got.items():
                 if side.last_use.get(name, -1) > step:
