@@ -38,7 +38,15 @@ from graph_ops.groups import ChannelGroupIndex
 from graph_ops.prune import apply_plan
 from pipeline.errors import UserInputError
 from pipeline.latency_model import LatencyModel, LatencyTarget, key_digest, latency_model_for
-from pipeline.plan import PruningPlan, _Allocation, _check_protect, _keep_lists, _ladder, default_protected
+from pipeline.plan import (
+    PruningPlan,
+    _Allocation,
+    _check_protect,
+    _keep_lists,
+    _ladder,
+    default_protected,
+    fill_back_rungs,
+)
 from pipeline.prepare import PreparedModel
 from pipeline.scorers.base import ChannelScores
 from pipeline.timing import interleaved_ratios
@@ -210,27 +218,19 @@ def _information_lost(alloc: _Allocation) -> float:
 
 
 def _fill_back(state: _State, targets: tuple[float, float, float]) -> int:
-    """Move groups back up one rung while every predicted budget holds, most information regained first."""
-    alloc, added = state.alloc, 0
-    while True:
-        best = None
-        for gid in sorted(alloc.rung):
-            r = alloc.rung[gid]
-            if r == 0:
-                continue
-            ladder = alloc.ladders[gid]
-            deltas = state.deltas(gid, ladder[r - 1])  # negative: the cost goes up
-            now = [n - d for n, d in zip(state.now, deltas, strict=True)]
-            if any(f > t + 1e-12 for f, t in zip(state.fractions(now), targets, strict=True)):
-                continue
-            gain = alloc.loss(gid, ladder[r - 1], ladder[r])
-            if best is None or gain > best[0]:
-                best = (gain, gid, now)
-        if best is None:
-            return added
-        alloc.rung[best[1]] -= 1
-        state.now = best[2]
-        added += 1
+    """:func:`pipeline.plan.fill_back_rungs` while every predicted budget holds (no tie key: the first group id)."""
+
+    def fits(gid: str, width: int) -> tuple[tuple[()], list[float]] | None:
+        deltas = state.deltas(gid, width)  # negative: the cost goes up
+        now = [n - d for n, d in zip(state.now, deltas, strict=True)]
+        if any(f > t + 1e-12 for f, t in zip(state.fractions(now), targets, strict=True)):
+            return None
+        return (), now
+
+    def accept(now: list[float]) -> None:
+        state.now = now
+
+    return fill_back_rungs(state.alloc, fits, accept)
 
 
 # ----------------------------------------------------------------------------------------------- closed loop

@@ -50,7 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -321,9 +321,15 @@ def _fine_steps(index: ChannelGroupIndex, groups: Iterable[Any], round_to: int, 
     return fine
 
 
-def _fill_back(alloc: _Allocation, targets: tuple[float, float], full: tuple[float, float]) -> int:
-    """Move groups back up one rung while the budget still holds, most information regained first; returns how
-    many steps were added back."""
+Fit = Callable[[str, int], "tuple[tuple[float, ...], Any] | None"]
+"""Whether a group may move back up to a width: None when the budget would no longer hold, else (tie key, what
+:func:`fill_back_rungs` hands to ``accept`` when that move is taken)."""
+
+
+def fill_back_rungs(alloc: _Allocation, fits: Fit, accept: Callable[[Any], None] = lambda _: None) -> int:
+    """Move groups back up one rung while ``fits`` says the budget still holds, most information regained first
+    (then the larger tie key, then the first group id); returns how many steps were added back. Shared by the
+    MACs / params planner and the latency planner (:mod:`pipeline.latency_plan`), which differ only in the test."""
     added = 0
     while True:
         best = None
@@ -331,18 +337,29 @@ def _fill_back(alloc: _Allocation, targets: tuple[float, float], full: tuple[flo
             r = alloc.rung[gid]
             if r == 0:
                 continue
-            widths = {**alloc.widths(), gid: alloc.ladders[gid][r - 1]}
-            fractions = _fractions(alloc.index, widths, full)
-            if fractions[0] > targets[0] or fractions[1] > targets[1]:
+            fit = fits(gid, alloc.ladders[gid][r - 1])
+            if fit is None:
                 continue
-            gain = alloc.loss(gid, alloc.ladders[gid][r - 1], alloc.ladders[gid][r])
-            key = (gain, -fractions[0] - fractions[1])
+            key = (alloc.loss(gid, alloc.ladders[gid][r - 1], alloc.ladders[gid][r]), *fit[0])
             if best is None or key > best[0]:
-                best = (key, gid)
+                best = (key, gid, fit[1])
         if best is None:
             return added
         alloc.rung[best[1]] -= 1
+        accept(best[2])
         added += 1
+
+
+def _fill_back(alloc: _Allocation, targets: tuple[float, float], full: tuple[float, float]) -> int:
+    """:func:`fill_back_rungs` for MACs / params fractions (ties: the smaller total fraction)."""
+
+    def fits(gid: str, width: int) -> tuple[tuple[float], None] | None:
+        fractions = _fractions(alloc.index, {**alloc.widths(), gid: width}, full)
+        if fractions[0] > targets[0] or fractions[1] > targets[1]:
+            return None
+        return (-fractions[0] - fractions[1],), None
+
+    return fill_back_rungs(alloc, fits)
 
 
 def _step_back(alloc: _Allocation, full: tuple[float, float]) -> tuple[float, float] | None:
