@@ -23,7 +23,8 @@ l2 score mass, a fraction per group).
 Stage ``mnist`` (the MNIST families and the demo CNN; DI scores on 2,000 training digits, ``lstsq`` recovery,
 top-1 on the 2,000 held-out digits): per ``F``, the latency plan and the MACs plan of equal measured latency, both
 recovered, evaluated and timed together with the original. The match: every MACs plan the closed loop on
-``target_macs`` measured is timed again in the latency plan's rounds and the one nearest its ratio is taken. With
+``target_macs`` measured, plus ``MATCH_GRID`` MACs budgets spaced geometrically from 0.85x the smallest to 1.15x
+the largest of its tries, is timed again in the latency plan's rounds and the one nearest its ratio is taken. With
 one held-out digit worth 0.05 points, the two models are also compared sample by sample (exact McNemar test: the
 digits only one of them gets right, and the probability of a split at least that uneven if both were equally
 accurate). Pruned models are kept in ``--work`` for the next stage.
@@ -87,6 +88,7 @@ TARGETS = (0.5, 0.33)
 INT8_TARGET = 0.5
 ON = LatencyTarget(backend="ort-cpu", batch=1, threads=1)
 FINAL_ROUNDS = 11
+MATCH_GRID = 6  # MACs budgets added around the closed loop's tries when matching a latency plan (MNIST stage)
 
 
 def _plan_row(plan: PruningPlan, measured: float, target: float, predicted: float | None) -> dict[str, Any]:
@@ -187,11 +189,13 @@ def mnist_model(name: str, work: Path, cal: Any, test: Any) -> dict[str, Any]:
     for target in TARGETS:
         latency_plan = plan_for_latency(run.prepared, scores, LatencyBudget(target, ON), model=model)
         _, tries = _matched_macs(run, scores, latency_plan.meta["latency"]["measured_ratio"])
-        # every MACs plan the closed loop measured is timed again with the latency plan, in the same rounds; the
-        # one whose ratio lands nearest the latency plan's is the match (the loop's own choice came from other,
-        # noisier rounds)
-        candidates = list({_keep_key(plan): plan for plan in (_macs_plan(run, scores, t["aim"])
-                                                              for t in tries)}.values())
+        # every MACs plan the closed loop measured, and a grid of MACs budgets spanning them (the loop often stops
+        # on one side of the goal), is timed again with the latency plan, in the same rounds; the one whose ratio
+        # lands nearest the latency plan's is the match
+        aims = [t["aim"] for t in tries]
+        aims += list(np.geomspace(0.85 * min(aims), min(1.0, 1.15 * max(aims)), MATCH_GRID))
+        candidates = list({_keep_key(plan): plan for plan in (_macs_plan(run, scores, aim)
+                                                              for aim in aims)}.values())
         ratios = _final_timing(run, [latency_plan, *candidates])
         pick = min(range(len(candidates)), key=lambda i: abs(ratios[1 + i] / ratios[0] - 1))
         rows, right = {}, {}
