@@ -232,9 +232,10 @@ class Sweep:
         self.dataset = dataset.bind(list(self.specs))
         self.batch_size, self.backend, self.threads = batch_size, backend, intra_op_threads
         # every step runs in onnxruntime calls of fewer samples when what its sub-graph computes and reads is large
-        # (same values; the memory of a slice): on ResNet-50 at batch 64 the original's whole pass (step 0) and the
-        # current model's steps at 56 x 56 run in slices, the later ones whole (recovery peak 1.8 instead of 2.2 GiB
-        # at the same speed, measured; slicing every step by the whole model's widest tensor was 6-12 % slower)
+        # (same values; the memory of a slice): on ResNet-50 at batch 64 the original's whole pass (step 0) runs in
+        # slices of 10, the pruned model's first 20 of 48 steps in slices of 10-32, the other 28 whole (recovery peak
+        # 1.8 instead of 2.2 GiB at the same speed, measured; slicing every step by the whole model's widest tensor
+        # was 6-12 % slower)
         self.shapes = {key: None if static_batch(side.model) else declared_shapes(side.model)
                        for key, side in self.sides.items()}
         self.store = {key: FrontierStore(spill_bytes // 2, spill_dir) for key in self.sides}
