@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -30,48 +31,57 @@ logger = logging.getLogger("diprune")
 
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (give 1 or more)")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-    return value
 def _emit(args: argparse.Namespace, text: object = "") -> None:
     """Print a command's result on the stdout of the caller (library output is routed to stderr meanwhile)."""
     print(text, file=args.stdout)
 
 
-def _non_negative_int(text: str) -> int:
+def _integer(text: str, minimum: int) -> int:
+    """``text`` as an integer of at least ``minimum`` (argparse's error otherwise)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= {minimum}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer(text, 0)
+
+
+def _number(text: str) -> float:
+    """``text`` as a finite number (argparse's error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
     return value
 
 
 def _positive(text: str) -> float:
-    value = _non_negative(text)
-    if value == 0:
+    value = _number(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
     return value
@@ -509,17 +519,10 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
                             "(log-sum-exp of the member logits)")
 
 
-def _shard_batches(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--shard-batches must be a positive number of batches, got {text}")
-    return value
-
-
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     from pipeline.shards import SHARD_BATCHES
 
-    parser.add_argument("--shard-batches", type=_shard_batches, default=SHARD_BATCHES, metavar="N",
+    parser.add_argument("--shard-batches", type=_positive_int, default=SHARD_BATCHES, metavar="N",
                         help=f"batches per shard of the data (default {SHARD_BATCHES}); statistics are summed per "
                              "shard and merged in shard order, so they depend on N (in the last bits), never on "
                              "--workers")

@@ -41,11 +41,10 @@ from pipeline.latency_model import LatencyModel, LatencyTarget, key_digest, late
 from pipeline.plan import (
     PruningPlan,
     _Allocation,
-    _check_protect,
     _keep_lists,
-    _ladder,
-    default_protected,
     fill_back_rungs,
+    movable_groups,
+    start_allocation,
 )
 from pipeline.prepare import PreparedModel
 from pipeline.scorers.base import ChannelScores
@@ -148,23 +147,17 @@ def select_for_latency(scores: ChannelScores, index: ChannelGroupIndex, model: L
             ``protect`` id, or a latency model made for other group widths.
     """
     _check_budgets(target_latency, target_macs, target_params)
-    if round_to < 1 or min_channels < 1:
-        raise UserInputError(f"round_to and min_channels must be positive integers, got {round_to} and {min_channels}")
     if dict(model.full_widths) != index.full_widths():
         raise UserInputError("the latency model was measured on another model (its group widths differ)")
-    user = _check_protect(index, protect)
-    protected = {**(default_protected(index) if keep_first_and_last else {}), **dict.fromkeys(user, "--protect")}
-    movable = [g for g in index.groups if g.prunable and g.id not in protected and g.id in scores.scores]
-    ladders = {g.id: _ladder(g.size, round_to, min_channels, g.blocks) for g in movable}
-    full_cost = index.predict()
-    alloc = _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), full_cost,
-                        {g.id: g.blocks for g in movable})
+    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
+    alloc = start_allocation(scores, index, movable, {}, round_to, min_channels)
     full_us = model.kernel_us()
-    state = _State(alloc, model, model.by_group(), (*full_cost, full_us), [*full_cost, full_us])
+    state = _State(alloc, model, model.by_group(), (*alloc.full, full_us), [*alloc.full, full_us])
     targets = (target_macs or 1.0, target_params or 1.0, target_latency)
     lost, steps = 0.0, 0
-    neighbours = {gid: {h for t in alloc.terms_of(gid) for h in (*t.in_groups, *t.out_groups)}
-                  | {h for i in state.kernels_of.get(gid, ()) for h in model.kernels[i].groups} for gid in ladders}
+    ladders = alloc.ladders
+    neighbours = {gid: near | {h for i in state.kernels_of.get(gid, ()) for h in model.kernels[i].groups}
+                  for gid, near in alloc.neighbours().items()}
     cache: dict[str, Any] = {}
     weights: tuple[float, float, float] | None = None
     while any(f > t + 1e-12 for f, t in zip(state.fractions(), targets, strict=True)):

@@ -118,6 +118,17 @@ class Candidate:
     timings_s: Mapping[str, float] = field(default_factory=dict)
 
 
+def _work_folder(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string when it is a writable folder (recovery spills there); else a UserInputError that says so."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserInputError(f"work folder {folder} does not exist or is not a folder; create it or pass another "
+                             "work_dir (recovery keeps its spilled activations there)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"work folder {folder} is not writable; pass a writable work_dir")
+    return str(folder)
+
+
 class PruneRun:
     """One model and its calibration data; every stage on demand, once per need (see the module docstring).
 
@@ -154,7 +165,7 @@ class PruneRun:
         data = self.task_data(data, "calibration")
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
-        self.work_dir = None if work_dir is None else str(work_dir)
+        self.work_dir = None if work_dir is None else _work_folder(work_dir)
         self.cluster, self.shard_batches = cluster, shard_batches
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}

@@ -237,6 +237,10 @@ class _Allocation:
     def terms_of(self, gid: str) -> list[Any]:
         return [t for t in self.index.cost if gid in t.in_groups or gid in t.out_groups]
 
+    def neighbours(self) -> dict[str, set[str]]:
+        """Per movable group, the groups whose cost terms it shares (their next step changes when it moves)."""
+        return {gid: {h for t in self.terms_of(gid) for h in (*t.in_groups, *t.out_groups)} for gid in self.ladders}
+
     def candidate(self, gid: str) -> tuple[float, str, float, float, float] | None:
         """(loss per cost saved, group id, loss, MACs saved, params saved) of moving ``gid`` one rung down."""
         r = self.rung[gid]
@@ -254,6 +258,31 @@ class _Allocation:
             return None
         loss = self.loss(gid, old, new)
         return loss / saving, gid, loss, d_macs, d_params
+
+
+def movable_groups(scores: ChannelScores, index: ChannelGroupIndex, round_to: int, min_channels: int,
+                   protect: Iterable[str], keep_first_and_last: bool) -> tuple[dict[str, str], list[Any]]:
+    """The protected groups (id -> why) and the groups a planner may narrow: prunable, scored, not protected.
+
+    Raises:
+        UserInputError: ``round_to`` or ``min_channels`` below 1, or a ``protect`` id that is not a group.
+    """
+    if round_to < 1 or min_channels < 1:
+        raise UserInputError(f"round_to and min_channels must be positive integers, got {round_to} and {min_channels}")
+    user = _check_protect(index, protect)
+    ends = default_protected(index) if keep_first_and_last else {}
+    protected = {**{gid: f"protected by default ({why}; --prune-ends lifts that)" for gid, why in ends.items()},
+                 **dict.fromkeys(user, "protected by --protect")}
+    return protected, [g for g in index.groups if g.prunable and g.id not in protected and g.id in scores.scores]
+
+
+def start_allocation(scores: ChannelScores, index: ChannelGroupIndex, movable: Iterable[Any], steps: Mapping[str, int],
+                     round_to: int, min_channels: int) -> _Allocation:
+    """Every movable group at full width on its ladder (``steps``: a group's own step instead of ``round_to``)."""
+    groups = list(movable)
+    ladders = {g.id: _ladder(g.size, steps.get(g.id, round_to), min_channels, g.blocks) for g in groups}
+    return _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), index.predict(),
+                       {g.id: g.blocks for g in groups})
 
 
 def _fractions(index: ChannelGroupIndex, widths: Mapping[str, int], full: tuple[float, float]) -> tuple[float, float]:
@@ -417,26 +446,18 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
             ``protect`` id that is not a group of the model.
     """
     _check_targets(target_macs, target_params)
-    if round_to < 1 or min_channels < 1:
-        raise UserInputError(f"round_to and min_channels must be positive integers, got {round_to} and {min_channels}")
     if target_macs is not None and index.unknown_macs:
         unknown = index.unknown_macs
         raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm nodes (e.g. "
                              f"'{unknown[0]}') have a dynamic spatial size; give the input shape with "
                              f"--input-shape NAME:1x3xHxW (prepare(path, input_shapes=...)), or use --target-params")
-    user = _check_protect(index, protect)
-    ends = default_protected(index) if keep_first_and_last else {}
-    protected = {**{gid: f"protected by default ({why}; --prune-ends lifts that)" for gid, why in ends.items()},
-                 **dict.fromkeys(user, "protected by --protect")}
-    movable = [g for g in index.groups if g.prunable and g.id not in protected and g.id in scores.scores]
+    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
     fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
-    ladders = {g.id: _ladder(g.size, fine.get(g.id, round_to), min_channels, g.blocks) for g in movable}
-    blocks = {g.id: g.blocks for g in movable}
-    full = index.predict()
-    alloc = _Allocation(index, scores, ladders, dict.fromkeys(ladders, 0), (0.0, 0.0), full, blocks)
+    alloc = start_allocation(scores, index, movable, fine, round_to, min_channels)
+    full, ladders = alloc.full, alloc.ladders
     targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
     fractions = _fractions(index, alloc.widths(), full)
-    neighbours = {gid: {h for t in alloc.terms_of(gid) for h in (*t.in_groups, *t.out_groups)} for gid in ladders}
+    neighbours = alloc.neighbours()
     cache: dict[str, tuple[float, str, float, float, float] | None] = {}
     while fractions[0] > targets[0] or fractions[1] > targets[1]:
         weights = (float(fractions[0] > targets[0]), float(fractions[1] > targets[1]))

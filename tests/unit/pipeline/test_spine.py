@@ -97,3 +97,14 @@ def test_pruned_shapes_come_from_the_analysis_and_pass_the_strict_checker() -> N
     onnx.checker.check_model(pruned, full_check=True)
     declared, inferred = declared_shapes(pruned), static_shapes(pruned)
     assert {k: v for k, v in declared.items() if k in inferred} == {k: inferred[k] for k in declared if k in inferred}
+
+
+def test_a_run_refuses_a_work_folder_that_does_not_exist(tmp_path: Path) -> None:
+    from graph_ops.errors import UserInputError
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserInputError, match="does not exist.*create it"):
+        PruneRun(demo_model_path(), None, progress=False, work_dir=missing)
+    assert not missing.exists()
+    run = PruneRun(demo_model_path(), None, progress=False, work_dir=tmp_path)
+    assert run.work_dir == str(tmp_path)
