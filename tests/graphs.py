@@ -172,6 +172,16 @@ def matmul_head() -> tuple[onnx.ModelProto, Expected]:
     return n.model(n.op("MatMul", [y, n.rand(16, 10)])), Expected(4, (8, 16))
 
 
+def token_matmul() -> tuple[onnx.ModelProto, Expected]:
+    """Conv -> Relu -> Conv -> Relu -> tokens [1, 64, 8] (Reshape, Transpose) -> MatMul [8, 6] -> Relu -> mean over
+    tokens: a transformer-style Linear over the last axis of a 3-D input, downstream of a prunable group."""
+    n = Net(13)
+    y = n.op("Relu", [n.conv(n.op("Relu", [n.conv("x", 3, 8)]), 8, 8)])
+    y = n.op("Transpose", [n.op("Reshape", [y, n.const(np.array([1, 8, 64], np.int64))])], perm=[0, 2, 1])
+    y = n.op("Relu", [n.op("MatMul", [y, n.rand(8, 6, scale=0.5)])])
+    return n.model(n.op("ReduceMean", [y], axes=[1], keepdims=0)), Expected(3, (8,), "reshape of the channel axis")
+
+
 def grouped_conv() -> tuple[onnx.ModelProto, Expected]:
     """A group=2 conv: its input and output groups come in 2 equal blocks (same kept count in each)."""
     n = Net(10)

@@ -88,9 +88,10 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
         if name not in names:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]]).copy()
-        bias = numpy_helper.to_array(inits[node.input[2]]).copy()
+        has_bias = len(node.input) > 2 and bool(node.input[2])  # a MatMul has none
+        bias = numpy_helper.to_array(inits[node.input[2]]).copy() if has_bias else None
         axes = [np.arange(n) for n in weight.shape]
-        rows = np.arange(bias.shape[0])
+        rows = np.arange(0 if bias is None else bias.shape[0])
         grouped = None  # a grouped conv's kept input channels (its columns differ per conv group)
         for edit in index.edits:
             if edit.node == idx and edit.kind == "grouped" and any(s.group_id in plan for s in
@@ -113,8 +114,10 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
                 g = row // cout_g
                 cols = kept_in[(kept_in >= g * cin_g) & (kept_in < (g + 1) * cin_g)] - g * cin_g
                 weight[row, cols] = refit[r]
-        bias[rows] = got[by_name[name].input[2]]
+        if bias is not None:
+            bias[rows] = got[by_name[name].input[2]]
         for pos, value in ((1, weight), (2, bias)):
-            inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))
+            if value is not None:
+                inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))
     return zero_channels(full, index, keep)
 

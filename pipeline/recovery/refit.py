@@ -9,7 +9,8 @@ to output (:mod:`pipeline.recovery.sweep`: one sweep advances both models a leve
 ORIGINAL model gives the layer's output, restricted to the output channels the plan keeps (the target), and the
 CURRENT pruned model, in which every upstream layer is already refit, gives the layer's input (im2col patches of the
 kept channels at up to ``positions`` random output positions per image, drawn from :func:`batch_rng` of
-``(seed, level, batch, layer)``). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``, ``Σ y²`` are
+``(seed, level, batch, layer)``; a MatMul over the last axis of an N-D input, a transformer's Linear, has one row
+per token, up to ``positions`` random tokens per image). Float64 moments ``Σ x̃x̃ᵀ``, ``Σ x̃yᵀ``, ``Σ y²`` are
 streamed (every fifth batch held out); the ridge factor is chosen on the held-out batches, the layer's current
 weights compete (a refit that does not lower the held-out error is not applied) and the winner is refit on all
 batches and written into the layer's weight and bias. With ``sequential=False`` every layer is fitted in one data
@@ -158,8 +159,13 @@ def _design(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generato
         image, oy, ox = sample_positions(x.shape[0], y.shape[2], y.shape[3], positions, rng)
         patches, targets = conv_patches(x, shape, image, oy, ox), y[image, :, oy, ox]
     else:
-        if y.ndim != 2:
-            raise PreconditionError(f"{shape.op_type} '{layer.name}': only 2-D inputs and outputs are refit")
+        if y.ndim != x.ndim or y.ndim < 2 or (y.ndim > 2 and shape.op_type != "MatMul"):
+            raise PreconditionError(f"{shape.op_type} '{layer.name}': input {x.shape} and output {y.shape} are not "
+                                    "rows of features (2-D, or a MatMul over the last axis)")
+        if y.ndim > 2:  # a MatMul over the last axis (a transformer's Linear): every token is a row
+            xs, ys = x.reshape(len(x), -1, x.shape[-1]), y.reshape(len(y), -1, y.shape[-1])
+            image, token, _ = sample_positions(len(xs), xs.shape[1], 1, positions, rng)
+            x, y = xs[image, token], ys[image, token]
         patches, targets = x.reshape(x.shape[0], 1, -1), y
     return _rows(layer, patches, targets)
 

@@ -17,7 +17,15 @@ from graph_ops.prune import apply_plan
 from pipeline.data import Dataset, from_iterable
 from pipeline.errors import UserInputError
 from pipeline.recovery import RECOVERY, consumer_targets, layer_levels, recover
-from tests.graphs import concat, conv_transpose, depthwise_separable, flatten_gemm, matmul_head, residual
+from tests.graphs import (
+    concat,
+    conv_transpose,
+    depthwise_separable,
+    flatten_gemm,
+    matmul_head,
+    residual,
+    token_matmul,
+)
 from tests.oracles import assert_same_outputs, random_valid_plan, recovered_reference, run_ort
 
 SIDE = 8
@@ -227,7 +235,7 @@ def _static_batches(model: onnx.ModelProto, n: int, seed: int = 4) -> tuple[Data
 
 
 MOTIFS = {"correlated": lambda: (_correlated_net(), None), "depthwise": depthwise_separable,
-          "flatten-gemm": flatten_gemm, "concat": concat, "residual": residual}
+          "flatten-gemm": flatten_gemm, "concat": concat, "residual": residual, "token-matmul": token_matmul}
 
 
 @pytest.mark.parametrize("motif", MOTIFS.values(), ids=MOTIFS.keys())
@@ -304,3 +312,27 @@ def test_lstsq_skips_a_too_large_layer_that_regress_cannot_take() -> None:
                         refit_max_dim=4, intra_op_threads=1)
     reasons = dict(report.skipped)
     assert any("more than 4 unknowns" in r for r in reasons.values()), reasons
+
+
+def test_lstsq_refits_a_matmul_over_the_last_axis_of_tokens() -> None:
+    """A transformer-style MatMul on a 3-D input [N, tokens, C] is refit with one row per sampled token (it used to
+    stop recovery with a PreconditionError), and lowers the error the upstream pruning left at its output."""
+    model, _ = token_matmul()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): [0, 2, 3, 6]}
+    data, x = _static_batches(model, 60, seed=4)
+    pruned = apply_plan(model, index, keep)
+    recovered, report = recover(model, pruned, index, keep, data, method="lstsq", batch_size=1, refit_positions=16,
+                                intra_op_threads=1)
+    matmul = [c for c in report.consumers if c.op_type == "MatMul"]
+    assert len(matmul) == 1 and matmul[0].dim == 8 and not report.skipped, report
+    assert matmul[0].rows == 60 * 16 and matmul[0].alpha is not None  # 16 of the 64 tokens of each image
+    assert matmul[0].error_after < matmul[0].error_before
+    out = next(n.output[0] for n in model.graph.node if n.op_type == "MatMul")
+    err = {"plain": 0.0, "lstsq": 0.0}
+    for sample in x[:10]:  # the motif's batch is 1
+        want = run_ort(expose_tensors(model, [out]), {"x": sample})[-1]
+        for name, m in (("plain", pruned), ("lstsq", recovered)):
+            err[name] += float(np.sum((run_ort(expose_tensors(m, [out]), {"x": sample})[-1] - want) ** 2))
+    assert err["lstsq"] < 0.8 * err["plain"], err
