@@ -16,7 +16,8 @@ Everything DI, LDA and PLS need follows exactly: ``μ = s/n``, ``μ_k = s_k/n_k`
 ``S = G − n μ μᵀ``, ``D[:, k] = √n_k (μ_k − μ)``, between scatter ``S_B = D Dᵀ``, within scatter ``S − S_B``.
 All fields are sums, so :meth:`ProbeStats.merge` is exact, associative and order-independent (up to float64
 rounding), which lets calibration be sharded. Note: the uncentred gram loses relative precision in ``S`` when
-``|μ|`` is much larger than the spread of the features; post-activation CNN features are well within float64 range.
+``|μ|`` is much larger than the spread of the features (near-constant channels); the DI scorer's ridge is never
+below that rounding noise (:func:`pipeline.scorers.di.ridge`).
 """
 
 from __future__ import annotations

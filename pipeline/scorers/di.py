@@ -2,7 +2,11 @@
 
 Math (float64). For a group's features in one probe: total scatter ``S``, ``D`` with columns ``√n_k (μ_k − μ)``,
 ``S_B = D Dᵀ``, ridge ``ρ = eps · tr(S)/d`` (``eps`` param, default 1e-3; computed once on the full group and kept
-fixed while channels are removed, so drops and retention compare like with like), ``A = S + ρI``, ``M = A⁻¹``
+fixed while channels are removed, so drops and retention compare like with like; never below ``d · ε · max_i G_ii``,
+the float64 rounding noise of ``S = G − n μ μᵀ`` from the raw moments ``G``, which binds only for features whose mean
+is about 10⁴ times their spread or more, e.g. near-constant channels, where ``S`` can come out with negative
+eigenvalues larger than ``eps · tr(S)/d``; should ``A`` still fail its Cholesky, ``ρ`` grows by twice the most
+negative eigenvalue of ``S``, with a warning), ``A = S + ρI``, ``M = A⁻¹``
 (Cholesky certifies positive definiteness; numpy has no ``potri``, so the inverse itself is LAPACK ``getri``),
 ``Q = M D``, ``G = Q Qᵀ``::
 
@@ -52,10 +56,15 @@ DEFAULT_EPS = 1e-3
 _FLUSH = 0  # 0: choose from the dimension (about 2·√d steps between folds)
 
 
-def ridge(scatter: np.ndarray, eps: float) -> float:
-    """``ρ = eps · tr(S)/d`` (``eps`` alone when the features are constant)."""
-    scale = float(np.trace(scatter)) / scatter.shape[0]
-    return eps * (scale if scale > 0 else 1.0)
+def ridge(scatter: np.ndarray, eps: float, gram: np.ndarray | None = None) -> float:
+    """``ρ = eps · tr(S)/d`` (``eps`` alone when the features are constant), and with the raw second moments ``G``
+    at least the rounding noise of ``S = G − n μ μᵀ`` in float64, ``d · ε · max_i G_ii``."""
+    d = scatter.shape[0]
+    scale = float(np.trace(scatter)) / d
+    rho = eps * (scale if scale > 0 else 1.0)
+    if gram is not None and d:
+        rho = max(rho, d * float(np.finfo(np.float64).eps) * float(np.max(np.diag(gram))))
+    return rho
 
 
 def inverse_spd(a: np.ndarray) -> np.ndarray:
@@ -69,11 +78,29 @@ def inverse_spd(a: np.ndarray) -> np.ndarray:
     return (inv + inv.T) / 2.0
 
 
+def regularised_inverse(scatter: np.ndarray, eps: float, gram: np.ndarray | None = None) -> np.ndarray:
+    """``(S + ρI)⁻¹`` with ``ρ`` from :func:`ridge`; when rounding still leaves ``S + ρI`` indefinite, ``ρ`` grows by
+    twice the magnitude of the most negative eigenvalue of ``S`` (a warning says so)."""
+    d = scatter.shape[0]
+    rho = ridge(scatter, eps, gram)
+    try:
+        return inverse_spd(scatter + rho * np.eye(d))
+    except CalibrationError:
+        if not np.isfinite(scatter).all():
+            raise
+        lowest = float(np.linalg.eigvalsh(scatter)[0])
+        rho += 2.0 * max(-lowest, 0.0)
+        logger.warning("di: a probe's scatter is indefinite by rounding (smallest eigenvalue %.3g against a ridge of "
+                       "%.3g: near-constant features); its ridge is raised to %.3g", lowest, ridge(scatter, eps, gram),
+                       rho)
+        return inverse_spd(scatter + rho * np.eye(d))
+
+
 def di_value(stats: ProbeStats, eps: float = DEFAULT_EPS) -> float:
     """``DI = tr[(S + ρI)⁻¹ S_B]`` of all features of ``stats``."""
     s = stats.scatter()
     d = stats.delta()
-    a = s + ridge(s, eps) * np.eye(s.shape[0])
+    a = s + ridge(s, eps, stats.gram) * np.eye(s.shape[0])
     return float(np.sum(d * np.linalg.solve(a, d)))
 
 
@@ -89,7 +116,7 @@ class Eliminator:
         """Factor ``S + ρI`` and set up the lazy downdate buffers; ``blocks`` is (channels, b) feature indices."""
         s = stats.scatter()
         delta = stats.delta()[:, np.asarray(stats.class_counts) > 0]  # empty classes: zero columns, no information
-        self.m = inverse_spd(s + ridge(s, eps) * np.eye(s.shape[0]))
+        self.m = regularised_inverse(s, eps, stats.gram)
         self.q = self.m @ delta
         self.q_mode = 4 * delta.shape[1] <= s.shape[0]
         self.g = None if self.q_mode else self.q @ self.q.T

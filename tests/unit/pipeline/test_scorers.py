@@ -283,3 +283,34 @@ def test_lda_trace_follows_utility_that_reaches_the_decision() -> None:
     group = next(g for g in prepared.index.groups if g.size == 6 and g.prunable).id
     assert int(np.argmax(traced[group])) == 0 and traced[group][1] == 0.0
     assert local[group][1] > 10 * np.median(local[group])  # the layer-local criterion keeps the unused channel
+
+
+def _near_constant(rng: np.random.Generator, n: int, d: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(n) % 4
+    signal = rng.standard_normal((4, d))[labels]
+    return 0.08 + spread * (rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) / 10 + signal), labels
+
+
+def test_di_ridge_covers_the_rounding_noise_of_near_constant_features(caplog: pytest.LogCaptureFixture) -> None:
+    """Features whose mean is 1e5-1e7 times their spread (near-dead channels, found on timm lcnet_050 and
+    ese_vovnet19b_dw with random weights): S = G - n mu mu^T carries rounding noise beyond eps * tr(S)/d and used to
+    fail the Cholesky ("not positive definite"). The ridge floors at d * machine eps * max G_ii, and a scatter that
+    is still indefinite gets a larger ridge with a warning; ordinary features keep exactly the ridge they had."""
+    from pipeline.stats import ProbeStats
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 96
+    floor = ProbeStats.empty(d, 1, 4).update(*_near_constant(rng, n, d, 1e-7))
+    assert ridge(floor.scatter(), 1e-3, floor.gram) > 5 * ridge(floor.scatter(), 1e-3)
+    stats = ProbeStats.empty(d, 1, 4).update(*_near_constant(rng, n, d, 1e-8))
+    s = stats.scatter()
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(s + ridge(s, 1e-3) * np.eye(d))  # the ridge without a floor
+    with caplog.at_level("WARNING", logger="pipeline.scorers.di"):
+        result = eliminate([Eliminator(stats, np.arange(d)[:, None])])
+    assert "indefinite by rounding" in caplog.text
+    assert sorted(result.order) == list(range(d)) and np.all(np.diff(result.retention) >= 0)
+    labels = np.arange(n) % 4
+    ordinary = ProbeStats.empty(d, 1, 4).update(rng.standard_normal((n, d)) + rng.standard_normal((4, d))[labels],
+                                                labels)
+    assert ridge(ordinary.scatter(), 1e-3, ordinary.gram) == ridge(ordinary.scatter(), 1e-3)

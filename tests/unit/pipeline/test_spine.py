@@ -103,7 +103,7 @@ def test_a_run_refuses_a_work_folder_that_does_not_exist(tmp_path: Path) -> None
     from graph_ops.errors import UserInputError
 
     missing = tmp_path / "nowhere"
-    with pytest.raises(UserInputError, match="does not exist.*create it"):
+    with pytest.raises(UserInputError, match=r"does not exist.*create it"):
         PruneRun(demo_model_path(), None, progress=False, work_dir=missing)
     assert not missing.exists()
     run = PruneRun(demo_model_path(), None, progress=False, work_dir=tmp_path)
