@@ -98,3 +98,33 @@ def test_production_lstsq_recovery_equals_its_mask_reference(name: str,
     assert len(refit) >= 3, report.skipped
     assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, samples[0],
                         rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lcnet_050", "ese_vovnet19b_dw", "mobilevit_xxs"])
+def test_architectures_that_once_broke_the_default_prune(name: str,
+                                                        production_model: Callable[[str, str], Path]) -> None:
+    """Found by ``benchmarks.architectures`` (timm models outside the zoo): DI scoring stopped on near-constant
+    channels (lcnet_050, ese_vovnet19b_dw: a scatter indefinite by rounding) and lstsq recovery on a transformer's
+    3-D MatMul (mobilevit_xxs). The default job runs through, every refit layer written in the surgery's layout."""
+    import onnx
+
+    from pipeline.data import from_iterable
+    from pipeline.orchestrate import PruneRun
+    from tests.oracles import recovered_reference
+    from tests.production_models import input_shape
+
+    path = production_model(name, "legacy")
+    x = np.random.default_rng(0).standard_normal((96, *input_shape(name)[1:])).astype(np.float32)
+    data = from_iterable([(x[i:i + 32], np.arange(i, i + 32) % 10) for i in range(0, 96, 32)], name="gaussian")
+    run = PruneRun(path, data, batch_size=32, backend="ort-cpu", progress=False)
+    plan = run.plan(run.scores("di"), target_macs=0.6)
+    assert plan.meta["reached"]
+    keep = keep_lists(plan)
+    recovered, report = run.recover(run.apply(plan), plan, "lstsq")
+    onnx.checker.check_model(recovered, full_check=True)
+    layers = report["consumers"]
+    assert len(layers) >= 10
+    refit = {c["node"] for c in layers if c.get("alpha") is not None}
+    model, index = run.prepared.model, run.prepared.index
+    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, {
+        model.graph.input[0].name: x[:2]}, rtol=1e-4, atol=1e-5)
