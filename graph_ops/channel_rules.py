@@ -216,7 +216,10 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     width = (a.shapes.get(y) or (None, None))[1] if rank and rank >= 2 else None
     wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width)]
     if rank is None or not wide or any(a.lay(t) is None or a.rank(t) != rank for t in wide):
-        a.freeze_inputs(node, f"broadcast over channels at {where}")
+        # a full-width operand the analysis could not follow (e.g. back from a channels-last LayerNorm) is not a
+        # broadcast: say so, as Concat does
+        untracked = rank is not None and any(a.lay(t) is None and a.rank(t) == rank for t in wide)
+        a.freeze_inputs(node, f"{'input without channel layout' if untracked else 'broadcast over channels'} at {where}")
         return
     if any(a.channels(t) != a.channels(wide[0]) for t in wide):
         a.freeze_inputs(node, f"broadcast over channels at {where}")

@@ -171,3 +171,16 @@ def test_tensor_read_inside_subgraph_freezes_group() -> None:
     index = analyze(n.model(logits, "picked"))
     group = index.group(n.nodes[0].output[0])
     assert group.frozen == "read inside a subgraph of If 'if_0'"
+
+
+def test_an_operand_the_analysis_cannot_follow_is_named_as_such_not_as_a_broadcast() -> None:
+    """A residual Add whose other operand comes back from a channels-last detour (Transpose there and back, as a
+    LayerNorm2d exports) freezes the stream with "input without channel layout", not "broadcast over channels"."""
+    n = Net(0)
+    y = n.op("Relu", [n.conv("x", 3, 8)])
+    back = n.op("Transpose", [n.op("Transpose", [y], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+    z = n.op("Add", [n.conv(y, 8, 8), back])
+    index = analyze(n.model(n.head(n.conv(z, 8, 16), 16)))
+    reasons = [g.frozen for g in index.groups if g.frozen]
+    assert any(r and r.startswith("input without channel layout at Add") for r in reasons), reasons
+    assert not any(r and "broadcast" in r for r in reasons), reasons
