@@ -47,20 +47,9 @@ def _frozen_channels(model: onnx.ModelProto, index: ChannelGroupIndex) -> dict[s
 
 
 def _exactness(model: onnx.ModelProto, index: ChannelGroupIndex) -> dict[str, object]:
-    from graph_ops.cost import count
-    from graph_ops.mask import zero_channels
-    from graph_ops.prune import apply_plan
-    from tests.oracles import assert_same_outputs, random_feeds, random_valid_plan
+    from tests.oracles import check_exact_surgery, random_feeds
 
-    feeds = random_feeds(model, np.random.default_rng(0), batch=1)
-    worst, equal = 0.0, True
-    for seed in range(3):
-        plan = random_valid_plan(index, np.random.default_rng(seed))
-        pruned = apply_plan(model, index, plan)
-        worst = max(worst, assert_same_outputs(zero_channels(model, index, plan), pruned, feeds, rtol=1e-4))
-        predicted = index.predict({g: len(k) for g, k in plan.items()})
-        counted = count(pruned)
-        equal = equal and predicted == (counted.macs, counted.params)
+    worst, equal = check_exact_surgery(model, index, random_feeds(model, np.random.default_rng(0), batch=1))
     return {"worst_relative_error": float(f"{worst:.3g}"), "predicted_equals_counted": equal}
 
 

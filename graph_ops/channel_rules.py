@@ -46,6 +46,8 @@ def passthrough(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.freeze(node.input[0], f"unsupported extra output of {describe(node, idx)}")
         return
     a.layout[node.output[0]] = list(lay)
+    if node.input[0] in a.last_axis:
+        a.last_axis.add(node.output[0])
 
 
 def _frozen_source(a: Analysis, node: onnx.NodeProto, idx: int, reason: str) -> None:
@@ -170,22 +172,52 @@ def gemm(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
 
 
 def matmul(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-    """MatMul of a 2-D activation by a constant 2-D weight ``[K, N]``; anything else freezes."""
-    x, b = node.input[0], node.input[1]
+    """MatMul of a 2-D activation by a constant 2-D weight ``[K, N]``, or of an N-D activation whose features lie
+    on its last axis and whose axis 0 is the batch (tokens, channels-last maps: :func:`_token_dense`); anything else
+    freezes (an N-D MatMul by a constant still gets its cost term, with fixed widths)."""
+    x, b, name = node.input[0], node.input[1], node_name(node, idx)
     bshape = a.shapes.get(b)
-    if a.is_const(b) and bshape and len(bshape) == 2 and (x in a.flat or a.rank(x) == 2):
+    rank = a.rank(x)
+    dense = bool(a.is_const(b) and bshape and len(bshape) == 2)
+    if dense and (x in a.flat or rank == 2):
         _dense(a, node, idx, 0, bshape[1], bshape[0])
-    else:
-        a.freeze_inputs(node, f"unsupported consumer MatMul at node '{node_name(node, idx)}'")
+        return
+    tokens = dense and rank is not None and rank >= 3
+    if tokens and (a.lay(x) is None or x in a.last_axis) and a.batch_major(x):
+        _token_dense(a, node, idx, bshape[0], bshape[1])
+        return
+    a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
+    if tokens:  # still a layer whose MACs count: fixed widths
+        count = static_prod((a.shapes.get(x) or (None, None))[1:-1])
+        a.add_cost(name, "MatMul", float(count or 0), 1, bshape[0], None, bshape[1], None, 0.0,
+                   macs_known=count is not None)
+
+
+def _token_dense(a: Analysis, node: onnx.NodeProto, idx: int, k: int, n: int) -> None:
+    """``y[..., :] = x[..., :] @ W`` with ``W [K, N]`` constant and ``x`` of rank >= 3: a Linear on the last axis.
+
+    The output's ``N`` features, on its last axis, are a new space (producer edit: ``W[:, c]``); when ``x`` carries
+    last-axis channels, ``W``'s rows are its consumer edit. MACs per sample: ``tokens * K * N`` with ``tokens`` the
+    product of the axes between the batch and the features (unknown when they are dynamic)."""
+    x, y, name = node.input[0], node.output[0], node_name(node, idx)
+    if a.lay(x):
+        a.slot(node, idx, 1, x, 0, role="consumer")
+        a.exits.append((name, x))
+    a.new_space(y, n, name)
+    a.last_axis.add(y)
+    a.slot(node, idx, 1, y, 1)
+    tokens = static_prod((a.shapes.get(x) or (None, None))[1:-1])
+    a.add_cost(name, "MatMul", float(tokens or 0), 1, 0 if a.lay(x) else k, x if a.lay(x) else None, 0, y, 0.0,
+               macs_known=tokens is not None)
 
 
 def _per_channel_const(a: Analysis, node: onnx.NodeProto, idx: int, pos: int, x: str, rank: int) -> bool:
-    """Check constant input ``pos`` broadcasts onto ``x``; add a slot when it varies along axis 1."""
+    """Check constant input ``pos`` broadcasts onto ``x``; add a slot when it varies along ``x``'s channel axis."""
     shape = a.shapes.get(node.input[pos])
     if shape is None or len(shape) > rank:
         a.freeze(x, f"unsupported constant operand of {describe(node, idx)}")
         return False
-    axis = len(shape) - (rank - 1)
+    axis = len(shape) - (rank - a.channel_axis(x))
     if axis < 0 or shape[axis] == 1:
         return True
     if shape[axis] == a.channels(x):
@@ -194,12 +226,13 @@ def _per_channel_const(a: Analysis, node: onnx.NodeProto, idx: int, pos: int, x:
     return False
 
 
-def _broadcast_on_channels(a: Analysis, tensor: str, rank: int, width: int | None) -> bool:
-    """True when an operand has no channel axis of its own in the output (absent, or 1 broadcast to ``width``)."""
+def _broadcast_on_channels(a: Analysis, tensor: str, rank: int, width: int | None, channel_axis: int = 1) -> bool:
+    """True when an operand has no channel axis of its own in the output (absent, or 1 broadcast to ``width``);
+    ``channel_axis``: the output's."""
     shape = a.shapes.get(tensor)
     if shape is None or width in (None, 1):
         return False
-    axis = len(shape) - (rank - 1)
+    axis = len(shape) - (rank - channel_axis)
     return axis < 0 or shape[axis] == 1
 
 
@@ -213,8 +246,13 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         return
     where, y = describe(node, idx), node.output[0]
     rank = a.rank(y)
-    width = (a.shapes.get(y) or (None, None))[1] if rank and rank >= 2 else None
-    wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width)]
+    last = any(t in a.last_axis for t in acts if a.lay(t))
+    axis = rank - 1 if last and rank else 1
+    width = (a.shapes.get(y) or (None, None))[axis] if rank and rank >= 2 else None
+    wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width, axis)]
+    if last and any(a.lay(t) and t not in a.last_axis for t in wide):
+        a.freeze_inputs(node, f"channels on different axes at {where}")
+        return
     if rank is None or not wide or any(a.lay(t) is None or a.rank(t) != rank for t in wide):
         # a full-width operand the analysis could not follow (e.g. back from a channels-last LayerNorm) is not a
         # broadcast: say so, as Concat does
@@ -232,6 +270,8 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         if name and a.is_const(name):
             _per_channel_const(a, node, idx, pos, wide[0], rank)
     a.layout[y] = list(a.layout[wide[0]])
+    if last:
+        a.last_axis.add(y)
     if node.op_type == "PRelu" and a.edits and a.edits[-1].node == idx:
         a.add_cost(node_name(node, idx), "PRelu", 0, 1, 1, None, 0, wide[0])
 

@@ -43,6 +43,8 @@ def shape(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     rank = a.rank(node.input[0])
     if rank is None:
         return
+    if node.input[0] in a.last_axis:  # the shape rules follow channel counts on axis 1 only
+        a.freeze(node.input[0], f"Shape of a tensor with channels on its last axis at {describe(node, idx)}")
     start, end = int(attr(node, "start", 0)), attr(node, "end", None)  # type: ignore[arg-type]
     axes = list(range(rank))[start:end if end is None else int(end)]  # type: ignore[call-overload]
     a.dims[node.output[0]] = [(node.input[0], ax) for ax in axes]

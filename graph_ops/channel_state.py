@@ -20,11 +20,18 @@ from onnx import numpy_helper
 
 from graph_ops.channel_spaces import Spaces, merge_blocks
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex, CostTerm, Edit, Segment
-from graph_ops.proto import Shape, attr, constants, node_name, opset
+from graph_ops.proto import Shape, attr, batch_leading_dims, constants, node_name, opset
 
-__all__ = ["Analysis", "Edit", "attr", "describe", "int_list", "node_name", "static_prod"]
+__all__ = ["LAST_AXIS_OPS", "Analysis", "Edit", "attr", "describe", "int_list", "node_name", "static_prod"]
 
 Seg = tuple[int, int, int, int]  # (space, offset, start, length) while analysing
+LAST_AXIS_OPS = frozenset({
+    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Softplus",
+    "Softsign", "Gelu", "Erf", "Mish", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Cast", "Identity",
+    "Dropout", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Relu6",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "MatMul"})
+"""Ops that may read a tensor whose channels lie on its last axis (elementwise ones and ``MatMul``); any other op
+freezes such a tensor's channels."""
 Dim = tuple[str, int] | int | None  # an entry of an integer shape vector: (tensor, axis), a constant, unknown
 
 
@@ -70,6 +77,9 @@ class Analysis:
         self.edits: list[Edit] = []
         self.costs: list[_RawCost] = []
         self.dims: dict[str, list[Dim]] = {}  # integer shape vectors whose entries are known dims (shape_rules)
+        self.last_axis: set[str] = set()  # tensors whose channels lie on the last axis (a Linear's token features)
+        self.model = model
+        self._leading: tuple[dict[str, int | None], int | None] | None = None  # batch_leading_dims, when asked
 
     def new_space(self, tensor: str, size: int, producer: str | None, frozen: str | None = None) -> int:
         """Create a space of ``size`` channels as the whole layout of ``tensor``."""
@@ -93,6 +103,20 @@ class Analysis:
         """Freeze the spaces of every input of a node."""
         for name in node.input:
             self.freeze(name, reason)
+
+    def batch_major(self, tensor: str) -> bool:
+        """True when the tensor's axis 0 is the graph input's batch axis (shape inference with the batch fixed,
+        :func:`graph_ops.proto.batch_leading_dims`, run once when first asked), so that its other axes belong to
+        one sample each (not, e.g., image patches folded into the batch axis)."""
+        if self._leading is None:
+            self._leading = batch_leading_dims(self.model)
+        leading, batch = self._leading
+        return batch is not None and leading.get(tensor) == batch
+
+    def channel_axis(self, tensor: str) -> int:
+        """The axis of a tensor's channels: the last one for :attr:`last_axis` tensors, else 1."""
+        rank = self.rank(tensor)
+        return rank - 1 if tensor in self.last_axis and rank else 1
 
     def channels(self, tensor: str) -> int:
         """Number of channels of a tensor with a layout."""
@@ -166,7 +190,10 @@ class Analysis:
             if shapes_hook is not None and shapes_hook(self, node, idx):
                 continue
             rule = rules.get(node.op_type)
-            if rule is not None:
+            if node.op_type not in LAST_AXIS_OPS and any(self.lay(n) and n in self.last_axis for n in node.input):
+                self.freeze_inputs(node, f"channels on the last axis reach {node.op_type} at node "
+                                         f"'{node_name(node, idx)}'")
+            elif rule is not None:
                 rule(self, node, idx)
             elif any(self.lay(name) for name in node.input):
                 self.freeze_inputs(node, f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
@@ -202,7 +229,8 @@ class Analysis:
         )
         return ChannelGroupIndex(groups, by_tensor, tuple(self._resolve(c, by_tensor) for c in self.costs),
                                  edits=tuple(self.edits), flattened=dict(self.flat), shapes=self.shapes,
-                                 fingerprint=fingerprint)
+                                 fingerprint=fingerprint,
+                                 last_axis=frozenset(t for t in self.last_axis if t in by_tensor))
 
     def _segments(self, segs: list[Seg], gid: dict[int, str]) -> tuple[Segment, ...]:
         out = []

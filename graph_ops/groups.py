@@ -142,6 +142,9 @@ class ChannelGroupIndex:
         flattened: ``Flatten`` / ``Reshape`` output -> (4-D input, ``H*W``) for channel-major dense heads.
         shapes: static shapes analysis saw (``None`` for unknown dims).
         fingerprint: :func:`graph_ops.proto.fingerprint` of the analysed graph ("" for a hand-built index).
+        last_axis: tensors (rank >= 3) whose channels lie on their last axis, not axis 1: the hidden features of a
+            Linear applied to tokens or channels-last maps (``MatMul`` by a constant ``[K, N]``), e.g. a
+            transformer's or a ConvNeXt block's MLP; calibration pools them over every other axis.
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -153,6 +156,7 @@ class ChannelGroupIndex:
     flattened: Mapping[str, tuple[str, int]] = field(default_factory=lambda: MappingProxyType({}))
     shapes: Mapping[str, tuple[int | None, ...]] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     fingerprint: str = ""
+    last_axis: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in ("by_tensor", "flattened", "shapes"):

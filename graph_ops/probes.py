@@ -176,11 +176,12 @@ def _spatial_sum(b: _Builder, x: str, source: str, rank: int, base: str, op: str
 
 
 def _pool_one(b: _Builder, x: str, shape: tuple[int | None, ...], elem_type: int, bins: int,
-              summaries: bool) -> PooledProbe:
-    double, rank = onnx.TensorProto.DOUBLE, len(shape)
-    shape_out = b.output(b.node(x, "Shape", [x], f"{x}__probe_shape"), onnx.TensorProto.INT64)
-    xf = x if elem_type == onnx.TensorProto.FLOAT else b.node(x, "Cast", [x], f"{x}__probe_f32",
-                                                               to=onnx.TensorProto.FLOAT)
+              summaries: bool, source: str | None = None) -> PooledProbe:
+    """The pooled outputs of probe ``x`` read from ``source`` (default ``x``; a channels-first view of it)."""
+    double, rank, src = onnx.TensorProto.DOUBLE, len(shape), source or x
+    shape_out = b.output(b.node(x, "Shape", [src], f"{x}__probe_shape"), onnx.TensorProto.INT64)
+    xf = src if elem_type == onnx.TensorProto.FLOAT else b.node(x, "Cast", [src], f"{x}__probe_f32",
+                                                                 to=onnx.TensorProto.FLOAT)
     sizes = None
     if rank == 2:
         sums = b.node(x, "Cast", [xf], f"{x}__probe_sum", to=double)
@@ -214,7 +215,8 @@ def _pool_one(b: _Builder, x: str, shape: tuple[int | None, ...], elem_type: int
 
 
 def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int | Mapping[str, int] = 1,
-                      summaries: bool = False) -> tuple[onnx.ModelProto, tuple[PooledProbe, ...]]:
+                      summaries: bool = False, last_axis: Iterable[str] = ()) -> tuple[onnx.ModelProto,
+                                                                                  tuple[PooledProbe, ...]]:
     """A copy of ``model`` whose outputs are pooled summaries of the named tensors (and nothing else).
 
     For a probe ``x`` of shape ``(N, C, *spatial)`` the appended nodes compute the sums over the spatial positions
@@ -240,6 +242,8 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
         names: probe tensors (node outputs or graph inputs of the main graph).
         bins: K of the K x K adaptive bins (1: global sums), for every probe or per probe name (missing: 1).
         summaries: add the nonzero counts and absolute sums.
+        last_axis: probes whose channels lie on their last axis (``ChannelGroupIndex.last_axis``): a ``Transpose``
+            brings them to ``(N, C, ...)`` first, so they are pooled over every other axis (``bins`` is 1).
 
     Returns:
         The new model (its outputs: the pooled summaries only) and, per probe in the order given (duplicates once),
@@ -259,11 +263,19 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info,
                                                              *model.graph.output]}
     probes = []
+    last = set(last_axis)
     for name in wanted:
         shape = shapes.get(name)
         k = bins if isinstance(bins, int) else int(bins.get(name, 1))
         if shape is None or len(shape) < 2:
             raise PreconditionError(f"probe '{name}' needs a known shape (N, C, ...); it has {shape}")
+        if name in last and len(shape) >= 3:  # channels last: pool a channels-first view
+            perm = [0, len(shape) - 1, *range(1, len(shape) - 1)]
+            first = builder.node(name, "Transpose", [name], f"{name}__probe_channels_first", perm=perm)
+            shape = tuple(shape[i] for i in perm)
+            probes.append(_pool_one(builder, name, shape, types.get(name, onnx.TensorProto.FLOAT), 1, summaries,
+                                    first))
+            continue
         if k > 1 and len(shape) != 2 and (len(shape) != 4 or shape[2] is None or shape[3] is None):
             raise PreconditionError(f"{k}x{k} pooling needs a static 4-D (N, C, H, W) probe, but '{name}' has "
                                     f"shape {shape}; use global pooling or fix the input shape")

@@ -91,22 +91,60 @@ def complete_shapes(model: onnx.ModelProto) -> bool:
     return all(out in declared for node in model.graph.node for out in node.output if out)
 
 
-def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT) -> onnx.ModelProto:
+def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batch: int | None = None) -> onnx.ModelProto:
     """Shape inference (with data propagation) on a copy without large weights; stale ``value_info`` is dropped.
 
     Initializers with at most ``small`` elements stay (Reshape shapes, Split sizes, scales feed data propagation);
-    larger ones become typed graph inputs, so inference never copies the weights.
+    larger ones become typed graph inputs, so inference never copies the weights. ``batch``: axis 0 of every
+    (non-initializer) graph input is set to this size in the copy.
     """
     graph = model.graph
     declared = {info.name for info in graph.input}
+    names = {t.name for t in graph.initializer}
     inits = [t for t in graph.initializer if math.prod(t.dims) <= small]
     typed = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
              for t in graph.initializer if math.prod(t.dims) > small and t.name not in declared]
-    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*graph.input, *typed], list(graph.output),
+    inputs = []
+    for info in graph.input:
+        info = _copy(info)
+        dims = info.type.tensor_type.shape.dim
+        if batch is not None and info.name not in names and dims:
+            dims[0].Clear()
+            dims[0].dim_value = batch
+        inputs.append(info)
+    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*inputs, *typed], list(graph.output),
                                          inits)
     light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     light.functions.extend(model.functions)
     return onnx.shape_inference.infer_shapes(light, data_prop=True)
+
+
+def _copy(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    return out
+
+
+BATCH_MARKER = 13
+"""The batch size :func:`batch_leading_dims` gives a model with a symbolic batch (a prime, unlikely elsewhere)."""
+
+
+def batch_leading_dims(model: onnx.ModelProto) -> tuple[dict[str, int | None], int | None]:
+    """Axis 0 of every tensor, inferred with the graph input's batch fixed (to its static size, else
+    :data:`BATCH_MARKER`), and that batch: a tensor whose axis 0 equals it holds one sample per row of axis 0 (unlike
+    image patches folded into the batch axis). ``({}, None)`` without a single graph input or when inference fails."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.shape.dim:
+        return {}, None
+    first = inputs[0].type.tensor_type.shape.dim[0]
+    batch = first.dim_value if first.HasField("dim_value") and first.dim_value > 0 else BATCH_MARKER
+    try:
+        inferred = infer_shapes_light(model, batch=batch)
+    except Exception as err:  # exotic graphs: every tensor counts as not batch-major (conservative)
+        log.warning("shape inference with a fixed batch failed (%s); last-axis channels stay frozen", err)
+        return {}, None
+    return {name: (shape[0] if shape else None) for name, shape in declared_shapes(inferred).items()}, batch
 
 
 def static_shapes(model: onnx.ModelProto) -> dict[str, Shape]:

@@ -264,7 +264,8 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     try:
         bins = (consumer_bins(prepared.model, prepared.index, names, getattr(dataset, "num_samples", None))
                 if pooling == "auto" else POOLINGS[pooling])
-        pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries)
+        pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries,
+                                                 last_axis=prepared.index.last_axis)
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
     num_classes = _num_classes(prepared.model, dataset, require_labels)

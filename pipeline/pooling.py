@@ -63,7 +63,8 @@ def consumer_bins(model: onnx.ModelProto, index: ChannelGroupIndex, probes: Sequ
     bins = {}
     for probe in probes:
         shape = index.shapes.get(probe)
-        if not shape or len(shape) != 4 or shape[2] is None or shape[3] is None or shape[1] is None:
+        if (not shape or len(shape) != 4 or shape[2] is None or shape[3] is None or shape[1] is None
+                or probe in index.last_axis):  # channels last: pooled over every other axis
             bins[probe] = 1
             continue
         channels, height, width = shape[1], shape[2], shape[3]

@@ -127,11 +127,46 @@ def depthwise_multiplier() -> tuple[onnx.ModelProto, Expected]:
     return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(5, (8, 16), "one channel per conv group")
 
 
+def _gelu(n: Net, y: str) -> str:
+    """GELU as torch's legacy exporter writes it: x * (erf(x / sqrt 2) + 1) * 0.5."""
+    half = n.const(np.array(0.5, np.float32))
+    erf = n.op("Erf", [n.op("Div", [y, n.const(np.array(np.sqrt(2.0), np.float32))])])
+    return n.op("Mul", [n.op("Mul", [y, n.op("Add", [erf, n.const(np.array(1.0, np.float32))])]), half])
+
+
+def token_mlp() -> tuple[onnx.ModelProto, Expected]:
+    """A transformer block's MLP on tokens: patch conv -> tokens [1, 16, 8] -> LayerNorm -> MatMul [8, 24] + bias ->
+    GELU -> MatMul [24, 8] + bias -> residual Add -> mean over tokens -> Gemm. The 24 hidden features (last axis)
+    are a prunable group; the token stream itself (a LayerNorm normalises over it) is not."""
+    n = Net(40)
+    patches = n.op("Conv", ["x", n.rand(8, 3, 2, 2, scale=0.3), n.rand(8, scale=0.1)], kernel_shape=[2, 2],
+                   strides=[2, 2])
+    tokens = n.op("Transpose", [n.op("Reshape", [patches, _ints(n, 1, 8, 16)])], perm=[0, 2, 1])
+    normed = n.op("LayerNormalization", [tokens, n.rand(8), n.rand(8, scale=0.1)], axis=-1)
+    hidden = _gelu(n, n.op("Add", [n.op("MatMul", [normed, n.rand(8, 24, scale=0.35)]), n.rand(24, scale=0.1)]))
+    out = n.op("Add", [n.op("MatMul", [hidden, n.rand(24, 8, scale=0.2)]), n.rand(8, scale=0.1)])
+    pooled = n.op("ReduceMean", [n.op("Add", [tokens, out])], axes=[1], keepdims=0)
+    return n.model(n.gemm(pooled, 8, 10)), Expected(5, (24,))
+
+
+def channels_last_mlp() -> tuple[onnx.ModelProto, Expected]:
+    """A ConvNeXt block with Linear layers: depthwise conv -> channels last (Transpose) -> MatMul [8, 32] + bias ->
+    GELU -> per-channel scale -> MatMul [32, 8] -> back to channels first -> residual Add -> head. The 32 hidden
+    features (last axis of a 4-D tensor) are a prunable group."""
+    n = Net(41)
+    stem = n.op("Relu", [n.conv("x", 3, 8)])
+    mixed = n.op("Transpose", [n.conv(stem, 8, 8, group=8)], perm=[0, 2, 3, 1])
+    hidden = _gelu(n, n.op("Add", [n.op("MatMul", [mixed, n.rand(8, 32, scale=0.35)]), n.rand(32, scale=0.1)]))
+    hidden = n.op("Mul", [hidden, n.rand(32)])
+    back = n.op("Transpose", [n.op("MatMul", [hidden, n.rand(32, 8, scale=0.2)])], perm=[0, 3, 1, 2])
+    return n.model(n.head(n.op("Add", [stem, back]), 8)), Expected(5, (32,))
+
+
 REFINE_MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
     f.__name__: f for f in (
         ghost_residual, mixed_depthwise, c2f_block, se_over_concat, spatial_attention, resize_by_shape,
         spatial_reshape, channel_count_arithmetic, grouped_se_block, grouped_input_of_two_groups,
-        depthwise_multiplier)
+        depthwise_multiplier, token_mlp, channels_last_mlp)
 }
 """Motif name -> builder (production-architecture motifs)."""
 

@@ -121,3 +121,49 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
                 inits[node.input[pos]].CopyFrom(numpy_helper.from_array(value, node.input[pos]))
     return zero_channels(full, index, keep)
 
+
+
+def check_exact_surgery(model: onnx.ModelProto, index: ChannelGroupIndex, feeds: Mapping[str, np.ndarray],
+                        seeds: Sequence[int] = (0, 1, 2)) -> tuple[float, bool]:
+    """Seeded random valid plans applied (the surgery runs the full checker) against the mask oracle, and the plan
+    that keeps every channel against the original; returns the worst output error relative to the largest output
+    and whether the predicted MACs and params equal those counted on every pruned model."""
+    from graph_ops.cost import count
+    from graph_ops.prune import apply_plan
+
+    worst, equal = 0.0, True
+    for seed in seeds:
+        plan = random_valid_plan(index, np.random.default_rng(seed))
+        pruned = apply_plan(model, index, plan)
+        worst = max(worst, assert_same_outputs(zero_channels(model, index, plan), pruned, feeds, rtol=1e-4))
+        counted = count(pruned)
+        equal = equal and index.predict({gid: len(kept) for gid, kept in plan.items()}) == (counted.macs,
+                                                                                              counted.params)
+    everything = {g.id: list(range(g.size)) for g in index.groups}
+    for a, b in zip(run_ort(model, feeds), run_ort(apply_plan(model, index, everything), feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(np.max(np.abs(a))))
+    return worst, equal
+
+
+def check_lstsq_mask_reference(model: onnx.ModelProto, index: ChannelGroupIndex,
+                               min_refit: int = 3) -> tuple[onnx.ModelProto, onnx.ModelProto, object]:
+    """R3 recovery of a seeded random plan (50-90 % kept) on four seeded unlabelled samples (recovery never reads
+    labels) must pass the full checker, refit at least ``min_refit`` layers and equal its recovered mask reference
+    (:func:`recovered_reference`); returns the pruned model, the recovered model and the recovery report."""
+    from graph_ops.prune import apply_plan
+    from pipeline.data import from_iterable
+    from pipeline.recovery import recover
+
+    keep = random_valid_plan(index, np.random.default_rng(0), 0.5, 0.9)
+    rng = np.random.default_rng(1)
+    samples = [random_feeds(model, rng, batch=1) for _ in range(4)]
+    data = from_iterable([(next(iter(feeds.values())), None) for feeds in samples])
+    pruned = apply_plan(model, index, keep)
+    recovered, report = recover(model, pruned, index, keep, data, method="lstsq", ridge=1e-2, batch_size=1,
+                                refit_positions=16, intra_op_threads=2)
+    onnx.checker.check_model(recovered, full_check=True)
+    refit = {c.node for c in report.consumers if c.alpha is not None}
+    assert len(refit) >= min_refit, report.skipped
+    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, samples[0],
+                        rtol=1e-4, atol=1e-5)
+    return pruned, recovered, report

@@ -22,6 +22,7 @@ ULTRALYTICS = ("yolov8n", "yolo11n")
 PRODUCTION = TIMM + ULTRALYTICS
 EXPORTERS = ("legacy", "dynamo")
 _SHAPES = {"yolov8n": (1, 3, 160, 160), "yolo11n": (1, 3, 160, 160)}
+_OPTIONS = {"vit_tiny_patch16_224": {"img_size": 64}}  # timm options so that a model runs at its input_shape
 
 
 def package_of(name: str) -> str:
@@ -63,8 +64,9 @@ def randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def build(name: str, seed: int = 0) -> torch.nn.Module:
-    """A production architecture with seeded random weights, randomised BN statistics, in eval (export) mode."""
+def build(name: str, seed: int = 0, **options: object) -> torch.nn.Module:
+    """A production architecture with seeded random weights, randomised BN statistics, in eval (export) mode
+    (``options``: keyword arguments of ``timm.create_model``, e.g. a ViT's ``img_size``)."""
     import torch
 
     _torchvision_import_fix()
@@ -80,7 +82,7 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     else:
         import timm
 
-        model = timm.create_model(name, pretrained=False, num_classes=10)
+        model = timm.create_model(name, pretrained=False, num_classes=10, **{**_OPTIONS.get(name, {}), **options})
     return randomise_batchnorm(model, seed)
 
 

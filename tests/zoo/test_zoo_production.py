@@ -21,14 +21,13 @@ import numpy as np
 import pytest
 
 from graph_ops.channels import analyze, prunable_share
-from graph_ops.cost import count
 from graph_ops.io import load_model
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
 from pipeline.orchestrate import keep_lists, prepare, score
 from pipeline.plan import select_channels
 from tests.budget_checks import check_budget
-from tests.oracles import assert_same_outputs, random_feeds, random_valid_plan, run_ort
+from tests.oracles import assert_same_outputs, check_exact_surgery, check_lstsq_mask_reference, random_feeds
 from tests.production_models import EXPORTERS, PRODUCTION
 
 pytestmark = pytest.mark.zoo
@@ -50,17 +49,8 @@ def test_production_pruned_equals_masked(name: str, exporter: str, production_mo
     assert share >= MIN_SHARE, reasons
     assert not index.unknown_macs
     assert any(g.blocks > 1 for g in index.groups) == (name in GROUPED)
-    feeds = random_feeds(model, np.random.default_rng(0), batch=1)
-    for seed in range(3):
-        plan = random_valid_plan(index, np.random.default_rng(seed))
-        pruned = apply_plan(model, index, plan)  # runs the full checker
-        assert_same_outputs(zero_channels(model, index, plan), pruned, feeds, rtol=1e-4)
-        macs, params = index.predict({gid: len(kept) for gid, kept in plan.items()})
-        report = count(pruned)
-        assert (macs, params) == (report.macs, report.params)
-    everything = {g.id: list(range(g.size)) for g in index.groups}
-    for a, b in zip(run_ort(model, feeds), run_ort(apply_plan(model, index, everything), feeds), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(np.max(np.abs(a))))
+    _, equal = check_exact_surgery(model, index, random_feeds(model, np.random.default_rng(0), batch=1))
+    assert equal  # predicted MACs and params == counted
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
@@ -79,25 +69,8 @@ def test_production_lstsq_recovery_equals_its_mask_reference(name: str,
                                                              production_model: Callable[[str, str], Path]) -> None:
     """R3 on refined groups, grouped convs (per conv group) and a detector, against the recovered mask reference
     (``tests.oracles.recovered_reference``); unlabelled data (recovery never reads labels)."""
-    import onnx
-
-    from pipeline.data import from_iterable
-    from pipeline.recovery import recover
-    from tests.oracles import recovered_reference
-
     model = load_model(production_model(name, "legacy"))
-    index = analyze(model)
-    keep = random_valid_plan(index, np.random.default_rng(0), 0.5, 0.9)
-    rng = np.random.default_rng(1)
-    samples = [random_feeds(model, rng, batch=1) for _ in range(4)]
-    data = from_iterable([(next(iter(feeds.values())), None) for feeds in samples])
-    recovered, report = recover(model, apply_plan(model, index, keep), index, keep, data, method="lstsq",
-                                ridge=1e-2, batch_size=1, refit_positions=16, intra_op_threads=2)
-    onnx.checker.check_model(recovered, full_check=True)
-    refit = {c.node for c in report.consumers if c.alpha is not None}
-    assert len(refit) >= 3, report.skipped
-    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, samples[0],
-                        rtol=1e-4, atol=1e-5)
+    check_lstsq_mask_reference(model, analyze(model))
 
 
 @pytest.mark.parametrize("name", ["lcnet_050", "ese_vovnet19b_dw", "mobilevit_xxs"])
@@ -128,3 +101,39 @@ def test_architectures_that_once_broke_the_default_prune(name: str,
     model, index = run.prepared.model, run.prepared.index
     assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, {
         model.graph.input[0].name: x[:2]}, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_mlp_hidden_features_are_pruned_exactly(tmp_path: Path) -> None:
+    """A timm ViT (vit_tiny at 64 x 64, legacy exporter): the hidden features of every block's MLP (768, last axis of
+    [N, 17, 768] tokens) are prunable groups; random plans equal the mask oracle with predicted == counted MACs, and
+    the default job (DI, lstsq) runs, its refit layers in the surgery's layout."""
+    import onnx
+
+    from pipeline.data import from_iterable
+    from pipeline.export import export_torch
+    from pipeline.orchestrate import PruneRun
+    from tests.oracles import recovered_reference
+    from tests.production_models import build, missing
+
+    if missing("vit_tiny_patch16_224"):
+        pytest.skip(missing("vit_tiny_patch16_224"))
+    import torch
+
+    path = export_torch(build("vit_tiny_patch16_224"), torch.randn(1, 3, 64, 64), tmp_path / "vit.onnx",
+                        dynamo=False, check=True)
+    model = load_model(path)
+    index = analyze(model)
+    assert sorted(g.size for g in index.groups if g.prunable) == [768] * 12
+    _, equal = check_exact_surgery(model, index, random_feeds(model, np.random.default_rng(0), batch=2))
+    assert equal
+    x = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
+    data = from_iterable([(x[i:i + 32], np.arange(i, i + 32) % 10) for i in range(0, 64, 32)], name="gaussian")
+    run = PruneRun(path, data, batch_size=32, backend="ort-cpu", progress=False)
+    plan = run.plan(run.scores("di"), target_macs=0.7)
+    recovered, report = run.recover(run.apply(plan), plan, "lstsq")
+    onnx.checker.check_model(recovered, full_check=True)
+    refit = {c["node"] for c in report["consumers"] if c.get("alpha") is not None}
+    assert len(refit) >= 12
+    assert_same_outputs(recovered_reference(run.prepared.model, recovered, run.prepared.index, keep_lists(plan),
+                                            refit), recovered, {model.graph.input[0].name: x[:2]}, rtol=1e-4,
+                        atol=1e-5)
