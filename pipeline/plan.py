@@ -448,8 +448,8 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
     _check_targets(target_macs, target_params)
     if target_macs is not None and index.unknown_macs:
         unknown = index.unknown_macs
-        raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm nodes (e.g. "
-                             f"'{unknown[0]}') have a dynamic spatial size; give the input shape with "
+        raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm/MatMul nodes "
+                             f"(e.g. '{unknown[0]}') have a dynamic spatial or token size; give the input shape with "
                              f"--input-shape NAME:1x3xHxW (prepare(path, input_shapes=...)), or use --target-params")
     protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
     fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
