@@ -182,23 +182,24 @@ def matmul(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     if dense and (x in a.flat or rank == 2):
         _dense(a, node, idx, 0, bshape[1], bshape[0])
         return
-    tokens = dense and rank is not None and rank >= 3
-    if tokens and (a.lay(x) is None or x in a.last_axis) and a.batch_major(x):
-        _token_dense(a, node, idx, bshape[0], bshape[1])
+    if not (dense and rank is not None and rank >= 3):
+        a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
+        return
+    tokens = static_prod((a.shapes.get(x) or (None, None))[1:-1])  # positions per sample (None: dynamic)
+    if (a.lay(x) is None or x in a.last_axis) and a.batch_major(x):
+        _token_dense(a, node, idx, bshape[0], bshape[1], tokens)
         return
     a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
-    if tokens:  # still a layer whose MACs count: fixed widths
-        count = static_prod((a.shapes.get(x) or (None, None))[1:-1])
-        a.add_cost(name, "MatMul", float(count or 0), 1, bshape[0], None, bshape[1], None, 0.0,
-                   macs_known=count is not None)
+    a.add_cost(name, "MatMul", float(tokens or 0), 1, bshape[0], None, bshape[1], None, 0.0,  # fixed widths
+               macs_known=tokens is not None)
 
 
-def _token_dense(a: Analysis, node: onnx.NodeProto, idx: int, k: int, n: int) -> None:
+def _token_dense(a: Analysis, node: onnx.NodeProto, idx: int, k: int, n: int, tokens: int | None) -> None:
     """``y[..., :] = x[..., :] @ W`` with ``W [K, N]`` constant and ``x`` of rank >= 3: a Linear on the last axis.
 
     The output's ``N`` features, on its last axis, are a new space (producer edit: ``W[:, c]``); when ``x`` carries
     last-axis channels, ``W``'s rows are its consumer edit. MACs per sample: ``tokens * K * N`` with ``tokens`` the
-    product of the axes between the batch and the features (unknown when they are dynamic)."""
+    product of the axes between the batch and the features (None: unknown, they are dynamic)."""
     x, y, name = node.input[0], node.output[0], node_name(node, idx)
     if a.lay(x):
         a.slot(node, idx, 1, x, 0, role="consumer")
@@ -206,7 +207,6 @@ def _token_dense(a: Analysis, node: onnx.NodeProto, idx: int, k: int, n: int) ->
     a.new_space(y, n, name)
     a.last_axis.add(y)
     a.slot(node, idx, 1, y, 1)
-    tokens = static_prod((a.shapes.get(x) or (None, None))[1:-1])
     a.add_cost(name, "MatMul", float(tokens or 0), 1, 0 if a.lay(x) else k, x if a.lay(x) else None, 0, y, 0.0,
                macs_known=tokens is not None)
 
@@ -360,6 +360,10 @@ _UNARY = ("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "E
           "Identity", "Dropout", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Relu6",
           "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 _BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu")
+_POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+LAST_AXIS_OPS = frozenset({*_UNARY, *_BINARY, "MatMul"} - {*_POOLS, "PRelu"})
+"""Ops that may read a tensor whose channels lie on its last axis: the elementwise ones (not the pools, which reduce
+axes 2.., nor PRelu, whose slope runs along axis 1) and ``MatMul``; any other op freezes such a tensor's channels."""
 _REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd")
 

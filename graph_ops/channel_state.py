@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,16 +22,9 @@ from graph_ops.channel_spaces import Spaces, merge_blocks
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex, CostTerm, Edit, Segment
 from graph_ops.proto import Shape, attr, batch_leading_dims, constants, node_name, opset
 
-__all__ = ["LAST_AXIS_OPS", "Analysis", "Edit", "attr", "describe", "int_list", "node_name", "static_prod"]
+__all__ = ["Analysis", "Edit", "attr", "describe", "int_list", "node_name", "static_prod"]
 
 Seg = tuple[int, int, int, int]  # (space, offset, start, length) while analysing
-LAST_AXIS_OPS = frozenset({
-    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Softplus",
-    "Softsign", "Gelu", "Erf", "Mish", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal", "Cast", "Identity",
-    "Dropout", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "ThresholdedRelu", "Relu6",
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "MatMul"})
-"""Ops that may read a tensor whose channels lie on its last axis (elementwise ones and ``MatMul``); any other op
-freezes such a tensor's channels."""
 Dim = tuple[str, int] | int | None  # an entry of an integer shape vector: (tensor, axis), a constant, unknown
 
 
@@ -174,11 +167,13 @@ class Analysis:
         """Record a cost term whose widths come from tensors' layouts (resolved at the end)."""
         self.costs.append(_RawCost(*args, **kw))  # type: ignore[arg-type]
 
-    def run(self, rules: dict, shapes_hook: Callable[[Analysis, onnx.NodeProto, int], bool] | None = None) -> None:
+    def run(self, rules: dict, shapes_hook: Callable[[Analysis, onnx.NodeProto, int], bool] | None = None,
+            last_axis_ops: Collection[str] = ()) -> None:
         """Apply the rules to every node in topological order, then freeze what reaches graph outputs.
 
         ``shapes_hook`` sees every node first and returns True when it handled the node as integer shape
-        arithmetic (:func:`graph_ops.channel_shape_rules.track_shapes`).
+        arithmetic (:func:`graph_ops.channel_shape_rules.track_shapes`). Only ``last_axis_ops`` may read a tensor
+        whose channels lie on its last axis; any other op freezes its channels.
         """
         for info in self.graph.input:
             shape = self.shapes.get(info.name)
@@ -190,7 +185,7 @@ class Analysis:
             if shapes_hook is not None and shapes_hook(self, node, idx):
                 continue
             rule = rules.get(node.op_type)
-            if node.op_type not in LAST_AXIS_OPS and any(self.lay(n) and n in self.last_axis for n in node.input):
+            if node.op_type not in last_axis_ops and any(self.lay(n) and n in self.last_axis for n in node.input):
                 self.freeze_inputs(node, f"channels on the last axis reach {node.op_type} at node "
                                          f"'{node_name(node, idx)}'")
             elif rule is not None:

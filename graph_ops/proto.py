@@ -104,14 +104,8 @@ def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batc
     inits = [t for t in graph.initializer if math.prod(t.dims) <= small]
     typed = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
              for t in graph.initializer if math.prod(t.dims) > small and t.name not in declared]
-    inputs = []
-    for info in graph.input:
-        info = _copy(info)
-        dims = info.type.tensor_type.shape.dim
-        if batch is not None and info.name not in names and dims:
-            dims[0].Clear()
-            dims[0].dim_value = batch
-        inputs.append(info)
+    inputs = list(graph.input) if batch is None else [_with_batch(v, batch) if v.name not in names else v
+                                                     for v in graph.input]
     light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*inputs, *typed], list(graph.output),
                                          inits)
     light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
@@ -119,9 +113,14 @@ def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batc
     return onnx.shape_inference.infer_shapes(light, data_prop=True)
 
 
-def _copy(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+def _with_batch(info: onnx.ValueInfoProto, batch: int) -> onnx.ValueInfoProto:
+    """A copy of ``info`` whose axis 0 (when it has axes) is ``batch``."""
     out = onnx.ValueInfoProto()
     out.CopyFrom(info)
+    dims = out.type.tensor_type.shape.dim
+    if dims:
+        dims[0].Clear()
+        dims[0].dim_value = batch
     return out
 
 

@@ -89,11 +89,10 @@ def regularised_inverse(scatter: np.ndarray, eps: float, gram: np.ndarray | None
         if not np.isfinite(scatter).all():
             raise
         lowest = float(np.linalg.eigvalsh(scatter)[0])
-        rho += 2.0 * max(-lowest, 0.0)
+        raised = rho + 2.0 * max(-lowest, 0.0)
         logger.warning("di: a probe's scatter is indefinite by rounding (smallest eigenvalue %.3g against a ridge of "
-                       "%.3g: near-constant features); its ridge is raised to %.3g", lowest, ridge(scatter, eps, gram),
-                       rho)
-        return inverse_spd(scatter + rho * np.eye(d))
+                       "%.3g: near-constant features); its ridge is raised to %.3g", lowest, rho, raised)
+        return inverse_spd(scatter + raised * np.eye(d))
 
 
 def di_value(stats: ProbeStats, eps: float = DEFAULT_EPS) -> float:
