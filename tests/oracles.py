@@ -122,7 +122,6 @@ def recovered_reference(original: onnx.ModelProto, recovered: onnx.ModelProto, i
     return zero_channels(full, index, keep)
 
 
-
 def check_exact_surgery(model: onnx.ModelProto, index: ChannelGroupIndex, feeds: Mapping[str, np.ndarray],
                         seeds: Sequence[int] = (0, 1, 2)) -> tuple[float, bool]:
     """Seeded random valid plans applied (the surgery runs the full checker) against the mask oracle, and the plan
