@@ -6,7 +6,9 @@ statistics, ``pipeline.export.load_torchvision``; no pretrained weights can be d
 images with labels cycling through 10 classes (what an ImageNet-normalised calibration set looks like to the
 statistics; the content does not change the cost). The job is ``diprune prune --method di --target-macs 0.5
 --recover lstsq`` at batch 64, run stage by stage through ``pipeline.orchestrate.PruneRun`` (the code path of
-``prune``): analyse (load, canonicalize, analyse), calibrate, score, plan, apply, recover, write (model, plan, report).
+``prune``, in a process set up as the CLI sets up its own: no huge-page advice for numpy's arrays,
+``pipeline.memory.no_huge_page_advice``): analyse (load, canonicalize, analyse), calibrate, score, plan, apply,
+recover, write (model, plan, report).
 Plain inference = an onnxruntime session with its default options over the same images at the same batch size and
 threads (session creation included). Every model runs in its own child process, plain inference first then the prune, so peak memory is the
 child's own: the peak resident set size (``VmRSS`` sampled every 10 ms) during each stage, and the process's
@@ -98,8 +100,11 @@ def dataset(images: int, batch: int) -> Any:
 
 def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One model in this process: plain inference, then the prune stage by stage."""
+    from pipeline.memory import no_huge_page_advice
     from pipeline.orchestrate import PruneRun, write_candidate
     from pipeline.runtime import feed_batches, make_session, model_input_specs
+
+    no_huge_page_advice()  # as the CLI's process does
 
     path = export(name, args.work)
     data = dataset(args.images, args.batch)

@@ -23,6 +23,7 @@ from graph_ops.errors import PruneError, UserInputError
 from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
 from pipeline.finetune import FinetuneOptions
+from pipeline.memory import no_huge_page_advice
 from pipeline.push import PushOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
@@ -788,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args.stdout = sys.stdout
+    no_huge_page_advice()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # only the command's result goes to stdout (pure JSON)
             return args.func(args)

@@ -1,10 +1,19 @@
-"""Giving freed memory back to the operating system between stages.
+"""Process memory settings: freed memory given back between stages, and no huge-page advice for numpy's arrays.
 
 A stage that streams large arrays (calibration's batches, recovery's frontier, onnxruntime's outputs) frees them
 when it ends, but glibc's allocator keeps much of that memory in its heaps for reuse: measured on ResNet-50 at
 224 x 224, batch 64, 0.6 GiB stayed resident after calibration (1.50 GiB resident, 0.88 after a trim), and the
 next stage's peak sat on top of it. :func:`release_memory` collects Python's garbage and asks glibc to return
 free heap pages (``malloc_trim(0)``); elsewhere (no glibc) it only collects.
+
+On Linux, numpy advises the kernel to back every large array with transparent huge pages (``madvise(MADV_HUGEPAGE)``).
+When free memory is fragmented, as on long-running virtual machines, each 2 MB fault then waits for the kernel to
+compact memory: measured on the 2-core VM of ``benchmarks/pipeline_cost.py`` (THP ``madvise`` mode), arrays of
+147 MB filled at 0.11 GB/s with the advice and 1.67 GB/s without it; on ResNet-50, 256 images, three interleaved
+pairs, calibration took 16.1-16.5 s with it and 14.3-15.1 s without, DI scoring 10.0-11.4 s and 7.7-8.9 s (recovery
+within its noise). :func:`no_huge_page_advice` turns the advice off for the process (the CLI calls it at start) unless
+the user decided with numpy's own ``NUMPY_MADVISE_HUGEPAGE`` variable. Values are unchanged: only where pages come
+from differs.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 from typing import Any
 
 
@@ -32,3 +42,15 @@ def release_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def no_huge_page_advice() -> bool:
+    """Stop numpy from advising huge pages for its arrays in this process (see the module docstring), unless
+    ``NUMPY_MADVISE_HUGEPAGE`` is set (the user's choice stands); returns whether the advice was on before."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return False
+    import numpy as np
+
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    return bool(setter(False)) if setter is not None else False

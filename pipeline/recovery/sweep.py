@@ -11,9 +11,9 @@ node a *step*: in the current model, the largest ``level + 1`` of the listed lay
 ``k`` runs at step ``k + 1``, after its refit; its input is ready at step ``k``); in the original model, the largest
 ``level`` of the listed layers at or above it. Step ``k`` runs, for every batch, the sub-graph of each model made of
 its step-``k`` nodes that some request needs, fed with the *frontier*: the tensors of earlier steps that it reads,
-kept per batch since they were computed (in memory up to ``spill_bytes``, then in files under ``spill_dir``, removed
-after their last reader). So every node of each model runs once over the data (one inference of each model in
-total, plus the frontier traffic), and the values equal those of whole-model runs up to floating-point rounding
+kept per batch since they were computed (in memory up to ``spill_bytes``, then in one file under ``spill_dir``
+whose extents are reused after their last reader, :mod:`pipeline.recovery.frontier`). So every node of each model
+runs once over the data (one inference of each model in total, plus the frontier traffic), and the values equal those of whole-model runs up to floating-point rounding
 (onnxruntime may fuse differently across a cut). One-pass recovery (``sequential=False``) is a single step.
 
 Batches keep the dataset's order; batch ``i`` is held out (for choosing ridge factors) when
@@ -312,7 +312,8 @@ class Sweep:
             ) -> Iterator[tuple[int, bool, list[np.ndarray], list[np.ndarray]]]:
         """Yield ``(batch, held_out, original values, current values)`` for the requests of level ``step``, for
         each of ``batches`` (global indices, in the order given; each must have run every earlier step). A gather
-        yields ``(N, C, M)``. ``indices(levels, batch, n)`` gives the position indices (by index input name) of
+        yields ``(N, C, M)``. The values may be memory maps of the spill file: read them before asking for the
+        next batch (their extents are written again after that). ``indices(levels, batch, n)`` gives the position indices (by index input name) of
         the gathers of those levels for batch ``batch`` of ``n`` samples; it is called before every run that
         computes them, possibly more than once per batch and level (the original model computes every level's
         gathers at step 0), so it must return the same positions each time.
@@ -323,6 +324,8 @@ class Sweep:
         runners = self._runners(step)
         picks = indices if indices is not None else _no_indices
         for batch in batches:
+            for store in self.store.values():  # the consumer is done with what the last batch yielded
+                store.release()
             start, stop = batch_range(batch, self.batch_size, self.dataset.num_samples)
             feeds = self._feeds(batch) if step == 0 else None
             values = {key: self._side_batch(key, step, batch, feeds, picks, runners[key], stop - start)
