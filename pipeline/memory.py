@@ -8,10 +8,10 @@ free heap pages (``malloc_trim(0)``); elsewhere (no glibc) it only collects.
 
 On Linux, numpy advises the kernel to back every large array with transparent huge pages (``madvise(MADV_HUGEPAGE)``).
 When free memory is fragmented, as on long-running virtual machines, each 2 MB fault then waits for the kernel to
-compact memory: measured on the 2-core VM of ``benchmarks/pipeline_cost.py`` (THP ``madvise`` mode), arrays of
-147 MB filled at 0.11 GB/s with the advice and 1.67 GB/s without it; on ResNet-50, 256 images, three interleaved
-pairs, calibration took 16.1-16.5 s with it and 14.3-15.1 s without, DI scoring 10.0-11.4 s and 7.7-8.9 s (recovery
-within its noise). :func:`no_huge_page_advice` turns the advice off for the process (the CLI calls it at start) unless
+compact memory: measured by ``benchmarks/fresh_memory.py`` on a 2-core VM (THP ``madvise`` mode), 147 MB arrays
+filled after every 3 s of compute at 0.13 GB/s with the advice and 1.58 GB/s without it; on ResNet-50, 256 images,
+three interleaved pairs, calibration took 15.8-17.5 s with it and 13.7-14.5 s without, DI scoring 10.3-12.3 s and
+8.0-9.4 s. :func:`no_huge_page_advice` turns the advice off for the process (the CLI calls it at start) unless
 the user decided with numpy's own ``NUMPY_MADVISE_HUGEPAGE`` variable. Values are unchanged: only where pages come
 from differs.
 """

@@ -6,9 +6,9 @@ extent of one spill file in a temporary folder under ``spill_dir`` and read back
 onnxruntime and numpy read the page cache). The file is never shrunk while the sweep runs: an extent freed by
 :meth:`FrontierStore.discard` is written again by later arrays (best fit, free neighbours merged), so a sweep rewrites
 page-cache pages the kernel already holds instead of asking for fresh ones at every step. That is most of the
-spill's cost on virtual machines that hand free memory back to their host (free page reporting): measured on the
-2-core VM of ``benchmarks/pipeline_cost.py``, 147 MB written every 3 s of compute went at 0.11 GB/s into fresh
-files and 0.5-0.7 GB/s into reused extents.
+spill's cost on virtual machines that hand free memory back to their host (free page reporting): measured by
+``benchmarks/fresh_memory.py`` on a 2-core VM, 147 MB written after every 3 s of compute went at 0.12 GB/s into
+fresh files and 5.97 GB/s into reused extents.
 
 A freed extent becomes writable only after :meth:`FrontierStore.release`, which the sweep calls once the consumer
 of a batch's values has asked for the next batch: a memory map handed out by :meth:`FrontierStore.get` stays valid
