@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 class RecoveryReport:
     """Summary of one recovery run: per rewritten layer a :class:`ConsumerRecovery` (R1 / R2) or a
     :class:`pipeline.recovery.refit.LayerRefit` (R3), the layers skipped with a reason, and how the sweep went
-    (``sweep``: levels, shards, workers, seconds the driver spent solving, bytes of moments it received)."""
+    (``sweep``: levels, shards, workers, seconds the driver spent solving, bytes of moments it received, the largest
+    size of the frontier's spill files)."""
 
     method: str
     samples: int

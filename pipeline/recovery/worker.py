@@ -99,6 +99,10 @@ class SweepWorker:
         self.done[shard] = level
         return [job.take() for job in self.plan.jobs[level]]
 
+    def spilled_bytes(self) -> int:
+        """The largest size the frontier's spill files reached (what the sweep took on disk)."""
+        return sum(store.size for store in self.sweep.store.values())
+
     def close(self) -> None:
         """Remove the frontier (files included)."""
         self.sweep.close()
@@ -122,6 +126,10 @@ class LocalShards:
         """Nothing to send: the worker reads the driver's model."""
         return None
 
+    def spilled_bytes(self) -> int:
+        """See :meth:`SweepWorker.spilled_bytes`."""
+        return self.worker.spilled_bytes()
+
     def close(self) -> None:
         """Remove the frontier."""
         self.worker.close()
@@ -133,7 +141,8 @@ def sweep_levels(original: onnx.ModelProto, out: onnx.ModelProto, plan: LevelPla
     """Run the plan's levels in order: every shard's moments (``executor``: the shards on Ray workers, see
     :func:`pipeline.cluster.recovery_on_ray`; default: :class:`LocalShards`), merged in shard order, solved into
     ``out`` (in place) before the next level. Returns what was done, what was skipped, and how the sweep went
-    (levels, shards, workers, ``solve_s``: the driver's merge and solve time, ``moment_bytes``: moments received)."""
+    (levels, shards, workers, ``solve_s``: the driver's merge and solve time, ``moment_bytes``: moments received,
+    ``spill_bytes``: the largest size of the frontier's spill files in this process, None on Ray)."""
     import time
 
     from tqdm import tqdm
@@ -169,6 +178,8 @@ def sweep_levels(original: onnx.ModelProto, out: onnx.ModelProto, plan: LevelPla
                     skipped += missed
                 updates.append(runner.update(out, plan, level))
                 record["solve_s"] += time.perf_counter() - start
+        spilled = getattr(runner, "spilled_bytes", None)  # Ray workers keep their frontier to themselves
+        record["spill_bytes"] = spilled() if spilled is not None else None
     finally:
         runner.close()
     record["solve_s"] = round(record["solve_s"], 3)

@@ -17,6 +17,7 @@ from graph_ops.prune import apply_plan
 from pipeline.data import Dataset, from_iterable
 from pipeline.errors import UserInputError
 from pipeline.recovery import RECOVERY, consumer_targets, layer_levels, recover
+from pipeline.recovery.frontier import ALIGN
 from tests.graphs import (
     concat,
     conv_transpose,
@@ -123,6 +124,20 @@ def test_report_names_consumers_and_is_json(net: tuple) -> None:
     assert all(c.alpha in (1e-4, 1e-3, 1e-2) and c.error_after <= c.error_mean <= 1.0 for c in report.consumers)
     assert report.samples == 200
     assert json.loads(json.dumps(report.to_dict()))["method"] == "regress"
+
+
+def test_the_report_says_how_much_the_frontier_spilled(net: tuple, tmp_path) -> None:
+    model, index = net
+    keep = {_group(index, 16): [1, 3, 5, 7, 9, 11, 13], _group(index, 6): [0, 2, 4]}
+    pruned = apply_plan(model, index, keep)
+    spilled = {}
+    for budget in (0, 1 << 30):
+        _, report = recover(model, pruned, index, keep, _data(0, 100), method="lstsq", batch_size=32,
+                            intra_op_threads=1, spill_bytes=budget, spill_dir=str(tmp_path))
+        spilled[budget] = report.to_dict()["sweep"]["spill_bytes"]
+    assert spilled[1 << 30] == 0  # everything fit in memory
+    assert spilled[0] > 0 and spilled[0] % ALIGN == 0  # extents of whole pages
+    assert list(tmp_path.iterdir()) == []  # and the file is gone
 
 
 def test_fixed_ridge_is_used(net: tuple) -> None:
