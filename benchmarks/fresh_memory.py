@@ -4,7 +4,7 @@ Protocol (each part in its own child process, so one part's memory state does no
 
 1. ``fill``: ``--rounds`` times, compute for ``--pause`` seconds (float64 matrix products), then allocate and fill one
    147 MB float32 array and free it; GB/s of the fills, with numpy's transparent-huge-page advice on and off
-   (``numpy._core.multiarray._set_madvise_hugepage``; ``pipeline.memory.no_huge_page_advice`` turns it off in the CLI).
+   (``pipeline.memory.set_huge_page_advice``; ``no_huge_page_advice`` turns it off in the CLI).
 2. ``spill``: the same rhythm, writing the 147 MB array to disk under ``--work``, four alive at once: into a fresh
    file per write (deleted once four newer ones exist, as the recovery frontier did with one file per tensor) or into
    extents of one file (``pipeline.recovery.frontier.FrontierStore``: extents written again after their last
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks.output import write_results
+from pipeline.memory import set_huge_page_advice
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ARRAY_BYTES = 147 << 20
 KEPT = 4  # arrays alive at once in the spill part (a frontier of four batches)
-
-
-def _advice(on: bool) -> None:
-    core = getattr(np, "_core", None) or np.core
-    core.multiarray._set_madvise_hugepage(on)
 
 
 def _compute(seconds: float) -> None:
@@ -52,7 +47,7 @@ def _compute(seconds: float) -> None:
 
 def fill(rounds: int, pause: float, advice: bool) -> float:
     """GB/s of allocating and filling a fresh 147 MB array after ``pause`` seconds of compute."""
-    _advice(advice)
+    set_huge_page_advice(advice)
     spent = 0.0
     for _ in range(rounds):
         _compute(pause)
@@ -98,7 +93,7 @@ def stages(advice: bool, work: Path) -> dict[str, float]:
     from benchmarks.pipeline_cost import dataset, export
     from pipeline.orchestrate import PruneRun
 
-    _advice(advice)
+    set_huge_page_advice(advice)
     data = dataset(256, 64)
     run = PruneRun(export("resnet50", work), data, batch_size=64, backend="ort-cpu", progress=False, work_dir=work)
     start = time.perf_counter()
@@ -174,5 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.pop("NUMPY_MADVISE_HUGEPAGE", None)
     main()

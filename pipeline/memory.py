@@ -44,13 +44,20 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-def no_huge_page_advice() -> bool:
-    """Stop numpy from advising huge pages for its arrays in this process (see the module docstring), unless
-    ``NUMPY_MADVISE_HUGEPAGE`` is set (the user's choice stands); returns whether the advice was on before."""
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
-        return False
+def set_huge_page_advice(on: bool) -> bool | None:
+    """Turn numpy's huge-page advice for its arrays on or off in this process; returns whether it was on before
+    (None when this numpy has no such switch, then nothing changes)."""
     import numpy as np
 
     core = getattr(np, "_core", None) or getattr(np, "core", None)
     setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
-    return bool(setter(False)) if setter is not None else False
+    return None if setter is None else bool(setter(on))
+
+
+def no_huge_page_advice() -> bool:
+    """Stop numpy from advising huge pages for its arrays in this process (see the module docstring), unless
+    ``NUMPY_MADVISE_HUGEPAGE`` is set (the user's choice stands); returns whether this turned the advice off (False
+    when it was off already, when the variable decides, or when numpy has no switch)."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return False
+    return bool(set_huge_page_advice(False))

@@ -13,8 +13,9 @@ node a *step*: in the current model, the largest ``level + 1`` of the listed lay
 its step-``k`` nodes that some request needs, fed with the *frontier*: the tensors of earlier steps that it reads,
 kept per batch since they were computed (in memory up to ``spill_bytes``, then in one file under ``spill_dir``
 whose extents are reused after their last reader, :mod:`pipeline.recovery.frontier`). So every node of each model
-runs once over the data (one inference of each model in total, plus the frontier traffic), and the values equal those of whole-model runs up to floating-point rounding
-(onnxruntime may fuse differently across a cut). One-pass recovery (``sequential=False``) is a single step.
+runs once over the data (one inference of each model in total, plus the frontier traffic), and the values equal
+those of whole-model runs up to floating-point rounding (onnxruntime may fuse differently across a cut). One-pass
+recovery (``sequential=False``) is a single step.
 
 Batches keep the dataset's order; batch ``i`` is held out (for choosing ridge factors) when
 ``i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1``. Batches are grouped into the fixed shards of :mod:`pipeline.shards`:
@@ -313,10 +314,10 @@ class Sweep:
         """Yield ``(batch, held_out, original values, current values)`` for the requests of level ``step``, for
         each of ``batches`` (global indices, in the order given; each must have run every earlier step). A gather
         yields ``(N, C, M)``. The values may be memory maps of the spill file: read them before asking for the
-        next batch (their extents are written again after that). ``indices(levels, batch, n)`` gives the position indices (by index input name) of
-        the gathers of those levels for batch ``batch`` of ``n`` samples; it is called before every run that
-        computes them, possibly more than once per batch and level (the original model computes every level's
-        gathers at step 0), so it must return the same positions each time.
+        next batch (their extents are written again after that). ``indices(levels, batch, n)`` gives the position
+        indices (by index input name) of the gathers of those levels for batch ``batch`` of ``n`` samples; it is
+        called before every run that computes them, possibly more than once per batch and level (the original
+        model computes every level's gathers at step 0), so it must return the same positions each time.
 
         Raises:
             CalibrationError: no samples, data that does not fit the model, NaN/Inf activations.

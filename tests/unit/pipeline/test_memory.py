@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipeline import memory
 from pipeline.cli import main
 from tests.graphs import tiny_classifier
 
-_core = getattr(np, "_core", None) or np.core
-_set_advice = _core.multiarray._set_madvise_hugepage
+_set_advice = memory.set_huge_page_advice
 
 
 @pytest.fixture
