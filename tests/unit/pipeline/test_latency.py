@@ -30,7 +30,7 @@ from pipeline.latency_model import (
     nnls,
     table_key,
 )
-from pipeline.latency_plan import LatencyBudget, closed_loop, plan_for_latency, select_for_latency
+from pipeline.latency_plan import RANKINGS, LatencyBudget, closed_loop, plan_for_latency, select_for_latency
 from pipeline.orchestrate import PruneRun
 from pipeline.plan import PruningPlan
 from pipeline.prepare import PreparedModel, prepare
@@ -163,6 +163,53 @@ def test_the_latency_planner_spends_the_budget_where_the_time_is(prepared: Prepa
     both = select_for_latency(scores, prepared.index, _synthetic(prepared, slow), target_latency=0.5,
                               target_macs=0.3, round_to=8)
     assert both.meta["macs_fraction"] <= 0.3 and both.meta["latency_fraction"] <= 0.5 and len(both.keep) > 1
+
+
+def _width_model(prepared: PreparedModel) -> LatencyModel:
+    """Time that grows with the total channel count of every group (not the MACs' pattern)."""
+    widths = prepared.index.full_widths()
+    every = Width(1.0, tuple((g, 1.0) for g in widths))
+    full = every.at(widths), every.at(widths)
+    kernel = KernelModel("widths", ("Conv",), "term", every, every, full, 1, (10.0, 0.0, 0.0, 90.0))
+    return LatencyModel({"block": 1}, widths, (kernel,), 1.0, 0.0)
+
+
+def _macs_model(prepared: PreparedModel, seed: int) -> LatencyModel:
+    """Time proportional to each node's MACs, times a random factor per node (a noisy MACs-like target)."""
+    widths = prepared.index.full_widths()
+    rng = np.random.default_rng(seed)
+    kernels = []
+    for term in prepared.index.cost:
+        w_in = Width(float(term.in_fixed), tuple((g, 1.0) for g in term.in_groups))
+        w_out = Width(float(term.out_fixed), tuple((g, 1.0) for g in term.out_groups))
+        us = term.macs(widths) / 1e3 * float(rng.uniform(0.3, 3.0))
+        kernels.append(KernelModel(term.node, (term.op_type,), "term", w_in, w_out, (w_in.at(widths), w_out.at(widths)),
+                                   1, (0.0, us, 0.0, 0.0)))
+    return LatencyModel({"block": 1}, widths, tuple(kernels), 1.0, 0.0)
+
+
+@pytest.mark.parametrize(("which", "fraction", "winner"), [("widths", 0.8, "budgets"), ("macs", 0.5, "macs")])
+def test_the_latency_planner_keeps_the_step_order_that_loses_least(prepared: PreparedModel, which: str,
+                                                                    fraction: float, winner: str) -> None:
+    """Each ranking alone, then both: the plan kept is the reached one of least information lost (on these two
+    targets each ranking wins once)."""
+    scores = PruneRun(prepared, None, progress=False).scores("l2")
+    model = _width_model(prepared) if which == "widths" else _macs_model(prepared, 0)
+    alone = {rank: select_for_latency(scores, prepared.index, model, target_latency=fraction, round_to=8,
+                                      rankings=(rank,)) for rank in RANKINGS}
+    assert all(p.meta["reached"] and p.meta["ranked_by"] == rank for rank, p in alone.items())
+    assert alone["budgets"].keep != alone["macs"].keep
+    both = select_for_latency(scores, prepared.index, model, target_latency=fraction, round_to=8)
+    assert both.meta["ranked_by"] == winner and both.keep == alone[winner].keep
+    assert both.meta["information_lost"] == min(p.meta["information_lost"] for p in alone.values())
+    assert both.meta["information_lost_by_ranking"] == {r: p.meta["information_lost"] for r, p in alone.items()}
+    assert both.meta["latency_fraction"] <= fraction
+
+
+def test_the_latency_planner_refuses_an_unknown_ranking(prepared: PreparedModel) -> None:
+    scores = PruneRun(prepared, None, progress=False).scores("l2")
+    with pytest.raises(UserInputError, match="unknown step rankings"):
+        select_for_latency(scores, prepared.index, _width_model(prepared), target_latency=0.6, rankings=("flops",))
 
 
 def test_the_latency_planner_reports_an_unreachable_budget(prepared: PreparedModel) -> None:
