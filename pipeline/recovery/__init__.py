@@ -55,7 +55,8 @@ class RecoveryReport:
     """Summary of one recovery run: per rewritten layer a :class:`ConsumerRecovery` (R1 / R2) or a
     :class:`pipeline.recovery.refit.LayerRefit` (R3), the layers skipped with a reason, and how the sweep went
     (``sweep``: levels, shards, workers, seconds the driver spent solving, bytes of moments it received, the largest
-    size of the frontier's spill files)."""
+    size of the frontier's spill files, and seconds spent in onnxruntime per model, folding batches into moments and
+    writing the spill file)."""
 
     method: str
     samples: int

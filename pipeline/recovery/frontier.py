@@ -22,6 +22,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class FrontierStore:
         self.size = 0  # bytes of the spill file handed out so far
         self.free: list[tuple[int, int]] = []  # (offset, length) of writable extents, by offset, neighbours merged
         self.pending: list[tuple[int, int]] = []  # extents discarded since the last release
+        self.write_s = 0.0  # seconds spent writing the spill file
 
     def put(self, name: str, batch: int, array: np.ndarray) -> None:
         """Keep batch ``batch`` of tensor ``name``."""
@@ -52,10 +54,12 @@ class FrontierStore:
             return
         length = max(ALIGN, -(-array.nbytes // ALIGN) * ALIGN)
         offset = self._allocate(length)
+        start = time.perf_counter()
         data = memoryview(np.ascontiguousarray(array)).cast("B")
         done = 0
         while done < len(data):  # pwrite may write less than asked (2 GiB per call on Linux)
             done += os.pwrite(self._file(), data[done:], offset + done)
+        self.write_s += time.perf_counter() - start
         self.where[(name, batch)] = (offset, length, array.shape, array.dtype)
 
     def get(self, name: str, batch: int) -> np.ndarray:

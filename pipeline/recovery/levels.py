@@ -5,6 +5,7 @@ how shard moments merge and how a level's layers are solved (:class:`LevelJob`),
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,5 +94,7 @@ class LevelPlan:
         keys_o, keys_c = ([request_key(r) for r in side] for side in self.requests()[level])
         for batch, held, outs, curs in sweep.run(level, batches, self.indices):
             by_o, by_c = dict(zip(keys_o, outs, strict=True)), dict(zip(keys_c, curs, strict=True))
+            start = time.perf_counter()
             for job in self.jobs[level]:
                 job.add(batch, held, by_o, by_c)
+            sweep.seconds["fold"] += time.perf_counter() - start

@@ -27,6 +27,7 @@ them exactly what one process computes for all.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,7 @@ class Sweep:
         self.shapes = {key: None if static_batch(side.model) else declared_shapes(side.model)
                        for key, side in self.sides.items()}
         self.store = {key: FrontierStore(spill_bytes // 2, spill_dir) for key in self.sides}
+        self.seconds = {"original": 0.0, "current": 0.0, "fold": 0.0}  # onnxruntime per side; the jobs' folding
         self.last = {key: {} for key in self.sides}  # step -> names whose last reader runs at that step
         for key, side in self.sides.items():
             for name, step in side.last_use.items():
@@ -299,8 +301,10 @@ class Sweep:
                                                                           and r in side.requests.get(step, ())
                                                                           for r in wanted))
             picks = indices(levels, batch, n) if levels else {}
+            start = time.perf_counter()
             values = run(session, outs, {n: picks[n] if n in picks else value(n) for n in ins}, stage="recovery",
                          finite=True, per_run=per_run)
+            self.seconds[key] += time.perf_counter() - start
             got = dict(zip(outs, values, strict=True))
             for name, array in got.items():
                 if side.last_use.get(name, -1) > step:

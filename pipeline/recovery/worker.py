@@ -103,6 +103,14 @@ class SweepWorker:
         """The largest size the frontier's spill files reached (what the sweep took on disk)."""
         return sum(store.size for store in self.sweep.store.values())
 
+    def seconds(self) -> dict[str, float]:
+        """Where this worker's time went: onnxruntime per model, folding batches into moments, writing the spill
+        file (seconds, rounded to 0.1 ms)."""
+        spill = sum(store.write_s for store in self.sweep.store.values())
+        return {"onnxruntime_original": round(self.sweep.seconds["original"], 4),
+                "onnxruntime_current": round(self.sweep.seconds["current"], 4),
+                "fold": round(self.sweep.seconds["fold"], 4), "spill_write": round(spill, 4)}
+
     def close(self) -> None:
         """Remove the frontier (files included)."""
         self.sweep.close()
@@ -130,6 +138,10 @@ class LocalShards:
         """See :meth:`SweepWorker.spilled_bytes`."""
         return self.worker.spilled_bytes()
 
+    def seconds(self) -> dict[str, float]:
+        """See :meth:`SweepWorker.seconds`."""
+        return self.worker.seconds()
+
     def close(self) -> None:
         """Remove the frontier."""
         self.worker.close()
@@ -142,7 +154,8 @@ def sweep_levels(original: onnx.ModelProto, out: onnx.ModelProto, plan: LevelPla
     :func:`pipeline.cluster.recovery_on_ray`; default: :class:`LocalShards`), merged in shard order, solved into
     ``out`` (in place) before the next level. Returns what was done, what was skipped, and how the sweep went
     (levels, shards, workers, ``solve_s``: the driver's merge and solve time, ``moment_bytes``: moments received,
-    ``spill_bytes``: the largest size of the frontier's spill files in this process, None on Ray)."""
+    ``spill_bytes``: the largest size of the frontier's spill files in this process, ``seconds``: where the sweep's
+    time went in this process, :meth:`SweepWorker.seconds`; both None on Ray)."""
     import time
 
     from tqdm import tqdm
@@ -180,6 +193,8 @@ def sweep_levels(original: onnx.ModelProto, out: onnx.ModelProto, plan: LevelPla
                 record["solve_s"] += time.perf_counter() - start
         spilled = getattr(runner, "spilled_bytes", None)  # Ray workers keep their frontier to themselves
         record["spill_bytes"] = spilled() if spilled is not None else None
+        seconds = getattr(runner, "seconds", None)  # and their timings
+        record["seconds"] = seconds() if seconds is not None else None
     finally:
         runner.close()
     record["solve_s"] = round(record["solve_s"], 3)

@@ -126,17 +126,22 @@ def test_report_names_consumers_and_is_json(net: tuple) -> None:
     assert json.loads(json.dumps(report.to_dict()))["method"] == "regress"
 
 
-def test_the_report_says_how_much_the_frontier_spilled(net: tuple, tmp_path) -> None:
+def test_the_report_says_how_much_the_frontier_spilled_and_where_the_time_went(net: tuple, tmp_path) -> None:
     model, index = net
     keep = {_group(index, 16): [1, 3, 5, 7, 9, 11, 13], _group(index, 6): [0, 2, 4]}
     pruned = apply_plan(model, index, keep)
-    spilled = {}
+    spilled, seconds = {}, {}
     for budget in (0, 1 << 30):
         _, report = recover(model, pruned, index, keep, _data(0, 100), method="lstsq", batch_size=32,
                             intra_op_threads=1, spill_bytes=budget, spill_dir=str(tmp_path))
         spilled[budget] = report.to_dict()["sweep"]["spill_bytes"]
+        seconds[budget] = report.to_dict()["sweep"]["seconds"]
     assert spilled[1 << 30] == 0  # everything fit in memory
     assert spilled[0] > 0 and spilled[0] % ALIGN == 0  # extents of whole pages
+    assert seconds[1 << 30]["spill_write"] == 0.0  # nothing written
+    for took in seconds.values():
+        assert set(took) == {"onnxruntime_original", "onnxruntime_current", "fold", "spill_write"}
+        assert took["onnxruntime_current"] > 0 and took["fold"] > 0 and all(v >= 0 for v in took.values())
     assert list(tmp_path.iterdir()) == []  # and the file is gone
 
 
