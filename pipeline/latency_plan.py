@@ -138,6 +138,17 @@ class _State:
         return None
 
 
+@dataclass(frozen=True)
+class _Tried:
+    """One step order's allocation (local to :func:`select_for_latency`)."""
+
+    rank: str
+    state: _State
+    reached: bool
+    added: int
+    lost: float
+
+
 def _check_budgets(target_latency: float, target_macs: float | None, target_params: float | None) -> None:
     for name, value in (("target_latency", target_latency), ("target_macs", target_macs),
                         ("target_params", target_params)):
@@ -171,15 +182,16 @@ def select_for_latency(scores: ChannelScores, index: ChannelGroupIndex, model: L
     targets = (target_macs or 1.0, target_params or 1.0, target_latency)
     full_us = model.kernel_us()
     tried = []
-    for order, rank in enumerate(rankings):
+    for rank in rankings:
         alloc = start_allocation(scores, index, movable, {}, round_to, min_channels)
         state = _State(alloc, model, model.by_group(), (*alloc.full, full_us), [*alloc.full, full_us])
         reached = _allocate(state, targets, rank)
         added = _fill_back(state, targets) if reached and fill_back else 0
-        lost = _information_lost(alloc)
-        tried.append(((not reached, lost if reached else state.fractions()[2], order), rank, state, reached, added,
-                      lost))
-    _, rank, state, reached, added, lost = min(tried, key=lambda t: t[0])
+        tried.append(_Tried(rank, state, reached, added, _information_lost(alloc)))
+    # reached first, then least information lost (unreached: lowest predicted latency), then the order given
+    best = min(tried, key=lambda t: (not t.reached, t.lost if t.reached else t.state.fractions()[2],
+                                     rankings.index(t.rank)))
+    rank, state, reached, added, lost = best.rank, best.state, best.reached, best.added, best.lost
     macs_f, params_f, lat_f = state.fractions()
     notes = [] if reached else [f"latency budget not reached: predicted latency x{lat_f:.3f}, MACs x{macs_f:.3f}, "
                                 f"params x{params_f:.3f} with every movable group at its floor (frozen, protected "
@@ -189,7 +201,7 @@ def select_for_latency(scores: ChannelScores, index: ChannelGroupIndex, model: L
             "protected": sorted(protected), "macs_fraction": macs_f, "params_fraction": params_f,
             "latency_fraction": lat_f, "reached": reached, "notes": notes, "filled_back": added,
             "information_lost": lost, "ranked_by": rank,
-            "information_lost_by_ranking": {t[1]: t[5] for t in tried if t[3]}}
+            "information_lost_by_ranking": {t.rank: t.lost for t in tried if t.reached}}
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(state.alloc), meta=meta)
 
 
