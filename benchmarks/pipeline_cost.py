@@ -103,11 +103,19 @@ def dataset(images: int, batch: int) -> Any:
                          name=f"gaussian {images}x3x224x224")
 
 
+def _plain_inference(model: Any, data: Any, batch: int) -> None:
+    """One onnxruntime session with its default options over every batch of ``data`` (session creation included)."""
+    from pipeline.runtime import feed_batches, make_session, model_input_specs
+
+    session, _ = make_session(model.SerializeToString(), "ort-cpu")
+    for feeds, _ in feed_batches(data, model_input_specs(model), batch):
+        session.run(None, feeds)
+
+
 def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One model in this process: plain inference, then the prune stage by stage."""
     from pipeline.memory import no_huge_page_advice
     from pipeline.orchestrate import PruneRun, write_candidate
-    from pipeline.runtime import feed_batches, make_session, model_input_specs
 
     no_huge_page_advice()  # as the CLI's process does
 
@@ -117,11 +125,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with memory.stage("plain", seconds):
         from graph_ops.io import load_model
 
-        model = load_model(path)
-        session, _ = make_session(model.SerializeToString(), "ort-cpu")  # onnxruntime's defaults
-        for feeds, _ in feed_batches(data, model_input_specs(model), args.batch):
-            session.run(None, feeds)
-        del session, model
+        _plain_inference(load_model(path), data, args.batch)
     with memory.stage("analyze", seconds):
         run = PruneRun(path, data, batch_size=args.batch, backend="ort-cpu", progress=False, work_dir=args.work)
     with memory.stage("calibrate", seconds):
@@ -140,10 +144,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         candidate = Candidate("di", plan, model, recovery, {"target_macs": 0.5})
         report = write_candidate(run, candidate, args.work / f"{name}.di.50.onnx")
     with memory.stage("plain_pruned", seconds):  # the pruned model's own inference (not a stage of the prune)
-        session, _ = make_session(model.SerializeToString(), "ort-cpu")
-        for feeds, _ in feed_batches(data, model_input_specs(model), args.batch):
-            session.run(None, feeds)
-        del session
+        _plain_inference(model, data, args.batch)
     total = sum(seconds[s] for s in STAGES)
     plain = seconds["plain"]
     sweep = recovery["sweep"]
