@@ -215,8 +215,8 @@ def _pool_one(b: _Builder, x: str, shape: tuple[int | None, ...], elem_type: int
 
 
 def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int | Mapping[str, int] = 1,
-                      summaries: bool = False, last_axis: Iterable[str] = ()) -> tuple[onnx.ModelProto,
-                                                                                  tuple[PooledProbe, ...]]:
+                      summaries: bool = False, last_axis: Iterable[str] = (),
+                      keep_outputs: Iterable[str] = ()) -> tuple[onnx.ModelProto, tuple[PooledProbe, ...]]:
     """A copy of ``model`` whose outputs are pooled summaries of the named tensors (and nothing else).
 
     For a probe ``x`` of shape ``(N, C, *spatial)`` the appended nodes compute the sums over the spatial positions
@@ -244,10 +244,12 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
         summaries: add the nonzero counts and absolute sums.
         last_axis: probes whose channels lie on their last axis (``ChannelGroupIndex.last_axis``): a ``Transpose``
             brings them to ``(N, C, ...)`` first, so they are pooled over every other axis (``bins`` is 1).
+        keep_outputs: original outputs to keep (first, in the model's order), e.g. the class scores whose argmax
+            labels the samples (``--labels model``).
 
     Returns:
-        The new model (its outputs: the pooled summaries only) and, per probe in the order given (duplicates once),
-        the names of its outputs.
+        The new model (its outputs: the kept original outputs, then the pooled summaries) and, per probe in the
+        order given (duplicates once), the names of its outputs.
 
     Raises:
         UserInputError: a name is not a tensor of the main graph.
@@ -287,7 +289,9 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
     for name in sorted(wanted, key=lambda t: order.get(t, -1), reverse=True):  # latest probe first (docstring)
         graph.node.extend(builder.nodes[name])
     graph.initializer.extend(builder.inits)
+    kept = [vi for vi in graph.output if vi.name in set(keep_outputs)]
     del graph.output[:]
+    graph.output.extend(kept)
     graph.output.extend(builder.outputs)
     return out, tuple(probes)
 
@@ -358,3 +362,129 @@ def add_position_gathers(model: onnx.ModelProto, gathers: Iterable[PositionGathe
     graph.initializer.extend(builder.inits)
     graph.output.extend(builder.outputs)
     return out
+
+
+@dataclass(frozen=True)
+class LocationView:
+    """The outputs that :func:`add_location_views` adds for one probe tensor.
+
+    Attributes:
+        tensor: the probe.
+        kind: ``grid`` (the channels-first probe ``(N, C, h, w)``), ``line`` (``(N, C, L)``: a 3-D probe, or a 4-D
+            one averaged over its height) or ``pooled`` (``(N, C)``: averaged over every position).
+        output: the view (``gather`` None), or the view gathered at fed positions, float32 ``(N, C, M)``.
+        shape: ``Shape`` of the view (int64), so that its grid is known at run time.
+        gather: the int32 input ``(N, 1, M)`` of flat positions into the view's grid (``grid``/``line`` views of a
+            gathering model), else None.
+        channels: ``C`` (None when not static).
+    """
+
+    tensor: str
+    kind: str
+    output: str
+    shape: str
+    gather: str | None = None
+    channels: int | None = None
+
+
+def add_location_views(model: onnx.ModelProto, views: Iterable[tuple[str, str]], *, gather: bool = False,
+                       last_axis: Iterable[str] = (), keep_outputs: Iterable[str] = (),
+                       summaries: bool = False) -> tuple[onnx.ModelProto, tuple[LocationView, ...],
+                                                         tuple[PooledProbe, ...]]:
+    """A copy of ``model`` whose outputs are per-location views of the named probes (what location-aware
+    calibration reads), the kept original outputs, and (``summaries``) the pooled summaries of
+    :func:`add_pooled_probes`.
+
+    Per ``(tensor, kind)``: a probe whose channels lie on its last axis is brought to ``(N, C, ...)`` by a
+    ``Transpose`` first (as in :func:`add_pooled_probes`), a non-float32 one is cast to float32; then ``grid`` keeps
+    the ``(N, C, h, w)`` probe, ``line`` averages a 4-D probe over its height (``ReduceMean`` axis 2) and keeps a
+    3-D one, ``pooled`` averages over every position (``ReduceMean`` over the axes after the channels). With
+    ``gather``, ``grid`` and ``line`` views are reshaped to ``(N, C, P)`` and gathered at the fed positions
+    (``GatherElements`` along axis 2, the ``(N, 1, M)`` indices expanded over the channels): onnxruntime returns
+    ``(N, C, M)``, not the activation. The chains are appended in reverse order of their probes' producers and the
+    other original outputs are dropped, so every view is computed as soon as its probe exists (see
+    :func:`add_pooled_probes`). Exact: transposes, float32 means and gathers of the probe's values.
+
+    Raises:
+        UserInputError: a name is not a tensor of the main graph.
+        PreconditionError: a probe's rank is unknown or below 2, an unknown kind, gathers below opset 11, a
+            ``line`` view of rank other than 3 or 4, a ``grid`` view of rank other than 4.
+    """
+    wanted = [(name, kind) for name, kind in dict.fromkeys((n, k) for n, k in views)]
+    _check_names([name for name, _ in wanted], _known_tensors(model.graph))
+    keep = list(dict.fromkeys(keep_outputs))
+    if gather and opset(model) < 11:
+        raise PreconditionError(f"gathering locations needs opset >= 11 (GatherElements); the model has opset "
+                                f"{opset(model)}")
+    shapes = declared_shapes(model)
+    if any(name not in shapes for name, _ in wanted):
+        shapes = static_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info,
+                                                             *model.graph.output]}
+    b = _Builder(model)
+    out_views, pooled = [], []
+    last = set(last_axis)
+    for name, kind in wanted:
+        shape = shapes.get(name)
+        if shape is None or len(shape) < 2:
+            raise PreconditionError(f"probe '{name}' needs a known shape (N, C, ...); it has {shape}")
+        source, perm = name, None
+        if name in last and len(shape) >= 3:
+            perm = [0, len(shape) - 1, *range(1, len(shape) - 1)]
+            source = b.node(name, "Transpose", [name], f"{name}__loc_channels_first", perm=perm)
+            shape = tuple(shape[i] for i in perm)
+        if types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            source = b.node(name, "Cast", [source], f"{name}__loc_f32", to=onnx.TensorProto.FLOAT)
+        out_views.append(_view_one(b, name, kind, source, shape, gather))
+        if summaries:
+            pooled.append(_pool_one(b, name, shape, onnx.TensorProto.FLOAT, 1, True, source))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    order = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    for name in sorted({n for n, _ in wanted}, key=lambda t: order.get(t, -1), reverse=True):
+        graph.node.extend(b.nodes[name])
+    graph.initializer.extend(b.inits)
+    kept = [vi for vi in graph.output if vi.name in keep]
+    missing = set(keep) - {vi.name for vi in kept}
+    if missing:
+        raise UserInputError(f"cannot keep output(s) {sorted(missing)}: not outputs of the model")
+    del graph.output[:]
+    graph.output.extend(kept)
+    graph.output.extend(b.outputs)
+    for view in out_views:
+        if view.gather is not None:
+            graph.input.append(onnx.helper.make_tensor_value_info(view.gather, onnx.TensorProto.INT32,
+                                                                  [None, 1, None]))
+    return out, tuple(out_views), tuple(pooled)
+
+
+def _view_one(b: _Builder, name: str, kind: str, source: str, shape: tuple[int | None, ...],
+              gather: bool) -> LocationView:
+    """The view nodes of one probe (see :func:`add_location_views`)."""
+    rank = len(shape)
+    if kind == "pooled":
+        view = source if rank == 2 else b.reduce(name, "ReduceMean", source, list(range(2, rank)),
+                                                 f"{name}__loc_pooled")
+    elif kind == "line" and rank in (3, 4):
+        view = source if rank == 3 else b.reduce(name, "ReduceMean", source, [2], f"{name}__loc_line")
+    elif kind == "grid" and rank == 4:
+        view = source
+    else:
+        raise PreconditionError(f"probe '{name}' of rank {rank} has no '{kind}' view (grid: rank 4; line: rank 3 "
+                                f"or 4; pooled: any)")
+    shape_out = b.output(b.node(name, "Shape", [view], f"{name}__loc_shape"), onnx.TensorProto.INT64)
+    channels = shape[1] if isinstance(shape[1], int) else None
+    if not gather or kind == "pooled":
+        if view == name:  # a graph output needs its own name: an Identity of the probe
+            view = b.node(name, "Identity", [view], f"{name}__loc_view")
+        return LocationView(name, kind, b.output(view, onnx.TensorProto.FLOAT), shape_out, None, channels)
+    if channels is None:
+        raise PreconditionError(f"gathering locations of probe '{name}' needs its static channel count")
+    index = b.name(f"{name}__loc_index")
+    flat = b.node(name, "Reshape", [view, b.const(f"{name}__loc_flat_shape", np.asarray([0, 0, -1], np.int64))],
+                  f"{name}__loc_flat")
+    wide = b.node(name, "Expand", [index, b.const(f"{name}__loc_channels", np.asarray([1, channels, 1], np.int64))],
+                  f"{name}__loc_index_wide")
+    gathered = b.node(name, "GatherElements", [flat, wide], f"{name}__loc_gathered", axis=2)
+    return LocationView(name, kind, b.output(gathered, onnx.TensorProto.FLOAT), shape_out, index, channels)

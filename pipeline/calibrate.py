@@ -26,6 +26,12 @@ finite (a NaN or Inf anywhere in a bin makes its sum non-finite, so checking the
 After the pass: at least two classes are present (when labels are required); a WARNING is logged when there are
 fewer than ``10 * d`` samples for the widest probe or fewer than 5 samples in a class.
 
+Labels (:mod:`pipeline.targets`): the data's per-image classes, or (``--labels model``, and by default for a method
+that needs labels when the data has none) the model's own decisions, ``argmax`` of its ``(N, K)`` output fetched in
+the same run as the probes. Dense targets (class maps, boxes, class sequences, from the data or from the model's
+dense output) are location-aware: every sample of the statistics is a location of a probe paired with its label
+(:mod:`pipeline.calibrate_locations`, methods.md §8); the statistics then record the targets and per-probe views.
+
 The statistics are computed on the prepared (canonical) model - the graph that analysis and surgery use - and
 ``model_sha256`` is the sha256 of the file. The file is never modified. The data is cut into fixed shards
 (:mod:`pipeline.shards`): batches are folded in order into their shard's sums and the shard sums are merged in shard
@@ -48,7 +54,9 @@ import onnx
 
 from graph_ops.errors import PreconditionError
 from graph_ops.probes import PooledProbe, add_pooled_probes
+from pipeline.calibrate_locations import channel_summary, location_job
 from pipeline.errors import CalibrationError, UserInputError
+from pipeline.outputs import argmax_classes
 from pipeline.pooling import MIN_SAMPLES_PER_FEATURE, consumer_bins
 from pipeline.prepare import PreparedModel, as_prepared, default_probes
 from pipeline.runtime import (
@@ -64,12 +72,12 @@ from pipeline.runtime import (
 from pipeline.shards import SHARD_BATCHES, OrderedMerge, Shard, shard_layout
 from pipeline.stats import (
     CalibrationStats,
-    ChannelSummary,
     ProbeAccumulator,
     ProbeStats,
     channel_summaries,
     merge_probes,
 )
+from pipeline.targets import LabelOptions, Targets, resolve_targets
 
 __all__ = ["DEFAULT_POOLING", "POOLINGS", "ShardJob", "calibrate", "channel_summaries", "default_probes", "merge_probes"]
 
@@ -112,22 +120,20 @@ def _fold(probe: ProbeAccumulator | None, pooled: PooledProbe, values: Mapping[s
                                f"although the inputs are finite; check the input scaling (--scale/--mean/--std)")
     if probe is None:
         probe = ProbeAccumulator(channels, cells, num_classes)
-    summary = None
-    if pooled.nonzero is not None and pooled.abs_sum is not None:
-        nonzero = values[pooled.nonzero].reshape(n, channels).sum(axis=0)
-        zeros = np.rint(n * positions - nonzero).astype(np.int64)
-        summary = ChannelSummary(zeros=zeros, abs_sum=values[pooled.abs_sum].reshape(n, channels).sum(axis=0),
-                                 elements=n * positions)
-    probe.add(features, labels, summary)
+    probe.add(features, labels, channel_summary(pooled, values))
     return probe
 
 
-def _check_amount(stats: Mapping[str, ProbeStats], require_labels: bool) -> None:
+def _check_amount(stats: Mapping[str, ProbeStats], require_labels: bool, targets: Targets | None = None) -> None:
     """Error on a single class; warn when the sample counts are small for the feature dimension."""
     first = next(iter(stats.values()))
     counts = np.asarray(first.class_counts)
     present = np.flatnonzero(counts)
     if require_labels and len(present) < 2:
+        if targets is not None and targets.source == "model":
+            raise CalibrationError(f"the model's own decisions on the {first.n} calibration samples are all class "
+                                   f"{int(present[0])} (one class); DI/LDA/PLS need at least two: give more varied "
+                                   f"data, or labels (--labels data)")
         raise CalibrationError(f"all {first.n} calibration samples have the same label ({int(present[0])}); "
                                f"DI/LDA/PLS need at least two classes")
     widest = max(stats, key=lambda p: stats[p].sum.shape[0])
@@ -169,6 +175,7 @@ class ShardJob:
         shard_batches: batches per shard (:mod:`pipeline.shards`).
         per_run: samples per onnxruntime call (:func:`pipeline.runtime.samples_per_run`; the statistics are the
             same whatever it is, only the memory changes).
+        label_output: the kept model output whose ``argmax`` labels every sample (``--labels model``), else None.
     """
 
     model: bytes
@@ -181,11 +188,13 @@ class ShardJob:
     intra_op_threads: int | None
     shard_batches: int = SHARD_BATCHES
     per_run: int | None = None
+    label_output: str | None = None
 
     @property
     def outputs(self) -> list[str]:
         """The graph outputs every batch fetches."""
-        return [name for p in self.pooled for name in (p.shape, p.sums, p.nonzero, p.abs_sum) if name]
+        first = [self.label_output] if self.label_output else []
+        return first + [name for p in self.pooled for name in (p.shape, p.sums, p.nonzero, p.abs_sum) if name]
 
     def batches(self, dataset: Any, *, progress: bool) -> Iterable[Batch]:
         """The pooled outputs of every batch of ``dataset``, in order (one onnxruntime session)."""
@@ -197,8 +206,9 @@ class ShardJob:
         """The statistics of a run of batches (one shard), folded in order."""
         running: dict[str, ProbeAccumulator] = {}
         for batch in batches:
-            labels = _labels(batch.labels, batch.size, self.num_classes, self.require_labels)
             values = dict(zip(self.outputs, batch.outputs, strict=True))
+            labels = (argmax_classes(values[self.label_output]) if self.label_output else
+                      _labels(batch.labels, batch.size, self.num_classes, self.require_labels))
             for probe in self.pooled:
                 running[probe.tensor] = _fold(running.get(probe.tensor), probe, values, labels, self.num_classes,
                                               first_sample + batch.start)
@@ -221,7 +231,8 @@ class ShardJob:
 def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, probes: Sequence[str] | None = None,
               pooling: str = DEFAULT_POOLING, batch_size: int = 64, backend: str = "auto",
               intra_op_threads: int | None = None, progress: bool = True, require_labels: bool = True,
-              summaries: bool = True, cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> CalibrationStats:
+              summaries: bool = True, cluster: Any | None = None, shard_batches: int = SHARD_BATCHES,
+              labels: LabelOptions | None = None, seed: int = 0) -> CalibrationStats:
     """Stream a dataset through a model and return per-probe sufficient statistics.
 
     Args:
@@ -236,12 +247,16 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
         intra_op_threads: onnxruntime intra-op threads (default: onnxruntime's choice; on Ray workers: the
             worker's CPUs).
         progress: show a tqdm bar on stderr.
-        require_labels: fail when the dataset has no labels or a single class (DI/LDA/PLS need them).
+        require_labels: the method needs labels (DI/LDA/PLS): fail on a single class, and take the model's own
+            decisions when the data has none (unless ``labels`` says ``data``).
         summaries: also count zeros and absolute sums per channel (what ``mean-act`` / ``apoz`` read; two more
             reductions per probe).
         cluster: :class:`pipeline.cluster.RayOptions` to compute the shards on Ray workers (same statistics to the
             last bit); None: in this process.
         shard_batches: batches per shard (the statistics depend on it in the last bits, never on the workers).
+        labels: where the labels come from (:class:`pipeline.targets.LabelOptions`: ``--labels``,
+            ``--output-kind``, decoder thresholds, location sampling); None: the defaults.
+        seed: seed of the location sampling of dense targets.
 
     Returns:
         The statistics, keyed by probe tensor name.
@@ -261,18 +276,15 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     names = tuple(dict.fromkeys(probes)) if probes is not None else prepared.probes
     if not names:
         raise CalibrationError(f"{prepared.path} has no prunable channel groups, so there is nothing to calibrate")
-    try:
-        bins = (consumer_bins(prepared.model, prepared.index, names, getattr(dataset, "num_samples", None))
-                if pooling == "auto" else POOLINGS[pooling])
-        pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries,
-                                                 last_axis=prepared.index.last_axis)
-    except PreconditionError as err:
-        raise CalibrationError(str(err)) from err
-    num_classes = _num_classes(prepared.model, dataset, require_labels)
-    specs = model_input_specs(prepared.model)
-    batch_size = fixed_batch(specs, batch_size)  # a static batch is what every onnxruntime call gets
-    job = ShardJob(pooled_model.SerializeToString(), specs, tuple(pooled), num_classes, require_labels, batch_size,
-                   backend, intra_op_threads, shard_batches, samples_per_run(prepared.model, batch_size))
+    targets = resolve_targets(prepared.model, dataset, labels, require=require_labels,
+                              image_classes=lambda: _num_classes(prepared.model, dataset, require_labels))
+    if targets is not None and targets.dense:
+        job: Any = location_job(prepared, names, targets, summaries=summaries, seed=seed, batch_size=batch_size,
+                                backend=backend, intra_op_threads=intra_op_threads, shard_batches=shard_batches)
+    else:
+        job = _pooled_job(prepared, dataset, names, pooling, targets, require_labels, summaries, batch_size, backend,
+                          intra_op_threads, shard_batches)
+    batch_size = job.batch_size
     shards = shard_layout(getattr(dataset, "num_samples", 0), batch_size, shard_batches)
     if not shards:
         raise CalibrationError("the calibrate dataset yielded no samples")
@@ -282,9 +294,38 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
         stats = calibrate_on_ray(cluster, job, dataset, shards, progress=progress)
     else:
         stats = job.local(dataset, shards, progress=progress)
-    _check_amount(stats, require_labels)
+    _check_amount(stats, require_labels, targets)
     logger.info("calibrated %d probes on %d samples in %d shards (pooling %s)", len(stats),
                 next(iter(stats.values())).n, len(shards), pooling)
+    record = None if targets is None else targets.to_dict()
+    if isinstance(job, ShardJob) or targets is None:
+        num_classes = job.num_classes if isinstance(job, ShardJob) else 1
+    else:
+        num_classes = targets.num_classes
+        record = {**(record or {}), "views": {lay.tensor: lay.kind for lay in job.layouts},
+                  "samples": getattr(dataset, "num_samples", 0)}
     return CalibrationStats(model_sha256=prepared.sha256, dataset=str(getattr(dataset, "name", type(dataset).__name__)),
-                            pooling=pooling, num_classes=job.num_classes, probes={p: stats[p] for p in names},
-                            task=prepared.task.to_dict() if prepared.task else None)
+                            pooling=pooling, num_classes=num_classes, probes={p: stats[p] for p in names},
+                            task=prepared.task.to_dict() if prepared.task else None, targets=record)
+
+
+def _pooled_job(prepared: PreparedModel, dataset: Any, names: Sequence[str], pooling: str, targets: Targets | None,
+                require_labels: bool, summaries: bool, batch_size: int, backend: str, intra_op_threads: int | None,
+                shard_batches: int) -> ShardJob:
+    """The job of a calibration with pooled image features (per-image labels from the data or the model's argmax
+    fetched in the same run, or none)."""
+    label_output = prepared.model.graph.output[0].name if targets is not None and targets.source == "model" else None
+    try:
+        bins = (consumer_bins(prepared.model, prepared.index, names, getattr(dataset, "num_samples", None))
+                if pooling == "auto" else POOLINGS[pooling])
+        pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries,
+                                                 last_axis=prepared.index.last_axis,
+                                                 keep_outputs=[label_output] if label_output else [])
+    except PreconditionError as err:
+        raise CalibrationError(str(err)) from err
+    num_classes = targets.num_classes if targets is not None else _num_classes(prepared.model, dataset, False)
+    specs = model_input_specs(prepared.model)
+    batch_size = fixed_batch(specs, batch_size)  # a static batch is what every onnxruntime call gets
+    return ShardJob(pooled_model.SerializeToString(), specs, tuple(pooled), num_classes,
+                    require_labels and label_output is None, batch_size, backend, intra_op_threads, shard_batches,
+                    samples_per_run(prepared.model, batch_size), label_output)

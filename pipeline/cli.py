@@ -105,14 +105,30 @@ def _round_to(args: argparse.Namespace) -> int:
     return default_round_to(args.backend, args.precision)
 
 
-def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None) -> object | None:
-    """Open a dataset from the CLI options (``mnist`` = the shipped digits; an .npz; an image folder)."""
+def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None, dense: bool = False) -> object | None:
+    """Open a dataset from the CLI options (``mnist`` = the shipped digits; an .npz; an image folder); ``dense``:
+    with the dense labels of ``--label-format`` / ``--labels-path`` (calibration data)."""
     if spec is None:
         return None
     from pipeline.data import open_dataset
 
+    labels = {"label_format": getattr(args, "label_format", None),
+              "labels_path": getattr(args, "labels_path", None)} if dense else {}
     return open_dataset(spec, split=split, limit=args.limit, scale=args.scale, mean=args.mean, std=args.std,
-                        size=args.size, crop=args.crop, input_keys=args.input_key, label_key=args.label_key)
+                        size=args.size, crop=args.crop, input_keys=args.input_key, label_key=args.label_key, **labels)
+
+
+def _label_options(args: argparse.Namespace) -> object:
+    """Where the labels come from: ``--labels``, ``--output-kind``, the decoder thresholds, the location sampling."""
+    from pipeline.locations import Sampling
+    from pipeline.outputs import DecodeOptions
+    from pipeline.targets import LabelOptions
+
+    return LabelOptions(source=args.labels, output_kind=args.output_kind,
+                        decode=DecodeOptions(blank=args.blank, map_threshold=args.map_threshold,
+                                             conf=args.conf_threshold, iou=args.iou_threshold),
+                        sampling=Sampling(per_class=args.locations_per_class,
+                                          background_ratio=args.background_ratio))
 
 
 def _eval_split(spec: str, args: argparse.Namespace) -> str:
@@ -254,21 +270,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from graph_ops.io import check_writable
     from pipeline.calibrate import calibrate
     from pipeline.prepare import prepare
+    from pipeline.targets import describe_record
 
     out = check_writable(args.output, args.model)
     task = _task(args)
     cluster = _cluster(args)
-    data = _dataset(args.data, args, split=args.split)
+    data = _dataset(args.data, args, split=args.split, dense=True)
     note = ""
     if task is not None:
         restricted = task.dataset(data)
         data, note = restricted.data, f" (task {task.describe()}: {restricted.dropped} samples of other classes dropped)"
+    labelled = args.labels == "model" or any(getattr(data, key, None) is not None for key in ("labels", "targets"))
     stats = calibrate(prepare(args.model, _shapes(args), task=task), data, pooling=args.pooling,
-                      batch_size=args.batch_size, progress=not args.quiet,
-                      require_labels=getattr(data, "labels", None) is not None, cluster=cluster,
-                      shard_batches=args.shard_batches)
+                      batch_size=args.batch_size, progress=not args.quiet, require_labels=labelled, cluster=cluster,
+                      shard_batches=args.shard_batches, labels=_label_options(args), seed=args.seed)
     stats.save(out)
-    _emit(args, f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} samples{note}")
+    paired = f", {describe_record(stats.targets)}" if stats.targets else ", no labels"
+    what = "locations" if stats.targets and stats.targets.get("kind") != "classes" else "samples"
+    _emit(args, f"wrote {out}: {len(stats.probes)} probes, {next(iter(stats.probes.values())).n} {what}{paired}{note}")
     return 0
 
 
@@ -342,10 +361,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         plan = select_channels(scores, prepared.index, **options)
     plan = plan.with_sha(prepared.sha256).with_input_shapes(prepared.input_shapes)
-    if scores.task:
+    if scores.task or scores.labels:
         from dataclasses import replace
 
-        plan = replace(plan, meta={**plan.meta, "task": dict(scores.task)})
+        extra = {"task": dict(scores.task)} if scores.task else {}
+        extra |= {"labels": dict(scores.labels)} if scores.labels else {}
+        plan = replace(plan, meta={**plan.meta, **extra})
     plan.save(out)
     for note in plan.meta.get("notes", ()):
         _warn(args, note)
@@ -368,7 +389,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for path in (args.output, f"{args.output}.plan.json", f"{args.output}.report.json"):
         check_writable(path, args.model)
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
-    report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split), method=args.method,
+    report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split, dense=True),
+                   method=args.method,
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
                    min_channels=args.min_channels, protect=tuple(args.protect), pooling=args.pooling,
                    batch_size=args.batch_size, eval_data=eval_data, seed=args.seed, progress=not args.quiet,
@@ -376,7 +398,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args),
                    cluster=_cluster(args), shard_batches=args.shard_batches,
                    latency=_latency_budget(args), quantize=args.quantize, max_top1_drop=args.max_top1_drop,
-                   int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs)
+                   int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs,
+                   labels=_label_options(args))
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
@@ -518,6 +541,37 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--task-map", default=None, metavar="FILE.json",
                        help='grouped task, e.g. {"odd": [1,3,5,7,9], "even": [0,2,4,6,8]}: one score per group '
                             "(log-sum-exp of the member logits)")
+
+
+def _add_label_options(parser: argparse.ArgumentParser) -> None:
+    from pipeline.locations import DEFAULT_BACKGROUND_RATIO, DEFAULT_PER_CLASS
+    from pipeline.outputs import MAP_THRESHOLD, OUTPUT_KINDS, YOLO_CONF, YOLO_IOU
+    from pipeline.targets import LABEL_FORMATS, LABEL_SOURCES
+
+    parser.add_argument("--labels", choices=LABEL_SOURCES, default=None,
+                        help="labels of di/lda/pls-vip: 'data' (the data's), or 'model' (the original model's own "
+                             "decisions on the data); default: the data's when it has some, else the model's")
+    parser.add_argument("--label-format", choices=LABEL_FORMATS, default=None,
+                        help="dense labels: yolo (a .txt per image), coco (instances JSON), mask (a PNG per image), "
+                             "text (an .npz y of shape (N, L), padded with -1); default: from --labels-path / y")
+    parser.add_argument("--labels-path", default=None, metavar="PATH",
+                        help="the label folder or file of --data (image a.jpg <-> a.txt / a.png / COCO file_name a; "
+                             ".npz sample i <-> i.txt)")
+    parser.add_argument("--output-kind", choices=tuple(OUTPUT_KINDS), default=None,
+                        help="what the model's first output is (default: detected from its shape): classes [N,K], "
+                             "sequence [N,T,K] (CTC), map [N,K,H,W], yolo [N,4+K,A]")
+    parser.add_argument("--blank", type=_non_negative_int, default=0, help="CTC blank class (default 0)")
+    parser.add_argument("--map-threshold", type=_fraction, default=MAP_THRESHOLD,
+                        help=f"model labels of a [N,1,H,W] probability map: class 1 above it (default {MAP_THRESHOLD})")
+    parser.add_argument("--conf-threshold", type=_fraction, default=YOLO_CONF,
+                        help=f"model labels of a YOLO head: detections above it (default {YOLO_CONF})")
+    parser.add_argument("--iou-threshold", type=_fraction, default=YOLO_IOU,
+                        help=f"model labels of a YOLO head: class-wise NMS IoU (default {YOLO_IOU})")
+    parser.add_argument("--locations-per-class", type=_positive_int, default=DEFAULT_PER_CLASS, metavar="N",
+                        help=f"dense labels: locations sampled per class and image (default {DEFAULT_PER_CLASS})")
+    parser.add_argument("--background-ratio", type=_non_negative, default=DEFAULT_BACKGROUND_RATIO, metavar="R",
+                        help="dense labels: background locations per sampled object location (default "
+                             f"{DEFAULT_BACKGROUND_RATIO:g})")
 
 
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -681,7 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
                    help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the location sampling of dense labels")
     _add_data_options(p)
+    _add_label_options(p)
     _add_task_options(p)
     _add_ray_options(p)
 
@@ -732,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "P accuracy points of the unpruned model; the report lists every budget tried")
     _add_budget_options(p)
     _add_data_options(p)
+    _add_label_options(p)
     _add_task_options(p)
     _add_ray_options(p)
 

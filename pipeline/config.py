@@ -6,7 +6,8 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
                                      #     input_name: input, opset: 17, dynamic_batch: true, exporter: dynamo}
     data:
       calibration: calib.npz         # 'mnist', an .npz or an image folder (as --data); or a mapping
-                                     # {path: ..., split, limit, scale, mean, std, size, crop, input_key, label_key}
+                                     # {path: ..., split, limit, scale, mean, std, size, crop, input_key, label_key,
+                                     #  label_format, labels_path}  (dense labels: yolo, coco, mask, text)
       evaluation: test.npz           # same forms; held-out data ('test' split by default where there is one)
       limit / scale / mean / std / size / crop / input_key / label_key: defaults for both
     prune:
@@ -22,6 +23,10 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       protect: []                    # group ids never pruned
       prune_ends: false              # also prune the first layer and the classifier input
       pooling: auto                  # auto: what each probe's consumers read; or gap, avg2, avg4
+      labels: null                   # data or model (default: the data's labels, else the model's decisions)
+      output_kind: null              # classes, sequence, map or yolo (default: detected from the output's shape)
+      blank: 0                       # CTC blank class; map_threshold: 0.5, conf_threshold: 0.25, iou_threshold: 0.7
+      locations_per_class: 16        # dense labels: locations per class and image; background_ratio: 1.0
       batch_size: 64
       seed: 0
       max_drop: null                 # accuracy points: also search, per method, the smallest model within them
@@ -49,12 +54,16 @@ from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS
 from pipeline.errors import UserInputError
 from pipeline.gates import GATES
+from pipeline.locations import DEFAULT_BACKGROUND_RATIO, DEFAULT_PER_CLASS, Sampling
+from pipeline.outputs import MAP_THRESHOLD, OUTPUT_KINDS, YOLO_CONF, YOLO_IOU, DecodeOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
 from pipeline.shards import SHARD_BATCHES
+from pipeline.targets import LABEL_FORMATS, LABEL_SOURCES, LabelOptions
 from pipeline.task import Task, load_task_map, task_from_map
 
-DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "input_key", "label_key")
+DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "input_key", "label_key", "label_format",
+                "labels_path")
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class DataSpec:
     crop: int | None = None
     input_key: tuple[str, ...] | None = None
     label_key: str | None = None
+    label_format: str | None = None
+    labels_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,22 @@ class PruneSpec:
     ray: str | None = None
     shard_batches: int = SHARD_BATCHES
     finetune_epochs: int = 0
+    labels: str | None = None
+    output_kind: str | None = None
+    blank: int = 0
+    map_threshold: float = MAP_THRESHOLD
+    conf_threshold: float = YOLO_CONF
+    iou_threshold: float = YOLO_IOU
+    locations_per_class: int = DEFAULT_PER_CLASS
+    background_ratio: float = DEFAULT_BACKGROUND_RATIO
+
+    def label_options(self) -> LabelOptions:
+        """The label keys as :class:`pipeline.targets.LabelOptions`."""
+        return LabelOptions(source=self.labels, output_kind=self.output_kind,
+                            decode=DecodeOptions(blank=self.blank, map_threshold=self.map_threshold,
+                                                 conf=self.conf_threshold, iou=self.iou_threshold),
+                            sampling=Sampling(per_class=self.locations_per_class,
+                                              background_ratio=self.background_ratio))
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
@@ -261,6 +288,10 @@ def _dataset(value: Any, where: str, base: Path, defaults: Mapping[str, Any]) ->
     if split is not None:
         _choice(split, f"{where}.split", ("train", "test", "all"))
     keys = options.get("input_key")
+    label_format = options.get("label_format")
+    if label_format is not None:
+        _choice(label_format, f"{where}.label_format", LABEL_FORMATS)
+    labels_path = options.get("labels_path")
     return DataSpec(
         source=source, split=split,
         limit=None if options.get("limit") is None else _number(options["limit"], f"{where}.limit", integer=True, low=1),
@@ -269,7 +300,9 @@ def _dataset(value: Any, where: str, base: Path, defaults: Mapping[str, Any]) ->
         size=None if options.get("size") is None else _number(options["size"], f"{where}.size", integer=True, low=1),
         crop=None if options.get("crop") is None else _number(options["crop"], f"{where}.crop", integer=True, low=1),
         input_key=None if keys is None else tuple(str(k) for k in _list(keys, f"{where}.input_key")),
-        label_key=None if options.get("label_key") is None else str(options["label_key"]))
+        label_key=None if options.get("label_key") is None else str(options["label_key"]),
+        label_format=label_format,
+        labels_path=None if labels_path is None else str(_path(labels_path, f"{where}.labels_path", base)))
 
 
 def _data(value: Any, base: Path) -> tuple[DataSpec | None, DataSpec]:
@@ -320,7 +353,27 @@ def _prune(value: Any) -> PruneSpec:
         ray=None if section.get("ray") is None else str(section["ray"]),
         shard_batches=_number(section.get("shard_batches", SHARD_BATCHES), "prune.shard_batches", integer=True,
                               low=1),
-        finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0))
+        finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0),
+        **_label_keys(section))
+
+
+def _label_keys(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The label keys of the prune section (as ``--labels``, ``--output-kind``, ...), checked."""
+    labels, kind = section.get("labels"), section.get("output_kind")
+    keys = {"labels": None if labels is None else _choice(labels, "prune.labels", LABEL_SOURCES),
+            "output_kind": None if kind is None else _choice(kind, "prune.output_kind", tuple(OUTPUT_KINDS)),
+            "blank": _number(section.get("blank", 0), "prune.blank", integer=True, low=0),
+            "locations_per_class": _number(section.get("locations_per_class", DEFAULT_PER_CLASS),
+                                           "prune.locations_per_class", integer=True, low=1),
+            "background_ratio": _number(section.get("background_ratio", DEFAULT_BACKGROUND_RATIO),
+                                        "prune.background_ratio", low=0.0)}
+    for key, default in (("map_threshold", MAP_THRESHOLD), ("conf_threshold", YOLO_CONF),
+                         ("iou_threshold", YOLO_IOU)):
+        value = _number(section.get(key, default), f"prune.{key}", low=0.0, high=1.0, low_open=True)
+        if value >= 1.0:
+            raise UserInputError(f"config: 'prune.{key}' must be in (0, 1), got {value!r}")
+        keys[key] = value
+    return keys
 
 
 def _task(value: Any, base: Path) -> Task | None:

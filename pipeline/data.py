@@ -104,6 +104,7 @@ class Dataset:
         keys: Feed keys produced by ``loader`` (array names in the source).
         loader: Function from sample indices to ``{key: batch array}``.
         spec: How to reopen this dataset from its files (None for in-memory data); see :class:`DataSpec`.
+        targets: Dense labels (class maps, boxes, sequences; :class:`pipeline.targets.TargetSource`), or None.
     """
 
     name: str
@@ -113,6 +114,7 @@ class Dataset:
     keys: tuple[str, ...]
     loader: Loader = field(repr=False, compare=False)
     spec: DataSpec | None = field(default=None, repr=False, compare=False)
+    targets: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int | None:
@@ -153,8 +155,9 @@ class Dataset:
 
         labels = None if self.labels is None else self.labels[start:stop]
         spec = None if self.spec is None else self.spec.then("range", start, stop)
+        targets = None if self.targets is None else self.targets.subset(start, stop)
         return replace(self, name=f"{self.name}[{start}:{stop}]", num_samples=stop - start, labels=labels,
-                       loader=loader, spec=spec)
+                       loader=loader, spec=spec, targets=targets)
 
     def bind(self, model_input_names: Sequence[str]) -> Dataset:
         """Return this dataset with its feeds named after ``model_input_names``.
@@ -351,6 +354,8 @@ def from_npz(
     layout: str = "auto",
     split: str | None = None,
     limit: int | None = None,
+    label_format: str | None = None,
+    labels_path: str | os.PathLike[str] | None = None,
 ) -> Dataset:
     """Load a dataset from an ``.npz`` file (see the module docstring for the conversion spec).
 
@@ -363,6 +368,9 @@ def from_npz(
         layout: One of ``LAYOUTS``.
         split: ``"train"``, ``"test"`` or None (all samples).
         limit: Keep only the first ``limit`` samples (after the split). Arrays are converted lazily, per batch.
+        label_format, labels_path: dense labels (:mod:`pipeline.targets`): a labels array of shape ``(N, H, W)``
+            (class maps) or ``(N, L)`` (sequences) becomes the dataset's ``targets``; ``labels_path`` reads them
+            from label files instead (sample ``i`` <-> the file whose stem is the integer ``i``).
 
     Raises:
         UserInputError: Missing or unreadable file, unknown key, layout or split.
@@ -388,6 +396,17 @@ def from_npz(
         raise CalibrationError(f"{path}: arrays have different numbers of samples: {counts}")
     num = min(next(iter(counts.values())), limit if limit is not None else 1 << 62)
     labels = None if labels is None else labels[:num]
+    targets = None
+    if labels_path is not None or (labels is not None and np.ndim(labels) > 1):
+        from pipeline.targets import array_source, labels_path_source
+
+        if labels_path is not None:
+            if labels is not None:
+                LOG.warning("%s: labels from %s, not the array %r", path, labels_path, labels_key)
+            targets = labels_path_source(label_format, labels_path, [str(i) for i in range(num)], numeric=True)
+        else:
+            targets = array_source(labels, label_format, str(path))
+        labels = None
 
     def loader(idx: np.ndarray) -> dict[str, np.ndarray]:
         return {name: _convert(arr[idx], scale, mean, std, layout) for name, arr in sources.items()}
@@ -395,10 +414,13 @@ def from_npz(
     keys = tuple(sources)
     name = f"npz:{path.name}" + (f"[{split}]" if split else "") + (f"[:{num}]" if limit is not None else "")
     name += f" scale={'default' if scale is None else scale} mean={_text(mean, 0)} std={_text(std, 1)} layout={layout}"
+    dense = {} if targets is None else {"label_format": label_format, "labels_path": None if labels_path is None
+                                        else str(Path(labels_path).resolve())}
     spec = DataSpec("npz", str(path.resolve()), _options(input_map=input_map, labels_key=labels_key, scale=scale,
-                                                         mean=mean, std=std, layout=layout, split=split, limit=limit))
+                                                         mean=mean, std=std, layout=layout, split=split, limit=limit,
+                                                         **dense))
     return Dataset(name, keys[0] if input_map is not None and len(keys) == 1 else None, num,
-                   _checked_labels(labels, str(path)), keys, loader, spec)  # fmt: skip
+                   _checked_labels(labels, str(path)), keys, loader, spec, targets)  # fmt: skip
 
 
 def from_image_folder(
@@ -410,6 +432,8 @@ def from_image_folder(
     std: Sequence[float],
     channel_order: str = "RGB",
     limit: int | None = None,
+    label_format: str | None = None,
+    labels_path: str | os.PathLike[str] | None = None,
 ) -> Dataset:
     """Load an image dataset laid out as ``root/<class name>/<image>`` (class ids from sorted names), or an
     unlabelled one laid out as ``root/<image>`` (no class sub-folders).
@@ -421,6 +445,9 @@ def from_image_folder(
         mean, std: Per-channel mean and standard deviation on the [0, 1] scale, in ``channel_order``.
         channel_order: ``"RGB"``, ``"BGR"`` or ``"L"`` (grayscale, one channel).
         limit: Keep only the first ``limit`` images (sorted by class, then file name). Images are read lazily.
+        label_format, labels_path: dense labels of an unlabelled folder (:mod:`pipeline.targets`; image
+            ``a.jpg`` <-> label ``a.txt`` / ``a.png`` / the COCO image with that stem), through the same resize and
+            crop as the images.
 
     Raises:
         UserInputError: Missing root, no class folders or no images, Pillow not installed, bad channel order.
@@ -454,9 +481,28 @@ def from_image_folder(
     kind = f"{len(classes)} classes" if classes else "unlabelled"
     name = f"images:{root.name} ({kind}) size={size} crop={crop_hw} mean={list(mean)} std={list(std)}"
     name += f" {channel_order}"
+    targets, dense = None, {}
+    if labels_path is not None:
+        from pipeline.targets import labels_path_source
+
+        if classes:
+            raise UserInputError(f"{root} has class sub-folders (per-image labels); --labels-path goes with a folder "
+                                 f"of plain images")
+        images = [f for f, _ in files]
+        targets = labels_path_source(label_format, labels_path, [f.stem for f in images], numeric=False,
+                                     images=images, geometry=(size, crop_hw))
+        dense = {"label_format": label_format, "labels_path": str(Path(labels_path).resolve())}
     spec = DataSpec("images", str(root.resolve()), _options(size=size, crop=crop, mean=mean, std=std,
-                                                            channel_order=channel_order, limit=limit))
-    return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader, spec)
+                                                            channel_order=channel_order, limit=limit, **dense))
+    return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader, spec, targets)
+
+
+def resized_crop(width: int, height: int, size: int, crop_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where an image folder's image of ``width x height`` goes: the size after resizing its shorter side to ``size``
+    and the top-left corner of the centre crop, ``(resized width, resized height, left, top)``."""
+    ratio = size / min(width, height)
+    rw, rh = max(1, round(width * ratio)), max(1, round(height * ratio))
+    return rw, rh, (rw - crop_hw[1]) // 2, (rh - crop_hw[0]) // 2
 
 
 def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: str) -> np.ndarray:
@@ -468,14 +514,11 @@ def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: 
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channel_order == "L" else "RGB")
-            w, h = img.size
-            ratio = size / min(w, h)
-            img = img.resize((max(1, round(w * ratio)), max(1, round(h * ratio))), Image.BILINEAR)
-            w, h = img.size
+            w, h, left, top = resized_crop(*img.size, size, crop_hw)
+            img = img.resize((w, h), Image.BILINEAR)
             ch, cw = crop_hw
             if ch > h or cw > w:
                 raise UserInputError(f"crop {crop_hw} is larger than the resized image {h}x{w} of {path}")
-            left, top = (w - cw) // 2, (h - ch) // 2
             arr = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) / 255.0
     except OSError as err:
         raise UserInputError(f"cannot read image {path}: {err}") from err
@@ -566,6 +609,8 @@ def open_dataset(
     crop: int | None = None,
     input_keys: Sequence[str] | None = None,
     label_key: str | None = None,
+    label_format: str | None = None,
+    labels_path: str | os.PathLike[str] | None = None,
 ) -> Dataset:
     """Open a dataset from a CLI-style spec: ``"mnist"``, an ``.npz`` file or an image folder.
 
@@ -577,13 +622,15 @@ def open_dataset(
     * a folder: :func:`from_image_folder` (of ``root/<split>`` when that exists); defaults size 256, crop 224 and
       the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), RGB.
 
-    ``split="all"`` means every sample. Raises UserInputError for a spec that is none of these.
+    ``split="all"`` means every sample. ``label_format`` / ``labels_path``: dense labels (:mod:`pipeline.targets`).
+    Raises UserInputError for a spec that is none of these.
     """
     chosen = None if split == "all" else split
     if (input_keys or label_key) and not (str(spec) == "mnist" or Path(spec).suffix == ".npz"):
         raise UserInputError("--input-key/--label-key name arrays of an .npz file; image folders take their labels "
                              "from the class sub-folders")
-    npz_options = {"input_map": input_map_from_keys(input_keys), "labels_key": label_key or "y"}
+    npz_options = {"input_map": input_map_from_keys(input_keys), "labels_key": label_key or "y",
+                   "label_format": label_format, "labels_path": labels_path}
     if str(spec) == "mnist":
         mean, std = (0.1307 if mean is None else mean), (0.3081 if std is None else std)
         chosen = "train" if split is None else chosen
@@ -601,7 +648,8 @@ def open_dataset(
         root = path / chosen if chosen and (path / chosen).is_dir() else path
         mean = (0.485, 0.456, 0.406) if mean is None else mean
         std = (0.229, 0.224, 0.225) if std is None else std
-        return from_image_folder(root, size=size or 256, crop=crop or 224, mean=mean, std=std, limit=limit)
+        return from_image_folder(root, size=size or 256, crop=crop or 224, mean=mean, std=std, limit=limit,
+                                 label_format=label_format, labels_path=labels_path)
     raise UserInputError(f"data '{spec}' not found: give 'mnist', an existing .npz file or an image folder")
 
 

@@ -30,6 +30,7 @@ from pipeline.gates import ACCURACY_GATES
 from pipeline.orchestrate import (
     Candidate,
     PruneRun,
+    needs_labels,
     needs_stats,
     needs_summaries,
     ray_started,
@@ -68,8 +69,9 @@ def _open(spec: DataSpec, *, evaluation: bool) -> Any:
     from pipeline.data import default_eval_split, open_dataset
 
     split = spec.split or (default_eval_split(spec.source) if evaluation else None)
+    dense = {} if evaluation else {"label_format": spec.label_format, "labels_path": spec.labels_path}
     return open_dataset(spec.source, split=split, limit=spec.limit, scale=spec.scale, mean=spec.mean, std=spec.std,
-                        size=spec.size, crop=spec.crop, input_keys=spec.input_key, label_key=spec.label_key)
+                        size=spec.size, crop=spec.crop, input_keys=spec.input_key, label_key=spec.label_key, **dense)
 
 
 def _model_path(job: _Job) -> Path:
@@ -103,8 +105,10 @@ def _use_cached_stats(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None)
     if not any(needs_stats(m) for m in methods) or job.counts["calibration"] != "not needed":
         return
     summaries = any(needs_summaries(m) for m in methods)
+    labelled = any(needs_labels(m) for m in methods)
     key = content_key("calibration", model=run.prepared.sha256, data=calib_id, pooling=run.pooling,
-                      batch_size=run.batch_size, summaries=summaries, shard_batches=run.shard_batches)
+                      batch_size=run.batch_size, summaries=summaries, shard_batches=run.shard_batches,
+                      **({"labels": _label_identity(job.config.prune), "seed": run.seed} if labelled else {}))
     stats = job.cache.load_stats(key)
     if stats is not None:
         run.use_stats(stats, summaries=summaries)
@@ -112,8 +116,19 @@ def _use_cached_stats(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None)
         job.echo("calibration: reused from the cache")
         return
     job.echo(f"calibration: {run.data.num_samples} samples")
-    job.cache.save_stats(key, run.stats(summaries=summaries))
+    stats = run.stats(summaries=summaries, labels=labelled)
+    if stats.targets and stats.targets.get("reason"):
+        from pipeline.targets import describe_record
+
+        job.echo(f"calibration: {describe_record(stats.targets)}")
+    job.cache.save_stats(key, stats)
     job.counts["calibration"] = "computed"
+
+
+def _label_identity(prune: Any) -> dict[str, Any]:
+    """What labelled statistics depend on besides the data: the label keys of the prune section."""
+    return {key: getattr(prune, key) for key in ("labels", "output_kind", "blank", "map_threshold", "conf_threshold",
+                                                 "iou_threshold", "locations_per_class", "background_ratio")}
 
 
 def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evaluation: Any,
@@ -132,7 +147,8 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
                     "min_channels": prune.min_channels, "protect": sorted(prune.protect), "ends": prune.prune_ends,
                     "recover": prune.recover, "mode": prune.recover_mode, "pooling": prune.pooling,
                     "batch_size": prune.batch_size, "seed": prune.seed,
-                    **({"finetune_epochs": prune.finetune_epochs} if prune.finetune_epochs else {})}
+                    **({"finetune_epochs": prune.finetune_epochs} if prune.finetune_epochs else {}),
+                    **({"labels": _label_identity(prune)} if needs_labels(method) else {})}
         latency = _latency_budget(job, target) if kind == "latency" else None
         if latency is not None:  # a latency candidate depends on where latency is measured
             settings["latency_target"] = vars(latency.on)
@@ -337,7 +353,7 @@ def _run_stages(job: _Job, config: RunConfig, calibration: Any, evaluation: Any,
     prune = config.prune
     run = PruneRun(model_path, calibration, pooling=prune.pooling, batch_size=prune.batch_size, seed=prune.seed,
                    progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task,
-                   cluster=cluster, shard_batches=prune.shard_batches)
+                   cluster=cluster, shard_batches=prune.shard_batches, labels=prune.label_options())
     evaluation = run.task_data(evaluation, "evaluation")
     groups = run.prepared.index.groups
     job.echo(f"model {model_path.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")

@@ -43,6 +43,7 @@ from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
 from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
+from pipeline.targets import LabelOptions
 from pipeline.task import Task
 
 if TYPE_CHECKING:
@@ -75,7 +76,11 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
                          seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights,
                          layers=prepared.layers)
     scores = SCORERS[method](ctx)
-    return replace(scores, task=task) if task else scores
+    if task:
+        scores = replace(scores, task=task)
+    if needs_labels(method) and stats is not None and stats.targets:
+        scores = replace(scores, labels={k: v for k, v in stats.targets.items() if k != "views"})
+    return scores
 
 
 def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
@@ -91,14 +96,6 @@ def needs_stats(method: str) -> bool:
 def needs_labels(method: str) -> bool:
     """True for the label-aware scorers (``di``, ``lda``, ``pls-vip``)."""
     return bool(getattr(SCORERS[method], "requires_labels", False))
-
-
-def require_labelled(data: Any) -> None:
-    """Refuse data without labels for a label-aware scorer, naming the label-free alternatives."""
-    if data is not None and getattr(data, "labels", None) is None:
-        raise CalibrationError(f"DI, LDA and PLS-VIP need class labels; the data '{getattr(data, 'name', data)}' has "
-                               f"none (an image folder without class sub-folders, or an .npz without 'y'); use a "
-                               f"label-free method (l1, l2, random, mean-act, apoz) or labelled data")
 
 
 def needs_summaries(method: str) -> bool:
@@ -148,6 +145,8 @@ class PruneRun:
         cluster: :class:`pipeline.cluster.RayOptions` (``pipeline.cluster.ray_options(workers=N)`` or
             ``(address=...)``): calibration and recovery shards on Ray workers, same results; None: this process.
         shard_batches: batches per shard (:mod:`pipeline.shards`; results depend on it in the last bits only).
+        labels: where the labels of the label-aware methods come from (:class:`pipeline.targets.LabelOptions`;
+            default: the data's, else the model's own decisions).
     """
 
     def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *,
@@ -155,7 +154,8 @@ class PruneRun:
                  batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
                  task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> None:
+                 cluster: Any | None = None, shard_batches: int = SHARD_BATCHES,
+                 labels: LabelOptions | None = None) -> None:
         """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
@@ -167,7 +167,8 @@ class PruneRun:
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else _work_folder(work_dir)
         self.cluster, self.shard_batches = cluster, shard_batches
-        self._stats: dict[bool, CalibrationStats] = {}
+        self.labels = labels or LabelOptions()
+        self._stats: dict[tuple[bool, bool], CalibrationStats] = {}  # (summaries, labelled) -> statistics
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
 
     def task_data(self, data: Any | None, role: str) -> Any | None:
@@ -188,23 +189,23 @@ class PruneRun:
         logger.info("%s took %.2f s", stage, time.perf_counter() - start)
 
     def stats(self, *, summaries: bool = False, labels: bool = False) -> CalibrationStats:
-        """Calibration statistics (computed once; with ``summaries`` the zero counts and absolute sums too; with
-        ``labels`` unlabelled data is refused, as the label-aware scorers need classes)."""
-        if labels:
-            require_labelled(self.data)
-        if True in self._stats:
-            return self._stats[True]
-        if summaries or False not in self._stats:
-            if self.data is None:
-                raise UserInputError("calibration needs data: pass --data (or use a data-free method: l1, l2, "
-                                     "random)")
-            with self.timed("calibrate"):
-                self._stats[summaries] = calibrate(self.prepared, self.data, pooling=self.pooling,
-                                                   batch_size=self.batch_size, backend=self.backend,
-                                                   intra_op_threads=self.threads, progress=self.progress,
-                                                   summaries=summaries, require_labels=labels, cluster=self.cluster,
-                                                   shard_batches=self.shard_batches)
-        return self._stats[summaries]
+        """Calibration statistics (computed once per need; with ``summaries`` the zero counts and absolute sums
+        too; with ``labels`` the samples carry classes: the data's, or the model's own decisions when the data has
+        none or ``--labels model`` says so; the data's labels are recorded whenever it has some)."""
+        for (with_summaries, labelled), stats in self._stats.items():
+            if (with_summaries or not summaries) and (labelled or not labels):
+                return stats
+        if self.data is None:
+            raise UserInputError("calibration needs data: pass --data (or use a data-free method: l1, l2, random)")
+        options = self.labels if labels else replace(self.labels, source=None if self.labels.source == "model"
+                                                     else self.labels.source)
+        with self.timed("calibrate"):
+            stats = calibrate(self.prepared, self.data, pooling=self.pooling, batch_size=self.batch_size,
+                              backend=self.backend, intra_op_threads=self.threads, progress=self.progress,
+                              summaries=summaries, require_labels=labels, cluster=self.cluster,
+                              shard_batches=self.shard_batches, labels=options, seed=self.seed)
+        self._stats[(summaries, stats.targets is not None)] = stats
+        return stats
 
     def use_stats(self, stats: CalibrationStats, *, summaries: bool) -> None:
         """Use statistics computed earlier for this model and pooling (e.g. from a cache) instead of calibrating.
@@ -215,7 +216,7 @@ class PruneRun:
         if stats.model_sha256 != self.prepared.sha256 or stats.pooling != self.pooling:
             raise CalibrationError(f"statistics of model {stats.model_sha256[:12]} / pooling {stats.pooling} do not "
                                    f"fit this run ({self.prepared.sha256[:12]} / {self.pooling})")
-        self._stats[summaries] = stats
+        self._stats[(summaries, stats.targets is not None)] = stats
 
     def scores(self, method: str, *, seed: int | None = None,
                params: Mapping[str, float] | None = None) -> ChannelScores:
@@ -231,16 +232,21 @@ class PruneRun:
         return self._scores[key]
 
     def calibration_record(self) -> dict[str, Any]:
-        """How many calibration samples each probe had against the advice (10 per feature), when calibrated."""
-        stats = self._stats.get(True) or self._stats.get(False)
+        """How many calibration samples each probe had against the advice (10 per feature) and what they were
+        paired with (``targets``: :meth:`pipeline.targets.Targets.to_dict`), when calibrated."""
+        ranked = sorted(self._stats.items(), key=lambda item: (not item[0][1], not item[0][0]))
+        stats = ranked[0][1] if ranked else None
         if stats is None:
             return {}
         probes = {name: {"samples": p.n, "features": p.dim, "advised_samples": MIN_SAMPLES_PER_DIM * p.dim}
                   for name, p in stats.probes.items()}
         below = sorted(name for name, p in probes.items() if p["samples"] < p["advised_samples"])
-        return {"pooling": stats.pooling, "samples": next(iter(probes.values()))["samples"] if probes else 0,
-                "advised_samples": max((p["advised_samples"] for p in probes.values()), default=0),
-                "probes_below_advice": below, "probes": probes}
+        record = {"pooling": stats.pooling, "samples": next(iter(probes.values()))["samples"] if probes else 0,
+                  "advised_samples": max((p["advised_samples"] for p in probes.values()), default=0),
+                  "probes_below_advice": below, "probes": probes}
+        if stats.targets:
+            record["targets"] = dict(stats.targets)
+        return record
 
     def task_record(self) -> dict[str, Any]:
         """What reports say about the task: the head (output, width, classes or groups) and dropped samples."""
@@ -269,6 +275,8 @@ class PruneRun:
                                        protect=tuple(protect), keep_first_and_last=keep_first_and_last, **planner)
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
+        if scores.labels:
+            plan = replace(plan, meta={**plan.meta, "labels": dict(scores.labels)})
         return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
 
     def apply(self, plan: PruningPlan) -> onnx.ModelProto:
@@ -517,7 +525,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           input_shapes: Mapping[str, tuple[int, ...]] | None = None, cluster: Any | None = None,
           shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
           quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
-          timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
+          timing: LatencyTarget | None = None, finetune_epochs: int = 0,
+          labels: LabelOptions | None = None) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -537,8 +546,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     ``evaluation.int8`` compares original and pruned models in fp32 and int8 (:mod:`pipeline.int8_stage`), timed on
     ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1). ``finetune_epochs`` > 0
     distils the original into the recovered model for that many epochs on ``data`` before it is evaluated and
-    written (:meth:`PruneRun.finetune`). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has one
-    entry per stage that ran.
+    written (:meth:`PruneRun.finetune`). ``labels`` (:class:`pipeline.targets.LabelOptions`): where the labels of
+    ``di`` / ``lda`` / ``pls-vip`` come from (default: the data's, else the model's own decisions; dense outputs and
+    labels make calibration location-aware). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has
+    one entry per stage that ran.
     """
     from pipeline.int8_stage import check_int8_options, int8_path
 
@@ -562,7 +573,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     with ray_started(cluster, data):
         run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
                        work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes, cluster=cluster,
-                       shard_batches=shard_batches)
+                       shard_batches=shard_batches, labels=labels)
         return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
                           {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
                            "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last},

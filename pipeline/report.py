@@ -5,7 +5,8 @@ the budget, the achieved MACs/params fractions, the kept channels per group and,
 held-out accuracy of the original and the pruned model. With a task (``--task-classes`` / ``--task-map``) it records
 the task head (original output name and width, the classes or groups kept) and how many samples of other classes were
 dropped; with ``--max-drop`` every budget the search tried. ``calibration`` says how many samples each probe had
-against the advice (10 per feature) and ``recovery.advice`` which refit layers had fewer rows than 10 per unknown.
+against the advice (10 per feature), what they were paired with (``calibration.targets``: labels from the data or
+the model, per image or per location) and ``recovery.advice`` which refit layers had fewer rows than 10 per unknown.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ class Report:
         if self.budget.get("max_drop") is not None:
             points = self.budget["max_drop"]
             acc += f", the smallest model tried within {points:g} point{'' if points == 1 else 's'}"
+        paired = self.calibration.get("targets") or {}
+        if paired.get("labels") == "model" or paired.get("kind", "classes") != "classes":
+            from pipeline.targets import describe_record
+
+            acc += f", {describe_record(paired)}"
         if any(note.startswith("budget not reached") for note in self.notes):
             acc += ", budget NOT reached (the warning and the report's notes say what blocked it)"
         targets = {k: self.budget.get(f"target_{k}") for k in ("macs", "params")}

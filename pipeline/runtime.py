@@ -30,7 +30,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ STREAM_BACKENDS = ("auto", "ort-cpu", "ort-cuda")
 """Backends of calibration, evaluation and recovery (``auto``: CUDA when really active, else CPU)."""
 
 InputSpecs = Mapping[str, tuple[tuple[int | None, ...], np.dtype]]
+ExtraFeeds = Callable[[int, Mapping[str, np.ndarray], "np.ndarray | None"], Mapping[str, np.ndarray]]
 
 RUN_BYTES = 128 << 20
 """About how many bytes of activations one onnxruntime call of a stream may hold (:func:`samples_per_run`)."""
@@ -354,7 +355,7 @@ class Batch:
 
 def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: InputSpecs, *, batch_size: int,
            stage: str, progress: bool = False, finite: bool = False, per_run: int | None = None,
-           shapes: Collection[str] = ()) -> Iterator[Batch]:
+           shapes: Collection[str] = (), extra: ExtraFeeds | None = None) -> Iterator[Batch]:
     """Run ``session`` over every batch of ``dataset`` (see the module docstring) and yield :class:`Batch` es in order.
 
     Args:
@@ -367,6 +368,8 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
         progress: a tqdm bar on stderr.
         finite: refuse NaN / Inf outputs.
         per_run: at most this many samples per onnxruntime call (:func:`run`); ``shapes`` as there.
+        extra: ``(start, feeds, labels) -> more feeds`` of every batch (e.g. positions to gather inside the graph),
+            called in order, before the batch runs; ``start`` is the batch's first sample in ``dataset``.
 
     Raises:
         CalibrationError: the dataset yields no samples, a batch does not fit the model, onnxruntime fails.
@@ -379,8 +382,11 @@ def stream(session: Any, dataset: Any, names: Sequence[str] | None, specs: Input
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"diprune-{stage}") as pool, \
             tqdm(total=total, desc=stage, unit="sample", file=sys.stderr, disable=not progress) as bar:
         pending: tuple[int, dict[str, np.ndarray], np.ndarray | None, Future] | None = None
+        submitted = 0
         for index, (feeds, labels) in enumerate(batches):
-            future = pool.submit(run, session, names, feeds, stage=stage, finite=finite, per_run=per_run,
+            fed = feeds if extra is None else {**feeds, **extra(submitted, feeds, labels)}
+            submitted += next(iter(feeds.values())).shape[0]
+            future = pool.submit(run, session, names, fed, stage=stage, finite=finite, per_run=per_run,
                                  shapes=shapes)
             if pending is not None:
                 batch = Batch(pending[0], start, pending[1], pending[2], pending[3].result())

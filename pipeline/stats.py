@@ -15,7 +15,10 @@ takes either the raw activations or a summary made from them; both paths are thi
 Everything DI, LDA and PLS need follows exactly: ``μ = s/n``, ``μ_k = s_k/n_k``, total scatter
 ``S = G − n μ μᵀ``, ``D[:, k] = √n_k (μ_k − μ)``, between scatter ``S_B = D Dᵀ``, within scatter ``S − S_B``.
 All fields are sums, so :meth:`ProbeStats.merge` is exact, associative and order-independent (up to float64
-rounding), which lets calibration be sharded. Note: the uncentred gram loses relative precision in ``S`` when
+rounding), which lets calibration be sharded. With many classes (location-aware calibration of a CTC head over a
+dictionary of thousands of characters) only the classes seen are stored: ``class_ids`` lists the classes whose rows
+``class_sums`` holds (sorted; None = every class ``0..K-1``); the rows of unseen classes are zero and carry no
+information (``D`` has zero columns there), so DI, LDA and PLS-VIP are the same either way. Note: the uncentred gram loses relative precision in ``S`` when
 ``|μ|`` is much larger than the spread of the features (near-constant channels); the DI scorer's ridge is never
 below that rounding noise (:func:`pipeline.scorers.di.ridge`).
 """
@@ -104,13 +107,20 @@ class ProbeStats:
     abs_sum: np.ndarray
     elements: int
     cells: int
+    class_ids: np.ndarray | None = None  # the classes whose rows class_sums holds (sorted); None: all of them
 
     def __post_init__(self) -> None:
         for name in _ARRAYS:
             dtype = np.int64 if name in ("class_counts", "zeros") else np.float64
             object.__setattr__(self, name, _frozen(getattr(self, name), dtype))
         d, k, c = self.sum.shape[0], self.class_counts.shape[0], self.zeros.shape[0]
-        if (self.class_sums.shape != (k, d) or self.gram.shape != (d, d) or self.abs_sum.shape != (c,)
+        if self.class_ids is not None:
+            object.__setattr__(self, "class_ids", _frozen(self.class_ids, np.int64))
+            ids = self.class_ids
+            if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= k or np.any(np.diff(ids) <= 0))):
+                raise CalibrationError(f"class ids of probe statistics must be sorted, distinct and in 0..{k - 1}")
+        rows = k if self.class_ids is None else self.class_ids.shape[0]
+        if (self.class_sums.shape != (rows, d) or self.gram.shape != (d, d) or self.abs_sum.shape != (c,)
                 or c * self.cells != d):
             raise CalibrationError(f"inconsistent probe statistics shapes: d={d}, K={k}, C={c}, cells={self.cells}, "
                                    f"class_sums {self.class_sums.shape}, gram {self.gram.shape}")
@@ -138,6 +148,16 @@ class ProbeStats:
         """Class count ``K``."""
         return int(self.class_counts.shape[0])
 
+    @property
+    def rows(self) -> np.ndarray:
+        """The class of every row of ``class_sums`` (``class_ids``, or ``0..K-1``)."""
+        return np.arange(self.num_classes) if self.class_ids is None else self.class_ids
+
+    @property
+    def row_counts(self) -> np.ndarray:
+        """Samples of the class of every row of ``class_sums``."""
+        return self.class_counts[self.rows]
+
     def update(self, features: np.ndarray, labels: np.ndarray, raw: np.ndarray | None = None, *,
                summary: ChannelSummary | None = None) -> ProbeStats:
         """Add a batch: pooled ``features`` (n, d), integer ``labels`` (n,), and the batch's raw activations.
@@ -155,6 +175,10 @@ class ProbeStats:
             raise CalibrationError(f"labels must lie in 0..{self.num_classes - 1}, got {y.min()}..{y.max()}")
         if not np.isfinite(x).all():
             raise CalibrationError("pooled features contain NaN or inf; check the model and the input scaling")
+        if self.class_ids is not None:  # few stored classes: fold the batch as its own statistics
+            acc = ProbeAccumulator(self.channels, self.cells, self.num_classes, sparse=True)
+            acc.add(x, y, self._summary(raw, summary, x.shape[0]))
+            return self.merge(acc.freeze())
         onehot = np.zeros((x.shape[0], self.num_classes))
         onehot[np.arange(x.shape[0]), y] = 1.0
         summary = self._summary(raw, summary, x.shape[0])
@@ -187,11 +211,19 @@ class ProbeStats:
             raise CalibrationError(f"cannot merge probe statistics of different shapes: (d, K, C, cells) = "
                                    f"{(self.dim, self.num_classes, self.channels, self.cells)} vs "
                                    f"{(other.dim, other.num_classes, other.channels, other.cells)}")
+        ids, class_sums = self.class_ids, None
+        if self.class_ids is None and other.class_ids is None:
+            class_sums = self.class_sums + other.class_sums
+        else:
+            ids = np.union1d(self.rows, other.rows)
+            class_sums = np.zeros((ids.size, self.dim))
+            class_sums[np.searchsorted(ids, self.rows)] += self.class_sums
+            class_sums[np.searchsorted(ids, other.rows)] += other.class_sums
         return ProbeStats(n=self.n + other.n, class_counts=self.class_counts + other.class_counts,
-                          sum=self.sum + other.sum, class_sums=self.class_sums + other.class_sums,
+                          sum=self.sum + other.sum, class_sums=class_sums,
                           gram=self.gram + other.gram, zeros=self.zeros + other.zeros,
                           abs_sum=self.abs_sum + other.abs_sum, elements=self.elements + other.elements,
-                          cells=self.cells)
+                          cells=self.cells, class_ids=ids)
 
     def _need_samples(self) -> None:
         if self.n == 0:
@@ -209,9 +241,10 @@ class ProbeStats:
         return (s + s.T) / 2.0
 
     def delta(self) -> np.ndarray:
-        """``D`` (d, K): column ``k`` is ``√n_k (μ_k − μ)`` (zero for empty classes)."""
+        """``D`` (d, K): column ``k`` is ``√n_k (μ_k − μ)`` (zero for empty classes); with ``class_ids``, the columns
+        of the stored classes only (the others are zero)."""
         mu = self.mean()
-        counts = self.class_counts.astype(np.float64)
+        counts = self.row_counts.astype(np.float64)
         safe = np.where(counts > 0, counts, 1.0)
         centred = self.class_sums / safe[:, None] - mu[None, :]
         return (centred * np.sqrt(counts)[:, None]).T
@@ -232,28 +265,38 @@ class ProbeStats:
         cells = len(f) // max(len(c), 1)
         return ProbeStats(n=self.n, class_counts=self.class_counts, sum=self.sum[f], class_sums=self.class_sums[:, f],
                           gram=self.gram[np.ix_(f, f)], zeros=self.zeros[c], abs_sum=self.abs_sum[c],
-                          elements=self.elements, cells=cells)
+                          elements=self.elements, cells=cells, class_ids=self.class_ids)
 
 
 class ProbeAccumulator:
     """Mutable running sums of one probe, folded in place batch after batch (what calibration streams into);
     :meth:`freeze` returns the read-only :class:`ProbeStats`. Same sums as :meth:`ProbeStats.update`, without
     copying the ``d x d`` Gram matrix at every batch; feature rows are buffered and folded into the Gram matrix
-    ``block_rows`` at a time (one ``X^T X`` of 512 rows is several times faster than eight of 64)."""
+    ``block_rows`` at a time (one ``X^T X`` of 512 rows is several times faster than eight of 64). ``sparse``:
+    per-class sums only for the classes seen (``ProbeStats.class_ids``), for heads of thousands of classes."""
 
-    def __init__(self, channels: int, cells: int, num_classes: int, block_rows: int = 512) -> None:
+    def __init__(self, channels: int, cells: int, num_classes: int, block_rows: int = 512, *,
+                 sparse: bool = False) -> None:
         """Zero sums for a probe of ``channels`` channels with ``cells`` pooled cells each and ``num_classes``."""
         d = channels * cells
         self.channels, self.cells, self.n, self.elements, self.block_rows = channels, cells, 0, 0, block_rows
         self.class_counts = np.zeros(num_classes, np.int64)
-        self.sum, self.class_sums, self.gram = np.zeros(d), np.zeros((num_classes, d)), np.zeros((d, d))
+        self.sum, self.gram = np.zeros(d), np.zeros((d, d))
+        self.class_sums = np.zeros((0 if sparse else num_classes, d))
+        self.slots: dict[int, int] | None = {} if sparse else None  # sparse: class -> row of class_sums
         self.zeros, self.abs_sum = np.zeros(channels, np.int64), np.zeros(channels)
         self.pending: list[np.ndarray] = []
 
-    def add(self, features: np.ndarray, labels: np.ndarray, summary: ChannelSummary | None = None) -> None:
-        """Fold one batch of pooled ``features`` (n, d) with integer ``labels`` (n,) and an optional summary."""
+    def add(self, features: np.ndarray, labels: np.ndarray, summary: ChannelSummary | None = None,
+            weights: np.ndarray | None = None) -> None:
+        """Fold one batch of pooled ``features`` (n, d) with integer ``labels`` (n,) and an optional summary;
+        ``weights`` (n,) positive integers: row ``i`` counts as ``weights[i]`` samples (one vector paired with
+        several labels of the same class)."""
         x = np.asarray(features, dtype=np.float64)
         y = np.asarray(labels).astype(np.int64, copy=False).reshape(-1)
+        w = None if weights is None else np.asarray(weights, np.int64).reshape(-1)
+        if w is not None and (w.shape != y.shape or (w.size and w.min() < 1)):
+            raise CalibrationError(f"weights {w.shape} must be positive integers, one per row")
         k = self.class_counts.shape[0]
         if x.ndim != 2 or x.shape[1] != self.sum.shape[0] or x.shape[0] != y.shape[0]:
             raise CalibrationError(f"batch of features {x.shape} and labels {y.shape} does not fit a probe with "
@@ -264,12 +307,13 @@ class ProbeAccumulator:
             raise CalibrationError("pooled features contain NaN or inf; check the model and the input scaling")
         present, slot = np.unique(y, return_inverse=True)
         onehot = np.zeros((x.shape[0], present.size))
-        onehot[np.arange(x.shape[0]), slot] = 1.0
-        self.n += x.shape[0]
-        self.class_counts += np.bincount(y, minlength=k)
-        self.sum += x.sum(axis=0)
-        self.class_sums[present] += onehot.T @ x
-        self.pending.append(x)
+        onehot[np.arange(x.shape[0]), slot] = 1.0 if w is None else w
+        self.n += x.shape[0] if w is None else int(w.sum())
+        self.class_counts += np.bincount(y, minlength=k) if w is None else np.bincount(y, w, k).astype(np.int64)
+        self.sum += x.sum(axis=0) if w is None else w @ x
+        rows = self._rows(present)  # first: a sparse accumulator may grow class_sums
+        self.class_sums[rows] += onehot.T @ x
+        self.pending.append(x if w is None else x * np.sqrt(w)[:, None])
         if sum(len(p) for p in self.pending) >= self.block_rows:
             self._flush()
         if summary is not None:
@@ -280,6 +324,18 @@ class ProbeAccumulator:
             self.abs_sum += summary.abs_sum
             self.elements += summary.elements
 
+    def _rows(self, present: np.ndarray) -> np.ndarray:
+        """Rows of ``class_sums`` of the classes ``present`` (sparse: new classes get new rows)."""
+        if self.slots is None:
+            return present
+        for c in present:
+            self.slots.setdefault(int(c), len(self.slots))
+        if len(self.slots) > self.class_sums.shape[0]:  # grow geometrically (amortised copies)
+            grown = np.zeros((max(len(self.slots), 2 * self.class_sums.shape[0]), self.class_sums.shape[1]))
+            grown[:self.class_sums.shape[0]] = self.class_sums
+            self.class_sums = grown
+        return np.asarray([self.slots[int(c)] for c in present], np.int64)
+
     def _flush(self) -> None:
         if self.pending:
             rows = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
@@ -289,9 +345,13 @@ class ProbeAccumulator:
     def freeze(self) -> ProbeStats:
         """The statistics accumulated so far."""
         self._flush()
-        return ProbeStats(n=self.n, class_counts=self.class_counts, sum=self.sum, class_sums=self.class_sums,
+        ids, class_sums = None, self.class_sums
+        if self.slots is not None:
+            ids = np.asarray(sorted(self.slots), np.int64)
+            class_sums = self.class_sums[[self.slots[int(c)] for c in ids]].reshape(len(ids), -1)
+        return ProbeStats(n=self.n, class_counts=self.class_counts, sum=self.sum, class_sums=class_sums,
                           gram=self.gram, zeros=self.zeros, abs_sum=self.abs_sum, elements=self.elements,
-                          cells=self.cells)
+                          cells=self.cells, class_ids=ids)
 
 
 def merge_probes(total: Mapping[str, ProbeStats], part: Mapping[str, ProbeStats]) -> dict[str, ProbeStats]:
@@ -309,33 +369,40 @@ class CalibrationStats:
     num_classes: int
     probes: Mapping[str, ProbeStats] = field(default_factory=lambda: MappingProxyType({}))
     task: Mapping[str, Any] | None = None  # the task whose head the model carried (pipeline.task.Task.to_dict)
+    targets: Mapping[str, Any] | None = None  # what the features were paired with (pipeline.targets.Targets)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "probes", MappingProxyType(dict(sorted(self.probes.items()))))
 
     def merge(self, other: CalibrationStats) -> CalibrationStats:
-        """Statistics of both sample sets (same model, pooling, classes and probes)."""
-        mine = (self.model_sha256, self.pooling, self.num_classes, tuple(self.probes), self.task)
-        theirs = (other.model_sha256, other.pooling, other.num_classes, tuple(other.probes), other.task)
+        """Statistics of both sample sets (same model, pooling, classes, probes and targets)."""
+        mine = (self.model_sha256, self.pooling, self.num_classes, tuple(self.probes), self.task, self.targets)
+        theirs = (other.model_sha256, other.pooling, other.num_classes, tuple(other.probes), other.task,
+                  other.targets)
         if mine != theirs:
             raise CalibrationError("cannot merge statistics of different models, poolings, classes or probes: "
                                    f"{mine[:3]} vs {theirs[:3]}")
         dataset = self.dataset if self.dataset == other.dataset else f"{self.dataset} + {other.dataset}"
         merged = {name: stats.merge(other.probes[name]) for name, stats in self.probes.items()}
-        return CalibrationStats(self.model_sha256, dataset, self.pooling, self.num_classes, merged, self.task)
+        return CalibrationStats(self.model_sha256, dataset, self.pooling, self.num_classes, merged, self.task,
+                                self.targets)
 
     def _header(self) -> dict[str, Any]:
         return {"format": STATS_FORMAT, "model_sha256": self.model_sha256, "dataset": self.dataset,
                 "pooling": self.pooling, "num_classes": self.num_classes,
                 "probes": [{"name": name, "n": p.n, "elements": p.elements, "cells": p.cells,
-                            "pooling": "gap" if p.cells == 1 else f"avg{round(p.cells ** 0.5)}"}
-                           for name, p in self.probes.items()], **({"task": dict(self.task)} if self.task else {})}
+                            "pooling": "gap" if p.cells == 1 else f"avg{round(p.cells ** 0.5)}",
+                            **({"sparse_classes": True} if p.class_ids is not None else {})}
+                           for name, p in self.probes.items()], **({"task": dict(self.task)} if self.task else {}),
+                **({"targets": dict(self.targets)} if self.targets else {})}
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.npz`` (arrays ``p<i>.<field>``, JSON header in ``__header__``), atomically."""
         arrays: dict[str, np.ndarray] = {"__header__": np.array(json.dumps(self._header()))}
         for i, stats in enumerate(self.probes.values()):
             arrays.update({f"p{i}.{name}": np.asarray(getattr(stats, name)) for name in _ARRAYS})
+            if stats.class_ids is not None:
+                arrays[f"p{i}.class_ids"] = np.asarray(stats.class_ids)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         atomic_write_bytes(path, buffer.getvalue())
@@ -355,6 +422,7 @@ class CalibrationStats:
                                          f"{header.get('format')!r}, expected {STATS_FORMAT!r})")
                 probes = {entry["name"]: ProbeStats(
                     n=int(entry["n"]), elements=int(entry["elements"]), cells=int(entry["cells"]),
+                    class_ids=data[f"p{i}.class_ids"] if entry.get("sparse_classes") else None,
                     **{name: data[f"p{i}.{name}"] for name in _ARRAYS}) for i, entry in enumerate(header["probes"])}
         except UserInputError:
             raise
@@ -363,4 +431,4 @@ class CalibrationStats:
                                  f"re-run 'diprune calibrate'): {err}") from err
         return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
                    pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes,
-                   task=header.get("task"))
+                   task=header.get("task"), targets=header.get("targets"))

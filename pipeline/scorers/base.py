@@ -100,6 +100,7 @@ class ChannelScores:
     retention: Mapping[str, np.ndarray] = field(default_factory=lambda: MappingProxyType({}))
     model_sha256: str = ""
     task: Mapping[str, Any] | None = None  # the task whose head the scored model carried (pipeline.task)
+    labels: Mapping[str, Any] | None = None  # what the statistics paired features with (pipeline.targets.Targets)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(sorted(self.params.items()))))
@@ -127,6 +128,8 @@ class ChannelScores:
                "method": self.method, "params": dict(self.params), "groups": groups}
         if self.task:
             doc["task"] = dict(self.task)
+        if self.labels:
+            doc["labels"] = dict(self.labels)
         return json.dumps(doc, indent=1, sort_keys=True)
 
     @classmethod
@@ -144,7 +147,8 @@ class ChannelScores:
                          scores={g: e["scores"] for g, e in groups.items()},
                          order={g: e["order"] for g, e in groups.items() if "order" in e},
                          retention={g: e["retention"] for g, e in groups.items() if "retention" in e},
-                         model_sha256=str(doc.get("model_sha256") or ""), task=doc.get("task"))
+                         model_sha256=str(doc.get("model_sha256") or ""), task=doc.get("task"),
+                         labels=doc.get("labels"))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserInputError(f"scores file has a missing or malformed field: {err!r}") from err
         return scores, doc.get("model_path")

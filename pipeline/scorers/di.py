@@ -114,7 +114,7 @@ class Eliminator:
     def __init__(self, stats: ProbeStats, blocks: np.ndarray, eps: float = DEFAULT_EPS, flush: int = _FLUSH) -> None:
         """Factor ``S + ρI`` and set up the lazy downdate buffers; ``blocks`` is (channels, b) feature indices."""
         s = stats.scatter()
-        delta = stats.delta()[:, np.asarray(stats.class_counts) > 0]  # empty classes: zero columns, no information
+        delta = stats.delta()[:, stats.row_counts > 0]  # empty classes: zero columns, no information
         self.m = regularised_inverse(s, eps, stats.gram)
         self.q = self.m @ delta
         self.q_mode = 4 * delta.shape[1] <= s.shape[0]

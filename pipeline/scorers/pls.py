@@ -37,7 +37,7 @@ def standardised_moments(stats: ProbeStats) -> tuple[np.ndarray, np.ndarray]:
     scatter = stats.scatter()
     sigma = np.sqrt(np.maximum(np.diag(scatter), 0.0) / max(n - 1, 1))
     sigma = np.where(sigma > 0, sigma, 1.0)
-    counts = stats.class_counts.astype(np.float64)
+    counts = stats.row_counts.astype(np.float64)  # the classes class_sums holds (all, or those seen)
     sigma_y = np.sqrt(counts * (1.0 - counts / n) / max(n - 1, 1))
     sigma_y = np.where(sigma_y > 0, sigma_y, 1.0)
     xty = (stats.class_sums - counts[:, None] * stats.mean()[None, :]).T

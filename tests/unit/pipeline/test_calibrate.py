@@ -18,6 +18,7 @@ from pipeline.data import from_iterable
 from pipeline.errors import CalibrationError, UserInputError
 from pipeline.prepare import default_probes, prepare
 from pipeline.stats import CalibrationStats
+from pipeline.targets import LabelOptions
 from tests.graphs import tiny_classifier
 
 CLASSES = 3
@@ -171,8 +172,6 @@ def _bad_case(kind: str) -> tuple[np.ndarray, np.ndarray | None]:
     if kind == "nan":
         x[5, 0, 0, 0] = np.nan
         return x, y
-    if kind == "no-labels":
-        return x, None
     if kind == "label-range":
         return x, np.where(y == 2, CLASSES, y)
     if kind == "negative-label":
@@ -184,15 +183,26 @@ def _bad_case(kind: str) -> tuple[np.ndarray, np.ndarray | None]:
     ("shape", r"input 'input' expects shape \[N, 2, 8, 8\], got \[60, 2, 9, 9\]"),
     ("dtype", "input 'input' expects dtype float32, got float64"),
     ("nan", "input 'input' contains NaN or Inf"),
-    ("no-labels", "DI/LDA/PLS need labels"),
     ("label-range", "label 3 is out of range: the model has 3 classes"),
     ("negative-label", "non-negative class ids, (found|got) -1"),
     ("one-class", "same label.*at least two classes"),
-], ids=["shape", "dtype", "nan", "no-labels", "label-range", "negative-label", "one-class"])
+], ids=["shape", "dtype", "nan", "label-range", "negative-label", "one-class"])
 def test_bad_data_is_a_calibration_error(model: Path, kind: str, message: str) -> None:
     x, y = _bad_case(kind)
     with pytest.raises(CalibrationError, match=message):
         _calibrate(model, x, y)
+
+
+def test_unlabelled_data_with_labels_data_is_refused(model: Path) -> None:
+    x, _ = _data()
+    with pytest.raises(UserInputError, match=r"--labels data: the data 'test-data' has no labels"):
+        _calibrate(model, x, None, labels=LabelOptions(source="data"))
+
+
+def test_one_class_of_model_decisions_is_named(model: Path) -> None:
+    x, _ = _data()  # the untrained tiny model decides one class for every sample
+    with pytest.raises(CalibrationError, match="the model's own decisions.*one class"):
+        _calibrate(model, x, None)
 
 
 def test_overflowing_activation_names_the_tensor(tmp_path: Path) -> None:
