@@ -201,7 +201,7 @@ def test_unlabelled_data_with_labels_data_is_refused(model: Path) -> None:
 
 def test_one_class_of_model_decisions_is_named(model: Path) -> None:
     x, _ = _data()  # the untrained tiny model decides one class for every sample
-    with pytest.raises(CalibrationError, match="the model's own decisions.*one class"):
+    with pytest.raises(CalibrationError, match=r"the model's own decisions.*one class"):
         _calibrate(model, x, None)
 
 
