@@ -34,6 +34,14 @@ A group in ``G`` equal blocks (read or written by a grouped convolution, ``Chann
 round-robin over its blocks (each step among the blocks that lost the fewest channels), so the order and the
 retention respect the per-block constraint at every width that is a multiple of ``G``.
 
+Dense targets (detectors, segmenters, CTC recognizers; methods.md §8, :mod:`pipeline.calibrate_locations`): the
+samples of ``S`` and ``D`` are sampled *locations* of the probe, each a C-vector ``f(i, j)`` paired with the class of
+that location (its object, segment or time step; background, the blank included, is a class), so ``d = C`` and
+``DI = tr((S + ρI)⁻¹ S_B)`` measures how much of the location classes a linear read-out of the channels separates;
+the formulas above are unchanged. With the model's own decisions as labels (``--labels model``) it measures which
+channels carry what the original model decides. Classes never seen have zero columns in ``D`` and are dropped (a
+CTC head over thousands of characters costs what the characters seen cost).
+
 Preconditions: statistics from at least two classes. A probe without class information (``DI = 0``, e.g.
 constant features or one class) gives zero drops (order by channel index) and a retention ``w / C``, with a
 warning.

@@ -10,7 +10,10 @@ within scatter is ``S_W = S − S_B``; per feature ``j``::
 the probed layer directly. NOT built: the paper's pre-decision-layer LDA followed by deconvolution tracing of the
 utility back through the network (§2.3); every layer is scored on its own activations instead.
 
-Several probes: reduction ``"mean"`` of per-probe scores normalised to unit sum.
+Several probes: reduction ``"mean"`` of per-probe scores normalised to unit sum. Dense targets: the samples are
+sampled locations of the probe paired with their classes (methods.md §8, :mod:`pipeline.calibrate_locations`), so
+``σ_b²(j)`` and ``σ_w²(j)`` are between- and within-class variances of channel ``j`` over locations; nothing else
+changes.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ the deflated ``XᵀY``; ``r_a = w_a − Σ_{b<a} (p_bᵀ w_a) r_b``; ``t_aᵀt_a
 Approximation (stated): the reference pools the features of ALL layers into one X. Statistics hold only per-probe
 grams (no cross-probe covariance), so we fit one PLS per probe tensor, on all of that tensor's features (every group
 in it, as the reference does within a layer). A channel scores the mean VIP of its cells; a group read at several
-probes averages its per-probe scores (VIP is already scale-free: mean VIP² = 1 in every probe).
+probes averages its per-probe scores (VIP is already scale-free: mean VIP² = 1 in every probe). Dense targets: the
+rows of ``X`` and ``Y`` are sampled locations and their one-hot classes (methods.md §8,
+:mod:`pipeline.calibrate_locations`); classes never seen (``ProbeStats.class_ids``) have zero columns in ``XᵀY`` and
+are left out, which changes no VIP.
 """
 
 from __future__ import annotations

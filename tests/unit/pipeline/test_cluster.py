@@ -74,6 +74,25 @@ class TestOnRay:
             plans.add(plan.with_sha(prepared.sha256).save(tmp_path / f"plan{workers}.json").read_bytes())
         assert len(plans) == 1
 
+    @pytest.mark.parametrize("labels", ["masks", "model"])
+    def test_location_statistics_from_1_2_workers_are_identical(self, tmp_path: Path, labels: str) -> None:
+        from pipeline.data import from_npz
+        from pipeline.targets import LabelOptions
+        from tests.dense_models import seg_net
+
+        model = prepare(seg_net(str(tmp_path / "seg.onnx")))
+        rng = np.random.default_rng(0)
+        maps = (rng.random((40, 16, 16)) > 0.7).astype(np.int64)
+        np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 1, 16, 16)).astype(np.float32),
+                 **({"y": maps} if labels == "masks" else {}))
+        data = from_npz(tmp_path / "d.npz")
+        options = {"progress": False, "batch_size": 8, "shard_batches": 1, "labels": LabelOptions(
+            source="data" if labels == "masks" else "model")}
+        reference = calibrate(model, data, **options)
+        assert reference.targets["labels"] == ("data" if labels == "masks" else "model")
+        for workers in (1, 2):
+            _assert_same_stats(reference, calibrate(model, data, cluster=_options(workers), **options))
+
     def test_recovered_models_from_1_2_3_workers_are_identical(self, mnist: tuple) -> None:
         prepared, data = mnist
         keep = keep_lists(select_channels(score(prepared, None, "l2"), prepared.index, target_macs=0.4))
