@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-MODEL = Path("/work/prod/rapidocr_onnxruntime/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx")
+MODELS = Path("/work/prod/rapidocr_onnxruntime/rapidocr_onnxruntime/models")
+MODEL = MODELS / "ch_PP-OCRv4_rec_infer.onnx"
+DETECTOR = MODELS / "ch_PP-OCRv4_det_infer.onnx"
 FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf")
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 HEIGHT, WIDTH = 48, 320
@@ -99,3 +101,26 @@ def decode(path: np.ndarray, classes: list[str]) -> list[str]:
     from pipeline.outputs import ctc_collapse
 
     return ["".join(classes[c] for c in seq) for seq in ctc_collapse(path, 0)]
+
+
+def render_pages(count: int, seed: int, classes: list[str], size: int = 320) -> np.ndarray:
+    """``count`` seeded ``size x size`` pages for the PP-OCRv4 text detector: 2-5 lines of :func:`render`'s kind
+    pasted at random places on a light background, preprocessed as rapidocr's detector does (BGR, ``(x / 255 -
+    0.5) / 0.5``), ``(count, 3, size, size)`` float32."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    chars = drawable(classes[1:-1])
+    rng = np.random.default_rng(seed)
+    pages = []
+    for _ in range(count):
+        page = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(190, 256, 3)))
+        draw = ImageDraw.Draw(page)
+        for _ in range(int(rng.integers(2, 6))):
+            text = " ".join("".join(chars[int(i)] for i in rng.integers(0, len(chars), int(rng.integers(2, 8))))
+                            for _ in range(int(rng.integers(1, 3))))
+            font = ImageFont.truetype(str(FONT_DIR / FONTS[int(rng.integers(len(FONTS)))]), int(rng.integers(14, 30)))
+            draw.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 30))), text, font=font,
+                      fill=tuple(int(v) for v in rng.integers(0, 60, 3)))
+        rgb = np.asarray(page, np.float64) + rng.normal(0, 6, (size, size, 3))
+        pages.append(((np.clip(rgb, 0, 255)[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5).astype(np.float32))
+    return np.stack(pages)

@@ -47,7 +47,7 @@ import numpy as np
 from graph_ops.errors import PreconditionError
 from graph_ops.probes import LocationView, PooledProbe, add_location_views
 from pipeline.errors import CalibrationError
-from pipeline.locations import ProbeView, grid_labels, location_rng, sample_cells, view_of
+from pipeline.locations import ClassCounts, ProbeView, grid_labels, location_rng, sample_cells, view_of
 from pipeline.outputs import ctc_align, ctc_best_path, detections_as_boxes, map_classes, yolo_decode
 from pipeline.prepare import PreparedModel
 from pipeline.runtime import (
@@ -210,11 +210,13 @@ class LocationJob:
         height, width = _input_size(batch)
         return detections_as_boxes(yolo_decode(out, t.decode, num_classes=t.num_classes - 1), height, width)
 
-    def _pick(self, targets: Sequence[np.ndarray], values: Mapping[str, np.ndarray] | None, start: int,
+    def _pick(self, targets: Sequence[Any], values: Mapping[str, np.ndarray] | None, start: int,
               n: int) -> Picks:
         """Per view and sample the sampled positions and their labels (grids: static, or from the fetched views)."""
         if len(targets) != n:
             raise CalibrationError(f"{len(targets)} targets for a batch of {n} samples")
+        if self.targets.kind == "map":  # per-class integral images, once per map for every grid
+            targets = [ClassCounts.of(t, self.targets.background) for t in targets]
         cache: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
         picks: Picks = []
         for view, layout in zip(self.views, self.layouts, strict=True):

@@ -111,18 +111,46 @@ def _order(classes: np.ndarray, background: int | None) -> np.ndarray:
     return np.concatenate([np.sort(fg), classes[classes == background]]) if background is not None else np.sort(fg)
 
 
-def map_on_grid(labels: np.ndarray, grid: tuple[int, int], background: int | None) -> np.ndarray:
+def _present(values: np.ndarray) -> np.ndarray:
+    """The distinct non-negative values of an integer array, ascending."""
+    valid = values[values >= 0]
+    if not valid.size:
+        return np.zeros(0, np.int64)
+    top = int(valid.max())
+    return np.flatnonzero(np.bincount(valid.ravel(), minlength=top + 1)) if top < 1 << 16 else np.unique(valid)
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """Per class present in a class map ``(H, W)``, its integral image ``(H + 1, W + 1)``, in tie-breaking order
+    (non-background ascending, the background last): what :func:`map_on_grid` reads, built once per map and shared
+    by every grid."""
+
+    shape: tuple[int, int]
+    classes: np.ndarray
+    integrals: np.ndarray
+
+    @classmethod
+    def of(cls, labels: np.ndarray, background: int | None) -> ClassCounts:
+        """The counts of a class map (``-1`` ignored)."""
+        lab = np.asarray(labels)
+        classes = _order(_present(lab), background)
+        integrals = np.zeros((len(classes), lab.shape[0] + 1, lab.shape[1] + 1), np.int32)
+        for i, k in enumerate(classes):
+            np.cumsum(np.cumsum(lab == k, axis=0, dtype=np.int32), axis=1, out=integrals[i, 1:, 1:])
+        return cls((int(lab.shape[0]), int(lab.shape[1])), classes, integrals)
+
+
+def map_on_grid(labels: np.ndarray | ClassCounts, grid: tuple[int, int], background: int | None) -> np.ndarray:
     """Majority class of every cell of an ``(h, w)`` grid over a class map ``(H, W)`` (``-1`` ignored; module
-    docstring), as int64 ``(h, w)``."""
-    lab = np.asarray(labels)
+    docstring; or its :class:`ClassCounts`), as int64 ``(h, w)``."""
+    counts = labels if isinstance(labels, ClassCounts) else ClassCounts.of(labels, background)
     h, w = int(grid[0]), int(grid[1])
-    r0, r1 = _spans(lab.shape[0], h)
-    c0, c1 = _spans(lab.shape[1], w)
+    r0, r1 = _spans(counts.shape[0], h)
+    c0, c1 = _spans(counts.shape[1], w)
     best = np.full((h, w), -1, np.int64)
     most = np.zeros((h, w), np.int64)
-    for k in _order(np.unique(lab[lab >= 0]), background):
-        ii = np.zeros((lab.shape[0] + 1, lab.shape[1] + 1), np.int64)
-        ii[1:, 1:] = (lab == k).cumsum(axis=0).cumsum(axis=1)
+    for k, ii in zip(counts.classes, counts.integrals, strict=True):
         count = ii[np.ix_(r1, c1)] - ii[np.ix_(r0, c1)] - ii[np.ix_(r1, c0)] + ii[np.ix_(r0, c0)]
         better = count > most
         best[better], most[better] = k, count[better]
@@ -159,27 +187,29 @@ def sample_cells(labels: np.ndarray, rng: np.random.Generator, sampling: Samplin
     the other cells' classes."""
     flat = np.asarray(labels).reshape(-1)
     keys = rng.random(flat.size)
-    cells = np.flatnonzero(flat >= 0)
-    if cells.size == 0:
+    classes = _present(flat)
+    chosen, taken = [], 0
+    for k in classes[classes != background] if background is not None else classes:
+        chosen.append(_smallest(np.flatnonzero(flat == k), keys, sampling.per_class))
+        taken += len(chosen[-1])
+    if background is not None and background in classes:
+        allowed = math.ceil(sampling.background_ratio * taken) if taken else sampling.per_class
+        chosen.append(_smallest(np.flatnonzero(flat == background), keys, allowed))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def _smallest(cells: np.ndarray, keys: np.ndarray, quota: int) -> np.ndarray:
+    """The ``quota`` cells of ``cells`` with the smallest keys (all of them when there are no more)."""
+    if len(cells) <= quota:
         return cells
-    classes, slot, counts = np.unique(flat[cells], return_inverse=True, return_counts=True)
-    order = np.argsort(slot + keys[cells], kind="stable")  # by class, then by key
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(cells.size, np.int64)
-    rank[order] = np.arange(cells.size) - np.repeat(starts, counts)
-    is_bg = classes == background if background is not None else np.zeros(classes.size, bool)
-    quota = np.minimum(counts, sampling.per_class)
-    taken = int(quota[~is_bg].sum())
-    allowed = math.ceil(sampling.background_ratio * taken) if taken else sampling.per_class
-    quota[is_bg] = np.minimum(counts[is_bg], allowed)
-    return cells[rank < quota[slot]]
+    return cells[np.argpartition(keys[cells], quota - 1)[:quota]] if quota > 0 else cells[:0]
 
 
-def grid_labels(kind: str, target: str, sample: np.ndarray, grid: tuple[int, ...], background: int | None
-                ) -> np.ndarray:
+def grid_labels(kind: str, target: str, sample: np.ndarray | ClassCounts, grid: tuple[int, ...],
+                background: int | None) -> np.ndarray:
     """The labels of one sample's target on one view's grid: ``grid`` views get maps or boxes, ``line`` views
     sequences; ``pooled`` views the reference grid (``REFERENCE_GRID`` squared for maps and boxes, the target's own
-    time steps for sequences)."""
+    time steps for sequences). A class map may come as its :class:`ClassCounts` (built once for all grids)."""
     if kind == "pooled":
         if target == "sequence":
             return np.asarray(sample, np.int64).reshape(-1)
