@@ -88,10 +88,9 @@ def main() -> None:
                  "difference (McNemar).", "",
                  "| model | MACs target | original | DI, data labels | DI, model labels | difference | 2 SE | "
                  "within noise |", "|---|---|---|---|---|---|---|---|"]
-        for r in d["rows"]:
-            lines.append(f"| {r['network']} | {r['target_macs']:g} | {100 * r['original']:.2f} | {100 * r['data']:.2f} | "
-                         f"{100 * r['model']:.2f} | {100 * (r['model'] - r['data']):+.2f} | {100 * r['two_se']:.2f} | "
-                         f"{'yes' if r['within_noise'] else 'no'} |")
+        lines += [f"| {r['network']} | {r['target_macs']:g} | {100 * r['original']:.2f} | {100 * r['data']:.2f} | "
+                  f"{100 * r['model']:.2f} | {100 * (r['model'] - r['data']):+.2f} | {100 * r['two_se']:.2f} | "
+                  f"{'yes' if r['within_noise'] else 'no'} |" for r in d["rows"]]
         within = sum(r["within_noise"] for r in d["rows"])
         return "\n".join(lines) + f"\n\nWithin noise in {within} of {len(d['rows'])} cells.\n"
 
