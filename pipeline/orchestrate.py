@@ -70,8 +70,9 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
         counts = next(iter(stats.probes.values())).class_counts
         if int(np.count_nonzero(counts)) < 2:
             raise CalibrationError(f"method '{method}' needs class labels, but the statistics hold one class (they "
-                                   f"were calibrated on unlabelled data); use a label-free method (l1, l2, random, "
-                                   f"mean-act, apoz) or calibrate on labelled data")
+                                   f"were calibrated on unlabelled data); calibrate with --labels model (the model's "
+                                   f"own decisions) or on labelled data, or use a label-free method (l1, l2, random, "
+                                   f"mean-act, apoz)")
     ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
                          seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights,
                          layers=prepared.layers)

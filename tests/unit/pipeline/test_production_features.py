@@ -93,20 +93,21 @@ def test_unlabelled_image_folder_prunes_with_label_free_methods_and_recovery(met
 
 
 @pytest.mark.parametrize("method", ["di", "lda", "pls-vip"])
-def test_label_aware_methods_refuse_unlabelled_data(method: str, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_label_aware_methods_refuse_unlabelled_data_with_labels_data(method: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     model = Path(tiny_classifier(str(tmp_path / "m.onnx"), in_channels=1, widths=(16, 16), classes=10))
     data = tmp_path / "x.npz"
     np.savez(data, x=np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8))  # no 'y'
     assert main(["-q", "prune", str(model), "--data", str(data), "--method", method, "--target-params", "0.7",
-                 "-o", str(tmp_path / "p.onnx")]) == 1
+                 "--labels", "data", "-o", str(tmp_path / "p.onnx")]) == 1
     err = capsys.readouterr().err
-    assert "need class labels" in err and "l1, l2, random, mean-act, apoz" in err
+    assert "--labels data: the data" in err and "has no labels" in err and "--labels model" in err
     stats = tmp_path / "stats.npz"  # label-free statistics from the same data, then a label-aware scorer
     assert main(["-q", "calibrate", str(model), "--data", str(data), "-o", str(stats)]) == 0
     assert main(["-q", "score", str(stats), "--model", str(model), "--method", method,
                  "-o", str(tmp_path / "s.json")]) == 1
-    assert "needs class labels" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs class labels" in err and "--labels model" in err and "l1, l2, random, mean-act, apoz" in err
 
 
 def test_plans_of_grouped_convolutions_keep_equal_counts_per_block(tmp_path: Path) -> None:
