@@ -104,7 +104,7 @@ class Dataset:
         keys: Feed keys produced by ``loader`` (array names in the source).
         loader: Function from sample indices to ``{key: batch array}``.
         spec: How to reopen this dataset from its files (None for in-memory data); see :class:`DataSpec`.
-        targets: Dense labels (class maps, boxes, sequences; :class:`pipeline.targets.TargetSource`), or None.
+        targets: Dense labels (class maps, boxes, sequences; :class:`pipeline.labels.TargetSource`), or None.
     """
 
     name: str
@@ -368,7 +368,7 @@ def from_npz(
         layout: One of ``LAYOUTS``.
         split: ``"train"``, ``"test"`` or None (all samples).
         limit: Keep only the first ``limit`` samples (after the split). Arrays are converted lazily, per batch.
-        label_format, labels_path: dense labels (:mod:`pipeline.targets`): a labels array of shape ``(N, H, W)``
+        label_format, labels_path: dense labels (:mod:`pipeline.labels`): a labels array of shape ``(N, H, W)``
             (class maps) or ``(N, L)`` (sequences) becomes the dataset's ``targets``; ``labels_path`` reads them
             from label files instead (sample ``i`` <-> the file whose stem is the integer ``i``).
 
@@ -398,7 +398,7 @@ def from_npz(
     labels = None if labels is None else labels[:num]
     targets = None
     if labels_path is not None or (labels is not None and np.ndim(labels) > 1):
-        from pipeline.targets import array_source, labels_path_source
+        from pipeline.labels import array_source, labels_path_source
 
         if labels_path is not None:
             if labels is not None:
@@ -445,7 +445,7 @@ def from_image_folder(
         mean, std: Per-channel mean and standard deviation on the [0, 1] scale, in ``channel_order``.
         channel_order: ``"RGB"``, ``"BGR"`` or ``"L"`` (grayscale, one channel).
         limit: Keep only the first ``limit`` images (sorted by class, then file name). Images are read lazily.
-        label_format, labels_path: dense labels of an unlabelled folder (:mod:`pipeline.targets`; image
+        label_format, labels_path: dense labels of an unlabelled folder (:mod:`pipeline.labels`; image
             ``a.jpg`` <-> label ``a.txt`` / ``a.png`` / the COCO image with that stem), through the same resize and
             crop as the images.
 
@@ -483,7 +483,7 @@ def from_image_folder(
     name += f" {channel_order}"
     targets, dense = None, {}
     if labels_path is not None:
-        from pipeline.targets import labels_path_source
+        from pipeline.labels import labels_path_source
 
         if classes:
             raise UserInputError(f"{root} has class sub-folders (per-image labels); --labels-path goes with a folder "
@@ -622,7 +622,7 @@ def open_dataset(
     * a folder: :func:`from_image_folder` (of ``root/<split>`` when that exists); defaults size 256, crop 224 and
       the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), RGB.
 
-    ``split="all"`` means every sample. ``label_format`` / ``labels_path``: dense labels (:mod:`pipeline.targets`).
+    ``split="all"`` means every sample. ``label_format`` / ``labels_path``: dense labels (:mod:`pipeline.labels`).
     Raises UserInputError for a spec that is none of these.
     """
     chosen = None if split == "all" else split

@@ -10,8 +10,9 @@ import pytest
 
 from pipeline.data import from_image_folder, from_npz, open_dataset
 from pipeline.errors import CalibrationError, UserInputError
+from pipeline.labels import guess_format
 from pipeline.prepare import prepare
-from pipeline.targets import LabelOptions, guess_format, resolve_targets
+from pipeline.targets import LabelOptions, resolve_targets
 from tests.dense_models import ctc_net, seg_net, yolo_net
 
 PIL = pytest.importorskip("PIL.Image", reason="image folders need Pillow")
