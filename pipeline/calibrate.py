@@ -152,8 +152,8 @@ def _check_amount(stats: Mapping[str, ProbeStats], require_labels: bool, targets
 def _labels(labels: np.ndarray | None, n: int, num_classes: int, require_labels: bool) -> np.ndarray:
     if labels is None and require_labels:
         raise CalibrationError("DI/LDA/PLS need labels; the dataset has none. Use labelled data (an .npz with a "
-                               "'y' array, or an image folder with one sub-folder per class) or a data-free "
-                               "method (l1, l2, random)")
+                               "'y' array, or an image folder with one sub-folder per class), the model's own "
+                               "decisions (--labels model) or a data-free method (l1, l2, random)")
     if labels is None or (num_classes == 1 and not require_labels):
         return np.zeros(n, np.int64)
     return check_labels(labels, n, num_classes)
