@@ -138,3 +138,35 @@ def test_run_config_label_keys(tmp_path: Path) -> None:
         bad = {**doc, "prune": {**doc["prune"], key: value}}
         with pytest.raises(UserInputError, match=message):
             config_from_dict(bad, tmp_path)
+
+
+@pytest.mark.slow  # two runs, each with its evaluation and latency rounds (~10 s alone)
+def test_run_job_takes_the_models_labels_and_caches_the_calibration(tmp_path: Path) -> None:
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.job import run_config
+    from tests.graphs import tiny_classifier
+
+    model = tiny_classifier(str(tmp_path / "c.onnx"), in_channels=2, widths=(4, 6), classes=3, seed=7)
+    np.savez(tmp_path / "u.npz", x=np.random.default_rng(6).standard_normal((40, 2, 8, 8)).astype(np.float32))
+    doc = {"model": model, "data": {"calibration": "u.npz", "evaluation": "u.npz"},
+           "prune": {"methods": ["di"], "target_macs": [0.6], "round_to": 1, "min_channels": 1, "prune_ends": True,
+                     "pooling": "gap"},
+           "bench": {"backend": "ort-cpu", "batch": [1], "warmup": 0.01, "duration": 0.05, "iterations": 2,
+                     "rounds": 1},
+           "output": "out"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    lines: list[str] = []
+    report = run_config(load_config(tmp_path / "job.yaml"), progress=False, echo=lines.append)
+    assert report.exit_code == 0 and report.cache["calibration"] == "computed"
+    assert "calibration: labels from the model per image (the data has no labels)" in lines
+    plan = json.loads((tmp_path / "out" / "candidates" / "di-macs0.6.onnx.plan.json").read_text())
+    assert plan["meta"]["labels"]["labels"] == "model"
+    doc["prune"]["target_macs"] = [0.7]  # another budget: the labelled calibration comes from the cache
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    assert run_config(load_config(tmp_path / "job.yaml"), progress=False).cache["calibration"] == "reused"
+    doc["prune"]["labels"] = "data"  # another label choice: not the cached statistics (and no labels: refused)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserInputError, match="--labels data"):
+        run_config(load_config(tmp_path / "job.yaml"), progress=False)
