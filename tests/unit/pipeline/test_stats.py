@@ -110,3 +110,42 @@ def test_load_rejects_foreign_npz(tmp_path: Path) -> None:
     np.savez(path, __header__=np.array('{"format": "other/1"}'))
     with pytest.raises(UserInputError, match="not a DIPrune statistics file"):
         CalibrationStats.load(path)
+
+
+def test_sparse_class_rows_give_the_dense_statistics_and_merge_by_union() -> None:
+    from pipeline.stats import ProbeAccumulator
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((90, 6))
+    y = rng.choice([2, 17, 40, 41], 90)
+    dense, sparse = ProbeAccumulator(6, 1, 50), ProbeAccumulator(6, 1, 50, sparse=True)
+    for part in np.array_split(np.arange(90), 4):
+        dense.add(x[part], y[part])
+        sparse.add(x[part], y[part])
+    a, b = dense.freeze(), sparse.freeze()
+    assert a.class_ids is None and b.class_ids.tolist() == [2, 17, 40, 41]
+    np.testing.assert_array_equal(b.class_sums, a.class_sums[[2, 17, 40, 41]])
+    np.testing.assert_array_equal(b.delta(), a.delta()[:, [2, 17, 40, 41]])
+    np.testing.assert_array_equal(a.gram, b.gram)
+    left = ProbeAccumulator(6, 1, 50, sparse=True)
+    left.add(x[:30], np.full(30, 5))
+    merged = left.freeze().merge(b)  # classes {5} and {2, 17, 40, 41}: the union, sorted
+    assert merged.class_ids.tolist() == [2, 5, 17, 40, 41] and merged.n == 120
+    np.testing.assert_allclose(merged.class_sums[1], x[:30].sum(axis=0))
+    updated = b.update(x[:30], np.full(30, 5))
+    np.testing.assert_array_equal(updated.class_ids, merged.class_ids)
+    np.testing.assert_allclose(updated.gram, merged.gram)
+
+
+def test_weighted_rows_count_as_repeated_samples() -> None:
+    from pipeline.stats import ProbeAccumulator
+
+    rng = np.random.default_rng(4)
+    x, y, w = rng.standard_normal((5, 3)), np.array([0, 1, 1, 2, 0]), np.array([1, 3, 2, 1, 4])
+    weighted, repeated = ProbeAccumulator(3, 1, 3), ProbeAccumulator(3, 1, 3)
+    weighted.add(x, y, weights=w)
+    repeated.add(np.repeat(x, w, axis=0), np.repeat(y, w))
+    a, b = weighted.freeze(), repeated.freeze()
+    assert a.n == b.n == 11 and a.class_counts.tolist() == b.class_counts.tolist() == [5, 5, 1]
+    for field in ("sum", "class_sums", "gram"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-12)
