@@ -5,6 +5,10 @@ reduce the probe to per-channel float64 sums (global, or over K x K bins), optio
 and its shape, and returns those as its only outputs: onnxruntime hands back ``O(N C)`` numbers per probe, not the
 activation, and reduces each probe as soon as it exists. Its docstring has the math and the node order.
 
+``add_location_views(model, views)`` (what location-aware calibration runs) appends per probe its channels-first
+view for per-location statistics (the probe, its height mean, or its mean), optionally gathered inside the graph at
+positions fed as an extra input, and keeps the original outputs it is asked to (the output the labels are read from).
+
 ``expose_tensors(model, names)`` returns a *copy* of the model whose graph outputs are the original outputs, in their
 original order, followed by the requested tensors in the order given (duplicates and tensors that already are
 outputs are listed once). The graph itself (nodes, initializers) is untouched, so every original output is computed
