@@ -198,8 +198,7 @@ class PruneRun:
                 return stats
         if self.data is None:
             raise UserInputError("calibration needs data: pass --data (or use a data-free method: l1, l2, random)")
-        options = self.labels if labels else replace(self.labels, source=None if self.labels.source == "model"
-                                                     else self.labels.source)
+        options = self.labels if labels else replace(self.labels, source=None)  # label-free: the data's, if any
         with self.timed("calibrate"):
             stats = calibrate(self.prepared, self.data, pooling=self.pooling, batch_size=self.batch_size,
                               backend=self.backend, intra_op_threads=self.threads, progress=self.progress,
