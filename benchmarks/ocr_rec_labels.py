@@ -20,9 +20,11 @@ samples, every fifth batch, to choose its ridge).
 with the default recovery (``lstsq``): ``di-model`` = DI with ``--labels model`` (the calibration ``.npz`` holds
 no labels: the recognizer's own best path per time step), ``di-text`` = DI with the texts aligned to the time steps
 through the original's output (``--label-format text``), ``l2`` the weight norm, ``random:S`` random channels with
-seed ``S``. Metrics on the held-out lines (batches of ``B``, onnxruntime CPU, greedy CTC decoding, leading/trailing spaces
+seed ``S``; a run name ending in ``/R`` prunes with ``--recover R`` (e.g. ``di-model/none``: the selection alone,
+without recovery). Metrics on the held-out lines (batches of ``B``, onnxruntime CPU, greedy CTC decoding, leading/trailing spaces
 stripped): exact-line accuracy (with its binomial standard error) and character error rate (edit distance / reference
-length, summed over lines). Writes ``benchmarks/results/ocr_rec_labels.json`` and ``.md`` with the machine.
+length, summed over lines). Writes ``benchmarks/results/NAME.json`` and ``.md`` with the machine (``--name``, default
+``ocr_rec_labels``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def _metrics(path: Path, x: np.ndarray, texts: list[str], classes: list[str], ba
 def _prune(run: str, cal: Path, out: Path, target: float, batch: int) -> dict[str, object]:
     from pipeline.cli import main
 
+    run, _, recovery = run.partition("/")
     method, _, seed = run.partition(":")
     argv = ["-q", "prune", str(MODEL), "--input-shape", f"x:{batch}x3x48x320", "--data", str(cal), "--target-macs",
             str(target), "-o", str(out)]
@@ -84,6 +87,8 @@ def _prune(run: str, cal: Path, out: Path, target: float, batch: int) -> dict[st
         argv += ["--method", method]
     if seed:
         argv += ["--seed", seed]
+    if recovery:
+        argv += ["--recover", recovery]
     stdout = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(stdout):
@@ -105,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--runs", default="di-model,di-text,l2,random:0,random:1")
     parser.add_argument("--work", default="work/ocr_rec")
+    parser.add_argument("--name", default="ocr_rec_labels", help="results file name (benchmarks/results/NAME.*)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -117,8 +123,8 @@ def main() -> None:
     rows = {"original": {"metrics": _metrics(MODEL, x_eval, t_eval, classes, args.batch)}}
     print(f"original: {rows['original']['metrics']}", flush=True)
     for run in args.runs.split(","):
-        out = work / f"{run.replace(':', '_')}.onnx"
-        record = _prune(run, cal_text if run == "di-text" else cal, out, args.target, args.batch)
+        out = work / f"{run.replace(':', '_').replace('/', '_')}.onnx"
+        record = _prune(run, cal_text if run.startswith("di-text") else cal, out, args.target, args.batch)
         record["metrics"] = _metrics(out, x_eval, t_eval, classes, args.batch)
         rows[run] = record
         print(f"{run}: {record['metrics']} ({record['seconds']} s)", flush=True)
@@ -136,7 +142,7 @@ def main() -> None:
         m = record["metrics"]
         lines.append(f"| {run} | {100 * m['exact']:.1f} +- {100 * m['exact_se']:.1f} | {100 * m['cer']:.2f} | "
                      f"{record.get('macs_fraction', 1.0):.3f} | {record.get('seconds', '')} |")
-    write_results(RESULTS / "ocr_rec_labels.json", doc, lambda _: "\n".join(lines) + "\n")
+    write_results(RESULTS / f"{args.name}.json", doc, lambda _: "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
