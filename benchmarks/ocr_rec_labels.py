@@ -135,8 +135,9 @@ def main() -> None:
            "across runs)", "runs": rows}
     lines = [f"# PP-OCRv4 recognizer at {args.target:g} of the MACs: labels from the model", "",
              f"{args.calib} rendered calibration lines, {args.eval} held-out lines (`python -m "
-             f"benchmarks.ocr_rec_labels`); default lstsq recovery; batch {args.batch}; exact-line accuracy +- its standard "
-             "error, character error rate.", "",
+             f"benchmarks.ocr_rec_labels --runs {args.runs}`); lstsq recovery unless the run name ends in /none (no "
+             f"recovery); batch {args.batch}; exact-line accuracy +- its standard error, character error rate; 2-core "
+             "VM shared with other jobs (times not comparable).", "",
              "| run | exact line % | CER % | MACs | time (s) |", "|---|---|---|---|---|"]
     for run, record in rows.items():
         m = record["metrics"]
