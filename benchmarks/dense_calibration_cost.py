@@ -14,10 +14,12 @@ Cases (data from :mod:`benchmarks.ocr_lines`, unlabelled unless said):
 * ``det-masks``: the same detector and pages with the detector's own binarised maps stored as ``y`` masks, i.e.
   data labels known before each batch runs: the sampled positions are gathered inside the graph.
 
-Modes, each in a fresh process (so that its peak resident memory, ``ru_maxrss``, is its own), in interleaved rounds
+Modes, each in a fresh process, in interleaved rounds
 (plain, pooled, dense, then again): ``plain`` = one onnxruntime pass of the prepared model over the data (same
 batches, :func:`pipeline.runtime.open_session`), ``pooled`` = today's calibration of every probe (pooled features,
 no labels: what ``l2``/``mean-act`` use and what DI used on a classifier), ``dense`` = the location-aware calibration.
+Memory: the peak resident memory of the process during the mode's work alone (``VmHWM`` after resetting it through
+``/proc/self/clear_refs`` once the model is prepared and the data opened; the preparation's own peak is excluded).
 Reported per case: the best time of each mode over the rounds and the ratios ``dense / plain`` (time) and ``dense /
 pooled`` (peak memory). Writes ``benchmarks/results/dense_calibration_cost.json`` and ``.md`` with the machine. The
 machine was shared with other jobs: only ratios measured within one run mean anything.
@@ -75,6 +77,7 @@ def _child(case: str, mode: str, work: Path) -> dict[str, float]:
     prepared = prepare(path, parse_input_shapes([shape]))
     data = from_npz(work / (file if mode == "dense" else file.replace("_masks", "")))  # the same images, unlabelled
     batch = int(shape.split(":")[1].split("x")[0])
+    before = _reset_peak()
     start = time.perf_counter()
     if mode == "plain":
         session = open_session(prepared.model.SerializeToString(), "ort-cpu")
@@ -88,8 +91,27 @@ def _child(case: str, mode: str, work: Path) -> dict[str, float]:
         samples = next(iter(stats.probes.values())).n
         assert (stats.targets is not None) == dense, stats.targets
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "samples": samples}
+    return {"seconds": seconds, "peak_rss_mb": _peak() / 1024, "rss_before_mb": before / 1024,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "samples": samples}
+
+
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` entry in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Reset the process's peak resident memory (Linux ``clear_refs`` 5), so that it measures the stage that follows
+    (not the model preparation before it); returns the resident memory now, KiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
+
+
+def _peak() -> int:
+    return _status("VmHWM")
 
 
 def main() -> None:

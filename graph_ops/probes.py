@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -391,8 +391,9 @@ class LocationView:
     channels: int | None = None
 
 
-def add_location_views(model: onnx.ModelProto, views: Iterable[tuple[str, str]], *, gather: bool = False,
-                       last_axis: Iterable[str] = (), keep_outputs: Iterable[str] = (),
+def add_location_views(model: onnx.ModelProto, views: Iterable[tuple[str, str]], *,
+                       gather: bool | Collection[str] = False, last_axis: Iterable[str] = (),
+                       keep_outputs: Iterable[str] = (),
                        summaries: bool = False) -> tuple[onnx.ModelProto, tuple[LocationView, ...],
                                                          tuple[PooledProbe, ...]]:
     """A copy of ``model`` whose outputs are per-location views of the named probes (what location-aware
@@ -403,7 +404,8 @@ def add_location_views(model: onnx.ModelProto, views: Iterable[tuple[str, str]],
     ``Transpose`` first (as in :func:`add_pooled_probes`), a non-float32 one is cast to float32; then ``grid`` keeps
     the ``(N, C, h, w)`` probe, ``line`` averages a 4-D probe over its height (``ReduceMean`` axis 2) and keeps a
     3-D one, ``pooled`` averages over every position (``ReduceMean`` over the axes after the channels). With
-    ``gather``, ``grid`` and ``line`` views are reshaped to ``(N, C, P)`` and gathered at the fed positions
+    ``gather`` (True: every view; or the probes to gather), ``grid`` and ``line`` views are reshaped to
+    ``(N, C, P)`` and gathered at the fed positions
     (``GatherElements`` along axis 2, the ``(N, 1, M)`` indices expanded over the channels): onnxruntime returns
     ``(N, C, M)``, not the activation. The chains are appended in reverse order of their probes' producers and the
     other original outputs are dropped, so every view is computed as soon as its probe exists (see
@@ -439,7 +441,8 @@ def add_location_views(model: onnx.ModelProto, views: Iterable[tuple[str, str]],
             shape = tuple(shape[i] for i in perm)
         if types.get(name, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
             source = b.node(name, "Cast", [source], f"{name}__loc_f32", to=onnx.TensorProto.FLOAT)
-        out_views.append(_view_one(b, name, kind, source, shape, gather))
+        out_views.append(_view_one(b, name, kind, source, shape, gather if isinstance(gather, bool) else
+                                   name in set(gather)))
         if summaries:
             pooled.append(_pool_one(b, name, shape, onnx.TensorProto.FLOAT, 1, True, source))
     out = onnx.ModelProto()

@@ -47,7 +47,16 @@ import numpy as np
 from graph_ops.errors import PreconditionError
 from graph_ops.probes import LocationView, PooledProbe, add_location_views
 from pipeline.errors import CalibrationError
-from pipeline.locations import ClassCounts, ProbeView, grid_labels, location_rng, sample_cells, view_of
+from pipeline.locations import (
+    CANDIDATE_CELLS,
+    ClassCounts,
+    ProbeView,
+    candidate_cells,
+    grid_labels,
+    location_rng,
+    sample_cells,
+    view_of,
+)
 from pipeline.outputs import ctc_align, ctc_best_path, detections_as_boxes, map_classes, yolo_decode
 from pipeline.prepare import PreparedModel
 from pipeline.runtime import (
@@ -73,7 +82,9 @@ views; a model with a static batch keeps its own)."""
 SPARSE_CLASSES = 256
 """Heads with more classes keep per-class sums only for the classes seen."""
 
-Picks = list[list[tuple[np.ndarray, np.ndarray]]]  # per view, per sample: (positions, labels)
+Pick = tuple[np.ndarray, np.ndarray, np.ndarray]  # positions, their labels, their columns in the view's output
+Picks = list[list[Pick]]  # per view, per sample
+Fed = list[list[np.ndarray] | None]  # per view: per sample the positions fed to its gather (None: not gathered)
 
 
 def channel_summary(pooled: PooledProbe, values: Mapping[str, np.ndarray]) -> ChannelSummary | None:
@@ -101,6 +112,8 @@ class LocationJob:
         label_output: the model output the labels are decoded from (model labels, text alignment), else None.
         summaries: pooled zero counts / absolute sums per probe (empty without summaries).
         seed: seed of the location sampling.
+        candidates: with labels from the output, the cells fetched of a gathered view
+            (:func:`pipeline.locations.candidate_cells`).
         batch_size, backend, intra_op_threads, shard_batches, per_run: as :class:`pipeline.calibrate.ShardJob`.
     """
 
@@ -117,10 +130,11 @@ class LocationJob:
     intra_op_threads: int | None
     shard_batches: int = SHARD_BATCHES
     per_run: int | None = None
+    candidates: int = CANDIDATE_CELLS
 
     @property
     def gathered(self) -> bool:
-        """True when the positions are gathered inside the graph (fed before each batch runs)."""
+        """True when some view is gathered inside the graph at positions fed before each batch runs."""
         return any(v.gather is not None for v in self.views)
 
     @property
@@ -130,39 +144,45 @@ class LocationJob:
         names += [name for v in self.views for name in (v.output, v.shape)]
         return names + [n for p in self.summaries for n in (p.shape, p.nonzero, p.abs_sum) if n]
 
-    def batches(self, dataset: Any, *, progress: bool, first_sample: int = 0) -> Iterator[tuple[Batch, Picks | None]]:
-        """Every batch of ``dataset`` with its outputs (one onnxruntime session) and, when gathered in the graph,
-        the positions fed to it (sample ``i`` of ``dataset`` is sample ``first_sample + i`` of the calibration)."""
+    def batches(self, dataset: Any, *, progress: bool, first_sample: int = 0
+                ) -> Iterator[tuple[Batch, Picks | None, Fed | None]]:
+        """Every batch of ``dataset`` with its outputs (one onnxruntime session), its picks when they were made
+        before it ran, and the positions fed to its gathers (sample ``i`` of ``dataset`` is sample
+        ``first_sample + i`` of the calibration)."""
         # short-lived settings: idle pool threads must not spin, the previous batch's Gram updates (BLAS) run
         # meanwhile (measured on the OCR recognizer: 47 s -> 27 s for the same calibration)
         session = open_session(self.model, self.backend, self.intra_op_threads, short_lived=True)
-        fed: dict[int, Picks] = {}
+        fed: dict[int, tuple[Picks | None, Fed]] = {}
 
         def extra(start: int, feeds: Mapping[str, np.ndarray], labels: Any) -> dict[str, np.ndarray]:
             n = next(iter(feeds.values())).shape[0]
-            picks = self._pick(dataset.targets.take(start, start + n), None, first_sample + start, n)
-            fed[start] = picks
-            return {view.gather: _indices(per_view, n) for view, per_view in zip(self.views, picks, strict=True)
-                    if view.gather is not None}
+            picks, positions = None, self._candidates(first_sample + start, n)
+            if self.label_output is None:  # labels known now: gather exactly the sampled positions
+                picks = self._pick(dataset.targets.take(start, start + n), None, first_sample + start, n)
+                positions = [None if view.gather is None else [p[0] for p in per_view]
+                             for view, per_view in zip(self.views, picks, strict=True)]
+            fed[start] = (picks, positions)
+            return {view.gather: _indices(pos, n) for view, pos in zip(self.views, positions, strict=True)
+                    if view.gather is not None and pos is not None}
 
         shapes = {v.shape for v in self.views} | {p.shape for p in self.summaries}
         for batch in stream(session, dataset, self.outputs, self.specs, batch_size=self.batch_size,
                             stage="calibrate", progress=progress, per_run=self.per_run, shapes=shapes,
                             extra=extra if self.gathered else None):
-            yield batch, fed.pop(batch.start, None)
+            yield batch, *fed.pop(batch.start, (None, None))
 
-    def fold(self, dataset: Any, batches: Iterable[tuple[Batch, Picks | None]],
+    def fold(self, dataset: Any, batches: Iterable[tuple[Batch, Picks | None, Fed | None]],
              first_sample: int = 0) -> dict[str, ProbeStats]:
         """The statistics of a run of batches of ``dataset`` (one shard; sample indices from ``first_sample``)."""
         running: dict[str, ProbeAccumulator] = {}
         sparse = self.targets.num_classes > SPARSE_CLASSES
-        for batch, picks in batches:
+        for batch, picks, positions in batches:
             values = dict(zip(self.outputs, batch.outputs, strict=True))
             if picks is None:
                 picks = self._pick(self._batch_targets(dataset, batch, values), values, first_sample + batch.start,
-                                   batch.size)
+                                   batch.size, positions)
             for view, per_view, summary in itertools.zip_longest(self.views, picks, self.summaries):
-                rows, labels, weights = _rows(view, values[view.output], per_view)
+                rows, labels, weights = _rows(view.kind, values[view.output], per_view)
                 acc = running.get(view.tensor)
                 if acc is None:
                     acc = running[view.tensor] = ProbeAccumulator(rows.shape[1], 1, self.targets.num_classes,
@@ -210,17 +230,28 @@ class LocationJob:
         height, width = _input_size(batch)
         return detections_as_boxes(yolo_decode(out, t.decode, num_classes=t.num_classes - 1), height, width)
 
-    def _pick(self, targets: Sequence[Any], values: Mapping[str, np.ndarray] | None, start: int,
-              n: int) -> Picks:
-        """Per view and sample the sampled positions and their labels (grids: static, or from the fetched views)."""
+    def _candidates(self, start: int, n: int) -> Fed:
+        """Per view gathered at candidate cells (labels from the output), per sample its candidates."""
+        if self.label_output is None:
+            return [None] * len(self.views)
+        return [None if view.gather is None else
+                [candidate_cells(math.prod(int(d) for d in layout.grid), location_rng(self.seed, start + i, view.tensor),
+                                 self.candidates) for i in range(n)]
+                for view, layout in zip(self.views, self.layouts, strict=True)]
+
+    def _pick(self, targets: Sequence[Any], values: Mapping[str, np.ndarray] | None, start: int, n: int,
+              fed: Fed | None = None) -> Picks:
+        """Per view and sample the sampled positions, their labels and their columns in the view's output (grids:
+        static, or from the fetched views; among the fed candidates of a view gathered at candidates)."""
         if len(targets) != n:
             raise CalibrationError(f"{len(targets)} targets for a batch of {n} samples")
         if self.targets.kind == "map":  # per-class integral images, once per map for every grid
             targets = [ClassCounts.of(t, self.targets.background) for t in targets]
         cache: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
         picks: Picks = []
-        for view, layout in zip(self.views, self.layouts, strict=True):
+        for v, (view, layout) in enumerate(zip(self.views, self.layouts, strict=True)):
             grid = layout.grid if values is None else tuple(int(d) for d in values[view.shape][2:])
+            candidates = None if fed is None else fed[v]
             key = (layout.kind, grid)
             if key not in cache:
                 cache[key] = [grid_labels(layout.kind, self.targets.kind, t, grid, self.targets.background)
@@ -229,8 +260,12 @@ class LocationJob:
             for i, labels in enumerate(cache[key]):
                 flat = labels.reshape(-1)
                 cells = sample_cells(flat, location_rng(self.seed, start + i, view.tensor), self.targets.sampling,
-                                     self.targets.background)
-                per_sample.append((cells, flat[cells]))
+                                     self.targets.background, None if candidates is None else candidates[i])
+                if candidates is not None:  # the view's output holds the candidates' columns
+                    columns = np.searchsorted(candidates[i], cells)
+                else:  # gathered at exactly these positions, or the whole view
+                    columns = np.arange(len(cells)) if view.gather is not None else cells
+                per_sample.append((cells, flat[cells], columns))
             picks.append(per_sample)
         return picks
 
@@ -243,34 +278,29 @@ def _input_size(batch: Batch) -> tuple[int, int]:
     raise CalibrationError("YOLO detections are normalised by the input image size, but no input is [N, C, H, W]")
 
 
-def _indices(per_view: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+def _indices(positions: list[np.ndarray], n: int) -> np.ndarray:
     """The ``(n, 1, M)`` int32 positions fed to a gather (short rows padded with position 0, never read)."""
-    width = max(1, max(len(cells) for cells, _ in per_view))
+    width = max(1, max(len(cells) for cells in positions))
     out = np.zeros((n, 1, width), np.int32)
-    for i, (cells, _) in enumerate(per_view):
+    for i, cells in enumerate(positions):
         out[i, 0, :len(cells)] = cells
     return out
 
 
-def _rows(view: LocationView, value: np.ndarray, per_view: list[tuple[np.ndarray, np.ndarray]]
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _rows(kind: str, value: np.ndarray, per_view: list[Pick]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The sampled locations' features ``(R, C)`` (float64), labels ``(R,)`` and weights of one view for one batch
     (a pooled view: its vector once per class of the image's sampled locations, weighted by their count)."""
     parts, labels, weights = [], [], []
     channels = value.shape[1]
-    for i, (cells, lab) in enumerate(per_view):
-        if view.kind == "pooled":
+    for i, (_, lab, columns) in enumerate(per_view):
+        if kind == "pooled":
             classes, counts = np.unique(lab, return_counts=True)
             parts.append(np.broadcast_to(np.asarray(value[i], np.float64).reshape(1, channels),
                                          (len(classes), channels)))
             labels.append(classes)
             weights.append(counts)
             continue
-        if view.gather is not None:
-            part = value[i, :, :len(cells)].T
-        else:
-            part = value[i].reshape(channels, -1)[:, cells].T
-        parts.append(np.asarray(part, np.float64))
+        parts.append(np.asarray(value[i].reshape(channels, -1)[:, columns].T, np.float64))
         labels.append(lab)
     return (np.concatenate(parts) if parts else np.zeros((0, channels)),
             np.concatenate(labels) if labels else np.zeros(0, np.int64),
@@ -278,8 +308,10 @@ def _rows(view: LocationView, value: np.ndarray, per_view: list[tuple[np.ndarray
 
 
 def location_job(prepared: PreparedModel, names: Sequence[str], targets: Targets, *, summaries: bool, seed: int,
-                 batch_size: int, backend: str, intra_op_threads: int | None, shard_batches: int) -> LocationJob:
-    """The job of a location-aware calibration of ``names`` (see the module docstring for where the gather runs)."""
+                 batch_size: int, backend: str, intra_op_threads: int | None, shard_batches: int,
+                 candidates: int = CANDIDATE_CELLS) -> LocationJob:
+    """The job of a location-aware calibration of ``names`` (see the module docstring for where the gather runs;
+    ``candidates``: cells fetched per large grid when the labels come from the output)."""
     model, index = prepared.model, prepared.index
     layouts = []
     for name in names:
@@ -292,7 +324,12 @@ def location_job(prepared: PreparedModel, names: Sequence[str], targets: Targets
     label_output = None
     if targets.source == "model" or targets.kind == "sequence":
         label_output = model.graph.output[0].name
-    gather = label_output is None and all(d is not None for lay in layouts for d in lay.grid)
+    static = [lay.tensor for lay in layouts if lay.kind != "pooled" and all(d is not None for d in lay.grid)]
+    if label_output is None:  # labels known before each batch: gather the sampled positions, when every grid is static
+        gather = static if len(static) == sum(lay.kind != "pooled" for lay in layouts) else []
+    else:  # labels from the output: fetch the candidate cells of large grids, whole small ones
+        gather = [t for t, lay in zip(names, layouts, strict=True)
+                  if t in static and math.prod(int(d) for d in lay.grid) > candidates]
     try:
         viewed, views, pooled = add_location_views(model, [(lay.tensor, lay.kind) for lay in layouts], gather=gather,
                                                    last_axis=index.last_axis,
@@ -303,20 +340,21 @@ def location_job(prepared: PreparedModel, names: Sequence[str], targets: Targets
     specs = model_input_specs(model)
     batch, per_run = fixed_batch(specs, batch_size), None
     if not static_batch(model):  # fetched views are alive until a call ends, and a whole batch of them after it
-        fetched = _fetched_bytes(prepared, layouts, label_output, gather)
+        fetched = _fetched_bytes(prepared, layouts, label_output, set(gather), candidates)
         batch = max(1, min(batch_size, FETCH_BYTES // max(fetched, 1)))
         widest = max((4 * math.prod(s[1:]) for s in index.shapes.values()
                       if len(s) >= 2 and all(isinstance(d, int) for d in s[1:])), default=0)
         per_run = max(1, min(batch, RUN_BYTES // max(LIVE_TENSORS * widest + fetched, 1)))
     logger.info("location-aware calibration of %d probes: %s, batches of %d (%d per onnxruntime call)", len(names),
-                "positions gathered in the graph" if gather else "views fetched, positions gathered in numpy", batch,
-                per_run or batch)
+                "sampled positions gathered in the graph" if label_output is None and gather else
+                f"views fetched ({len(gather)} at {candidates} candidate cells), positions gathered in numpy",
+                batch, per_run or batch)
     return LocationJob(viewed.SerializeToString(), specs, views, tuple(layouts), targets, label_output, pooled, seed,
-                       batch, backend, intra_op_threads, shard_batches, per_run)
+                       batch, backend, intra_op_threads, shard_batches, per_run, candidates)
 
 
 def _fetched_bytes(prepared: PreparedModel, layouts: Sequence[ProbeView], label_output: str | None,
-                   gather: bool) -> int:
+                   gather: set[str], candidates: int) -> int:
     """Bytes per sample that a batch fetches whole: the views (unless gathered) and the labelled output."""
     shapes = prepared.index.shapes
     total = 0
@@ -325,8 +363,10 @@ def _fetched_bytes(prepared: PreparedModel, layouts: Sequence[ProbeView], label_
         if prepared.index.last_axis and lay.tensor in prepared.index.last_axis and len(shape) >= 3:
             shape = (shape[0], shape[-1], *shape[1:-1])
         channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else 1
-        if lay.kind == "pooled" or gather:
+        if lay.kind == "pooled" or (lay.tensor in gather and label_output is None):
             total += 4 * channels
+        elif lay.tensor in gather:
+            total += 4 * channels * candidates
         else:
             total += 4 * channels * math.prod(d if isinstance(d, int) else 1 for d in lay.grid)
     if label_output is not None:

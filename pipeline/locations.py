@@ -38,6 +38,13 @@ in an image without foreground. The draw uses one uniform key per cell from a ge
 index, crc32 of the probe name)`` (:func:`location_rng`): it depends on the sample and the probe only, never on the
 batch or shard that holds the sample, and is the same whether the gather runs inside the graph or in numpy. At most
 ``(classes present) * per_class * (1 + background_ratio)`` locations per image and probe enter the statistics.
+
+Candidates (labels known only after the batch ran, i.e. the model's own decisions; grids of more than
+``CANDIDATE_CELLS`` cells): only the ``CANDIDATE_CELLS`` cells with the smallest keys are fetched from onnxruntime
+(:func:`candidate_cells`, known before the run since the keys do not depend on the labels), and the class-balanced
+sample is drawn among them with the same keys. The result equals the sample over the whole grid whenever every class
+has at least ``per_class`` cells among the candidates (its cells with the smallest keys are then all candidates);
+a class with fewer contributes only those (and the background quota follows from what was taken).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import numpy as np
 from pipeline.errors import UserInputError
 
 REFERENCE_GRID = 16
+CANDIDATE_CELLS = 1024
 DEFAULT_PER_CLASS = 16
 DEFAULT_BACKGROUND_RATIO = 1.0
 VIEW_KINDS = ("grid", "line", "pooled")
@@ -180,13 +188,24 @@ def boxes_on_grid(boxes: np.ndarray, grid: tuple[int, int], background: int) -> 
     return out
 
 
-def sample_cells(labels: np.ndarray, rng: np.random.Generator, sampling: Sampling,
-                 background: int | None) -> np.ndarray:
-    """Flat indices (ascending) of the cells of one image's label grid that enter the statistics (module docstring).
-    One uniform key per cell is drawn from ``rng`` whatever the labels, so the draw of a cell does not depend on
-    the other cells' classes."""
+def candidate_cells(size: int, rng: np.random.Generator, count: int = CANDIDATE_CELLS) -> np.ndarray:
+    """The ``count`` cells (ascending) of a grid of ``size`` cells with the smallest keys of ``rng`` (the keys
+    :func:`sample_cells` draws from a generator of the same seed); every cell when there are no more."""
+    keys = rng.random(size)
+    return np.arange(size) if size <= count else np.sort(np.argpartition(keys, count - 1)[:count])
+
+
+def sample_cells(labels: np.ndarray, rng: np.random.Generator, sampling: Sampling, background: int | None,
+                 candidates: np.ndarray | None = None) -> np.ndarray:
+    """Flat indices (ascending) of the cells of one image's label grid that enter the statistics (module docstring),
+    among ``candidates`` when given (:func:`candidate_cells`). One uniform key per cell is drawn from ``rng``
+    whatever the labels, so the draw of a cell does not depend on the other cells' classes."""
     flat = np.asarray(labels).reshape(-1)
     keys = rng.random(flat.size)
+    if candidates is not None:
+        restricted = np.full(flat.size, -1, np.int64)
+        restricted[candidates] = flat[candidates]
+        flat = restricted
     classes = _present(flat)
     chosen, taken = [], 0
     for k in classes[classes != background] if background is not None else classes:

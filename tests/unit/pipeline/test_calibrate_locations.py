@@ -44,8 +44,12 @@ def _run(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, n
     return dict(zip(names, session.run(names, {"input": x}), strict=True))
 
 
-def _keys_sample(labels: np.ndarray, keys: np.ndarray, background: int | None) -> np.ndarray:
-    """Class-balanced sampling written out: per class the cells with the smallest keys."""
+def _keys_sample(labels: np.ndarray, keys: np.ndarray, background: int | None, candidates: int | None = None
+                 ) -> np.ndarray:
+    """Class-balanced sampling written out: per class the cells with the smallest keys (among the ``candidates``
+    cells of smallest keys when given)."""
+    if candidates is not None and candidates < labels.size:
+        labels = np.where(keys <= np.sort(keys)[candidates - 1], labels, -1)
     chosen, taken = [], 0
     for k in sorted(set(labels[labels >= 0].tolist()) - {background}):
         cells = sorted(np.flatnonzero(labels == k), key=lambda c: keys[c])[:SAMPLING.per_class]
@@ -57,7 +61,7 @@ def _keys_sample(labels: np.ndarray, keys: np.ndarray, background: int | None) -
 
 
 def _reference(path: Path, x: np.ndarray, targets_of: callable, target: str, background: int | None,
-               num_classes: int) -> dict[str, dict[str, np.ndarray]]:
+               num_classes: int, candidates: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """The statistics of every probe, from full activations (see the module docstring)."""
     prepared = prepare(path)
     probes = list(prepared.probes)
@@ -76,7 +80,7 @@ def _reference(path: Path, x: np.ndarray, targets_of: callable, target: str, bac
         rows, labels = [], []
         for i in range(len(x)):
             grid = grid_labels(view.kind, target, targets[i], values.shape[2:], background).reshape(-1)
-            cells = _keys_sample(grid, location_rng(SEED, i, name).random(grid.size), background)
+            cells = _keys_sample(grid, location_rng(SEED, i, name).random(grid.size), background, candidates)
             feats = values[i][:, None].repeat(len(cells), 1) if view.kind == "pooled" else \
                 values[i].reshape(values.shape[1], -1)[:, cells]
             rows.append(feats.T)
@@ -140,6 +144,20 @@ def test_model_labels_of_a_map_are_its_decisions(tmp_path: Path, classes: int) -
     assert stats.targets["labels"] == "model" and stats.targets["output_kind"] == "map"
     reference = _reference(path, x, lambda out: list(map_classes(out, 0.5)), "map", 0, max(classes, 2))
     _compare(stats, reference)
+
+
+def test_model_labels_on_large_grids_are_sampled_among_fetched_candidates(tmp_path: Path) -> None:
+    path = Path(seg_net(str(tmp_path / "seg.onnx")))
+    x = _images(7, (1, 16, 16), seed=11)
+    np.savez(tmp_path / "u.npz", x=x)
+    data, prepared = from_npz(tmp_path / "u.npz"), prepare(path)
+    targets = resolve_targets(prepared.model, data, LabelOptions(source="model", sampling=SAMPLING), require=True)
+    job = location_job(prepared, ["r1", "r2"], targets, summaries=False, seed=SEED, batch_size=3, backend="ort-cpu",
+                       intra_op_threads=1, shard_batches=2, candidates=40)
+    assert [v.gather is not None for v in job.views] == [True, True]  # 256 and 64 cells: 40 candidates fetched
+    stats = job.local(data, shard_layout(7, 3, 2), progress=False)
+    reference = _reference(path, x, lambda out: list(map_classes(out, 0.5)), "map", 0, 3, candidates=40)
+    _compare(type("S", (), {"probes": stats})(), reference)
 
 
 def test_ctc_model_labels_are_the_best_path(tmp_path: Path) -> None:
