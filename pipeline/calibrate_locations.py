@@ -22,10 +22,11 @@ grid is static, the sampled positions are fed to the graph (an int32 input per p
 (:func:`graph_ops.probes.add_location_views` with ``gather``): onnxruntime returns ``(N, C, M)`` for ``M`` sampled
 positions, never the activation. When the labels come from the model's own output (``--labels model``) or need it
 (text aligned through the CTC output), the output is fetched in the same run as the probes' views (no second pass),
-the labels are decoded from it (:mod:`pipeline.outputs`) and the positions gathered in numpy; then the batch is
-sized so that its fetched views stay within ``FETCH_BYTES`` and each onnxruntime call within
-:data:`pipeline.runtime.RUN_BYTES` (views of sequence targets are height means, ``(N, C, w)``, so an OCR recognizer
-fetches little).
+the labels are decoded from it (:mod:`pipeline.outputs`) and the positions gathered in numpy from views fetched whole
+or, on grids of more than ``CANDIDATE_CELLS`` cells, from their seeded candidate cells gathered inside the graph
+(:func:`pipeline.locations.candidate_cells`: the sample is drawn among them); then the batch is sized so that its
+fetched views stay within ``FETCH_BYTES`` and each onnxruntime call within :data:`pipeline.runtime.RUN_BYTES`
+(views of sequence targets are height means, ``(N, C, w)``, so an OCR recognizer fetches little).
 
 Reproducibility: the sampled positions depend on ``(seed, sample index, probe)`` only; batches are folded in order
 into their shard's sums and shards merged in shard order (:mod:`pipeline.shards`), so one process and Ray workers give
