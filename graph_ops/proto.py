@@ -68,12 +68,14 @@ def constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def _dims(info: onnx.ValueInfoProto) -> Shape | None:
     if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                 for d in info.type.tensor_type.shape.dim)
 
 
 def declared_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes the model declares (graph inputs, ``value_info``, outputs, initializers, Constant outputs);
-    ``None`` for symbolic dims. No inference is run."""
+    ``None`` for symbolic dims and for negative ones (``dim_value: -1``, how Paddle2ONNX writes a dynamic batch).
+    No inference is run."""
     graph = model.graph
     shapes: dict[str, Shape] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -98,6 +100,13 @@ def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batc
     larger ones become typed graph inputs, so inference never copies the weights. ``batch``: axis 0 of every
     (non-initializer) graph input is set to this size in the copy.
     """
+    return onnx.shape_inference.infer_shapes(light_copy(model, small, batch), data_prop=True)
+
+
+def light_copy(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batch: int | None = None) -> onnx.ModelProto:
+    """The model without its large weights: initializers of more than ``small`` elements become typed graph inputs
+    (no ``value_info``; ``batch``: axis 0 of every other graph input set to this size), so that shape inference and
+    shape folding never copy the weights."""
     graph = model.graph
     declared = {info.name for info in graph.input}
     names = {t.name for t in graph.initializer}
@@ -110,7 +119,7 @@ def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batc
                                          inits)
     light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     light.functions.extend(model.functions)
-    return onnx.shape_inference.infer_shapes(light, data_prop=True)
+    return light
 
 
 def _with_batch(info: onnx.ValueInfoProto, batch: int) -> onnx.ValueInfoProto:
@@ -295,23 +304,36 @@ def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name for t in out.graph.initializer}
-    inputs = {info.name: info for info in out.graph.input if info.name not in inits}
-    for name, dims in shapes.items():
-        if name not in inputs:
-            raise UserInputError(f"--input-shape names input '{name}', the model has inputs {sorted(inputs)}")
-        shape = inputs[name].type.tensor_type.shape
-        if len(shape.dim) != len(dims):
-            raise UserInputError(f"--input-shape {name}: the input has rank {len(shape.dim)}, got {len(dims)} dims")
-        for axis, (dim, value) in enumerate(zip(shape.dim, dims, strict=True)):
-            if dim.HasField("dim_value") and dim.dim_value != value:
-                raise UserInputError(f"--input-shape {name}: dim {axis} is fixed to {dim.dim_value} in the model, "
-                                     f"got {value}")
-            dim.Clear()
-            dim.dim_value = int(value)
+    set_input_dims(out, shapes)
     del out.graph.value_info[:]
     try:  # fresh shapes (with data propagation) let constant folding resolve shape chains for these sizes
         out.graph.value_info.extend(infer_shapes_light(out).graph.value_info)
     except Exception as err:  # inference may fail on exotic graphs: canonicalization infers again anyway
         log.warning("shape inference with the given input shapes failed (%s)", err)
     return out
+
+
+def set_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *,
+                   inputs: Iterable[str] | None = None) -> None:
+    """Write static dims into the graph inputs named in ``shapes``, in place (a dynamic dim: symbolic, unset or
+    negative, takes any size; a static one must be given as it is). ``inputs``: the names the model's user knows as
+    its inputs (default: the graph inputs that are not initializers), for the error message.
+
+    Raises:
+        UserInputError: an unknown input name, a rank that differs, or a dim that contradicts a static one.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    by_name = {info.name: info for info in model.graph.input if info.name not in inits}
+    known = sorted(by_name if inputs is None else inputs)
+    for name, dims in shapes.items():
+        if name not in known:
+            raise UserInputError(f"--input-shape names input '{name}', the model has inputs {known}")
+        shape = by_name[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise UserInputError(f"--input-shape {name}: the input has rank {len(shape.dim)}, got {len(dims)} dims")
+        for axis, (dim, value) in enumerate(zip(shape.dim, dims, strict=True)):
+            if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != value:
+                raise UserInputError(f"--input-shape {name}: dim {axis} is fixed to {dim.dim_value} in the model, "
+                                     f"got {value}")
+            dim.Clear()
+            dim.dim_value = int(value)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from graph_ops.cost import count
-from graph_ops.io import check_writable, save_model
+from graph_ops.io import check_writable, save_model, verify_model
 from graph_ops.mask import zero_channels
-from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
 from pipeline.errors import UserInputError
 from pipeline.orchestrate import keep_lists
@@ -32,10 +30,13 @@ def apply_plan_file(model_path: str | Path, plan_path: str | Path, out_path: str
                              f"apply it with the same input shapes")
     prepared = prepare(model_path, input_shapes or planned, task=Task.from_dict(plan.meta.get("task")))
     plan.validate(prepared.index, prepared.sha256)
-    rewrite = zero_channels if mask_only else apply_plan
-    result = rewrite(prepared.model, prepared.index, keep_lists(plan))
+    keep = keep_lists(plan)
+    rewritten = zero_channels(prepared.model, prepared.index, keep) if mask_only else apply_plan(
+        prepared.model, prepared.index, keep, verify=False)
+    result = prepared.restore_io(rewritten)  # the file's own dynamic input and output dims
+    verify_model(result)
     save_model(result, out)
-    before, after = prepared.cost, count(result, declared_shapes(result))
+    before, after = prepared.cost, prepared.count(result)
     kind = "masked" if mask_only else "pruned"
     macs = (f"MACs {before.macs} -> {after.macs} ({after.macs / before.macs:.3f})" if not before.unresolved
             and before.macs else "MACs unknown (a dynamic input size: give --input-shape)")

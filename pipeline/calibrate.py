@@ -269,10 +269,11 @@ def calibrate(model: PreparedModel | str | os.PathLike[str], dataset: Any, *, pr
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
     num_classes = _num_classes(prepared.model, dataset, require_labels)
-    specs = model_input_specs(prepared.model)
+    specs = prepared.input_specs  # the prepared input sizes; a dynamic batch stays free (whole batches per call)
     batch_size = fixed_batch(specs, batch_size)  # a static batch is what every onnxruntime call gets
     job = ShardJob(pooled_model.SerializeToString(), specs, tuple(pooled), num_classes, require_labels, batch_size,
-                   backend, intra_op_threads, shard_batches, samples_per_run(prepared.model, batch_size))
+                   backend, intra_op_threads, shard_batches,
+                   samples_per_run(prepared.model, batch_size, shapes=prepared.index.shapes))
     shards = shard_layout(getattr(dataset, "num_samples", 0), batch_size, shard_batches)
     if not shards:
         raise CalibrationError("the calibrate dataset yielded no samples")

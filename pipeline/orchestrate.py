@@ -26,7 +26,14 @@ import onnx
 
 from graph_ops.cost import CostReport, count
 from graph_ops.errors import UserInputError, VerificationError
-from graph_ops.io import EXTERNAL_DATA_THRESHOLD, atomic_write_files, check_writable, save_model, sha256_file
+from graph_ops.io import (
+    EXTERNAL_DATA_THRESHOLD,
+    atomic_write_files,
+    check_writable,
+    save_model,
+    sha256_file,
+    verify_model,
+)
 from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
@@ -272,9 +279,12 @@ class PruneRun:
         return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
 
     def apply(self, plan: PruningPlan) -> onnx.ModelProto:
-        """The plan applied to the canonical model (verified with the full checker)."""
+        """The plan applied to the canonical model, with the file's own input and output dims (verified with the
+        full checker)."""
         with self.timed("apply"):
-            return apply_plan(self.prepared.model, self.prepared.index, keep_lists(plan))
+            pruned = apply_plan(self.prepared.model, self.prepared.index, keep_lists(plan), verify=False)
+            verify_model(self.prepared.restore_io(pruned))
+            return pruned
 
     def recover(self, pruned: onnx.ModelProto, plan: PruningPlan, method: str = DEFAULT_RECOVERY,
                 mode: str = "sequential") -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -335,8 +345,9 @@ class PruneRun:
                        timings_s={**candidate.timings_s, "finetune": record.seconds})
 
     def cost(self, model: onnx.ModelProto) -> CostReport:
-        """MACs and params of a model of this run (its declared shapes, no shape inference)."""
-        return count(model, declared_shapes(model))
+        """MACs and params of a model of this run at the prepared input sizes (its declared shapes when none were
+        given)."""
+        return self.prepared.count(model)
 
     def evaluate(self, model: onnx.ModelProto, data: Any, *, reference: bool = True) -> dict[str, Any]:
         """Held-out metrics of a model of this run (and its agreement with the original when ``reference``);

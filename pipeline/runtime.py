@@ -233,14 +233,16 @@ def feed_batches(dataset: Any, specs: InputSpecs,
         yield dict(feeds), labels
 
 
-def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_BYTES) -> int:
+def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_BYTES,
+                    shapes: Mapping[str, tuple[int | None, ...]] | None = None) -> int:
     """Samples per onnxruntime call for batches of ``batch_size``: the whole batch, or equal slices of it small
-    enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes) fits in
-    ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs
-    have a static batch always runs whole batches."""
+    enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes, or from
+    ``shapes``: the sizes analysis used for a model with dynamic spatial dims) fits in ``budget`` bytes (ResNet-50 at
+    224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs have a static batch always
+    runs whole batches."""
     if static_batch(model):
         return batch_size
-    return samples_for(declared_shapes(model).values(), batch_size, budget)
+    return samples_for((declared_shapes(model) if shapes is None else shapes).values(), batch_size, budget)
 
 
 def static_batch(model: onnx.ModelProto) -> bool:

@@ -159,14 +159,15 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
     opts = replace(opts, batch_size=fixed_batch(model_input_specs(original), opts.batch_size))
     plan = run(original, out, index, keep, opts)
     shards = shard_layout(getattr(dataset, "num_samples", 0), opts.batch_size, opts.shard_batches)
+    session = {**opts.session(), "sizes": dict(index.shapes)}  # sizes: for memory slicing of dynamic input sizes
     executor = None
     if opts.cluster is not None:
         from pipeline.cluster import recovery_on_ray
 
         executor = recovery_on_ray(opts.cluster, partial(run, index=index, keep=keep, opts=replace(opts, cluster=None)),
-                                   original, out, dataset, shards, opts.session())
+                                   original, out, dataset, shards, session)
     done, missed, sweep = sweep_levels(original, out, plan, dataset, shards, progress=opts.progress,
-                                       session=opts.session(), executor=executor)
+                                       session=session, executor=executor)
     skipped = [*plan.skipped, *missed]
     verify_model(out)
     samples = getattr(dataset, "num_samples", None)
