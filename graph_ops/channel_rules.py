@@ -26,8 +26,9 @@ from collections.abc import Callable
 
 import onnx
 
+from graph_ops import channel_branch_rules as branches
 from graph_ops.channel_layout_rules import concat, flatten, reshape, slice_, split
-from graph_ops.channel_shape_rules import channel_entry_ok
+from graph_ops.channel_shape_rules import channel_entry_ok, tracked
 from graph_ops.channel_state import Analysis, Edit, attr, describe, int_list, node_name, static_prod
 
 Rule = Callable[[Analysis, onnx.NodeProto, int], None]
@@ -46,8 +47,7 @@ def passthrough(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.freeze(node.input[0], f"unsupported extra output of {describe(node, idx)}")
         return
     a.layout[node.output[0]] = list(lay)
-    if node.input[0] in a.last_axis:
-        a.last_axis.add(node.output[0])
+    a.mark_like(node.input[0], node.output[0])
 
 
 def _frozen_source(a: Analysis, node: onnx.NodeProto, idx: int, reason: str) -> None:
@@ -246,11 +246,12 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         return
     where, y = describe(node, idx), node.output[0]
     rank = a.rank(y)
-    last = any(t in a.last_axis for t in acts if a.lay(t))
-    axis = rank - 1 if last and rank else 1
-    width = (a.shapes.get(y) or (None, None))[axis] if rank and rank >= 2 else None
+    laid = [t for t in acts if a.lay(t)]
+    last, branched = any(t in a.last_axis for t in laid), any(t in a.branched for t in laid)
+    axis = 2 if branched else rank - 1 if last and rank else 1
+    width = (a.shapes.get(y) or (None, None, None))[axis] if rank and rank > axis else None
     wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width, axis)]
-    if last and any(a.lay(t) and t not in a.last_axis for t in wide):
+    if (last or branched) and any(a.lay(t) and a.channel_axis(t) != axis for t in wide):
         a.freeze_inputs(node, f"channels on different axes at {where}")
         return
     if rank is None or not wide or any(a.lay(t) is None or a.rank(t) != rank for t in wide):
@@ -270,8 +271,7 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         if name and a.is_const(name):
             _per_channel_const(a, node, idx, pos, wide[0], rank)
     a.layout[y] = list(a.layout[wide[0]])
-    if last:
-        a.last_axis.add(y)
+    a.mark_like(wide[0], y)
     if node.op_type == "PRelu" and a.edits and a.edits[-1].node == idx:
         a.add_cost(node_name(node, idx), "PRelu", 0, 1, 1, None, 0, wide[0])
 
@@ -288,16 +288,19 @@ def batchnorm(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.add_cost(node_name(node, idx), "BatchNormalization", 0, 2, 1, None, 0, x)
 
 
-def _axes_rule(allowed: Callable[[Analysis, onnx.NodeProto, int], bool]) -> Rule:
-    """A pass-through rule guarded by a predicate that says the op leaves axes 0 and 1 alone."""
+def _axes_rule(allowed: Callable[[Analysis, onnx.NodeProto, int], bool],
+               stacked: Callable[[Analysis, onnx.NodeProto, int], bool] | None = None) -> Rule:
+    """A pass-through rule guarded by a predicate that says the op leaves axes 0 and 1 alone; ``stacked`` handles
+    the tensors of branches stacked on axis 1 first (:mod:`graph_ops.channel_branch_rules`)."""
 
     def rule(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-        if a.lay(node.input[0]) is None:
+        x = node.input[0]
+        if a.lay(x) is None or (stacked is not None and stacked(a, node, idx)):
             return
-        if allowed(a, node, a.rank(node.input[0]) or 0):
+        if x not in a.branched and allowed(a, node, a.rank(x) or 0):
             passthrough(a, node, idx)
         else:
-            a.freeze(node.input[0], f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
+            a.freeze(x, f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
 
     rule.__doc__ = allowed.__doc__
     return rule
@@ -329,8 +332,10 @@ def _softmax_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
 
 
 def _pad_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
-    """Pad that pads spatial axes only."""
-    pads = int_list(a, node, 1, "pads")
+    """Pad that pads spatial axes only (pads constant, or computed at run time from sizes with the integer 0 on the
+    batch and channel axes: TF "same" padding; any mode, each channel is padded from itself)."""
+    given = attr(node, "pads") is not None or len(node.input) < 2 or a.is_const(node.input[1])
+    pads = int_list(a, node, 1, "pads") if given else tracked(a, node.input[1])
     axes = int_list(a, node, 3, "_none_") or list(range(rank))
     if pads is None or len(pads) != 2 * len(axes):
         return False
@@ -366,15 +371,21 @@ LAST_AXIS_OPS = frozenset({*_UNARY, *_BINARY, "MatMul"} - {*_POOLS, "PRelu"})
 axes 2.., nor PRelu, whose slope runs along axis 1) and ``MatMul``; any other op freezes such a tensor's channels."""
 _REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd")
+BRANCH_OPS = frozenset({*_UNARY, *_BINARY, *_REDUCE, "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze",
+                        "Unsqueeze", "Softmax", "LogSoftmax"} - {*_POOLS, "PRelu"})
+"""Ops that may read a tensor of branches stacked on axis 1 (channels on axis 2, :mod:`graph_ops.channel_branch_rules`):
+the elementwise ones and those that know its axes; any other op freezes its channels."""
 
 CHANNEL_RULES: dict[str, Rule] = {
     **dict.fromkeys(_UNARY, passthrough),
     **dict.fromkeys(_BINARY, elementwise),
-    **dict.fromkeys(_REDUCE, _axes_rule(_reduce_ok)),
-    **dict.fromkeys(("Squeeze", "Unsqueeze"), _axes_rule(_squeeze_ok)),
-    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _axes_rule(_softmax_ok)),
+    **dict.fromkeys(_REDUCE, _axes_rule(_reduce_ok, branches.reduce)),
+    "Squeeze": _axes_rule(_squeeze_ok, branches.squeeze),
+    "Unsqueeze": _axes_rule(_squeeze_ok, branches.unsqueeze),
+    **dict.fromkeys(("Softmax", "LogSoftmax"), _axes_rule(_softmax_ok, branches.softmax)),
+    "Hardmax": _axes_rule(_softmax_ok),
     **dict.fromkeys(("Resize", "Upsample"), _axes_rule(_resize_ok)),
-    "Transpose": _axes_rule(_transpose_ok),
+    "Transpose": _axes_rule(_transpose_ok, branches.transpose),
     "Pad": _axes_rule(_pad_ok),
     "Conv": conv,
     "ConvTranspose": conv_transpose,

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 
 import onnx
 
-from graph_ops.channel_rules import CHANNEL_RULES, LAST_AXIS_OPS
+from graph_ops.channel_rules import BRANCH_OPS, CHANNEL_RULES, LAST_AXIS_OPS
 from graph_ops.channel_shape_rules import track_shapes
 from graph_ops.channel_state import Analysis
 from graph_ops.groups import ChannelGroupIndex
@@ -56,7 +56,7 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -
         implies and the graph's fingerprint.
     """
     state = Analysis(model, static_shapes(model) if shapes is None else shapes)
-    state.run(CHANNEL_RULES, track_shapes, LAST_AXIS_OPS)
+    state.run(CHANNEL_RULES, track_shapes, LAST_AXIS_OPS, BRANCH_OPS)
     index = state.finish(fingerprint(model))
     frozen = sum(1 for g in index.groups if g.frozen)
     log.debug("analysis: %d groups (%d frozen), %d edits", len(index.groups), frozen, len(index.edits))

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
 
-from graph_ops.proto import Shape, declared_shapes, light_copy, set_input_dims
+from graph_ops.proto import Shape, declared_shapes, light_copy, set_input_dims, symbolic
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,14 @@ def _value_infos(model: onnx.ModelProto) -> Iterable[onnx.ValueInfoProto]:
 
 def symbolic_dims(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every negative ``dim_value`` of its inputs, outputs and ``value_info`` turned into the
-    ``dim_param`` ``"<tensor>_dim<axis>"`` (the model itself when it has none; otherwise a copy)."""
-    if not any(d.HasField("dim_value") and d.dim_value < 0
-               for info in _value_infos(model) for d in info.type.tensor_type.shape.dim):
+    ``dim_param`` ``"<tensor>_dim<axis>"`` (:func:`graph_ops.proto.symbolic`; the model itself when it has none,
+    otherwise a copy)."""
+    if all(symbolic(info) is info for info in _value_infos(model)):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for info in _value_infos(out):
-        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value < 0:
-                dim.Clear()
-                dim.dim_param = f"{info.name}_dim{axis}"
+        info.CopyFrom(symbolic(info))
     return out
 
 

@@ -145,6 +145,8 @@ class ChannelGroupIndex:
         last_axis: tensors (rank >= 3) whose channels lie on their last axis, not axis 1: the hidden features of a
             Linear applied to tokens or channels-last maps (``MatMul`` by a constant ``[K, N]``), e.g. a
             transformer's or a ConvNeXt block's MLP; calibration pools them over every other axis.
+        branched: tensors ``[N, K, C, ...]`` whose channels lie on axis 2, ``K`` branches of the same layout on
+            axis 1 (the stacked paths of selective-kernel attention); never a probe.
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -157,6 +159,7 @@ class ChannelGroupIndex:
     shapes: Mapping[str, tuple[int | None, ...]] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     fingerprint: str = ""
     last_axis: frozenset[str] = frozenset()
+    branched: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in ("by_tensor", "flattened", "shapes"):
@@ -185,6 +188,13 @@ class ChannelGroupIndex:
     def unknown_macs(self) -> tuple[str, ...]:
         """Nodes whose MACs the cost model cannot state (a dynamic spatial size): a MACs budget is meaningless."""
         return tuple(t.node for t in self.cost if not t.macs_known)
+
+    def channel_axis(self, tensor: str, rank: int) -> int:
+        """The axis of a tensor's channels (of rank ``rank``): last for :attr:`last_axis`, 2 for :attr:`branched`,
+        else 1."""
+        if tensor in self.branched:
+            return 2
+        return rank - 1 if tensor in self.last_axis else 1
 
     def full_widths(self) -> dict[str, int]:
         """Every group at its full size."""

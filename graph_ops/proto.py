@@ -113,13 +113,29 @@ def light_copy(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batch: int |
     inits = [t for t in graph.initializer if math.prod(t.dims) <= small]
     typed = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
              for t in graph.initializer if math.prod(t.dims) > small and t.name not in declared]
-    inputs = list(graph.input) if batch is None else [_with_batch(v, batch) if v.name not in names else v
-                                                     for v in graph.input]
-    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*inputs, *typed], list(graph.output),
-                                         inits)
+    inputs = [symbolic(v) for v in graph.input]
+    if batch is not None:
+        inputs = [_with_batch(v, batch) if v.name not in names else v for v in inputs]
+    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*inputs, *typed],
+                                         [symbolic(v) for v in graph.output], inits)
     light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     light.functions.extend(model.functions)
     return light
+
+
+def symbolic(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """``info`` itself, or a copy whose negative ``dim_value`` s (a dynamic dim as Paddle2ONNX writes it) are the
+    ``dim_param`` ``"<name>_dim<axis>"``: shape inference would otherwise compute with ``-1`` as a size."""
+    dims = info.type.tensor_type.shape.dim
+    if not any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        return info
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    for axis, dim in enumerate(out.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value < 0:
+            dim.Clear()
+            dim.dim_param = f"{info.name}_dim{axis}"
+    return out
 
 
 def _with_batch(info: onnx.ValueInfoProto, batch: int) -> onnx.ValueInfoProto:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from tests.graphs import MOTIFS, Expected, Net
+from tests.graphs_export import EXPORT_MOTIFS
 
 
 def _ints(n: Net, *values: int) -> str:
@@ -170,5 +171,5 @@ REFINE_MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
 }
 """Motif name -> builder (production-architecture motifs)."""
 
-ALL_MOTIFS = {**MOTIFS, **REFINE_MOTIFS}
-"""Every motif: the basic ones of :mod:`tests.graphs` and these."""
+ALL_MOTIFS = {**MOTIFS, **REFINE_MOTIFS, **EXPORT_MOTIFS}
+"""Every motif: the basic ones of :mod:`tests.graphs`, these, and the exports of :mod:`tests.graphs_export`."""

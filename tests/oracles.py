@@ -32,7 +32,7 @@ def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batch: int = 
     for info in model.graph.input:
         if info.name in inits:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in info.type.tensor_type.shape.dim]
+        dims = [d.dim_value if d.dim_value > 0 else batch for d in info.type.tensor_type.shape.dim]
         feeds[info.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
 
