@@ -161,3 +161,67 @@ EXPORT_MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
         selective_kernel_by_shape, branch_softmax_over_channels)
 }
 """Motif name -> builder (production exports as shipped)."""
+
+
+def paddle_style(model: onnx.ModelProto, *, dynamic_width: bool = False) -> onnx.ModelProto:
+    """A model rewritten the way Paddle2ONNX writes its exports (a copy; the values it computes are unchanged):
+
+    * the graph input's batch (and, with ``dynamic_width``, its last axis) and the outputs' batch are ``-1``; no
+      ``value_info``;
+    * every Conv with padding reads an explicit ``Pad`` (constant 0) and pads nothing itself;
+    * ``Flatten(axis=1)`` is ``Reshape(x, Concat(Shape(x)[0:1], [-1]))``;
+    * ``Gemm`` (``alpha = beta = 1``, no ``transA``, 1-D bias) is ``MatMul`` by the ``[K, N]`` weight, then ``Add``.
+    """
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    del graph.value_info[:]
+    for info in [*graph.input, *graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        for axis in ([0, len(dims) - 1] if dynamic_width and info in graph.input else [0])[:len(dims)]:
+            dims[axis].Clear()
+            dims[axis].dim_value = -1
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        name = node.name or node.output[0]
+        if node.op_type == "Conv" and any(attrs.get("pads", ())) and attrs.get("auto_pad", b"NOTSET") == b"NOTSET":
+            pads = list(attrs["pads"])
+            half = len(pads) // 2
+            padded = f"{name}__pad"
+            nodes.append(onnx.helper.make_node("Pad", [node.input[0], const(f"{name}__pads", np.array(
+                [0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64))], [padded], name=f"{name}_pad"))
+            node.input[0] = padded
+            next(a for a in node.attribute if a.name == "pads").ints[:] = [0] * len(pads)
+        elif node.op_type == "Flatten" and attrs.get("axis", 1) == 1:
+            x = node.input[0]
+            shape = onnx.helper.make_node("Shape", [x], [f"{name}__shape"], name=f"{name}_shape")
+            first = onnx.helper.make_node("Slice", [f"{name}__shape", const(f"{name}__0", np.array([0], np.int64)),
+                                                    const(f"{name}__1", np.array([1], np.int64)),
+                                                    const(f"{name}__axes", np.array([0], np.int64))],
+                                          [f"{name}__batch"], name=f"{name}_batch")
+            target = onnx.helper.make_node("Concat", [f"{name}__batch", const(f"{name}__m1", np.array([-1], np.int64))],
+                                           [f"{name}__target"], name=f"{name}_target", axis=0)
+            nodes.extend([shape, first, target])
+            node = onnx.helper.make_node("Reshape", [x, f"{name}__target"], list(node.output), name=name)
+        elif (node.op_type == "Gemm" and node.input[1] in inits and attrs.get("alpha", 1.0) == 1.0
+              and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0) and len(node.input) > 2
+              and node.input[2] in inits and len(inits[node.input[2]].dims) == 1):
+            weight = numpy_helper.to_array(inits[node.input[1]])
+            weight = weight.T if attrs.get("transB", 0) else weight
+            product = f"{name}__matmul"
+            nodes.append(onnx.helper.make_node("MatMul", [node.input[0], const(f"{name}__w", np.ascontiguousarray(
+                weight))], [product], name=f"{name}_matmul"))
+            node = onnx.helper.make_node("Add", [product, node.input[2]], list(node.output), name=name)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
