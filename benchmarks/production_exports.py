@@ -30,7 +30,9 @@ prunable_share`` on the prepared model) with this code and with the code at ``--
 channels per reason, and exactness: three seeded random valid plans (25-90 % kept per group) applied with the file's
 own dynamic dims restored, against the mask oracle (the prepared model with the same channels' exit weights zeroed)
 at the analysis size and at another batch (and width, where the file's is dynamic): worst error relative to the
-largest output, and predicted MACs / params == counted (``PreparedModel.count``).
+largest output (a difference of at most ``1e-3`` of the largest output or ``1e-6`` absolute passes: a detector's
+probability map of random weights is nearly 0 everywhere), and predicted MACs / params == counted
+(``PreparedModel.count``).
 
 **Timing** (``--stage timing``): ``diprune prune`` of the PP-OCR classifier at ``--input-shape x:1x3x48x192`` with
 ``--samples`` seeded Gaussian images, ``--method l2 --target-macs 0.5 --recover lstsq``, with the code at
@@ -130,7 +132,8 @@ def build(graph: str, cache: Path, prod: Path) -> tuple[Path, tuple[int, ...] | 
             if group == "paddle":
                 onnx.save(paddle_style(onnx.load(str(path)), dynamic_width=True), str(path))
         return path, (size if group == "paddle" else None), ((3, 3, 64, 96) if group == "paddle" else (3, *size[1:]))
-    from tests.production_models import ULTRALYTICS, build as build_timm, export_production, input_shape
+    from tests.production_models import ULTRALYTICS, export_production, input_shape
+    from tests.production_models import build as build_timm
 
     if group == "yolo":
         return export_production(name, "legacy", cache), None, ()
@@ -162,7 +165,7 @@ def _exactness(prepared: Any, shapes: list[tuple[int, ...]]) -> dict[str, Any]:
         masked = zero_channels(prepared.model, prepared.index, plan)
         for shape in shapes:
             feeds = {name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
-            worst = max(worst, assert_same_outputs(masked, pruned, feeds, rtol=1e-3))
+            worst = max(worst, assert_same_outputs(masked, pruned, feeds, rtol=1e-3, atol=1e-6))
         counted = prepared.count(pruned)
         predicted = prepared.index.predict({gid: len(kept) for gid, kept in plan.items()})
         equal = equal and not counted.unresolved and (counted.macs, counted.params) == predicted
@@ -248,7 +251,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "share_ge_0.9_before": sum((r.get("before") or {}).get("share") is not None
                                        and r["before"]["share"] >= 0.9 for r in done),
             "refused_before": sum((r.get("before") or {}).get("share") is None for r in done),
-            "exact": sum(r["worst_relative_error"] <= 1e-3 and r["predicted_equals_counted"] for r in done),
+            "exact": sum(r["predicted_equals_counted"] for r in done),  # a child fails when outputs differ
             "frozen_reasons": [{"reason": why, "conv_channels": n, "graphs": graphs[why]}
                                for why, n in reasons.most_common()]}
 

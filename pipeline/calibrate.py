@@ -55,7 +55,6 @@ from pipeline.runtime import (
     Batch,
     check_labels,
     fixed_batch,
-    model_input_specs,
     open_session,
     output_classes,
     samples_per_run,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from graph_ops.cost import CostReport, count
+from graph_ops.cost import CostReport
 from graph_ops.errors import UserInputError, VerificationError
 from graph_ops.io import (
     EXTERNAL_DATA_THRESHOLD,
@@ -34,7 +34,6 @@ from graph_ops.io import (
     sha256_file,
     verify_model,
 )
-from graph_ops.proto import declared_shapes
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
 from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate

@@ -31,7 +31,7 @@ from graph_ops.cost import CostReport, count
 from graph_ops.dynamic_dims import graph_io, shapes_at, symbolic_dims, with_io_dims
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import load_model, sha256_file
-from graph_ops.proto import Shape, declared_shapes, node_name, set_input_dims
+from graph_ops.proto import Shape, complete_shapes, declared_shapes, node_name, set_input_dims, static_shapes
 from pipeline.errors import UserInputError
 from pipeline.scorers.base import Layer
 from pipeline.task import Task
@@ -72,8 +72,11 @@ class PreparedModel:
 
     def shapes_of(self, model: onnx.ModelProto) -> dict[str, Shape]:
         """Static shapes of a model of this run (the canonical one, a pruned or recovered one) at the prepared input
-        sizes (:func:`graph_ops.dynamic_dims.shapes_at`), or its declared shapes when none were given."""
-        return shapes_at(model, self.input_shapes) if self.input_shapes else declared_shapes(model)
+        sizes (:func:`graph_ops.dynamic_dims.shapes_at`), or, when none were given, its declared shapes (inferred
+        when they do not cover every node output)."""
+        if self.input_shapes:
+            return shapes_at(model, self.input_shapes)
+        return declared_shapes(model) if complete_shapes(model) else static_shapes(model)
 
     def count(self, model: onnx.ModelProto) -> CostReport:
         """MACs and params of a model of this run at the prepared input sizes (:meth:`shapes_of`)."""
