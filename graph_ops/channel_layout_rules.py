@@ -3,8 +3,9 @@
 Part of ``graph_ops.channel_rules.CHANNEL_RULES`` (the one registry); the layout algebra, in segments
 ``(space, offset, start, n)`` of a tensor's channel axis:
 
-* **Concat** on axis 1 lays its inputs' segments end to end (offsets shifted by the preceding inputs' widths); on
-  any other axis the inputs must share one layout, so their spaces are unioned.
+* **Concat** on axis 1 lays its inputs' segments end to end (offsets shifted by the preceding inputs' widths; an
+  input computed by an op analysis does not follow is a frozen segment of its static width); on any other axis the
+  inputs must share one layout, so their spaces are unioned.
 * **Split / Slice** on axis 1 (Slice with step 1) keep the parts of the segments inside ``[lo, hi)``, re-offset by
   ``-lo``; a bound inside a segment cuts its space there (the pieces on either side become separate groups once
   analysis refines the spaces, :mod:`graph_ops.channel_spaces`). Surgery recomputes sizes and bounds from the kept
@@ -44,6 +45,10 @@ def concat(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     if not any(a.lay(t) for t in ins):
         return
     rank, where = a.rank(node.output[0]), describe(node, idx)
+    unlaid = [t for t in ins if a.lay(t) is None]
+    if rank is not None and unlaid and _fixed_parts(a, node, unlaid, rank):
+        for t in unlaid:  # computed by an op analysis does not follow: kept whole, the other parts stay prunable
+            a.new_space(t, a.shapes[t][1], None, frozen=f"input without channel layout at {where}")  # type: ignore[index]
     if rank is None or any(a.lay(t) is None for t in ins):
         a.freeze_inputs(node, f"input without channel layout at {where}")
         return
@@ -63,6 +68,15 @@ def concat(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         offset += a.channels(t)
     a.layout[node.output[0]] = segs
     a.mark_like(ins[0], node.output[0])
+
+
+def _fixed_parts(a: Analysis, node: onnx.NodeProto, unlaid: list[str], rank: int) -> bool:
+    """True when a Concat on axis 1 of ``[N, C, ...]`` tensors has parts without a channel layout whose channel count
+    is static: they become frozen segments (never pruned) and the parts with a layout keep theirs."""
+    axis = int(attr(node, "axis", 0)) % rank  # type: ignore[arg-type]
+    laid = [t for t in node.input if t and a.lay(t)]
+    return axis == 1 and rank >= 2 and all(a.channel_axis(t) == 1 for t in laid) and all(
+        a.rank(t) == rank and (a.shapes.get(t) or (None, None))[1] for t in unlaid)
 
 
 def _cut(a: Analysis, x: str, lo: int, hi: int) -> list[Seg] | None:

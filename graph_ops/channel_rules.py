@@ -7,7 +7,9 @@ Each rule reads its inputs' layouts from the :class:`graph_ops.channels.Analysis
   (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm / MatMul K axis, in blocks of ``H*W`` after a channel-major
   Flatten / Reshape);
 * a grouped Conv (``1 < group``, not depthwise) is a source too, whose input and output must keep the same number
-  of channels in each conv group (equal-count blocks, :attr:`graph_ops.groups.ChannelGroup.blocks`);
+  of channels in each conv group (equal-count blocks, :attr:`graph_ops.groups.ChannelGroup.blocks`); when its input
+  carries no tracked channels (the output of an op analysis does not follow, e.g. AlexNet's LRN), only its output
+  is pruned, in equal blocks;
 * passes the input's layout on for channel-wise ops (``y[:, c]`` depends on ``x[:, c]`` only), turning per-channel
   constants (BN parameters, PRelu slopes, ``[C,1,1]`` Mul/Add operands, depthwise weights) into producer edits;
 * unions the spaces of two activations combined elementwise (residual Add, SE gating Mul), refining differently
@@ -85,6 +87,12 @@ def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.add_cost(name, "Conv", k * (spatial or 0), k, 1, None, 0, y, bias, macs_known=known)
     elif lay and a.channels(x) == group * c_in_g and c_out % group == 0:
         _grouped_conv(a, node, idx, group, k * (spatial or 0), known)
+    elif lay is None and c_out % group == 0 and c_out > group:  # input not followed (e.g. after LRN): fixed
+        a.new_space(y, c_out, name)
+        a.slot(node, idx, 1, y, 0)
+        a.slot(node, idx, 2, y, 0)
+        a.blocks.append((y, group, f"'{name}'"))
+        a.add_cost(name, "Conv", k * (spatial or 0), k, c_in_g, None, 0, y, bias, macs_known=known)
     else:
         kind = "depthwise Conv" if c_in_g == 1 and group == c_out else f"Conv (group={group})"
         reason = f"{kind} at '{name}' reads channels without a layout"

@@ -154,11 +154,30 @@ def branch_softmax_over_channels() -> tuple[onnx.ModelProto, Expected]:
     return n.model(n.head(n.conv(y, 8, 12), 12), shape=DYNAMIC), Expected(5, (12,), "unsupported consumer Softmax")
 
 
+def grouped_after_lrn() -> tuple[onnx.ModelProto, Expected]:
+    """AlexNet / CaffeNet: LRN (mixes neighbouring channels: frozen) then a group=2 conv, whose output is still
+    pruned in two equal blocks (its input is kept whole)."""
+    n = Net(71)
+    y = n.op("LRN", [n.op("Relu", [n.conv("x", 3, 8)])], size=3)
+    y = n.op("Relu", [n.conv(y, 8, 8, group=2)])
+    return n.model(n.head(n.conv(y, 8, 12), 12), shape=DYNAMIC), Expected(5, (8, 12))
+
+
+def concat_with_untracked_part() -> tuple[onnx.ModelProto, Expected]:
+    """A Concat of a conv branch and the output of an op analysis does not follow (LRN): that part is a frozen
+    segment, the conv branch stays prunable."""
+    n = Net(72)
+    a = n.op("Relu", [n.conv("x", 3, 4)])
+    b = n.op("LRN", [n.op("Relu", [n.conv("x", 3, 6)])], size=3)
+    y = n.op("Relu", [n.conv(n.op("Concat", [a, b], axis=1), 10, 12)])
+    return n.model(n.head(y, 12), shape=DYNAMIC), Expected(6, (4, 12), "input without channel layout at Concat")
+
+
 EXPORT_MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
     f.__name__: f for f in (
         paddle_flatten_head, zero_minus_one_flatten, keras_flatten_head, squeeze_reshape_activation,
         constant_batch_flatten, explicit_pad, same_padding, pad_on_channels, selective_kernel,
-        selective_kernel_by_shape, branch_softmax_over_channels)
+        selective_kernel_by_shape, branch_softmax_over_channels, grouped_after_lrn, concat_with_untracked_part)
 }
 """Motif name -> builder (production exports as shipped)."""
 
