@@ -236,15 +236,18 @@ def _dense_flatten(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: 
 
 def _same_channels(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: list, slot: Slot) -> bool:
     """Reshape that keeps axes 0 and 1 and reshapes only the spatial axes (``[N, C, H, W] -> [N, C, H*W]``, or
-    ``[N, C] -> [N, C]``): entry 1 is ``0`` / ``x``'s own count (nothing to edit) or the explicit count (rewritten);
-    with a batch kept, the element count forces the rest to hold ``H*W``."""
+    ``[N, C] -> [N, C, 1, 1]``): entry 1 is ``0`` / ``x``'s own count (nothing to edit), the explicit count
+    (rewritten), or ``-1`` with the batch kept and the rest static; with a batch kept, the element count forces the
+    rest to hold ``H*W``."""
     xshape, c = a.shapes[x], a.channels(x)
     rest = target[2:]
     own = target[1] in (0, (x, 1))
     where = slot(1) if target[1] == c else None
     explicit = where is not None
-    if sum(1 for e in target if e == -1) > 1 or any(e == 0 for e in rest) or not (own or explicit or (
-            target[1] == -1 and not rest and len(xshape) == 2 and a.keeps_batch(target[0], x))):
+    fixed, spatial = _fixed(rest, x, xshape), static_prod(xshape[2:])
+    inferred = target[1] == -1 and a.keeps_batch(target[0], x) and fixed is not None and spatial is not None and (
+        math.prod(fixed) == spatial)  # [N, -1, 1, 1] of [N, C]: the count is the rest of a kept batch
+    if sum(1 for e in target if e == -1) > 1 or any(e == 0 for e in rest) or not (own or explicit or inferred):
         return False
     if not _batch_ok(a, x, target, xshape, 2, static_prod(xshape[2:])):
         return False
@@ -258,48 +261,71 @@ def _same_channels(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: 
     return True
 
 
-def _split_branches(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: list, slot: Slot) -> bool:
-    """``[N, K*C, ...] -> [N, K, C, ...]`` (a producer's ``K`` blocks of ``C`` channels as ``K`` branches): channel
-    ``c`` of every block is one channel (the blocks are unioned), the output is :attr:`Analysis.branched`; entry 2
-    (``C``) is rewritten by surgery, or ``-1`` with every other entry static."""
-    xshape, c = a.shapes[x], a.channels(x)
-    k = target[1] if len(target) == len(xshape) + 1 and len(xshape) >= 2 else None
-    if not isinstance(k, int) or k < 1 or c % k or x in a.last_axis:
+def _regroup(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: list, slot: Slot) -> bool:
+    """A reshape that moves the channel axis (at ``cax``, with ``P`` positions of the axes before it and ``Q``
+    after it, batch excluded) to output axis ``q`` with ``P'`` positions before it, exactly, for every input size:
+
+    * the same channels (``P' = P``): the layout passes on (e.g. ``[N, C] -> [N, C, 1, 1]``, a view that drops unit
+      axes);
+    * a split (``P' = K P``, ``C' = C / K``): the channel axis becomes ``K`` branches of ``C / K`` channels; channel
+      ``k*C' + c`` of the input is channel ``c`` of branch ``k`` (row-major), so the ``K`` blocks are unioned;
+    * a merge (``P' = P / K``, ``C' = K C``): the last ``K`` positions before the channel axis (branches, or the
+      positions of a channels-last map) join it: the output holds ``K`` copies of the layout.
+
+    Entry 0 keeps the batch (or is ``-1`` with every other entry static); the entries before ``q`` are static; the
+    channel entry is static (rewritten by surgery) or ``-1`` with the entries after it static; the element count then
+    forces the entries after ``q`` to hold ``Q``. Merging the channels with an axis after them (a channel shuffle)
+    is not one of these and freezes."""
+    xshape, cax, c = list(a.shapes[x]), a.channel_axis(x), a.channels(x)
+    if x in a.last_axis or len(xshape) <= cax:
         return False
-    m = c // k
-    where = slot(2) if target[2] == m else None
-    explicit = where is not None
-    inferred = target[2] == -1 and _fixed(target[3:], x, xshape) is not None and target[0] != -1
+    xshape[cax] = c  # the layout's width, where shape inference left the axis unknown
+    if None in xshape[1:]:
+        return False
+    before, after = math.prod(xshape[1:cax]), math.prod(xshape[cax + 1:])  # type: ignore[arg-type]
+    static = all(isinstance(e, int) and e > 0 for e in target[1:])
+    if not (a.keeps_batch(target[0], x) or (target[0] == -1 and static and math.prod(target[1:]) == before * c * after)):
+        return False
     yshape = a.shapes.get(node.output[0])
-    if not (explicit or inferred) or (yshape is not None and tuple(yshape[1:3]) != (k, m)) or not _batch_ok(
-            a, x, target, xshape, 1, static_prod(xshape[1:])):
-        return False
-    blocks = [_cut(a, x, j * m, (j + 1) * m) for j in range(k)]
-    for block in blocks[1:]:
-        a.union_segments(blocks[0], block)  # type: ignore[arg-type]
-    a.layout[node.output[0]] = blocks[0]  # type: ignore[assignment]
-    a.branched.add(node.output[0])
-    if where is not None:
-        _vector_edit(a, where, node.output[0])
-    return True
+    for q in range(1, len(target)):
+        pre, entry, post = target[1:q], target[q], target[q + 1:]
+        if not all(isinstance(e, int) and e > 0 for e in pre):
+            return False
+        p2 = math.prod(pre)
+        if entry == -1 and all(isinstance(e, int) and e > 0 for e in post) and (before * c * after) % (
+                p2 * math.prod(post)) == 0:
+            width, where = (before * c * after) // (p2 * math.prod(post)), None
+        elif isinstance(entry, int) and entry > 0:
+            width, where = entry, slot(q)
+            if where is None:
+                continue
+        else:
+            continue
+        if yshape is not None and (len(yshape) != len(target) or yshape[q] not in (width, None)):
+            continue
+        if p2 == before and width == c:
+            a.layout[node.output[0]] = list(a.layout[x])
+        elif p2 > before and p2 % before == 0 and width * (p2 // before) == c:
+            blocks = [_cut(a, x, j * width, (j + 1) * width) for j in range(p2 // before)]
+            for block in blocks[1:]:
+                a.union_segments(blocks[0], block)  # type: ignore[arg-type]
+            a.layout[node.output[0]] = blocks[0]  # type: ignore[assignment]
+        elif before > p2 and before % p2 == 0 and width == c * (before // p2):
+            a.layout[node.output[0]] = [(s, off + j * c, start, n) for j in range(before // p2)
+                                        for s, off, start, n in a.layout[x]]
+        else:
+            continue
+        a.set_axis(node.output[0], q)
+        if where is not None:
+            _vector_edit(a, where, node.output[0])
+        return True
+    return False
 
 
-def _merge_branches(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: list, slot: Slot) -> bool:
-    """``[N, K, C, ...] -> [N, K*C, ...]`` of a branched tensor: the output holds the ``K`` branches end to end;
-    entry 1 (``K*C``) is rewritten by surgery, or ``-1`` with every other entry static."""
-    xshape = a.shapes[x]
-    k, c = xshape[1], a.channels(x)
-    if len(target) != len(xshape) - 1 or k is None:
-        return False
-    where = slot(1) if target[1] == k * c else None
-    explicit = where is not None
-    inferred = target[1] == -1 and _fixed(target[2:], x, xshape) is not None and target[0] != -1
-    if not (explicit or inferred) or not _batch_ok(a, x, target, xshape, 1, static_prod(xshape[1:])):
-        return False
-    a.layout[node.output[0]] = [(space, off + j * c, start, n) for j in range(k) for space, off, start, n in a.layout[x]]
-    if where is not None:
-        _vector_edit(a, where, node.output[0])
-    return True
+def _shuffle(a: Analysis, x: str, target: list) -> bool:
+    """True when a reshape merges ``x``'s channels with the axis after them (a channel shuffle's last step)."""
+    xshape, cax = a.shapes[x], a.channel_axis(x)
+    return len(xshape) > cax + 1 and xshape[cax + 1] not in (1, None) and len(target) < len(xshape)
 
 
 def reshape(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
@@ -316,14 +342,13 @@ def reshape(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         return None if legacy is not None else _entry_slot(a, node, idx, j)
 
     xshape = a.shapes.get(x)
-    usable = target is not None and xshape is not None and len(xshape) >= 2 and xshape[1] is not None and len(
+    usable = target is not None and xshape is not None and len(xshape) > a.channel_axis(x) and len(
         target) >= 2 and not (attr(node, "allowzero", 0) and 0 in target)  # type: ignore[operator]
-    if usable and x in a.branched:
-        done = _merge_branches(a, node, idx, x, target, slot)  # type: ignore[arg-type]
-    elif usable:
-        done = any(rule(a, node, idx, x, target, slot)  # type: ignore[arg-type]
-                   for rule in (_dense_flatten, _same_channels, _split_branches))
+    rules = (_dense_flatten, _same_channels, _regroup) if a.channel_axis(x) == 1 else (_regroup,)
+    if usable and any(rule(a, node, idx, x, target, slot) for rule in rules):  # type: ignore[arg-type]
+        return
+    if usable and _shuffle(a, x, target):  # type: ignore[arg-type]
+        a.freeze(x, f"channel shuffle at {describe(node, idx)}: the kept channels of its blocks would interleave "
+                    f"in another order after pruning")
     else:
-        done = False
-    if not done:
         a.freeze(x, f"reshape of the channel axis at {describe(node, idx)}")

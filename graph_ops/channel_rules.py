@@ -194,7 +194,10 @@ def matmul(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
         return
     tokens = static_prod((a.shapes.get(x) or (None, None))[1:-1])  # positions per sample (None: dynamic)
-    if (a.lay(x) is None or x in a.last_axis) and a.batch_major(x):
+    on_last = x in a.last_axis or a.channel_axis(x) == rank - 1
+    if (a.lay(x) is None or on_last) and a.batch_major(x):
+        if a.lay(x):
+            a.last_axis.add(x)  # a map transposed to channels-last: calibration pools it as the Linear's input
         _token_dense(a, node, idx, bshape[0], bshape[1], tokens)
         return
     a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
@@ -255,11 +258,11 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
     where, y = describe(node, idx), node.output[0]
     rank = a.rank(y)
     laid = [t for t in acts if a.lay(t)]
-    last, branched = any(t in a.last_axis for t in laid), any(t in a.branched for t in laid)
-    axis = 2 if branched else rank - 1 if last and rank else 1
-    width = (a.shapes.get(y) or (None, None, None))[axis] if rank and rank > axis else None
+    moved = any(t in a.last_axis or t in a.branched for t in laid)  # channels on another axis than 1
+    axis = max(a.channel_axis(t) for t in laid) if moved else 1
+    width = (a.shapes.get(y) or ())[axis] if rank and rank > axis else None
     wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width, axis)]
-    if (last or branched) and any(a.lay(t) and a.channel_axis(t) != axis for t in wide):
+    if moved and any(a.lay(t) and a.channel_axis(t) != axis for t in wide):
         a.freeze_inputs(node, f"channels on different axes at {where}")
         return
     if rank is None or not wide or any(a.lay(t) is None or a.rank(t) != rank for t in wide):
@@ -305,7 +308,7 @@ def _axes_rule(allowed: Callable[[Analysis, onnx.NodeProto, int], bool],
         x = node.input[0]
         if a.lay(x) is None or (stacked is not None and stacked(a, node, idx)):
             return
-        if x not in a.branched and allowed(a, node, a.rank(x) or 0):
+        if a.channel_axis(x) == 1 and allowed(a, node, a.rank(x) or 0):
             passthrough(a, node, idx)
         else:
             a.freeze(x, f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
@@ -380,9 +383,10 @@ axes 2.., nor PRelu, whose slope runs along axis 1) and ``MatMul``; any other op
 _REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd")
 BRANCH_OPS = frozenset({*_UNARY, *_BINARY, *_REDUCE, "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze",
-                        "Unsqueeze", "Softmax", "LogSoftmax"} - {*_POOLS, "PRelu"})
-"""Ops that may read a tensor of branches stacked on axis 1 (channels on axis 2, :mod:`graph_ops.channel_branch_rules`):
-the elementwise ones and those that know its axes; any other op freezes its channels."""
+                        "Unsqueeze", "Softmax", "LogSoftmax", "MatMul"} - {*_POOLS, "PRelu"})
+"""Ops that may read a tensor whose channels lie on another axis than 1 (stacked branches, channels-last maps:
+:mod:`graph_ops.channel_branch_rules`): the elementwise ones and those that know its axes (MatMul by a constant
+reads channels on the last axis as a Linear's input); any other op freezes its channels."""
 
 CHANNEL_RULES: dict[str, Rule] = {
     **dict.fromkeys(_UNARY, passthrough),

@@ -73,7 +73,7 @@ class Analysis:
         self.dims: dict[str, list[Dim]] = {}  # small integer tensors' entries, row-major (channel_shape_rules)
         self.dim_shapes: dict[str, tuple[int, ...]] = {}  # their shapes, where the rules know them
         self.last_axis: set[str] = set()  # tensors whose channels lie on the last axis (a Linear's token features)
-        self.branched: set[str] = set()  # [N, K, C, ...] tensors: K branches of one layout on axis 2 (SK attention)
+        self.branched: dict[str, int] = {}  # tensors whose channels lie on this axis (>= 2; stacked branches, NHWC)
         inits = {t.name for t in model.graph.initializer}
         self.batch_static = all(  # every graph input declares a static batch (a constant batch entry is safe)
             info.type.tensor_type.shape.dim and info.type.tensor_type.shape.dim[0].dim_value > 0
@@ -114,24 +114,35 @@ class Analysis:
         return batch is not None and leading.get(tensor) == batch
 
     def channel_axis(self, tensor: str) -> int:
-        """The axis of a tensor's channels: the last one for :attr:`last_axis` tensors, 2 for :attr:`branched`
-        ones, else 1."""
-        rank = self.rank(tensor)
+        """The axis of a tensor's channels: the last one for :attr:`last_axis` tensors, the recorded one for
+        :attr:`branched` ones, else 1."""
         if tensor in self.branched:
-            return 2
+            return self.branched[tensor]
+        rank = self.rank(tensor)
         return rank - 1 if tensor in self.last_axis and rank else 1
 
     def mark_like(self, source: str, out: str) -> None:
-        """Give ``out`` the channel axis of ``source`` (last axis, branched, or axis 1)."""
-        for marked in (self.last_axis, self.branched):
-            if source in marked:
-                marked.add(out)
+        """Give ``out`` the channel axis of ``source`` (last axis, another recorded axis, or axis 1)."""
+        if source in self.last_axis:
+            self.last_axis.add(out)
+        if source in self.branched:
+            self.branched[out] = self.branched[source]
+
+    def set_axis(self, tensor: str, axis: int) -> None:
+        """Record that ``tensor``'s channels lie on ``axis`` (axis 1 is the default, not recorded)."""
+        if axis == 1:
+            self.branched.pop(tensor, None)
+        else:
+            self.branched[tensor] = axis
 
     def keeps_batch(self, entry: Dim, x: str) -> bool:
-        """True when a Reshape target entry 0 is ``x``'s batch for every input size: ``0`` (copied), ``x``'s own
-        axis 0 read through ``Shape``, or its static size when every graph input's batch is static."""
+        """True when a Reshape target entry 0 is ``x``'s batch for every input size: ``0`` (copied), axis 0 of ``x``
+        or of another tensor whose axis 0 is the graph's batch as ``x``'s is (:meth:`batch_major`) read through
+        ``Shape``, or its static size when every graph input's batch is static."""
         shape = self.shapes.get(x) or (None,)
-        return entry == 0 or entry == (x, 0) or (self.batch_static and isinstance(entry, int) and entry == shape[0])
+        if isinstance(entry, tuple):
+            return entry[1] == 0 and (entry[0] == x or (self.batch_major(entry[0]) and self.batch_major(x)))
+        return entry == 0 or (self.batch_static and isinstance(entry, int) and entry == shape[0])
 
     def channels(self, tensor: str) -> int:
         """Number of channels of a tensor with a layout."""
@@ -216,7 +227,8 @@ class Analysis:
                 self.freeze_inputs(node, f"channels on the last axis reach {node.op_type} at node "
                                          f"'{node_name(node, idx)}'")
             elif node.op_type not in branch_ops and any(self.lay(n) and n in self.branched for n in node.input):
-                self.freeze_inputs(node, f"channels stacked on axis 2 reach {node.op_type} at node "
+                axis = next(self.branched[n] for n in node.input if self.lay(n) and n in self.branched)
+                self.freeze_inputs(node, f"channels on axis {axis} reach {node.op_type} at node "
                                          f"'{node_name(node, idx)}'")
             elif rule is not None:
                 rule(self, node, idx)
@@ -256,7 +268,7 @@ class Analysis:
                                  edits=tuple(self.edits), flattened=dict(self.flat), shapes=self.shapes,
                                  fingerprint=fingerprint,
                                  last_axis=frozenset(t for t in self.last_axis if t in by_tensor),
-                                 branched=frozenset(t for t in self.branched if t in by_tensor))
+                                 branched={t: ax for t, ax in self.branched.items() if t in by_tensor})
 
     def _segments(self, segs: list[Seg], gid: dict[int, str]) -> tuple[Segment, ...]:
         out = []
@@ -275,6 +287,8 @@ class Analysis:
             segs = self.layout.get(tensor, [])
             leaves = [sp.find(leaf) for space, _, start, length in segs
                       for leaf in sp.whole_leaves(space, start, length)]
+            if len(leaves) == conv_groups > 1 and len(set(leaves)) == 1:
+                continue  # every conv group reads a whole copy of one group (split attention): equal by itself
             if len(leaves) != 1:
                 self.freeze(tensor, f"grouped Conv (group={conv_groups}) at {where} reads channels of several "
                                     f"groups")

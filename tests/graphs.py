@@ -195,7 +195,7 @@ def channel_shuffle() -> tuple[onnx.ModelProto, Expected]:
     y = n.op("Reshape", [n.conv("x", 3, 8), n.const(np.array([1, 2, 4, 8, 8], np.int64))])
     y = n.op("Transpose", [y], perm=[0, 2, 1, 3, 4])
     y = n.op("Reshape", [y, n.const(np.array([1, 8, 8, 8], np.int64))])
-    return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(4, (16,), "channel shuffle at Transpose")
+    return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(4, (16,), "channel shuffle at Reshape")
 
 
 def softmax_over_channels() -> tuple[onnx.ModelProto, Expected]:

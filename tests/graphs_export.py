@@ -154,6 +154,35 @@ def branch_softmax_over_channels() -> tuple[onnx.ModelProto, Expected]:
     return n.model(n.head(n.conv(y, 8, 12), 12), shape=DYNAMIC), Expected(5, (12,), "unsupported consumer Softmax")
 
 
+def split_attention() -> tuple[onnx.ModelProto, Expected]:
+    """ResNeSt's split attention (radix 2): a group=2 conv's 16 outputs viewed as 2 branches of 8, summed; logits
+    ``[N, 16, 1, 1]`` viewed as ``[N, 1, 2, 8]``, transposed to ``[N, 2, 1, 8]``, softmaxed over the branches,
+    flattened to ``[N, 16]`` (batch read from another tensor's Shape), viewed as ``[N, 16, 1, 1]`` then ``[N, 2, 8, 1,
+    1]``; weighted sum over the branches. Both halves of the grouped conv, both logit blocks and the output: one
+    group of 8 (each conv group reads a whole copy of it)."""
+    n = Net(73)
+    s = n.op("Relu", [n.conv("x", 3, 8)])
+    paths = n.op("Relu", [n.conv(s, 8, 16, group=2)])
+    stack = n.op("Reshape", [paths, _ints(n, 0, 2, 8, 8, 8)])
+    gap = n.op("GlobalAveragePool", [n.op("ReduceSum", [stack, _ints(n, 1)], keepdims=0)])
+    logits = n.conv(n.op("Relu", [n.conv(gap, 8, 4, k=1)]), 4, 16, k=1)
+    view = n.op("Reshape", [logits, n.op("Concat", [_batch_entry(n, logits), _ints(n, 1, 2, -1)], axis=0)])
+    attn = n.op("Softmax", [n.op("Transpose", [view], perm=[0, 2, 1, 3])], axis=1)
+    flat = n.op("Reshape", [attn, n.op("Concat", [_batch_entry(n, logits), _ints(n, -1)], axis=0)])
+    attn = n.op("Reshape", [n.op("Reshape", [flat, _ints(n, 0, -1, 1, 1)]), _ints(n, 0, 2, 8, 1, 1)])
+    y = n.op("ReduceSum", [n.op("Mul", [stack, attn]), _ints(n, 1)], keepdims=0)
+    return n.model(n.head(n.conv(y, 8, 12), 12), shape=DYNAMIC), Expected(6, (4, 8, 8, 12))
+
+
+def channels_last_flatten() -> tuple[onnx.ModelProto, Expected]:
+    """A TF / Keras head converted to ONNX: NCHW -> NHWC (Transpose), ``Reshape(x, [0, -1])``, MatMul: the MatMul's
+    rows are ``H*W`` copies of the channels (position-major), sliced as such."""
+    n = Net(74)
+    y = n.op("MaxPool", [n.op("Relu", [n.conv("x", 3, 8)])], kernel_shape=[2, 2], strides=[2, 2])
+    flat = n.op("Reshape", [n.op("Transpose", [y], perm=[0, 2, 3, 1]), _ints(n, 0, -1)])
+    return n.model(n.op("MatMul", [flat, n.rand(128, 10, scale=0.1)]), shape=DYNAMIC), Expected(3, (8,))
+
+
 def grouped_after_lrn() -> tuple[onnx.ModelProto, Expected]:
     """AlexNet / CaffeNet: LRN (mixes neighbouring channels: frozen) then a group=2 conv, whose output is still
     pruned in two equal blocks (its input is kept whole)."""
@@ -177,7 +206,8 @@ EXPORT_MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
     f.__name__: f for f in (
         paddle_flatten_head, zero_minus_one_flatten, keras_flatten_head, squeeze_reshape_activation,
         constant_batch_flatten, explicit_pad, same_padding, pad_on_channels, selective_kernel,
-        selective_kernel_by_shape, branch_softmax_over_channels, grouped_after_lrn, concat_with_untracked_part)
+        selective_kernel_by_shape, branch_softmax_over_channels, split_attention, channels_last_flatten,
+        grouped_after_lrn, concat_with_untracked_part)
 }
 """Motif name -> builder (production exports as shipped)."""
 
