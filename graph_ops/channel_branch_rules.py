@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import onnx
 
-from graph_ops.channel_state import Analysis, attr, describe, int_list
+from graph_ops.channel_state import Analysis, attr, int_list
 
 
 def _axes(a: Analysis, node: onnx.NodeProto, rank: int | None) -> list[int] | None:
@@ -93,6 +93,7 @@ def softmax(a: Analysis, node: onnx.NodeProto, idx: int) -> bool:
 def transpose(a: Analysis, node: onnx.NodeProto, idx: int) -> bool:
     """``Transpose`` that keeps the batch first: the channels move with their axis."""
     x, perm = node.input[0], attr(node, "perm")
-    if perm is None or list(perm)[0] != 0 or x in a.last_axis:  # type: ignore[call-overload]
+    order = [int(p) for p in perm] if perm is not None else []  # type: ignore[union-attr]
+    if not order or order[0] != 0 or x in a.last_axis:
         return False
-    return _keep(a, node, list(perm).index(a.channel_axis(x)))  # type: ignore[call-overload]
+    return _keep(a, node, order.index(a.channel_axis(x)))
