@@ -153,22 +153,9 @@ def _frozen(model: Any, index: Any) -> dict[str, int]:
 
 def _exactness(prepared: Any, shapes: list[tuple[int, ...]]) -> dict[str, Any]:
     """Three seeded random plans against the mask oracle at ``shapes``, predicted == counted."""
-    from graph_ops.mask import zero_channels
-    from graph_ops.prune import apply_plan
-    from tests.oracles import assert_same_outputs, random_valid_plan
+    from tests.oracles import check_prepared_surgery
 
-    name = _input_name(prepared.model)
-    worst, equal = 0.0, True
-    for seed in range(3):
-        plan = random_valid_plan(prepared.index, np.random.default_rng(seed))
-        pruned = prepared.restore_io(apply_plan(prepared.model, prepared.index, plan))
-        masked = zero_channels(prepared.model, prepared.index, plan)
-        for shape in shapes:
-            feeds = {name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
-            worst = max(worst, assert_same_outputs(masked, pruned, feeds, rtol=1e-3, atol=1e-6))
-        counted = prepared.count(pruned)
-        predicted = prepared.index.predict({gid: len(kept) for gid, kept in plan.items()})
-        equal = equal and not counted.unresolved and (counted.macs, counted.params) == predicted
+    worst, equal = check_prepared_surgery(prepared, shapes, rtol=1e-3, atol=1e-6)
     return {"worst_relative_error": float(f"{worst:.3g}"), "predicted_equals_counted": equal}
 
 
