@@ -128,20 +128,21 @@ def build(graph: str, cache: Path, prod: Path) -> tuple[Path, tuple[int, ...] | 
 
         size = input_shape(name) if name in ("vgg16_bn", "inception_v3") else SIZE
         if not path.exists():
-            export_torch(load_torchvision(name, num_classes=10, seed=0), torch.randn(size), path, dynamo=False)
+            example = torch.randn(size, generator=torch.Generator().manual_seed(0))
+            export_torch(load_torchvision(name, num_classes=10, seed=0), example, path, dynamo=False)
             if group == "paddle":
                 onnx.save(paddle_style(onnx.load(str(path)), dynamic_width=True), str(path))
         return path, (size if group == "paddle" else None), ((3, 3, 64, 96) if group == "paddle" else (3, *size[1:]))
-    from tests.production_models import ULTRALYTICS, export_production, input_shape
     from tests.production_models import build as build_timm
+    from tests.production_models import export_production, input_shape
 
     if group == "yolo":
         return export_production(name, "legacy", cache), None, ()
-    if not path.exists():
+    if not path.exists():  # the seeded example of the zoo tests; dynamic batch (and height and width for timm-hw)
         from pipeline.export import export_torch
+        from tests.production_models import example
 
-        export_torch(build_timm(name), torch.randn(input_shape(name) if name in ULTRALYTICS else SIZE), path,
-                     dynamo=False, dynamic_spatial=group == "timm-hw")
+        export_torch(build_timm(name), example(name), path, dynamo=False, dynamic_spatial=group == "timm-hw")
     return path, (SIZE if group == "timm-hw" else None), ((2, 3, 64, 96) if group == "timm-hw" else other)
 
 

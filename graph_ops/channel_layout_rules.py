@@ -323,9 +323,13 @@ def _regroup(a: Analysis, node: onnx.NodeProto, idx: int, x: str, target: list, 
 
 
 def _shuffle(a: Analysis, x: str, target: list) -> bool:
-    """True when a reshape merges ``x``'s channels with the axis after them (a channel shuffle's last step)."""
+    """True when a reshape merges channels with the axis after them that a Transpose just put there: the last step
+    of a channel shuffle (``[N, g, C/g, H, W] -> Transpose -> [N, C/g, g, H, W] -> [N, C, H, W]``)."""
     xshape, cax = a.shapes[x], a.channel_axis(x)
-    return len(xshape) > cax + 1 and xshape[cax + 1] not in (1, None) and len(target) < len(xshape)
+    producer = a.producer.get(x)
+    node = a.graph.node[producer] if producer is not None else None
+    moved = node is not None and node.op_type == "Transpose" and a.channel_axis(node.input[0]) > cax
+    return moved and len(xshape) > cax + 1 and xshape[cax + 1] not in (1, None) and len(target) < len(xshape)
 
 
 def reshape(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
