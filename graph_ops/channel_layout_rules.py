@@ -17,15 +17,17 @@ Part of ``graph_ops.channel_rules.CHANNEL_RULES`` (the one registry); the layout
   is rewritten to ``kept*H*W``), ``[N, C]`` when ``H*W = 1``. ``[N, C] -> [N, C]`` is the identity, and so is a
   reshape of the spatial axes only (``[N, C, H, W] -> [N, C, H*W]``) whose channel entry is ``0``, the input's own
   count read through ``Shape`` (:mod:`graph_ops.channel_shape_rules`) or a constant that surgery rewrites.
-* **Branches**: ``[N, K*C, ...] -> [N, K, C, ...]`` views a producer's ``K`` blocks of ``C`` channels as ``K``
-  branches (the attention logits of selective-kernel attention, softmaxed over the branches): channel ``j*C + c``
-  of the input is channel ``c`` of branch ``j``, so the ``K`` blocks are unioned (removed together) and the output's
-  channels lie on axis 2 (``Analysis.branched``); the reverse reshape lays the ``K`` branches end to end again. The
-  ``C`` / ``K*C`` entry is rewritten by surgery. Anything else (a channel shuffle's transposed blocks, a split into
-  heads) freezes.
+* **Regrouping** (any channel axis, :meth:`Analysis.channel_axis`): a reshape that splits the channel axis into
+  ``K`` branches of ``C / K`` (``[N, K*C', ...] -> [N, K, C', ...]``, the attention logits of selective-kernel and
+  split attention) unions the ``K`` blocks (channel ``k*C' + c`` of the input is channel ``c`` of branch ``k``, so
+  they are removed together); one that merges the ``K`` positions *before* the channel axis into it (the branches
+  back, ``[N, H, W, C] -> [N, H*W*C]`` of a channels-last map) gives ``K`` copies of the layout; one that only moves
+  it among unit or other axes keeps it. The channel entry is rewritten by surgery. Merging the channels with an axis
+  *after* them is a channel-major flatten (above) or, after a Transpose, a channel shuffle: it freezes, with that
+  reason. Anything else (a split into heads, patches) freezes.
 
-Concat, Split and Slice read the channel axis of their input (:meth:`Analysis.channel_axis`: 2 for branched
-tensors), so stacking branches on axis 1 unions them and slicing a branch passes the layout on.
+Concat, Split and Slice read the channel axis of their input, so stacking branches on axis 1 unions them and
+slicing a branch passes the layout on.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ activations unions the spaces (union-find); Concat on axis 1 lays its inputs' se
 a range. Where ranges do not fall on piece boundaries, spaces are cut into pieces (the common refinement,
 :mod:`graph_ops.channel_spaces`); every final piece is a group. A grouped Conv asks its input and output groups to
 keep the same number of channels in each of its conv groups (``ChannelGroup.blocks``). The per-op rules are the
-plain dict ``graph_ops.channel_rules.CHANNEL_RULES`` (integer shape arithmetic: ``channel_shape_rules``). Anything
+plain dict ``graph_ops.channel_rules.CHANNEL_RULES`` (integer shape arithmetic: ``channel_shape_rules``; channels
+moved to another axis by a transpose or a view into branches: ``channel_branch_rules``). ``shapes`` may be the
+shapes at fixed input sizes of a model with dynamic dims (:func:`graph_ops.dynamic_dims.shapes_at`): the rules only
+accept what stays exact at every size. Anything
 the rules do not understand *freezes* the channels it touches, with a readable reason (fail closed): a frozen group
 is never pruned.
 

@@ -4,9 +4,11 @@
   :func:`constants` (initializers and ``Constant`` node outputs by name);
 * shapes: :func:`declared_shapes` reads the shapes a model already declares (inputs, ``value_info``, outputs,
   initializers) without running inference; :func:`infer_shapes_light` runs ONNX shape inference on a copy without
-  the large weights (they become typed inputs), which is what every stage that needs fresh shapes calls;
+  the large weights (they become typed inputs, :func:`light_copy`; negative dims become symbolic,
+  :func:`symbolic`), which is what every stage that needs fresh shapes calls;
   :func:`static_shapes` infers (falling back to the declared shapes); :func:`complete_shapes` says whether a model's
   declared shapes cover every node output;
+* input sizes: :func:`set_input_dims` / :func:`with_input_shapes` write static dims into graph inputs (checked);
 * writing: :func:`fresh_name` (a name no tensor of the graph uses yet, with a suffix) and
   :func:`replace_initializers` (new values for node inputs as fresh initializers; originals that no node reads any
   more are dropped; the caller's shared constants are never edited in place);
