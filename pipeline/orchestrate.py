@@ -37,6 +37,7 @@ from graph_ops.io import (
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
 from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
+from pipeline.data import check_against_model
 from pipeline.errors import CalibrationError
 from pipeline.evaluate import is_classifier
 from pipeline.memory import release_memory
@@ -293,6 +294,8 @@ class PruneRun:
             return pruned, {"method": "none"}
         if self.data is None:
             raise UserInputError(f"recovery {method!r} needs calibration data: pass --data (or --recover none)")
+        if self.prepared.input_shapes:  # the data at the prepared sizes, as calibration checks it
+            check_against_model(self.data, self.prepared.input_specs, max_batches=1)
         with self.timed("recover"):
             model, report = recover(self.prepared.model, pruned, self.prepared.index, keep_lists(plan), self.data,
                                     method=method, sequential=mode == "sequential", batch_size=self.batch_size,

@@ -166,3 +166,19 @@ def test_a_static_batch_still_runs_one_sample_per_call(tmp_path: Path, batch_siz
                    progress=False, input_shapes={"x": ANALYSIS})
     run.stats()
     assert batch_sizes == [1] * 6
+
+
+def test_data_at_another_size_than_the_analysis_is_refused(paddle: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Calibration and recovery data must have the sizes analysis used (the model itself would take any width)."""
+    data = tmp_path / "wide.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 8, 24)).astype(np.float32))
+    for method in ("l2", "di"):  # l2: recovery only reads the data; di: calibration first
+        args = ["-q", "prune", str(paddle), "--input-shape", "x:1x3x8x16", "--data", str(data), "--method", method,
+                "--target-macs", "0.6", "--round-to", "4", "--min-channels", "4", "-o", str(tmp_path / "out.onnx")]
+        if method == "di":
+            np.savez(data, x=np.load(data)["x"], y=np.arange(8) % 2)
+        assert main(args) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("diprune: error:") and "[N, 3, 8, 16]" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out.onnx").exists()
