@@ -51,6 +51,9 @@ class PreparedModel:
         task: the task whose head the canonical model carries (:mod:`pipeline.task`), or None.
         io: the file's own graph inputs and outputs (:func:`graph_ops.dynamic_dims.graph_io`), which
             :meth:`restore_io` writes back into a pruned model.
+        sizes: the input sizes analysis used: ``input_shapes``, or, for a model whose only dynamic dim is the batch
+            and whose shape inference leaves sizes unknown (shape chains through ``Shape``), every input at batch 1;
+            empty: the declared shapes.
     """
 
     path: Path
@@ -60,6 +63,7 @@ class PreparedModel:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     task: Task | None = None
     io: tuple[onnx.ValueInfoProto, ...] = ()
+    sizes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def weights(self) -> dict[str, np.ndarray]:
         """Initializers as numpy arrays (for the data-free scorers)."""
@@ -74,8 +78,8 @@ class PreparedModel:
         """Static shapes of a model of this run (the canonical one, a pruned or recovered one) at the prepared input
         sizes (:func:`graph_ops.dynamic_dims.shapes_at`), or, when none were given, its declared shapes (inferred
         when they do not cover every node output)."""
-        if self.input_shapes:
-            return shapes_at(model, self.input_shapes)
+        if self.sizes:
+            return shapes_at(model, self.sizes)
         return declared_shapes(model) if complete_shapes(model) else static_shapes(model)
 
     def count(self, model: onnx.ModelProto) -> CostReport:
@@ -176,9 +180,33 @@ def prepare(path: str | os.PathLike[str], input_shapes: InputShapes | None = Non
     if task is not None:
         model = task.head(model)
     canonical = canonicalize(model)
-    shapes = shapes_at(canonical, input_shapes) if input_shapes else declared_shapes(canonical)
+    sizes = dict(input_shapes or {}) or batch_one(canonical)
+    shapes = shapes_at(canonical, sizes) if sizes else declared_shapes(canonical)
     return PreparedModel(path=path, sha256=sha, model=canonical, index=analyze(canonical, shapes),
-                         input_shapes=dict(input_shapes or {}), task=task, io=io)
+                         input_shapes=dict(input_shapes or {}), task=task, io=io, sizes=sizes)
+
+
+def batch_one(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Every graph input at batch 1 when the batch is its only dynamic dim and the model's declared shapes leave the
+    size of some Conv / Gemm / MatMul output unknown (sizes computed through ``Shape`` that inference does not resolve
+    while the batch is unknown: TF "same" padding, a shuffle's views); else ``{}`` (the declared shapes are all
+    analysis and the cost model need)."""
+    declared = declared_shapes(model)
+    if all(node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or (
+            declared.get(node.output[0]) is not None and None not in declared[node.output[0]][1:])
+           for node in model.graph.node):
+        return {}
+    inits = {t.name for t in model.graph.initializer}
+    sizes = {}
+    for info in model.graph.input:
+        if info.name in inits:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in info.type.tensor_type.shape.dim]
+        if not dims or None in dims[1:]:
+            return {}
+        sizes[info.name] = (1, *dims[1:])
+    return sizes
 
 
 def _inputs_only(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -88,8 +88,11 @@ def same_padding() -> tuple[onnx.ModelProto, Expected]:
     n = Net(66)
     y = n.op("Relu", [n.conv("x", 3, 8)])
     size = n.op("Gather", [n.op("Shape", [y]), _ints(n, 2, 3)], axis=0)  # [H, W]
-    total = n.op("Max", [n.op("Sub", [n.op("Mul", [n.op("Div", [n.op("Add", [size, _ints(n, 1)]), _ints(n, 2)]),
-                                                   _ints(n, 2)]), size]), _ints(n, 0)])
+    steps = n.op("Cast", [n.op("Ceil", [n.op("Div", [n.op("Cast", [size], to=onnx.TensorProto.FLOAT),
+                                                     n.const(np.float32(2.0))])])], to=onnx.TensorProto.INT64)
+    # max((ceil(x / s) - 1) * s + k - x, 0) with stride s = 2 and kernel k = 3
+    total = n.op("Max", [n.op("Sub", [n.op("Add", [n.op("Mul", [n.op("Sub", [steps, _ints(n, 1)]), _ints(n, 2)]),
+                                                   _ints(n, 3)]), size]), _ints(n, 0)])
     half = n.op("Div", [total, _ints(n, 2)])  # [pad_h // 2, pad_w // 2]
     begin_end = n.op("Concat", [n.op("Unsqueeze", [half, _ints(n, 1)]), n.op("Unsqueeze", [n.op("Sub", [
         total, half]), _ints(n, 1)])], axis=1)  # [[h0, h1], [w0, w1]]

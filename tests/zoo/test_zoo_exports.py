@@ -99,9 +99,8 @@ def test_tf_same_padding_computed_from_dynamic_sizes(tmp_path: Path) -> None:
 
 def test_shufflenet_shuffles_stay_frozen_with_the_reason(zoo_model: Callable[[str, str], Path]) -> None:
     path = zoo_model("shufflenet_v2_x1_0", "legacy")  # its shuffles read the batch through Shape: sizes need folding
-    assert prepare(path).index.unknown_macs
-    prepared = prepare(path, {_input(load_model(path)): (1, 3, 64, 64)})
-    assert not prepared.index.unknown_macs
+    prepared = prepare(path)
+    assert prepared.sizes == {_input(load_model(path)): (1, 3, 64, 64)} and not prepared.index.unknown_macs
     reasons = [g.frozen for g in prepared.index.groups if g.frozen]
     assert any("channel shuffle at Reshape" in r and "interleave" in r for r in reasons), reasons
     check_exact_at(prepared, [(1, 3, 64, 64), (3, 3, 64, 64)])

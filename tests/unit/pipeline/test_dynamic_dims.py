@@ -182,3 +182,19 @@ def test_data_at_another_size_than_the_analysis_is_refused(paddle: Path, tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith("diprune: error:") and "[N, 3, 8, 16]" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out.onnx").exists()
+
+
+
+def test_batch_one_sizes_a_dynamic_batch_only_where_declared_sizes_are_missing() -> None:
+    """``prepare`` folds shape chains at batch 1 (``PreparedModel.sizes``) for a model whose only dynamic dim is
+    the batch when its declared shapes leave a Conv's size unknown (a ShuffleNet or TF-padding export, checked in
+    the zoo); the declared shapes suffice otherwise, and a dynamic width needs ``--input-shape``."""
+    from pipeline.prepare import batch_one
+    from tests.graphs_export import explicit_pad
+
+    model, _ = explicit_pad()
+    assert batch_one(model) == {}  # inferred shapes cover every Conv
+    del model.graph.value_info[:]
+    assert batch_one(model) == {"x": (1, 3, 8, 8)}
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    assert batch_one(model) == {}
