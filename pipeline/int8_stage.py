@@ -11,7 +11,7 @@ interleaved rounds over the four models (:func:`pipeline.quantize.compare_precis
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,10 @@ def check_int8_options(quantize: str | None, max_top1_drop: float | None, rankin
 def int8_stage(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Any,
                evaluate: Callable[[onnx.ModelProto], dict[str, Any]] | None, on: LatencyTarget, *,
                max_top1_drop: float | None = None, ranking: str = "di", samples: int = DEFAULT_SAMPLES,
-               workdir: str | Path | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The pruned INT8 model and the report section ``int8`` (module docstring); ``evaluate`` None: latency only."""
+               workdir: str | Path | None = None,
+               input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The pruned INT8 model and the report section ``int8`` (module docstring); ``evaluate`` None: latency only;
+    ``input_shapes``: the sizes the models are timed at where their inputs have dynamic dims besides the batch."""
     quant_original = Int8Quantizer(original, data, samples=samples, workdir=workdir)
     quant_pruned = Int8Quantizer(pruned, data, samples=samples, workdir=workdir)
     try:
@@ -62,7 +64,7 @@ def int8_stage(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Any,
             pruned_int8 = quant_pruned.quantize()
         models = {"original_fp32": original, "original_int8": quant_original.quantize(), "pruned_fp32": pruned,
                   "pruned_int8": pruned_int8}
-        comparison = compare_precisions(models, evaluate or (lambda _: {}), on)
+        comparison = compare_precisions(models, evaluate or (lambda _: {}), on, input_shapes=input_shapes)
     finally:
         quant_original.close()
         quant_pruned.close()

@@ -433,7 +433,7 @@ def _variant_widths(ladders: Mapping[str, list[int]], target: LatencyTarget) -> 
 def variant_model(prepared: PreparedModel, widths: Mapping[str, int]) -> bytes:
     """The serialized model with each group cut to its first ``widths[group]`` channels."""
     keep = {gid: tuple(range(w)) for gid, w in widths.items() if w < prepared.index.by_id[gid].size}
-    return apply_plan(prepared.model, prepared.index, keep, verify=False).SerializeToString()
+    return prepared.at_sizes(apply_plan(prepared.model, prepared.index, keep, verify=False))
 
 
 def _whole_ratios(prepared: PreparedModel, all_widths: list[dict[str, int]], target: LatencyTarget,

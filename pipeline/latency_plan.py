@@ -323,8 +323,8 @@ def closed_loop(make: Callable[[float], PruningPlan], measure: Callable[[Pruning
 def measure_plan(prepared: PreparedModel, plan: PruningPlan, on: LatencyTarget, *, rounds: int | None = None) -> float:
     """Measured latency of the pruned model relative to the original (interleaved rounds on ``on``)."""
     keep = {gid: tuple(chans) for gid, chans in plan.keep.items()}
-    pruned = apply_plan(prepared.model, prepared.index, keep, verify=False).SerializeToString()
-    result = interleaved_ratios([prepared.model.SerializeToString(), pruned], backend=on.backend, batch=on.batch,
+    pruned = prepared.at_sizes(apply_plan(prepared.model, prepared.index, keep, verify=False))
+    result = interleaved_ratios([prepared.at_sizes(prepared.model), pruned], backend=on.backend, batch=on.batch,
                                 threads=on.threads, rounds=rounds or on.rounds, round_seconds=on.round_seconds,
                                 seed=on.seed)
     return result.ratios[1]

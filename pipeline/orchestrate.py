@@ -637,7 +637,7 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                 run.prepared.model, candidate.model, run.data,
                 None if eval_data is None else (lambda m: run.evaluate(m, eval_data)),
                 timing, max_top1_drop=max_top1_drop,
-                ranking=int8_ranking, workdir=out_path.resolve().parent)
+                ranking=int8_ranking, workdir=out_path.resolve().parent, input_shapes=run.prepared.input_shapes)
         extra[int8_path(out_path)] = quantized.SerializeToString()
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search,
                            extra_files=extra)

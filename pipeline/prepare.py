@@ -91,6 +91,21 @@ class PreparedModel:
         declares them dynamic (in place; see :func:`graph_ops.dynamic_dims.with_io_dims`)."""
         return with_io_dims(model, self.io)
 
+    def at_sizes(self, model: onnx.ModelProto) -> bytes:
+        """``model`` (derived from :attr:`model`) serialized with the prepared input sizes written into its inputs
+        (the dims ``--input-shape`` gave; a dynamic batch stays dynamic): what the latency benchmarks run, which need
+        static sizes besides the batch. The model itself is not changed."""
+        if not self.input_shapes:
+            return model.SerializeToString()
+        sized = onnx.ModelProto()
+        sized.CopyFrom(model)
+        inputs = {info.name: info for info in sized.graph.input}
+        for name, dims in self.input_shapes.items():
+            for dim, value in list(zip(inputs[name].type.tensor_type.shape.dim, dims, strict=True))[1:]:
+                dim.Clear()
+                dim.dim_value = int(value)
+        return sized.SerializeToString()
+
     @property
     def input_specs(self) -> dict[str, tuple[tuple[int | None, ...], np.dtype]]:
         """The inputs data must fit: the canonical model's (dynamic dims ``None``), with every dim but the batch

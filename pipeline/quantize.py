@@ -149,13 +149,15 @@ PRECISION_ROWS = ("original_fp32", "original_int8", "pruned_fp32", "pruned_int8"
 
 
 def compare_precisions(models: Mapping[str, onnx.ModelProto], evaluate: Callable[[onnx.ModelProto], dict],
-                       on: LatencyTarget, *, rounds: int | None = None) -> dict[str, Any]:
+                       on: LatencyTarget, *, rounds: int | None = None,
+                       input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """Accuracy (``evaluate(model)``: the held-out metrics) and latency of each model, all timed in the same
-    interleaved rounds; ``speedup`` is relative to the first model (the original fp32)."""
+    interleaved rounds (``input_shapes``: the sizes of dynamic input dims, ``--input-shape``); ``speedup`` is
+    relative to the first model (the original fp32)."""
     names = list(models)
     timing = interleaved_ratios([models[n].SerializeToString() for n in names], backend=on.backend, batch=on.batch,
                                 threads=on.threads, rounds=rounds or on.rounds, round_seconds=on.round_seconds,
-                                seed=on.seed)
+                                seed=on.seed, input_shapes=input_shapes)
     rows = {}
     for i, name in enumerate(names):
         metrics = evaluate(models[name])

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,16 +134,18 @@ class RatioMeasurement:
 
 def interleaved_ratios(models: Sequence[bytes], *, backend: str = "ort-cpu", batch: int = 1,
                        threads: int | None = None, rounds: int = 7, min_iters: int = 3, round_seconds: float = 0.3,
-                       warmup_s: float = 0.5, seed: int = 0) -> RatioMeasurement:
+                       warmup_s: float = 0.5, seed: int = 0,
+                       input_shapes: Mapping[str, Sequence[int]] | None = None) -> RatioMeasurement:
     """Time serialized models in interleaved rounds (module docstring); each model runs at least ``min_iters`` calls
-    and ``round_seconds`` per round, after ``warmup_s`` seconds of warm-up."""
+    and ``round_seconds`` per round, after ``warmup_s`` seconds of warm-up (``input_shapes``: the sizes of inputs
+    with dynamic dims besides the batch, as ``--input-shape`` gives them)."""
     check_latency_backend(backend)
     if not models or rounds < 1 or min_iters < 1:
         raise UserInputError("give at least one model and positive rounds and iterations")
     calls = []
     for model in models:
         session, _ = make_session(model, backend, threads)
-        feeds = make_feeds(session, batch, seed=seed)
+        feeds = make_feeds(session, batch, seed=seed, input_shapes=input_shapes)
         calls.append(lambda session=session, feeds=feeds: session.run(None, feeds))
     for call in calls:
         time_calls(call, min_duration_s=warmup_s, min_iters=1)

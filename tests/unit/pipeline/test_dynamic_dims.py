@@ -198,3 +198,19 @@ def test_batch_one_sizes_a_dynamic_batch_only_where_declared_sizes_are_missing()
     assert batch_one(model) == {"x": (1, 3, 8, 8)}
     model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
     assert batch_one(model) == {}
+
+
+def test_latency_runs_the_dynamic_models_at_the_prepared_sizes(paddle: Path) -> None:
+    """The latency benchmarks need static sizes besides the batch: the prepared sizes (``at_sizes``, or
+    ``input_shapes`` of the interleaved rounds), while the model itself stays dynamic."""
+    from pipeline.errors import UserInputError as PipelineInputError
+    from pipeline.timing import interleaved_ratios
+
+    prepared = prepare(paddle, {"x": ANALYSIS})
+    quick = {"rounds": 1, "min_iters": 1, "round_seconds": 0.01, "warmup_s": 0.01}
+    dynamic = prepared.model.SerializeToString()
+    with pytest.raises(PipelineInputError, match="--input-shape"):
+        interleaved_ratios([dynamic], **quick)
+    assert len(interleaved_ratios([prepared.at_sizes(prepared.model)], batch=2, **quick).ratios) == 1
+    assert len(interleaved_ratios([dynamic], input_shapes={"x": ANALYSIS}, **quick).ratios) == 1
+    assert _dims(prepared.model.graph.input[0])[3] == "x_dim3"
