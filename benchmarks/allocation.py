@@ -7,7 +7,7 @@ Suite (held-out top-1 after the library's default recovery, lstsq sequential):
   ``ccexam/weights/mnist.pth`` ship in the wheel; exported here with torch's legacy exporter). Its input
   normalisation (0.1307, 0.3081) is the one ``--data mnist`` applies.
 * ``cnn3``: a third-party-style 3-conv MNIST CNN trained here with a plain recipe (Conv 1->32, 32->64, 64->128, 3x3,
-  ReLU, max-pool after the first two, global average pool, FC 128->10; Adam lr 1e-3, batch 64, 3 epochs on training
+  ReLU, max-pool after the first two, global average pool, FC 128->10; Adam lr 1e-3, batch 64, 8 epochs on training
   digits 0..7999, no augmentation, seed 0, 1 thread): no pretrained 3-conv MNIST CNN was found in a PyPI package.
 * ``cnn`` (the demo CNN), ``vgg``, ``resnet``, ``mobilenet``, ``inception``, ``lenet``: the MNIST families
   (``benchmarks/models``); the rule rows are the reference of ``benchmarks/quality.py`` (same code path).
@@ -92,7 +92,7 @@ def ccexam_model(work: Path) -> Path:
     return out
 
 
-def cnn3_model(work: Path, epochs: int = 3, seed: int = 0) -> Path:
+def cnn3_model(work: Path, epochs: int = 8, seed: int = 0) -> Path:
     """A plain 3-conv MNIST CNN trained here (module docstring), exported with the legacy exporter."""
     out = work / "cnn3_mnist.onnx"
     if out.exists():
@@ -185,7 +185,8 @@ def cell(run: PruneRun, candidate: Any, test: Any, seconds: float) -> dict[str, 
             "widths": {g.id: len(candidate.plan.keep.get(g.id, range(g.size))) for g in run.prepared.index.groups
                        if g.prunable},
             "seconds": round(seconds, 2), "timings_s": {k: round(v, 3) for k, v in candidate.timings_s.items()},
-            "sensitivity": {k: allocation.get(k) for k in ("metric", "samples", "passes", "seconds", "floors")}
+            "sensitivity": {**{k: allocation.get(k) for k in ("metric", "samples", "passes", "floors")},
+                            "seconds": candidate.timings_s.get("sensitivity")}
             if allocation.get("mode") == "measured" else None}
 
 
@@ -265,7 +266,7 @@ def write_report(path: Path, out: Path) -> None:
     doc = json.loads(path.read_text())
     rows = grid_rows(doc)
     lines = ["# Allocation by measurement vs the rule (issue 31)", "",
-             f"Machine: {doc.get('machine', {}).get('cpu', '?')} ({doc.get('machine', {}).get('cores', '?')} cores, "
+             f"Machine: {doc.get('machine', {}).get('cpu', '?')} ({doc.get('machine', {}).get('cores_logical', '?')} cores, "
              f"shared with other jobs); onnxruntime CPU, 1 thread. Commands:", "",
              *[f"    {c}" for c in dict.fromkeys(doc.get("commands", []))], "",
              "Held-out top-1 % after lstsq recovery (achieved MACs fraction). `rule`: ends protected, groups ordered by "

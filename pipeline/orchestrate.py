@@ -34,7 +34,7 @@ from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
 from pipeline.errors import CalibrationError
 from pipeline.evaluate import is_classifier
 from pipeline.memory import release_memory
-from pipeline.plan import PruningPlan, anchor_widths, movable_groups, select_channels
+from pipeline.plan import PruningPlan, anchor_widths, block_order, movable_groups, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
 from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
@@ -266,9 +266,10 @@ class PruneRun:
         if key not in self._sensitivity:
             _, movable = movable_groups(scores, self.prepared.index, round_to, min_channels, protect, False)
             anchors = {g.id: anchor_widths(g.size, round_to, min_channels, g.blocks) for g in movable}
+            orders = {g.id: block_order(scores.elimination_order(g.id), g.blocks) for g in movable}
             with self.timed("sensitivity"):
                 measured = measure(self.prepared.model, self.prepared.index, scores, movable, anchors, self.data,
-                                   backend=self.backend, intra_op_threads=self.threads)
+                                   orders=orders, backend=self.backend, intra_op_threads=self.threads)
             self._sensitivity[key] = (scores, measured)
         return self._sensitivity[key][1]
 

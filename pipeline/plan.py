@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -62,9 +62,6 @@ from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import atomic_write_bytes
 from pipeline.errors import PlanValidationError, UserInputError
 from pipeline.scorers.base import ChannelScores
-
-if TYPE_CHECKING:
-    from pipeline.sensitivity import Sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +515,7 @@ def _greedy(alloc: _Allocation, targets: tuple[float, float]) -> tuple[float, fl
     return fractions
 
 
-def _use_measurement(alloc: _Allocation, sensitivity: Sensitivity, *, floors: bool) -> dict[str, int]:
+def _use_measurement(alloc: _Allocation, sensitivity: Any, *, floors: bool) -> dict[str, int]:
     """Put the measured damage curves into the allocation (its losses become measured ones) and, with ``floors``,
     cut every ladder below the narrowest width whose damage is at most :data:`FLOOR_SHARE` of the collapse; returns
     the groups whose floor rose that way (id -> floor width)."""
@@ -536,7 +533,7 @@ def _use_measurement(alloc: _Allocation, sensitivity: Sensitivity, *, floors: bo
     return raised
 
 
-def _allocation_record(alloc: _Allocation, sensitivity: Sensitivity, floors: Mapping[str, int], relaxed: bool,
+def _allocation_record(alloc: _Allocation, sensitivity: Any, floors: Mapping[str, int], relaxed: bool,
                        index: ChannelGroupIndex) -> dict[str, Any]:
     """``meta["allocation"]``: the measurement, the floors, and what became of the ends (first layer, classifier
     input) that the rule would have protected."""
@@ -550,13 +547,14 @@ def _allocation_record(alloc: _Allocation, sensitivity: Sensitivity, floors: Map
 def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_macs: float | None = None,
                     target_params: float | None = None, round_to: int = 8, min_channels: int = 8,
                     protect: Iterable[str] = (), keep_first_and_last: bool = True, fill_back: bool = True,
-                    fine_share: float | None = FINE_SHARE, sensitivity: Sensitivity | None = None) -> PruningPlan:
+                    fine_share: float | None = FINE_SHARE, sensitivity: Any = None) -> PruningPlan:
     """Choose kept channels for a MACs and/or params budget by greedy global allocation (module docstring).
 
     ``fill_back``: after the greedy, add back the most valuable removed steps that still fit the budget.
     ``fine_share``: a group whose ``round_to`` step is more than this share of the targeted cost gets a finer step
     (recorded in ``meta["fine_steps"]`` and the notes); None keeps every group on ``round_to``.
-    ``sensitivity``: measured damage per group (:func:`pipeline.sensitivity.measure`): the loss of a step becomes
+    ``sensitivity``: measured damage per group (a :class:`pipeline.sensitivity.Sensitivity` from
+    :func:`pipeline.sensitivity.measure`; not imported here, which would make a cycle): the loss of a step becomes
     the measured damage it adds (the criterion only shapes the curve between measured widths), ladders stop at the
     measured floors (dropped again when the budget needs them), and ``meta["allocation"]`` records it all.
 

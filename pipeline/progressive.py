@@ -26,7 +26,6 @@ from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze
 from graph_ops.proto import declared_shapes
 from pipeline.errors import UserInputError
-from pipeline.orchestrate import Candidate, PruneRun
 from pipeline.plan import PruningPlan
 from pipeline.prepare import PreparedModel
 
@@ -71,12 +70,13 @@ def prepared_from(model: onnx.ModelProto, like: PreparedModel) -> PreparedModel:
                          index=analyze(canonical, declared_shapes(canonical)), input_shapes=dict(like.input_shapes))
 
 
-def progressive(run: PruneRun, method: str, steps: int, *, target_macs: float | None = None,
+def progressive(run: Any, method: str, steps: int, *, target_macs: float | None = None,
                 target_params: float | None = None,
                 evaluate: Callable[[onnx.ModelProto], Mapping[str, Any]] | None = None,
-                **options: Any) -> Candidate:
-    """The candidate after ``steps`` rounds (module docstring); ``options`` as for :meth:`PruneRun.candidate`;
-    ``evaluate`` (optional) measures each round's recovered model for the record.
+                **options: Any) -> Any:
+    """The :class:`pipeline.orchestrate.Candidate` after ``steps`` rounds (module docstring) of a
+    :class:`pipeline.orchestrate.PruneRun` (``run``; not imported here: the orchestrator imports this module);
+    ``options`` as for :meth:`PruneRun.candidate`; ``evaluate`` (optional) measures each round's recovered model.
 
     Raises:
         UserInputError: ``steps`` below 1, a latency budget, or groups that do not carry through the rounds.
@@ -111,7 +111,7 @@ def progressive(run: PruneRun, method: str, steps: int, *, target_macs: float | 
         for stage, seconds in candidate.timings_s.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         if i < steps:
-            current = PruneRun(prepared_from(candidate.model, original), current.data, pooling=run.pooling,
+            current = type(run)(prepared_from(candidate.model, original), current.data, pooling=run.pooling,
                                batch_size=run.batch_size, backend=run.backend, intra_op_threads=run.threads,
                                seed=run.seed, progress=run.progress, work_dir=run.work_dir, cluster=run.cluster,
                                shard_batches=run.shard_batches)

@@ -68,9 +68,10 @@ class Sensitivity:
         object.__setattr__(self, "sizes", MappingProxyType(dict(sorted(self.sizes.items()))))
 
     def to_dict(self) -> dict[str, Any]:
-        """What the plan's ``meta["allocation"]`` records: the metric, its cost and every measured point."""
+        """What the plan's ``meta["allocation"]`` records: the metric, its cost in passes and every measured point
+        (not the seconds, which the report's ``timings_s.sensitivity`` has: a plan file is deterministic)."""
         return {"metric": self.metric, "collapse": round(self.collapse, 6), "samples": self.samples,
-                "passes": self.passes, "seconds": round(self.seconds, 3), "method": self.method,
+                "passes": self.passes, "method": self.method,
                 "groups": {gid: {"size": self.sizes.get(gid), "widths": list(self.widths[gid]),
                                  "damage": [round(d, 6) for d in self.damage[gid]]} for gid in self.widths}}
 
@@ -131,8 +132,8 @@ def _run_subset(model: onnx.ModelProto, data: Any, backend: str, threads: int | 
 
 
 def measure(model: onnx.ModelProto, index: Any, scores: ChannelScores, groups: Iterable[Any],
-            anchors: Mapping[str, tuple[int, ...]], data: Any, *, samples: int = SAMPLES, backend: str = "auto",
-            intra_op_threads: int | None = None) -> Sensitivity:
+            anchors: Mapping[str, tuple[int, ...]], data: Any, *, orders: Mapping[str, np.ndarray] | None = None,
+            samples: int = SAMPLES, backend: str = "auto", intra_op_threads: int | None = None) -> Sensitivity:
     """The damage of every group at its anchor widths (module docstring).
 
     Args:
@@ -142,13 +143,14 @@ def measure(model: onnx.ModelProto, index: Any, scores: ChannelScores, groups: I
         groups: the groups to measure (:class:`graph_ops.groups.ChannelGroup`).
         anchors: group id -> widths to measure it at (descending, below its size).
         data: calibration data; its first ``samples`` samples are used.
+        orders: group id -> the order channels leave in (the planner's, block-fair: ``pipeline.plan.block_order``);
+            default the scores' elimination order.
 
     Raises:
         UserInputError: no data.
     """
     from graph_ops.mask import zero_channels
     from pipeline.evaluate import is_classifier
-    from pipeline.plan import block_order
 
     if data is None:
         raise UserInputError("a measured allocation needs calibration data: pass --data (or --allocation rule)")
@@ -160,7 +162,8 @@ def measure(model: onnx.ModelProto, index: Any, scores: ChannelScores, groups: I
     damage: dict[str, tuple[float, ...]] = {}
     sizes: dict[str, int] = {}
     for group in sorted(groups, key=lambda g: g.id):
-        order = block_order(scores.elimination_order(group.id), group.blocks)
+        order = (orders or {}).get(group.id)
+        order = scores.elimination_order(group.id) if order is None else order
         points = tuple(w for w in anchors.get(group.id, ()) if 0 < w < group.size)
         values = []
         for width in points:

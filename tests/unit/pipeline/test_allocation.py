@@ -97,6 +97,7 @@ def mnist_run() -> PruneRun:
                     backend="ort-cpu", intra_op_threads=1)
 
 
+@pytest.mark.slow
 def test_sensitivity_of_the_demo_cnn_is_the_masked_models_kl(mnist_run: PruneRun) -> None:
     scores = mnist_run.scores("l2")
     sens = mnist_run.sensitivity(scores)
@@ -126,6 +127,7 @@ def test_round_targets_and_compose() -> None:
         compose({}, {"a": 8}, {"c": (0,)})
 
 
+@pytest.mark.slow
 def test_progressive_plan_applies_to_the_original(mnist_run: PruneRun) -> None:
     candidate = progressive(mnist_run, "l2", 2, target_macs=0.4, recover="none")
     rounds = candidate.plan.meta["rounds"]
@@ -141,6 +143,7 @@ def test_progressive_plan_applies_to_the_original(mnist_run: PruneRun) -> None:
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_allocation_rule_restores_the_old_plan_and_steps_are_checked(tmp_path, capsys) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(demo_model_path().read_bytes())
