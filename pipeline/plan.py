@@ -38,6 +38,18 @@ block, each block's lowest-scored first), so the pruned convolution keeps ``G`` 
 Conv / Gemm cost to be known: a dynamic spatial size (``ChannelGroupIndex.unknown_macs``) is refused, naming
 ``--input-shape``.
 
+Measured allocation (``sensitivity``, :mod:`pipeline.sensitivity`; the default of ``prune``). A criterion's own
+numbers are not comparable between groups (raw weight norms of different layers; DI of features of different
+dimension). With a measurement, the loss of a step is the *measured* output damage it adds: ``D_g(w') - D_g(w)``,
+``D_g`` the damage of group ``g`` alone at width ``w`` (measured at a few :func:`anchor_widths`, 0 at full width;
+between them linear in the criterion's own lost share ``c_g(w)`` - ``1 - r(w)`` for DI, the removed score mass
+otherwise - so the criterion orders channels inside a group and shapes its curve, the measurement ranks groups;
+below the last point at its slope per channel; :func:`measured_curve`). The ends are measured like any group
+(``keep_first_and_last`` is not used), and each ladder stops at the narrowest width whose damage is at most
+:data:`FLOOR_SHARE` of the damage of a model that ignores its input; when the budget cannot be met with those floors
+the allocation is redone without them (``meta["allocation"]["floors_relaxed"]``). ``meta["allocation"]`` records
+every measured point, the floors and the widths the two ends received.
+
 "First layer" is detected from the cost model: a producer whose cost term reads only graph inputs (groups
 without producers) or no group at all (a fixed-width input), except a depthwise producer (``in_fixed = 1``) of a
 group that has other producers (a grayscale first conv feeding a residual stream is therefore not protected;
