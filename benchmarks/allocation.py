@@ -287,10 +287,27 @@ def write_report(path: Path, out: Path) -> None:
     worse = sum(r["p"] < 0.05 and r["delta"] < 0 for r in rows)
     lines += ["", f"{len(rows)} cells: measured better (p < 0.05) in {better}, worse (p < 0.05) in {worse}, "
                   f"no significant difference in {len(rows) - better - worse}.", ""]
+    lines += ["## DI against the other criteria (default allocation)", "",
+              "| model | target | method | top-1 % | DI top-1 % | only DI / only method | p |", "|---|---|---|---|---|---|---|"]
+    for name, entry in doc.get("models", {}).items():
+        for target, per in sorted(entry.get("grid", {}).items(), reverse=True):
+            if "measured" not in per.get("di", {}):
+                continue
+            di = per["di"]["measured"]
+            for method in sorted(m for m in per if m != "di" and "measured" in per[m]):
+                other = per[method]["measured"]
+                test = mcnemar(unpack(di["correct"], di["n"]), unpack(other["correct"], other["n"]))
+                lines.append(f"| {name} | {target} | {method} | {100 * other['top1']:.2f} | {100 * di['top1']:.2f} "
+                             f"| {test['a_only']} / {test['b_only']} | {test['p']:.3f} |")
+    lines.append("")
     steps = [(name, target, method, k, c) for name, entry in doc.get("models", {}).items()
              for target, per in entry.get("steps", {}).items() for method, ks in per.items() for k, c in ks.items()]
+    steps += [(name, target, method, "1", doc["models"][name]["grid"][target][method]["measured"])
+              for name, target, method in {(n, t, m) for n, t, m, _, _ in steps}
+              if "measured" in doc["models"][name].get("grid", {}).get(target, {}).get(method, {})]
     if steps:
-        lines += ["## Progressive pruning (`steps=K`, default allocation)", "",
+        lines += ["## Progressive pruning (`steps=K`, default allocation; K = 1 is the grid's cell, run at another "
+                  "time of the shared machine: compare seconds with care)", "",
                   "| model | target | method | K | top-1 % (MACs) | seconds | top-1 % after each round |",
                   "|---|---|---|---|---|---|---|"]
         for name, target, method, k, c in sorted(steps):

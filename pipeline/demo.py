@@ -91,7 +91,7 @@ def run_demo(work: Path, *, progress: bool = True) -> Iterator[str]:
                f"{original['top1']:>14.4f} {top1['none']:>19.4f} {top1[DEFAULT_RECOVERY]:>16.4f}")
     record = measured["di"]
     yield (f"allocation: each group's output damage measured on {record['samples']} calibration digits "
-           f"({record['passes']} onnxruntime passes per method, {run.timings['sensitivity']:.1f} s in all); di-rule: the criterion alone ranks the groups, first layer and classifier input kept")
+           f"({record['passes']} onnxruntime passes per method); di-rule: the criterion alone ranks the groups, first layer and classifier input kept")
     yield (f"exact surgery: pruned vs masked (same di plan, exit weights zeroed, before recovery) max relative "
            f"output difference {exact:.2e}")
     yield f"outputs in {work}/ (pruned models and their .report.json)"
