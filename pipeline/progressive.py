@@ -110,8 +110,12 @@ def progressive(run: Any, method: str, steps: int, *, target_macs: float | None 
         logger.info("progressive round %d/%d: %s", i, steps, record)
         for stage, seconds in candidate.timings_s.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
+            if current is not run:  # the first run's own timings (the report's) get the later rounds too
+                run.timings[stage] = run.timings.get(stage, 0.0) + seconds
         if i < steps:
-            current = type(run)(prepared_from(candidate.model, original), current.data, pooling=run.pooling,
+            with run.timed("analyze"):
+                prepared = prepared_from(candidate.model, original)
+            current = type(run)(prepared, current.data, pooling=run.pooling,
                                batch_size=run.batch_size, backend=run.backend, intra_op_threads=run.threads,
                                seed=run.seed, progress=run.progress, work_dir=run.work_dir, cluster=run.cluster,
                                shard_batches=run.shard_batches)
