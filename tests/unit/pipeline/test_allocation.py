@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
+from graph_ops.cost import count
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
 from pipeline.cli import main
@@ -160,3 +162,9 @@ def test_cli_allocation_rule_restores_the_old_plan_and_steps_are_checked(tmp_pat
     with pytest.raises(SystemExit) as stop:
         main([*common, "--steps", "0", "-o", str(tmp_path / "x.onnx")])
     assert stop.value.code == 2
+    assert main([*common, "--steps", "2", "-o", str(tmp_path / "two.onnx")]) == 0
+    doc = json.loads((tmp_path / "two.onnx.plan.json").read_text())
+    assert [r["round"] for r in doc["meta"]["rounds"]] == [1, 2]
+    assert main(["apply", str(model), str(tmp_path / "two.onnx.plan.json"), "-o", str(tmp_path / "again.onnx"),
+                 "-q"]) == 0  # the composed plan applies to the original and gives the same structure
+    assert count(onnx.load(str(tmp_path / "again.onnx"))).macs == count(onnx.load(str(tmp_path / "two.onnx"))).macs
