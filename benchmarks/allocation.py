@@ -269,6 +269,7 @@ def write_report(path: Path, out: Path) -> None:
              f"Machine: {doc.get('machine', {}).get('cpu', '?')} ({doc.get('machine', {}).get('cores_logical', '?')} cores, "
              f"shared with other jobs); onnxruntime CPU, 1 thread. Commands:", "",
              *[f"    {c}" for c in dict.fromkeys(doc.get("commands", []))], "",
+             *[f"Note: {n}" for n in doc.get("notes", [])], "",
              "Held-out top-1 % after lstsq recovery (achieved MACs fraction). `rule`: ends protected, groups ordered by "
              "the criterion (before issue 31); `measured`: the default. McNemar: samples only the measured / only the "
              "rule model gets right, exact two-sided p. SE: standard error of one top-1 (binomial).", "",
