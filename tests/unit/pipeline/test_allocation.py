@@ -168,3 +168,15 @@ def test_cli_allocation_rule_restores_the_old_plan_and_steps_are_checked(tmp_pat
     assert main(["apply", str(model), str(tmp_path / "two.onnx.plan.json"), "-o", str(tmp_path / "again.onnx"),
                  "-q"]) == 0  # the composed plan applies to the original and gives the same structure
     assert count(onnx.load(str(tmp_path / "again.onnx"))).macs == count(onnx.load(str(tmp_path / "two.onnx"))).macs
+
+
+def test_relative_error_damage_of_a_model_that_is_not_a_classifier() -> None:
+    from pipeline.sensitivity import _reference
+
+    rng = np.random.default_rng(0)
+    maps = [rng.normal(size=(8, 1, 4, 4)), rng.normal(size=(8, 3))]
+    reference = _reference(maps, classifier=False)
+    assert reference.damage(maps) == 0.0 and reference.collapse() == 1.0
+    means = [np.broadcast_to(m.mean(axis=0), m.shape) for m in maps]
+    assert reference.damage(means) == pytest.approx(1.0)  # predicting the mean output: the collapse
+    assert reference.damage([maps[0] + 0.1, maps[1]]) > 0
