@@ -24,6 +24,8 @@ from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
 from pipeline.finetune import FinetuneOptions
 from pipeline.memory import no_huge_page_advice
+from pipeline.orchestrate import ALLOCATIONS, DEFAULT_ALLOCATION
+from pipeline.progressive import DEFAULT_STEPS
 from pipeline.push import PushOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
@@ -376,7 +378,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    robustness=args.robustness, keep_first_and_last=not args.prune_ends, input_shapes=_shapes(args),
                    cluster=_cluster(args), shard_batches=args.shard_batches,
                    latency=_latency_budget(args), quantize=args.quantize, max_top1_drop=args.max_top1_drop,
-                   int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs)
+                   int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs,
+                   allocation=args.allocation, steps=args.steps)
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
@@ -712,6 +715,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"refit of every affected layer) (default: {DEFAULT_RECOVERY})")
     p.add_argument("--recover-mode", choices=("sequential", "one-pass"), default="sequential",
                    help="sequential: layer by layer on the partly recovered model (default); one-pass: faster")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
+                   help="measured (default): groups ranked by the output damage their channels cause on a small "
+                        "calibration subset, ends included; rule: by the criterion, first layer and classifier "
+                        "input protected (--prune-ends lifts that)")
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                   help=f"reach the budget in K rounds of prune + recover on the recovered model "
+                        f"(default {DEFAULT_STEPS})")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--robustness", action="store_true",
                    help="report top-1 and agreement under noise and FGSM/PGD attacks (needs --eval-data)")

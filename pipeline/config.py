@@ -20,7 +20,9 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       round_to: null                 # null: the bench backend's default (8 on ort-cpu)
       min_channels: 8
       protect: []                    # group ids never pruned
-      prune_ends: false              # also prune the first layer and the classifier input
+      prune_ends: false              # rule allocation: also prune the first layer and the classifier input
+      allocation: measured           # measured: groups ranked by measured output damage; rule: by the criterion
+      steps: 1                       # rounds of prune + recover on the recovered model to reach each budget
       pooling: auto                  # auto: what each probe's consumers read; or gap, avg2, avg4
       batch_size: 64
       seed: 0
@@ -101,6 +103,8 @@ class PruneSpec:
     min_channels: int = 8
     protect: tuple[str, ...] = ()
     prune_ends: bool = False
+    allocation: str = "measured"
+    steps: int = 1
     pooling: str = DEFAULT_POOLING
     batch_size: int = 64
     seed: int = 0
@@ -311,6 +315,8 @@ def _prune(value: Any) -> PruneSpec:
         round_to=None if round_to is None else _number(round_to, "prune.round_to", integer=True, low=1),
         min_channels=_number(section.get("min_channels", 8), "prune.min_channels", integer=True, low=1),
         protect=tuple(str(p) for p in _list(protect, "prune.protect")) if protect else (), prune_ends=prune_ends,
+        allocation=_choice(section.get("allocation", "measured"), "prune.allocation", ("measured", "rule")),
+        steps=_number(section.get("steps", 1), "prune.steps", integer=True, low=1),
         quantize=None if quantize is None else _choice(quantize, "prune.quantize", ("int8",)),
         pooling=_choice(section.get("pooling", DEFAULT_POOLING), "prune.pooling", tuple(POOLINGS)),
         batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),

@@ -37,6 +37,7 @@ from pipeline.orchestrate import (
     write_candidate,
 )
 from pipeline.plots import write_plots
+from pipeline.progressive import progressive
 from pipeline.run_cache import RunCache, content_key, data_identity, model_digest
 from pipeline.run_report import BatchLatency, CandidateResult, RunReport, judge
 
@@ -130,6 +131,7 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
         name = f"{method}-{kind}{target:g}" + ("pt" if kind == "within" else "")
         settings = {"method": method, "kind": kind, "target": target, "round_to": round_to,
                     "min_channels": prune.min_channels, "protect": sorted(prune.protect), "ends": prune.prune_ends,
+                    "allocation": prune.allocation, "steps": prune.steps,
                     "recover": prune.recover, "mode": prune.recover_mode, "pooling": prune.pooling,
                     "batch_size": prune.batch_size, "seed": prune.seed,
                     **({"finetune_epochs": prune.finetune_epochs} if prune.finetune_epochs else {})}
@@ -150,7 +152,7 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
             _use_cached_stats(job, run, calib_id)
         options = {"round_to": round_to, "min_channels": prune.min_channels, "protect": prune.protect,
                    "keep_first_and_last": not prune.prune_ends, "recover": prune.recover,
-                   "recover_mode": prune.recover_mode}
+                   "recover_mode": prune.recover_mode, "allocation": prune.allocation}
         if kind == "within":
             job.echo(f"candidate {i}/{len(jobs)} {name}: the smallest model within {target:g} points (search)")
             candidate, _, tried = smallest_within(run, method, evaluation, target, **options)
@@ -158,8 +160,8 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
             job.cache.save_json("search", key, {"tried": list(tried)})
         else:
             job.echo(f"candidate {i}/{len(jobs)} {name}: score, plan, apply, recover {prune.recover}")
-            candidate = run.candidate(method, **options, latency=latency,
-                                      **({} if latency else {f"target_{kind}": target}))
+            candidate = progressive(run, method, prune.steps, **options, latency=latency,
+                                    **({} if latency else {f"target_{kind}": target}))
         if prune.finetune_epochs:
             from pipeline.finetune import FinetuneOptions
 

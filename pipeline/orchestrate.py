@@ -34,13 +34,14 @@ from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
 from pipeline.errors import CalibrationError
 from pipeline.evaluate import is_classifier
 from pipeline.memory import release_memory
-from pipeline.plan import PruningPlan, select_channels
+from pipeline.plan import PruningPlan, anchor_widths, block_order, movable_groups, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
 from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
+from pipeline.sensitivity import Sensitivity, measure
 from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.task import Task
@@ -54,6 +55,12 @@ __all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "p
 logger = logging.getLogger(__name__)
 
 RECOVER_MODES = ("sequential", "one-pass")
+ALLOCATIONS = ("measured", "rule")
+"""How the planner ranks groups: ``measured`` (default) by the damage each group's next channels cause on a small
+calibration subset (:mod:`pipeline.sensitivity`; ends measured like every group), ``rule`` by the criterion's own
+numbers with the first layer and the classifier input protected (the rule before issue 31; ``--prune-ends`` lifts
+the protection)."""
+DEFAULT_ALLOCATION = "measured"
 
 
 def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, *, seed: int = 0,
@@ -169,6 +176,7 @@ class PruneRun:
         self.cluster, self.shard_batches = cluster, shard_batches
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
+        self._sensitivity: dict[tuple[Any, ...], tuple[ChannelScores, Sensitivity]] = {}
 
     def task_data(self, data: Any | None, role: str) -> Any | None:
         """``data`` restricted to the run's task (samples of other classes dropped, task labels), or as it is."""
@@ -250,12 +258,35 @@ class PruneRun:
         return {**self.task.to_dict(), "output": head.get("output"), "original_width": head.get("width"),
                 "names": list(self.task.names), "dropped_samples": dict(self.dropped)}
 
+    def sensitivity(self, scores: ChannelScores, *, round_to: int = 8, min_channels: int = 8,
+                    protect: Iterable[str] = ()) -> Sensitivity:
+        """The measured damage of every movable group at its anchor widths, removing channels in ``scores``' order
+        (:mod:`pipeline.sensitivity`, on the first samples of the calibration data; once per setting)."""
+        key = (id(scores), round_to, min_channels, tuple(sorted(protect)))
+        if key not in self._sensitivity:
+            _, movable = movable_groups(scores, self.prepared.index, round_to, min_channels, protect, False)
+            anchors = {g.id: anchor_widths(g.size, round_to, min_channels, g.blocks) for g in movable}
+            orders = {g.id: block_order(scores.elimination_order(g.id), g.blocks) for g in movable}
+            with self.timed("sensitivity"):
+                measured = measure(self.prepared.model, self.prepared.index, scores, movable, anchors, self.data,
+                                   orders=orders, backend=self.backend, intra_op_threads=self.threads)
+            self._sensitivity[key] = (scores, measured)
+        return self._sensitivity[key][1]
+
     def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
              round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
-             keep_first_and_last: bool = True, latency: LatencyBudget | None = None, **planner: Any) -> PruningPlan:
+             keep_first_and_last: bool = True, latency: LatencyBudget | None = None,
+             allocation: str = DEFAULT_ALLOCATION, **planner: Any) -> PruningPlan:
         """The planner's allocation for a budget, for this model (its sha recorded); ``planner``: further options of
         :func:`pipeline.plan.select_channels` (``fill_back``, ``fine_share``); with a ``latency`` budget the latency
-        planner and its closed loop on the target (:mod:`pipeline.latency_plan`)."""
+        planner and its closed loop on the target (:mod:`pipeline.latency_plan`). ``allocation`` (:data:`ALLOCATIONS`):
+        ``measured`` ranks groups by their measured damage (:meth:`sensitivity`; ``keep_first_and_last`` is then
+        not used: the ends are measured too), ``rule`` by the criterion with the ends protected unless
+        ``keep_first_and_last`` is False. Without calibration data, and with a latency budget, the rule is used."""
+        check_allocation(allocation)
+        measured = allocation == "measured" and latency is None and self.data is not None
+        sensitivity = self.sensitivity(scores, round_to=round_to, min_channels=min_channels, protect=protect) \
+            if measured else None
         with self.timed("plan"):
             if latency is not None:
                 from pipeline.latency_plan import plan_for_latency
@@ -266,7 +297,11 @@ class PruneRun:
             else:
                 plan = select_channels(scores, self.prepared.index, target_macs=target_macs,
                                        target_params=target_params, round_to=round_to, min_channels=min_channels,
-                                       protect=tuple(protect), keep_first_and_last=keep_first_and_last, **planner)
+                                       protect=tuple(protect), keep_first_and_last=keep_first_and_last and not measured,
+                                       sensitivity=sensitivity, **planner)
+        if allocation == "measured" and not measured:
+            why = "a latency budget (its planner does not measure)" if latency is not None else "no calibration data"
+            plan = replace(plan, meta={**plan.meta, "allocation": {"mode": "rule", "why": why}})
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
         return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
@@ -296,7 +331,7 @@ class PruneRun:
                   round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
                   keep_first_and_last: bool = True, recover: str | None = None,
                   recover_mode: str = "sequential", target_latency: float | None = None,
-                  latency: LatencyBudget | None = None) -> Candidate:
+                  latency: LatencyBudget | None = None, allocation: str = DEFAULT_ALLOCATION) -> Candidate:
         """score -> plan -> apply -> recover for one method and budget (``target_latency``: a latency budget measured
         as ``latency`` says, default onnxruntime CPU at batch 1)."""
         recover = DEFAULT_RECOVERY if recover is None else recover
@@ -309,10 +344,11 @@ class PruneRun:
         scores = self.scores(method)
         plan = self.plan(scores, target_macs=target_macs, target_params=target_params, round_to=round_to,
                          min_channels=min_channels, protect=protect, keep_first_and_last=keep_first_and_last,
-                         latency=latency)
+                         latency=latency, allocation=allocation)
         model, recovery = self.recover(self.apply(plan), plan, recover, recover_mode)
         budget = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
-                  "min_channels": min_channels, "protect": sorted(protect)}
+                  "min_channels": min_channels, "protect": sorted(protect),
+                  "allocation": plan.meta.get("allocation", {}).get("mode", "rule")}
         if latency is not None:
             budget.update(target_latency=latency.target, latency=dict(plan.meta.get("latency", {})))
         spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
@@ -346,6 +382,12 @@ class PruneRun:
         with self.timed("evaluate"):
             return evaluate(model, data, reference=self.prepared.model if reference else None,
                             backend=self.backend, intra_op_threads=self.threads, progress=self.progress).to_dict()
+
+
+def check_allocation(allocation: str) -> None:
+    """Refuse an unknown allocation mode."""
+    if allocation not in ALLOCATIONS:
+        raise UserInputError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
 
 
 def check_options(method: str, recover: str, recover_mode: str, data: Any | None) -> None:
@@ -517,7 +559,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           input_shapes: Mapping[str, tuple[int, ...]] | None = None, cluster: Any | None = None,
           shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
           quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
-          timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
+          timing: LatencyTarget | None = None, finetune_epochs: int = 0,
+          allocation: str = DEFAULT_ALLOCATION, steps: int = 1) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -525,7 +568,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     ``recover="none"``. ``recover`` (a key of ``pipeline.recovery.RECOVERY``; default
     ``pipeline.recovery.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on
     the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered
-    model) or ``one-pass``. ``keep_first_and_last`` protects the first layer and the classifier input. ``task``
+    model) or ``one-pass``. ``allocation`` (:data:`ALLOCATIONS`): ``measured`` ranks the groups by their measured
+    damage, ends included; ``rule`` by the criterion, where ``keep_first_and_last`` protects the first layer and the
+    classifier input. ``steps`` > 1 reaches the budget in that many rounds of calibrate -> score -> plan -> apply
+    -> recover on the recovered model (:mod:`pipeline.progressive`; the plan still applies to the original). ``task``
     restricts the model's head and both datasets to the user's task (:mod:`pipeline.task`). ``max_drop`` (accuracy
     points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
     ``eval_data`` (:func:`smallest_within`). ``robustness`` adds top-1 and agreement under noise and adversarial
@@ -549,6 +595,7 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     for sibling in (f"{out_path}.plan.json", f"{out_path}.report.json"):
         check_writable(sibling, model_path)
     check_options(method, recover, recover_mode, data)
+    check_allocation(allocation)
     check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data)
     if quantize is not None:
         check_writable(int8_path(out_path), model_path)
@@ -559,15 +606,19 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                              "kept), or --max-drop P")
     if finetune_epochs:
         _check_finetune(finetune_epochs, data, max_drop)
+    if steps < 1 or (steps > 1 and (max_drop is not None or latency is not None)):
+        raise UserInputError(f"--steps is a number of rounds >= 1 and, above 1, needs --target-macs/--target-params "
+                             f"(not --max-drop or --target-latency); got {steps}")
     with ray_started(cluster, data):
         run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
                        work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes, cluster=cluster,
                        shard_batches=shard_batches)
         return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
                           {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
-                           "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last},
+                           "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last,
+                           "allocation": allocation},
                           robustness=robustness, latency=latency, quantize=quantize, max_top1_drop=max_top1_drop,
-                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs)
+                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs, steps=steps)
 
 
 @contextmanager
@@ -590,14 +641,21 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
                robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
                max_top1_drop: float | None = None, int8_ranking: str = "di",
-               timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
+               timing: LatencyTarget | None = None, finetune_epochs: int = 0, steps: int = 1) -> Report:
     eval_data = run.task_data(eval_data, "evaluation")
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
     else:
-        candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
-                                  **options)
+        if steps > 1:
+            from pipeline.progressive import progressive
+
+            measure = None if eval_data is None else (lambda model: run.evaluate(model, eval_data))
+            candidate = progressive(run, method, steps, target_macs=target_macs, target_params=target_params,
+                                    evaluate=measure, **options)
+        else:
+            candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
+                                      **options)
         if finetune_epochs:
             from pipeline.finetune import FinetuneOptions
 

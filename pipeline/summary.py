@@ -40,10 +40,10 @@ def _status(frozen: str | None, protected: str | None) -> str:
 
 
 def group_status_text(group: dict[str, Any]) -> str:
-    """The status column of ``diprune inspect``: ``prunable``, ``protected (first layer; --prune-ends lifts
-    that)`` or ``frozen (reason)``."""
+    """The status column of ``diprune inspect``: ``prunable``, ``protected (first layer; by the rule allocation
+    only, --prune-ends lifts that)`` or ``frozen (reason)``."""
     if group["frozen"]:
         return f"frozen ({group['frozen']})"
     if group["protected"]:
-        return f"protected ({group['protected']}; --prune-ends lifts that)"
+        return f"protected ({group['protected']}; by --allocation rule only, --prune-ends lifts that)"
     return "prunable"
