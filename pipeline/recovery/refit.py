@@ -1,6 +1,7 @@
 """R3 (``lstsq``) recovery: refit the layers of a pruned model by least squares against the original's outputs.
 
-Which layers: every Conv (any ``group``: depthwise and grouped layers are solved per group), Gemm and MatMul whose
+Which layers: every Conv and ConvTranspose (any ``group``: depthwise and grouped layers are solved per group; a
+ConvTranspose is fitted on its transposed patches, :mod:`graph_ops.least_squares`), Gemm and MatMul whose
 input differs between the original and the pruned model, i.e. whose input lost channels or lies downstream of a
 layer that did (so a layer behind a protected group still has the drift of its input corrected).
 
@@ -92,15 +93,15 @@ class _Layer:
     out_keep: np.ndarray | None  # original output channels the pruned layer keeps (None: all)
     shape: LayerShape  # of the pruned layer
     dim: int  # unknowns per output: rows of the per-group Gram matrix
-    gather: tuple[int, int, int, int, int, int] | None = None  # static (C_out, H_out, W_out, C_in, H_in, W_in) of a Conv
+    gather: tuple[int, int, int, int, int, int] | None = None  # static (C_out, H_out, W_out, C_in, H_in, W_in)
 
 
 def _gather_geometry(node: onnx.NodeProto, shape: LayerShape, original: Mapping[str, tuple],
                      pruned: Mapping[str, tuple]) -> tuple[int, int, int, int, int, int] | None:
-    """Static sizes a Conv's gathers need (output channels and size in the original, input channels and size in
-    the pruned model), or None (not a 2-D Conv, or a dynamic size: whole tensors are read instead)."""
+    """Static sizes a 2-D Conv's or ConvTranspose's gathers need (output channels and size in the original, input
+    channels and size in the pruned model), or None (another layer, or a dynamic size: whole tensors are read)."""
     out, x = original.get(node.output[0]), pruned.get(node.input[0])
-    if shape.op_type != "Conv" or not out or not x or len(out) != 4 or len(x) != 4:
+    if not shape.spatial or not out or not x or len(out) != 4 or len(x) != 4:
         return None
     dims = (out[1], out[2], out[3], x[1], x[2], x[3])
     return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
@@ -129,7 +130,7 @@ def refit_targets(original: onnx.ModelProto, pruned: onnx.ModelProto, index: Cha
     layers: list[_Layer] = []
     skipped: list[tuple[str, str]] = []
     for idx, node in enumerate(original.graph.node):
-        if node.op_type not in (*REFIT_OPS, "ConvTranspose") or not node.input or node.input[0] not in changed:
+        if node.op_type not in REFIT_OPS or not node.input or node.input[0] not in changed:
             continue
         name = node_name(node, idx)
         try:
@@ -153,9 +154,9 @@ def _design(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generato
             positions: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Design rows ``(R, g, d)`` from the pruned input and targets ``(R, g, O_g)`` from the original output."""
     shape = layer.shape
-    if shape.op_type == "Conv":
+    if shape.spatial:
         if x.ndim != 4 or y.ndim != 4:
-            raise PreconditionError(f"Conv '{layer.name}': input or output is not 4-D")
+            raise PreconditionError(f"{shape.op_type} '{layer.name}': input or output is not 4-D")
         image, oy, ox = sample_positions(x.shape[0], y.shape[2], y.shape[3], positions, rng)
         patches, targets = conv_patches(x, shape, image, oy, ox), y[image, :, oy, ox]
     else:
@@ -197,7 +198,9 @@ class RefitLevel(LevelJob):
             if layer.gather is not None:
                 c_out, c_in = layer.gather[0], layer.gather[3]
                 keep = None if layer.out_keep is None else tuple(int(c) for c in layer.out_keep)
-                mask = f"{layer.name}__refit_x_mask" if any(layer.shape.pads) else None
+                # taps may read nothing: Conv zero padding; a ConvTranspose tap of another phase or past the border
+                reads_nothing = any(layer.shape.pads) or layer.shape.op_type == "ConvTranspose"
+                mask = f"{layer.name}__refit_x_mask" if reads_nothing else None
                 self.specs[layer.name] = (
                     PositionGather(layer.output, f"{layer.name}__refit_y_index", f"{layer.name}__refit_y",
                                    c_out if keep is None else len(keep), keep=keep),
