@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,9 +64,11 @@ from graph_ops.proto import (
 from graph_ops.prune import kept_indices
 from pipeline.recovery.levels import LevelJob, LevelPlan
 from pipeline.recovery.maps import MapLevel, MapTarget, consumer_targets, regress_solver
-from pipeline.recovery.sweep import MIN_ROWS_PER_DIM, batch_rng, layer_levels
+from pipeline.recovery.sweep import HOLD_OUT_EVERY, MIN_ROWS_PER_DIM, batch_rng, layer_levels
 
 logger = logging.getLogger(__name__)
+
+POSITION_GROWTH = 4  # refit_positions raised at most this many times for a wide layer (moments cost rows x dim^2)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,21 @@ class _Layer:
     shape: LayerShape  # of the pruned layer
     dim: int  # unknowns per output: rows of the per-group Gram matrix
     gather: tuple[int, int, int, int, int, int] | None = None  # static (C_out, H_out, W_out, C_in, H_in, W_in)
+    positions: int | None = None  # output positions (tokens) sampled per image; None: all
+
+
+def refit_positions(per_image: int | None, dim: int, samples: int | None) -> int | None:
+    """Output positions to sample per image for a layer of ``dim`` unknowns per output: ``per_image``, raised so
+    that the fitted rows reach ``MIN_ROWS_PER_DIM * dim`` where the map has them (``samples`` calibration images,
+    a fifth of them held out), at most ``POSITION_GROWTH`` times ``per_image``. A small map gives all its positions
+    anyway (:func:`graph_ops.least_squares.sample_positions`); a large map sampled at ``per_image`` positions gives a
+    wide layer fewer rows than unknowns when the calibration set is small (PP-OCR's DBNet head: 96 x 3 x 3 inputs,
+    50 pages of 120 x 120 positions: 2,560 fitted rows for 865 unknowns at 64 positions, 8,680 at 217)."""
+    if per_image is None or not samples:
+        return per_image
+    fitted = max(1, samples - samples // HOLD_OUT_EVERY)
+    wanted = -(-MIN_ROWS_PER_DIM * dim // fitted)
+    return int(min(max(per_image, wanted), POSITION_GROWTH * per_image))
 
 
 def _gather_geometry(node: onnx.NodeProto, shape: LayerShape, original: Mapping[str, tuple],
@@ -188,8 +205,8 @@ class RefitLevel(LevelJob):
     ``batch_rng(seed, level, batch, layer index)``.
     """
 
-    def __init__(self, layers: Sequence[_Layer], out: onnx.ModelProto, *, ridge: float | None,
-                 positions: int | None, seed: int, level: int) -> None:
+    def __init__(self, layers: Sequence[_Layer], out: onnx.ModelProto, *, ridge: float | None, seed: int,
+                 level: int) -> None:
         """Plan the level: layer outputs from the original, layer inputs from the pruned model."""
         self.layers, self.out = list(layers), out
         self.alphas = REFIT_ALPHAS if ridge is None else (float(ridge),)
@@ -209,7 +226,7 @@ class RefitLevel(LevelJob):
         whole = [layer for layer in self.layers if layer.name not in self.specs]
         self.original = tuple(dict.fromkeys([*(s[0] for s in self.specs.values()), *(x.output for x in whole)]))
         self.current = tuple(dict.fromkeys([*(s[1] for s in self.specs.values()), *(x.input for x in whole)]))
-        self.seed, self.level, self.positions = seed, level, positions
+        self.seed, self.level = seed, level
         self.drawn: tuple[int, dict[str, np.ndarray]] | None = None  # the last batch's index inputs
         self.acc = self._fresh()
 
@@ -228,7 +245,7 @@ class RefitLevel(LevelJob):
             if layer.gather is None:
                 continue
             _, h, w, _, h_in, w_in = layer.gather
-            _, oy, ox = sample_positions(n, h, w, self.positions, self._rng(batch, layer))
+            _, oy, ox = sample_positions(n, h, w, layer.positions, self._rng(batch, layer))
             y_spec, x_spec = self.specs[layer.name]
             picks[y_spec.index] = (oy * w + ox).reshape(n, 1, -1).astype(np.int32)
             flat, inside = patch_index(layer.shape, h_in, w_in, oy, ox)
@@ -249,7 +266,7 @@ class RefitLevel(LevelJob):
                 rows = gathered_rows(current[x_spec.output], layer.shape, int(np.prod(layer.shape.kernel)))
             else:
                 rows, targets = _design(layer, current[layer.input], original[layer.output],
-                                        self._rng(batch, layer), self.positions)
+                                        self._rng(batch, layer), layer.positions)
             self.acc[layer.name][int(held)].add(rows, targets)
 
     def take(self) -> dict[str, tuple[PatchMoments | None, PatchMoments | None]]:
@@ -344,8 +361,9 @@ def lstsq_recovery(original: onnx.ModelProto, out: onnx.ModelProto, index: Chann
                                      for n in too_large if n not in maps]))
         fit = [layer for layer in batch if layer.name not in large]
         if fit:
-            level_jobs.append(RefitLevel(fit, out, ridge=opts.ridge, positions=opts.refit_positions,
-                                         seed=opts.seed, level=level))
+            fit = [replace(layer, positions=refit_positions(opts.refit_positions, layer.dim, opts.samples))
+                   for layer in fit]
+            level_jobs.append(RefitLevel(fit, out, ridge=opts.ridge, seed=opts.seed, level=level))
         jobs[level] = level_jobs
     return LevelPlan(dict(zip((layer.index for layer in layers), levels, strict=True)), jobs, tuple(skipped),
                      opts.sequential)

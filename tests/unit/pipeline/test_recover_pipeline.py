@@ -385,3 +385,14 @@ def test_lstsq_refits_a_matmul_over_the_last_axis_of_tokens() -> None:
         for name, m in (("plain", pruned), ("lstsq", recovered)):
             err[name] += float(np.sum((run_ort(expose_tensors(m, [out]), {"x": sample})[-1] - want) ** 2))
     assert err["lstsq"] < 0.8 * err["plain"], err
+
+
+def test_refit_positions_grow_for_a_wide_layer_on_few_images_within_a_bound() -> None:
+    """R3 samples more positions per image where the fitted rows would fall short of 10 per unknown (bounded at 4x
+    the default), and never fewer than asked; without a count of images or with every position asked, as given."""
+    from pipeline.recovery.refit import POSITION_GROWTH, refit_positions
+
+    assert refit_positions(64, 865, 50) == 217  # 40 fitted pages x 217 positions >= 8,650 rows
+    assert refit_positions(64, 865, 2000) == 64  # enough images already
+    assert refit_positions(64, 4609, 10) == POSITION_GROWTH * 64  # bounded
+    assert refit_positions(None, 865, 50) is None and refit_positions(64, 865, None) == 64
