@@ -296,27 +296,52 @@ class RefitChoice:
     alpha: float | None
     error_before: float
     error_after: float
+    prior_weight: float = 0.0
+
+
+PRIOR_WEIGHTS = (0.0, 0.25, 1.0, 4.0)  # weights of the position prior of a pooled layer (0: the plain refit)
+
+
+def with_prior(fit: PatchMoments, prior: PatchMoments | None, weight: float) -> PatchMoments:
+    """``fit`` plus ``weight`` times ``prior`` rescaled to ``fit``'s row count (the prior's rows then weigh as much
+    per image as the fit's, whatever its positions per image): the moments of the blended least squares."""
+    if prior is None or not prior.count or weight == 0.0:
+        return fit
+    scale = weight * fit.count / prior.count
+    return PatchMoments(fit.count, fit.gram + scale * prior.gram, fit.cross + scale * prior.cross,
+                        fit.target_sq + scale * prior.target_sq)
 
 
 def choose_refit(fit: PatchMoments, held_out: PatchMoments | None, current: np.ndarray, intercept: bool,
-                 alphas: tuple[float, ...] = REFIT_ALPHAS) -> RefitChoice:
+                 alphas: tuple[float, ...] = REFIT_ALPHAS, prior: tuple[PatchMoments | None, PatchMoments | None]
+                 | None = None) -> RefitChoice:
     """``α`` chosen by held-out error, the current weights competing; the winner refit on all moments.
 
-    Errors are relative to the held-out ``Σ||y||²`` (to the fit moments' when nothing is held out).
+    ``prior``: (fit, held-out) moments of a second, larger least-squares problem with the same unknowns (a pooled
+    layer's per-position rows, see :mod:`pipeline.recovery.refit`); the solve then blends it in with a weight from
+    ``PRIOR_WEIGHTS`` chosen with ``α`` on the held-out error of the layer's OWN rows (weight 0 competes, so the
+    prior is used only where it lowers that error). Errors are relative to the held-out ``Σ||y||²`` (to the fit
+    moments' when nothing is held out).
     """
     check = held_out if held_out is not None and held_out.count else fit
     scale = max(float(check.target_sq.sum()), 1e-30)
     before = patch_error(check, current) / scale
-    if check is fit or len(alphas) == 1:
+    prior_fit, prior_held = prior if prior is not None else (None, None)
+    weights = PRIOR_WEIGHTS if prior_fit is not None and prior_fit.count else (0.0,)
+    if check is fit or (len(alphas) == 1 and len(weights) == 1):
         alpha = alphas[len(alphas) // 2]
         merged = fit if check is fit else fit.merge(check)
         coef = solve_refit(merged, alpha, intercept)
         return RefitChoice(coef, alpha, before, patch_error(check, coef) / scale)
-    errors = [patch_error(check, solve_refit(fit, a, intercept)) / scale for a in alphas]
+    tries = [(a, w) for w in weights for a in alphas]
+    errors = [patch_error(check, solve_refit(with_prior(fit, prior_fit, w), a, intercept)) / scale for a, w in tries]
     best = int(np.argmin(errors))
     if errors[best] >= before:
         return RefitChoice(current, None, before, before)
-    return RefitChoice(solve_refit(fit.merge(check), alphas[best], intercept), alphas[best], before, errors[best])
+    alpha, weight = tries[best]
+    whole_prior = prior_fit if prior_held is None or not prior_held.count else prior_fit.merge(prior_held)
+    coef = solve_refit(with_prior(fit.merge(check), whole_prior, weight), alpha, intercept)
+    return RefitChoice(coef, alpha, before, errors[best], weight)
 
 
 def coef_from_weights(shape: LayerShape, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:

@@ -25,11 +25,14 @@ teacher's logits are computed once with onnxruntime; a torch teacher runs only f
 
 Validation and the epoch kept: a seeded share of the data (``validation``, default 10 %, at least one sample) is
 held out of training; the model is measured on it before training (epoch 0: the input) and after every epoch, and
-the best of these is returned: the highest top-1 on the labels when the data has them (ties broken by the lower
-distillation loss), else the lowest distillation loss. An epoch must beat the best so far strictly, so the result
-is never worse than its input on the validation slice; when no epoch beats the input, the input model is returned
-unchanged (``kept`` false, ``best_epoch`` 0). Without a validation slice (``validation=0``) the last epoch is
-returned. The record lists every epoch's validation numbers.
+the best of these is returned: the lowest training objective (the weighted loss above) on the validation slice. An
+epoch must beat the best so far strictly, so the result is never worse than its input there; when no epoch beats
+the input, the input model is returned unchanged (``kept`` false, ``best_epoch`` 0). The objective, not top-1,
+decides: the slice is small and usually part of the data the original was trained on and recovery was fitted to,
+where top-1 saturates (the pruned MNIST CNN at 0.25 of the MACs is right on all 200 validation digits) while the
+loss still measures how far the student is from its teacher. Without a validation slice (``validation=0``) the
+last epoch is returned. The record lists every epoch's validation numbers (top-1 with labels, distillation term,
+objective).
 
 Both models run in eval mode throughout: BatchNorm keeps its running statistics (which are initializers the ONNX
 graph reads as they are) and dropout is off, so the trained module is exactly what the ONNX graph computes.
@@ -57,7 +60,7 @@ from graph_ops.prune import kept_indices
 from pipeline.errors import UserInputError
 from pipeline.prepare import PreparedModel
 from pipeline.torch_bridge import TorchGraph, to_torch, torch_settings, write_back
-from pipeline.training import as_tensors, batches, check_write_back, converted, teacher_logits, train
+from pipeline.training import SCHEDULES, as_tensors, batches, check_write_back, converted, teacher_logits, train
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class FinetuneOptions:
         seed: seeds torch, the shuffle and the validation split.
         threads: torch and onnxruntime intra-op threads.
         validation: share of the data held out to choose the epoch (module docstring); 0: none (last epoch).
+        schedule: after the warm-up, ``cosine`` decay to 0 or a ``constant`` rate.
     """
 
     epochs: int = 3
@@ -91,8 +95,11 @@ class FinetuneOptions:
     seed: int = 0
     threads: int = 1
     validation: float = 0.1
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserInputError(f"finetune: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.threads < 1:
             raise UserInputError("finetune: epochs, batch size and threads must be at least 1")
         if not 0 <= self.validation < 1:
@@ -114,10 +121,8 @@ class EpochCheck:
     objective: float
 
     def better_than(self, other: EpochCheck) -> bool:
-        """Strictly better: higher top-1 (labels), ties and unlabelled data by the lower distillation loss."""
-        if self.top1 is not None and other.top1 is not None and self.top1 != other.top1:
-            return self.top1 > other.top1
-        return self.distill_loss < other.distill_loss
+        """Strictly better: a lower training objective on the validation slice."""
+        return self.objective < other.objective
 
 
 @dataclass(frozen=True)
@@ -196,8 +201,8 @@ class FinetuneRecord:
     def verdict(self) -> str:
         """Which epoch was kept and the validation numbers before and after."""
         def show(check: EpochCheck) -> str:
-            top1 = "" if check.top1 is None else f"top-1 {100 * check.top1:.2f} %, "
-            return f"{top1}distillation loss {check.distill_loss:.4f}"
+            top1 = "" if check.top1 is None else f", top-1 {100 * check.top1:.2f} %"
+            return f"objective {check.objective:.4f}{top1}"
 
         where = f"validation on {self.validation_samples} held-out training samples"
         if not self.validation_samples:
@@ -360,7 +365,8 @@ def finetune(pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any,
                               lambda idx, feeds, labels: sum(_loss_terms(torch, setup, options, idx, feeds,
                                                                          labels).values()),
                               epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
-                              progress=progress, desc="finetune", indices=fit, on_epoch=on_epoch)
+                              progress=progress, desc="finetune", indices=fit, on_epoch=on_epoch,
+                              schedule=options.schedule)
         model, written = pruned, 0.0
         if best["epoch"] > 0:
             with torch.no_grad():

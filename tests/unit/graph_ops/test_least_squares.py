@@ -262,3 +262,30 @@ def test_gathered_rows_and_targets_are_the_patch_layout_in_float64(group: int, i
     targets = gathered_targets(outputs, 2)
     assert targets.dtype == np.float64 and targets.shape == (n * positions, 2, 3)
     np.testing.assert_array_equal(targets[1 * positions + 4, 1], outputs[1, 3:6, 4])
+
+
+def test_a_position_prior_is_blended_in_only_where_it_lowers_the_held_out_error(rng: np.random.Generator) -> None:
+    """A pooled layer has few rows of its own (one per image); per-position rows of the same linear map are many.
+    A faithful prior is chosen (weight > 0) and brings the coefficients closer to the truth than the rows alone;
+    a misleading prior (another map) gets weight 0, which is exactly the refit without a prior."""
+    from graph_ops.least_squares import with_prior
+
+    coef = rng.standard_normal((1, 9, 3))
+    own_x = patch_rows(rng.standard_normal((30, 1, 8)), LayerShape("Gemm"))
+    own_y = np.einsum("rgd,gdo->rgo", own_x, coef) + 0.5 * rng.standard_normal((30, 1, 3))
+    fit, held = accumulate(own_x[:20], own_y[:20]), accumulate(own_x[20:], own_y[20:])
+    pos_x = patch_rows(rng.standard_normal((2000, 1, 8)), LayerShape("Gemm"))
+    current = np.zeros((1, 9, 3))
+    plain = choose_refit(fit, held, current, True)
+    faithful = (accumulate(pos_x[:1500], np.einsum("rgd,gdo->rgo", pos_x[:1500], coef)),
+                accumulate(pos_x[1500:], np.einsum("rgd,gdo->rgo", pos_x[1500:], coef)))
+    blended = choose_refit(fit, held, current, True, prior=faithful)
+    assert blended.prior_weight > 0 and blended.error_after < plain.error_after
+    assert np.sum((blended.coef - coef) ** 2) < np.sum((plain.coef - coef) ** 2)
+    other = rng.standard_normal((1, 9, 3))
+    misleading = tuple(accumulate(x, np.einsum("rgd,gdo->rgo", x, other)) for x in (pos_x[:1500], pos_x[1500:]))
+    refused = choose_refit(fit, held, current, True, prior=misleading)
+    assert refused.prior_weight == 0.0 and np.array_equal(refused.coef, plain.coef)
+    assert with_prior(fit, faithful[0], 0.0) is fit
+    scaled = with_prior(fit, faithful[0], 1.0)  # the prior's 1,500 rows weigh as much as the fit's 20
+    np.testing.assert_allclose(scaled.gram - fit.gram, faithful[0].gram * 20 / 1500)

@@ -88,8 +88,8 @@ def test_a_finetune_whose_epochs_do_not_beat_the_input_on_validation_returns_the
 
 @needs_torch
 def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None:
-    """Every epoch is measured on the held-out slice; the one returned is the best by top-1 (then distillation
-    loss), and onnxruntime on the returned model reproduces that epoch's validation top-1."""
+    """Every epoch is measured on the held-out slice; the one returned has the lowest objective there, and
+    onnxruntime on the returned model reproduces that epoch's validation top-1."""
     from pipeline.finetune import validation_split
     from pipeline.runtime import open_session
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -396,3 +397,44 @@ def test_refit_positions_grow_for_a_wide_layer_on_few_images_within_a_bound() ->
     assert refit_positions(64, 865, 2000) == 64  # enough images already
     assert refit_positions(64, 4609, 10) == POSITION_GROWTH * 64  # bounded
     assert refit_positions(None, 865, 50) is None and refit_positions(64, 865, None) == 64
+
+
+def test_a_layer_behind_a_global_pool_gets_a_position_prior_that_only_helps(monkeypatch) -> None:
+    """The head Gemm reads GlobalAveragePool -> Flatten (one row per image): its refit may blend in per-position
+    rows of the pool's input (targets: the original Gemm at each position). The prior is planned for that layer
+    only, its held-out error is never above the refit without it, and the model still equals its mask reference;
+    reading whole tensors (sizes unknown) gives the same refit as the in-graph gathers."""
+    from graph_ops import least_squares
+    from pipeline.recovery import refit
+
+    model, _ = depthwise_separable()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): [0, 2, 3, 5, 6]}
+    data, x = _static_batches(model, 15, seed=6)
+    pruned = apply_plan(model, index, keep)
+    layers, _ = refit.refit_targets(model, pruned, index, keep)
+    assert [lay.shape.op_type for lay in layers if lay.pooled is not None] == ["Gemm"]
+    options = {"method": "lstsq", "batch_size": 1, "intra_op_threads": 1}
+
+    def head(found: object) -> object:
+        return next(c for c in found.consumers if c.op_type == "Gemm")
+
+    recovered, report = recover(model, pruned, index, keep, data, **options)
+    refit_names = {c.node for c in report.consumers if c.alpha is not None}
+    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit_names), recovered, {"x": x[0]},
+                        rtol=1e-4, atol=1e-5)
+    originals = refit.refit_targets
+
+    def without_sizes(*args: object, **kwargs: object) -> tuple:
+        found, skipped = originals(*args, **kwargs)
+        return [layer if layer.pooled is None else dataclasses.replace(
+            layer, pooled=dataclasses.replace(layer.pooled, size=None)) for layer in found], skipped
+
+    monkeypatch.setattr(refit, "refit_targets", without_sizes)
+    _, whole = recover(model, pruned, index, keep, data, **options)
+    assert head(whole).prior_weight == head(report).prior_weight
+    assert head(whole).error_after == pytest.approx(head(report).error_after, rel=1e-6)
+    monkeypatch.setattr(least_squares, "PRIOR_WEIGHTS", (0.0,))
+    _, plain = recover(model, pruned, index, keep, data, **options)
+    assert head(plain).prior_weight == 0.0 and head(report).error_after <= head(plain).error_after
