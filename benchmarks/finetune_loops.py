@@ -49,8 +49,8 @@ from pipeline.bench import machine_info
 from pipeline.data import open_dataset
 from pipeline.finetune import FinetuneOptions, finetune
 from pipeline.orchestrate import PruneRun
-from pipeline.training import as_tensors, batches, converted, teacher_logits
 from pipeline.torch_bridge import torch_settings
+from pipeline.training import as_tensors, batches, converted, teacher_logits
 
 logger = logging.getLogger(__name__)
 

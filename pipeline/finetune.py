@@ -60,7 +60,15 @@ from graph_ops.prune import kept_indices
 from pipeline.errors import UserInputError
 from pipeline.prepare import PreparedModel
 from pipeline.torch_bridge import TorchGraph, to_torch, torch_settings, write_back
-from pipeline.training import SCHEDULES, as_tensors, batches, check_write_back, converted, teacher_logits, train
+from pipeline.training import (
+    SCHEDULES,
+    as_tensors,
+    batches,
+    check_write_back,
+    converted,
+    teacher_logits,
+    train,
+)
 
 logger = logging.getLogger(__name__)
 
