@@ -59,12 +59,23 @@ TARGETS = (0.5, 0.35, 0.25, 0.1)
 EPOCHS = (1, 3)
 N_TRAIN = 2000
 PLAIN_LR, PLAIN_BATCH, TEMPERATURE = 1e-3, 64, 4.0
-VARIANTS: dict[str, dict[str, Any]] = {  # one change each from the defaults: the tuning rows
+VARIANTS: dict[str, dict[str, Any]] = {  # settings a row changes from the defaults: diprune[b64,lr3e-3] applies both
     "lr1e-3": {"lr": 1e-3}, "lr3e-3": {"lr": 3e-3}, "lr1e-2": {"lr": 1e-2}, "cosine": {"schedule": "cosine"},
     "constant": {"schedule": "constant"}, "ce0.5": {"ce_weight": 0.5}, "ce1": {"ce_weight": 1.0},
-    "kd-only": {"ce_weight": 0.0}, "b32": {"batch_size": 32}, "b128": {"batch_size": 128},
+    "kd-only": {"ce_weight": 0.0}, "b32": {"batch_size": 32}, "b64": {"batch_size": 64},
+    "b128": {"batch_size": 128},
 }
-LOOPS = ("diprune", "adam-ce", "adam-kd", *(f"diprune[{v}]" for v in VARIANTS))
+PLAIN = ("adam-ce", "adam-kd")
+OURS = "diprune[b32]"  # the library's defaults chosen here (batch 32); rows spell their settings out
+LOOPS = ("diprune", *PLAIN)  # and diprune[VARIANT,...]
+
+
+def loop_name(text: str) -> str:
+    """``diprune``, a plain loop, or ``diprune[v1,v2]`` with known variants (argparse type)."""
+    if text in LOOPS or (text.startswith("diprune[") and text.endswith("]")
+                         and all(v in VARIANTS for v in text[len("diprune["):-1].split(","))):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use {', '.join(LOOPS)} or diprune[{','.join(VARIANTS)}]")
 OUT = RESULTS / "finetune_loops.json"
 
 
@@ -207,7 +218,7 @@ def family(out: Path, name: str, targets: Sequence[float], loops: Sequence[str],
 
 def _cell(out: Path, key: list[str], loop: str, model: onnx.ModelProto, original: onnx.ModelProto, train: Any,
           test: Any, seed: int, counts: Sequence[int]) -> None:
-    if loop in ("adam-ce", "adam-kd"):
+    if loop in PLAIN:
         if all(_done(out, [*key, f"{loop}@{e}"]) for e in counts):
             return
         results = plain_loop(model, original, train, test, distil=loop == "adam-kd", epochs=max(counts), seed=seed)
@@ -215,12 +226,14 @@ def _cell(out: Path, key: list[str], loop: str, model: onnx.ModelProto, original
             merge(out, [*key, f"{loop}@{epochs}"], results[epochs])
         logger.info("%s %s: %s", key, loop, results)
         return
-    variant = loop[len("diprune["):-1] if loop.startswith("diprune[") else None
+    changes: dict[str, Any] = {}
+    for variant in loop[len("diprune["):-1].split(",") if loop.startswith("diprune[") else ():
+        changes.update(VARIANTS[variant])
     for epochs in counts:
         row = f"{loop}@{epochs}"
         if _done(out, [*key, row]):
             continue
-        options = replace(FinetuneOptions(epochs=epochs, seed=seed, threads=THREADS), **VARIANTS.get(variant, {}))
+        options = replace(FinetuneOptions(epochs=epochs, seed=seed, threads=THREADS), **changes)
         tuned, record = finetune(model, original, train, options)
         cell = {"top1": eval_top1(tuned, test), "seconds": round(record.seconds, 1), "best_epoch": record.best_epoch,
                 "validation": [c.top1 for c in record.checks]}
@@ -251,8 +264,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
         lines += [f"## {name} (original {100 * entry['original']['top1']:.2f})", ""]
         targets = [t for t in entry if t not in ("original",)]
         rows = sorted({row for t in targets for seed, cells in entry[t].items() if seed.startswith("seed")
-                       for row in cells}, key=lambda r: (LOOPS.index(r.split("@")[0]) if r.split("@")[0] in LOOPS
-                                                         else 99, r))
+                       for row in cells}, key=lambda r: (r.split("@")[0] not in PLAIN, r))
         lines += ["| row | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
         lines.append("| pruned (DI + lstsq) | " + " | ".join(
             f"{100 * entry[t]['pruned']['top1']:.2f}" + (" (ends)" if entry[t]["pruned"].get("ends_pruned") else "")
@@ -267,15 +279,15 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         for t in targets:
             for epochs in EPOCHS:
-                ours = _mean([v.get(f"diprune@{epochs}", {}) for s, v in entry[t].items() if s.startswith("seed")])
+                ours = _mean([v.get(f"{OURS}@{epochs}", {}) for s, v in entry[t].items() if s.startswith("seed")])
                 plain = [_mean([v.get(f"{p}@{epochs}", {}) for s, v in entry[t].items() if s.startswith("seed")])
-                         for p in ("adam-ce", "adam-kd")]
+                         for p in PLAIN]
                 plain = [p for p in plain if p is not None]
                 if ours is not None and plain:
                     wins.append((name, float(t), epochs, round(100 * (ours - max(plain)), 2)))
         lines.append("")
     if wins:
-        lines += ["## diprune against the better plain loop (points; >= 0: at least as good)", "",
+        lines += [f"## {OURS} (the defaults) against the better plain loop (points; >= 0: at least as good)", "",
                   "| family | target | epochs | diprune - best plain |", "|---|---|---|---|"]
         lines += [f"| {n} | {t} | {e} | {d:+.2f} |" for n, t, e, d in wins]
         behind = [w for w in wins if w[3] < 0]
@@ -290,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=FAMILIES, default=["cnn", "lenet"])
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
-    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=["diprune", "adam-ce", "adam-kd"])
+    parser.add_argument("--loops", nargs="+", type=loop_name, default=list(LOOPS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", nargs="+", type=int, choices=EPOCHS, default=list(EPOCHS))
     parser.add_argument("--ocr", type=Path, default=None, help="folder of benchmarks/ocr_data.py's output")
