@@ -81,18 +81,9 @@ OUT = RESULTS / "finetune_loops.json"
 
 def cls_files(ocr: Path) -> tuple[Path, Path]:
     """The text-direction classifier (its batch dim made symbolic: the file declares it as -1) and its data."""
-    from benchmarks.ocr_data import model_path
+    from benchmarks.recovery_production import batch_free_file
 
-    fixed = ocr / "cls_batch_free.onnx"
-    if not fixed.exists():
-        model = onnx.load(str(model_path("cls", ocr / "models")))
-        for info in [*model.graph.input, *model.graph.output]:
-            for dim in info.type.tensor_type.shape.dim:
-                if dim.HasField("dim_value") and dim.dim_value < 0:
-                    dim.Clear()
-                    dim.dim_param = "N"
-        onnx.save(model, str(fixed))
-    return fixed, ocr / "cls.npz"
+    return batch_free_file("cls", ocr), ocr / "cls.npz"
 
 
 def batch_free(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -64,7 +64,7 @@ NORMALISATION = {"cls": ([0.5], [0.5]), "det": ([0.5], [0.5]),
 THRESHOLD = 0.3  # DBNet's binarisation threshold (rapidocr's default thresh)
 
 
-def _batch_free_file(kind: str, ocr: Path) -> Path:
+def batch_free_file(kind: str, ocr: Path) -> Path:
     """The model with any ``-1`` batch dim declared symbolic (the cls file declares ``dim_value: -1``)."""
     from benchmarks.ocr_data import model_path
 
@@ -96,7 +96,7 @@ def setup(name: str, ocr: Path | None) -> tuple[Path, Any, Any, dict[str, Any]]:
     else:
         train = open_dataset(path, split="train", mean=mean, std=std)
         test = open_dataset(path, split="test", mean=mean, std=std)
-    return _batch_free_file(name, ocr), train, test, {"input_shapes": {"x": SHAPES[name]}}
+    return batch_free_file(name, ocr), train, test, {"input_shapes": {"x": SHAPES[name]}}
 
 
 def _normalise(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
