@@ -214,7 +214,7 @@ def run_model(out: Path, name: str, targets: Sequence[float], methods: Sequence[
 def _layer(refit: Any) -> dict[str, Any]:
     return {"node": refit.node, "op_type": refit.op_type, "tensor": refit.tensor, "rows": refit.rows,
             "dim": refit.dim, "alpha": refit.alpha, "error_before": round(refit.error_before, 5),
-            "error_after": round(refit.error_after, 5)}
+            "error_after": round(refit.error_after, 5), "prior_weight": getattr(refit, "prior_weight", None)}
 
 
 def _score(name: str, cell: Mapping[str, Any]) -> str:
