@@ -236,7 +236,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              "(`base`: main at a18b2bc, before this work, run as `git archive a18b2bc | tar -x -C BASE`, this script "
              "copied to `BASE/benchmarks/`, the command run in `BASE` with `--out` pointing here; `new`: this "
              "branch). `--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
-             "(cls), the default 50 / 25 pages of `--only det` (det).", "",
+             "(cls), `--only det --train 400 --test 200` (det: 50 / 25 pages).", "",
              "Cells: classifiers `top-1 (agreement with the original)` in %; det `IoU` of the probability maps "
              f"binarised at {THRESHOLD} with the original's / pixel `F1` against the text boxes, in %.", ""]
     for name, entry in doc.get("models", {}).items():
