@@ -90,6 +90,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1)")
+    return value
+
+
 def _batches(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(b) for b in text.split(","))
@@ -399,7 +406,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               temperature=args.temperature, ce_weight=args.ce_weight,
-                              feature_weight=args.feature_weight, seed=args.seed, threads=args.threads)
+                              feature_weight=args.feature_weight, seed=args.seed, threads=args.threads,
+                              validation=args.validation)
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
     doc = finetune_file(args.model, args.reference, args.output, _dataset(args.data, args, split=args.split),
                         options, plan_path=args.plan, eval_data=eval_data, progress=not args.quiet)
@@ -407,11 +415,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _warn(args, note)
     record = doc["finetune"]
     if not record["kept"]:
-        _warn(args, f"the finetune did not lower its objective ({record['objective_before']:.4f} -> "
-                    f"{record['objective_after']:.4f}); {args.output} has the input's weights (try --epochs or --lr)")
-    line = (f"objective {record['objective_before']:.4f} -> {record['objective_after']:.4f}, distillation loss "
-            f"{record['distill_loss_before']:.4f} -> {record['distill_loss_after']:.4f} ({record['steps']} steps, "
-            f"{record['seconds']:.1f} s)")
+        _warn(args, f"no epoch beat the input on the validation slice; {args.output} has the input's weights "
+                    "(try --epochs or --lr)")
+    line = f"{record['verdict']} ({record['epochs_run']} epoch(s), {record['steps']} steps, {record['seconds']:.1f} s)"
     if "evaluation" in doc:
         ev = doc["evaluation"]
         line += f", top-1 {ev['before']['top1']:.4f} -> {ev['after']['top1']:.4f} (reference {ev['reference']['top1']:.4f})"
@@ -594,6 +600,9 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-weight", type=_non_negative, default=defaults.feature_weight,
                    help="weight of feature matching at the group probes (needs the plan; default off)")
     p.add_argument("--plan", default=None, help="the plan the model was pruned with (default: <model>.plan.json)")
+    p.add_argument("--validation", type=_share, default=defaults.validation,
+                   help=f"share of --data held out to choose the epoch kept (default {defaults.validation:g}; 0: keep "
+                        "the last epoch)")
     _add_training_options(p, defaults)
 
 
