@@ -13,11 +13,12 @@ Recipes (:data:`INT8_RECIPES`; :data:`BACKEND_RECIPES` says which backend gets w
   (TensorRT developer guide, "Q/DQ layer placement recommendations"; onnxruntime's GPU quantization guide):
   activations **symmetric signed** int8, ``scale = max|x| / 127`` (onnxruntime's symmetric int8 range is
   ``[-127, 127]``), zero point 0, like the weights; Q/DQ only on the **inputs** of Conv / ConvTranspose / Gemm /
-  MatMul and on **both inputs of residual Adds** (an Add of two computed tensors), never on their outputs or on
-  activations, pooling and the other ops TensorRT fuses into the preceding layer (a Q/DQ pair there would keep
-  TensorRT from fusing them); weights kept fp32 behind a QuantizeLinear -> DequantizeLinear pair (what TensorRT 8.x
-  and 10.x both parse); biases fp32 (TensorRT folds them into the layer; int32 DequantizeLinear is not a TensorRT
-  input). Every zero point of the file is an int8 0 (:func:`qdq_zero_points` lists them).
+  MatMul and on the inputs of **residual Adds** (an Add of two computed tensors) except the one coming straight from
+  the weighted layer TensorRT fuses the Add into (:func:`drop_fused_add_qdq`: a pair there separates the convolution
+  from the addition); never on the outputs of weighted ops, on activations, pooling or the other ops TensorRT fuses
+  into the preceding layer; weights kept fp32 behind a QuantizeLinear -> DequantizeLinear pair (what TensorRT 8.x and
+  10.x both parse); biases fp32 (TensorRT folds them into the layer; int32 DequantizeLinear is not a TensorRT input).
+  Every zero point of the file is an int8 0 (:func:`qdq_zero_points` lists them).
 
 Calibration (:data:`CALIBRATIONS`): ``minmax`` (the range seen), ``percentile`` (the 99.999th percentile of
 ``|x|``), ``entropy`` (the range that minimises the KL divergence between the fp32 and the quantized histogram;
@@ -119,6 +120,55 @@ def tensorrt_placement(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(n.name for n in model.graph.node
                  if n.op_type in TENSORRT_INPUT_OPS
                  or (n.op_type == "Add" and len(n.input) == 2 and not constants.intersection(n.input)))
+
+
+def drop_fused_add_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the Q/DQ pair between a weighted op and the residual Add TensorRT fuses it with (in place; returned).
+
+    onnxruntime quantizes both inputs of an Add. TensorRT fuses ``Conv -> Add(., DQ(residual))`` into one layer (the
+    residual read in int8, added in the convolution's epilogue); a Q/DQ pair on the convolution's side of the Add
+    separates the two (TensorRT developer guide, "Q/DQ layer placement recommendations", the suboptimal fusion of
+    its residual example; NVIDIA ModelOpt's ONNX PTQ, run here on the demo CNN, leaves that side unquantized too).
+    Per Add whose input is ``DQ(Q(t))`` with ``t`` the output of a Conv / ConvTranspose / Gemm / MatMul read by
+    nothing else: the Add reads ``t`` again, for the last such input in graph order (the layer TensorRT fuses the Add
+    into; when both inputs come from weighted ops the other keeps its pair, so the fused layer reads it in int8);
+    Q/DQ nodes left without readers are removed."""
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    position = {id(n): i for i, n in enumerate(nodes)}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    for add in (n for n in nodes if n.op_type == "Add" and len(n.input) == 2):
+        fused = []
+        for slot, tensor in enumerate(add.input):
+            dq = producer.get(tensor)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            if source is not None and source.op_type in TENSORRT_INPUT_OPS and readers.get(q.input[0]) == 1:
+                fused.append((position[id(source)], slot, q.input[0]))
+        if fused:
+            _, slot, tensor = max(fused)
+            readers[add.input[slot]] -= 1
+            add.input[slot] = tensor
+    keep = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or readers.get(n.output[0])
+            or n.output[0] in {o.name for o in model.graph.output}]
+    while len(keep) != len(nodes):  # a Q whose DQ went is unread now too
+        nodes = keep
+        readers = {}
+        for n in nodes:
+            for t in n.input:
+                readers[t] = readers.get(t, 0) + 1
+        keep = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                or readers.get(n.output[0]) or n.output[0] in {o.name for o in model.graph.output}]
+    used = {t for n in keep for t in n.input}
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    dead = [init for init in model.graph.initializer if init.name not in used]
+    for init in dead:
+        model.graph.initializer.remove(init)
+    return model
 
 
 def qdq_zero_points(model: onnx.ModelProto) -> list[tuple[str, int, list[int]]]:
@@ -268,7 +318,7 @@ class Int8Quantizer:
             logging.getLogger().removeFilter(quiet)
         model = onnx.load(str(out))
         out.unlink(missing_ok=True)
-        return model
+        return drop_fused_add_qdq(model) if self.recipe.placement == "tensorrt" else model
 
     def describe(self) -> dict[str, Any]:
         """What reports record: the recipe, the calibration method and samples."""

@@ -143,7 +143,7 @@ def test_fit_recovers_the_synthetic_cost_within_10_percent(fitted: Path, prepare
 
 
 def test_fit_refuses_folders_it_cannot_fit(tmp_path: Path, board: Path, prepared: PreparedModel) -> None:
-    with pytest.raises(UserInputError, match="variants.json"):
+    with pytest.raises(UserInputError, match=r"variants\.json"):
         fit_board_profiles(tmp_path)
     bare = tmp_path / "bare"
     shutil.copytree(board, bare, ignore=shutil.ignore_patterns("profiles"))
