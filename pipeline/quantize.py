@@ -21,9 +21,10 @@ Recipes (:data:`INT8_RECIPES`; :data:`BACKEND_RECIPES` says which backend gets w
   Every zero point of the file is an int8 0 (:func:`qdq_zero_points` lists them).
 
 Calibration (:data:`CALIBRATIONS`): ``minmax`` (the range seen), ``percentile`` (the 99.999th percentile of
-``|x|``), ``entropy`` (the range that minimises the KL divergence between the fp32 and the quantized histogram;
-TensorRT's own calibrator). Defaults (:data:`DEFAULT_CALIBRATION`) come from ``benchmarks/edge_artifacts.py``, which
-measures held-out top-1 of each on real data.
+``|x|``), ``entropy`` (the range that minimises the KL divergence between the fp32 and the quantized histogram, 2048
+bins searched over 128 quantized bins, as TensorRT's entropy calibrator does: :meth:`Int8Quantizer._entropy_ranges`).
+Defaults (:data:`DEFAULT_CALIBRATION`) come from ``benchmarks/edge_artifacts.py``, which measures held-out top-1 of
+each on real data.
 
 onnxruntime's CPU kernels run both recipes' files (QLinearConv / MatMulInteger between the Q/DQ pairs), which is how
 accuracy is measured here. Nodes named in ``exclude`` stay fp32 (``nodes_to_exclude``: the mixed precision of
@@ -120,6 +121,27 @@ def tensorrt_placement(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(n.name for n in model.graph.node
                  if n.op_type in TENSORRT_INPUT_OPS
                  or (n.op_type == "Add" and len(n.input) == 2 and not constants.intersection(n.input)))
+
+
+PER_CHANNEL_OPSET = 13
+"""The first ONNX opset whose QuantizeLinear / DequantizeLinear take an ``axis`` (per-channel scales)."""
+
+
+def per_channel_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model at opset 13 or later (onnx's version converter), where per-channel Q/DQ is valid."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), PER_CHANNEL_OPSET)
+    if opset >= PER_CHANNEL_OPSET:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, PER_CHANNEL_OPSET)
+    except (RuntimeError, onnx.checker.ValidationError) as err:
+        raise CalibrationError(f"INT8 with per-channel weights needs ONNX opset {PER_CHANNEL_OPSET}; the model has "
+                               f"opset {opset} and onnx could not convert it ({err}); re-export it at opset 13 or "
+                               "later") from err
 
 
 def drop_fused_add_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -304,11 +326,16 @@ class Int8Quantizer:
         reader = reader_type(self.data, model_input_specs(self.model), self.samples, self.batch_size)
         if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
             options["calibration_cache_path"] = str(self.cache)
-        self.calibrations += not self.cache.is_file()
+        elif self.calibration == "entropy":
+            raise UserInputError("entropy calibration needs onnxruntime >= 1.32 (calibration caches); use minmax or "
+                                 "percentile, or upgrade onnxruntime")
+        fresh = not self.cache.is_file()
+        if self.calibration == "entropy" and fresh:
+            self._entropy_ranges(reader)
+        self.calibrations += fresh
         out = Path(self._tmp.name) / "model.int8.onnx"
-        source = onnx.ModelProto()
-        source.CopyFrom(self.model)  # quantize_static moves the weights of a ModelProto it is given to external data
-        quiet = _NoPreprocessAdvice()
+        source = per_channel_opset(self.model)  # a copy: quantize_static moves the weights of a ModelProto to
+        quiet = _NoPreprocessAdvice()             # external data
         logging.getLogger().addFilter(quiet)
         try:
             quantize_static(source, str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True, **options)
@@ -319,6 +346,25 @@ class Int8Quantizer:
         model = onnx.load(str(out))
         out.unlink(missing_ok=True)
         return drop_fused_add_qdq(model) if self.recipe.placement == "tensorrt" else model
+
+    def _entropy_ranges(self, reader: Any) -> None:
+        """Entropy ranges into the cache, computed with TensorRT's histogram sizes (2048 bins, thresholds searched
+        over 128 quantized bins): ``quantize_static`` does not pass bin counts to its entropy calibrator, whose
+        defaults (128 and 128) leave a single threshold, the full range (MinMax)."""
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+        with tempfile.TemporaryDirectory(prefix="diprune-entropy-", dir=self._tmp.name) as tmp:
+            source = Path(tmp) / "model.onnx"
+            onnx.save(self.model, str(source))
+            calibrator = create_calibrator(source, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=CalibrationMethod.Entropy,
+                                           extra_options={"num_bins": 2048, "num_quantized_bins": 128,
+                                                          "symmetric": self.recipe.activations == "int8-symmetric"})
+            calibrator.collect_data(reader)
+            save_tensors_data(calibrator.compute_data(), self.cache)
+            del calibrator
+        reader.rewind()
 
     def describe(self) -> dict[str, Any]:
         """What reports record: the recipe, the calibration method and samples."""

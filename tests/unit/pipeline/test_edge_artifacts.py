@@ -187,3 +187,26 @@ def test_int8_calibration_without_quantize_is_refused(tmp_path: Path, capsys: py
     code = main(["prune", str(demo_model_path()), "--data", "mnist", "--target-macs", "0.8", "--int8-calibration",
                  "entropy", "-o", str(tmp_path / "p.onnx")])
     assert code == 1 and "add --quantize int8" in capsys.readouterr().err
+
+
+def test_entropy_calibration_is_not_minmax_and_is_computed_once(fp32: onnx.ModelProto) -> None:
+    """onnxruntime's quantize_static alone would give MinMax ranges for Entropy (its default bin counts leave one
+    threshold); ours searches thresholds as TensorRT does, so some activation scale is smaller."""
+    from onnx import numpy_helper
+
+    def scales(calibration: str) -> dict[str, float]:
+        quantizer = Int8Quantizer(fp32, open_dataset("mnist", split="train", limit=128), samples=128,
+                                  recipe="tensorrt", calibration=calibration)
+        try:
+            model = quantizer.quantize()
+            quantizer.quantize(exclude=tensorrt_placement(fp32)[:1])
+            assert quantizer.calibrations == 1
+        finally:
+            quantizer.close()
+        return {i.name: float(numpy_helper.to_array(i)) for i in model.graph.initializer
+                if i.name.endswith("_scale") and numpy_helper.to_array(i).size == 1}
+
+    minmax, entropy = scales("minmax"), scales("entropy")
+    assert minmax.keys() == entropy.keys()
+    assert all(entropy[k] <= minmax[k] * (1 + 1e-6) for k in minmax) and any(entropy[k] < 0.9 * minmax[k]
+                                                                              for k in minmax)
