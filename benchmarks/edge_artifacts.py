@@ -13,8 +13,8 @@ Models (real weights) and held-out data:
   pages of rendered text turned clockwise by the class's angle (the model reads a counter-clockwise 90 as 270), preprocessed as the package
   does (shorter side 256, centre crop 224, ImageNet mean / std via ``--scale/--mean/--std``).
 
-Per model: the fp32 top-1; for each INT8 recipe (``x86``, ``tensorrt``) and calibration (minmax, percentile,
-entropy) the INT8 model of the unpruned model (256 calibration samples), its top-1, agreement with fp32 and whether
+Per model: the fp32 top-1; the INT8 model of the unpruned model (256 calibration samples) in today's ``x86`` recipe
+(minmax) and in the ``tensorrt`` recipe with each calibration (minmax, percentile, entropy), its top-1, agreement with fp32 and whether
 every Q/DQ zero point is an int8 0; the FP16 file (keep_io_types) with its top-1, agreement and max output difference,
 and which of its nodes onnxruntime CPU runs through inserted fp32 casts; then ``prune --backend tensorrt --quantize
 int8 --precision fp16`` (l2 at 0.9 of the MACs, no recovery: the artifacts are compared with the pruned fp32 model
@@ -43,7 +43,7 @@ from pipeline.fp16 import convert_fp16
 from pipeline.latency_model import LatencyTarget
 from pipeline.orchestrate import prune
 from pipeline.prepare import prepare
-from pipeline.quantize import CALIBRATIONS, INT8_RECIPES, Int8Quantizer, qdq_zero_points
+from pipeline.quantize import CALIBRATIONS, Int8Quantizer, qdq_zero_points
 
 PROD = Path("/work/prod")
 PPOCR_CLS = PROD / "rapidocr_onnxruntime/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
@@ -139,6 +139,8 @@ def datasets(work: Path, name: str) -> tuple[str, dict[str, Any]]:
     return str(path), options
 
 
+RUNS = (("x86", "minmax"), *(("tensorrt", c) for c in CALIBRATIONS))
+"""(recipe, calibration) pairs measured: today's x86 recipe as the reference, the TensorRT recipe with each method."""
 MODELS = {"mnist": Path("pipeline/data/mnist_cnn.onnx"), "ppocr_cls": PPOCR_CLS, "orientation": ORIENTATION}
 
 
@@ -169,23 +171,22 @@ def measure(name: str, work: Path) -> dict[str, Any]:
     base = evaluate(fp32, test)
     doc: dict[str, Any] = {"model": str(path), "data": spec, "eval_samples": base.n, "fp32_top1": base.top1,
                            "int8": {}, "fp16": {}}
-    for recipe in INT8_RECIPES:
-        for calibration in CALIBRATIONS:
-            start = time.perf_counter()
-            quantizer = Int8Quantizer(fp32, calib, recipe=recipe, calibration=calibration)
-            try:
-                int8 = quantizer.quantize()
-            finally:
-                quantizer.close()
-            seconds = time.perf_counter() - start
-            report = evaluate(int8, test, reference=fp32)
-            zps = qdq_zero_points(int8)
-            doc["int8"][f"{recipe}/{calibration}"] = {
-                "top1": report.top1, "drop_points": round(100 * (base.top1 - report.top1), 2),
-                "agreement": report.agreement, "qdq_nodes": len(zps),
-                "all_zero_points_int8_0": all(d == onnx.TensorProto.INT8 and v == [0] for _, d, v in zps),
-                "quantize_s": round(seconds, 2)}
-            print(name, recipe, calibration, doc["int8"][f"{recipe}/{calibration}"], flush=True)
+    for recipe, calibration in RUNS:
+        start = time.perf_counter()
+        quantizer = Int8Quantizer(fp32, calib, recipe=recipe, calibration=calibration)
+        try:
+            int8 = quantizer.quantize()
+        finally:
+            quantizer.close()
+        seconds = time.perf_counter() - start
+        report = evaluate(int8, test, reference=fp32)
+        zps = qdq_zero_points(int8)
+        doc["int8"][f"{recipe}/{calibration}"] = {
+            "top1": report.top1, "drop_points": round(100 * (base.top1 - report.top1), 2),
+            "agreement": report.agreement, "qdq_nodes": len(zps),
+            "all_zero_points_int8_0": all(d == onnx.TensorProto.INT8 and v == [0] for _, d, v in zps),
+            "quantize_s": round(seconds, 2)}
+        print(name, recipe, calibration, doc["int8"][f"{recipe}/{calibration}"], flush=True)
     half = convert_fp16(fp32)
     report = evaluate(half, test, reference=fp32)
     doc["fp16"] = {"top1": report.top1, "drop_points": round(100 * (base.top1 - report.top1), 2),
@@ -213,12 +214,11 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = ["# Edge-GPU artifacts: INT8 recipes and calibrations, FP16 (onnxruntime CPU accuracy)", "",
              f"`{doc['command']}`; {doc['machine']}. Held-out top-1; drop = fp32 - variant, accuracy points. TensorRT "
              "builds and timings were not run (no GPU lent).", "",
-             "| model | eval n | fp32 | " + " | ".join(f"{r}/{c}" for r in INT8_RECIPES for c in CALIBRATIONS)
-             + " | fp16 (max abs diff) |",
-             "|---|---|---|" + "---|" * (len(INT8_RECIPES) * len(CALIBRATIONS)) + "---|"]
+             "| model | eval n | fp32 | " + " | ".join(f"{r}/{c}" for r, c in RUNS) + " | fp16 (max abs diff) |",
+             "|---|---|---|" + "---|" * len(RUNS) + "---|"]
     for name, m in doc["models"].items():
         cells = [f"{m['int8'][f'{r}/{c}']['top1']:.4f} ({-m['int8'][f'{r}/{c}']['drop_points']:+.2f})"
-                 for r in INT8_RECIPES for c in CALIBRATIONS]
+                 for r, c in RUNS]
         lines.append(f"| {name} | {m['eval_samples']} | {m['fp32_top1']:.4f} | " + " | ".join(cells)
                      + f" | {m['fp16']['top1']:.4f} ({m['fp16']['max_abs_diff']:.3g}) |")
     lines += ["", "Every tensorrt-recipe file had all Q/DQ zero points int8 0: "
