@@ -302,6 +302,8 @@ def _latency_target(args: argparse.Namespace) -> object:
 def _latency_budget(args: argparse.Namespace) -> object | None:
     """The ``--target-latency`` budget with its measurement settings (None without it)."""
     if args.target_latency is None:
+        if getattr(args, "latency_model", None):
+            raise UserInputError("--latency-model is what --target-latency plans against: add --target-latency F")
         return None
     from pipeline.latency_plan import LatencyBudget
 

@@ -194,6 +194,13 @@ def test_plan_command_takes_the_latency_model_too(tmp_path: Path, fitted: Path) 
     assert PruningPlan.load(out).meta["latency"]["latency_model"] == str(fitted)
 
 
+def test_latency_model_without_a_latency_target_is_refused(tmp_path: Path, fitted: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", str(demo_model_path()), "--method", "l2", "--recover", "none", "--target-macs", "0.5",
+                 "--latency-model", str(fitted), "-o", str(tmp_path / "p.onnx")]) == 1
+    assert "add --target-latency" in capsys.readouterr().err
+
+
 def test_a_latency_model_of_another_model_is_refused(fitted: Path) -> None:
     other = prepare(demo_model_path(), {"input": (2, 1, 28, 28)})
     with pytest.raises(UserInputError, match="another model"):
