@@ -21,12 +21,14 @@ int8 --precision fp16`` (l2 at 0.9 of the MACs, no recovery: the artifacts are c
 they come from) with the four-way table and the FP16 record.
 
 Run: ``python -m benchmarks.edge_artifacts [--work work/edge] [--models mnist,ppocr_cls,orientation]`` ->
-``benchmarks/results/edge_artifacts.{json,md}``. Nothing here runs TensorRT (no GPU was lent).
+``benchmarks/results/edge_artifacts.{json,md}`` (each model's result is kept in ``WORK/NAME.result.json`` and reused:
+delete it to measure again). Nothing here runs TensorRT (no GPU was lent).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -139,6 +141,8 @@ def datasets(work: Path, name: str) -> tuple[str, dict[str, Any]]:
     return str(path), options
 
 
+INPUT_SHAPES = {"ppocr_cls": {"x": (8, 3, 48, 192)}}
+"""Static input shapes for MACs budgets (the PP-OCR classifier's height and width are dynamic in its file)."""
 RUNS = (("x86", "minmax"), *(("tensorrt", c) for c in CALIBRATIONS))
 """(recipe, calibration) pairs measured: today's x86 recipe as the reference, the TensorRT recipe with each method."""
 MODELS = {"mnist": Path("pipeline/data/mnist_cnn.onnx"), "ppocr_cls": PPOCR_CLS, "orientation": ORIENTATION}
@@ -200,7 +204,8 @@ def measure(name: str, work: Path, *, entropy: bool = True) -> dict[str, Any]:
     out = work / f"{name}.pruned.onnx"
     start = time.perf_counter()
     pruned = prune(path, out, data=calib, method="l2", target_macs=0.9, eval_data=test, progress=False,
-                   recover="none", quantize="int8", fp16=True, timing=LatencyTarget(backend="tensorrt"))
+                   recover="none", quantize="int8", fp16=True, timing=LatencyTarget(backend="tensorrt"),
+                   input_shapes=INPUT_SHAPES.get(name))
     doc["prune_tensorrt"] = {"seconds": round(time.perf_counter() - start, 1), "macs_fraction": pruned.macs_fraction,
                              "int8": {k: {m: v.get(m) for m in ("top1", "agreement")}
                                       for k, v in pruned.evaluation["int8"]["models"].items()},
@@ -256,7 +261,11 @@ def main() -> None:
         if not MODELS[name].is_file():
             print(f"skipping {name}: {MODELS[name]} not found")
             continue
-        models[name] = measure(name, work, entropy=name in args.entropy_models.split(","))
+        cached = work / f"{name}.result.json"
+        if not cached.is_file():
+            result = measure(name, work, entropy=name in args.entropy_models.split(","))
+            cached.write_text(json.dumps(result, indent=1))
+        models[name] = json.loads(cached.read_text())
     doc = {"command": f"python -m benchmarks.edge_artifacts --models {args.models} --entropy-models "
                       f"{args.entropy_models}",
            "machine": f"{platform.processor() or platform.machine()}, 2-core VM shared with other jobs",
