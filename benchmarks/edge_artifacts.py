@@ -251,7 +251,8 @@ def markdown(doc: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for name, m in doc["models"].items():
         p = m["prune_tensorrt"]
-        lines.append(f"| {name} | {p['macs_fraction']:.3f} | " + " | ".join(
+        macs = "unknown" if p["macs_fraction"] is None else f"{p['macs_fraction']:.3f}"
+        lines.append(f"| {name} | {macs} | " + " | ".join(
             f"{p['int8'][k]['top1']:.4f}" for k in ("original_fp32", "original_int8", "pruned_fp32", "pruned_int8"))
             + f" | {p['fp16']['fp16_top1']:.4f} | {p['seconds']} |")
     return "\n".join(lines) + "\n"
