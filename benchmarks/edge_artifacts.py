@@ -18,7 +18,8 @@ Per model: the fp32 top-1; the INT8 model of the unpruned model (256 calibration
 every Q/DQ zero point is an int8 0; the FP16 file (keep_io_types) with its top-1, agreement and max output difference,
 and which of its nodes onnxruntime CPU runs through inserted fp32 casts; then ``prune --backend tensorrt --quantize
 int8 --precision fp16`` (l2 at 0.9 of the MACs, no recovery: the artifacts are compared with the pruned fp32 model
-they come from) with the four-way table and the FP16 record.
+they come from) with the four-way table and the FP16 record, and the pruned model's INT8 with minmax and with
+percentile calibration.
 
 Run: ``python -m benchmarks.edge_artifacts [--work work/edge] [--models mnist,ppocr_cls,orientation]`` ->
 ``benchmarks/results/edge_artifacts.{json,md}`` (each model's result is kept in ``WORK/NAME.result.json`` and reused:
@@ -213,6 +214,13 @@ def measure(name: str, work: Path, *, entropy: bool = True) -> dict[str, Any]:
                    "max_abs_diff": max(o["max_abs_diff"] for o in report.outputs.values()),
                    **cast_report(half, work)}
     print(name, "fp16", doc["fp16"], flush=True)
+    doc.update(prune_section(name, path, work, calib, test))
+    return doc
+
+
+def prune_section(name: str, path: Path, work: Path, calib: Any, test: Any) -> dict[str, Any]:
+    """``prune --backend tensorrt --quantize int8 --precision fp16`` and the pruned model's INT8 per calibration."""
+    doc: dict[str, Any] = {}
     out = work / f"{name}.pruned.onnx"
     start = time.perf_counter()
     pruned = prune(path, out, data=calib, method="l2", target_macs=0.9, eval_data=test, progress=False,
@@ -225,6 +233,17 @@ def measure(name: str, work: Path, *, entropy: bool = True) -> dict[str, Any]:
                                                                                  "top1_drop_points", "max_abs_diff")},
                              "artifacts": {k: v["command"] for k, v in pruned.artifacts.items()}}
     print(name, "prune", doc["prune_tensorrt"], flush=True)
+    pruned_fp32 = onnx.load(str(out))
+    doc["pruned_calibrations"] = {}
+    for calibration in ("minmax", "percentile"):
+        quantizer = Int8Quantizer(pruned_fp32, calib, recipe="tensorrt", calibration=calibration)
+        try:
+            int8 = quantizer.quantize()
+        finally:
+            quantizer.close()
+        report = evaluate(int8, test, reference=pruned_fp32)
+        doc["pruned_calibrations"][calibration] = {"top1": report.top1, "agreement": report.agreement}
+    print(name, "pruned calibrations", doc["pruned_calibrations"], flush=True)
     return doc
 
 
@@ -255,6 +274,12 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {name} | {macs} | " + " | ".join(
             f"{p['int8'][k]['top1']:.4f}" for k in ("original_fp32", "original_int8", "pruned_fp32", "pruned_int8"))
             + f" | {p['fp16']['fp16_top1']:.4f} | {p['seconds']} |")
+    lines += ["", "The pruned model's INT8 (tensorrt recipe) per calibration, held-out top-1 (agreement with the pruned "
+              "fp32 model):", "", "| model | pruned fp32 | minmax | percentile |", "|---|---|---|---|"]
+    for name, m in doc["models"].items():
+        cal = m["pruned_calibrations"]
+        lines.append(f"| {name} | {m['prune_tensorrt']['int8']['pruned_fp32']['top1']:.4f} | " + " | ".join(
+            f"{cal[c]['top1']:.4f} ({cal[c]['agreement']:.4f})" for c in ("minmax", "percentile")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="work/edge")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--redo-prune", action="store_true", help="measure the prune run again, reuse the rest")
     parser.add_argument("--entropy-models", default=",".join(MODELS),
                         help="models whose entropy calibration is measured (onnxruntime's threshold search is Python, "
                              "seconds per tensor: on a loaded 2-core VM the 100-tensor models take over an hour)")
@@ -276,6 +302,13 @@ def main() -> None:
         cached = work / f"{name}.result.json"
         if not cached.is_file():
             result = measure(name, work, entropy=name in args.entropy_models.split(","))
+            cached.write_text(json.dumps(result, indent=1))
+        elif args.redo_prune:  # the prune run and the pruned model's calibrations only
+            result = json.loads(cached.read_text())
+            spec, options = datasets(work, name)
+            path = work / f"{name}.onnx" if name in FIXED_INPUTS else MODELS[name]
+            result.update(prune_section(name, path, work, open_dataset(spec, split="train", **options),
+                                        open_dataset(spec, split="test", **options)))
             cached.write_text(json.dumps(result, indent=1))
         models[name] = json.loads(cached.read_text())
     doc = {"command": f"python -m benchmarks.edge_artifacts --models {args.models} --entropy-models "
