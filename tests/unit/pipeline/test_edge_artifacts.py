@@ -197,9 +197,7 @@ def _two_convolutions(tmp_path: Path, rng: np.random.Generator) -> onnx.ModelPro
 def test_entropy_calibration_clips_outliers_and_is_computed_once(tmp_path: Path) -> None:
     """onnxruntime's quantize_static alone gives MinMax ranges for Entropy (its default bin counts leave one
     threshold); ours searches thresholds as TensorRT does, so a heavy-tailed input gets a smaller scale."""
-    from onnx import numpy_helper
-
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     model = _two_convolutions(tmp_path, rng)  # cut to its first convolution: onnxruntime's search is slow per tensor
