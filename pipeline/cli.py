@@ -311,11 +311,14 @@ def _latency_target(args: argparse.Namespace) -> object:
 def _latency_budget(args: argparse.Namespace) -> object | None:
     """The ``--target-latency`` budget with its measurement settings (None without it)."""
     if args.target_latency is None:
+        if getattr(args, "latency_model", None):
+            raise UserInputError("--latency-model is what --target-latency plans against: add --target-latency F")
         return None
     from pipeline.latency_plan import LatencyBudget
 
     return LatencyBudget(args.target_latency, _latency_target(args), iterations=args.latency_iterations,
-                         cache_dir=Path(args.latency_cache) if args.latency_cache else None)
+                         cache_dir=Path(args.latency_cache) if args.latency_cache else None,
+                         model_file=Path(args.latency_model) if args.latency_model else None)
 
 
 def _latency_note(plan_meta: dict) -> str:
@@ -323,6 +326,9 @@ def _latency_note(plan_meta: dict) -> str:
     record = plan_meta.get("latency")
     if not record:
         return ""
+    if record.get("measured_ratio") is None:
+        return (f", predicted latency x{record['predicted_ratio']:.3f} of the original on {record['latency_model']} "
+                f"(requested x{record['target_latency']:.3f}; not timed here)")
     return (f", measured latency x{record['measured_ratio']:.3f} of the original (requested "
             f"x{record['target_latency']:.3f}; {len(record['tries'])} plan(s) timed)")
 
@@ -386,7 +392,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    cluster=_cluster(args), shard_batches=args.shard_batches,
                    latency=_latency_budget(args), quantize=args.quantize, max_top1_drop=args.max_top1_drop,
                    int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs,
-                   allocation=args.allocation, steps=args.steps)
+                   allocation=args.allocation, steps=args.steps,
+                   int8_calibration=args.int8_calibration, fp16=args.precision == "fp16",
+                   fp16_keep_io_types=args.fp16_keep_io_types, fp16_block=tuple(args.fp16_block))
     for note in report.notes:
         _warn(args, note)
     for step in report.search:
@@ -398,6 +406,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from pipeline.int8_stage import int8_path, int8_summary
 
         _emit(args, f"wrote {int8_path(args.output)}: {int8_summary(report.evaluation['int8'])}")
+    if "fp16" in report.evaluation:
+        from pipeline.fp16 import fp16_path, fp16_summary
+
+        _emit(args, f"wrote {fp16_path(args.output)}: {fp16_summary(report.evaluation['fp16'])}")
+    if args.backend in ("tensorrt", "ort-trt"):
+        from pipeline.deploy import artifacts_summary
+
+        for line in artifacts_summary(report.artifacts):
+            _emit(args, f"on the board: {line}")
     return 0
 
 
@@ -511,6 +528,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    if args.latency_command == "variants":
+        from pipeline.device_profiles import write_variants
+        from pipeline.latency_model import LatencyTarget
+        from pipeline.prepare import prepare
+
+        target = LatencyTarget(backend=args.backend, precision=args.precision, batch=args.latency_batch,
+                               variants=args.variants, seed=args.seed)
+        manifest = write_variants(prepare(args.model, _shapes(args)), args.output, target,
+                                  round_to=_round_to(args), min_channels=args.min_channels)
+        _emit(args, f"wrote {len(manifest['variants'])} variants to {args.output}: run {args.output}/run_trtexec.sh "
+                    f"(or run_onnxruntime.sh) on the board, copy its profiles/ folder back, then: diprune latency fit "
+                    f"{args.output}")
+        return 0
+    from graph_ops.io import atomic_write_bytes, check_writable
+    from pipeline.device_profiles import fit_board_profiles
+
+    out = check_writable(args.output or str(Path(args.folder) / "latency_model.json"))
+    model = fit_board_profiles(args.folder, source=args.source, block=args.block)
+    atomic_write_bytes(out, model.to_json().encode())
+    _emit(args, f"wrote {out}: {model.summary()} ({model.key['source']}, device {model.key['device']})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -553,7 +594,8 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
                         help="deployment target; picks the --round-to default")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="deployment precision; picks the --round-to default (int8 on TensorRT: 32)")
+                        help="deployment precision; picks the --round-to default (int8 on TensorRT: 32); prune "
+                             "--precision fp16 also writes OUT.fp16.onnx")
     parser.add_argument("--min-channels", type=_positive_int, default=8, help="never keep fewer channels in a group")
     parser.add_argument("--protect", action="append", default=[], metavar="GROUP_ID",
                         help="never prune this group (repeatable; ids from 'diprune inspect')")
@@ -573,6 +615,9 @@ def _add_latency_options(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime intra-op threads for latency (default: onnxruntime's choice)")
     parser.add_argument("--latency-iterations", type=_positive_int, default=4,
                         help="at most this many plans are measured in the closed loop")
+    parser.add_argument("--latency-model", default=None, metavar="FILE",
+                        help="with --target-latency: plan against this latency model (from 'diprune latency fit' on "
+                             "the board's profiles) instead of timing here; no closed loop")
     parser.add_argument("--latency-cache", default=str(default_cache_dir()), metavar="DIR",
                         help="where latency models are kept, keyed by target, versions and layer shapes "
                              "(default: %(default)s; '' for none)")
@@ -667,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
         "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
         "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
+        "latency": (cmd_latency, "latency models from your own board: 'variants' writes the models and the trtexec / "
+                                 "onnxruntime script to run there, 'fit' reads the profiles back into a latency "
+                                 "model for --latency-model"),
         "run": (cmd_run, "the whole job from a YAML config: candidates, evaluation, latency, gates, report, "
                          "best.onnx (exit 3 when no candidate passes)"),
     }
@@ -736,7 +784,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report top-1 and agreement under noise and FGSM/PGD attacks (needs --eval-data)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write OUT.int8.onnx: the pruned, recovered model in INT8 (onnxruntime static QDQ, "
-                        "per-channel weights, calibrated on --data); the report compares fp32 and int8")
+                        "per-channel weights, calibrated on --data) with --backend's recipe (ort-cpu: uint8 "
+                        "asymmetric activations; tensorrt/ort-trt/ort-cuda: symmetric signed int8, zero points 0, "
+                        "Q/DQ placed for TensorRT); the report compares fp32 and int8")
+    p.add_argument("--int8-calibration", choices=("minmax", "percentile", "entropy"), default=None,
+                   help="how --quantize int8 calibrates activation ranges (default minmax, see README)")
+    p.add_argument("--fp16-keep-io-types", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --precision fp16: keep the fp16 file's inputs and outputs fp32 (default)")
+    p.add_argument("--fp16-block", action="append", default=[], metavar="OP",
+                   help="with --precision fp16: also keep this op type fp32 (repeatable)")
     p.add_argument("--max-top1-drop", type=_non_negative, default=None, metavar="P",
                    help="with --quantize int8: keep the layers whose INT8 error loses most information in fp32 "
                         "until held-out top-1 is within P points of the pruned fp32 model")
@@ -785,6 +841,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warn about channel counts not multiples of N (default: from --backend/--precision)")
 
     parsers["demo"].add_argument("--work", default="work/demo", help="where the demo writes its files")
+
+    latency = parsers["latency"].add_subparsers(dest="latency_command", required=True, metavar="STEP")
+    p = latency.add_parser("variants", parents=[common], help="write random-width variants of a model and the "
+                                                              "board scripts that profile them")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the folder to write (variants.json, variant_NNN.onnx, "
+                                                         "run_trtexec.sh, run_onnxruntime.sh)")
+    p.add_argument("--variants", type=_positive_int, default=12, help="random-width variants (default 12; plus "
+                                                                      "the full model and 3 held-out ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=BACKENDS, default="tensorrt",
+                   help="the board's runtime: picks the onnxruntime provider of run_onnxruntime.sh and --round-to")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="trtexec precision flags")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size the board times")
+    p.add_argument("--round-to", type=_positive_int, default=None,
+                   help="variant widths are multiples of N (default: from --backend/--precision)")
+    p.add_argument("--min-channels", type=_positive_int, default=8)
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="static dims of a model input (repeatable); use the same when pruning")
+    p = latency.add_parser("fit", parents=[common], help="fit a latency model on the board's profiles")
+    p.add_argument("folder", help="the variants folder, with the board's profiles/ copied back")
+    p.add_argument("-o", "--output", default=None, help="the latency model file (default FOLDER/latency_model.json)")
+    p.add_argument("--source", choices=("trtexec", "onnxruntime"), default=None,
+                   help="which profiles to read (default: the kind present)")
+    p.add_argument("--block", type=_positive_int, default=1,
+                   help="channel block of the board's layout: widths are rounded up to it (default 1: none)")
 
     p = parsers["run"]
     p.add_argument("config", help="the job file (YAML; see README, 'Use it in a pipeline')")

@@ -14,6 +14,8 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       target_macs: [0.5]             # fractions kept; and/or target_params: [...]
       target_latency: []             # fractions of the original's latency measured on bench.backend at the first
                                      # bench batch with bench.threads (closed loop; pipeline.latency_plan)
+      latency_model: null            # a file from 'diprune latency fit' (the board's profiles): target_latency is
+                                     # planned against it, nothing timed here
       quantize: null                 # int8: every candidate and the original also quantized (<name>-int8)
       recover: lstsq                 # keys of pipeline.recovery.RECOVERY
       recover_mode: sequential       # or one-pass
@@ -113,6 +115,7 @@ class PruneSpec:
     ray: str | None = None
     shard_batches: int = SHARD_BATCHES
     finetune_epochs: int = 0
+    latency_model: Path | None = None
 
     @property
     def targets(self) -> tuple[tuple[str, float], ...]:
@@ -287,7 +290,7 @@ def _data(value: Any, base: Path) -> tuple[DataSpec | None, DataSpec]:
     return calib, _dataset(section["evaluation"], "data.evaluation", base, defaults)
 
 
-def _prune(value: Any) -> PruneSpec:
+def _prune(value: Any, base: Path) -> PruneSpec:
     names = [f.name for f in PruneSpec.__dataclass_fields__.values()]
     section = _keys(value, "prune", names)
     methods = tuple(_choice(m, "prune.methods", sorted(SCORERS)) for m in _list(section.get("methods", "di"),
@@ -302,6 +305,10 @@ def _prune(value: Any) -> PruneSpec:
                              "'prune.target_latency' (fractions kept, e.g. [0.5, 0.25]), or 'prune.max_drop' "
                              "(accuracy points)")
     quantize = section.get("quantize")
+    latency_model = section.get("latency_model")
+    if latency_model is not None and not targets["target_latency"]:
+        raise UserInputError("config: 'prune.latency_model' is what 'prune.target_latency' plans against; give "
+                             "'prune.target_latency' too")
     round_to = section.get("round_to")
     protect = section.get("protect") or []
     prune_ends = section.get("prune_ends", False)
@@ -326,7 +333,8 @@ def _prune(value: Any) -> PruneSpec:
         ray=None if section.get("ray") is None else str(section["ray"]),
         shard_batches=_number(section.get("shard_batches", SHARD_BATCHES), "prune.shard_batches", integer=True,
                               low=1),
-        finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0))
+        finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0),
+        latency_model=None if latency_model is None else _path(latency_model, "prune.latency_model", base))
 
 
 def _task(value: Any, base: Path) -> Task | None:
@@ -386,7 +394,7 @@ def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> Run
         if key not in top:
             raise UserInputError(f"config: '{key}' is missing (see README, 'Use it in a pipeline')")
     calibration, evaluation = _data(top["data"], base)
-    prune = _prune(top["prune"])
+    prune = _prune(top["prune"], base)
     task = _task(top.get("task"), base)
     if calibration is None and (prune.recover != "none" or any(getattr(SCORERS[m], "requires_stats", False)
                                                                for m in prune.methods)):

@@ -14,6 +14,7 @@ and every candidate already made. Inputs are never modified; every file is writt
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -138,6 +139,9 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
         latency = _latency_budget(job, target) if kind == "latency" else None
         if latency is not None:  # a latency candidate depends on where latency is measured
             settings["latency_target"] = vars(latency.on)
+            if latency.model_file is not None:  # or on the latency model it was planned against
+                settings["latency_model"] = hashlib.sha256(latency.model_file.read_bytes()).hexdigest() \
+                    if latency.model_file.is_file() else str(latency.model_file)
         key = content_key("candidate", model=run.prepared.sha256, data=calib_id, **settings)
         candidate = job.cache.load_candidate(key)
         search = job.cache.load_json("search", key) if kind == "within" else None
@@ -182,7 +186,8 @@ def _latency_budget(job: _Job, target: float) -> Any:
     bench = job.config.bench
     cache = job.cache.root / "latency" if job.cache.enabled else None
     return LatencyBudget(target, LatencyTarget(backend=bench.backend, batch=bench.batch[0], threads=bench.threads,
-                                               precision=bench.precision), cache_dir=cache)
+                                               precision=bench.precision), cache_dir=cache,
+                         model_file=job.config.prune.latency_model)
 
 
 def _int8_twins(job: _Job, run: PruneRun, made: list[tuple[str, Candidate, bool]],
@@ -192,14 +197,15 @@ def _int8_twins(job: _Job, run: PruneRun, made: list[tuple[str, Candidate, bool]
     if job.config.prune.quantize is None:
         return []
     from pipeline.plan import PruningPlan
-    from pipeline.quantize import Int8Quantizer
+    from pipeline.quantize import Int8Quantizer, recipe_for
 
     sources = [("original", Candidate("original", PruningPlan(run.prepared.sha256, {}), run.prepared.model,
                                       {"method": "none"}, {}), False), *made]
     out = []
     for name, candidate, _ in sources:
         job.echo(f"int8: quantizing {name}")
-        quantizer = Int8Quantizer(candidate.model, calibration, workdir=job.cache.root if job.cache.enabled else None)
+        quantizer = Int8Quantizer(candidate.model, calibration, workdir=job.cache.root if job.cache.enabled else None,
+                                  recipe=recipe_for(job.config.bench.backend).name)
         with job.timed("int8"):
             try:
                 model = quantizer.quantize()

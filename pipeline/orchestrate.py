@@ -429,8 +429,8 @@ def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
-                    search: tuple[Mapping[str, Any], ...] = (), extra_files: Mapping[Path, bytes] | None = None
-                    ) -> Report:
+                    search: tuple[Mapping[str, Any], ...] = (), extra_files: Mapping[Path, bytes] | None = None,
+                    artifacts: Mapping[str, Any] | None = None) -> Report:
     """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (and ``extra_files``, e.g. the INT8 model)
     all or nothing and return the report.
 
@@ -447,6 +447,8 @@ def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.Path
         save_model(candidate.model, out_path)
     report = candidate_report(run, candidate, out_path, hashlib.sha256(data).hexdigest() if data is not None
                               else sha256_file(out_path), evaluation=evaluation, timings=timings, search=search)
+    if artifacts:
+        report = replace(report, artifacts=dict(artifacts))
     files = {plan_path: candidate.plan.to_json().encode(), report_path: report.to_json().encode(),
              **(extra_files or {})}
     try:
@@ -560,7 +562,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
           quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
           timing: LatencyTarget | None = None, finetune_epochs: int = 0,
-          allocation: str = DEFAULT_ALLOCATION, steps: int = 1) -> Report:
+          allocation: str = DEFAULT_ALLOCATION, steps: int = 1, int8_calibration: str | None = None,
+          fp16: bool = False, fp16_keep_io_types: bool = True, fp16_block: Iterable[str] = ()) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
     ``data`` and ``eval_data`` are :class:`pipeline.data.Dataset` objects (calibration from the training split only,
@@ -581,7 +584,12 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     budgets). ``quantize="int8"`` also writes ``OUT.int8.onnx``, the pruned model quantized with onnxruntime
     (``max_top1_drop``: DI-guided mixed precision, ``int8_ranking`` ``di`` or ``magnitude``), and the report's
     ``evaluation.int8`` compares original and pruned models in fp32 and int8 (:mod:`pipeline.int8_stage`), timed on
-    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1). ``finetune_epochs`` > 0
+    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1), with the INT8 recipe of
+    ``timing.backend`` (:data:`pipeline.quantize.BACKEND_RECIPES`: TensorRT's symmetric int8 for ``tensorrt`` /
+    ``ort-trt``) and ``int8_calibration`` (minmax, percentile, entropy; default the recipe's). ``fp16`` also writes
+    ``OUT.fp16.onnx`` (:mod:`pipeline.fp16`; ``fp16_keep_io_types``, ``fp16_block``: ops kept fp32) and the
+    report's ``evaluation.fp16``. The report's ``artifacts`` name each file written, its precision, what runs it and
+    the command that builds and times it on the target (:mod:`pipeline.deploy`). ``finetune_epochs`` > 0
     distils the original into the recovered model for that many epochs on ``data`` before it is evaluated and
     written (:meth:`PruneRun.finetune`). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has one
     entry per stage that ran.
@@ -596,9 +604,13 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
         check_writable(sibling, model_path)
     check_options(method, recover, recover_mode, data)
     check_allocation(allocation)
-    check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data)
+    check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data, int8_calibration)
     if quantize is not None:
         check_writable(int8_path(out_path), model_path)
+    if fp16:
+        from pipeline.fp16 import fp16_path
+
+        check_writable(fp16_path(out_path), model_path)
     if max_drop is not None and eval_data is None:
         raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
     if max_drop is None and target_macs is None and target_params is None and latency is None:
@@ -618,7 +630,9 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                            "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last,
                            "allocation": allocation},
                           robustness=robustness, latency=latency, quantize=quantize, max_top1_drop=max_top1_drop,
-                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs, steps=steps)
+                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs, steps=steps,
+                          deploy={"int8_calibration": int8_calibration, "fp16": fp16,
+                                  "fp16_keep_io_types": fp16_keep_io_types, "fp16_block": tuple(fp16_block)})
 
 
 @contextmanager
@@ -641,8 +655,10 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
                robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
                max_top1_drop: float | None = None, int8_ranking: str = "di",
-               timing: LatencyTarget | None = None, finetune_epochs: int = 0, steps: int = 1) -> Report:
+               timing: LatencyTarget | None = None, finetune_epochs: int = 0, steps: int = 1,
+               deploy: Mapping[str, Any] | None = None) -> Report:
     eval_data = run.task_data(eval_data, "evaluation")
+    deploy = dict(deploy or {})
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
@@ -672,17 +688,39 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
             evaluation["robustness"] = measure_robustness(run.prepared.model, candidate.model, eval_data,
                                                           seed=run.seed, backend=run.backend)
     extra = {}
+    from pipeline.deploy import artifact_record
+    from pipeline.latency_model import LatencyTarget
+
+    timing = timing or (latency.on if latency is not None else LatencyTarget())
+    artifacts = {"fp32": artifact_record(out_path, "fp32", timing.backend, candidate.model, batch=timing.batch)}
     if quantize is not None:
         from pipeline.int8_stage import int8_path, int8_stage
-        from pipeline.latency_model import LatencyTarget
+        from pipeline.quantize import BACKEND_RECIPES, INT8_RECIPES
 
-        timing = timing or (latency.on if latency is not None else LatencyTarget())
+        recipe = BACKEND_RECIPES.get(timing.backend, "x86")
         with run.timed("int8"):
             quantized, evaluation["int8"] = int8_stage(
                 run.prepared.model, candidate.model, run.data,
                 None if eval_data is None else (lambda m: run.evaluate(m, eval_data)),
                 timing, max_top1_drop=max_top1_drop,
-                ranking=int8_ranking, workdir=out_path.resolve().parent)
+                ranking=int8_ranking, workdir=out_path.resolve().parent, recipe=recipe,
+                calibration=deploy.get("int8_calibration"))
         extra[int8_path(out_path)] = quantized.SerializeToString()
+        artifacts["int8"] = artifact_record(int8_path(out_path), "int8", timing.backend, quantized,
+                                            batch=timing.batch, meant_for=INT8_RECIPES[recipe].meant_for)
+    if deploy.get("fp16"):
+        from pipeline.evaluate import evaluate as evaluate_model
+        from pipeline.fp16 import fp16_path, fp16_stage
+
+        def compare(model: onnx.ModelProto, reference: onnx.ModelProto | None) -> dict[str, Any]:
+            return evaluate_model(model, eval_data, reference=reference, backend="ort-cpu",
+                                  intra_op_threads=run.threads).to_dict()
+
+        with run.timed("fp16"):
+            half, evaluation["fp16"] = fp16_stage(candidate.model, None if eval_data is None else compare,
+                                                  keep_io_types=deploy.get("fp16_keep_io_types", True),
+                                                  op_block_list=deploy.get("fp16_block", ()))
+        extra[fp16_path(out_path)] = half.SerializeToString()
+        artifacts["fp16"] = artifact_record(fp16_path(out_path), "fp16", timing.backend, half, batch=timing.batch)
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search,
-                           extra_files=extra)
+                           extra_files=extra, artifacts=artifacts)
