@@ -132,7 +132,7 @@ def benches() -> dict[str, Bench]:
     out = {}
     for task, primary in (("seq", "exact"), ("det", "map50"), ("seg", "miou")):
         files = dense_tasks.task_files(task)
-        out[task] = Bench(task, files.model, files.npz, n_calib=512, n_eval=500, primary=primary,
+        out[task] = Bench(task, files.model, files.npz, n_calib=256, n_eval=500, primary=primary,
                           output_kind={"seq": "sequence", "det": "yolo", "seg": "map"}[task],
                           label_format={"seq": "text", "det": "yolo", "seg": "mask"}[task], det_root=files.det_root,
                           torch_task=task)
@@ -382,9 +382,10 @@ def bench_lines(name: str, entry: Mapping[str, Any], methods: Sequence[str], tar
     setup, cells, orig = entry["setup"], entry.get("cells", {}), entry["original"]
     metric = setup["primary"]
     second = {"exact": "cer", "map50": "map50_95", "miou": "pixel_accuracy", "f1": "iou_original"}[metric]
+    runs = [len(per_t) for per_rec in cells.values() for per_t2 in per_rec.values() for per_t in per_t2.values()]
     lines = [f"### {name} ({metric} %, original {100 * orig[metric]:.1f}; {second} original "
-             f"{100 * orig.get(second, float('nan')):.1f}; calibration {setup['n_calib']} per subset, "
-             f"evaluation {setup['n_eval']})", "",
+             f"{100 * orig.get(second, float('nan')):.1f}; calibration {setup['n_calib']} samples per subset, "
+             f"up to {max(runs, default=0)} subsets per cell; evaluation {setup['n_eval']} held-out samples)", "",
              "| method | recovery | " + " | ".join(f"{t:g} MACs" for t in targets) + " | achieved MACs |",
              "|---|---|" + "---|" * (len(targets) + 1)]
     notes = []
@@ -474,7 +475,7 @@ def report(doc: Mapping[str, Any]) -> str:
              "", f"Commands: {', '.join(f'`{c}`' for c in sorted(doc.get('commands', {})))}. Machine: "
              f"{machine.get('cpu', '?')} ({machine.get('cores_available', '?')} cores, shared with other jobs), "
              f"onnxruntime {machine.get('versions', {}).get('onnxruntime', '?')}, {THREADS} onnxruntime thread. "
-             f"Subsets: {proto.get('seeds')} per cell (calibration subset s and, for random, seed s); recovery "
+             "Cells: mean ± SE over calibration subsets s (and, for random, seed s); recovery "
              f"`{DEFAULT_RECOVERY}` sequential on the same subset. Protocol: `benchmarks/dense_selection.py` docstring.",
              ""]
     if proto.get("partial"):
