@@ -84,6 +84,9 @@ def test_text_map_metrics() -> None:
     got = text_map_metrics(binary, mask, reference=mask)
     assert got["precision"] == pytest.approx(0.5) and got["recall"] == pytest.approx(0.5)
     assert got["f1"] == pytest.approx(0.5) and got["iou_original"] == pytest.approx(4 / 12)
+    assert text_map_metrics(mask, mask, reference=mask)["iou_original"] == 1.0
+    with pytest.raises(ValueError, match="differ in shape"):  # a [N, 1, H, W] map against [N, H, W] masks
+        text_map_metrics(binary, mask, reference=mask[:, None])
 
 
 def doc_with(cells: dict) -> dict:
