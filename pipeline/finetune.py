@@ -310,8 +310,8 @@ def finetune_file(pruned_path: str | os.PathLike[str], reference_path: str | os.
         check_writable(path, pruned_path, reference_path)
     pruned = load_model(pruned_path)
     plan = _plan_for(Path(pruned_path), plan_path)
-    task = Task.from_dict(plan.meta["task"]) if plan is not None and plan.meta.get("task") else None
-    reference = prepare(reference_path, task)
+    task = Task.from_dict(plan.meta.get("task"), "the plan's meta.task") if plan is not None else None
+    reference = prepare(reference_path, task=task)
     notes = []
     if plan is not None and plan.model_sha256 != reference.sha256:
         if options.feature_weight > 0 or plan_path is not None:

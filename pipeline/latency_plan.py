@@ -68,7 +68,8 @@ _FLOOR = 1e-12
 @dataclass(frozen=True)
 class LatencyBudget:
     """A latency budget: the fraction of the original's measured latency, the target it is measured on, the closed
-    loop's settings and where latency models are cached (None: not cached)."""
+    loop's settings, where latency models are cached (None: not cached) and whether building one shows a progress
+    bar (stderr)."""
 
     target: float
     on: LatencyTarget = field(default_factory=LatencyTarget)
@@ -76,6 +77,7 @@ class LatencyBudget:
     tolerance: float = 0.05
     band: float = 0.10
     cache_dir: Path | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -338,7 +340,7 @@ def plan_for_latency(prepared: PreparedModel, scores: ChannelScores, budget: Lat
     meeting the optional MACs / params budgets; ``plan.meta["latency"]`` records the model and every try."""
     _check_budgets(budget.target, target_macs, target_params)
     model = model or latency_model_for(prepared, budget.on, budget.cache_dir, round_to=round_to,
-                                       min_channels=min_channels)
+                                       min_channels=min_channels, progress=budget.progress)
 
     def make(aim: float) -> PruningPlan:
         return select_for_latency(scores, prepared.index, model, target_latency=aim, target_macs=target_macs,

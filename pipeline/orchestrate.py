@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from pipeline.latency_model import LatencyTarget
     from pipeline.latency_plan import LatencyBudget
 
-__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "score", "write_candidate"]
+__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "require_channels", "score",
+           "write_candidate"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,14 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
                          layers=prepared.layers)
     scores = SCORERS[method](ctx)
     return replace(scores, task=task) if task else scores
+
+
+def require_channels(prepared: PreparedModel) -> None:
+    """Refuse a model with no channel to prune (no Conv, ConvTranspose, Gemm or MatMul with constant weights, or no
+    parameters at all), before any work."""
+    if not any(g.producers for g in prepared.index.groups) or not prepared.cost.params:
+        raise UserInputError(f"{prepared.path} has no Conv, ConvTranspose, Gemm or MatMul with constant weights: "
+                             "there are no channels to prune ('diprune inspect' lists its groups)")
 
 
 def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
@@ -156,10 +165,15 @@ class PruneRun:
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
                  task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                  cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> None:
-        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
+        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet.
+
+        Raises:
+            UserInputError: the model has no channel to prune (:func:`require_channels`), or a bad file.
+        """
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
             self.prepared = as_prepared(model, input_shapes, task=task)
+        require_channels(self.prepared)
         self.task = self.prepared.task
         self.dropped: dict[str, int] = {}
         data = self.task_data(data, "calibration")

@@ -75,7 +75,7 @@ def _accuracy_floor(doc: Mapping[str, Any]) -> float | None:
     gates, top1 = doc["gates"], doc["original"].get("top1")
     floors = [gates["min_top1"]] if "min_top1" in gates else []
     if "max_top1_drop" in gates and top1 is not None:
-        floors.append(top1 - gates["max_top1_drop"])
+        floors.append(top1 - gates["max_top1_drop"] / 100.0)  # the gate is in points
     return max(floors) if floors else None
 
 

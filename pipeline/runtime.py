@@ -440,8 +440,11 @@ def make_feeds(session: Any, batch: int, *, seed: int = 0, data: Mapping[str, np
     specs = session_input_specs(session)
     rng = np.random.default_rng(seed)
     feeds = {}
+    shapes = dict(input_shapes or {})
+    if "" in shapes and len(specs) == 1:  # --input-shape DIMS without a name: the single input
+        shapes[specs[0][0]] = shapes.pop("")
     for name, shape, dtype in specs:
-        dims = _resolve_shape(name, shape, batch, model, (input_shapes or {}).get(name))
+        dims = _resolve_shape(name, shape, batch, model, shapes.get(name))
         if data is None:
             sample = rng.standard_normal(dims) if np.issubdtype(dtype, np.floating) else rng.integers(0, 10, dims)
             feeds[name] = np.asarray(sample, dtype=dtype)
