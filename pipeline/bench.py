@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from graph_ops.errors import UserInputError, VerificationError
-from graph_ops.io import load_model, sha256_file
+from graph_ops.io import check_finite_weights, load_model, sha256_file
 from pipeline.engines import check_backend, time_calls
 from pipeline.runtime import ORT_BACKENDS, load_npz, make_feeds, make_session
 
@@ -275,7 +275,9 @@ def _describe(paths: Sequence[str], backend: str, threads: int | None, round_to:
                       "providers": list(providers) if backend in ORT_BACKENDS else ["TensorRT"],
                       "intra_op_threads": options.intra_op_num_threads or "default (one per physical core)",
                       "inter_op_threads": options.inter_op_num_threads or "default"})
-        warnings += width_warnings(load_model(path), Path(path).name, round_to)
+        proto = load_model(path)
+        check_finite_weights(proto, path)  # a NaN model is broken: refused by every command, bench included
+        warnings += width_warnings(proto, Path(path).name, round_to)
     return infos, warnings
 
 

@@ -398,6 +398,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
+    unknown = sorted(set(scores.scores) - set(prepared.index.by_id))
+    if unknown:
+        raise UserInputError(f"scores {args.scores} name group(s) {', '.join(unknown[:3])} that {prepared.path} does "
+                             "not have ('diprune inspect' lists its groups); score this model again")
     options = {"target_macs": args.target_macs, "target_params": args.target_params, "round_to": _round_to(args),
                "min_channels": args.min_channels, "protect": tuple(args.protect),
                "keep_first_and_last": not args.prune_ends}
@@ -916,7 +920,8 @@ _INPUT_OPTIONS = ("config", "spec", "model", "models", "reference", "plan", "sta
 
 def _input_paths(args: argparse.Namespace) -> list[str]:
     """Every file or folder the command reads, as given (``mnist`` is the shipped file; a torch spec
-    ``file.py:FACTORY`` its file; ``finetune``'s default plan ``<model>.plan.json``; a used latency cache)."""
+    ``file.py:FACTORY`` its file; ``finetune``'s default plan ``<model>.plan.json``; a used latency cache; the
+    package's data folder, always)."""
     from pipeline.data import mnist_path
 
     paths: list[str] = []
@@ -934,6 +939,7 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
                 paths.append(str(item))
     if args.command == "finetune" and args.plan is None:
         paths.append(f"{args.model}.plan.json")
+    paths.append(str(mnist_path().parent))  # the package's own data (the shipped model and digits) is never written
     if getattr(args, "target_latency", None) is not None and args.latency_cache:
         paths.append(args.latency_cache)
     return paths

@@ -302,6 +302,7 @@ def _data(value: Any, base: Path) -> tuple[DataSpec | None, DataSpec]:
         raise UserInputError("config: 'data.evaluation' is missing: every candidate is evaluated on held-out data "
                              "('mnist', an .npz or an image folder)")
     defaults = {k: section[k] for k in DATA_OPTIONS if k in section}
+    _dataset({"path": "mnist", **defaults}, "data", base, {})  # the defaults are checked even where overridden
     calibration = section.get("calibration")
     calib = None if calibration is None else _dataset(calibration, "data.calibration", base, defaults)
     return calib, _dataset(section["evaluation"], "data.evaluation", base, defaults)

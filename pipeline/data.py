@@ -456,6 +456,10 @@ def from_image_folder(
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = [(f, label) for label, cls in enumerate(classes) for f in sorted((root / cls).iterdir())]
     files = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    odd = next((f for f, _ in files if not f.is_file()), None)
+    if odd is not None:  # a FIFO would block the read forever, a device read garbage
+        raise UserInputError(f"{odd} is not a regular file (a folder, device, FIFO or socket); image folders hold "
+                             "image files")
     if not files:  # plain images, no classes: unlabelled (label-free methods and recovery accept it)
         files = [(f, -1) for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
         classes = []

@@ -381,7 +381,7 @@ def _run_stages(job: _Job, config: RunConfig, calibration: Any, evaluation: Any,
     run = PruneRun(model_path, calibration, pooling=prune.pooling, batch_size=prune.batch_size, seed=prune.seed,
                    progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task,
                    cluster=cluster, shard_batches=prune.shard_batches)
-    evaluation = run.task_data(evaluation, "evaluation")
+    evaluation = run.check_data(run.task_data(evaluation, "evaluation"), "evaluation", labels=True)
     groups = run.prepared.index.groups
     job.echo(f"model {model_path.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
     if config.task is not None:

@@ -176,13 +176,32 @@ class PruneRun:
         require_channels(self.prepared)
         self.task = self.prepared.task
         self.dropped: dict[str, int] = {}
-        data = self.task_data(data, "calibration")
+        data = self.check_data(self.task_data(data, "calibration"), "calibration")
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else _work_folder(work_dir)
         self.cluster, self.shard_batches = cluster, shard_batches
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
+
+    def check_data(self, data: Any | None, role: str, *, labels: bool = False) -> Any | None:
+        """``data`` as it is, once its first batch fits this model (names, rank, static dims, dtype, finite values;
+        no data without samples) and, with ``labels``, its labels are class ids of the model's output (evaluation):
+        a dataset that cannot feed the model is refused before any work, not after the candidates were made."""
+        if data is None or not hasattr(data, "take"):
+            return data
+        from pipeline.data import check_against_model
+        from pipeline.runtime import model_input_specs
+
+        check_against_model(data, model_input_specs(self.prepared.model), max_batches=1)
+        dims = self.prepared.model.graph.output[0].type.tensor_type.shape.dim
+        width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+        found = getattr(data, "labels", None)
+        if labels and found is not None and width and found.size and int(found.max()) >= width:
+            raise CalibrationError(f"{role} data '{data.name}' has label {int(found.max())}, but the model has "
+                                   f"{width} classes (labels 0..{width - 1}); is this the right dataset for this "
+                                   "model?")
+        return data
 
     def task_data(self, data: Any | None, role: str) -> Any | None:
         """``data`` restricted to the run's task (samples of other classes dropped, task labels), or as it is."""
@@ -605,7 +624,7 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
                max_top1_drop: float | None = None, int8_ranking: str = "di",
                timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
-    eval_data = run.task_data(eval_data, "evaluation")
+    eval_data = run.check_data(run.task_data(eval_data, "evaluation"), "evaluation", labels=True)
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
