@@ -515,7 +515,7 @@ NUMBERS: dict[str, tuple[list[str], dict[str, list[str]]]] = {
         "--workers": ["0"], "--shard-batches": ["0"], "--target-latency": ["0", "2"], "--latency-batch": ["0"],
         "--latency-iterations": ["0"], "--latency-threads": ["0"]}),
     "bench": (["bench", "m.onnx"], {
-        "--batch": ["0", "1,a", ""], "--warmup": ["-1", "inf"], "--duration": ["nan", "1e9", "inf"],
+        "--batch": ["0", "1,a", "", "-2"], "--warmup": ["-1", "inf"], "--duration": ["nan", "1e9", "inf"],
         "--iterations": ["0", "1000000000000"], "--rounds": ["0", "100000"], "--threads": ["0"], "--round-to": ["0"]}),
     "export": (["export", "torchvision:resnet18", "-o", "r.onnx"], {
         "--opset": ["0"], "--rtol": ["-1"], "--atol": ["nan"]}),
@@ -538,6 +538,8 @@ def number_cases() -> list[Case]:
                                                                      "input:0x1x28x28"], (model(),)))
     out.append(Case("number-input-shape-rank", "nonsense number", ["-q", "inspect", "m.onnx", "--input-shape",
                                                                      "1x28x28"], (model(),)))
+    out.append(Case("number-bench-batch-beyond-memory", "nonsense number",
+                    ["-q", "bench", "m.onnx", "--batch", "200000000", "--warmup", "0", "--duration", "0"], (model(),)))
     out.append(Case("number-task-class-beyond-model", "nonsense number",
                     ["-q", "calibrate", "m.onnx", "--data", "d.npz", "--task-classes", "3,99", "-o", "s.npz"],
                     (model(), npz())))
@@ -844,6 +846,9 @@ def valid_cases() -> list[Case]:
              (model(), folder("out"), npz("out/d.npz"), config(data={"calibration": {"path": "out/d.npz"},
                                                                       "evaluation": {"path": "out/d.npz"}})),
              expect="ok", outputs=("out/**",)),
+        Case("valid-non-utf8-file-names", "valid but unusual",
+             ["-q", "prune", os.fsdecode(b"m\xff.onnx"), "--data", "d.npz", *PRUNE_REST, "-o", os.fsdecode(b"p\xfe.onnx")],
+             (model(os.fsdecode(b"m\xff.onnx")), npz()), expect="ok", outputs=(os.fsdecode(b"p\xfe.onnx"),)),
         Case("valid-gray-image-folder", "valid but unusual", ["-q", "eval", "m.onnx", "--data", "imgs",
                                                                 "--channel-order", "gray", "--size", "28", "--crop",
                                                                 "28", "--split", "all"],
@@ -1005,9 +1010,10 @@ def run_cases(selected: list[Case], jobs: int, work: Path) -> list[dict[str, Any
                 if not path.is_file() or path.read_bytes() != content:
                     atomic_write_bytes(path, content)
                     outcome, note = "input modified", f"the shipped {path.name} (restored)"
-            rows[index] = {"id": case.id, "category": case.category, "command": " ".join(case.argv),
-                           "expect": case.expect, "outcome": outcome, "exit_code": code,
-                           "seconds": round(seconds, 2), "note": note}
+            shown = " ".join(case.argv).encode(errors="backslashreplace").decode()  # names that are not UTF-8
+            rows[index] = {"id": case.id, "category": case.category, "command": shown, "expect": case.expect,
+                           "outcome": outcome, "exit_code": code, "seconds": round(seconds, 2),
+                           "note": note.encode(errors="backslashreplace").decode()}
             mark = "ok " if outcome in CLEAN else "BAD"
             print(f"{mark} {index + 1:3d}/{len(selected)} {case.id}: {outcome} ({code}) {note[:120]}", flush=True)
             shutil.rmtree(d, ignore_errors=True)

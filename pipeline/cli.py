@@ -836,7 +836,7 @@ def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
     p = parsers["bench"]
     p.add_argument("models", nargs="+", help="the .onnx files; the first is the baseline of the ratios")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="where the models run")
-    p.add_argument("--batch", type=_batches, default=(1,), help="comma-separated batch sizes, e.g. 1,8,32")
+    p.add_argument("--batch", type=_batches, default="1", help="comma-separated batch sizes, e.g. 1,8,32")
     p.add_argument("--data", default=None, help="inputs from an .npz instead of seeded random inputs")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT engine precision")
     p.add_argument("--workdir", default=None, help="TensorRT: where engines and the timing cache are kept")
@@ -1016,6 +1016,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args.stdout = sys.stdout
+    with contextlib.suppress(AttributeError, ValueError):  # a file name that is not UTF-8 is printed, not a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     no_huge_page_advice()
     try:
         with _sigterm_unwinds(), contextlib.redirect_stdout(sys.stderr):  # only the result goes to stdout
@@ -1030,6 +1032,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diprune: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("diprune: error: out of memory; use smaller batches (--batch, --batch-size) or fewer samples (--limit)",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:  # stdout closed early (diprune ... | head): not an error of ours, no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

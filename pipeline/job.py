@@ -321,7 +321,9 @@ def _prepare_output(output: Path) -> None:
         (output / "candidates").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserInputError(f"cannot create the output folder {output}: {err.strerror or err}") from err
-    check_writable(output / "report.json")
+    for name in RUN_FILES:  # a folder, device node or FIFO where the run writes is refused before any work
+        if name != LOCK_NAME:
+            check_writable(output / name)
 
 
 def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = None, use_cache: bool = True,
