@@ -199,7 +199,8 @@ def non_finite_weights(model: onnx.ModelProto) -> Iterable[tuple[str, str]]:
     (an input of ``LAYER_WEIGHT_OPS``) with infinite values."""
     layer_inputs = {name for node in model.graph.node if node.op_type in LAYER_WEIGHT_OPS for name in node.input}
     tensors = list(model.graph.initializer)
-    tensors += [a.t for node in model.graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"]
+    tensors += [a.t for node in model.graph.node if node.op_type == "Constant"
+                for a in node.attribute if a.name == "value"]
     for tensor in tensors:
         if tensor.data_type not in _FLOAT_TYPES:
             continue

@@ -50,7 +50,8 @@ def planned_input_shapes(plan: PruningPlan, source: str) -> dict[str, tuple[int,
     shapes = plan.meta.get("input_shapes") or {}
     ok = isinstance(shapes, dict) and all(
         isinstance(name, str) and name and isinstance(dims, list) and dims
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims) for name, dims in shapes.items())
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims)
+        for name, dims in shapes.items())
     if not ok:
         raise UserInputError(f"{source}: meta.input_shapes must map input names to lists of positive dims, e.g. "
                              f"{{\"images\": [1, 3, 640, 640]}}; got {shapes!r}")

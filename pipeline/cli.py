@@ -344,7 +344,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     stats = CalibrationStats.load(args.stats) if args.stats else None
-    prepared = prepare(args.model, _shapes(args), task=Task.from_dict(stats.task, f"statistics {args.stats}") if stats is not None else None)
+    task = Task.from_dict(stats.task, f"statistics {args.stats}") if stats is not None else None
+    prepared = prepare(args.model, _shapes(args), task=task)
     if stats is not None and stats.model_sha256 != prepared.sha256:
         raise UserInputError(f"statistics {args.stats} were computed for model {stats.model_sha256[:12]}, "
                              f"not for {args.model} ({prepared.sha256[:12]}); calibrate this model first")
@@ -393,7 +394,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     scores, model_path = ChannelScores.load(args.scores)
     if args.model is None and model_path:  # the model recorded in the scores is an input too
         _check_outputs(args, extra_inputs=(model_path,))
-    prepared = prepare(args.model or model_path, _shapes(args), task=Task.from_dict(scores.task, f"scores {args.scores}"))
+    prepared = prepare(args.model or model_path, _shapes(args),
+                       task=Task.from_dict(scores.task, f"scores {args.scores}"))
     require_channels(prepared)
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "

@@ -190,10 +190,16 @@ class PruneRun:
         a dataset that cannot feed the model is refused before any work, not after the candidates were made."""
         if data is None or not hasattr(data, "take"):
             return data
-        from pipeline.data import check_against_model
+        from pipeline.data import validate_batch
         from pipeline.runtime import model_input_specs
 
-        check_against_model(data, model_input_specs(self.prepared.model), max_batches=1)
+        specs = model_input_specs(self.prepared.model)
+        if data.num_samples == 0:
+            raise CalibrationError(f"{role} data '{data.name}' has no samples")
+        static = {shape[0] for shape, _ in specs.values() if shape and shape[0] is not None}
+        first = min(data.num_samples, *static) if static else min(data.num_samples, 64)  # a static batch: its size
+        feeds, _ = data.bind(list(specs)).take(0, first)
+        validate_batch(feeds, specs, f"{role} data '{data.name}'")
         dims = self.prepared.model.graph.output[0].type.tensor_type.shape.dim
         width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
         found = getattr(data, "labels", None)
