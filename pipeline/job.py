@@ -276,6 +276,9 @@ def check_run_paths(config: RunConfig) -> None:
         clash = next((output / name for name in RUN_FILES if same_file(item, output / name)), None)
         clash = clash or next((output / name for name in RUN_FOLDERS
                                if same_file(item, output / name) or is_inside(item, output / name)), None)
+        if clash is None and is_inside(output, item):  # an image folder holding the output: plots would be images
+            raise UserInputError(f"the output folder {output} lies inside the input folder {item}: the run's files "
+                                 "would join its data; choose an output folder outside it")
         if clash is not None:
             raise UserInputError(f"input {item} lies where this run writes ({clash}): it would be overwritten or "
                                  f"deleted; move it out of {output} or choose another output folder")

@@ -170,6 +170,21 @@ def test_run_refuses_inputs_where_it_writes(where: str, model: Path, data: Path,
     assert not (tmp_path / "out" / "report.json").exists() or where == "out/report.json"
 
 
+def test_run_refuses_an_output_folder_inside_an_image_folder(model: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Its plots (PNG files) would become images of the data."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        Image.new("L", (28, 28)).save(tmp_path / "imgs" / label / "x.png")
+    spec = {"path": "imgs", "channel_order": "gray", "size": 28, "crop": 28, "split": "all"}
+    config = _run_config(tmp_path, data={"calibration": spec, "evaluation": spec}, output="imgs/out")
+    line = _error(["-q", "run", str(config)], capsys)
+    assert "lies inside the input folder" in line
+    assert not (tmp_path / "imgs" / "out").exists()
+
+
 def test_run_with_its_data_beside_the_output_is_fine(model: Path, data: Path, tmp_path: Path) -> None:
     """Inputs in the output folder but not where the run writes are fine (config and data beside the results)."""
     (tmp_path / "out").mkdir()
