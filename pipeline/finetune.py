@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graph_ops.io import atomic_write_files, check_writable, load_model, sha256_file
+from graph_ops.io import atomic_write_files, check_finite_weights, check_writable, load_model, sha256_file
 from graph_ops.prune import kept_indices
 from pipeline.errors import UserInputError
 from pipeline.prepare import PreparedModel
@@ -428,9 +428,10 @@ def finetune_file(pruned_path: str | os.PathLike[str], reference_path: str | os.
     for path in (out, report_path):
         check_writable(path, pruned_path, reference_path)
     pruned = load_model(pruned_path)
+    check_finite_weights(pruned, pruned_path)
     plan = _plan_for(Path(pruned_path), plan_path)
-    task = Task.from_dict(plan.meta["task"]) if plan is not None and plan.meta.get("task") else None
-    reference = prepare(reference_path, task)
+    task = Task.from_dict(plan.meta.get("task"), "the plan's meta.task") if plan is not None else None
+    reference = prepare(reference_path, task=task)
     notes = []
     if plan is not None and plan.model_sha256 != reference.sha256:
         if options.feature_weight > 0 or plan_path is not None:

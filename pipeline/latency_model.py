@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
@@ -56,7 +57,7 @@ import numpy as np
 import onnx
 
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.io import atomic_write_bytes
+from graph_ops.io import atomic_write_bytes, check_writable_dir
 from graph_ops.prune import apply_plan
 from pipeline.bench import machine_info
 from pipeline.errors import UserInputError
@@ -502,7 +503,7 @@ def variant_model(prepared: PreparedModel, widths: Mapping[str, int]) -> bytes:
 
 
 def _whole_ratios(prepared: PreparedModel, all_widths: list[dict[str, int]], target: LatencyTarget,
-                  chunk: int = 4) -> tuple[list[float], float]:
+                  chunk: int = 4, bar: Any = None) -> tuple[list[float], float]:
     """Whole-model latency of every variant relative to the first (full) model, in chunks of interleaved rounds that
     each include the full model (models are made per chunk: bounded memory for large models), and the full model's
     median microseconds (over the chunks)."""
@@ -515,6 +516,8 @@ def _whole_ratios(prepared: PreparedModel, all_widths: list[dict[str, int]], tar
                                       round_seconds=target.round_seconds, seed=target.seed)
         ratios += list(measured.ratios[1:])
         full_us.append(measured.median_s[0] * 1e6)
+        if bar is not None:
+            bar.update(len(part))
     return ratios, float(np.median(full_us))
 
 
@@ -523,8 +526,9 @@ def _macs_fraction(index: ChannelGroupIndex, widths: Mapping[str, int]) -> float
 
 
 def build_latency_model(prepared: PreparedModel, target: LatencyTarget | None = None, *, round_to: int = 8,
-                        min_channels: int = 8) -> LatencyModel:
-    """Measure and fit the latency model of a prepared model on ``target`` (module docstring).
+                        min_channels: int = 8, progress: bool = False) -> LatencyModel:
+    """Measure and fit the latency model of a prepared model on ``target`` (module docstring); ``progress``: a tqdm
+    bar on stderr over the variants profiled and timed (the build takes tens of seconds to minutes).
 
     Raises:
         UserInputError: a precision other than fp32, a backend that is not onnxruntime or not active here, or a
@@ -541,12 +545,17 @@ def build_latency_model(prepared: PreparedModel, target: LatencyTarget | None = 
     all_widths = _variant_widths(ladders, target)
     fit_count = 1 + target.variants
     observations = []
-    for i, widths in enumerate(all_widths[:fit_count]):
-        profile = profile_kernels(variant_model(prepared, widths), backend=target.backend, batch=target.batch,
-                                  threads=target.threads, seed=target.seed)
-        observations.append((index.full_widths() | widths, profile))
-        logger.info("latency model: variant %d/%d profiled (%.3f ms)", i + 1, fit_count, profile.run_us / 1e3)
-    ratios, full_us = _whole_ratios(prepared, all_widths, target)
+    from tqdm import tqdm
+
+    with tqdm(total=fit_count + len(all_widths) - 1, desc="latency model", unit="variant", file=sys.stderr,
+              disable=not progress) as bar:
+        for i, widths in enumerate(all_widths[:fit_count]):
+            profile = profile_kernels(variant_model(prepared, widths), backend=target.backend, batch=target.batch,
+                                      threads=target.threads, seed=target.seed)
+            observations.append((index.full_widths() | widths, profile))
+            logger.info("latency model: variant %d/%d profiled (%.3f ms)", i + 1, fit_count, profile.run_us / 1e3)
+            bar.update(1)
+        ratios, full_us = _whole_ratios(prepared, all_widths, target, bar=bar)
     kernels = tuple(_fit(_Graph.of(prepared), observations, block_size(target)))
     provisional = LatencyModel({}, index.full_widths(), kernels, 1.0, 0.0)
     kernel_sums = np.array([provisional.kernel_us(w) for w, _ in observations])
@@ -575,11 +584,29 @@ def default_cache_dir() -> Path:
 
 
 def latency_model_for(prepared: PreparedModel, target: LatencyTarget, cache_dir: str | Path | None, *,
-                      round_to: int = 8, min_channels: int = 8) -> LatencyModel:
-    """The cached latency model of this model on this target, or a new measurement (written to ``cache_dir``)."""
+                      round_to: int = 8, min_channels: int = 8, progress: bool = False) -> LatencyModel:
+    """The cached latency model of this model on this target, or a new measurement (written to ``cache_dir``).
+
+    One process builds an entry at a time: the entry's lock (``<entry>.lock``, :mod:`pipeline.locks`) is held
+    while it is looked up, built and written; a second process asking for the same entry waits for it and then
+    reuses it instead of measuring it again (and both measuring at once would also disturb each other's timings).
+    """
     key = json.loads(json.dumps(table_key(prepared, target, round_to, min_channels), default=str))
-    path = None if cache_dir is None else Path(cache_dir) / f"latency-{key_digest(key)}.json"
-    if path is not None and path.is_file():
+    if cache_dir is None:
+        return build_latency_model(prepared, target, round_to=round_to, min_channels=min_channels, progress=progress)
+    from pipeline.locks import exclusive_lock
+
+    path = check_writable_dir(cache_dir, "latency model cache") / f"latency-{key_digest(key)}.json"
+    with exclusive_lock(path.with_name(f"{path.name}.lock"), f"latency model cache entry {path}", wait=True,
+                        on_wait=f"another diprune is building the latency model {path.name}; waiting to reuse it"):
+        return _cached_latency_model(prepared, target, path, key, round_to=round_to, min_channels=min_channels,
+                                     progress=progress)
+
+
+def _cached_latency_model(prepared: PreparedModel, target: LatencyTarget, path: Path, key: Any, *, round_to: int,
+                          min_channels: int, progress: bool) -> LatencyModel:
+    """:func:`latency_model_for` with the entry locked."""
+    if path.is_file():
         try:
             model = LatencyModel.from_json(path.read_text())
         except (ValueError, KeyError, TypeError, UserInputError) as err:
@@ -588,8 +615,6 @@ def latency_model_for(prepared: PreparedModel, target: LatencyTarget, cache_dir:
             if dict(model.key) == key:
                 logger.info("latency model reused from %s", path)
                 return model
-    model = build_latency_model(prepared, target, round_to=round_to, min_channels=min_channels)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, model.to_json().encode())
+    model = build_latency_model(prepared, target, round_to=round_to, min_channels=min_channels, progress=progress)
+    atomic_write_bytes(path, model.to_json().encode())
     return model

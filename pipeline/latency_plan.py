@@ -68,8 +68,9 @@ _FLOOR = 1e-12
 @dataclass(frozen=True)
 class LatencyBudget:
     """A latency budget: the fraction of the original's measured latency, the target it is measured on, the closed
-    loop's settings and where latency models are cached (None: not cached); ``model_file``: a latency model fitted
-    on the target's own profiles (``diprune latency fit``), planned against without timing anything here."""
+    loop's settings, where latency models are cached (None: not cached), whether building one shows a progress
+    bar (stderr); ``model_file``: a latency model fitted on the target's own profiles (``diprune latency fit``),
+    planned against without timing anything here."""
 
     target: float
     on: LatencyTarget = field(default_factory=LatencyTarget)
@@ -78,6 +79,7 @@ class LatencyBudget:
     band: float = 0.10
     cache_dir: Path | None = None
     model_file: Path | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -347,7 +349,7 @@ def plan_for_latency(prepared: PreparedModel, scores: ChannelScores, budget: Lat
     if budget.model_file is not None:
         return plan_on_model(prepared, scores, budget, **options)
     model = model or latency_model_for(prepared, budget.on, budget.cache_dir, round_to=round_to,
-                                       min_channels=min_channels)
+                                       min_channels=min_channels, progress=budget.progress)
 
     def make(aim: float) -> PruningPlan:
         return select_for_latency(scores, prepared.index, model, target_latency=aim, target_macs=target_macs,

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from pipeline.latency_model import LatencyTarget
     from pipeline.latency_plan import LatencyBudget
 
-__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "score", "write_candidate"]
+__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "require_channels", "score",
+           "write_candidate"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,14 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
                          layers=prepared.layers)
     scores = SCORERS[method](ctx)
     return replace(scores, task=task) if task else scores
+
+
+def require_channels(prepared: PreparedModel) -> None:
+    """Refuse a model with no channel to prune (no Conv, ConvTranspose, Gemm or MatMul with constant weights, or no
+    parameters at all), before any work."""
+    if not any(g.producers for g in prepared.index.groups) or not prepared.cost.params:
+        raise UserInputError(f"{prepared.path} has no Conv, ConvTranspose, Gemm or MatMul with constant weights: "
+                             "there are no channels to prune ('diprune inspect' lists its groups)")
 
 
 def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
@@ -163,13 +172,18 @@ class PruneRun:
                  progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
                  task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                  cluster: Any | None = None, shard_batches: int = SHARD_BATCHES) -> None:
-        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
+        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet.
+
+        Raises:
+            UserInputError: the model has no channel to prune (:func:`require_channels`), or a bad file.
+        """
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
             self.prepared = as_prepared(model, input_shapes, task=task)
+        require_channels(self.prepared)
         self.task = self.prepared.task
         self.dropped: dict[str, int] = {}
-        data = self.task_data(data, "calibration")
+        data = self.check_data(self.task_data(data, "calibration"), "calibration")
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else _work_folder(work_dir)
@@ -177,6 +191,31 @@ class PruneRun:
         self._stats: dict[bool, CalibrationStats] = {}
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
         self._sensitivity: dict[tuple[Any, ...], tuple[ChannelScores, Sensitivity]] = {}
+
+    def check_data(self, data: Any | None, role: str, *, labels: bool = False) -> Any | None:
+        """``data`` as it is, once its first batch fits this model (names, rank, static dims, dtype, finite values;
+        no data without samples) and, with ``labels``, its labels are class ids of the model's output (evaluation):
+        a dataset that cannot feed the model is refused before any work, not after the candidates were made."""
+        if data is None or not hasattr(data, "take"):
+            return data
+        from pipeline.data import validate_batch
+        from pipeline.runtime import model_input_specs
+
+        specs = model_input_specs(self.prepared.model)
+        if data.num_samples == 0:
+            raise CalibrationError(f"{role} data '{data.name}' has no samples")
+        static = {shape[0] for shape, _ in specs.values() if shape and shape[0] is not None}
+        first = min(data.num_samples, *static) if static else min(data.num_samples, 64)  # a static batch: its size
+        feeds, _ = data.bind(list(specs)).take(0, first)
+        validate_batch(feeds, specs, f"{role} data '{data.name}'")
+        dims = self.prepared.model.graph.output[0].type.tensor_type.shape.dim
+        width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+        found = getattr(data, "labels", None)
+        if labels and found is not None and width and found.size and int(found.max()) >= width:
+            raise CalibrationError(f"{role} data '{data.name}' has label {int(found.max())}, but the model has "
+                                   f"{width} classes (labels 0..{width - 1}); is this the right dataset for this "
+                                   "model?")
+        return data
 
     def task_data(self, data: Any | None, role: str) -> Any | None:
         """``data`` restricted to the run's task (samples of other classes dropped, task labels), or as it is."""
@@ -657,7 +696,7 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                max_top1_drop: float | None = None, int8_ranking: str = "di",
                timing: LatencyTarget | None = None, finetune_epochs: int = 0, steps: int = 1,
                deploy: Mapping[str, Any] | None = None) -> Report:
-    eval_data = run.task_data(eval_data, "evaluation")
+    eval_data = run.check_data(run.task_data(eval_data, "evaluation"), "evaluation", labels=True)
     deploy = dict(deploy or {})
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:

@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.io import atomic_write_bytes
+from graph_ops.io import atomic_write_bytes, read_text
 from pipeline.errors import PlanValidationError, UserInputError
 from pipeline.scorers.base import ChannelScores
 
@@ -162,10 +162,7 @@ class PruningPlan:
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
         """Read a plan file."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"plan file not found: {path}")
-        return cls.from_json(path.read_text(), source=str(path))
+        return cls.from_json(read_text(path, "plan file"), source=str(path))
 
     def validate(self, index: ChannelGroupIndex, model_sha256: str) -> None:
         """Check the plan fits this model: same sha, known prunable groups, in-range non-empty unique keeps."""
