@@ -873,17 +873,11 @@ def _add_prune_command(p: argparse.ArgumentParser) -> None:
                    help="how --max-top1-drop ranks layers: di (DI lost by the class scores) or magnitude "
                         "(weight quantization error)")
     p.add_argument("--int8-calibration", choices=("minmax", "percentile", "entropy"), default=None,
-                   help="how --quantize int8 calibrates activation ranges (default minmax, see README)")
+                   help="how --quantize int8 calibrates activation ranges (default: the recipe's, see README)")
     p.add_argument("--fp16-keep-io-types", action=argparse.BooleanOptionalAction, default=True,
                    help="with --precision fp16: keep the fp16 file's inputs and outputs fp32 (default)")
     p.add_argument("--fp16-block", action="append", default=[], metavar="OP",
                    help="with --precision fp16: also keep this op type fp32 (repeatable)")
-    p.add_argument("--max-top1-drop", type=_non_negative, default=None, metavar="P",
-                   help="with --quantize int8: keep the layers whose INT8 error loses most information in fp32 "
-                        "until held-out top-1 is within P points of the pruned fp32 model")
-    p.add_argument("--int8-ranking", choices=("di", "magnitude"), default="di",
-                   help="how --max-top1-drop ranks layers: di (DI lost by the class scores) or magnitude "
-                        "(weight quantization error)")
     p.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
                    help="after recovery, distil the original into the pruned model for N epochs on --data "
                         "(needs the [torch] extra; see 'diprune finetune')")
