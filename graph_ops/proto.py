@@ -313,16 +313,36 @@ def write_weights(model: onnx.ModelProto, idx: int, weight: np.ndarray, bias: np
     replace_initializers(model, values, suffix)
 
 
+def named_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with the name ``""`` (dims given without a name) replaced by the model's single input's name.
+
+    Raises:
+        UserInputError: dims without a name for a model with several inputs.
+    """
+    out = {name: tuple(int(d) for d in dims) for name, dims in shapes.items() if name}
+    if "" in shapes:
+        inits = {t.name for t in model.graph.initializer}
+        inputs = [info.name for info in model.graph.input if info.name not in inits]
+        if len(inputs) != 1:
+            raise UserInputError(f"--input-shape without a name fits a model with one input; this one has {inputs}: "
+                                 "give NAME:DIMS")
+        if inputs[0] in out:
+            raise UserInputError(f"--input-shape gives input '{inputs[0]}' twice (with and without its name)")
+        out[inputs[0]] = tuple(int(d) for d in shapes[""])
+    return out
+
+
 def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph inputs named in ``shapes`` have those static dims (``value_info`` re-inferred
-    with data propagation, so that constant folding can evaluate shape chains for these sizes).
+    with data propagation, so that constant folding can evaluate shape chains for these sizes); the name ``""``
+    stands for the model's single input.
 
     Raises:
         UserInputError: an unknown input name, a rank that differs, or a dim that contradicts a static one.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    set_input_dims(out, shapes)
+    set_input_dims(out, named_input_shapes(model, shapes))
     del out.graph.value_info[:]
     try:  # fresh shapes (with data propagation) let constant folding resolve shape chains for these sizes
         out.graph.value_info.extend(infer_shapes_light(out).graph.value_info)

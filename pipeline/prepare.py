@@ -30,8 +30,16 @@ from graph_ops.channels import analyze, producer_weights
 from graph_ops.cost import CostReport, count
 from graph_ops.dynamic_dims import graph_io, shapes_at, symbolic_dims, with_io_dims
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.io import load_model, sha256_file
-from graph_ops.proto import Shape, complete_shapes, declared_shapes, node_name, set_input_dims, static_shapes
+from graph_ops.io import check_finite_weights, load_model, sha256_file
+from graph_ops.proto import (
+    Shape,
+    complete_shapes,
+    declared_shapes,
+    named_input_shapes,
+    node_name,
+    set_input_dims,
+    static_shapes,
+)
 from pipeline.errors import UserInputError
 from pipeline.scorers.base import Layer
 from pipeline.task import Task
@@ -151,7 +159,8 @@ InputShapes = Mapping[str, tuple[int, ...]]
 
 
 def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
-    """``["images:1x3x640x640", ...]`` (the CLI's repeatable ``--input-shape``) -> ``{"images": (1, 3, 640, 640)}``."""
+    """``["images:1x3x640x640", ...]`` (the CLI's repeatable ``--input-shape [NAME:]DIMS``) ->
+    ``{"images": (1, 3, 640, 640)}``; DIMS without a name is the model's single input (key ``""``)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for spec in specs or ():
         name, sep, dims = spec.rpartition(":")
@@ -159,11 +168,11 @@ def parse_input_shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]
             values = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             values = ()
-        if not sep or not name or not values or min(values) < 1:
-            raise UserInputError(f"--input-shape {spec!r}: expected NAME:DIMS with positive dims, e.g. "
-                                 f"images:1x3x640x640")
+        if (sep and not name) or not values or min(values) < 1:
+            raise UserInputError(f"--input-shape {spec!r}: expected [NAME:]DIMS with positive dims, e.g. "
+                                 f"images:1x3x640x640 (or 1x3x640x640 for a single-input model)")
         if name in shapes:
-            raise UserInputError(f"--input-shape names input '{name}' twice")
+            raise UserInputError(f"--input-shape names input '{name or '(the single input)'}' twice")
         shapes[name] = values
     return shapes
 
@@ -187,10 +196,12 @@ def prepare(path: str | os.PathLike[str], input_shapes: InputShapes | None = Non
     """
     path = Path(path)
     model = load_model(path)
+    check_finite_weights(model, path)
     sha = sha256_file(path)
     io = graph_io(model)
     model = symbolic_dims(model)
     if input_shapes:  # the checks only: the sizes go to analysis, not into the model
+        input_shapes = named_input_shapes(model, input_shapes)
         set_input_dims(_inputs_only(model), input_shapes)
     if task is not None:
         model = task.head(model)

@@ -442,13 +442,21 @@ def make_feeds(session: Any, batch: int, *, seed: int = 0, data: Mapping[str, np
     specs = session_input_specs(session)
     rng = np.random.default_rng(seed)
     feeds = {}
+    shapes = dict(input_shapes or {})
+    if "" in shapes and len(specs) == 1:  # --input-shape DIMS without a name: the single input
+        if specs[0][0] in shapes:
+            raise UserInputError(f"--input-shape gives input '{specs[0][0]}' twice (with and without its name)")
+        shapes[specs[0][0]] = shapes.pop("")
     for name, shape, dtype in specs:
-        dims = _resolve_shape(name, shape, batch, model, (input_shapes or {}).get(name))
+        dims = _resolve_shape(name, shape, batch, model, shapes.get(name))
         if data is None:
             sample = rng.standard_normal(dims) if np.issubdtype(dtype, np.floating) else rng.integers(0, 10, dims)
             feeds[name] = np.asarray(sample, dtype=dtype)
             continue
         arr = np.asarray(_data_array(data, name, len(specs) == 1))
+        if not arr.ndim or not len(arr) or arr.dtype.kind not in "biuf":
+            raise UserInputError(f"{model}: data for input {name} must be a non-empty numeric array with a sample "
+                                 f"axis, got dtype {arr.dtype} and shape {arr.shape}")
         if arr.ndim == len(dims) - 1:
             arr = arr[:, None]
         if arr.dtype == np.uint8 and np.issubdtype(dtype, np.floating):

@@ -356,11 +356,11 @@ class CalibrationStats:
                 probes = {entry["name"]: ProbeStats(
                     n=int(entry["n"]), elements=int(entry["elements"]), cells=int(entry["cells"]),
                     **{name: data[f"p{i}.{name}"] for name in _ARRAYS}) for i, entry in enumerate(header["probes"])}
+            return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
+                       pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes,
+                       task=header.get("task"))
         except UserInputError:
             raise
         except Exception as err:  # zipfile, KeyError, JSON and value errors all mean a corrupt file
             raise UserInputError(f"{path} is not a readable DIPrune statistics file (corrupt or truncated; "
-                                 f"re-run 'diprune calibrate'): {err}") from err
-        return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
-                   pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes,
-                   task=header.get("task"))
+                                 f"re-run 'diprune calibrate'): {err!r}") from err

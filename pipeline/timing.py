@@ -64,8 +64,9 @@ class KernelProfile:
 def check_latency_backend(backend: str) -> str:
     """The latency model runs on onnxruntime backends only (TensorRT engines have no per-kernel names to map)."""
     if backend not in ORT_BACKENDS:
-        raise UserInputError(f"the latency model measures onnxruntime backends ({', '.join(ORT_BACKENDS)}), not "
-                             f"{backend!r}; use --backend ort-trt for TensorRT through onnxruntime")
+        raise UserInputError(f"the latency model measures onnxruntime backends ({', '.join(ORT_BACKENDS)}) here, not "
+                             f"{backend!r}; for a TensorRT board, plan against a latency model fitted on the board's "
+                             f"own profiles: diprune latency variants / latency fit, then --latency-model FILE")
     return backend
 
 
@@ -90,9 +91,20 @@ def profile_kernels(model: bytes, *, backend: str = "ort-cpu", batch: int = 1, t
             session.run(None, feeds)
         time_calls(lambda: session.run(None, feeds), min_duration_s=min_seconds, min_iters=runs)
         events = _events(session.end_profiling())
+    return kernels_from_events(events, warmup=warmup, providers=providers)
+
+
+def kernels_from_events(events: Sequence[dict], *, warmup: int = 0, providers: Sequence[str] = ()) -> KernelProfile:
+    """The :class:`KernelProfile` of an onnxruntime profile (the JSON list of trace events ``end_profiling`` writes),
+    its first ``warmup`` runs discarded.
+
+    Raises:
+        UserInputError: the profile holds no timed run.
+    """
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
     if not spans:
-        raise UserInputError("onnxruntime's profile holds no timed run; is profiling supported by this build?")
+        raise UserInputError("the onnxruntime profile holds no timed run ('model_run' events after the warm-up); "
+                             "is profiling supported by this build?")
     starts = np.array([s for s, _ in spans])
     per_run: list[list[tuple[str, str, tuple[int, ...] | None, float]]] = [[] for _ in spans]
     for event in sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),

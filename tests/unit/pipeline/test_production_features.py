@@ -54,7 +54,7 @@ def test_dynamic_hw_macs_budget_needs_input_shape(dynamic_hw: Path, tmp_path: Pa
     assert "same input shapes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("spec", "message"), [("input:1x3xax8", "expected NAME:DIMS"), ("1x3x8x8", "NAME:DIMS"),
+@pytest.mark.parametrize(("spec", "message"), [("input:1x3xax8", "expected [NAME:]DIMS"), (":1x3x8x8", "[NAME:]DIMS"),
                                                  ("image:1x3x8x8", "has inputs ['input']"),
                                                  ("input:1x3x8", "rank 4")])
 def test_bad_input_shapes_are_one_line_errors(spec: str, message: str, dynamic_hw: Path,
