@@ -7,7 +7,9 @@ Each rule reads its inputs' layouts from the :class:`graph_ops.channels.Analysis
   (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm / MatMul K axis, in blocks of ``H*W`` after a channel-major
   Flatten / Reshape);
 * a grouped Conv (``1 < group``, not depthwise) is a source too, whose input and output must keep the same number
-  of channels in each conv group (equal-count blocks, :attr:`graph_ops.groups.ChannelGroup.blocks`);
+  of channels in each conv group (equal-count blocks, :attr:`graph_ops.groups.ChannelGroup.blocks`); when its input
+  carries no tracked channels (the output of an op analysis does not follow, e.g. AlexNet's LRN), only its output
+  is pruned, in equal blocks;
 * passes the input's layout on for channel-wise ops (``y[:, c]`` depends on ``x[:, c]`` only), turning per-channel
   constants (BN parameters, PRelu slopes, ``[C,1,1]`` Mul/Add operands, depthwise weights) into producer edits;
 * unions the spaces of two activations combined elementwise (residual Add, SE gating Mul), refining differently
@@ -26,8 +28,9 @@ from collections.abc import Callable
 
 import onnx
 
+from graph_ops import channel_branch_rules as branches
 from graph_ops.channel_layout_rules import concat, flatten, reshape, slice_, split
-from graph_ops.channel_shape_rules import channel_entry_ok
+from graph_ops.channel_shape_rules import channel_entry_ok, tracked
 from graph_ops.channel_state import Analysis, Edit, attr, describe, int_list, node_name, static_prod
 
 Rule = Callable[[Analysis, onnx.NodeProto, int], None]
@@ -46,8 +49,7 @@ def passthrough(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.freeze(node.input[0], f"unsupported extra output of {describe(node, idx)}")
         return
     a.layout[node.output[0]] = list(lay)
-    if node.input[0] in a.last_axis:
-        a.last_axis.add(node.output[0])
+    a.mark_like(node.input[0], node.output[0])
 
 
 def _frozen_source(a: Analysis, node: onnx.NodeProto, idx: int, reason: str) -> None:
@@ -85,6 +87,12 @@ def conv(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.add_cost(name, "Conv", k * (spatial or 0), k, 1, None, 0, y, bias, macs_known=known)
     elif lay and a.channels(x) == group * c_in_g and c_out % group == 0:
         _grouped_conv(a, node, idx, group, k * (spatial or 0), known)
+    elif lay is None and c_out % group == 0 and c_out > group:  # input not followed (e.g. after LRN): fixed
+        a.new_space(y, c_out, name)
+        a.slot(node, idx, 1, y, 0)
+        a.slot(node, idx, 2, y, 0)
+        a.blocks.append((y, group, f"'{name}'"))
+        a.add_cost(name, "Conv", k * (spatial or 0), k, c_in_g, None, 0, y, bias, macs_known=known)
     else:
         kind = "depthwise Conv" if c_in_g == 1 and group == c_out else f"Conv (group={group})"
         reason = f"{kind} at '{name}' reads channels without a layout"
@@ -186,7 +194,10 @@ def matmul(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
         return
     tokens = static_prod((a.shapes.get(x) or (None, None))[1:-1])  # positions per sample (None: dynamic)
-    if (a.lay(x) is None or x in a.last_axis) and a.batch_major(x):
+    on_last = x in a.last_axis or a.channel_axis(x) == rank - 1
+    if (a.lay(x) is None or on_last) and a.batch_major(x):
+        if a.lay(x):
+            a.last_axis.add(x)  # a map transposed to channels-last: calibration pools it as the Linear's input
         _token_dense(a, node, idx, bshape[0], bshape[1], tokens)
         return
     a.freeze_inputs(node, f"unsupported consumer MatMul at node '{name}'")
@@ -246,11 +257,12 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         return
     where, y = describe(node, idx), node.output[0]
     rank = a.rank(y)
-    last = any(t in a.last_axis for t in acts if a.lay(t))
-    axis = rank - 1 if last and rank else 1
-    width = (a.shapes.get(y) or (None, None))[axis] if rank and rank >= 2 else None
+    laid = [t for t in acts if a.lay(t)]
+    moved = any(t in a.last_axis or t in a.branched for t in laid)  # channels on another axis than 1
+    axis = max(a.channel_axis(t) for t in laid) if moved else 1
+    width = (a.shapes.get(y) or ())[axis] if rank and rank > axis else None
     wide = [t for t in acts if rank is None or not _broadcast_on_channels(a, t, rank, width, axis)]
-    if last and any(a.lay(t) and t not in a.last_axis for t in wide):
+    if moved and any(a.lay(t) and a.channel_axis(t) != axis for t in wide):
         a.freeze_inputs(node, f"channels on different axes at {where}")
         return
     if rank is None or not wide or any(a.lay(t) is None or a.rank(t) != rank for t in wide):
@@ -270,8 +282,7 @@ def elementwise(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         if name and a.is_const(name):
             _per_channel_const(a, node, idx, pos, wide[0], rank)
     a.layout[y] = list(a.layout[wide[0]])
-    if last:
-        a.last_axis.add(y)
+    a.mark_like(wide[0], y)
     if node.op_type == "PRelu" and a.edits and a.edits[-1].node == idx:
         a.add_cost(node_name(node, idx), "PRelu", 0, 1, 1, None, 0, wide[0])
 
@@ -288,16 +299,19 @@ def batchnorm(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
         a.add_cost(node_name(node, idx), "BatchNormalization", 0, 2, 1, None, 0, x)
 
 
-def _axes_rule(allowed: Callable[[Analysis, onnx.NodeProto, int], bool]) -> Rule:
-    """A pass-through rule guarded by a predicate that says the op leaves axes 0 and 1 alone."""
+def _axes_rule(allowed: Callable[[Analysis, onnx.NodeProto, int], bool],
+               stacked: Callable[[Analysis, onnx.NodeProto, int], bool] | None = None) -> Rule:
+    """A pass-through rule guarded by a predicate that says the op leaves axes 0 and 1 alone; ``stacked`` handles
+    the tensors of branches stacked on axis 1 first (:mod:`graph_ops.channel_branch_rules`)."""
 
     def rule(a: Analysis, node: onnx.NodeProto, idx: int) -> None:
-        if a.lay(node.input[0]) is None:
+        x = node.input[0]
+        if a.lay(x) is None or (stacked is not None and stacked(a, node, idx)):
             return
-        if allowed(a, node, a.rank(node.input[0]) or 0):
+        if a.channel_axis(x) == 1 and allowed(a, node, a.rank(x) or 0):
             passthrough(a, node, idx)
         else:
-            a.freeze(node.input[0], f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
+            a.freeze(x, f"unsupported consumer {node.op_type} at node '{node_name(node, idx)}'")
 
     rule.__doc__ = allowed.__doc__
     return rule
@@ -329,8 +343,10 @@ def _softmax_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
 
 
 def _pad_ok(a: Analysis, node: onnx.NodeProto, rank: int) -> bool:
-    """Pad that pads spatial axes only."""
-    pads = int_list(a, node, 1, "pads")
+    """Pad that pads spatial axes only (pads constant, or computed at run time from sizes with the integer 0 on the
+    batch and channel axes: TF "same" padding; any mode, each channel is padded from itself)."""
+    given = attr(node, "pads") is not None or len(node.input) < 2 or a.is_const(node.input[1])
+    pads = int_list(a, node, 1, "pads") if given else tracked(a, node.input[1])
     axes = int_list(a, node, 3, "_none_") or list(range(rank))
     if pads is None or len(pads) != 2 * len(axes):
         return False
@@ -366,15 +382,22 @@ LAST_AXIS_OPS = frozenset({*_UNARY, *_BINARY, "MatMul"} - {*_POOLS, "PRelu"})
 axes 2.., nor PRelu, whose slope runs along axis 1) and ``MatMul``; any other op freezes such a tensor's channels."""
 _REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
            "ReduceSumSquare", "ReduceProd")
+BRANCH_OPS = frozenset({*_UNARY, *_BINARY, *_REDUCE, "Concat", "Split", "Slice", "Reshape", "Transpose", "Squeeze",
+                        "Unsqueeze", "Softmax", "LogSoftmax", "MatMul"} - {*_POOLS, "PRelu"})
+"""Ops that may read a tensor whose channels lie on another axis than 1 (stacked branches, channels-last maps:
+:mod:`graph_ops.channel_branch_rules`): the elementwise ones and those that know its axes (MatMul by a constant
+reads channels on the last axis as a Linear's input); any other op freezes its channels."""
 
 CHANNEL_RULES: dict[str, Rule] = {
     **dict.fromkeys(_UNARY, passthrough),
     **dict.fromkeys(_BINARY, elementwise),
-    **dict.fromkeys(_REDUCE, _axes_rule(_reduce_ok)),
-    **dict.fromkeys(("Squeeze", "Unsqueeze"), _axes_rule(_squeeze_ok)),
-    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _axes_rule(_softmax_ok)),
+    **dict.fromkeys(_REDUCE, _axes_rule(_reduce_ok, branches.reduce)),
+    "Squeeze": _axes_rule(_squeeze_ok, branches.squeeze),
+    "Unsqueeze": _axes_rule(_squeeze_ok, branches.unsqueeze),
+    **dict.fromkeys(("Softmax", "LogSoftmax"), _axes_rule(_softmax_ok, branches.softmax)),
+    "Hardmax": _axes_rule(_softmax_ok),
     **dict.fromkeys(("Resize", "Upsample"), _axes_rule(_resize_ok)),
-    "Transpose": _axes_rule(_transpose_ok),
+    "Transpose": _axes_rule(_transpose_ok, branches.transpose),
     "Pad": _axes_rule(_pad_ok),
     "Conv": conv,
     "ConvTranspose": conv_transpose,

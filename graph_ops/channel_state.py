@@ -56,6 +56,7 @@ class Analysis:
         self.graph = model.graph
         self.uses: dict[str, int] = {}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer = {out: i for i, node in enumerate(self.graph.node) for out in node.output}
         for node in self.graph.node:
             for name in node.input:
                 self.uses[name] = self.uses.get(name, 0) + 1
@@ -69,8 +70,14 @@ class Analysis:
         self.exits: list[tuple[str, str]] = []  # (consumer node name, probe tensor)
         self.edits: list[Edit] = []
         self.costs: list[_RawCost] = []
-        self.dims: dict[str, list[Dim]] = {}  # integer shape vectors whose entries are known dims (shape_rules)
+        self.dims: dict[str, list[Dim]] = {}  # small integer tensors' entries, row-major (channel_shape_rules)
+        self.dim_shapes: dict[str, tuple[int, ...]] = {}  # their shapes, where the rules know them
         self.last_axis: set[str] = set()  # tensors whose channels lie on the last axis (a Linear's token features)
+        self.branched: dict[str, int] = {}  # tensors whose channels lie on this axis (>= 2; stacked branches, NHWC)
+        inits = {t.name for t in model.graph.initializer}
+        self.batch_static = all(  # every graph input declares a static batch (a constant batch entry is safe)
+            info.type.tensor_type.shape.dim and info.type.tensor_type.shape.dim[0].dim_value > 0
+            for info in model.graph.input if info.name not in inits)
         self.model = model
         self._leading: tuple[dict[str, int | None], int | None] | None = None  # batch_leading_dims, when asked
 
@@ -107,9 +114,35 @@ class Analysis:
         return batch is not None and leading.get(tensor) == batch
 
     def channel_axis(self, tensor: str) -> int:
-        """The axis of a tensor's channels: the last one for :attr:`last_axis` tensors, else 1."""
+        """The axis of a tensor's channels: the last one for :attr:`last_axis` tensors, the recorded one for
+        :attr:`branched` ones, else 1."""
+        if tensor in self.branched:
+            return self.branched[tensor]
         rank = self.rank(tensor)
         return rank - 1 if tensor in self.last_axis and rank else 1
+
+    def mark_like(self, source: str, out: str) -> None:
+        """Give ``out`` the channel axis of ``source`` (last axis, another recorded axis, or axis 1)."""
+        if source in self.last_axis:
+            self.last_axis.add(out)
+        if source in self.branched:
+            self.branched[out] = self.branched[source]
+
+    def set_axis(self, tensor: str, axis: int) -> None:
+        """Record that ``tensor``'s channels lie on ``axis`` (axis 1 is the default, not recorded)."""
+        if axis == 1:
+            self.branched.pop(tensor, None)
+        else:
+            self.branched[tensor] = axis
+
+    def keeps_batch(self, entry: Dim, x: str) -> bool:
+        """True when a Reshape target entry 0 is ``x``'s batch for every input size: ``0`` (copied), axis 0 of ``x``
+        or of another tensor whose axis 0 is the graph's batch as ``x``'s is (:meth:`batch_major`) read through
+        ``Shape``, or its static size when every graph input's batch is static."""
+        shape = self.shapes.get(x) or (None,)
+        if isinstance(entry, tuple):
+            return entry[1] == 0 and (entry[0] == x or (self.batch_major(entry[0]) and self.batch_major(x)))
+        return entry == 0 or (self.batch_static and isinstance(entry, int) and entry == shape[0])
 
     def channels(self, tensor: str) -> int:
         """Number of channels of a tensor with a layout."""
@@ -132,16 +165,20 @@ class Analysis:
     def union_layouts(self, a: str, b: str, where: str) -> bool:
         """Join two layouts channel by channel, refining both to their common segmentation (module
         :mod:`graph_ops.channel_spaces`); layouts of different widths freeze both and return False."""
-        la, lb = self.layout[a], self.layout[b]
         if self.channels(a) != self.channels(b):
             self.freeze(a, f"misaligned channel layouts at {where}")
             self.freeze(b, f"misaligned channel layouts at {where}")
             return False
-        bounds = sorted({off for _, off, _, _ in la} | {off for _, off, _, _ in lb} | {self.channels(a)})
+        self.union_segments(self.layout[a], self.layout[b])
+        return True
+
+    def union_segments(self, la: list[Seg], lb: list[Seg]) -> None:
+        """Join two layouts of equal width (segments laid from offset 0) channel by channel."""
+        width = sum(seg[3] for seg in la)
+        bounds = sorted({off for _, off, _, _ in la} | {off for _, off, _, _ in lb} | {width})
         for lo, hi in itertools.pairwise(bounds):
             (sa, ia), (sb, ib) = _at(la, lo), _at(lb, lo)
             self.spaces.union_range(sa, ia, sb, ib, hi - lo)
-        return True
 
     def slot(self, node: onnx.NodeProto, idx: int, pos: int, tensor: str, axis: int, **kw: object) -> bool:
         """Record a ``take`` edit of input ``pos``; freeze ``tensor`` when the constant cannot be edited.
@@ -168,12 +205,13 @@ class Analysis:
         self.costs.append(_RawCost(*args, **kw))  # type: ignore[arg-type]
 
     def run(self, rules: dict, shapes_hook: Callable[[Analysis, onnx.NodeProto, int], bool] | None = None,
-            last_axis_ops: Collection[str] = ()) -> None:
+            last_axis_ops: Collection[str] = (), branch_ops: Collection[str] = ()) -> None:
         """Apply the rules to every node in topological order, then freeze what reaches graph outputs.
 
         ``shapes_hook`` sees every node first and returns True when it handled the node as integer shape
         arithmetic (:func:`graph_ops.channel_shape_rules.track_shapes`). Only ``last_axis_ops`` may read a tensor
-        whose channels lie on its last axis; any other op freezes its channels.
+        whose channels lie on its last axis, only ``branch_ops`` a :attr:`branched` one; any other op freezes its
+        channels.
         """
         for info in self.graph.input:
             shape = self.shapes.get(info.name)
@@ -187,6 +225,10 @@ class Analysis:
             rule = rules.get(node.op_type)
             if node.op_type not in last_axis_ops and any(self.lay(n) and n in self.last_axis for n in node.input):
                 self.freeze_inputs(node, f"channels on the last axis reach {node.op_type} at node "
+                                         f"'{node_name(node, idx)}'")
+            elif node.op_type not in branch_ops and any(self.lay(n) and n in self.branched for n in node.input):
+                axis = next(self.branched[n] for n in node.input if self.lay(n) and n in self.branched)
+                self.freeze_inputs(node, f"channels on axis {axis} reach {node.op_type} at node "
                                          f"'{node_name(node, idx)}'")
             elif rule is not None:
                 rule(self, node, idx)
@@ -225,7 +267,8 @@ class Analysis:
         return ChannelGroupIndex(groups, by_tensor, tuple(self._resolve(c, by_tensor) for c in self.costs),
                                  edits=tuple(self.edits), flattened=dict(self.flat), shapes=self.shapes,
                                  fingerprint=fingerprint,
-                                 last_axis=frozenset(t for t in self.last_axis if t in by_tensor))
+                                 last_axis=frozenset(t for t in self.last_axis if t in by_tensor),
+                                 branched={t: ax for t, ax in self.branched.items() if t in by_tensor})
 
     def _segments(self, segs: list[Seg], gid: dict[int, str]) -> tuple[Segment, ...]:
         out = []
@@ -244,6 +287,8 @@ class Analysis:
             segs = self.layout.get(tensor, [])
             leaves = [sp.find(leaf) for space, _, start, length in segs
                       for leaf in sp.whole_leaves(space, start, length)]
+            if len(leaves) == conv_groups > 1 and len(set(leaves)) == 1:
+                continue  # every conv group reads a whole copy of one group (split attention): equal by itself
             if len(leaves) != 1:
                 self.freeze(tensor, f"grouped Conv (group={conv_groups}) at {where} reads channels of several "
                                     f"groups")

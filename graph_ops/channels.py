@@ -7,7 +7,10 @@ activations unions the spaces (union-find); Concat on axis 1 lays its inputs' se
 a range. Where ranges do not fall on piece boundaries, spaces are cut into pieces (the common refinement,
 :mod:`graph_ops.channel_spaces`); every final piece is a group. A grouped Conv asks its input and output groups to
 keep the same number of channels in each of its conv groups (``ChannelGroup.blocks``). The per-op rules are the
-plain dict ``graph_ops.channel_rules.CHANNEL_RULES`` (integer shape arithmetic: ``channel_shape_rules``). Anything
+plain dict ``graph_ops.channel_rules.CHANNEL_RULES`` (integer shape arithmetic: ``channel_shape_rules``; channels
+moved to another axis by a transpose or a view into branches: ``channel_branch_rules``). ``shapes`` may be the
+shapes at fixed input sizes of a model with dynamic dims (:func:`graph_ops.dynamic_dims.shapes_at`): the rules only
+accept what stays exact at every size. Anything
 the rules do not understand *freezes* the channels it touches, with a readable reason (fail closed): a frozen group
 is never pruned.
 
@@ -34,7 +37,7 @@ from collections.abc import Mapping
 
 import onnx
 
-from graph_ops.channel_rules import CHANNEL_RULES, LAST_AXIS_OPS
+from graph_ops.channel_rules import BRANCH_OPS, CHANNEL_RULES, LAST_AXIS_OPS
 from graph_ops.channel_shape_rules import track_shapes
 from graph_ops.channel_state import Analysis
 from graph_ops.groups import ChannelGroupIndex
@@ -56,7 +59,7 @@ def analyze(model: onnx.ModelProto, shapes: Mapping[str, Shape] | None = None) -
         implies and the graph's fingerprint.
     """
     state = Analysis(model, static_shapes(model) if shapes is None else shapes)
-    state.run(CHANNEL_RULES, track_shapes, LAST_AXIS_OPS)
+    state.run(CHANNEL_RULES, track_shapes, LAST_AXIS_OPS, BRANCH_OPS)
     index = state.finish(fingerprint(model))
     frozen = sum(1 for g in index.groups if g.frozen)
     log.debug("analysis: %d groups (%d frozen), %d edits", len(index.groups), frozen, len(index.edits))

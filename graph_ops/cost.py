@@ -81,11 +81,14 @@ def _node_cost(
         return macs, _size(consts, ins[1:3])
     if op == "Gemm":
         a, out, w = shapes.get(ins[0]), shapes.get(node.output[0]), shapes.get(ins[1])
-        if a is None or out is None or len(a) != 2:  # unknown activation shapes: K * N from a static 2-D weight
-            static = w is not None and len(w) == 2 and None not in w
-            return (w[0] * w[1] if static else None), _size(consts, ins[1:3])
-        k = a[0] if any(at.name == "transA" and at.i for at in node.attribute) else a[1]
-        return (None if k is None or out[1] is None else k * out[1]), _size(consts, ins[1:3])
+        trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+        trans_b = any(at.name == "transB" and at.i for at in node.attribute)
+        static = w is not None and len(w) == 2 and None not in w  # a static 2-D weight gives K and N
+        k = a[0 if trans_a else 1] if a is not None and len(a) == 2 else None
+        n = out[1] if out is not None and len(out) == 2 else None
+        k = k if k is not None or not static else w[1 if trans_b else 0]  # type: ignore[index]
+        n = n if n is not None or not static else w[0 if trans_b else 1]  # type: ignore[index]
+        return (None if k is None or n is None else k * n), _size(consts, ins[1:3])
     if op == "MatMul" and len(ins) > 1 and ins[1] in consts and len(consts[ins[1]]) == 2:
         out = shapes.get(node.output[0])
         rest = _prod(out[1:]) if out else None

@@ -145,6 +145,9 @@ class ChannelGroupIndex:
         last_axis: tensors (rank >= 3) whose channels lie on their last axis, not axis 1: the hidden features of a
             Linear applied to tokens or channels-last maps (``MatMul`` by a constant ``[K, N]``), e.g. a
             transformer's or a ConvNeXt block's MLP; calibration pools them over every other axis.
+        branched: tensors whose channels lie on another axis than 1 (not as :attr:`last_axis` features) ->
+            that axis: the stacked paths of selective-kernel / split attention (``[N, K, C, ...]``, ``K`` branches of
+            the same layout), a map transposed to channels-last; never a probe.
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -157,9 +160,10 @@ class ChannelGroupIndex:
     shapes: Mapping[str, tuple[int | None, ...]] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     fingerprint: str = ""
     last_axis: frozenset[str] = frozenset()
+    branched: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        for name in ("by_tensor", "flattened", "shapes"):
+        for name in ("by_tensor", "flattened", "shapes", "branched"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     def check_model(self, fingerprint: str) -> None:
@@ -185,6 +189,13 @@ class ChannelGroupIndex:
     def unknown_macs(self) -> tuple[str, ...]:
         """Nodes whose MACs the cost model cannot state (a dynamic spatial size): a MACs budget is meaningless."""
         return tuple(t.node for t in self.cost if not t.macs_known)
+
+    def channel_axis(self, tensor: str, rank: int) -> int:
+        """The axis of a tensor's channels (of rank ``rank``): last for :attr:`last_axis`, the recorded one for
+        :attr:`branched`, else 1."""
+        if tensor in self.branched:
+            return self.branched[tensor]
+        return rank - 1 if tensor in self.last_axis else 1
 
     def full_widths(self) -> dict[str, int]:
         """Every group at its full size."""

@@ -1,10 +1,23 @@
 """R3 algebra: refit a layer by least squares on sampled im2col patches of its (pruned) input (methods.md 6.2, R3;
 the driver is :mod:`pipeline.recovery.refit`).
 
-A layer ``Q`` (Conv with any ``group``, Gemm, MatMul with a constant weight) computes, at every output position,
-``y = Wᵀ x̃`` per group, with ``x̃ = [vec(patch of the input); 1]`` (``d = C_g k_h k_w + 1`` entries: the input
-channels of one group under the kernel, then the intercept; a Gemm / MatMul has ``P = 1`` "position" per sample and
-no kernel, a MatMul has no intercept). Given patches ``x̃`` of the PRUNED model's input (its kept channels, drift of
+A layer ``Q`` (Conv or ConvTranspose with any ``group``, Gemm, MatMul with a constant weight) computes, at every
+output position, ``y = Wᵀ x̃`` per group, with ``x̃ = [vec(patch of the input); 1]`` (``d = C_g k_h k_w + 1`` entries:
+the input channels of one group under the kernel, then the intercept; a Gemm / MatMul has ``P = 1`` "position" per
+sample and no kernel, a MatMul has no intercept).
+
+ConvTranspose (weight ``[C_in, C_out / g, k_h, k_w]``, strides ``s``, dilations ``δ``, pads ``(p_t, p_l, ...)``)
+scatters every input pixel ``(i, j)`` through every tap ``(u, v)`` to the output position
+``(i s_h + u δ_h - p_t, j s_w + v δ_w - p_l)``. Gathered per output position ``(o_y, o_x)`` instead, its output is
+
+    ``y[o, o_y, o_x] = b_o + Σ_{c, u, v} x[c, (o_y + p_t - u δ_h) / s_h, (o_x + p_l - v δ_w) / s_w] W[c, o, u, v]``
+
+where a tap contributes only when both divisions are exact and land inside the input (``output_padding`` only
+lengthens the output). So it is linear in ``W`` with the same kind of patch: the input channel of the group times
+the ``k_h k_w`` taps, a tap being 0 when it does not reach that output position (for stride 2 and a 2x2 kernel, one
+tap per phase: four independent 1x1 maps interleaved). The refit below is therefore the same least squares, with the
+transposed tap coordinates (:func:`tap_coordinates`) and the coefficient ``(c, u, v) x o`` read from
+``W[c, o, u, v]`` (:func:`coef_from_weights`). Given patches ``x̃`` of the PRUNED model's input (its kept channels, drift of
 earlier layers included) and targets ``y`` = the ORIGINAL model's output at the same sample and position (restricted
 to the output channels the plan keeps), the refit solves, per group,
 
@@ -32,7 +45,7 @@ from graph_ops.errors import PreconditionError
 from graph_ops.proto import attrs as node_attrs
 
 REFIT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
-REFIT_OPS = ("Conv", "Gemm", "MatMul")
+REFIT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -50,10 +63,17 @@ class LayerShape:
     beta: float = 1.0  # Gemm
     trans_b: bool = False  # Gemm
 
+    @property
+    def spatial(self) -> bool:
+        """A 2-D convolution (Conv or ConvTranspose): rows are output positions with patches of the input."""
+        return self.op_type in ("Conv", "ConvTranspose")
+
     def dim(self, weight_shape: tuple[int, ...]) -> int:
         """Unknowns per output (rows of the per-group Gram matrix) for a weight of this shape."""
         if self.op_type == "Conv":
             inputs = int(np.prod(weight_shape[1:]))
+        elif self.op_type == "ConvTranspose":  # weight [C_in, C_out / g, kh, kw]: C_in / g channels per group
+            inputs = weight_shape[0] // self.group * int(np.prod(weight_shape[2:]))
         else:
             inputs = int(weight_shape[1] if self.trans_b else weight_shape[0])
         return inputs + int(self.intercept)
@@ -66,13 +86,16 @@ class LayerShape:
             PreconditionError: a layer this refit does not model (callers record it and leave the layer as it is).
         """
         attrs = node_attrs(node)
-        if node.op_type == "Conv":
+        if node.op_type in ("Conv", "ConvTranspose"):
             if len(weight_shape) != 4:
                 raise PreconditionError(f"{node.op_type} '{node.name}': only 2-D convolutions are refit")
             if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                raise PreconditionError(f"Conv '{node.name}': auto_pad is not modelled (canonical models use pads)")
+                raise PreconditionError(f"{node.op_type} '{node.name}': auto_pad is not modelled (canonical models "
+                                        "use pads)")
+            if "output_shape" in attrs:
+                raise PreconditionError(f"ConvTranspose '{node.name}': output_shape (implicit pads) is not modelled")
             kernel = tuple(int(k) for k in weight_shape[2:])
-            return cls("Conv", int(attrs.get("group", 1)), kernel, tuple(attrs.get("strides", (1, 1))),
+            return cls(node.op_type, int(attrs.get("group", 1)), kernel, tuple(attrs.get("strides", (1, 1))),
                        tuple(attrs.get("pads", (0, 0, 0, 0))), tuple(attrs.get("dilations", (1, 1))))
         if node.op_type == "Gemm":
             if attrs.get("transA", 0) or float(attrs.get("beta", 1.0)) == 0.0:
@@ -97,34 +120,56 @@ def sample_positions(n: int, rows: int, cols: int, per_image: int | None,
     return image, flat // cols, flat % cols
 
 
-def conv_patches(x: np.ndarray, shape: LayerShape, image: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
-    """``(R, group, C_g * kh * kw)`` input patches of a 2-D Conv at output positions ``(image, oy, ox)``.
+def tap_coordinates(shape: LayerShape, height: int, width: int, oy: np.ndarray,
+                    ox: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Input coordinates of every tap of the patches at output positions ``(oy, ox)`` of a ``height x width`` input,
+    and whether the tap reads the input: ``iy`` ``(R, kh, 1)``, ``ix`` ``(R, 1, kw)``, ``inside`` ``(R, kh, kw)``.
 
-    The patch of one group is flattened in the weight's ``(C_g, kh, kw)`` order; padded taps are zeros.
-    """
-    top, left, bottom, right = shape.pads
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    Conv: ``iy = oy s + u δ - p_t`` (a tap in the zero padding is outside). ConvTranspose (module docstring):
+    ``iy = (oy + p_t - u δ) / s`` when the division is exact, else the tap does not reach ``oy``. Outside taps point
+    at coordinate 0."""
     (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
-    iy = oy[:, None] * sh + np.arange(kh) * dh
-    ix = ox[:, None] * sw + np.arange(kw) * dw
+    top, left = shape.pads[0], shape.pads[1]
+    if shape.op_type == "ConvTranspose":
+        ry = oy[:, None] + top - np.arange(kh) * dh
+        rx = ox[:, None] + left - np.arange(kw) * dw
+        ok_y, ok_x = ry % sh == 0, rx % sw == 0
+        iy, ix = ry // sh, rx // sw
+    else:
+        iy = oy[:, None] * sh + np.arange(kh) * dh - top
+        ix = ox[:, None] * sw + np.arange(kw) * dw - left
+        ok_y, ok_x = np.ones(iy.shape, bool), np.ones(ix.shape, bool)
+    ok_y &= (iy >= 0) & (iy < height)
+    ok_x &= (ix >= 0) & (ix < width)
+    inside = ok_y[:, :, None] & ok_x[:, None, :]
+    return np.where(ok_y, iy, 0)[:, :, None], np.where(ok_x, ix, 0)[:, None, :], inside
+
+
+def conv_patches(x: np.ndarray, shape: LayerShape, image: np.ndarray, oy: np.ndarray, ox: np.ndarray) -> np.ndarray:
+    """``(R, group, C_g * kh * kw)`` input patches of a 2-D Conv or ConvTranspose at output positions
+    ``(image, oy, ox)``.
+
+    The patch of one group is flattened in ``(C_g, kh, kw)`` order (the Conv weight's; a ConvTranspose's
+    coefficients are laid out to match, :func:`coef_from_weights`); taps that read no input (zero padding, or a
+    ConvTranspose tap of another phase) are zeros.
+    """
+    iy, ix, inside = tap_coordinates(shape, x.shape[2], x.shape[3], oy, ox)
     chans = np.arange(x.shape[1])
-    patches = padded[image[:, None, None, None], chans[None, :, None, None], iy[:, None, :, None], ix[:, None, None, :]]
+    patches = x[image[:, None, None, None], chans[None, :, None, None], iy[:, None], ix[:, None]]
+    patches = patches * inside[:, None]
     return patches.reshape(len(image), shape.group, -1)
 
 
 def patch_index(shape: LayerShape, height: int, width: int, oy: np.ndarray,
                 ox: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat positions in the (unpadded) ``height x width`` input of every tap of the patches at output positions
-    ``(oy, ox)``, and the mask of taps inside the input: ``(R, kh * kw)`` each, taps row-major. A tap in the zero
-    padding points at position 0 with mask 0 (what :func:`graph_ops.probes.add_position_gathers` reads, so that the
+    ``(oy, ox)``, and the mask of taps that read the input: ``(R, kh * kw)`` each, taps row-major. A tap that reads
+    nothing points at position 0 with mask 0 (what :func:`graph_ops.probes.add_position_gathers` reads, so that the
     gathered, masked patches equal :func:`conv_patches`)."""
-    (kh, kw), (sh, sw), (dh, dw) = shape.kernel, shape.strides, shape.dilations
-    top, left = shape.pads[0], shape.pads[1]
-    iy = (oy[:, None] * sh + np.arange(kh) * dh - top)[:, :, None]
-    ix = (ox[:, None] * sw + np.arange(kw) * dw - left)[:, None, :]
-    inside = (iy >= 0) & (iy < height) & (ix >= 0) & (ix < width)
+    iy, ix, inside = tap_coordinates(shape, height, width, oy, ox)
     flat = np.where(inside, iy * width + ix, 0)
-    return flat.reshape(len(oy), kh * kw), inside.reshape(len(oy), kh * kw)
+    taps = int(np.prod(shape.kernel))
+    return flat.reshape(len(oy), taps), inside.reshape(len(oy), taps)
 
 
 @dataclass(frozen=True)
@@ -251,27 +296,52 @@ class RefitChoice:
     alpha: float | None
     error_before: float
     error_after: float
+    prior_weight: float = 0.0
+
+
+PRIOR_WEIGHTS = (0.0, 0.25, 1.0, 4.0)  # weights of the position prior of a pooled layer (0: the plain refit)
+
+
+def with_prior(fit: PatchMoments, prior: PatchMoments | None, weight: float) -> PatchMoments:
+    """``fit`` plus ``weight`` times ``prior`` rescaled to ``fit``'s row count (the prior's rows then weigh as much
+    per image as the fit's, whatever its positions per image): the moments of the blended least squares."""
+    if prior is None or not prior.count or weight == 0.0:
+        return fit
+    scale = weight * fit.count / prior.count
+    return PatchMoments(fit.count, fit.gram + scale * prior.gram, fit.cross + scale * prior.cross,
+                        fit.target_sq + scale * prior.target_sq)
 
 
 def choose_refit(fit: PatchMoments, held_out: PatchMoments | None, current: np.ndarray, intercept: bool,
-                 alphas: tuple[float, ...] = REFIT_ALPHAS) -> RefitChoice:
+                 alphas: tuple[float, ...] = REFIT_ALPHAS, prior: tuple[PatchMoments | None, PatchMoments | None]
+                 | None = None) -> RefitChoice:
     """``α`` chosen by held-out error, the current weights competing; the winner refit on all moments.
 
-    Errors are relative to the held-out ``Σ||y||²`` (to the fit moments' when nothing is held out).
+    ``prior``: (fit, held-out) moments of a second, larger least-squares problem with the same unknowns (a pooled
+    layer's per-position rows, see :mod:`pipeline.recovery.refit`); the solve then blends it in with a weight from
+    ``PRIOR_WEIGHTS`` chosen with ``α`` on the held-out error of the layer's OWN rows (weight 0 competes, so the
+    prior is used only where it lowers that error). Errors are relative to the held-out ``Σ||y||²`` (to the fit
+    moments' when nothing is held out).
     """
     check = held_out if held_out is not None and held_out.count else fit
     scale = max(float(check.target_sq.sum()), 1e-30)
     before = patch_error(check, current) / scale
-    if check is fit or len(alphas) == 1:
+    prior_fit, prior_held = prior if prior is not None else (None, None)
+    weights = PRIOR_WEIGHTS if prior_fit is not None and prior_fit.count else (0.0,)
+    if check is fit or (len(alphas) == 1 and len(weights) == 1):
         alpha = alphas[len(alphas) // 2]
         merged = fit if check is fit else fit.merge(check)
         coef = solve_refit(merged, alpha, intercept)
         return RefitChoice(coef, alpha, before, patch_error(check, coef) / scale)
-    errors = [patch_error(check, solve_refit(fit, a, intercept)) / scale for a in alphas]
+    tries = [(a, w) for w in weights for a in alphas]
+    errors = [patch_error(check, solve_refit(with_prior(fit, prior_fit, w), a, intercept)) / scale for a, w in tries]
     best = int(np.argmin(errors))
     if errors[best] >= before:
         return RefitChoice(current, None, before, before)
-    return RefitChoice(solve_refit(fit.merge(check), alphas[best], intercept), alphas[best], before, errors[best])
+    alpha, weight = tries[best]
+    whole_prior = prior_fit if prior_held is None or not prior_held.count else prior_fit.merge(prior_held)
+    coef = solve_refit(with_prior(fit.merge(check), whole_prior, weight), alpha, intercept)
+    return RefitChoice(coef, alpha, before, errors[best], weight)
 
 
 def coef_from_weights(shape: LayerShape, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -280,6 +350,11 @@ def coef_from_weights(shape: LayerShape, weight: np.ndarray, bias: np.ndarray | 
     if shape.op_type == "Conv":
         out = weight.shape[0]
         mat = weight.reshape(shape.group, out // shape.group, -1).transpose(0, 2, 1)
+    elif shape.op_type == "ConvTranspose":  # [C_in, O_g, kh, kw] -> per group (C_g * kh * kw, O_g)
+        c_in, out_g = weight.shape[:2]
+        out = out_g * shape.group
+        mat = weight.reshape(shape.group, c_in // shape.group, out_g, -1).transpose(0, 1, 3, 2)
+        mat = mat.reshape(shape.group, -1, out_g)
     else:
         mat = (weight.T if shape.trans_b else weight)[None] * shape.alpha
         out = mat.shape[2]
@@ -296,6 +371,10 @@ def weights_from_coef(shape: LayerShape, coef: np.ndarray, weight_shape: tuple[i
     bias = coef[:, -1].reshape(-1) / shape.beta if shape.intercept else None
     if shape.op_type == "Conv":
         weight = mat.transpose(0, 2, 1).reshape(weight_shape)
+    elif shape.op_type == "ConvTranspose":
+        c_in, out_g = weight_shape[:2]
+        weight = mat.reshape(shape.group, c_in // shape.group, -1, out_g).transpose(0, 1, 3, 2)
+        weight = weight.reshape(weight_shape)
     else:
         weight = mat[0] / shape.alpha
         weight = weight.T if shape.trans_b else weight

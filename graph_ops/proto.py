@@ -4,9 +4,11 @@
   :func:`constants` (initializers and ``Constant`` node outputs by name);
 * shapes: :func:`declared_shapes` reads the shapes a model already declares (inputs, ``value_info``, outputs,
   initializers) without running inference; :func:`infer_shapes_light` runs ONNX shape inference on a copy without
-  the large weights (they become typed inputs), which is what every stage that needs fresh shapes calls;
+  the large weights (they become typed inputs, :func:`light_copy`; negative dims become symbolic,
+  :func:`symbolic`), which is what every stage that needs fresh shapes calls;
   :func:`static_shapes` infers (falling back to the declared shapes); :func:`complete_shapes` says whether a model's
   declared shapes cover every node output;
+* input sizes: :func:`set_input_dims` / :func:`with_input_shapes` write static dims into graph inputs (checked);
 * writing: :func:`fresh_name` (a name no tensor of the graph uses yet, with a suffix) and
   :func:`replace_initializers` (new values for node inputs as fresh initializers; originals that no node reads any
   more are dropped; the caller's shared constants are never edited in place);
@@ -68,12 +70,14 @@ def constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def _dims(info: onnx.ValueInfoProto) -> Shape | None:
     if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                 for d in info.type.tensor_type.shape.dim)
 
 
 def declared_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     """Shapes the model declares (graph inputs, ``value_info``, outputs, initializers, Constant outputs);
-    ``None`` for symbolic dims. No inference is run."""
+    ``None`` for symbolic dims and for negative ones (``dim_value: -1``, how Paddle2ONNX writes a dynamic batch).
+    No inference is run."""
     graph = model.graph
     shapes: dict[str, Shape] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -98,19 +102,42 @@ def infer_shapes_light(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batc
     larger ones become typed graph inputs, so inference never copies the weights. ``batch``: axis 0 of every
     (non-initializer) graph input is set to this size in the copy.
     """
+    return onnx.shape_inference.infer_shapes(light_copy(model, small, batch), data_prop=True)
+
+
+def light_copy(model: onnx.ModelProto, small: int = SMALL_CONSTANT, batch: int | None = None) -> onnx.ModelProto:
+    """The model without its large weights: initializers of more than ``small`` elements become typed graph inputs
+    (no ``value_info``; ``batch``: axis 0 of every other graph input set to this size), so that shape inference and
+    shape folding never copy the weights."""
     graph = model.graph
     declared = {info.name for info in graph.input}
     names = {t.name for t in graph.initializer}
     inits = [t for t in graph.initializer if math.prod(t.dims) <= small]
     typed = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
              for t in graph.initializer if math.prod(t.dims) > small and t.name not in declared]
-    inputs = list(graph.input) if batch is None else [_with_batch(v, batch) if v.name not in names else v
-                                                     for v in graph.input]
-    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*inputs, *typed], list(graph.output),
-                                         inits)
+    inputs = [symbolic(v) for v in graph.input]
+    if batch is not None:
+        inputs = [_with_batch(v, batch) if v.name not in names else v for v in inputs]
+    light_graph = onnx.helper.make_graph(list(graph.node), graph.name, [*inputs, *typed],
+                                         [symbolic(v) for v in graph.output], inits)
     light = onnx.helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     light.functions.extend(model.functions)
-    return onnx.shape_inference.infer_shapes(light, data_prop=True)
+    return light
+
+
+def symbolic(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """``info`` itself, or a copy whose negative ``dim_value`` s (a dynamic dim as Paddle2ONNX writes it) are the
+    ``dim_param`` ``"<name>_dim<axis>"``: shape inference would otherwise compute with ``-1`` as a size."""
+    dims = info.type.tensor_type.shape.dim
+    if not any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        return info
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    for axis, dim in enumerate(out.type.tensor_type.shape.dim):
+        if dim.HasField("dim_value") and dim.dim_value < 0:
+            dim.Clear()
+            dim.dim_param = f"{info.name}_dim{axis}"
+    return out
 
 
 def _with_batch(info: onnx.ValueInfoProto, batch: int) -> onnx.ValueInfoProto:
@@ -286,32 +313,65 @@ def write_weights(model: onnx.ModelProto, idx: int, weight: np.ndarray, bias: np
     replace_initializers(model, values, suffix)
 
 
+def named_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with the name ``""`` (dims given without a name) replaced by the model's single input's name.
+
+    Raises:
+        UserInputError: dims without a name for a model with several inputs.
+    """
+    out = {name: tuple(int(d) for d in dims) for name, dims in shapes.items() if name}
+    if "" in shapes:
+        inits = {t.name for t in model.graph.initializer}
+        inputs = [info.name for info in model.graph.input if info.name not in inits]
+        if len(inputs) != 1:
+            raise UserInputError(f"--input-shape without a name fits a model with one input; this one has {inputs}: "
+                                 "give NAME:DIMS")
+        if inputs[0] in out:
+            raise UserInputError(f"--input-shape gives input '{inputs[0]}' twice (with and without its name)")
+        out[inputs[0]] = tuple(int(d) for d in shapes[""])
+    return out
+
+
 def with_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph inputs named in ``shapes`` have those static dims (``value_info`` re-inferred
-    with data propagation, so that constant folding can evaluate shape chains for these sizes).
+    with data propagation, so that constant folding can evaluate shape chains for these sizes); the name ``""``
+    stands for the model's single input.
 
     Raises:
         UserInputError: an unknown input name, a rank that differs, or a dim that contradicts a static one.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name for t in out.graph.initializer}
-    inputs = {info.name: info for info in out.graph.input if info.name not in inits}
-    for name, dims in shapes.items():
-        if name not in inputs:
-            raise UserInputError(f"--input-shape names input '{name}', the model has inputs {sorted(inputs)}")
-        shape = inputs[name].type.tensor_type.shape
-        if len(shape.dim) != len(dims):
-            raise UserInputError(f"--input-shape {name}: the input has rank {len(shape.dim)}, got {len(dims)} dims")
-        for axis, (dim, value) in enumerate(zip(shape.dim, dims, strict=True)):
-            if dim.HasField("dim_value") and dim.dim_value != value:
-                raise UserInputError(f"--input-shape {name}: dim {axis} is fixed to {dim.dim_value} in the model, "
-                                     f"got {value}")
-            dim.Clear()
-            dim.dim_value = int(value)
+    set_input_dims(out, named_input_shapes(model, shapes))
     del out.graph.value_info[:]
     try:  # fresh shapes (with data propagation) let constant folding resolve shape chains for these sizes
         out.graph.value_info.extend(infer_shapes_light(out).graph.value_info)
     except Exception as err:  # inference may fail on exotic graphs: canonicalization infers again anyway
         log.warning("shape inference with the given input shapes failed (%s)", err)
     return out
+
+
+def set_input_dims(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], *,
+                   inputs: Iterable[str] | None = None) -> None:
+    """Write static dims into the graph inputs named in ``shapes``, in place (a dynamic dim: symbolic, unset or
+    negative, takes any size; a static one must be given as it is). ``inputs``: the names the model's user knows as
+    its inputs (default: the graph inputs that are not initializers), for the error message.
+
+    Raises:
+        UserInputError: an unknown input name, a rank that differs, or a dim that contradicts a static one.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    by_name = {info.name: info for info in model.graph.input if info.name not in inits}
+    known = sorted(by_name if inputs is None else inputs)
+    for name, dims in shapes.items():
+        if name not in known:
+            raise UserInputError(f"--input-shape names input '{name}', the model has inputs {known}")
+        shape = by_name[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise UserInputError(f"--input-shape {name}: the input has rank {len(shape.dim)}, got {len(dims)} dims")
+        for axis, (dim, value) in enumerate(zip(shape.dim, dims, strict=True)):
+            if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != value:
+                raise UserInputError(f"--input-shape {name}: dim {axis} is fixed to {dim.dim_value} in the model, "
+                                     f"got {value}")
+            dim.Clear()
+            dim.dim_value = int(value)

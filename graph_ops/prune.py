@@ -186,7 +186,7 @@ def _touches(edit: Edit, model: onnx.ModelProto, idx_of: _Indexer) -> bool:
 
 
 def pruned_channels(index: ChannelGroupIndex, plan: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Channel-axis size (axis 1, the last axis for ``index.last_axis`` tensors) of every tensor the plan shrinks
+    """Channel-axis size (:meth:`~graph_ops.groups.ChannelGroupIndex.channel_axis`) of every tensor the plan shrinks
     (layouts with a pruned group; flattened dense-head inputs)."""
     sizes = {name: len(kept_indices(segs, dict(plan))) for name, segs in index.by_tensor.items()
              if any(seg.group_id in plan for seg in segs)}
@@ -209,7 +209,8 @@ def _set_value_info(out: onnx.ModelProto, index: ChannelGroupIndex, plan: Mappin
     for info in [*out.graph.value_info, *out.graph.output]:
         if info.name in sizes:
             dims = info.type.tensor_type.shape.dim
-            dims[len(dims) - 1 if info.name in index.last_axis else 1].dim_value = sizes[info.name]
+            if dims:  # a tensor whose rank inference left unknown declares no dims to rewrite
+                dims[index.channel_axis(info.name, len(dims))].dim_value = sizes[info.name]
 
 
 def apply_plan(model: onnx.ModelProto, index: ChannelGroupIndex, keep: Mapping[str, Sequence[int]], *,

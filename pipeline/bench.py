@@ -15,7 +15,14 @@ Protocol for ``measure(models, backend, batches)``, per batch size:
 
 The report records the thread settings, the execution providers actually active and the machine (CPU model, cores,
 library versions), and warns when a model has Conv layers whose output channel count is not a multiple of
-``round_to`` (hardware kernels pad such widths, so FLOPs saved below a multiple may buy nothing).
+``round_to`` (hardware kernels pad such widths, so FLOPs saved below a multiple may buy nothing), and when timings
+are noise-dominated: a coefficient of variation of the per-call latencies above ``NOISY_CV`` (0.25: the spread of
+single calls is a quarter of their mean, so a difference of a few percent between models is within the noise of
+their medians on few calls; another load on the machine, frequency scaling or too short a run). The JSON's
+``noise`` lists every such (model, batch) with its CV and the bound.
+
+Settings are bounded (``MAX_SECONDS`` per warm-up or timed phase, ``MAX_ITERATIONS``, ``MAX_ROUNDS``): a value above
+them is a typo that would run for hours, refused by the CLI and the run config.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import numpy as np
 import onnx
 
 from graph_ops.errors import UserInputError, VerificationError
-from graph_ops.io import load_model, sha256_file
+from graph_ops.io import check_finite_weights, load_model, sha256_file
 from pipeline.engines import check_backend, time_calls
 from pipeline.runtime import ORT_BACKENDS, load_npz, make_feeds, make_session
 
@@ -45,6 +52,14 @@ logger = logging.getLogger(__name__)
 FORMAT = "diprune.bench/1"
 # Parity tolerances of TensorRT against onnxruntime CPU (relative to the reference output's max |value|).
 TRT_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}
+NOISY_CV = 0.25
+"""Per-call latencies with a coefficient of variation (std / mean) above this are reported as noise-dominated."""
+MAX_SECONDS = 3600.0
+"""Longest warm-up or timed phase per model and batch (seconds)."""
+MAX_ITERATIONS = 1_000_000
+"""Most timed iterations per model and batch."""
+MAX_ROUNDS = 1000
+"""Most interleaved rounds."""
 
 
 @dataclass(frozen=True)
@@ -126,13 +141,25 @@ class BenchReport:
         """The result of ``model`` (as given to ``measure``) at ``batch``."""
         return next(r for r in self.results if r.model == model and r.batch == batch)
 
+    def noisy(self) -> list[dict[str, Any]]:
+        """Every (model, batch) whose per-call latencies have a CV above ``NOISY_CV``."""
+        return [{"model": r.model, "batch": r.batch, "cv": round(r.latency.cv, 4)} for r in self.results
+                if r.latency.cv > NOISY_CV]
+
+    def noise_warnings(self) -> list[str]:
+        """One line per noise-dominated (model, batch) (module docstring)."""
+        return [f"{Path(n['model']).name} batch {n['batch']}: timings are noise-dominated (per-call CV {n['cv']:.2f} "
+                f"> {NOISY_CV}); compare with care: stop other load, pin --threads, or raise --warmup / --duration"
+                for n in self.noisy()]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (format ``diprune.bench/1``)."""
         comparisons = [{**asdict(c), "ratio": c.ratio, "speedup": c.speedup} for c in self.comparisons]
         return {"format": FORMAT, "backend": self.backend, "settings": dict(self.settings),
                 "machine": dict(self.machine), "models": [dict(m) for m in self.models],
                 "results": [asdict(r) for r in self.results], "comparisons": comparisons,
-                "schedule": [list(s) for s in self.schedule], "warnings": list(self.warnings)}
+                "schedule": [list(s) for s in self.schedule], "warnings": list(self.warnings),
+                "noise": {"cv_bound": NOISY_CV, "noisy": self.noisy()}}
 
     def to_json(self) -> str:
         """The report as JSON text."""
@@ -155,7 +182,7 @@ class BenchReport:
                   f"(H2D {r.h2d.median_s * 1e3:.3f} ms, D2H {r.d2h.median_s * 1e3:.3f} ms)"
                   for r in self.results if r.gpu_compute is not None and r.h2d is not None and r.d2h is not None]
         lines += ["", *(f"providers {m['path']}: {', '.join(m['providers'])}" for m in self.models)]
-        lines += [f"WARNING: {w}" for w in self.warnings]
+        lines += [f"WARNING: {w}" for w in (*self.warnings, *self.noise_warnings())]
         return "\n".join(lines)
 
 
@@ -248,7 +275,9 @@ def _describe(paths: Sequence[str], backend: str, threads: int | None, round_to:
                       "providers": list(providers) if backend in ORT_BACKENDS else ["TensorRT"],
                       "intra_op_threads": options.intra_op_num_threads or "default (one per physical core)",
                       "inter_op_threads": options.inter_op_num_threads or "default"})
-        warnings += width_warnings(load_model(path), Path(path).name, round_to)
+        proto = load_model(path)
+        check_finite_weights(proto, path)  # a NaN model is broken: refused by every command, bench included
+        warnings += width_warnings(proto, Path(path).name, round_to)
     return infos, warnings
 
 
@@ -312,6 +341,10 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
         raise UserInputError("give at least one model to benchmark")
     if rounds < 1 or min_iters < 1 or not batches or any(b < 1 for b in batches):
         raise UserInputError("rounds, iterations and batch sizes must be positive integers")
+    if not (0 <= warmup_s <= MAX_SECONDS and 0 <= min_duration_s <= MAX_SECONDS) or min_iters > MAX_ITERATIONS \
+            or rounds > MAX_ROUNDS:
+        raise UserInputError(f"bench settings out of range: warm-up and duration are 0..{MAX_SECONDS:g} s, iterations "
+                             f"at most {MAX_ITERATIONS}, rounds at most {MAX_ROUNDS}")
     paths = [str(m) for m in models]
     opts = {"warmup_s": warmup_s, "min_duration_s": min_duration_s, "min_iters": min_iters, "rounds": rounds,
             "seed": seed, "threads": threads, "data": load_npz(data), "precision": precision, "workdir": workdir,
@@ -332,9 +365,12 @@ def measure(models: Sequence[str | Path], backend: str = "ort-cpu", batches: Seq
     settings = {**{k: v for k, v in opts.items() if k not in ("data", "workdir")}, "round_to": round_to,
                 "data": None if data is None else "<arrays>" if isinstance(data, Mapping) else str(data),
                 "precision": precision if backend == "tensorrt" else None}
-    return BenchReport(backend=backend, settings=settings, machine=machine_info(), models=tuple(infos),
-                       results=tuple(results), comparisons=tuple(comparisons), schedule=tuple(schedule),
-                       warnings=tuple(warnings))
+    report = BenchReport(backend=backend, settings=settings, machine=machine_info(), models=tuple(infos),
+                         results=tuple(results), comparisons=tuple(comparisons), schedule=tuple(schedule),
+                         warnings=tuple(warnings))
+    for w in report.noise_warnings():
+        logger.warning(w)
+    return report
 
 
 def _model_result(path: str, batch: int, samples: list[np.ndarray], medians: list[float], trt_runner: Any) -> ModelResult:

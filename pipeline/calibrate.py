@@ -63,7 +63,6 @@ from pipeline.runtime import (
     Batch,
     check_labels,
     fixed_batch,
-    model_input_specs,
     open_session,
     output_classes,
     samples_per_run,
@@ -324,8 +323,8 @@ def _pooled_job(prepared: PreparedModel, dataset: Any, names: Sequence[str], poo
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
     num_classes = targets.num_classes if targets is not None else _num_classes(prepared.model, dataset, False)
-    specs = model_input_specs(prepared.model)
+    specs = prepared.input_specs  # the prepared input sizes; a dynamic batch stays free (whole batches per call)
     batch_size = fixed_batch(specs, batch_size)  # a static batch is what every onnxruntime call gets
     return ShardJob(pooled_model.SerializeToString(), specs, tuple(pooled), num_classes,
                     require_labels and label_output is None, batch_size, backend, intra_op_threads, shard_batches,
-                    samples_per_run(prepared.model, batch_size), label_output)
+                    samples_per_run(prepared.model, batch_size, shapes=prepared.index.shapes), label_output)

@@ -66,7 +66,6 @@ from pipeline.runtime import (
     Batch,
     InputSpecs,
     fixed_batch,
-    model_input_specs,
     open_session,
     static_batch,
     stream,
@@ -338,7 +337,7 @@ def location_job(prepared: PreparedModel, names: Sequence[str], targets: Targets
                                                    summaries=summaries)
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
-    specs = model_input_specs(model)
+    specs = prepared.input_specs  # the prepared sizes; a dynamic batch stays free
     batch, per_run = fixed_batch(specs, batch_size), None
     if not static_batch(model):  # fetched views are alive until a call ends, and a whole batch of them after it
         fetched = _fetched_bytes(prepared, layouts, label_output, set(gather), candidates)

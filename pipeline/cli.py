@@ -1,22 +1,30 @@
 """The ``diprune`` command line: one subcommand per public function, no logic of its own.
 
-Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage, 3 verification failed (``export``: the
-parity check; ``run``: no candidate passes every gate).
+Exit codes: 0 success, 1 error (bad input, unsupported model, ...), 2 usage (also every number that makes no sense),
+3 verification failed (``export``: the parity check; ``run``: no candidate passes every gate), 130 interrupted
+(SIGINT), 143 terminated (SIGTERM; cleaned up like SIGINT: temporary files removed, inputs intact).
 User errors print one line ``diprune: error: ...`` on stderr, never a traceback. Only a command's result goes to
 stdout (``--json`` output is pure JSON): whatever libraries print while it runs (onnx-graphsurgeon's ``[W]``
 warnings) is routed to stderr, like the logs.
+
+Every output path is checked before any work by one guard (:func:`_check_outputs`, built on
+:func:`graph_ops.io.check_writable`): never one of the command's inputs (model, data, reference, plan, scores,
+statistics, task map, torch spec file, latency cache), never a device node or FIFO, a name the file system takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
@@ -24,6 +32,8 @@ from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
 from pipeline.finetune import FinetuneOptions
 from pipeline.memory import no_huge_page_advice
+from pipeline.orchestrate import ALLOCATIONS, DEFAULT_ALLOCATION
+from pipeline.progressive import DEFAULT_STEPS
 from pipeline.push import PushOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
 from pipeline.scorers import SCORERS
@@ -56,6 +66,17 @@ def _non_negative_int(text: str) -> int:
     return _integer(text, 0)
 
 
+def _at_most(parse: Callable[[str], float], high: float, unit: str = "") -> Callable[[str], float]:
+    """``parse`` with an upper bound (a value that would run for hours is a typo, not a setting)."""
+    def parsed(text: str) -> float:
+        value = parse(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text} is more than {high:g}{unit}")
+        return value
+
+    return parsed
+
+
 def _number(text: str) -> float:
     """``text`` as a finite number (argparse's error otherwise)."""
     try:
@@ -78,6 +99,31 @@ def _positive(text: str) -> float:
     value = _number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
+    return value
+
+
+def _nonzero(text: str) -> float:
+    value = _number(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text} is zero; give a finite non-zero number")
+    return value
+
+
+def _task_classes(text: str) -> str:
+    """``--task-classes``: two or more distinct non-negative class ids, checked while parsing (usage error)."""
+    from pipeline.task import parse_classes
+
+    try:
+        parse_classes(text)
+    except UserInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1)")
     return value
 
 
@@ -115,7 +161,8 @@ def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None, d
     labels = {"label_format": getattr(args, "label_format", None),
               "labels_path": getattr(args, "labels_path", None)} if dense else {}
     return open_dataset(spec, split=split, limit=args.limit, scale=args.scale, mean=args.mean, std=args.std,
-                        size=args.size, crop=args.crop, input_keys=args.input_key, label_key=args.label_key, **labels)
+                        size=args.size, crop=args.crop, input_keys=args.input_key, label_key=args.label_key,
+                        channel_order=args.channel_order, **labels)
 
 
 def _label_options(args: argparse.Namespace) -> object:
@@ -132,7 +179,8 @@ def _label_options(args: argparse.Namespace) -> object:
 
 
 def _eval_split(spec: str, args: argparse.Namespace) -> str:
-    """Held-out part for evaluation: ``--eval-split``, else 'test' where the data has one, else all of it."""
+    """Held-out part for evaluation: ``--eval-split`` (``eval``: also spelled ``--split``), else 'test' where the data
+    has one, else all of it."""
     from pipeline.data import default_eval_split
 
     return args.eval_split or default_eval_split(spec)
@@ -145,10 +193,22 @@ def _warn(args: argparse.Namespace, text: str) -> None:
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
-    """The ``--input-shape`` options as ``{input name: dims}``."""
+    """The ``--input-shape`` options as ``{input name: dims}`` (``""``: the model's single input)."""
     from pipeline.prepare import parse_input_shapes
 
     return parse_input_shapes(args.input_shape)
+
+
+def _export_shape(args: argparse.Namespace) -> tuple[str | None, tuple[int, ...] | None]:
+    """``export``/``push``: the one example input of ``--input-shape [NAME:]DIMS`` as (name or None, dims)."""
+    shapes = _shapes(args)
+    if len(shapes) > 1:
+        raise UserInputError(f"--input-shape was given for {len(shapes)} inputs; a torch export takes one example "
+                             "input: give --input-shape once")
+    if not shapes:
+        return None, None
+    name, dims = next(iter(shapes.items()))
+    return name or None, dims
 
 
 def _with_shapes(path: str | None, args: argparse.Namespace) -> object:
@@ -162,17 +222,31 @@ def _with_shapes(path: str | None, args: argparse.Namespace) -> object:
     return with_input_shapes(load_model(path), shapes)
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", choices=("train", "test", "all"), default=None,
-                        help="calibration part of the data (default: 'train' where the data has one)")
-    parser.add_argument("--eval-split", choices=("train", "test", "all"), default=None,
-                        help="evaluation part of the data (default: 'test' where the data has one, else all)")
+def _add_data_options(parser: argparse.ArgumentParser, *, evaluation: bool = False) -> None:
+    """The data options; ``evaluation``: the command only evaluates (``eval``), so its one split option is spelled
+    ``--split`` or ``--eval-split``."""
+    if evaluation:
+        parser.add_argument("--split", "--eval-split", dest="eval_split", choices=("train", "test", "all"),
+                            default=None, help="the part of the data evaluated (default: 'test' where the data has "
+                                               "one, else all of it)")
+    else:
+        parser.add_argument("--split", choices=("train", "test", "all"), default=None,
+                            help="calibration part of the data (default: 'train' where the data has one, else all)")
+        parser.add_argument("--eval-split", choices=("train", "test", "all"), default=None,
+                            help="evaluation part of the data (default: 'test' where the data has one, else all)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use at most N samples (the first N)")
-    parser.add_argument("--scale", type=float, default=None, help="uint8 inputs: x * scale (default 1/255)")
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean after scaling")
-    parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std after scaling")
-    parser.add_argument("--size", type=_positive_int, default=None, help="image folders: resize shorter side to SIZE")
-    parser.add_argument("--crop", type=_positive_int, default=None, help="image folders: centre crop CROP x CROP")
+    parser.add_argument("--scale", type=_nonzero, default=None, help="uint8 inputs: x * scale (default 1/255)")
+    parser.add_argument("--mean", type=_number, nargs="+", default=None,
+                        help="per-channel mean after scaling (default 0; image folders: ImageNet's)")
+    parser.add_argument("--std", type=_positive, nargs="+", default=None,
+                        help="per-channel std after scaling (default 1; image folders: ImageNet's)")
+    parser.add_argument("--size", type=_positive_int, default=None,
+                        help="image folders: resize the shorter side to SIZE (default 256)")
+    parser.add_argument("--crop", type=_positive_int, default=None,
+                        help="image folders: centre crop CROP x CROP (default 224)")
+    parser.add_argument("--channel-order", choices=("rgb", "bgr", "gray"), default="rgb",
+                        help="image folders: channel order, or gray for one-channel models (default mean/std then "
+                             "0.449/0.226, the mean of ImageNet's)")
     parser.add_argument("--input-key", action="append", default=None, metavar="ARRAY[=INPUT]",
                         help=".npz: the input array (default: every array but the labels); ARRAY=INPUT per input "
                              "of a multi-input model (repeatable)")
@@ -180,12 +254,10 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graph_ops.io import check_writable
-    from pipeline.export_spec import export_spec, parse_input_shape
+    from pipeline.export_spec import export_spec
 
-    out = check_writable(args.output)
-    name, shape = parse_input_shape(args.input_shape) if args.input_shape else (None, None)
-    result = export_spec(args.spec, out, input_shape=shape, input_name=name, opset=args.opset,
+    name, shape = _export_shape(args)
+    result = export_spec(args.spec, Path(args.output), input_shape=shape, input_name=name, opset=args.opset,
                          dynamic_batch=args.dynamic_batch, exporter=args.exporter, rtol=args.rtol, atol=args.atol)
     _emit(args, result.parity.summary())
     _emit(args, result.summary())
@@ -232,7 +304,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     macs = info["macs"] if info["macs"] is not None else (
         f"unknown ({len(info['macs_unknown_nodes'])} nodes with a dynamic size: give --input-shape)")
     _emit(args, f"macs {macs} params {info['params']} groups {len(info['groups'])} "
-          f"prunable {info['prunable_groups']} prunable_conv_share {info['prunable_conv_share']:.3f}")
+          f"prunable {info['prunable_groups']} protected {info['protected_groups']} frozen {info['frozen_groups']} "
+          f"prunable_conv_share {info['prunable_conv_share']:.3f}")
     for g in info["groups"]:
         blocks = f"\tblocks {g['blocks']}" if g["blocks"] > 1 else ""
         _emit(args, f"group {g['id']}\tsize {g['size']}{blocks}\tstatus {group_status_text(g)}\t"
@@ -267,12 +340,11 @@ def _task(args: argparse.Namespace) -> object | None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from graph_ops.io import check_writable
     from pipeline.calibrate import calibrate
     from pipeline.prepare import prepare
     from pipeline.targets import describe_record
 
-    out = check_writable(args.output, args.model)
+    out = Path(args.output)
     task = _task(args)
     cluster = _cluster(args)
     data = _dataset(args.data, args, split=args.split, dense=True)
@@ -292,15 +364,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from graph_ops.io import atomic_write_bytes, check_writable
+    from graph_ops.io import atomic_write_bytes
     from pipeline.orchestrate import score
     from pipeline.prepare import prepare
     from pipeline.stats import CalibrationStats
     from pipeline.task import Task
 
-    out = check_writable(args.output, args.stats, args.model)
+    out = Path(args.output)
     stats = CalibrationStats.load(args.stats) if args.stats else None
-    prepared = prepare(args.model, _shapes(args), task=Task.from_dict(stats.task) if stats is not None else None)
+    task = Task.from_dict(stats.task, f"statistics {args.stats}") if stats is not None else None
+    prepared = prepare(args.model, _shapes(args), task=task)
     if stats is not None and stats.model_sha256 != prepared.sha256:
         raise UserInputError(f"statistics {args.stats} were computed for model {stats.model_sha256[:12]}, "
                              f"not for {args.model} ({prepared.sha256[:12]}); calibrate this model first")
@@ -321,11 +394,15 @@ def _latency_target(args: argparse.Namespace) -> object:
 def _latency_budget(args: argparse.Namespace) -> object | None:
     """The ``--target-latency`` budget with its measurement settings (None without it)."""
     if args.target_latency is None:
+        if getattr(args, "latency_model", None):
+            raise UserInputError("--latency-model is what --target-latency plans against: add --target-latency F")
         return None
     from pipeline.latency_plan import LatencyBudget
 
     return LatencyBudget(args.target_latency, _latency_target(args), iterations=args.latency_iterations,
-                         cache_dir=Path(args.latency_cache) if args.latency_cache else None)
+                         cache_dir=Path(args.latency_cache) if args.latency_cache else None,
+                         model_file=Path(args.latency_model) if args.latency_model else None,
+                         progress=not args.quiet)
 
 
 def _latency_note(plan_meta: dict) -> str:
@@ -333,23 +410,34 @@ def _latency_note(plan_meta: dict) -> str:
     record = plan_meta.get("latency")
     if not record:
         return ""
+    if record.get("measured_ratio") is None:
+        return (f", predicted latency x{record['predicted_ratio']:.3f} of the original on {record['latency_model']} "
+                f"(requested x{record['target_latency']:.3f}; not timed here)")
     return (f", measured latency x{record['measured_ratio']:.3f} of the original (requested "
             f"x{record['target_latency']:.3f}; {len(record['tries'])} plan(s) timed)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from graph_ops.io import check_writable
+    from pipeline.orchestrate import require_channels
     from pipeline.plan import select_channels
     from pipeline.prepare import prepare
     from pipeline.scorers.base import ChannelScores
     from pipeline.task import Task
 
-    out = check_writable(args.output, args.scores)
+    out = Path(args.output)
     scores, model_path = ChannelScores.load(args.scores)
-    prepared = prepare(args.model or model_path, _shapes(args), task=Task.from_dict(scores.task))
+    if args.model is None and model_path:  # the model recorded in the scores is an input too
+        _check_outputs(args, extra_inputs=(model_path,))
+    prepared = prepare(args.model or model_path, _shapes(args),
+                       task=Task.from_dict(scores.task, f"scores {args.scores}"))
+    require_channels(prepared)
     if scores.model_sha256 and scores.model_sha256 != prepared.sha256:
         raise UserInputError(f"scores {args.scores} belong to model {scores.model_sha256[:12]}, "
                              f"not {prepared.path} ({prepared.sha256[:12]})")
+    unknown = sorted(set(scores.scores) - set(prepared.index.by_id))
+    if unknown:
+        raise UserInputError(f"scores {args.scores} name group(s) {', '.join(unknown[:3])} that {prepared.path} does "
+                             "not have ('diprune inspect' lists its groups); score this model again")
     options = {"target_macs": args.target_macs, "target_params": args.target_params, "round_to": _round_to(args),
                "min_channels": args.min_channels, "protect": tuple(args.protect),
                "keep_first_and_last": not args.prune_ends}
@@ -375,7 +463,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from graph_ops.io import check_writable
     from pipeline.orchestrate import prune
 
     if args.target_macs is None and args.target_params is None and args.max_drop is None \
@@ -386,8 +473,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                       or args.target_latency is not None):
         raise UserInputError("--max-drop searches the budget itself; drop --target-macs / --target-params / "
                              "--target-latency")
-    for path in (args.output, f"{args.output}.plan.json", f"{args.output}.report.json"):
-        check_writable(path, args.model)
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
     report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split, dense=True),
                    method=args.method,
@@ -399,6 +484,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    cluster=_cluster(args), shard_batches=args.shard_batches,
                    latency=_latency_budget(args), quantize=args.quantize, max_top1_drop=args.max_top1_drop,
                    int8_ranking=args.int8_ranking, timing=_latency_target(args), finetune_epochs=args.finetune_epochs,
+                   allocation=args.allocation, steps=args.steps,
+                   int8_calibration=args.int8_calibration, fp16=args.precision == "fp16",
+                   fp16_keep_io_types=args.fp16_keep_io_types, fp16_block=tuple(args.fp16_block),
                    labels=_label_options(args))
     for note in report.notes:
         _warn(args, note)
@@ -411,6 +499,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from pipeline.int8_stage import int8_path, int8_summary
 
         _emit(args, f"wrote {int8_path(args.output)}: {int8_summary(report.evaluation['int8'])}")
+    if "fp16" in report.evaluation:
+        from pipeline.fp16 import fp16_path, fp16_summary
+
+        _emit(args, f"wrote {fp16_path(args.output)}: {fp16_summary(report.evaluation['fp16'])}")
+    if args.backend in ("tensorrt", "ort-trt"):
+        from pipeline.deploy import artifacts_summary
+
+        for line in artifacts_summary(report.artifacts):
+            _emit(args, f"on the board: {line}")
     return 0
 
 
@@ -419,7 +516,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               temperature=args.temperature, ce_weight=args.ce_weight,
-                              feature_weight=args.feature_weight, seed=args.seed, threads=args.threads)
+                              feature_weight=args.feature_weight, seed=args.seed, threads=args.threads,
+                              validation=args.validation)
     eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
     doc = finetune_file(args.model, args.reference, args.output, _dataset(args.data, args, split=args.split),
                         options, plan_path=args.plan, eval_data=eval_data, progress=not args.quiet)
@@ -427,15 +525,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _warn(args, note)
     record = doc["finetune"]
     if not record["kept"]:
-        _warn(args, f"the finetune did not lower its objective ({record['objective_before']:.4f} -> "
-                    f"{record['objective_after']:.4f}); {args.output} has the input's weights (try --epochs or --lr)")
-    line = (f"objective {record['objective_before']:.4f} -> {record['objective_after']:.4f}, distillation loss "
-            f"{record['distill_loss_before']:.4f} -> {record['distill_loss_after']:.4f} ({record['steps']} steps, "
-            f"{record['seconds']:.1f} s)")
+        _warn(args, f"no epoch beat the input on the validation slice; {args.output} has the input's weights "
+                    "(try --epochs or --lr)")
+    line = f"{record['verdict']} ({record['epochs_run']} epoch(s), {record['steps']} steps, {record['seconds']:.1f} s)"
     if "evaluation" in doc:
         ev = doc["evaluation"]
-        line += f", top-1 {ev['before']['top1']:.4f} -> {ev['after']['top1']:.4f} (reference {ev['reference']['top1']:.4f})"
-    print(f"wrote {args.output} and {args.output}.report.json: {line}")
+        line += f", top-1 {_top1(ev['before'])} -> {_top1(ev['after'])} (reference {_top1(ev['reference'])})"
+    _emit(args, f"wrote {args.output} and {args.output}.report.json: {line}")
     return 0
 
 
@@ -462,20 +558,25 @@ def cmd_push(args: argparse.Namespace) -> int:
                                         **prune_options)
     for note in report.notes:
         _warn(args, note)
-    print(record.summary())
-    print(f"wrote {report.model} (pushed), {args.output} and {args.output}.report.json: {report.summary()}")
+    _emit(args, record.summary())
+    _emit(args, f"wrote {report.model} (pushed), {args.output} and {args.output}.report.json: {report.summary()}")
     return 0
+
+
+def _top1(metrics: dict) -> str:
+    """A top-1 for a summary line (``n/a`` without labels)."""
+    return "n/a" if metrics.get("top1") is None else f"{metrics['top1']:.4f}"
 
 
 def _push_source(args: argparse.Namespace, tmp: Path) -> str:
     """The ONNX file to push: the model path, or a torch spec exported first (``diprune export``'s checks)."""
     if args.model.endswith(".onnx") or Path(args.model).is_file() or ":" not in args.model:
         return args.model
-    from pipeline.export_spec import export_spec, parse_input_shape
+    from pipeline.export_spec import export_spec
 
-    name, shape = parse_input_shape(args.input_shape) if args.input_shape else (None, None)
+    name, shape = _export_shape(args)
     result = export_spec(args.model, tmp / "exported.onnx", input_shape=shape, input_name=name)
-    print(result.parity.summary())
+    _emit(args, result.parity.summary())
     return str(result.path)
 
 
@@ -483,7 +584,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate
 
     task = _task(args)
-    data = _dataset(args.data, args, split=_eval_split(args.data, args))
+    split = _eval_split(args.data, args)
+    data = _dataset(args.data, args, split=split)
     if data.labels is None:
         if args.reference is None:
             raise UserInputError(f"data {args.data} has no labels and no --reference was given, so there is nothing "
@@ -493,7 +595,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     "with the reference (name the labels array with --label-key)")
     model, reference = _with_shapes(args.model, args), _with_shapes(args.reference, args)
     report = evaluate(model, data, reference=reference, task=task)
-    doc = report.to_dict()
+    doc = {**report.to_dict(), "split": split, "data": data.name}
+    if reference is not None and report.top1 is not None:  # the reference's own accuracy, on the same samples
+        own = evaluate(reference, data, task=task)
+        doc["reference"] = {"top1": own.top1, "top5": own.top5}
     if task is not None:
         doc["task"] = {**task.to_dict(), "names": list(task.names)}
     if args.robustness:
@@ -511,10 +616,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graph_ops.io import atomic_write_bytes, check_writable
+    from graph_ops.io import atomic_write_bytes
     from pipeline.bench import measure
 
-    out = check_writable(args.json, *args.models) if args.json else None
+    out = Path(args.json) if args.json else None
     report = measure(args.models, backend=args.backend, batches=args.batch, warmup_s=args.warmup,
                      min_duration_s=args.duration, min_iters=args.iterations, rounds=args.rounds,
                      threads=args.threads, round_to=_round_to(args), data=args.data, precision=args.precision,
@@ -533,9 +638,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency(args: argparse.Namespace) -> int:
+    if args.latency_command == "variants":
+        from pipeline.device_profiles import write_variants
+        from pipeline.latency_model import LatencyTarget
+        from pipeline.prepare import prepare
+
+        target = LatencyTarget(backend=args.backend, precision=args.precision, batch=args.latency_batch,
+                               variants=args.variants, seed=args.seed)
+        manifest = write_variants(prepare(args.model, _shapes(args)), args.output, target,
+                                  round_to=_round_to(args), min_channels=args.min_channels)
+        _emit(args, f"wrote {len(manifest['variants'])} variants to {args.output}: run {args.output}/run_trtexec.sh "
+                    f"(or run_onnxruntime.sh) on the board, copy its profiles/ folder back, then: diprune latency fit "
+                    f"{args.output}")
+        return 0
+    from graph_ops.io import atomic_write_bytes, check_writable
+    from pipeline.device_profiles import fit_board_profiles
+
+    out = check_writable(args.output or str(Path(args.folder) / "latency_model.json"))
+    model = fit_board_profiles(args.folder, source=args.source, block=args.block)
+    atomic_write_bytes(out, model.to_json().encode())
+    _emit(args, f"wrote {out}: {model.summary()} ({model.key['source']}, device {model.key['device']})")
+    return 0
+
+
 def _add_task_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--task-classes", default=None, metavar="C1,C2,...",
+    group.add_argument("--task-classes", type=_task_classes, default=None, metavar="C1,C2,...",
                        help="the task uses these classes of the model, in this order: the head keeps their scores, "
                             "data of other classes is dropped, labels become task indices")
     group.add_argument("--task-map", default=None, metavar="FILE.json",
@@ -578,11 +707,10 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     from pipeline.shards import SHARD_BATCHES
 
     parser.add_argument("--shard-batches", type=_positive_int, default=SHARD_BATCHES, metavar="N",
-                        help=f"batches per shard of the data (default {SHARD_BATCHES}); statistics are summed per "
-                             "shard and merged in shard order, so they depend on N (in the last bits), never on "
-                             "--workers")
+                        help="batches per shard of the data; statistics are summed per shard and merged in shard "
+                             "order, so they depend on N (in the last bits), never on --workers")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--workers", type=int, default=None, metavar="N",
+    group.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                        help="compute the data's shards on a local Ray with N worker processes (extra [ray]); "
                             "the results equal those of a run without it")
     group.add_argument("--ray", default=None, metavar="ADDRESS",
@@ -598,7 +726,8 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
                         help="deployment target; picks the --round-to default")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="deployment precision; picks the --round-to default (int8 on TensorRT: 32)")
+                        help="deployment precision; picks the --round-to default (int8 on TensorRT: 32); prune "
+                             "--precision fp16 also writes OUT.fp16.onnx")
     parser.add_argument("--min-channels", type=_positive_int, default=8, help="never keep fewer channels in a group")
     parser.add_argument("--protect", action="append", default=[], metavar="GROUP_ID",
                         help="never prune this group (repeatable; ids from 'diprune inspect')")
@@ -618,20 +747,23 @@ def _add_latency_options(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime intra-op threads for latency (default: onnxruntime's choice)")
     parser.add_argument("--latency-iterations", type=_positive_int, default=4,
                         help="at most this many plans are measured in the closed loop")
+    parser.add_argument("--latency-model", default=None, metavar="FILE",
+                        help="with --target-latency: plan against this latency model (from 'diprune latency fit' on "
+                             "the board's profiles) instead of timing here; no closed loop")
     parser.add_argument("--latency-cache", default=str(default_cache_dir()), metavar="DIR",
-                        help="where latency models are kept, keyed by target, versions and layer shapes "
-                             "(default: %(default)s; '' for none)")
+                        help="where latency models are kept, keyed by target, versions and layer shapes ('' for "
+                             "none); checked before any work, locked while a model is built")
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: FinetuneOptions | PushOptions) -> None:
     p.add_argument("--data", required=True, help="training data: 'mnist', an .npz or an image folder")
     p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
-    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    p.add_argument("--lr", type=_positive, default=defaults.lr, help=f"Adam's peak learning rate ({defaults.lr:g})")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch and onnxruntime threads (default 1)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="passes over the training data")
+    p.add_argument("--lr", type=_positive, default=defaults.lr, help="Adam's peak learning rate")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="samples per training step")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order and initialisation")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch and onnxruntime threads")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write (its report: OUTPUT.report.json)")
     _add_data_options(p)
 
 
@@ -639,27 +771,43 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     defaults = FinetuneOptions()
     p.add_argument("model", help="the pruned model (its plan <model>.plan.json is read when present)")
     p.add_argument("--reference", required=True, help="the original model: the teacher")
-    p.add_argument("--temperature", type=_positive, default=defaults.temperature)
+    p.add_argument("--temperature", type=_positive, default=defaults.temperature,
+                   help="distillation temperature (softens both models' class scores)")
     p.add_argument("--ce-weight", type=_non_negative, default=defaults.ce_weight,
-                   help=f"weight of cross-entropy on the labels, when the data has labels ({defaults.ce_weight:g})")
+                   help="weight of cross-entropy on the labels, when the data has labels")
     p.add_argument("--feature-weight", type=_non_negative, default=defaults.feature_weight,
-                   help="weight of feature matching at the group probes (needs the plan; default off)")
+                   help="weight of feature matching at the group probes (needs the plan; 0: off)")
     p.add_argument("--plan", default=None, help="the plan the model was pruned with (default: <model>.plan.json)")
+    p.add_argument("--validation", type=_share, default=defaults.validation,
+                   help="share of --data held out to choose the epoch kept (0: keep the last epoch)")
     _add_training_options(p, defaults)
+
+
+def _add_input_shape(parser: argparse.ArgumentParser, *, export: bool = False) -> None:
+    """``--input-shape [NAME:]DIMS``, one syntax on every subcommand (repeatable; DIMS alone: the single input)."""
+    text = ("torch specs: the example input, e.g. input:1x3x224x224 or 1x3x224x224 (default: the architecture's; "
+            "required for file.py)") if export else (
+            "static dims of a model input, e.g. images:1x3x640x640, or 1x3x640x640 for a single-input model "
+            "(repeatable); fixes dynamic sizes for shape inference, MACs, calibration and bench")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="[NAME:]DIMS", help=text)
 
 
 def _add_push_options(p: argparse.ArgumentParser) -> None:
     defaults = PushOptions()
     p.add_argument("model", help="an .onnx file, or a torch spec as in 'diprune export' (exported first)")
-    p.add_argument("--input-shape", default=None, metavar="[NAME:]DIMS", help="torch specs: the example input")
-    p.add_argument("--method", choices=sorted(SCORERS), default="di")
-    p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY)
+    _add_input_shape(p, export=True)
+    p.add_argument("--method", choices=sorted(SCORERS), default="di", help="how channels are scored")
+    p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY,
+                   help="training-free recovery after removal")
     p.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
                    help="after recovery, distil the pushed model into the pruned one for N epochs")
     p.add_argument("--pushed", default=None, help="where the pushed, unpruned model goes (default: <output "
                                                   "stem>.pushed.onnx; the plan refers to it)")
-    for term in ("sep", "cov", "align"):
-        p.add_argument(f"--{term}-weight", type=_non_negative, default=getattr(defaults, f"{term}_weight"))
+    terms = {"sep": "class separation in the kept channels", "cov": "decorrelation of the kept channels",
+             "align": "agreement with the original model's outputs"}
+    for term, what in terms.items():
+        p.add_argument(f"--{term}-weight", type=_non_negative, default=getattr(defaults, f"{term}_weight"),
+                       help=f"weight of the push objective's {what} term")
     _add_budget_options(p)
     _add_training_options(p, defaults)
 
@@ -668,11 +816,10 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="torchvision:NAME, timm:NAME (timm installed) or path/to/file.py:FACTORY (a function "
                                 "returning a torch.nn.Module)")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    p.add_argument("--input-shape", default=None, metavar="[NAME:]DIMS",
-                   help="example input, e.g. input:1x3x224x224 (default: the architecture's; required for file.py)")
+    _add_input_shape(p, export=True)
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (the dynamo exporter uses >= 18)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
-                   help="symbolic batch dimension (default; calibration and evaluation run in batches)")
+                   help="symbolic batch dimension (calibration and evaluation run in batches)")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="torch exporter")
     p.add_argument("--rtol", type=_non_negative, default=1e-3, help="parity check: relative tolerance")
     p.add_argument("--atol", type=_non_negative, default=1e-4, help="parity check: absolute tolerance")
@@ -686,56 +833,45 @@ def _add_verbosity(parser: argparse.ArgumentParser, *, default: bool) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars", **quiet)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; subcommand choices come from the registries."""
-    parser = argparse.ArgumentParser(prog="diprune", description=__doc__.splitlines()[0])
-    _add_verbosity(parser, default=True)
-    common = argparse.ArgumentParser(add_help=False)  # -v/-q after the subcommand too
-    _add_verbosity(common, default=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-        "export": (cmd_export, "export a torch model (torchvision:NAME, timm:NAME, file.py:FACTORY) to canonical ONNX, "
-                               "checked against torch"),
-        "inspect": (cmd_inspect, "channel groups, sizes, freeze reasons, MACs and params"),
-        "apply": (cmd_apply, "apply a plan file: remove channels (or zero them with --mask-only)"),
-        "calibrate": (cmd_calibrate, "stream per-channel statistics of labelled data through onnxruntime"),
-        "score": (cmd_score, "score channels with a registered method"),
-        "plan": (cmd_plan, "choose kept channels to meet a MACs or params budget"),
-        "prune": (cmd_prune, "one shot: calibrate, score, plan, apply, report"),
-        "finetune": (cmd_finetune, "distil the original into a pruned model for a few epochs (needs the [torch] "
-                                   "extra); same graph, new weights"),
-        "push": (cmd_push, "Grow-Push-Prune's push (train features towards class separation in few channels), then "
-                           "prune with DI and recover (needs the [torch] extra)"),
-        "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
-        "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
-        "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
-        "run": (cmd_run, "the whole job from a YAML config: candidates, evaluation, latency, gates, report, "
-                         "best.onnx (exit 3 when no candidate passes)"),
-    }
-    parsers = {name: sub.add_parser(name, help=text, description=text, parents=[common])
-               for name, (_, text) in commands.items()}
-    for name, (func, _) in commands.items():
-        parsers[name].set_defaults(func=func)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, without the noise: no ``(default: None)`` / ``False`` / ``[]``, and nothing
+    added where the help already states its default."""
 
-    _add_export_options(parsers["export"])
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
-    parsers["inspect"].add_argument("model")
-    parsers["inspect"].add_argument("--json", action="store_true", help="print one JSON object")
 
-    parsers["apply"].add_argument("model")
-    parsers["apply"].add_argument("plan")
-    parsers["apply"].add_argument("-o", "--output", required=True)
-    parsers["apply"].add_argument("--mask-only", action="store_true",
-                                  help="zero the removed channels' exit weights instead of removing them (oracle)")
+def _version() -> str:
+    try:
+        return importlib.metadata.version("diprune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_model_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
+    """inspect, apply, calibrate, score and plan."""
+    p = parsers["inspect"]
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = parsers["apply"]
+    p.add_argument("model", help="the .onnx file the plan was made for")
+    p.add_argument("plan", help="a plan file from 'diprune plan' or 'diprune prune'")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--mask-only", action="store_true",
+                   help="zero the removed channels' exit weights instead of removing them (oracle)")
 
     p = parsers["calibrate"]
-    p.add_argument("model")
+    p.add_argument("model", help="the .onnx file")
     p.add_argument("--data", required=True, help="'mnist', an .npz (inputs + labels) or an image folder")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the statistics file to write (.npz)")
     p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
                    help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of the location sampling of dense labels")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per onnxruntime call")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the location sampling of dense labels")
     _add_data_options(p)
     _add_label_options(p)
     _add_task_options(p)
@@ -743,47 +879,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parsers["score"]
     p.add_argument("stats", nargs="?", default=None, help="statistics from 'diprune calibrate' (not for l1/l2/random)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--method", choices=sorted(SCORERS), default="di")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--model", required=True, help="the .onnx file the statistics were computed on")
+    p.add_argument("--method", choices=sorted(SCORERS), default="di", help="how channels are scored")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random method")
+    p.add_argument("-o", "--output", required=True, help="the scores file to write (.json)")
 
     p = parsers["plan"]
-    p.add_argument("scores")
+    p.add_argument("scores", help="a scores file from 'diprune score'")
     p.add_argument("--model", default=None, help="the model (default: the path recorded in the scores file)")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the plan file to write (.json)")
     _add_budget_options(p)
 
-    p = parsers["prune"]
-    p.add_argument("model")
+
+def _add_prune_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the .onnx file to prune (never modified)")
     p.add_argument("--data", default=None, help="calibration data: 'mnist', an .npz or an image folder")
     p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
-    p.add_argument("--method", choices=sorted(SCORERS), default="di")
+    p.add_argument("--method", choices=sorted(SCORERS), default="di", help="how channels are scored")
     p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
                    help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="samples per onnxruntime call")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the random method and of recovery's position sampling")
     p.add_argument("--recover", choices=list(RECOVERY), default=DEFAULT_RECOVERY,
                    help="training-free recovery after removal: none, bias (R1), regress (R2), lstsq (R3: least-squares "
-                        f"refit of every affected layer) (default: {DEFAULT_RECOVERY})")
+                        "refit of every affected layer)")
     p.add_argument("--recover-mode", choices=("sequential", "one-pass"), default="sequential",
-                   help="sequential: layer by layer on the partly recovered model (default); one-pass: faster")
-    p.add_argument("-o", "--output", required=True)
+                   help="sequential: layer by layer on the partly recovered model; one-pass: faster")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=DEFAULT_ALLOCATION,
+                   help="measured (default): groups ranked by the output damage their channels cause on a small "
+                        "calibration subset, ends included; rule: by the criterion, first layer and classifier "
+                        "input protected (--prune-ends lifts that)")
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                   help=f"reach the budget in K rounds of prune + recover on the recovered model "
+                        f"(default {DEFAULT_STEPS})")
+    p.add_argument("-o", "--output", required=True,
+                   help="the pruned .onnx to write (with OUTPUT.plan.json and OUTPUT.report.json)")
     p.add_argument("--robustness", action="store_true",
                    help="report top-1 and agreement under noise and FGSM/PGD attacks (needs --eval-data)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write OUT.int8.onnx: the pruned, recovered model in INT8 (onnxruntime static QDQ, "
-                        "per-channel weights, calibrated on --data); the report compares fp32 and int8")
+                        "per-channel weights, calibrated on --data) with --backend's recipe (ort-cpu: uint8 "
+                        "asymmetric activations; tensorrt/ort-trt/ort-cuda: symmetric signed int8, zero points 0, "
+                        "Q/DQ placed for TensorRT); the report compares fp32 and int8")
     p.add_argument("--max-top1-drop", type=_non_negative, default=None, metavar="P",
                    help="with --quantize int8: keep the layers whose INT8 error loses most information in fp32 "
                         "until held-out top-1 is within P points of the pruned fp32 model")
     p.add_argument("--int8-ranking", choices=("di", "magnitude"), default="di",
                    help="how --max-top1-drop ranks layers: di (DI lost by the class scores) or magnitude "
                         "(weight quantization error)")
+    p.add_argument("--int8-calibration", choices=("minmax", "percentile", "entropy"), default=None,
+                   help="how --quantize int8 calibrates activation ranges (default: the recipe's, see README)")
+    p.add_argument("--fp16-keep-io-types", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --precision fp16: keep the fp16 file's inputs and outputs fp32 (default)")
+    p.add_argument("--fp16-block", action="append", default=[], metavar="OP",
+                   help="with --precision fp16: also keep this op type fp32 (repeatable)")
     p.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
                    help="after recovery, distil the original into the pruned model for N epochs on --data "
                         "(needs the [torch] extra; see 'diprune finetune')")
-    p.add_argument("--max-drop", type=float, default=None, metavar="P",
+    p.add_argument("--max-drop", type=_at_most(_non_negative, 100, " points"), default=None, metavar="P",
                    help="instead of a budget: the smallest model whose held-out top-1 (on --eval-data) stays within "
                         "P accuracy points of the unpruned model; the report lists every budget tried")
     _add_budget_options(p)
@@ -792,31 +946,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_options(p)
     _add_ray_options(p)
 
-    _add_finetune_options(parsers["finetune"])
-    _add_push_options(parsers["push"])
+
+def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
+    """eval, bench, demo and run."""
+    from pipeline.bench import MAX_ITERATIONS, MAX_ROUNDS, MAX_SECONDS
 
     p = parsers["eval"]
-    p.add_argument("model")
-    p.add_argument("--data", required=True)
-    p.add_argument("--reference", default=None, help="original model: adds agreement and relative logit error")
+    p.add_argument("model", help="the .onnx file to evaluate")
+    p.add_argument("--data", required=True, help="'mnist', an .npz or an image folder")
+    p.add_argument("--reference", default=None, help="original model: adds its own top-1, agreement and relative "
+                                                     "logit error")
     p.add_argument("--robustness", action="store_true",
                    help="with --reference: top-1 and agreement under Gaussian noise and FGSM/PGD examples crafted "
                         "on the original (adversarial part needs the [torch] extra)")
-    _add_data_options(p)
+    _add_data_options(p, evaluation=True)
     _add_task_options(p)
 
+    seconds = _at_most(_non_negative, MAX_SECONDS, " s")
     p = parsers["bench"]
-    p.add_argument("models", nargs="+")
-    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
-    p.add_argument("--batch", type=_batches, default=(1,), help="comma-separated batch sizes, e.g. 1,8,32")
+    p.add_argument("models", nargs="+", help="the .onnx files; the first is the baseline of the ratios")
+    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="where the models run")
+    p.add_argument("--batch", type=_batches, default="1", help="comma-separated batch sizes, e.g. 1,8,32")
     p.add_argument("--data", default=None, help="inputs from an .npz instead of seeded random inputs")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="TensorRT engine precision")
     p.add_argument("--workdir", default=None, help="TensorRT: where engines and the timing cache are kept")
     p.add_argument("--json", default=None, help="write the full report here")
-    p.add_argument("--warmup", type=_non_negative, default=1.0, help="warm-up seconds per model and batch")
-    p.add_argument("--duration", type=_non_negative, default=3.0, help="minimum timed seconds per model and batch")
-    p.add_argument("--iterations", type=_positive_int, default=30, help="minimum timed iterations")
-    p.add_argument("--rounds", type=_positive_int, default=5, help="interleaved rounds (A B A B ...)")
+    p.add_argument("--warmup", type=seconds, default=1.0, help="warm-up seconds per model and batch")
+    p.add_argument("--duration", type=seconds, default=3.0, help="minimum timed seconds per model and batch")
+    p.add_argument("--iterations", type=_at_most(_positive_int, MAX_ITERATIONS), default=30,
+                   help="minimum timed iterations")
+    p.add_argument("--rounds", type=_at_most(_positive_int, MAX_ROUNDS), default=5,
+                   help="interleaved rounds (A B A B ...)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="onnxruntime intra-op threads (default: onnxruntime's choice, one per physical core)")
     p.add_argument("--round-to", type=_positive_int, default=None,
@@ -831,11 +991,188 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log to MLflow (default store: sqlite:///OUTPUT/mlflow.db); needs the [mlflow] extra")
     p.add_argument("--no-cache", action="store_true", help="recompute everything; neither read nor write "
                                                            "OUTPUT/cache")
+
+
+def _add_latency_command(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """latency variants | fit."""
+    latency = parser.add_subparsers(dest="latency_command", required=True, metavar="STEP")
+    p = latency.add_parser("variants", parents=[common], formatter_class=_HelpFormatter,
+                           help="write random-width variants of a model and the board scripts that profile them")
+    p.add_argument("model", help="the .onnx file whose variants the board times")
+    p.add_argument("-o", "--output", required=True, help="the folder to write (variants.json, variant_NNN.onnx, "
+                                                         "run_trtexec.sh, run_onnxruntime.sh)")
+    p.add_argument("--variants", type=_positive_int, default=12, help="random-width variants (default 12; plus "
+                                                                      "the full model and 3 held-out ones)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the variants' random widths")
+    p.add_argument("--backend", choices=BACKENDS, default="tensorrt",
+                   help="the board's runtime: picks the onnxruntime provider of run_onnxruntime.sh and --round-to")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="trtexec precision flags")
+    p.add_argument("--latency-batch", type=_positive_int, default=1, help="batch size the board times")
+    p.add_argument("--round-to", type=_positive_int, default=None,
+                   help="variant widths are multiples of N (default: from --backend/--precision)")
+    p.add_argument("--min-channels", type=_positive_int, default=8, help="never fewer channels in a group")
+    _add_input_shape(p)
+    p = latency.add_parser("fit", parents=[common], formatter_class=_HelpFormatter,
+                           help="fit a latency model on the board's profiles")
+    p.add_argument("folder", help="the variants folder, with the board's profiles/ copied back")
+    p.add_argument("-o", "--output", default=None, help="the latency model file (default FOLDER/latency_model.json)")
+    p.add_argument("--source", choices=("trtexec", "onnxruntime"), default=None,
+                   help="which profiles to read (default: the kind present)")
+    p.add_argument("--block", type=_positive_int, default=1,
+                   help="channel block of the board's layout: widths are rounded up to it (default 1: none)")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "export": (cmd_export, "export a torch model (torchvision:NAME, timm:NAME, file.py:FACTORY) to canonical ONNX, "
+                           "checked against torch"),
+    "inspect": (cmd_inspect, "channel groups, sizes, freeze reasons, MACs and params"),
+    "apply": (cmd_apply, "apply a plan file: remove channels (or zero them with --mask-only)"),
+    "calibrate": (cmd_calibrate, "stream per-channel statistics of labelled data through onnxruntime"),
+    "score": (cmd_score, "score channels with a registered method"),
+    "plan": (cmd_plan, "choose kept channels to meet a MACs or params budget"),
+    "prune": (cmd_prune, "one shot: calibrate, score, plan, apply, report"),
+    "finetune": (cmd_finetune, "distil the original into a pruned model for a few epochs (needs the [torch] "
+                               "extra); same graph, new weights"),
+    "push": (cmd_push, "Grow-Push-Prune's push (train features towards class separation in few channels), then "
+                       "prune with DI and recover (needs the [torch] extra)"),
+    "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
+    "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
+    "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
+    "latency": (cmd_latency, "latency models from your own board: 'variants' writes the models and the trtexec / "
+                             "onnxruntime script to run there, 'fit' reads the profiles back into a latency "
+                             "model for --latency-model"),
+    "run": (cmd_run, "the whole job from a YAML config: candidates, evaluation, latency, gates, report, "
+                     "best.onnx (exit 3 when no candidate passes)"),
+}
+"""Subcommand -> (function, help)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; subcommand choices come from the registries."""
+    parser = argparse.ArgumentParser(prog="diprune", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"diprune {_version()}",
+                        help="print the version and exit")
+    _add_verbosity(parser, default=True)
+    common = argparse.ArgumentParser(add_help=False)  # -v/-q after the subcommand too
+    _add_verbosity(common, default=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=text, description=text, parents=[common],
+                                    formatter_class=_HelpFormatter)
+               for name, (_, text) in COMMANDS.items()}
+    for name, (func, _) in COMMANDS.items():
+        parsers[name].set_defaults(func=func)
+    _add_export_options(parsers["export"])
+    _add_model_commands(parsers)
+    _add_prune_command(parsers["prune"])
+    _add_finetune_options(parsers["finetune"])
+    _add_push_options(parsers["push"])
+    _add_measure_commands(parsers)
+    _add_latency_command(parsers["latency"], common)
     for name in ("inspect", "calibrate", "score", "plan", "apply", "prune", "eval", "bench"):
-        parsers[name].add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
-                                   help="static dims of a model input, e.g. images:1x3x640x640 (repeatable); fixes "
-                                        "dynamic sizes for shape inference, MACs, calibration and bench")
+        _add_input_shape(parsers[name])
     return parser
+
+
+# ------------------------------------------------------------------------------------------- inputs and outputs
+
+_INPUT_OPTIONS = ("config", "spec", "model", "models", "reference", "plan", "stats", "scores", "data", "eval_data",
+                  "task_map", "latency_model")
+"""Options naming files (or folders) a command reads: no output may be one of them, or lie inside one."""
+
+
+def _input_paths(args: argparse.Namespace) -> list[str]:
+    """Every file or folder the command reads, as given (``mnist`` is the shipped file; a torch spec
+    ``file.py:FACTORY`` its file; ``finetune``'s default plan ``<model>.plan.json``; a used latency cache; the
+    package's data folder, always)."""
+    from pipeline.data import mnist_path
+
+    paths: list[str] = []
+    for name in _INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if not item:
+                continue
+            file, _, _ = str(item).rpartition(":")
+            if name in ("data", "eval_data") and item == "mnist":
+                paths.append(str(mnist_path()))
+            elif name in ("spec", "model") and file.endswith(".py"):
+                paths.append(file)
+            else:
+                paths.append(str(item))
+    if args.command == "finetune" and args.plan is None:
+        paths.append(f"{args.model}.plan.json")
+    paths.append(str(mnist_path().parent))  # the package's own data (the shipped model and digits) is never written
+    if getattr(args, "target_latency", None) is not None and args.latency_cache:
+        paths.append(args.latency_cache)
+    return paths
+
+
+def _output_paths(args: argparse.Namespace) -> list[str]:
+    """Every file the command writes (``run`` writes a folder: :func:`pipeline.job.check_run_paths`)."""
+    out = getattr(args, "output", None)
+    if args.command in ("run", "demo", "inspect", "eval"):
+        return []
+    if args.command == "latency":  # variants: a folder of new files; fit: its model file, FOLDER/... by default
+        return [out or str(Path(args.folder) / "latency_model.json")] if args.latency_command == "fit" else []
+    if args.command == "bench":
+        return [args.json] if args.json else []
+    if args.command == "prune":
+        from pipeline.fp16 import fp16_path
+        from pipeline.int8_stage import int8_path
+
+        return [out, f"{out}.plan.json", f"{out}.report.json", *([str(int8_path(out))] if args.quantize else []),
+                *([str(fp16_path(out))] if args.precision == "fp16" else [])]
+    if args.command == "finetune":
+        return [out, f"{out}.report.json"]
+    if args.command == "push":
+        from pipeline.push import default_pushed_path
+
+        pushed = args.pushed or str(default_pushed_path(out))
+        return [out, f"{out}.plan.json", f"{out}.report.json", pushed, f"{pushed}.push.json"]
+    return [out]
+
+
+def _check_outputs(args: argparse.Namespace, extra_inputs: Sequence[str] = ()) -> None:
+    """The one guard of every command's outputs, before any work: none is an input (or inside an input folder), a
+    device node or FIFO, an overlong name or in a folder that takes no new file; a used ``--latency-cache`` takes
+    new files."""
+    from graph_ops.io import check_writable, check_writable_dir
+
+    inputs = [*_input_paths(args), *extra_inputs]
+    outputs = _output_paths(args)
+    for out in outputs:
+        check_writable(out, *inputs)
+    if len({str(Path(o).resolve()) for o in outputs}) < len(outputs):
+        raise UserInputError(f"two outputs of this command are the same file ({', '.join(outputs)}); choose "
+                             "different paths")
+    if getattr(args, "target_latency", None) is not None and args.latency_cache:
+        check_writable_dir(args.latency_cache, "--latency-cache")
+
+
+# ------------------------------------------------------------------------------------------------------ signals
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds like Ctrl-C: every ``finally`` and cleanup runs
+    (temporary files and folders removed, outputs all or nothing) before the exit with 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` for the block (main thread only; the previous handler is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -846,16 +1183,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.ERROR if args.quiet else level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args.stdout = sys.stdout
+    with contextlib.suppress(AttributeError, ValueError):  # a file name that is not UTF-8 is printed, not a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     no_huge_page_advice()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # only the command's result goes to stdout (pure JSON)
+        with _sigterm_unwinds(), contextlib.redirect_stdout(sys.stderr):  # only the result goes to stdout
+            _check_outputs(args)
             return args.func(args)
     except PruneError as err:
         print(f"diprune: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Terminated:
+        print("diprune: terminated (SIGTERM); temporary files removed, inputs untouched", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("diprune: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("diprune: error: out of memory; use smaller batches (--batch, --batch-size) or fewer samples (--limit)",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:  # stdout closed early (diprune ... | head): not an error of ours, no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

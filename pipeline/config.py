@@ -6,22 +6,27 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
                                      #     input_name: input, opset: 17, dynamic_batch: true, exporter: dynamo}
     data:
       calibration: calib.npz         # 'mnist', an .npz or an image folder (as --data); or a mapping
-                                     # {path: ..., split, limit, scale, mean, std, size, crop, input_key, label_key,
-                                     #  label_format, labels_path}  (dense labels: yolo, coco, mask, text)
+                                     # {path: ..., split, limit, scale, mean, std, size, crop, channel_order,
+                                     #  input_key, label_key, label_format, labels_path}  (dense labels: yolo, coco,
+                                     #  mask, text)
       evaluation: test.npz           # same forms; held-out data ('test' split by default where there is one)
-      limit / scale / mean / std / size / crop / input_key / label_key: defaults for both
+      limit / scale / mean / std / size / crop / channel_order / input_key / label_key: defaults for both
     prune:
       methods: [di]                  # keys of pipeline.scorers.SCORERS
       target_macs: [0.5]             # fractions kept; and/or target_params: [...]
       target_latency: []             # fractions of the original's latency measured on bench.backend at the first
                                      # bench batch with bench.threads (closed loop; pipeline.latency_plan)
+      latency_model: null            # a file from 'diprune latency fit' (the board's profiles): target_latency is
+                                     # planned against it, nothing timed here
       quantize: null                 # int8: every candidate and the original also quantized (<name>-int8)
       recover: lstsq                 # keys of pipeline.recovery.RECOVERY
       recover_mode: sequential       # or one-pass
       round_to: null                 # null: the bench backend's default (8 on ort-cpu)
       min_channels: 8
       protect: []                    # group ids never pruned
-      prune_ends: false              # also prune the first layer and the classifier input
+      prune_ends: false              # rule allocation: also prune the first layer and the classifier input
+      allocation: measured           # measured: groups ranked by measured output damage; rule: by the criterion
+      steps: 1                       # rounds of prune + recover on the recovered model to reach each budget
       pooling: auto                  # auto: what each probe's consumers read; or gap, avg2, avg4
       labels: null                   # data or model (default: the data's labels, else the model's decisions)
       output_kind: null              # classes, sequence, map or yolo (default: detected from the output's shape)
@@ -33,27 +38,31 @@ Schema (``key: default``; every key but ``model``, ``data`` and a budget is opti
       finetune_epochs: 0             # > 0: distil the original into every candidate (needs the [torch] extra)
     task: {classes: [3, 8]}          # or {map: {odd: [1, 3, 5, 7, 9], even: [0, 2, 4, 6, 8]}} or {map: task.json}
     bench: {backend: ort-cpu, batch: [1], threads: null, warmup: 1.0, duration: 3.0, iterations: 30, rounds: 5}
-    gates: {max_top1_drop: 0.01, min_speedup: 1.3}   # names from pipeline.gates.GATES
+    gates: {max_top1_drop: 1.0, min_speedup: 1.3}    # names from pipeline.gates.GATES; max_top1_drop in points
     output: runs/exp1
     mlflow: {uri: null, experiment: diprune}           # or true; used when given (or with --mlflow)
 
 Relative paths (model, data, output) are relative to the config file's folder, so a config and its data can move
-together; ``mnist`` is the shipped digits. Unknown keys are refused with the closest known key.
+together; ``mnist`` is the shipped digits. Unknown keys are refused with the closest known key; every number must be
+finite and in its range (NaN or infinity is refused with the key's name: a gate against NaN fails every candidate, an
+infinite bench duration never ends).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graph_ops.io import read_text
 from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS
 from pipeline.errors import UserInputError
-from pipeline.gates import GATES
+from pipeline.gates import GATE_RANGES, GATES, POINTS_FLOOR
 from pipeline.locations import DEFAULT_BACKGROUND_RATIO, DEFAULT_PER_CLASS, Sampling
 from pipeline.outputs import MAP_THRESHOLD, OUTPUT_KINDS, YOLO_CONF, YOLO_IOU, DecodeOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
@@ -62,8 +71,8 @@ from pipeline.shards import SHARD_BATCHES
 from pipeline.targets import LABEL_FORMATS, LABEL_SOURCES, LabelOptions
 from pipeline.task import Task, load_task_map, task_from_map
 
-DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "input_key", "label_key", "label_format",
-                "labels_path")
+DATA_OPTIONS = ("limit", "scale", "mean", "std", "size", "crop", "channel_order", "input_key", "label_key",
+                "label_format", "labels_path")
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class DataSpec:
     label_key: str | None = None
     label_format: str | None = None
     labels_path: str | None = None
+    channel_order: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,8 @@ class PruneSpec:
     min_channels: int = 8
     protect: tuple[str, ...] = ()
     prune_ends: bool = False
+    allocation: str = "measured"
+    steps: int = 1
     pooling: str = DEFAULT_POOLING
     batch_size: int = 64
     seed: int = 0
@@ -120,6 +132,7 @@ class PruneSpec:
     ray: str | None = None
     shard_batches: int = SHARD_BATCHES
     finetune_epochs: int = 0
+    latency_model: Path | None = None
     labels: str | None = None
     output_kind: str | None = None
     blank: int = 0
@@ -180,13 +193,27 @@ class RunConfig:
     mlflow: MlflowSpec | None = None
     task: Task | None = None
     source: Path | None = field(default=None, compare=False)
+    task_map: Path | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config, JSON-ready (paths as strings)."""
         doc = asdict(self)
         doc.pop("source")
+        doc.pop("task_map")
         doc["task"] = None if self.task is None else self.task.to_dict()
         return _jsonable(doc)
+
+    def input_paths(self) -> list[Path]:
+        """Every file (or folder) the job reads: the config, the model (or its export's ``file.py``), the data
+        (``mnist``: the shipped file) and the task map."""
+        from pipeline.data import mnist_path
+
+        paths = [p for p in (self.source, self.model.path, self.task_map) if p is not None]
+        if self.model.export and self.model.export.rpartition(":")[0].endswith(".py"):
+            paths.append(Path(self.model.export.rpartition(":")[0]))
+        paths += [mnist_path() if spec.source == "mnist" else Path(spec.source)
+                  for spec in (self.calibration, self.evaluation) if spec is not None]
+        return paths
 
 
 def _jsonable(value: Any) -> Any:
@@ -220,6 +247,8 @@ def _number(value: Any, where: str, *, integer: bool = False, low: float | None 
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise UserInputError(f"config: '{where}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise UserInputError(f"config: '{where}' must be a finite number, got {value!r}")
     if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
         span = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
         raise UserInputError(f"config: '{where}' must be in {span}, got {value!r}")
@@ -302,7 +331,9 @@ def _dataset(value: Any, where: str, base: Path, defaults: Mapping[str, Any]) ->
         input_key=None if keys is None else tuple(str(k) for k in _list(keys, f"{where}.input_key")),
         label_key=None if options.get("label_key") is None else str(options["label_key"]),
         label_format=label_format,
-        labels_path=None if labels_path is None else str(_path(labels_path, f"{where}.labels_path", base)))
+        labels_path=None if labels_path is None else str(_path(labels_path, f"{where}.labels_path", base)),
+        channel_order=None if options.get("channel_order") is None else _choice(
+            options["channel_order"], f"{where}.channel_order", ("rgb", "bgr", "gray")))
 
 
 def _data(value: Any, base: Path) -> tuple[DataSpec | None, DataSpec]:
@@ -311,12 +342,13 @@ def _data(value: Any, base: Path) -> tuple[DataSpec | None, DataSpec]:
         raise UserInputError("config: 'data.evaluation' is missing: every candidate is evaluated on held-out data "
                              "('mnist', an .npz or an image folder)")
     defaults = {k: section[k] for k in DATA_OPTIONS if k in section}
+    _dataset({"path": "mnist", **defaults}, "data", base, {})  # the defaults are checked even where overridden
     calibration = section.get("calibration")
     calib = None if calibration is None else _dataset(calibration, "data.calibration", base, defaults)
     return calib, _dataset(section["evaluation"], "data.evaluation", base, defaults)
 
 
-def _prune(value: Any) -> PruneSpec:
+def _prune(value: Any, base: Path) -> PruneSpec:
     names = [f.name for f in PruneSpec.__dataclass_fields__.values()]
     section = _keys(value, "prune", names)
     methods = tuple(_choice(m, "prune.methods", sorted(SCORERS)) for m in _list(section.get("methods", "di"),
@@ -331,6 +363,10 @@ def _prune(value: Any) -> PruneSpec:
                              "'prune.target_latency' (fractions kept, e.g. [0.5, 0.25]), or 'prune.max_drop' "
                              "(accuracy points)")
     quantize = section.get("quantize")
+    latency_model = section.get("latency_model")
+    if latency_model is not None and not targets["target_latency"]:
+        raise UserInputError("config: 'prune.latency_model' is what 'prune.target_latency' plans against; give "
+                             "'prune.target_latency' too")
     round_to = section.get("round_to")
     protect = section.get("protect") or []
     prune_ends = section.get("prune_ends", False)
@@ -344,6 +380,8 @@ def _prune(value: Any) -> PruneSpec:
         round_to=None if round_to is None else _number(round_to, "prune.round_to", integer=True, low=1),
         min_channels=_number(section.get("min_channels", 8), "prune.min_channels", integer=True, low=1),
         protect=tuple(str(p) for p in _list(protect, "prune.protect")) if protect else (), prune_ends=prune_ends,
+        allocation=_choice(section.get("allocation", "measured"), "prune.allocation", ("measured", "rule")),
+        steps=_number(section.get("steps", 1), "prune.steps", integer=True, low=1),
         quantize=None if quantize is None else _choice(quantize, "prune.quantize", ("int8",)),
         pooling=_choice(section.get("pooling", DEFAULT_POOLING), "prune.pooling", tuple(POOLINGS)),
         batch_size=_number(section.get("batch_size", 64), "prune.batch_size", integer=True, low=1),
@@ -354,6 +392,7 @@ def _prune(value: Any) -> PruneSpec:
         shard_batches=_number(section.get("shard_batches", SHARD_BATCHES), "prune.shard_batches", integer=True,
                               low=1),
         finetune_epochs=_number(section.get("finetune_epochs", 0), "prune.finetune_epochs", integer=True, low=0),
+        latency_model=None if latency_model is None else _path(latency_model, "prune.latency_model", base),
         **_label_keys(section))
 
 
@@ -374,6 +413,13 @@ def _label_keys(section: Mapping[str, Any]) -> dict[str, Any]:
             raise UserInputError(f"config: 'prune.{key}' must be in (0, 1), got {value!r}")
         keys[key] = value
     return keys
+
+
+def _task_map(value: Any, base: Path) -> Path | None:
+    """The task map file of ``task: {map: file.json}`` (an input of the job), or None."""
+    if isinstance(value, Mapping) and isinstance(value.get("map"), str):
+        return _path(value["map"], "task.map", base)
+    return None
 
 
 def _task(value: Any, base: Path) -> Task | None:
@@ -397,6 +443,8 @@ def _task(value: Any, base: Path) -> Task | None:
 
 
 def _bench(value: Any) -> BenchSpec:
+    from pipeline.bench import MAX_ITERATIONS, MAX_ROUNDS, MAX_SECONDS
+
     section = _keys(value or {}, "bench", [f.name for f in BenchSpec.__dataclass_fields__.values()])
     threads = section.get("threads")
     return BenchSpec(
@@ -404,16 +452,26 @@ def _bench(value: Any) -> BenchSpec:
         batch=tuple(_number(b, "bench.batch", integer=True, low=1) for b in _list(section.get("batch", 1),
                                                                                   "bench.batch")),
         threads=None if threads is None else _number(threads, "bench.threads", integer=True, low=1),
-        warmup=_number(section.get("warmup", 1.0), "bench.warmup", low=0.0),
-        duration=_number(section.get("duration", 3.0), "bench.duration", low=0.0),
-        iterations=_number(section.get("iterations", 30), "bench.iterations", integer=True, low=1),
-        rounds=_number(section.get("rounds", 5), "bench.rounds", integer=True, low=1),
+        warmup=_number(section.get("warmup", 1.0), "bench.warmup", low=0.0, high=MAX_SECONDS),
+        duration=_number(section.get("duration", 3.0), "bench.duration", low=0.0, high=MAX_SECONDS),
+        iterations=_number(section.get("iterations", 30), "bench.iterations", integer=True, low=1,
+                           high=MAX_ITERATIONS),
+        rounds=_number(section.get("rounds", 5), "bench.rounds", integer=True, low=1, high=MAX_ROUNDS),
         precision=_choice(section.get("precision", "fp32"), "bench.precision", PRECISIONS))
 
 
 def _gates(value: Any) -> dict[str, float]:
     section = _keys(value or {}, "gates", list(GATES))
-    return {name: _number(limit, f"gates.{name}") for name, limit in section.items()}
+    gates = {}
+    for name, limit in section.items():
+        low, high = GATE_RANGES[name]
+        gates[name] = _number(limit, f"gates.{name}", low=low, high=high)
+    drop = gates.get("max_top1_drop")
+    if drop is not None and 0 < drop < POINTS_FLOOR:
+        raise UserInputError(f"config: 'gates.max_top1_drop' is in accuracy points (1 = one point of top-1, as "
+                             f"--max-drop and the report); {drop:g} reads like the old fraction spelling "
+                             f"({drop:g} = {100 * drop:g} points): write {100 * drop:g}, or 0 for no drop at all")
+    return gates
 
 
 def _mlflow(value: Any) -> MlflowSpec | None:
@@ -433,8 +491,9 @@ def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> Run
         if key not in top:
             raise UserInputError(f"config: '{key}' is missing (see README, 'Use it in a pipeline')")
     calibration, evaluation = _data(top["data"], base)
-    prune = _prune(top["prune"])
+    prune = _prune(top["prune"], base)
     task = _task(top.get("task"), base)
+    task_map = _task_map(top.get("task"), base)
     if calibration is None and (prune.recover != "none" or any(getattr(SCORERS[m], "requires_stats", False)
                                                                for m in prune.methods)):
         raise UserInputError(f"config: 'data.calibration' is missing: methods {', '.join(prune.methods)} with "
@@ -444,7 +503,7 @@ def config_from_dict(doc: Any, base: Path, *, source: Path | None = None) -> Run
     return RunConfig(model=_model(top["model"], base), calibration=calibration, evaluation=evaluation, prune=prune,
                      bench=_bench(top.get("bench")), gates=_gates(top.get("gates")),
                      output=_path(top["output"], "output", base), mlflow=_mlflow(top.get("mlflow")), task=task,
-                     source=source)
+                     source=source, task_map=task_map)
 
 
 def load_config(path: str | os.PathLike[str]) -> RunConfig:
@@ -452,10 +511,8 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"config file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        doc = yaml.safe_load(read_text(path, "config file"))
+    except yaml.YAMLError as err:
         raise UserInputError(f"config {path} is not valid YAML: {err}") from err
     return config_from_dict(doc, path.resolve().parent, source=path)

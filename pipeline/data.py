@@ -31,6 +31,7 @@ import logging
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,8 @@ LOG = logging.getLogger(__name__)
 # channel axis, N x H x W x C with C in (1, 3) and axis 1 not in (1, 3) is channels-last.
 LAYOUTS = ("auto", "NCHW", "NHWC", "NHW", "CHW", "HWC", "HW", "none")
 
+IMAGE_ORDERS = {"rgb": "RGB", "bgr": "BGR", "gray": "L"}
+"""``--channel-order`` of image folders -> Pillow mode / channel order of :func:`from_image_folder`."""
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 MNIST_TRAIN = 8000  # samples [0, 8000) of the shipped MNIST are the training split, the rest held-out test
 
@@ -290,6 +293,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 members = {info.filename: info for info in archive.infolist()}
             mapped = {k: _mapped(path, members.get(f"{k}.npy")) for k in keys}
             return {k: handle[k] if mapped[k] is None else mapped[k] for k in keys}
+    except UserInputError:
+        raise
     except Exception as err:  # zipfile, zlib, pickle and value errors all mean a corrupt or foreign file
         raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or holding Python objects; "
                              f"write it with numpy.savez): {err}") from err
@@ -319,8 +324,23 @@ def _check_normalisation(scale: float | None, mean: object, std: object) -> None
         raise UserInputError(f"--std must be non-zero (it divides the inputs), got {np.asarray(std).tolist()}")
 
 
+def _check_crc(handle: Any, path: Path, member: zipfile.ZipInfo) -> None:
+    """The member's bytes (``handle`` at their start) against the CRC-32 the archive records: a memory map skips
+    zipfile's own check, and a flipped bit in the data would go unnoticed (values silently wrong)."""
+    crc, left = 0, member.compress_size
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    if left or crc != member.CRC:
+        raise UserInputError(f"{path}: array {member.filename!r} is corrupt (its CRC-32 does not match the archive's"
+                             f"{'; the file is truncated' if left else ''}); copy or write the file again")
+
+
 def _mapped(path: Path, member: zipfile.ZipInfo | None) -> np.ndarray | None:
-    """A stored (uncompressed) ``.npy`` member of a zip file as a read-only memory map, or None."""
+    """A stored (uncompressed) ``.npy`` member of a zip file as a read-only memory map (its CRC checked first), or
+    None."""
     if member is None or member.compress_type != zipfile.ZIP_STORED:
         return None
     with open(path, "rb") as handle:
@@ -329,6 +349,8 @@ def _mapped(path: Path, member: zipfile.ZipInfo | None) -> np.ndarray | None:
         if len(local) != 30 or local[:4] != b"PK\x03\x04":
             return None
         name_len, extra_len = struct.unpack("<HH", local[26:30])
+        handle.seek(member.header_offset + 30 + name_len + extra_len)
+        _check_crc(handle, path, member)
         handle.seek(member.header_offset + 30 + name_len + extra_len)
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         reader = readers.get(np.lib.format.read_magic(handle))
@@ -461,6 +483,10 @@ def from_image_folder(
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     files = [(f, label) for label, cls in enumerate(classes) for f in sorted((root / cls).iterdir())]
     files = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    odd = next((f for f, _ in files if not f.is_file()), None)
+    if odd is not None:  # a FIFO would block the read forever, a device read garbage
+        raise UserInputError(f"{odd} is not a regular file (a folder, device, FIFO or socket); image folders hold "
+                             "image files")
     if not files:  # plain images, no classes: unlabelled (label-free methods and recovery accept it)
         files = [(f, -1) for f in sorted(root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
         classes = []
@@ -470,6 +496,10 @@ def from_image_folder(
     files = files[:limit] if limit is not None else files
     crop_hw = (crop, crop) if isinstance(crop, int) else tuple(crop)
     channels = 1 if channel_order == "L" else 3
+    for what, value in (("mean", mean), ("std", std)):
+        if np.asarray(value).size not in (1, channels):
+            raise UserInputError(f"--{what} has {np.asarray(value).size} values; {channel_order} images have "
+                                 f"{channels} channel(s): give 1 or {channels}")
     mean_arr = np.asarray(mean, np.float32).reshape(-1, 1, 1) * np.ones((channels, 1, 1), np.float32)
     std_arr = np.asarray(std, np.float32).reshape(-1, 1, 1) * np.ones((channels, 1, 1), np.float32)
 
@@ -507,10 +537,8 @@ def resized_crop(width: int, height: int, size: int, crop_hw: tuple[int, int]) -
 
 def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: str) -> np.ndarray:
     """Read one image: resize shorter side to ``size``, centre crop, CHW float32 in [0, 1]."""
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise UserInputError("reading image folders needs Pillow: pip install pillow") from err
+    from PIL import Image
+
     try:
         with Image.open(path) as img:
             img = img.convert("L" if channel_order == "L" else "RGB")
@@ -520,7 +548,7 @@ def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: 
             if ch > h or cw > w:
                 raise UserInputError(f"crop {crop_hw} is larger than the resized image {h}x{w} of {path}")
             arr = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) / 255.0
-    except OSError as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # Pillow's refusal of a decompression bomb
         raise UserInputError(f"cannot read image {path}: {err}") from err
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return arr[::-1].copy() if channel_order == "BGR" else arr
@@ -611,6 +639,7 @@ def open_dataset(
     label_key: str | None = None,
     label_format: str | None = None,
     labels_path: str | os.PathLike[str] | None = None,
+    channel_order: str | None = None,
 ) -> Dataset:
     """Open a dataset from a CLI-style spec: ``"mnist"``, an ``.npz`` file or an image folder.
 
@@ -620,12 +649,18 @@ def open_dataset(
       ``input_keys`` (``ARRAY`` or ``ARRAY=INPUT``, see :func:`input_map_from_keys`) picks the input arrays and
       ``label_key`` the labels (default ``y``; arrays named otherwise are inputs).
     * a folder: :func:`from_image_folder` (of ``root/<split>`` when that exists); defaults size 256, crop 224 and
-      the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), RGB.
+      the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), RGB; ``channel_order`` ``rgb``, ``bgr``
+      or ``gray`` (one channel; default mean/std 0.449 / 0.226, the means of ImageNet's).
 
     ``split="all"`` means every sample. ``label_format`` / ``labels_path``: dense labels (:mod:`pipeline.labels`).
     Raises UserInputError for a spec that is none of these.
     """
     chosen = None if split == "all" else split
+    order = IMAGE_ORDERS.get((channel_order or "rgb").lower())
+    if order is None:
+        raise UserInputError(f"channel order {channel_order!r}: choose one of {', '.join(IMAGE_ORDERS)}")
+    if order != "RGB" and (str(spec) == "mnist" or not Path(spec).is_dir()):
+        raise UserInputError("--channel-order applies to image folders; an .npz holds its arrays as they are")
     if (input_keys or label_key) and not (str(spec) == "mnist" or Path(spec).suffix == ".npz"):
         raise UserInputError("--input-key/--label-key name arrays of an .npz file; image folders take their labels "
                              "from the class sub-folders")
@@ -646,10 +681,11 @@ def open_dataset(
                 "--scale applies to .npz data; image folders are always read on the [0, 1] scale"
             )
         root = path / chosen if chosen and (path / chosen).is_dir() else path
-        mean = (0.485, 0.456, 0.406) if mean is None else mean
-        std = (0.229, 0.224, 0.225) if std is None else std
+        gray = order == "L"
+        mean = ((0.449,) if gray else (0.485, 0.456, 0.406)) if mean is None else mean
+        std = ((0.226,) if gray else (0.229, 0.224, 0.225)) if std is None else std
         return from_image_folder(root, size=size or 256, crop=crop or 224, mean=mean, std=std, limit=limit,
-                                 label_format=label_format, labels_path=labels_path)
+                                 channel_order=order, label_format=label_format, labels_path=labels_path)
     raise UserInputError(f"data '{spec}' not found: give 'mnist', an existing .npz file or an image folder")
 
 

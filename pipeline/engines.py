@@ -136,8 +136,9 @@ def build_engine(onnx_path: str | Path, shapes: Mapping[str, Sequence[int]], eng
         onnx_path: the model.
         shapes: input name -> the shape to build for (used as min = opt = max of the one profile).
         engine_path: where the serialized engine is written.
-        precision: ``fp32``, ``fp16`` or ``int8`` (INT8 needs ``calibration``; FP16 is allowed as fallback).
-            INT8 uses implicit quantization with an entropy calibrator (deprecated since TensorRT 10.1 in
+        precision: ``fp32``, ``fp16`` or ``int8`` (FP16 is allowed as fallback). A model with Q/DQ nodes (the
+            ``tensorrt`` INT8 recipe) is built with explicit quantization, its own scales; otherwise INT8 uses
+            implicit quantization with an entropy calibrator on ``calibration`` (deprecated since TensorRT 10.1 in
             favour of explicit Q/DQ, still supported).
         timing_cache: file that holds the builder's timing cache (read if present, written after the build).
         calibration: INT8 calibration batches (input name -> array with the build batch size).
@@ -164,13 +165,16 @@ def build_engine(onnx_path: str | Path, shapes: Mapping[str, Sequence[int]], eng
     config.add_optimization_profile(profile)
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
+    explicit = any(network.get_layer(i).type == trt.LayerType.QUANTIZE for i in range(network.num_layers))
     if precision == "int8":
-        if calibration is None:
-            raise UserInputError("INT8 needs calibration data (labelled or not): pass calibration batches")
+        if calibration is None and not explicit:
+            raise UserInputError("INT8 needs calibration data (labelled or not), or a Q/DQ model (prune --backend "
+                                 "tensorrt --quantize int8): pass calibration batches")
         config.set_flag(trt.BuilderFlag.INT8)
-        config.set_calibration_profile(profile)
-        config.int8_calibrator = _entropy_calibrator(trt, cudart, list(calibration),
-                                                     Path(engine_path).with_suffix(".calib"))
+        if not explicit:  # implicit quantization: TensorRT calibrates the ranges itself
+            config.set_calibration_profile(profile)
+            config.int8_calibrator = _entropy_calibrator(trt, cudart, list(calibration),
+                                                         Path(engine_path).with_suffix(".calib"))
     cache_path = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
     config.set_timing_cache(cache, False)

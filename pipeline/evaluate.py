@@ -15,6 +15,8 @@ Output fidelity (any model, e.g. a detector, with a reference; both models must 
 
 Accumulation is in float64 across batches, so memory does not grow with the dataset. Accuracy needs labels; without
 labels ``top1``/``top5`` are None. A model that is not a classifier can only be evaluated against a reference.
+Non-finite outputs (NaN or infinity, of the model or of the reference) are refused with an error naming the output:
+NaN logits would otherwise score top-5 = 1.0 (no score is greater than NaN), a silently wrong result.
 """
 
 from __future__ import annotations
@@ -52,9 +54,20 @@ class EvalReport:
 def _as_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
-    from graph_ops.io import load_model
+    from graph_ops.io import check_finite_weights, load_model
 
-    return load_model(model)
+    proto = load_model(model)
+    check_finite_weights(proto, model)
+    return proto
+
+
+def _check_finite(names: list[str], outputs: list[np.ndarray], which: str) -> None:
+    """Refuse NaN or infinite outputs (``which``: "the model" or "the reference")."""
+    for name, value in zip(names, outputs, strict=False):
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise UserInputError(f"{which}'s output '{name}' has NaN or infinite values on this data, so no metric "
+                                 "would mean anything; check the model's weights and the data's scale (--scale, "
+                                 "--mean, --std)")
 
 
 def is_classifier(model: onnx.ModelProto) -> bool:
@@ -199,12 +212,14 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     per_run = samples_per_run(proto, batch_size)  # same outputs, the memory of fewer samples per call
     for batch in stream(session, dataset, None, specs, batch_size=batch_size, stage="evaluate", progress=progress,
                         per_run=per_run):
+        _check_finite(names, batch.outputs, "the model")
         if classifier:
             width = num_classes or batch.outputs[0].shape[1]
             if batch.labels is not None:
                 totals.add_labels(batch.outputs[0], check_labels(batch.labels, batch.size, width))
         if ref_session is not None:
-            totals.add_reference(names, batch.outputs, run(ref_session, None, batch.feeds, stage="evaluate",
-                                                                     per_run=per_run))
+            ref_outputs = run(ref_session, None, batch.feeds, stage="evaluate", per_run=per_run)
+            _check_finite([o.name for o in ref_proto.graph.output], ref_outputs, "the reference")
+            totals.add_reference(names, batch.outputs, ref_outputs)
         totals.n += batch.size
     return _report(totals, width, ref_session is not None)

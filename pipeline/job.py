@@ -8,12 +8,16 @@ the best candidate (:mod:`pipeline.run_report`) -> ``OUTPUT/candidates/<name>.on
 ``OUTPUT/best.onnx`` (+ plan, report), plots, ``OUTPUT/report.json`` and ``report.md`` -> MLflow (optional).
 
 The cache (:mod:`pipeline.run_cache`) lives in ``OUTPUT/cache``: a rerun with one more budget reuses the calibration
-and every candidate already made. Inputs are never modified; every file is written atomically; a stale
-``best.onnx`` of an earlier run is removed when no candidate passes now.
+and every candidate already made. Inputs are never modified: an input (model, data, task map, config) lying where the
+job writes or deletes (``OUTPUT/best.onnx``, ``report.*``, ``candidates/``, ``cache/``, ``plots/``) is refused before
+any work (:func:`check_run_paths`). Every file is written atomically; a stale ``best.onnx`` of an earlier run is
+removed when no candidate passes now. One job at a time writes an output folder: the job holds an exclusive lock
+(``OUTPUT/.diprune.lock``, :mod:`pipeline.locks`) from start to end, and a second job on the same folder is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +26,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from graph_ops.io import atomic_write_files, check_writable, sha256_file
+from graph_ops.io import atomic_write_files, check_writable, is_inside, same_file, sha256_file
 from pipeline.config import DataSpec, RunConfig
 from pipeline.engines import default_round_to
 from pipeline.errors import UserInputError
 from pipeline.gates import ACCURACY_GATES
+from pipeline.locks import LOCK_NAME, exclusive_lock
 from pipeline.orchestrate import (
     Candidate,
     PruneRun,
@@ -38,6 +43,7 @@ from pipeline.orchestrate import (
     write_candidate,
 )
 from pipeline.plots import write_plots
+from pipeline.progressive import progressive
 from pipeline.run_cache import RunCache, content_key, data_identity, model_digest
 from pipeline.run_report import BatchLatency, CandidateResult, RunReport, judge
 
@@ -71,7 +77,8 @@ def _open(spec: DataSpec, *, evaluation: bool) -> Any:
     split = spec.split or (default_eval_split(spec.source) if evaluation else None)
     dense = {} if evaluation else {"label_format": spec.label_format, "labels_path": spec.labels_path}
     return open_dataset(spec.source, split=split, limit=spec.limit, scale=spec.scale, mean=spec.mean, std=spec.std,
-                        size=spec.size, crop=spec.crop, input_keys=spec.input_key, label_key=spec.label_key, **dense)
+                        size=spec.size, crop=spec.crop, input_keys=spec.input_key, label_key=spec.label_key,
+                        channel_order=spec.channel_order, **dense)
 
 
 def _model_path(job: _Job) -> Path:
@@ -86,7 +93,7 @@ def _model_path(job: _Job) -> Path:
                       name=spec.input_name, opset=spec.opset, dynamic=spec.dynamic_batch, exporter=spec.exporter,
                       torch=torch.__version__)
     path = job.cache.path("export", key, ".onnx")
-    record = job.cache.load_json("export", key)
+    record = job.cache.load_json("export", key, required=("parity",))
     if record is not None and path.is_file():
         job.echo(f"export {spec.export}: reused from the cache ({record['parity']})")
         return path
@@ -110,7 +117,7 @@ def _use_cached_stats(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None)
                       batch_size=run.batch_size, summaries=summaries, shard_batches=run.shard_batches,
                       **({"labels": _label_identity(job.config.prune), "seed": run.seed} if labelled else {}))
     stats = job.cache.load_stats(key)
-    if stats is not None:
+    if stats is not None and stats.model_sha256 == run.prepared.sha256 and stats.pooling == run.pooling:
         run.use_stats(stats, summaries=summaries)
         job.counts["calibration"] = "reused"
         job.echo("calibration: reused from the cache")
@@ -145,6 +152,7 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
         name = f"{method}-{kind}{target:g}" + ("pt" if kind == "within" else "")
         settings = {"method": method, "kind": kind, "target": target, "round_to": round_to,
                     "min_channels": prune.min_channels, "protect": sorted(prune.protect), "ends": prune.prune_ends,
+                    "allocation": prune.allocation, "steps": prune.steps,
                     "recover": prune.recover, "mode": prune.recover_mode, "pooling": prune.pooling,
                     "batch_size": prune.batch_size, "seed": prune.seed,
                     **({"finetune_epochs": prune.finetune_epochs} if prune.finetune_epochs else {}),
@@ -152,9 +160,12 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
         latency = _latency_budget(job, target) if kind == "latency" else None
         if latency is not None:  # a latency candidate depends on where latency is measured
             settings["latency_target"] = vars(latency.on)
+            if latency.model_file is not None:  # or on the latency model it was planned against
+                settings["latency_model"] = hashlib.sha256(latency.model_file.read_bytes()).hexdigest() \
+                    if latency.model_file.is_file() else str(latency.model_file)
         key = content_key("candidate", model=run.prepared.sha256, data=calib_id, **settings)
         candidate = job.cache.load_candidate(key)
-        search = job.cache.load_json("search", key) if kind == "within" else None
+        search = job.cache.load_json("search", key, required=("tried",)) if kind == "within" else None
         if candidate is not None and (kind != "within" or search is not None):
             if search is not None:
                 searches[name] = tuple(search["tried"])
@@ -166,7 +177,7 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
             _use_cached_stats(job, run, calib_id)
         options = {"round_to": round_to, "min_channels": prune.min_channels, "protect": prune.protect,
                    "keep_first_and_last": not prune.prune_ends, "recover": prune.recover,
-                   "recover_mode": prune.recover_mode}
+                   "recover_mode": prune.recover_mode, "allocation": prune.allocation}
         if kind == "within":
             job.echo(f"candidate {i}/{len(jobs)} {name}: the smallest model within {target:g} points (search)")
             candidate, _, tried = smallest_within(run, method, evaluation, target, **options)
@@ -174,8 +185,8 @@ def _candidates(job: _Job, run: PruneRun, calib_id: dict[str, Any] | None, evalu
             job.cache.save_json("search", key, {"tried": list(tried)})
         else:
             job.echo(f"candidate {i}/{len(jobs)} {name}: score, plan, apply, recover {prune.recover}")
-            candidate = run.candidate(method, **options, latency=latency,
-                                      **({} if latency else {f"target_{kind}": target}))
+            candidate = progressive(run, method, prune.steps, **options, latency=latency,
+                                    **({} if latency else {f"target_{kind}": target}))
         if prune.finetune_epochs:
             from pipeline.finetune import FinetuneOptions
 
@@ -196,7 +207,8 @@ def _latency_budget(job: _Job, target: float) -> Any:
     bench = job.config.bench
     cache = job.cache.root / "latency" if job.cache.enabled else None
     return LatencyBudget(target, LatencyTarget(backend=bench.backend, batch=bench.batch[0], threads=bench.threads,
-                                               precision=bench.precision), cache_dir=cache)
+                                               precision=bench.precision), cache_dir=cache,
+                         model_file=job.config.prune.latency_model, progress=job.progress)
 
 
 def _int8_twins(job: _Job, run: PruneRun, made: list[tuple[str, Candidate, bool]],
@@ -206,14 +218,15 @@ def _int8_twins(job: _Job, run: PruneRun, made: list[tuple[str, Candidate, bool]
     if job.config.prune.quantize is None:
         return []
     from pipeline.plan import PruningPlan
-    from pipeline.quantize import Int8Quantizer
+    from pipeline.quantize import Int8Quantizer, recipe_for
 
     sources = [("original", Candidate("original", PruningPlan(run.prepared.sha256, {}), run.prepared.model,
                                       {"method": "none"}, {}), False), *made]
     out = []
     for name, candidate, _ in sources:
         job.echo(f"int8: quantizing {name}")
-        quantizer = Int8Quantizer(candidate.model, calibration, workdir=job.cache.root if job.cache.enabled else None)
+        quantizer = Int8Quantizer(candidate.model, calibration, workdir=job.cache.root if job.cache.enabled else None,
+                                  recipe=recipe_for(job.config.bench.backend).name)
         with job.timed("int8"):
             try:
                 model = quantizer.quantize()
@@ -229,8 +242,8 @@ def _evaluate(job: _Job, run: PruneRun, model: Any, data: Any, eval_id: dict[str
     """Held-out metrics of a model (cached by the model's bytes, the reference and the data)."""
     key = content_key("eval", model=model_digest(model), reference=run.prepared.sha256 if reference else None,
                       data=eval_id)
-    cached = job.cache.load_json("eval", key)
-    if cached is not None:
+    cached = job.cache.load_json("eval", key, required=EVAL_KEYS)
+    if cached is not None and all(cached[k] is None or isinstance(cached[k], (int, float)) for k in EVAL_KEYS):
         job.counts["evaluations_reused"] += 1
         return cached
     metrics = run.evaluate(model, data, reference=reference)
@@ -267,6 +280,32 @@ def _result(run: PruneRun, name: str, candidate: Candidate, reused: bool, path: 
         notes=tuple(str(n) for n in candidate.plan.meta.get("notes", ())), top1=pruned["top1"], top5=pruned["top5"],
         top1_drop=drop, agreement=pruned["agreement"], relative_logit_error=pruned["relative_logit_error"],
         latency=latency, groups=groups, reused=reused, timings_s=dict(candidate.timings_s))
+
+
+EVAL_KEYS = ("n", "top1", "top5", "agreement", "relative_logit_error")
+"""What a cached evaluation must hold to be reused (:meth:`pipeline.evaluate.EvalReport.to_dict`)."""
+
+RUN_FILES = ("best.onnx", "best.onnx.plan.json", "best.onnx.report.json", "report.json", "report.md", "mlflow.db",
+             LOCK_NAME)
+"""Files a job writes (or deletes) in its output folder."""
+RUN_FOLDERS = ("candidates", "cache", "plots")
+"""Folders whose content a job writes in its output folder."""
+
+
+def check_run_paths(config: RunConfig) -> None:
+    """Refuse a job whose inputs lie where it writes or deletes (``RUN_FILES``, ``RUN_FOLDERS``), before any work:
+    a model at ``OUTPUT/best.onnx`` would be deleted as a stale best or overwritten by the new one."""
+    output = config.output
+    for item in config.input_paths():
+        clash = next((output / name for name in RUN_FILES if same_file(item, output / name)), None)
+        clash = clash or next((output / name for name in RUN_FOLDERS
+                               if same_file(item, output / name) or is_inside(item, output / name)), None)
+        if clash is None and is_inside(output, item):  # an image folder holding the output: plots would be images
+            raise UserInputError(f"the output folder {output} lies inside the input folder {item}: the run's files "
+                                 "would join its data; choose an output folder outside it")
+        if clash is not None:
+            raise UserInputError(f"input {item} lies where this run writes ({clash}): it would be overwritten or "
+                                 f"deleted; move it out of {output} or choose another output folder")
 
 
 def _check_gates_fit_data(job: _Job, evaluation: Any) -> None:
@@ -309,7 +348,9 @@ def _prepare_output(output: Path) -> None:
         (output / "candidates").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserInputError(f"cannot create the output folder {output}: {err.strerror or err}") from err
-    check_writable(output / "report.json")
+    for name in RUN_FILES:  # a folder, device node or FIFO where the run writes is refused before any work
+        if name != LOCK_NAME:
+            check_writable(output / name)
 
 
 def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = None, use_cache: bool = True,
@@ -328,7 +369,22 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
         from pipeline.torch_bridge import require_torch
 
         require_torch("prune.finetune_epochs")
+    check_run_paths(config)
     _prepare_output(output)
+    with output_lock(output):
+        return _run_locked(config, progress=progress, echo=echo, use_cache=use_cache, tracker=tracker)
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """The exclusive lock of an output folder (:mod:`pipeline.locks`) for the block; taken once per process."""
+    with exclusive_lock(output / LOCK_NAME, f"output folder {output}"):
+        yield
+
+
+def _run_locked(config: RunConfig, *, progress: bool, echo: Echo | None, use_cache: bool, tracker: Any) -> RunReport:
+    """:func:`run_job` once the output folder is locked."""
+    output = config.output
     job = _Job(config, RunCache(output / "cache", enabled=use_cache), echo or (lambda _: None), progress)
     if use_cache:  # also where recovery may spill activations
         job.cache.root.mkdir(parents=True, exist_ok=True)
@@ -354,7 +410,7 @@ def _run_stages(job: _Job, config: RunConfig, calibration: Any, evaluation: Any,
     run = PruneRun(model_path, calibration, pooling=prune.pooling, batch_size=prune.batch_size, seed=prune.seed,
                    progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task,
                    cluster=cluster, shard_batches=prune.shard_batches, labels=prune.label_options())
-    evaluation = run.task_data(evaluation, "evaluation")
+    evaluation = run.check_data(run.task_data(evaluation, "evaluation"), "evaluation", labels=True)
     groups = run.prepared.index.groups
     job.echo(f"model {model_path.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
     if config.task is not None:
@@ -406,7 +462,8 @@ def _finish(job: _Job, run: PruneRun, model_path: Path, calibration: Any, evalua
     if run.task is not None:
         data["task"] = run.task_record()
     bench_doc = {"backend": bench.backend, "settings": {**dict(bench.settings), "batches": list(batches)},
-                 "machine": dict(bench.machine), "warnings": list(bench.warnings)}
+                 "machine": dict(bench.machine), "warnings": list(bench.warnings),
+                 "noise": bench.to_dict()["noise"]}
     timings = {**{("prepare" if k == "analyze" else k): v for k, v in run.timings.items()}, **job.timings}
     report = RunReport(config=config.to_dict(), original=original_entry, data=data, candidates=tuple(judged),
                        gates=dict(config.gates), best=best, bench=bench_doc, cache=dict(job.counts), timings_s=timings,
@@ -435,12 +492,14 @@ def run_config(config: RunConfig, *, mlflow_uri: str | None = None, mlflow: bool
         return run_job(config, progress=progress, echo=echo, use_cache=use_cache)
     from pipeline.tracking import MlflowTracker, default_uri
 
+    check_run_paths(config)
     _prepare_output(config.output)
-    uri = mlflow_uri or (spec.uri if spec is not None else None) or default_uri(config.output)
-    name = config.source.stem if config.source is not None else config.output.name
-    tracker = MlflowTracker(uri, spec.experiment if spec is not None else "diprune", name, config.output)
-    try:
-        return run_job(config, progress=progress, echo=echo, use_cache=use_cache, tracker=tracker)
-    except BaseException:
-        tracker.fail()
-        raise
+    with output_lock(config.output):
+        uri = mlflow_uri or (spec.uri if spec is not None else None) or default_uri(config.output)
+        name = config.source.stem if config.source is not None else config.output.name
+        tracker = MlflowTracker(uri, spec.experiment if spec is not None else "diprune", name, config.output)
+        try:
+            return _run_locked(config, progress=progress, echo=echo, use_cache=use_cache, tracker=tracker)
+        except BaseException:
+            tracker.fail()
+            raise

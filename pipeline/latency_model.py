@@ -46,7 +46,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
@@ -56,7 +57,7 @@ import numpy as np
 import onnx
 
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.io import atomic_write_bytes
+from graph_ops.io import atomic_write_bytes, check_writable_dir
 from graph_ops.prune import apply_plan
 from pipeline.bench import machine_info
 from pipeline.errors import UserInputError
@@ -78,6 +79,7 @@ class Width:
 
     fixed: float
     groups: tuple[tuple[str, float], ...] = ()
+    full: float = 0.0  # the width in the unpruned model, where a consumer needs it (a part of a "terms" kernel)
 
     def at(self, widths: Mapping[str, int]) -> float:
         """The width under these group widths."""
@@ -89,28 +91,40 @@ def effective(width: float, block: int) -> float:
     return float(math.ceil(width / block - 1e-9) * block) if block > 1 else width
 
 
+def _uv(w_in: Width, w_out: Width, widths: Mapping[str, int], block: int, full: tuple[float, float]) -> np.ndarray:
+    """``[0, u v, u, v]`` for one input / output width pair against its full widths."""
+    u = effective(w_in.at(widths), block) / full[0] if full[0] else 1.0
+    v = effective(w_out.at(widths), block) / full[1] if full[1] else 1.0
+    return np.array([0.0, u * v, u, v])
+
+
 @dataclass(frozen=True)
 class KernelModel:
     """The kernels of one original node (or the unmatched ones): widths and fitted microseconds (module docstring).
 
     ``id``: the cost term (Conv/Gemm/MatMul) a convolution-like kernel computes, the original node another kernel
     was matched to, or ``"~unmatched"``; ``ops``: the onnxruntime ops seen under this id in the full model.
+    ``parts`` (kind ``"terms"``: one TensorRT layer computing several cost terms, e.g. a Myelin foreign node): per
+    term its input and output widths and its share ``s`` of the layer's MACs in the full model; the features are then
+    the share-weighted sums ``[1, sum s u v, sum s u, sum s v]``.
     """
 
     id: str
     ops: tuple[str, ...]
-    kind: str  # "term", "channel" or "fixed"
+    kind: str  # "term", "terms", "channel" or "fixed"
     w_in: Width
     w_out: Width
     full: tuple[float, float]
     block: int
     coef: tuple[float, float, float, float]
+    parts: tuple[tuple[Width, Width, float], ...] = ()
 
     def features(self, widths: Mapping[str, int]) -> np.ndarray:
         """``[1, u v, u, v]`` of the module docstring (widths rounded up to the block)."""
-        u = effective(self.w_in.at(widths), self.block) / self.full[0] if self.full[0] else 1.0
-        v = effective(self.w_out.at(widths), self.block) / self.full[1] if self.full[1] else 1.0
-        return np.array([1.0, u * v, u, v])
+        if self.parts:  # each part's full widths are its Widths' ``full``
+            return sum((share * _uv(w_in, w_out, widths, self.block, (w_in.full, w_out.full))
+                        for w_in, w_out, share in self.parts), np.zeros(4)) + np.array([1.0, 0.0, 0.0, 0.0])
+        return np.array([1.0, *_uv(self.w_in, self.w_out, widths, self.block, self.full)[1:]])
 
     def time_us(self, widths: Mapping[str, int]) -> float:
         """Predicted microseconds under these group widths."""
@@ -197,10 +211,12 @@ class LatencyModel:
             raise UserInputError("not a latency model file (format diprune.latency/1 expected)")
 
         def width(d: Mapping[str, Any]) -> Width:
-            return Width(float(d["fixed"]), tuple((str(g), float(c)) for g, c in d["groups"]))
+            return Width(float(d["fixed"]), tuple((str(g), float(c)) for g, c in d["groups"]), float(d.get("full", 0)))
 
         kernels = tuple(KernelModel(k["id"], tuple(k["ops"]), k["kind"], width(k["w_in"]), width(k["w_out"]),
-                                    tuple(k["full"]), int(k["block"]), tuple(k["coef"])) for k in doc["kernels"])
+                                    tuple(k["full"]), int(k["block"]), tuple(k["coef"]),
+                                    tuple((width(a), width(b), float(c)) for a, b, c in k.get("parts", ())))
+                        for k in doc["kernels"])
         return cls(key=doc["key"], full_widths={g: int(w) for g, w in doc["full_widths"].items()}, kernels=kernels,
                    scale=float(doc["scale"]), offset_us=float(doc["offset_us"]), exponent=float(doc["exponent"]),
                    samples=tuple(doc["samples"]),
@@ -279,31 +295,75 @@ class _Graph:
         pick = (exact or found or [None])[0]
         return None if pick is None else pick.name
 
-    def identify(self, kernel: KernelTime) -> tuple[str, str, Width, Width]:
-        """(id, kind, input width, output width) of one profiled kernel."""
+    def term_widths(self, term: str) -> tuple[Width, Width]:
+        """Input and output widths of a cost term (Conv / Gemm / MatMul node)."""
+        t = self.terms[term]
+        return (Width(float(t.in_fixed), tuple((g, 1.0) for g in t.in_groups)),
+                Width(float(t.out_fixed), tuple((g, 1.0) for g in t.out_groups)))
+
+    def identify(self, kernel: KernelTime) -> Identity:
+        """What one profiled onnxruntime kernel computes."""
         matched = _match(kernel.name, self.names)
         if matched is None:
-            return UNMATCHED, "fixed", Width(1.0), Width(1.0)
+            return Identity(UNMATCHED, "fixed", Width(1.0), Width(1.0))
         node = self.model.graph.node[self.names[matched]]
         term = self.anchor(self.names[matched], kernel.weight_shape) if kernel.op in CONV_LIKE else None
         if term is not None:
-            t = self.terms[term]
-            return (term, "term", Width(float(t.in_fixed), tuple((g, 1.0) for g in t.in_groups)),
-                    Width(float(t.out_fixed), tuple((g, 1.0) for g in t.out_groups)))
+            return Identity(term, "term", *self.term_widths(term))
         width = _tensor_width(self.index, matched if matched in self.producer else node.output[0])
-        return node.name or f"{node.op_type}@{self.names[matched]}", "channel", width, width
+        return Identity(node.name or f"{node.op_type}@{self.names[matched]}", "channel", width, width)
 
-    def kernel_times(self, profile: KernelProfile) -> dict[str, tuple[float, tuple[str, ...], str, Width, Width]]:
-        """Profiled microseconds summed per id, with the ops, kind and widths of the id."""
-        out: dict[str, tuple[float, tuple[str, ...], str, Width, Width]] = {}
-        for kernel in profile.kernels:
-            kid, kind, w_in, w_out = self.identify(kernel)
-            if kid in out:
-                us, ops, *rest = out[kid]
-                out[kid] = (us + kernel.median_us, tuple(dict.fromkeys((*ops, kernel.op))), *rest)
-            else:
-                out[kid] = (kernel.median_us, (kernel.op,), kind, w_in, w_out)
-        return out
+    def identify_nodes(self, nodes: Sequence[str], prefix: str = "") -> Identity:
+        """What a layer computing these original nodes (names; unknown ones ignored) computes: the one cost term
+        among them (``term``), several (``terms``, widths weighted by their MACs share in the full model), else the
+        channel width of the first node's output (``channel``), else a fixed cost. ``prefix`` names a kind of layer
+        apart from the nodes' own (``reformat:``: a copy into the layer's input layout)."""
+        known = [n for n in dict.fromkeys(nodes) if n in self.names]
+        if not known:
+            return Identity(UNMATCHED, "fixed", Width(1.0), Width(1.0))
+        terms = [n for n in known if n in self.terms]
+        if len(terms) == 1:
+            return Identity(prefix + terms[0], "term", *self.term_widths(terms[0]))
+        if terms:
+            full = self.index.full_widths()
+            macs = np.array([max(self.terms[t].macs(full), 1e-30) for t in terms])
+            parts = []
+            for t, share in zip(terms, macs / macs.sum(), strict=True):
+                w_in, w_out = self.term_widths(t)
+                parts.append((replace(w_in, full=w_in.at(full)), replace(w_out, full=w_out.at(full)), float(share)))
+            big = terms[int(np.argmax(macs))]
+            return Identity(prefix + "+".join(terms), "terms", *self.term_widths(big), tuple(parts))
+        node = self.model.graph.node[self.names[known[0]]]
+        width = _tensor_width(self.index, known[0] if known[0] in self.producer else node.output[0])
+        return Identity(prefix + (node.name or known[0]), "channel", width, width)
+
+    def kernel_times(self, profile: KernelProfile) -> dict[str, tuple[float, tuple[str, ...], Identity]]:
+        """Profiled microseconds summed per id, with the ops and the identity of the id."""
+        return sum_times((self.identify(kernel), kernel.op, kernel.median_us) for kernel in profile.kernels)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a profiled kernel or layer computes: its id (a cost term, an original node, ``~unmatched``), kind
+    (``term``, ``terms``, ``channel``, ``fixed``), input and output widths, and the parts of a ``terms`` layer."""
+
+    id: str
+    kind: str
+    w_in: Width
+    w_out: Width
+    parts: tuple[tuple[Width, Width, float], ...] = ()
+
+
+def sum_times(items: Iterable[tuple[Identity, str, float]]) -> dict[str, tuple[float, tuple[str, ...], Identity]]:
+    """``(identity, op, microseconds)`` summed per id (a node run as several kernels counts once)."""
+    out: dict[str, tuple[float, tuple[str, ...], Identity]] = {}
+    for ident, op, us in items:
+        if ident.id in out:
+            total, ops, first = out[ident.id]
+            out[ident.id] = (total + us, tuple(dict.fromkeys((*ops, op))), first)
+        else:
+            out[ident.id] = (us, (op,), ident)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- fitting
@@ -328,16 +388,22 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _fit(graph: _Graph, observations: list[tuple[dict[str, int], KernelProfile]], block: int) -> list[KernelModel]:
     """One kernel model per id of the full model's profile, fitted over every profiled variant."""
-    times = [graph.kernel_times(profile) for _, profile in observations]
-    full = graph.index.full_widths()
+    return fit_kernels([graph.kernel_times(profile) for _, profile in observations], [w for w, _ in observations],
+                       graph.index.full_widths(), block)
+
+
+def fit_kernels(times: Sequence[Mapping[str, tuple[float, tuple[str, ...], Identity]]],
+                widths: Sequence[Mapping[str, int]], full: Mapping[str, int], block: int) -> list[KernelModel]:
+    """One kernel model per id of the first (full) model's times (:meth:`_Graph.kernel_times`), fitted by
+    non-negative least squares over every variant whose times have that id."""
     out = []
-    for kid, (_, ops, kind, w_in, w_out) in times[0].items():
-        shell = KernelModel(kid, ops, kind, w_in, w_out,
-                            (effective(w_in.at(full), block), effective(w_out.at(full), block)), block, (0.0,) * 4)
-        seen = [(widths, by_id[kid][0]) for (widths, _), by_id in zip(observations, times, strict=True)
-                if kid in by_id]
+    for kid, (_, ops, ident) in times[0].items():
+        shell = KernelModel(kid, ops, ident.kind, ident.w_in, ident.w_out,
+                            (effective(ident.w_in.at(full), block), effective(ident.w_out.at(full), block)), block,
+                            (0.0,) * 4, ident.parts)
+        seen = [(w, by_id[kid][0]) for w, by_id in zip(widths, times, strict=True) if kid in by_id]
         y = np.array([t for _, t in seen])
-        if kind == "fixed":
+        if ident.kind == "fixed":
             coef = np.array([float(np.median(y)), 0.0, 0.0, 0.0])
         else:
             coef = nnls(np.array([shell.features(w) for w, _ in seen]), y)
@@ -433,11 +499,11 @@ def _variant_widths(ladders: Mapping[str, list[int]], target: LatencyTarget) -> 
 def variant_model(prepared: PreparedModel, widths: Mapping[str, int]) -> bytes:
     """The serialized model with each group cut to its first ``widths[group]`` channels."""
     keep = {gid: tuple(range(w)) for gid, w in widths.items() if w < prepared.index.by_id[gid].size}
-    return apply_plan(prepared.model, prepared.index, keep, verify=False).SerializeToString()
+    return prepared.at_sizes(apply_plan(prepared.model, prepared.index, keep, verify=False))
 
 
 def _whole_ratios(prepared: PreparedModel, all_widths: list[dict[str, int]], target: LatencyTarget,
-                  chunk: int = 4) -> tuple[list[float], float]:
+                  chunk: int = 4, bar: Any = None) -> tuple[list[float], float]:
     """Whole-model latency of every variant relative to the first (full) model, in chunks of interleaved rounds that
     each include the full model (models are made per chunk: bounded memory for large models), and the full model's
     median microseconds (over the chunks)."""
@@ -450,6 +516,8 @@ def _whole_ratios(prepared: PreparedModel, all_widths: list[dict[str, int]], tar
                                       round_seconds=target.round_seconds, seed=target.seed)
         ratios += list(measured.ratios[1:])
         full_us.append(measured.median_s[0] * 1e6)
+        if bar is not None:
+            bar.update(len(part))
     return ratios, float(np.median(full_us))
 
 
@@ -458,8 +526,9 @@ def _macs_fraction(index: ChannelGroupIndex, widths: Mapping[str, int]) -> float
 
 
 def build_latency_model(prepared: PreparedModel, target: LatencyTarget | None = None, *, round_to: int = 8,
-                        min_channels: int = 8) -> LatencyModel:
-    """Measure and fit the latency model of a prepared model on ``target`` (module docstring).
+                        min_channels: int = 8, progress: bool = False) -> LatencyModel:
+    """Measure and fit the latency model of a prepared model on ``target`` (module docstring); ``progress``: a tqdm
+    bar on stderr over the variants profiled and timed (the build takes tens of seconds to minutes).
 
     Raises:
         UserInputError: a precision other than fp32, a backend that is not onnxruntime or not active here, or a
@@ -476,12 +545,17 @@ def build_latency_model(prepared: PreparedModel, target: LatencyTarget | None = 
     all_widths = _variant_widths(ladders, target)
     fit_count = 1 + target.variants
     observations = []
-    for i, widths in enumerate(all_widths[:fit_count]):
-        profile = profile_kernels(variant_model(prepared, widths), backend=target.backend, batch=target.batch,
-                                  threads=target.threads, seed=target.seed)
-        observations.append((index.full_widths() | widths, profile))
-        logger.info("latency model: variant %d/%d profiled (%.3f ms)", i + 1, fit_count, profile.run_us / 1e3)
-    ratios, full_us = _whole_ratios(prepared, all_widths, target)
+    from tqdm import tqdm
+
+    with tqdm(total=fit_count + len(all_widths) - 1, desc="latency model", unit="variant", file=sys.stderr,
+              disable=not progress) as bar:
+        for i, widths in enumerate(all_widths[:fit_count]):
+            profile = profile_kernels(variant_model(prepared, widths), backend=target.backend, batch=target.batch,
+                                      threads=target.threads, seed=target.seed)
+            observations.append((index.full_widths() | widths, profile))
+            logger.info("latency model: variant %d/%d profiled (%.3f ms)", i + 1, fit_count, profile.run_us / 1e3)
+            bar.update(1)
+        ratios, full_us = _whole_ratios(prepared, all_widths, target, bar=bar)
     kernels = tuple(_fit(_Graph.of(prepared), observations, block_size(target)))
     provisional = LatencyModel({}, index.full_widths(), kernels, 1.0, 0.0)
     kernel_sums = np.array([provisional.kernel_us(w) for w, _ in observations])
@@ -510,11 +584,29 @@ def default_cache_dir() -> Path:
 
 
 def latency_model_for(prepared: PreparedModel, target: LatencyTarget, cache_dir: str | Path | None, *,
-                      round_to: int = 8, min_channels: int = 8) -> LatencyModel:
-    """The cached latency model of this model on this target, or a new measurement (written to ``cache_dir``)."""
+                      round_to: int = 8, min_channels: int = 8, progress: bool = False) -> LatencyModel:
+    """The cached latency model of this model on this target, or a new measurement (written to ``cache_dir``).
+
+    One process builds an entry at a time: the entry's lock (``<entry>.lock``, :mod:`pipeline.locks`) is held
+    while it is looked up, built and written; a second process asking for the same entry waits for it and then
+    reuses it instead of measuring it again (and both measuring at once would also disturb each other's timings).
+    """
     key = json.loads(json.dumps(table_key(prepared, target, round_to, min_channels), default=str))
-    path = None if cache_dir is None else Path(cache_dir) / f"latency-{key_digest(key)}.json"
-    if path is not None and path.is_file():
+    if cache_dir is None:
+        return build_latency_model(prepared, target, round_to=round_to, min_channels=min_channels, progress=progress)
+    from pipeline.locks import exclusive_lock
+
+    path = check_writable_dir(cache_dir, "latency model cache") / f"latency-{key_digest(key)}.json"
+    with exclusive_lock(path.with_name(f"{path.name}.lock"), f"latency model cache entry {path}", wait=True,
+                        on_wait=f"another diprune is building the latency model {path.name}; waiting to reuse it"):
+        return _cached_latency_model(prepared, target, path, key, round_to=round_to, min_channels=min_channels,
+                                     progress=progress)
+
+
+def _cached_latency_model(prepared: PreparedModel, target: LatencyTarget, path: Path, key: Any, *, round_to: int,
+                          min_channels: int, progress: bool) -> LatencyModel:
+    """:func:`latency_model_for` with the entry locked."""
+    if path.is_file():
         try:
             model = LatencyModel.from_json(path.read_text())
         except (ValueError, KeyError, TypeError, UserInputError) as err:
@@ -523,8 +615,6 @@ def latency_model_for(prepared: PreparedModel, target: LatencyTarget, cache_dir:
             if dict(model.key) == key:
                 logger.info("latency model reused from %s", path)
                 return model
-    model = build_latency_model(prepared, target, round_to=round_to, min_channels=min_channels)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, model.to_json().encode())
+    model = build_latency_model(prepared, target, round_to=round_to, min_channels=min_channels, progress=progress)
+    atomic_write_bytes(path, model.to_json().encode())
     return model

@@ -68,7 +68,9 @@ _FLOOR = 1e-12
 @dataclass(frozen=True)
 class LatencyBudget:
     """A latency budget: the fraction of the original's measured latency, the target it is measured on, the closed
-    loop's settings and where latency models are cached (None: not cached)."""
+    loop's settings, where latency models are cached (None: not cached), whether building one shows a progress
+    bar (stderr); ``model_file``: a latency model fitted on the target's own profiles (``diprune latency fit``),
+    planned against without timing anything here."""
 
     target: float
     on: LatencyTarget = field(default_factory=LatencyTarget)
@@ -76,6 +78,8 @@ class LatencyBudget:
     tolerance: float = 0.05
     band: float = 0.10
     cache_dir: Path | None = None
+    model_file: Path | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -86,6 +90,8 @@ class LatencyBudget:
 
     def to_dict(self) -> dict[str, Any]:
         """What reports record of the budget."""
+        if self.model_file is not None:
+            return {"target_latency": self.target, "backend": self.on.backend, "latency_model": str(self.model_file)}
         return {"target_latency": self.target, "backend": self.on.backend, "batch": self.on.batch,
                 "threads": self.on.threads, "iterations": self.iterations, "tolerance": self.tolerance,
                 "band": self.band}
@@ -323,8 +329,8 @@ def closed_loop(make: Callable[[float], PruningPlan], measure: Callable[[Pruning
 def measure_plan(prepared: PreparedModel, plan: PruningPlan, on: LatencyTarget, *, rounds: int | None = None) -> float:
     """Measured latency of the pruned model relative to the original (interleaved rounds on ``on``)."""
     keep = {gid: tuple(chans) for gid, chans in plan.keep.items()}
-    pruned = apply_plan(prepared.model, prepared.index, keep, verify=False).SerializeToString()
-    result = interleaved_ratios([prepared.model.SerializeToString(), pruned], backend=on.backend, batch=on.batch,
+    pruned = prepared.at_sizes(apply_plan(prepared.model, prepared.index, keep, verify=False))
+    result = interleaved_ratios([prepared.at_sizes(prepared.model), pruned], backend=on.backend, batch=on.batch,
                                 threads=on.threads, rounds=rounds or on.rounds, round_seconds=on.round_seconds,
                                 seed=on.seed)
     return result.ratios[1]
@@ -335,10 +341,15 @@ def plan_for_latency(prepared: PreparedModel, scores: ChannelScores, budget: Lat
                      min_channels: int = 8, protect: Iterable[str] = (), keep_first_and_last: bool = True,
                      model: LatencyModel | None = None) -> PruningPlan:
     """A plan whose latency measured on ``budget.on`` is ``budget.target`` of the original's (closed loop), also
-    meeting the optional MACs / params budgets; ``plan.meta["latency"]`` records the model and every try."""
+    meeting the optional MACs / params budgets; ``plan.meta["latency"]`` records the model and every try. With
+    ``budget.model_file`` the plan is made against that latency model's prediction instead (:func:`plan_on_model`)."""
     _check_budgets(budget.target, target_macs, target_params)
+    options = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
+               "min_channels": min_channels, "protect": protect, "keep_first_and_last": keep_first_and_last}
+    if budget.model_file is not None:
+        return plan_on_model(prepared, scores, budget, **options)
     model = model or latency_model_for(prepared, budget.on, budget.cache_dir, round_to=round_to,
-                                       min_channels=min_channels)
+                                       min_channels=min_channels, progress=budget.progress)
 
     def make(aim: float) -> PruningPlan:
         return select_for_latency(scores, prepared.index, model, target_latency=aim, target_macs=target_macs,
@@ -362,4 +373,27 @@ def plan_for_latency(prepared: PreparedModel, scores: ChannelScores, budget: Lat
                   "predicted_ms": model.predict_ms(), "validation_errors": errors}}
     meta = {**plan.meta, "target_latency": budget.target, "reached": within or measured <= budget.target,
             "notes": notes, "latency": record}
+    return replace(plan, meta=meta)
+
+
+def plan_on_model(prepared: PreparedModel, scores: ChannelScores, budget: LatencyBudget, **options: Any
+                  ) -> PruningPlan:
+    """The plan for ``budget.target`` predicted by the latency model in ``budget.model_file`` (fitted on the target's
+    own profiles: :mod:`pipeline.device_profiles`). Nothing is timed here: the closed loop, which corrects the plan
+    by timing it, is replaced by the model's prediction, and the plan's notes and ``meta.latency`` say so."""
+    from pipeline.device_profiles import load_latency_model
+
+    model = load_latency_model(budget.model_file, prepared)
+    plan = select_for_latency(scores, prepared.index, model, target_latency=budget.target, **options)
+    predicted = plan.meta["latency_fraction"]
+    key = dict(model.key)
+    note = (f"planned on the latency model {budget.model_file} ({key.get('source', 'local measurement')}, device "
+            f"{key.get('device')}): predicted latency x{predicted:.3f} of the original; not timed here (no closed "
+            "loop), time the pruned model on the target to confirm")
+    record = {**budget.to_dict(), "measured_ratio": None, "predicted_ratio": predicted, "closed_loop": False,
+              "tries": [], "model": {"file": str(budget.model_file), "key": key_digest(model.key),
+                                     "source": key.get("source"), "device": key.get("device"),
+                                     "predicted_ms": model.predict_ms(), "validation_errors": model.errors()}}
+    meta = {**plan.meta, "target_latency": budget.target, "notes": [*plan.meta.get("notes", ()), note],
+            "latency": record}
     return replace(plan, meta=meta)

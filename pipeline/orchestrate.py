@@ -24,23 +24,31 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from graph_ops.cost import CostReport, count
+from graph_ops.cost import CostReport
 from graph_ops.errors import UserInputError, VerificationError
-from graph_ops.io import EXTERNAL_DATA_THRESHOLD, atomic_write_files, check_writable, save_model, sha256_file
-from graph_ops.proto import declared_shapes
+from graph_ops.io import (
+    EXTERNAL_DATA_THRESHOLD,
+    atomic_write_files,
+    check_writable,
+    save_model,
+    sha256_file,
+    verify_model,
+)
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import model_task
 from pipeline.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
+from pipeline.data import check_against_model
 from pipeline.errors import CalibrationError
 from pipeline.evaluate import is_classifier
 from pipeline.memory import release_memory
-from pipeline.plan import PruningPlan, select_channels
+from pipeline.plan import PruningPlan, anchor_widths, block_order, movable_groups, select_channels
 from pipeline.prepare import PreparedModel, as_prepared, prepare
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
 from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
+from pipeline.sensitivity import Sensitivity, measure
 from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.targets import LabelOptions
@@ -50,11 +58,18 @@ if TYPE_CHECKING:
     from pipeline.latency_model import LatencyTarget
     from pipeline.latency_plan import LatencyBudget
 
-__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "score", "write_candidate"]
+__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "require_channels", "score",
+           "write_candidate"]
 
 logger = logging.getLogger(__name__)
 
 RECOVER_MODES = ("sequential", "one-pass")
+ALLOCATIONS = ("measured", "rule")
+"""How the planner ranks groups: ``measured`` (default) by the damage each group's next channels cause on a small
+calibration subset (:mod:`pipeline.sensitivity`; ends measured like every group), ``rule`` by the criterion's own
+numbers with the first layer and the classifier input protected (the rule before issue 31; ``--prune-ends`` lifts
+the protection)."""
+DEFAULT_ALLOCATION = "measured"
 
 
 def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, *, seed: int = 0,
@@ -82,6 +97,14 @@ def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, 
     if needs_labels(method) and stats is not None and stats.targets:
         scores = replace(scores, labels={k: v for k, v in stats.targets.items() if k != "views"})
     return scores
+
+
+def require_channels(prepared: PreparedModel) -> None:
+    """Refuse a model with no channel to prune (no Conv, ConvTranspose, Gemm or MatMul with constant weights, or no
+    parameters at all), before any work."""
+    if not any(g.producers for g in prepared.index.groups) or not prepared.cost.params:
+        raise UserInputError(f"{prepared.path} has no Conv, ConvTranspose, Gemm or MatMul with constant weights: "
+                             "there are no channels to prune ('diprune inspect' lists its groups)")
 
 
 def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
@@ -157,13 +180,18 @@ class PruneRun:
                  task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                  cluster: Any | None = None, shard_batches: int = SHARD_BATCHES,
                  labels: LabelOptions | None = None) -> None:
-        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet."""
+        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet.
+
+        Raises:
+            UserInputError: the model has no channel to prune (:func:`require_channels`), or a bad file.
+        """
         self.timings: dict[str, float] = {}
         with self.timed("analyze"):
             self.prepared = as_prepared(model, input_shapes, task=task)
+        require_channels(self.prepared)
         self.task = self.prepared.task
         self.dropped: dict[str, int] = {}
-        data = self.task_data(data, "calibration")
+        data = self.check_data(self.task_data(data, "calibration"), "calibration")
         self.data, self.pooling, self.batch_size = data, pooling, batch_size
         self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
         self.work_dir = None if work_dir is None else _work_folder(work_dir)
@@ -171,6 +199,32 @@ class PruneRun:
         self.labels = labels or LabelOptions()
         self._stats: dict[tuple[bool, bool], CalibrationStats] = {}  # (summaries, labelled) -> statistics
         self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
+        self._sensitivity: dict[tuple[Any, ...], tuple[ChannelScores, Sensitivity]] = {}
+
+    def check_data(self, data: Any | None, role: str, *, labels: bool = False) -> Any | None:
+        """``data`` as it is, once its first batch fits this model (names, rank, static dims, dtype, finite values;
+        no data without samples) and, with ``labels``, its labels are class ids of the model's output (evaluation):
+        a dataset that cannot feed the model is refused before any work, not after the candidates were made."""
+        if data is None or not hasattr(data, "take"):
+            return data
+        from pipeline.data import validate_batch
+        from pipeline.runtime import model_input_specs
+
+        specs = model_input_specs(self.prepared.model)
+        if data.num_samples == 0:
+            raise CalibrationError(f"{role} data '{data.name}' has no samples")
+        static = {shape[0] for shape, _ in specs.values() if shape and shape[0] is not None}
+        first = min(data.num_samples, *static) if static else min(data.num_samples, 64)  # a static batch: its size
+        feeds, _ = data.bind(list(specs)).take(0, first)
+        validate_batch(feeds, specs, f"{role} data '{data.name}'")
+        dims = self.prepared.model.graph.output[0].type.tensor_type.shape.dim
+        width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+        found = getattr(data, "labels", None)
+        if labels and found is not None and width and found.size and int(found.max()) >= width:
+            raise CalibrationError(f"{role} data '{data.name}' has label {int(found.max())}, but the model has "
+                                   f"{width} classes (labels 0..{width - 1}); is this the right dataset for this "
+                                   "model?")
+        return data
 
     def task_data(self, data: Any | None, role: str) -> Any | None:
         """``data`` restricted to the run's task (samples of other classes dropped, task labels), or as it is."""
@@ -256,12 +310,35 @@ class PruneRun:
         return {**self.task.to_dict(), "output": head.get("output"), "original_width": head.get("width"),
                 "names": list(self.task.names), "dropped_samples": dict(self.dropped)}
 
+    def sensitivity(self, scores: ChannelScores, *, round_to: int = 8, min_channels: int = 8,
+                    protect: Iterable[str] = ()) -> Sensitivity:
+        """The measured damage of every movable group at its anchor widths, removing channels in ``scores``' order
+        (:mod:`pipeline.sensitivity`, on the first samples of the calibration data; once per setting)."""
+        key = (id(scores), round_to, min_channels, tuple(sorted(protect)))
+        if key not in self._sensitivity:
+            _, movable = movable_groups(scores, self.prepared.index, round_to, min_channels, protect, False)
+            anchors = {g.id: anchor_widths(g.size, round_to, min_channels, g.blocks) for g in movable}
+            orders = {g.id: block_order(scores.elimination_order(g.id), g.blocks) for g in movable}
+            with self.timed("sensitivity"):
+                measured = measure(self.prepared.model, self.prepared.index, scores, movable, anchors, self.data,
+                                   orders=orders, backend=self.backend, intra_op_threads=self.threads)
+            self._sensitivity[key] = (scores, measured)
+        return self._sensitivity[key][1]
+
     def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
              round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
-             keep_first_and_last: bool = True, latency: LatencyBudget | None = None, **planner: Any) -> PruningPlan:
+             keep_first_and_last: bool = True, latency: LatencyBudget | None = None,
+             allocation: str = DEFAULT_ALLOCATION, **planner: Any) -> PruningPlan:
         """The planner's allocation for a budget, for this model (its sha recorded); ``planner``: further options of
         :func:`pipeline.plan.select_channels` (``fill_back``, ``fine_share``); with a ``latency`` budget the latency
-        planner and its closed loop on the target (:mod:`pipeline.latency_plan`)."""
+        planner and its closed loop on the target (:mod:`pipeline.latency_plan`). ``allocation`` (:data:`ALLOCATIONS`):
+        ``measured`` ranks groups by their measured damage (:meth:`sensitivity`; ``keep_first_and_last`` is then
+        not used: the ends are measured too), ``rule`` by the criterion with the ends protected unless
+        ``keep_first_and_last`` is False. Without calibration data, and with a latency budget, the rule is used."""
+        check_allocation(allocation)
+        measured = allocation == "measured" and latency is None and self.data is not None
+        sensitivity = self.sensitivity(scores, round_to=round_to, min_channels=min_channels, protect=protect) \
+            if measured else None
         with self.timed("plan"):
             if latency is not None:
                 from pipeline.latency_plan import plan_for_latency
@@ -272,7 +349,11 @@ class PruneRun:
             else:
                 plan = select_channels(scores, self.prepared.index, target_macs=target_macs,
                                        target_params=target_params, round_to=round_to, min_channels=min_channels,
-                                       protect=tuple(protect), keep_first_and_last=keep_first_and_last, **planner)
+                                       protect=tuple(protect), keep_first_and_last=keep_first_and_last and not measured,
+                                       sensitivity=sensitivity, **planner)
+        if allocation == "measured" and not measured:
+            why = "a latency budget (its planner does not measure)" if latency is not None else "no calibration data"
+            plan = replace(plan, meta={**plan.meta, "allocation": {"mode": "rule", "why": why}})
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
         if scores.labels:
@@ -280,9 +361,12 @@ class PruneRun:
         return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
 
     def apply(self, plan: PruningPlan) -> onnx.ModelProto:
-        """The plan applied to the canonical model (verified with the full checker)."""
+        """The plan applied to the canonical model, with the file's own input and output dims (verified with the
+        full checker)."""
         with self.timed("apply"):
-            return apply_plan(self.prepared.model, self.prepared.index, keep_lists(plan))
+            pruned = apply_plan(self.prepared.model, self.prepared.index, keep_lists(plan), verify=False)
+            verify_model(self.prepared.restore_io(pruned))
+            return pruned
 
     def recover(self, pruned: onnx.ModelProto, plan: PruningPlan, method: str = DEFAULT_RECOVERY,
                 mode: str = "sequential") -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -292,6 +376,8 @@ class PruneRun:
             return pruned, {"method": "none"}
         if self.data is None:
             raise UserInputError(f"recovery {method!r} needs calibration data: pass --data (or --recover none)")
+        if self.prepared.input_shapes:  # the data at the prepared sizes, as calibration checks it
+            check_against_model(self.data, self.prepared.input_specs, max_batches=1)
         with self.timed("recover"):
             model, report = recover(self.prepared.model, pruned, self.prepared.index, keep_lists(plan), self.data,
                                     method=method, sequential=mode == "sequential", batch_size=self.batch_size,
@@ -304,7 +390,7 @@ class PruneRun:
                   round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
                   keep_first_and_last: bool = True, recover: str | None = None,
                   recover_mode: str = "sequential", target_latency: float | None = None,
-                  latency: LatencyBudget | None = None) -> Candidate:
+                  latency: LatencyBudget | None = None, allocation: str = DEFAULT_ALLOCATION) -> Candidate:
         """score -> plan -> apply -> recover for one method and budget (``target_latency``: a latency budget measured
         as ``latency`` says, default onnxruntime CPU at batch 1)."""
         recover = DEFAULT_RECOVERY if recover is None else recover
@@ -317,10 +403,11 @@ class PruneRun:
         scores = self.scores(method)
         plan = self.plan(scores, target_macs=target_macs, target_params=target_params, round_to=round_to,
                          min_channels=min_channels, protect=protect, keep_first_and_last=keep_first_and_last,
-                         latency=latency)
+                         latency=latency, allocation=allocation)
         model, recovery = self.recover(self.apply(plan), plan, recover, recover_mode)
         budget = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
-                  "min_channels": min_channels, "protect": sorted(protect)}
+                  "min_channels": min_channels, "protect": sorted(protect),
+                  "allocation": plan.meta.get("allocation", {}).get("mode", "rule")}
         if latency is not None:
             budget.update(target_latency=latency.target, latency=dict(plan.meta.get("latency", {})))
         spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
@@ -343,8 +430,9 @@ class PruneRun:
                        timings_s={**candidate.timings_s, "finetune": record.seconds})
 
     def cost(self, model: onnx.ModelProto) -> CostReport:
-        """MACs and params of a model of this run (its declared shapes, no shape inference)."""
-        return count(model, declared_shapes(model))
+        """MACs and params of a model of this run at the prepared input sizes (its declared shapes when none were
+        given)."""
+        return self.prepared.count(model)
 
     def evaluate(self, model: onnx.ModelProto, data: Any, *, reference: bool = True) -> dict[str, Any]:
         """Held-out metrics of a model of this run (and its agreement with the original when ``reference``);
@@ -354,6 +442,12 @@ class PruneRun:
         with self.timed("evaluate"):
             return evaluate(model, data, reference=self.prepared.model if reference else None,
                             backend=self.backend, intra_op_threads=self.threads, progress=self.progress).to_dict()
+
+
+def check_allocation(allocation: str) -> None:
+    """Refuse an unknown allocation mode."""
+    if allocation not in ALLOCATIONS:
+        raise UserInputError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
 
 
 def check_options(method: str, recover: str, recover_mode: str, data: Any | None) -> None:
@@ -395,8 +489,8 @@ def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
-                    search: tuple[Mapping[str, Any], ...] = (), extra_files: Mapping[Path, bytes] | None = None
-                    ) -> Report:
+                    search: tuple[Mapping[str, Any], ...] = (), extra_files: Mapping[Path, bytes] | None = None,
+                    artifacts: Mapping[str, Any] | None = None) -> Report:
     """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (and ``extra_files``, e.g. the INT8 model)
     all or nothing and return the report.
 
@@ -413,6 +507,8 @@ def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.Path
         save_model(candidate.model, out_path)
     report = candidate_report(run, candidate, out_path, hashlib.sha256(data).hexdigest() if data is not None
                               else sha256_file(out_path), evaluation=evaluation, timings=timings, search=search)
+    if artifacts:
+        report = replace(report, artifacts=dict(artifacts))
     files = {plan_path: candidate.plan.to_json().encode(), report_path: report.to_json().encode(),
              **(extra_files or {})}
     try:
@@ -526,6 +622,8 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
           shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
           quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
           timing: LatencyTarget | None = None, finetune_epochs: int = 0,
+          allocation: str = DEFAULT_ALLOCATION, steps: int = 1, int8_calibration: str | None = None,
+          fp16: bool = False, fp16_keep_io_types: bool = True, fp16_block: Iterable[str] = (),
           labels: LabelOptions | None = None) -> Report:
     """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
 
@@ -534,7 +632,10 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     ``recover="none"``. ``recover`` (a key of ``pipeline.recovery.RECOVERY``; default
     ``pipeline.recovery.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on
     the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered
-    model) or ``one-pass``. ``keep_first_and_last`` protects the first layer and the classifier input. ``task``
+    model) or ``one-pass``. ``allocation`` (:data:`ALLOCATIONS`): ``measured`` ranks the groups by their measured
+    damage, ends included; ``rule`` by the criterion, where ``keep_first_and_last`` protects the first layer and the
+    classifier input. ``steps`` > 1 reaches the budget in that many rounds of calibrate -> score -> plan -> apply
+    -> recover on the recovered model (:mod:`pipeline.progressive`; the plan still applies to the original). ``task``
     restricts the model's head and both datasets to the user's task (:mod:`pipeline.task`). ``max_drop`` (accuracy
     points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
     ``eval_data`` (:func:`smallest_within`). ``robustness`` adds top-1 and agreement under noise and adversarial
@@ -544,7 +645,12 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     budgets). ``quantize="int8"`` also writes ``OUT.int8.onnx``, the pruned model quantized with onnxruntime
     (``max_top1_drop``: DI-guided mixed precision, ``int8_ranking`` ``di`` or ``magnitude``), and the report's
     ``evaluation.int8`` compares original and pruned models in fp32 and int8 (:mod:`pipeline.int8_stage`), timed on
-    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1). ``finetune_epochs`` > 0
+    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1), with the INT8 recipe of
+    ``timing.backend`` (:data:`pipeline.quantize.BACKEND_RECIPES`: TensorRT's symmetric int8 for ``tensorrt`` /
+    ``ort-trt``) and ``int8_calibration`` (minmax, percentile, entropy; default the recipe's). ``fp16`` also writes
+    ``OUT.fp16.onnx`` (:mod:`pipeline.fp16`; ``fp16_keep_io_types``, ``fp16_block``: ops kept fp32) and the
+    report's ``evaluation.fp16``. The report's ``artifacts`` name each file written, its precision, what runs it and
+    the command that builds and times it on the target (:mod:`pipeline.deploy`). ``finetune_epochs`` > 0
     distils the original into the recovered model for that many epochs on ``data`` before it is evaluated and
     written (:meth:`PruneRun.finetune`). ``labels`` (:class:`pipeline.targets.LabelOptions`): where the labels of
     ``di`` / ``lda`` / ``pls-vip`` come from (default: the data's, else the model's own decisions; dense outputs and
@@ -560,9 +666,14 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
     for sibling in (f"{out_path}.plan.json", f"{out_path}.report.json"):
         check_writable(sibling, model_path)
     check_options(method, recover, recover_mode, data)
-    check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data)
+    check_allocation(allocation)
+    check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data, int8_calibration)
     if quantize is not None:
         check_writable(int8_path(out_path), model_path)
+    if fp16:
+        from pipeline.fp16 import fp16_path
+
+        check_writable(fp16_path(out_path), model_path)
     if max_drop is not None and eval_data is None:
         raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
     if max_drop is None and target_macs is None and target_params is None and latency is None:
@@ -570,15 +681,21 @@ def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, 
                              "kept), or --max-drop P")
     if finetune_epochs:
         _check_finetune(finetune_epochs, data, max_drop)
+    if steps < 1 or (steps > 1 and (max_drop is not None or latency is not None)):
+        raise UserInputError(f"--steps is a number of rounds >= 1 and, above 1, needs --target-macs/--target-params "
+                             f"(not --max-drop or --target-latency); got {steps}")
     with ray_started(cluster, data):
         run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
                        work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes, cluster=cluster,
                        shard_batches=shard_batches, labels=labels)
         return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
                           {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
-                           "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last},
+                           "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last,
+                           "allocation": allocation},
                           robustness=robustness, latency=latency, quantize=quantize, max_top1_drop=max_top1_drop,
-                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs)
+                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs, steps=steps,
+                          deploy={"int8_calibration": int8_calibration, "fp16": fp16,
+                                  "fp16_keep_io_types": fp16_keep_io_types, "fp16_block": tuple(fp16_block)})
 
 
 @contextmanager
@@ -601,14 +718,23 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
                target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
                robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
                max_top1_drop: float | None = None, int8_ranking: str = "di",
-               timing: LatencyTarget | None = None, finetune_epochs: int = 0) -> Report:
-    eval_data = run.task_data(eval_data, "evaluation")
+               timing: LatencyTarget | None = None, finetune_epochs: int = 0, steps: int = 1,
+               deploy: Mapping[str, Any] | None = None) -> Report:
+    eval_data = run.check_data(run.task_data(eval_data, "evaluation"), "evaluation", labels=True)
+    deploy = dict(deploy or {})
     search: tuple[dict[str, Any], ...] = ()
     if max_drop is not None:
         candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
     else:
-        candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
-                                  **options)
+        if steps > 1:
+            from pipeline.progressive import progressive
+
+            measure = None if eval_data is None else (lambda model: run.evaluate(model, eval_data))
+            candidate = progressive(run, method, steps, target_macs=target_macs, target_params=target_params,
+                                    evaluate=measure, **options)
+        else:
+            candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
+                                      **options)
         if finetune_epochs:
             from pipeline.finetune import FinetuneOptions
 
@@ -625,17 +751,39 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
             evaluation["robustness"] = measure_robustness(run.prepared.model, candidate.model, eval_data,
                                                           seed=run.seed, backend=run.backend)
     extra = {}
+    from pipeline.deploy import artifact_record
+    from pipeline.latency_model import LatencyTarget
+
+    timing = timing or (latency.on if latency is not None else LatencyTarget())
+    artifacts = {"fp32": artifact_record(out_path, "fp32", timing.backend, candidate.model, batch=timing.batch)}
     if quantize is not None:
         from pipeline.int8_stage import int8_path, int8_stage
-        from pipeline.latency_model import LatencyTarget
+        from pipeline.quantize import BACKEND_RECIPES, INT8_RECIPES
 
-        timing = timing or (latency.on if latency is not None else LatencyTarget())
+        recipe = BACKEND_RECIPES.get(timing.backend, "x86")
         with run.timed("int8"):
             quantized, evaluation["int8"] = int8_stage(
                 run.prepared.model, candidate.model, run.data,
                 None if eval_data is None else (lambda m: run.evaluate(m, eval_data)),
                 timing, max_top1_drop=max_top1_drop,
-                ranking=int8_ranking, workdir=out_path.resolve().parent)
+                ranking=int8_ranking, workdir=out_path.resolve().parent, recipe=recipe,
+                calibration=deploy.get("int8_calibration"), input_shapes=run.prepared.input_shapes)
         extra[int8_path(out_path)] = quantized.SerializeToString()
+        artifacts["int8"] = artifact_record(int8_path(out_path), "int8", timing.backend, quantized,
+                                            batch=timing.batch, meant_for=INT8_RECIPES[recipe].meant_for)
+    if deploy.get("fp16"):
+        from pipeline.evaluate import evaluate as evaluate_model
+        from pipeline.fp16 import fp16_path, fp16_stage
+
+        def compare(model: onnx.ModelProto, reference: onnx.ModelProto | None) -> dict[str, Any]:
+            return evaluate_model(model, eval_data, reference=reference, backend="ort-cpu",
+                                  intra_op_threads=run.threads).to_dict()
+
+        with run.timed("fp16"):
+            half, evaluation["fp16"] = fp16_stage(candidate.model, None if eval_data is None else compare,
+                                                  keep_io_types=deploy.get("fp16_keep_io_types", True),
+                                                  op_block_list=deploy.get("fp16_block", ()))
+        extra[fp16_path(out_path)] = half.SerializeToString()
+        artifacts["fp16"] = artifact_record(fp16_path(out_path), "fp16", timing.backend, half, batch=timing.batch)
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search,
-                           extra_files=extra)
+                           extra_files=extra, artifacts=artifacts)

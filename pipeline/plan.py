@@ -38,6 +38,18 @@ block, each block's lowest-scored first), so the pruned convolution keeps ``G`` 
 Conv / Gemm cost to be known: a dynamic spatial size (``ChannelGroupIndex.unknown_macs``) is refused, naming
 ``--input-shape``.
 
+Measured allocation (``sensitivity``, :mod:`pipeline.sensitivity`; the default of ``prune``). A criterion's own
+numbers are not comparable between groups (raw weight norms of different layers; DI of features of different
+dimension). With a measurement, the loss of a step is the *measured* output damage it adds: ``D_g(w') - D_g(w)``,
+``D_g`` the damage of group ``g`` alone at width ``w`` (measured at a few :func:`anchor_widths`, 0 at full width;
+between them linear in the criterion's own lost share ``c_g(w)`` - ``1 - r(w)`` for DI, the removed score mass
+otherwise - so the criterion orders channels inside a group and shapes its curve, the measurement ranks groups;
+below the last point at its slope per channel; :func:`measured_curve`). The ends are measured like any group
+(``keep_first_and_last`` is not used), and each ladder stops at the narrowest width whose damage is at most
+:data:`FLOOR_SHARE` of the damage of a model that ignores its input; when the budget cannot be met with those floors
+the allocation is redone without them (``meta["allocation"]["floors_relaxed"]``). ``meta["allocation"]`` records
+every measured point, the floors and the widths the two ends received.
+
 "First layer" is detected from the cost model: a producer whose cost term reads only graph inputs (groups
 without producers) or no group at all (a fixed-width input), except a depthwise producer (``in_fixed = 1``) of a
 group that has other producers (a grayscale first conv feeding a residual stream is therefore not protected;
@@ -59,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from graph_ops.groups import ChannelGroupIndex
-from graph_ops.io import atomic_write_bytes
+from graph_ops.io import atomic_write_bytes, read_text
 from pipeline.errors import PlanValidationError, UserInputError
 from pipeline.scorers.base import ChannelScores
 
@@ -69,6 +81,12 @@ PLAN_FORMAT = "diprune.plan/1"
 _FLOOR = 1e-12
 FINE_SHARE = 0.1
 """A group whose ``round_to``-channel step costs more than this share of the model's MACs (or params) steps finer."""
+FLOOR_SHARE = 0.5
+"""Measured allocation: a group is not narrowed to a width whose measured damage alone exceeds this share of the
+damage of a model that ignores its input (``Sensitivity.collapse``), unless the budget needs it."""
+ANCHORS = (0.75, 0.5, 0.25)
+"""Measured allocation: the shares of a group's width measured (on its ladder), besides its floor."""
+_TIE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -144,10 +162,7 @@ class PruningPlan:
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
         """Read a plan file."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"plan file not found: {path}")
-        return cls.from_json(path.read_text(), source=str(path))
+        return cls.from_json(read_text(path, "plan file"), source=str(path))
 
     def validate(self, index: ChannelGroupIndex, model_sha256: str) -> None:
         """Check the plan fits this model: same sha, known prunable groups, in-range non-empty unique keeps."""
@@ -169,6 +184,43 @@ def _ladder(size: int, round_to: int, min_channels: int, blocks: int = 1) -> lis
         widths.append(width)
         width -= step
     return widths
+
+
+def anchor_widths(size: int, round_to: int, min_channels: int, blocks: int = 1) -> tuple[int, ...]:
+    """The widths a measured allocation measures a group at: the rungs of its ladder nearest to :data:`ANCHORS` of
+    its size, and the lowest rung of its finest ladder (``round_to // 2`` steps, see ``fine_share``); descending."""
+    ladder = _ladder(size, round_to, min_channels, blocks)[1:]
+    fine = _ladder(size, max(round_to // 2, 1), min_channels, blocks)[1:]
+    if not ladder and not fine:
+        return ()
+    picks = {min(ladder, key=lambda w: (abs(w - share * size), w)) for share in ANCHORS if ladder}
+    picks |= {min([*ladder, *fine])}
+    return tuple(sorted(picks, reverse=True))
+
+
+def measured_curve(criterion: np.ndarray, widths: tuple[int, ...], damage: tuple[float, ...],
+                   collapse: float) -> np.ndarray:
+    """A group's measured damage at every width ``0..size``: the measured points (with ``D(size) = 0``), linear in
+    the criterion's own curve (``criterion``, :meth:`_Allocation.criterion`) between them (linear in the width where
+    the criterion is flat), continued below the narrowest point at its last slope per channel; plus a tie-breaker
+    of ``1e-9 * collapse`` times the criterion, and non-decreasing as the width falls."""
+    size = len(criterion) - 1
+    if not widths:
+        return np.maximum.accumulate((_TIE * collapse * criterion)[::-1])[::-1]
+    xs, ys = [size, *widths], [0.0, *damage]
+    curve = np.zeros(size + 1)
+    for w in range(size + 1):
+        if w >= xs[-1]:
+            i = next(j for j in range(len(xs) - 1) if xs[j + 1] <= w)
+            hi, lo = xs[i], xs[i + 1]
+            span = criterion[lo] - criterion[hi]
+            t = (criterion[w] - criterion[hi]) / span if span > 0 else (hi - w) / (hi - lo)
+            curve[w] = ys[i] + t * (ys[i + 1] - ys[i])
+        else:
+            slope = (ys[-1] - ys[-2]) / (xs[-2] - xs[-1])
+            curve[w] = ys[-1] + (xs[-1] - w) * slope
+    curve = curve + _TIE * collapse * criterion
+    return np.maximum.accumulate(curve[::-1])[::-1]
 
 
 def default_protected(index: ChannelGroupIndex) -> dict[str, str]:
@@ -217,6 +269,7 @@ class _Allocation:
     weights: tuple[float, float]  # (MACs, params) weight of the saving; 0 for a metric without a target
     full: tuple[float, float]
     blocks: dict[str, int]
+    measured: dict[str, np.ndarray] = field(default_factory=dict)  # group -> measured damage at widths 0..size
 
     def order(self, gid: str) -> np.ndarray:
         """The scores' elimination order, made block-fair for a group in equal blocks (:func:`block_order`)."""
@@ -225,7 +278,22 @@ class _Allocation:
     def widths(self) -> dict[str, int]:
         return {gid: self.ladders[gid][r] for gid, r in self.rung.items()}
 
+    def criterion(self, gid: str, size: int) -> np.ndarray:
+        """The criterion's own share of the group lost at every width ``0..size`` (0 at ``size``, non-decreasing
+        as the width falls): ``1 - r(w)`` for a retention curve, else the score mass removed over the total."""
+        if gid in self.scores.retention:
+            lost = 1.0 - np.clip(np.asarray(self.scores.retention[gid], dtype=np.float64)[:size + 1], 0.0, 1.0)
+        else:
+            values = np.maximum(self.scores.scores[gid], 0.0)
+            total = float(values.sum())
+            removed = np.concatenate([[0.0], np.cumsum(values[self.order(gid)])])
+            lost = (removed / total if total > 0 else np.arange(size + 1) / size)[::-1]
+        return np.maximum.accumulate(lost[::-1])[::-1]
+
     def loss(self, gid: str, old: int, new: int) -> float:
+        if gid in self.measured:
+            curve = self.measured[gid]
+            return float(curve[new] - curve[old])
         if gid in self.scores.retention:
             curve = self.scores.retention[gid]
             return math.log(max(curve[old], _FLOOR)) - math.log(max(curve[new], _FLOOR))
@@ -431,31 +499,10 @@ def _blocked_note(index: ChannelGroupIndex, alloc: _Allocation, protected: Mappi
             f"be removed: {'; '.join(parts)}")
 
 
-def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_macs: float | None = None,
-                    target_params: float | None = None, round_to: int = 8, min_channels: int = 8,
-                    protect: Iterable[str] = (), keep_first_and_last: bool = True, fill_back: bool = True,
-                    fine_share: float | None = FINE_SHARE) -> PruningPlan:
-    """Choose kept channels for a MACs and/or params budget by greedy global allocation (module docstring).
-
-    ``fill_back``: after the greedy, add back the most valuable removed steps that still fit the budget.
-    ``fine_share``: a group whose ``round_to`` step is more than this share of the targeted cost gets a finer step
-    (recorded in ``meta["fine_steps"]`` and the notes); None keeps every group on ``round_to``.
-
-    Raises:
-        UserInputError: no budget or a fraction outside (0, 1], ``min_channels`` or ``round_to`` below 1, or a
-            ``protect`` id that is not a group of the model.
-    """
-    _check_targets(target_macs, target_params)
-    if target_macs is not None and index.unknown_macs:
-        unknown = index.unknown_macs
-        raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm/MatMul nodes "
-                             f"(e.g. '{unknown[0]}') have a dynamic spatial or token size; give the input shape with "
-                             f"--input-shape NAME:1x3xHxW (prepare(path, input_shapes=...)), or use --target-params")
-    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
-    fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
-    alloc = start_allocation(scores, index, movable, fine, round_to, min_channels)
-    full, ladders = alloc.full, alloc.ladders
-    targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
+def _greedy(alloc: _Allocation, targets: tuple[float, float]) -> tuple[float, float]:
+    """Move groups down their ladders, best step first (:func:`_choose`), until the targets hold or nothing can move;
+    returns the (MACs, params) fractions reached."""
+    index, full, ladders = alloc.index, alloc.full, alloc.ladders
     fractions = _fractions(index, alloc.widths(), full)
     neighbours = alloc.neighbours()
     cache: dict[str, tuple[float, str, float, float, float] | None] = {}
@@ -474,6 +521,74 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
         for other in neighbours[gid] | {gid}:
             cache.pop(other, None)
         fractions = _fractions(index, alloc.widths(), full)
+    return fractions
+
+
+def _use_measurement(alloc: _Allocation, sensitivity: Any, *, floors: bool) -> dict[str, int]:
+    """Put the measured damage curves into the allocation (its losses become measured ones) and, with ``floors``,
+    cut every ladder below the narrowest width whose damage is at most :data:`FLOOR_SHARE` of the collapse; returns
+    the groups whose floor rose that way (id -> floor width)."""
+    raised = {}
+    for gid, ladder in sorted(alloc.ladders.items()):
+        size = ladder[0]
+        curve = measured_curve(alloc.criterion(gid, size), sensitivity.widths.get(gid, ()),
+                               sensitivity.damage.get(gid, ()), sensitivity.collapse)
+        alloc.measured[gid] = curve
+        if floors:
+            allowed = [w for w in ladder if curve[w] <= FLOOR_SHARE * sensitivity.collapse]
+            if len(allowed) < len(ladder):
+                alloc.ladders[gid] = allowed or [size]
+                raised[gid] = alloc.ladders[gid][-1]
+    return raised
+
+
+def _allocation_record(alloc: _Allocation, sensitivity: Any, floors: Mapping[str, int], relaxed: bool,
+                       index: ChannelGroupIndex) -> dict[str, Any]:
+    """``meta["allocation"]``: the measurement, the floors, and what became of the ends (first layer, classifier
+    input) that the rule would have protected."""
+    widths = alloc.widths()
+    ends = {gid: {"why": why, "size": next(g.size for g in index.groups if g.id == gid), "kept": widths.get(gid)}
+            for gid, why in default_protected(index).items()}
+    return {"mode": "measured", **sensitivity.to_dict(), "floor_share": FLOOR_SHARE,
+            "floors": {} if relaxed else dict(sorted(floors.items())), "floors_relaxed": relaxed, "ends": ends}
+
+
+def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_macs: float | None = None,
+                    target_params: float | None = None, round_to: int = 8, min_channels: int = 8,
+                    protect: Iterable[str] = (), keep_first_and_last: bool = True, fill_back: bool = True,
+                    fine_share: float | None = FINE_SHARE, sensitivity: Any = None) -> PruningPlan:
+    """Choose kept channels for a MACs and/or params budget by greedy global allocation (module docstring).
+
+    ``fill_back``: after the greedy, add back the most valuable removed steps that still fit the budget.
+    ``fine_share``: a group whose ``round_to`` step is more than this share of the targeted cost gets a finer step
+    (recorded in ``meta["fine_steps"]`` and the notes); None keeps every group on ``round_to``.
+    ``sensitivity``: measured damage per group (a :class:`pipeline.sensitivity.Sensitivity` from
+    :func:`pipeline.sensitivity.measure`; not imported here, which would make a cycle): the loss of a step becomes
+    the measured damage it adds (the criterion only shapes the curve between measured widths), ladders stop at the
+    measured floors (dropped again when the budget needs them), and ``meta["allocation"]`` records it all.
+
+    Raises:
+        UserInputError: no budget or a fraction outside (0, 1], ``min_channels`` or ``round_to`` below 1, or a
+            ``protect`` id that is not a group of the model.
+    """
+    _check_targets(target_macs, target_params)
+    if target_macs is not None and index.unknown_macs:
+        unknown = index.unknown_macs
+        raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm/MatMul nodes "
+                             f"(e.g. '{unknown[0]}') have a dynamic spatial or token size; give the input shape with "
+                             f"--input-shape NAME:1x3xHxW (prepare(path, input_shapes=...)), or use --target-params")
+    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
+    fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
+    targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
+    alloc = start_allocation(scores, index, movable, fine, round_to, min_channels)
+    floors = _use_measurement(alloc, sensitivity, floors=True) if sensitivity is not None else {}
+    fractions = _greedy(alloc, targets)
+    relaxed = False
+    if floors and not (fractions[0] <= targets[0] and fractions[1] <= targets[1]):
+        alloc = start_allocation(scores, index, movable, fine, round_to, min_channels)
+        _use_measurement(alloc, sensitivity, floors=False)
+        fractions, relaxed = _greedy(alloc, targets), True
+    full = alloc.full
     reached = fractions[0] <= targets[0] and fractions[1] <= targets[1]
     notes = [] if reached else [_blocked_note(index, alloc, protected, round_to, min_channels, fractions)]
     if not reached:  # the caller reports it (the CLI once, as a warning); logged here for -v only
@@ -490,4 +605,6 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
             "reached": reached, "notes": notes, "filled_back": added, "fine_steps": used_fine,
             "step_back": None if step_back is None else {"macs": None if index.unknown_macs else step_back[0],
                                                          "params": step_back[1]}}
+    if sensitivity is not None:
+        meta["allocation"] = _allocation_record(alloc, sensitivity, floors, relaxed, index)
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(alloc), meta=meta)

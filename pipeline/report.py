@@ -4,9 +4,11 @@ Written beside the pruned model as ``<out>.report.json`` (format ``diprune.repor
 the budget, the achieved MACs/params fractions, the kept channels per group and, when an evaluation set was given,
 held-out accuracy of the original and the pruned model. With a task (``--task-classes`` / ``--task-map``) it records
 the task head (original output name and width, the classes or groups kept) and how many samples of other classes were
-dropped; with ``--max-drop`` every budget the search tried. ``calibration`` says how many samples each probe had
-against the advice (10 per feature), what they were paired with (``calibration.targets``: labels from the data or
-the model, per image or per location) and ``recovery.advice`` which refit layers had fewer rows than 10 per unknown.
+dropped; with ``--max-drop`` every budget the search tried; ``artifacts`` each model file written per precision (fp32,
+fp16, int8), what runs it and the command that builds and times it on the target (:mod:`pipeline.deploy`).
+``calibration`` says how many samples each probe had against the advice (10 per feature), what they were paired with
+(``calibration.targets``: labels from the data or the model, per image or per location) and ``recovery.advice``
+which refit layers had fewer rows than 10 per unknown.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Report:
     task: Mapping[str, Any] = field(default_factory=dict)
     search: tuple[Mapping[str, Any], ...] = ()
     calibration: Mapping[str, Any] = field(default_factory=dict)
+    artifacts: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def macs_fraction(self) -> float | None:
@@ -75,6 +78,7 @@ class Report:
             **({"calibration": dict(self.calibration)} if self.calibration else {}),
             **({"task": dict(self.task)} if self.task else {}),
             **({"search": [dict(s) for s in self.search]} if self.search else {}),
+            **({"artifacts": {k: dict(v) for k, v in self.artifacts.items()}} if self.artifacts else {}),
         }
 
     def to_json(self) -> str:

@@ -15,6 +15,11 @@ settings), never by time or by name, so a changed model, data file or setting si
 Benchmarks are never cached: latency is measured again, original and candidates in the same rounds. Entries carry
 the package version and a format number, so an upgrade misses instead of reusing stale work. Delete the folder (or
 run with ``--no-cache``) to recompute everything.
+
+An entry is reused only when it is whole: a candidate's record holds the sha256 of its model and plan files, checked
+on every load (a model whose weights changed since, by hand or by a disk error, is recomputed, not reused), and a
+JSON entry must hold the keys its reader needs (a valid JSON missing them is recomputed). Unreadable or partial
+entries are logged and recomputed, never an error.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,8 @@ from pipeline.plan import PruningPlan
 from pipeline.stats import CalibrationStats
 
 CACHE_FORMAT = "diprune.run-cache/1"
+
+logger = logging.getLogger(__name__)
 
 
 def _version() -> str:
@@ -110,38 +118,55 @@ class RunCache:
     def load_candidate(self, key: str) -> Candidate | None:
         """A cached candidate (model after recovery, plan, recovery record, budget, stage timings), or None."""
         model_path = self.path("candidate", key, ".onnx")
-        meta_path = self.path("candidate", key, ".json")
-        if not self.enabled or not (model_path.is_file() and meta_path.is_file()):
+        plan_path = self.path("candidate", key, ".plan.json")
+        meta = self.load_json("candidate", key, required=("method", "recovery", "budget", "model_sha256",
+                                                          "plan_sha256"))
+        if meta is None or not model_path.is_file() or not plan_path.is_file():
             return None
         try:
-            meta = json.loads(meta_path.read_text())
-            plan = PruningPlan.load(self.path("candidate", key, ".plan.json"))
+            if (sha256_file(model_path), sha256_file(plan_path)) != (meta["model_sha256"], meta["plan_sha256"]):
+                logger.warning("cached candidate %s changed since it was stored (its sha256 differs); computing it "
+                               "again", model_path.name)
+                return None
+            plan = PruningPlan.load(plan_path)
             model = load_model(model_path)
-        except (PruneError, ValueError, OSError):
+            return Candidate(str(meta["method"]), plan, model, dict(meta["recovery"]), dict(meta["budget"]),
+                             dict(meta.get("timings_s") or {}))
+        except (PruneError, ValueError, TypeError, OSError) as err:
+            logger.warning("ignoring the unreadable cached candidate %s (%s); computing it again", model_path.name, err)
             return None
-        return Candidate(meta["method"], plan, model, meta["recovery"], meta["budget"], meta.get("timings_s", {}))
 
     def save_candidate(self, key: str, candidate: Candidate) -> None:
         """Store a candidate: model, plan and record together (all or nothing)."""
         if not self._ready():
             return
+        model, plan = candidate.model.SerializeToString(), candidate.plan.to_json().encode()
         meta = {"method": candidate.method, "recovery": _plain(candidate.recovery),
-                "budget": _plain(candidate.budget), "timings_s": dict(candidate.timings_s)}
-        atomic_write_files({self.path("candidate", key, ".onnx"): candidate.model.SerializeToString(),
-                            self.path("candidate", key, ".plan.json"): candidate.plan.to_json().encode(),
+                "budget": _plain(candidate.budget), "timings_s": dict(candidate.timings_s),
+                "model_sha256": hashlib.sha256(model).hexdigest(), "plan_sha256": hashlib.sha256(plan).hexdigest()}
+        atomic_write_files({self.path("candidate", key, ".onnx"): model,
+                            self.path("candidate", key, ".plan.json"): plan,
                             self.path("candidate", key, ".json"): json.dumps(meta, default=str).encode()})
 
     # ----------------------------------------------------------------------------------------------- JSON entries
 
-    def load_json(self, kind: str, key: str) -> dict[str, Any] | None:
-        """A cached JSON entry (evaluation metrics, export record), or None."""
+    def load_json(self, kind: str, key: str, required: Sequence[str] = ()) -> dict[str, Any] | None:
+        """A cached JSON entry (evaluation metrics, export record), or None: also for an unreadable entry, one that
+        is not an object, or one without every ``required`` key (each then computed again)."""
         path = self.path(kind, key, ".json")
         if not self.enabled or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except (ValueError, OSError):
+            doc = json.loads(path.read_bytes())
+        except (ValueError, OSError) as err:
+            logger.warning("ignoring the unreadable cache entry %s (%s); computing it again", path.name, err)
             return None
+        missing = [k for k in required if k not in doc] if isinstance(doc, dict) else list(required) or ["{}"]
+        if missing:
+            logger.warning("ignoring the cache entry %s: it misses %s; computing it again", path.name,
+                           ", ".join(missing))
+            return None
+        return doc
 
     def save_json(self, kind: str, key: str, value: Mapping[str, Any]) -> None:
         """Store a JSON entry (atomically)."""

@@ -3,7 +3,7 @@
 ``OUTPUT/report.json`` (format ``diprune.run/1``)::
 
     {"format": "diprune.run/1", "exit_code": 0 | 3, "best": "<candidate name>" | null,
-     "gates": {"max_top1_drop": 0.01, ...},
+     "gates": {"max_top1_drop": 1.0, ...},
      "original": {"path", "sha256", "macs", "params", "top1", "top5", "n",
                   "latency": [{"batch", "median_ms", "p90_ms", "mean_ms", "speedup": 1.0}]},
      "candidates": [{"name": "di-macs0.5", "method", "target": {"kind": "macs" | "params", "fraction"}, "recover",

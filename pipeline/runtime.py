@@ -234,14 +234,16 @@ def feed_batches(dataset: Any, specs: InputSpecs,
         yield dict(feeds), labels
 
 
-def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_BYTES) -> int:
+def samples_per_run(model: onnx.ModelProto, batch_size: int, budget: int = RUN_BYTES,
+                    shapes: Mapping[str, tuple[int | None, ...]] | None = None) -> int:
     """Samples per onnxruntime call for batches of ``batch_size``: the whole batch, or equal slices of it small
-    enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes) fits in
-    ``budget`` bytes (ResNet-50 at 224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs
-    have a static batch always runs whole batches."""
+    enough that ``LIVE_TENSORS`` x the model's widest per-sample activation (from its declared shapes, or from
+    ``shapes``: the sizes analysis used for a model with dynamic spatial dims) fits in ``budget`` bytes (ResNet-50 at
+    224 x 224: 3.2 MB per sample, so 10 of a batch of 64: 7 calls). A model whose inputs have a static batch always
+    runs whole batches."""
     if static_batch(model):
         return batch_size
-    return samples_for(declared_shapes(model).values(), batch_size, budget)
+    return samples_for((declared_shapes(model) if shapes is None else shapes).values(), batch_size, budget)
 
 
 def static_batch(model: onnx.ModelProto) -> bool:
@@ -446,13 +448,21 @@ def make_feeds(session: Any, batch: int, *, seed: int = 0, data: Mapping[str, np
     specs = session_input_specs(session)
     rng = np.random.default_rng(seed)
     feeds = {}
+    shapes = dict(input_shapes or {})
+    if "" in shapes and len(specs) == 1:  # --input-shape DIMS without a name: the single input
+        if specs[0][0] in shapes:
+            raise UserInputError(f"--input-shape gives input '{specs[0][0]}' twice (with and without its name)")
+        shapes[specs[0][0]] = shapes.pop("")
     for name, shape, dtype in specs:
-        dims = _resolve_shape(name, shape, batch, model, (input_shapes or {}).get(name))
+        dims = _resolve_shape(name, shape, batch, model, shapes.get(name))
         if data is None:
             sample = rng.standard_normal(dims) if np.issubdtype(dtype, np.floating) else rng.integers(0, 10, dims)
             feeds[name] = np.asarray(sample, dtype=dtype)
             continue
         arr = np.asarray(_data_array(data, name, len(specs) == 1))
+        if not arr.ndim or not len(arr) or arr.dtype.kind not in "biuf":
+            raise UserInputError(f"{model}: data for input {name} must be a non-empty numeric array with a sample "
+                                 f"axis, got dtype {arr.dtype} and shape {arr.shape}")
         if arr.ndim == len(dims) - 1:
             arr = arr[:, None]
         if arr.dtype == np.uint8 and np.issubdtype(dtype, np.floating):

@@ -424,11 +424,11 @@ class CalibrationStats:
                     n=int(entry["n"]), elements=int(entry["elements"]), cells=int(entry["cells"]),
                     class_ids=data[f"p{i}.class_ids"] if entry.get("sparse_classes") else None,
                     **{name: data[f"p{i}.{name}"] for name in _ARRAYS}) for i, entry in enumerate(header["probes"])}
+            return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
+                       pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes,
+                       task=header.get("task"), targets=header.get("targets"))
         except UserInputError:
             raise
         except Exception as err:  # zipfile, KeyError, JSON and value errors all mean a corrupt file
             raise UserInputError(f"{path} is not a readable DIPrune statistics file (corrupt or truncated; "
-                                 f"re-run 'diprune calibrate'): {err}") from err
-        return cls(model_sha256=str(header["model_sha256"]), dataset=str(header["dataset"]),
-                   pooling=str(header["pooling"]), num_classes=int(header["num_classes"]), probes=probes,
-                   task=header.get("task"), targets=header.get("targets"))
+                                 f"re-run 'diprune calibrate'): {err!r}") from err

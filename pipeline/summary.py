@@ -12,7 +12,8 @@ from pipeline.prepare import PreparedModel
 def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
     """One JSON-ready object: identity, cost, and every group with its freeze reason (or null), whether the planner
     protects it by default (``"first layer"`` / ``"classifier input"``, or null) and its ``status`` (``prunable``,
-    ``protected`` or ``frozen``)."""
+    ``protected`` or ``frozen``); ``prunable_groups``, ``protected_groups`` and ``frozen_groups`` count each status
+    (a protected group is not counted as prunable)."""
     cost = prepared.cost
     ends = default_protected(prepared.index)
     groups = [
@@ -29,7 +30,9 @@ def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:
         "macs_unknown_nodes": list(cost.unresolved),
         "input_shapes": {k: list(v) for k, v in prepared.input_shapes.items()},
         "params": int(cost.params),
-        "prunable_groups": sum(1 for g in prepared.index.groups if g.prunable),
+        "prunable_groups": sum(1 for g in groups if g["status"] == "prunable"),
+        "protected_groups": sum(1 for g in groups if g["status"] == "protected"),
+        "frozen_groups": sum(1 for g in groups if g["status"] == "frozen"),
         "prunable_conv_share": round(prunable_share(prepared.model, prepared.index), 6),
         "groups": groups,
     }
@@ -40,10 +43,10 @@ def _status(frozen: str | None, protected: str | None) -> str:
 
 
 def group_status_text(group: dict[str, Any]) -> str:
-    """The status column of ``diprune inspect``: ``prunable``, ``protected (first layer; --prune-ends lifts
-    that)`` or ``frozen (reason)``."""
+    """The status column of ``diprune inspect``: ``prunable``, ``protected (first layer; by the rule allocation
+    only, --prune-ends lifts that)`` or ``frozen (reason)``."""
     if group["frozen"]:
         return f"frozen ({group['frozen']})"
     if group["protected"]:
-        return f"protected ({group['protected']}; --prune-ends lifts that)"
+        return f"protected ({group['protected']}; by --allocation rule only, --prune-ends lifts that)"
     return "prunable"

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from graph_ops.io import read_text
 from graph_ops.task_head import group_classes, model_task, restrict_classes
 from pipeline.errors import UserInputError
 
@@ -121,15 +122,29 @@ class Task:
         return {"groups": [[name, list(group)] for name, group in self.groups or ()]}
 
     @classmethod
-    def from_dict(cls, doc: Mapping[str, Any] | None) -> Task | None:
-        """Inverse of :meth:`to_dict` (None passes through)."""
+    def from_dict(cls, doc: Mapping[str, Any] | None, source: str = "task record") -> Task | None:
+        """Inverse of :meth:`to_dict` (None passes through); a malformed record (a plan, statistics or scores file
+        edited by hand) raises UserInputError naming ``source``."""
         if not doc:
             return None
-        if "classes" in doc:
-            return cls(classes=tuple(int(c) for c in doc["classes"]))
-        groups = doc["groups"]
-        pairs = groups.items() if isinstance(groups, Mapping) else groups
-        return cls(groups=tuple((str(k), tuple(int(c) for c in v)) for k, v in pairs))
+        try:
+            if not isinstance(doc, Mapping):
+                raise TypeError(type(doc).__name__)
+            if "classes" in doc:
+                return cls(classes=tuple(_class_id(c) for c in doc["classes"]))
+            groups = doc["groups"]
+            pairs = groups.items() if isinstance(groups, Mapping) else groups
+            return cls(groups=tuple((str(k), tuple(_class_id(c) for c in v)) for k, v in pairs))
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserInputError(f"{source}: malformed task {doc!r} ({err!r}); expected {{\"classes\": [class ids]}} "
+                                 "or {\"groups\": [[name, [class ids]], ...]}") from None
+
+
+def _class_id(value: Any) -> int:
+    """A class id of a task record: an integer (not a bool, not a float)."""
+    if isinstance(value, bool):
+        raise TypeError(f"class id {value!r}")
+    return operator.index(value)
 
 
 @dataclass(frozen=True)
@@ -161,11 +176,8 @@ def parse_classes(text: str) -> Task:
 
 def load_task_map(path: str | os.PathLike[str]) -> Task:
     """``--task-map FILE.json`` (``{"group": [class ids], ...}``, at least two groups) -> Task."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"task map file not found: {path}")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_text(path, "task map file"))
     except json.JSONDecodeError as err:
         raise UserInputError(f"{path} is not JSON ({err}); write {{\"group\": [class ids], ...}}") from err
     return task_from_map(doc, str(path))

@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +64,9 @@ class KernelProfile:
 def check_latency_backend(backend: str) -> str:
     """The latency model runs on onnxruntime backends only (TensorRT engines have no per-kernel names to map)."""
     if backend not in ORT_BACKENDS:
-        raise UserInputError(f"the latency model measures onnxruntime backends ({', '.join(ORT_BACKENDS)}), not "
-                             f"{backend!r}; use --backend ort-trt for TensorRT through onnxruntime")
+        raise UserInputError(f"the latency model measures onnxruntime backends ({', '.join(ORT_BACKENDS)}) here, not "
+                             f"{backend!r}; for a TensorRT board, plan against a latency model fitted on the board's "
+                             f"own profiles: diprune latency variants / latency fit, then --latency-model FILE")
     return backend
 
 
@@ -90,9 +91,20 @@ def profile_kernels(model: bytes, *, backend: str = "ort-cpu", batch: int = 1, t
             session.run(None, feeds)
         time_calls(lambda: session.run(None, feeds), min_duration_s=min_seconds, min_iters=runs)
         events = _events(session.end_profiling())
+    return kernels_from_events(events, warmup=warmup, providers=providers)
+
+
+def kernels_from_events(events: Sequence[dict], *, warmup: int = 0, providers: Sequence[str] = ()) -> KernelProfile:
+    """The :class:`KernelProfile` of an onnxruntime profile (the JSON list of trace events ``end_profiling`` writes),
+    its first ``warmup`` runs discarded.
+
+    Raises:
+        UserInputError: the profile holds no timed run.
+    """
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[warmup:]
     if not spans:
-        raise UserInputError("onnxruntime's profile holds no timed run; is profiling supported by this build?")
+        raise UserInputError("the onnxruntime profile holds no timed run ('model_run' events after the warm-up); "
+                             "is profiling supported by this build?")
     starts = np.array([s for s, _ in spans])
     per_run: list[list[tuple[str, str, tuple[int, ...] | None, float]]] = [[] for _ in spans]
     for event in sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
@@ -134,16 +146,18 @@ class RatioMeasurement:
 
 def interleaved_ratios(models: Sequence[bytes], *, backend: str = "ort-cpu", batch: int = 1,
                        threads: int | None = None, rounds: int = 7, min_iters: int = 3, round_seconds: float = 0.3,
-                       warmup_s: float = 0.5, seed: int = 0) -> RatioMeasurement:
+                       warmup_s: float = 0.5, seed: int = 0,
+                       input_shapes: Mapping[str, Sequence[int]] | None = None) -> RatioMeasurement:
     """Time serialized models in interleaved rounds (module docstring); each model runs at least ``min_iters`` calls
-    and ``round_seconds`` per round, after ``warmup_s`` seconds of warm-up."""
+    and ``round_seconds`` per round, after ``warmup_s`` seconds of warm-up (``input_shapes``: the sizes of inputs
+    with dynamic dims besides the batch, as ``--input-shape`` gives them)."""
     check_latency_backend(backend)
     if not models or rounds < 1 or min_iters < 1:
         raise UserInputError("give at least one model and positive rounds and iterations")
     calls = []
     for model in models:
         session, _ = make_session(model, backend, threads)
-        feeds = make_feeds(session, batch, seed=seed)
+        feeds = make_feeds(session, batch, seed=seed, input_shapes=input_shapes)
         calls.append(lambda session=session, feeds=feeds: session.run(None, feeds))
     for call in calls:
         time_calls(call, min_duration_s=warmup_s, min_iters=1)

@@ -6,8 +6,8 @@
 * :func:`teacher_logits`: the teacher's first output on every sample, computed once with onnxruntime (a teacher
   that runs only for its logits costs one inference per sample, not one per sample and epoch);
 * :func:`train`: Adam on the linked parameters, a linear warm-up over the first ``WARMUP`` of the steps (Adam's
-  first steps are large relative to the weights of a refit model) and cosine decay to 0, a seeded shuffle per
-  epoch, a tqdm bar; the loss is the caller's.
+  first steps are large relative to the weights of a refit model), then cosine decay to 0 or a constant rate
+  (``SCHEDULES``), a seeded shuffle per epoch, a tqdm bar, a callback after every epoch; the loss is the caller's.
 
 Models stay in eval mode while they are trained: BatchNorm keeps its running statistics (initializers the ONNX graph
 reads as they are) and dropout is off, so what is trained is exactly what the ONNX graph computes.
@@ -36,10 +36,13 @@ Batch = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]
 LossFn = Callable[[np.ndarray, Mapping[str, Any], np.ndarray | None], Any]
 
 
-def batches(data: Any, size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
-    """``(indices, feeds, labels)`` of a bound dataset, in a seeded random order (``rng`` None: in order)."""
-    n = data.num_samples
-    order = rng.permutation(n) if rng is not None else np.arange(n)
+def batches(data: Any, size: int, rng: np.random.Generator | None = None,
+            indices: np.ndarray | None = None) -> Iterator[Batch]:
+    """``(indices, feeds, labels)`` of a bound dataset (``indices``: only these samples), in a seeded random order
+    (``rng`` None: in order)."""
+    pool = np.arange(data.num_samples) if indices is None else np.asarray(indices)
+    order = pool[rng.permutation(len(pool))] if rng is not None else pool
+    n = len(order)
     for start in range(0, n, size):
         idx = order[start:start + size]
         feeds = data.loader(idx)
@@ -94,39 +97,50 @@ def teacher_logits(model: onnx.ModelProto, data: Any, *, batch_size: int = 256, 
     return np.concatenate(parts).astype(np.float32)
 
 
-def learning_rate_factor(step: int, total: int) -> float:
-    """Linear warm-up over the first ``WARMUP`` of the steps, then cosine decay to 0."""
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_factor(step: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up over the first ``WARMUP`` of the steps, then cosine decay to 0 (``cosine``) or the peak rate
+    to the end (``constant``)."""
     warm = max(1, round(WARMUP * total))
     if step < warm:
         return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def train(torch: Any, params: Sequence[Any], data: Any, loss_fn: LossFn, *, epochs: int, batch_size: int,
-          lr: float, seed: int, progress: bool, desc: str) -> tuple[list[float], int]:
-    """Minimise ``loss_fn(indices, tensors, labels)`` over ``epochs`` passes; returns the mean loss per epoch and
-    the number of steps (module docstring)."""
+          lr: float, seed: int, progress: bool, desc: str, indices: np.ndarray | None = None,
+          on_epoch: Callable[[int], None] | None = None, schedule: str = "cosine") -> tuple[list[float], int]:
+    """Minimise ``loss_fn(indices, tensors, labels)`` over ``epochs`` passes over the samples ``indices`` (default
+    all); ``on_epoch(epoch)`` runs after every epoch (1-based). Returns the mean loss per epoch and the number of
+    steps (module docstring)."""
     from tqdm import tqdm
 
     if not params:
         raise UserInputError(f"{desc}: no parameter of the model could be linked to an initializer; nothing to train")
-    per_epoch = math.ceil(data.num_samples / batch_size)
+    per_epoch = math.ceil((data.num_samples if indices is None else len(indices)) / batch_size)
     total = epochs * per_epoch
     optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda step: learning_rate_factor(step, total, schedule))
     rng = np.random.default_rng(seed)
     losses = []
     with tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             running = 0.0
-            for idx, feeds, labels in batches(data, batch_size, rng):
+            for idx, feeds, labels in batches(data, batch_size, rng, indices):
                 loss = loss_fn(idx, as_tensors(torch, feeds), labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                scheduler.step()
                 running += float(loss.detach())
                 bar.update(1)
             losses.append(running / per_epoch)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
     return losses, total

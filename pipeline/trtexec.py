@@ -111,25 +111,48 @@ def find_trtexec() -> str | None:
     return found or (str(fallback) if fallback.is_file() else None)
 
 
+PRECISION_FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("--fp16",), "int8": ("--int8", "--fp16")}
+"""trtexec flags per precision (int8 with fp16 allowed for the layers left unquantized)."""
+PROFILE_FLAGS = ("--separateProfileRun", "--profilingVerbosity=detailed", "--noDataTransfers")
+"""Flags of a profiling run: per-layer times from a run of their own (the timed run stays unprofiled), layer info
+with the ONNX node names, GPU compute only."""
+
+
+def trtexec_args(onnx_path: str | Path, *, shapes: str | None = None, precision: str = "fp32",
+                 engine: str | Path | None = None, timing_cache: str | Path | None = None,
+                 profile: str | Path | None = None, layer_info: str | Path | None = None,
+                 extra: Sequence[str] = ()) -> list[str]:
+    """trtexec's arguments (no program name): build (saving the engine and timing cache) and time with CUDA graphs,
+    spin-wait; with ``profile`` / ``layer_info`` also a separate profiling run exporting per-layer times
+    (``--exportProfile``) and the layers' ONNX nodes (``--exportLayerInfo``)."""
+    if precision not in PRECISION_FLAGS:
+        raise UserInputError(f"unknown precision '{precision}'; choose fp32, fp16 or int8")
+    args = [f"--onnx={onnx_path}", *PRECISION_FLAGS[precision]]
+    if shapes:
+        args.append(f"--shapes={shapes}")
+    if engine:
+        args.append(f"--saveEngine={engine}")
+    if timing_cache:
+        args.append(f"--timingCacheFile={timing_cache}")
+    args += ["--useCudaGraph", "--useSpinWait", "--percentile=90,95,99"]
+    if profile or layer_info:
+        args += PROFILE_FLAGS
+    if profile:
+        args.append(f"--exportProfile={profile}")
+    if layer_info:
+        args.append(f"--exportLayerInfo={layer_info}")
+    return [*args, *extra]
+
+
 def trtexec_command(onnx_path: str | Path, *, shapes: str | None = None, precision: str = "fp32",
                     engine: str | Path | None = None, timing_cache: str | Path | None = None,
                     extra: Sequence[str] = ()) -> list[str]:
-    """The trtexec command line: build (saving the engine and timing cache) and time with CUDA graphs, spin-wait."""
+    """The trtexec command line on this machine (:func:`trtexec_args` after the trtexec found here)."""
     exe = find_trtexec()
     if exe is None:
         raise UserInputError("trtexec is not on PATH; install TensorRT or use the tensorrt Python backend")
-    cmd = [exe, f"--onnx={onnx_path}", "--useCudaGraph", "--useSpinWait", "--percentile=90,95,99"]
-    flags = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--fp16"]}
-    if precision not in flags:
-        raise UserInputError(f"unknown precision '{precision}'; choose fp32, fp16 or int8")
-    cmd += flags[precision]
-    if shapes:
-        cmd.append(f"--shapes={shapes}")
-    if engine:
-        cmd.append(f"--saveEngine={engine}")
-    if timing_cache:
-        cmd.append(f"--timingCacheFile={timing_cache}")
-    return [*cmd, *extra]
+    return [exe, *trtexec_args(onnx_path, shapes=shapes, precision=precision, engine=engine,
+                               timing_cache=timing_cache, extra=extra)]
 
 
 def run_trtexec(onnx_path: str | Path, *, timeout_s: float = 600.0, **options: Any) -> dict[str, Any]:

@@ -85,10 +85,10 @@ class Net:
         """GlobalAveragePool -> Flatten -> Gemm to ``classes`` logits."""
         return self.gemm(self.op("Flatten", [self.op("GlobalAveragePool", [x])], axis=1), c, classes)
 
-    def model(self, *outputs: str) -> onnx.ModelProto:
-        """Finish the model with these graph outputs."""
+    def model(self, *outputs: str, shape: tuple[int | str, ...] = INPUT_SHAPE) -> onnx.ModelProto:
+        """Finish the model with these graph outputs (``shape``: the input's dims; a string or -1 is dynamic)."""
         graph = helper.make_graph(
-            self.nodes, "motif", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(INPUT_SHAPE))],
+            self.nodes, "motif", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = 8
@@ -190,12 +190,12 @@ def grouped_conv() -> tuple[onnx.ModelProto, Expected]:
 
 
 def channel_shuffle() -> tuple[onnx.ModelProto, Expected]:
-    """Reshape/Transpose/Reshape channel shuffle freezes the group."""
+    """Reshape/Transpose/Reshape channel shuffle freezes the group (its blocks would interleave after pruning)."""
     n = Net(11)
     y = n.op("Reshape", [n.conv("x", 3, 8), n.const(np.array([1, 2, 4, 8, 8], np.int64))])
     y = n.op("Transpose", [y], perm=[0, 2, 1, 3, 4])
     y = n.op("Reshape", [y, n.const(np.array([1, 8, 8, 8], np.int64))])
-    return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(4, (16,), "reshape of the channel axis")
+    return n.model(n.head(n.conv(y, 8, 16), 16)), Expected(4, (16,), "channel shuffle at Reshape")
 
 
 def softmax_over_channels() -> tuple[onnx.ModelProto, Expected]:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from tests.graphs import MOTIFS, Expected, Net
+from tests.graphs_export import EXPORT_MOTIFS
 
 
 def _ints(n: Net, *values: int) -> str:
@@ -146,7 +147,7 @@ def token_mlp() -> tuple[onnx.ModelProto, Expected]:
     hidden = _gelu(n, n.op("Add", [n.op("MatMul", [normed, n.rand(8, 24, scale=0.35)]), n.rand(24, scale=0.1)]))
     out = n.op("Add", [n.op("MatMul", [hidden, n.rand(24, 8, scale=0.2)]), n.rand(8, scale=0.1)])
     pooled = n.op("ReduceMean", [n.op("Add", [tokens, out])], axes=[1], keepdims=0)
-    return n.model(n.gemm(pooled, 8, 10)), Expected(5, (24,))
+    return n.model(n.gemm(pooled, 8, 10)), Expected(4, (24,))  # the patch conv's tokens and the MLP's output: one
 
 
 def channels_last_mlp() -> tuple[onnx.ModelProto, Expected]:
@@ -170,5 +171,5 @@ REFINE_MOTIFS: dict[str, Callable[[], tuple[onnx.ModelProto, Expected]]] = {
 }
 """Motif name -> builder (production-architecture motifs)."""
 
-ALL_MOTIFS = {**MOTIFS, **REFINE_MOTIFS}
-"""Every motif: the basic ones of :mod:`tests.graphs` and these."""
+ALL_MOTIFS = {**MOTIFS, **REFINE_MOTIFS, **EXPORT_MOTIFS}
+"""Every motif: the basic ones of :mod:`tests.graphs`, these, and the exports of :mod:`tests.graphs_export`."""

@@ -32,7 +32,7 @@ def random_feeds(model: onnx.ModelProto, rng: np.random.Generator, batch: int = 
     for info in model.graph.input:
         if info.name in inits:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in info.type.tensor_type.shape.dim]
+        dims = [d.dim_value if d.dim_value > 0 else batch for d in info.type.tensor_type.shape.dim]
         feeds[info.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
 
@@ -166,3 +166,37 @@ def check_lstsq_mask_reference(model: onnx.ModelProto, index: ChannelGroupIndex,
     assert_same_outputs(recovered_reference(model, recovered, index, keep, refit), recovered, samples[0],
                         rtol=1e-4, atol=1e-5)
     return pruned, recovered, report
+
+
+def check_prepared_surgery(prepared: object, shapes: Sequence[tuple[int, ...]], *, rtol: float = 1e-4,
+                           atol: float = 0.0, seeds: Sequence[int] = (0, 1, 2)) -> tuple[float, bool]:
+    """Seeded random valid plans applied to a prepared model with the file's own input and output dims restored
+    (``PreparedModel.restore_io``) against the mask oracle, with seeded standard-normal inputs of every shape in
+    ``shapes`` (e.g. the analysis size and another batch and width), each pruned model declaring the file's inputs
+    and outputs; returns the worst output error relative to the largest output and whether the MACs and params
+    counted at the prepared sizes (``PreparedModel.count``, every node resolved) equal the prediction."""
+    from graph_ops.io import load_model
+    from graph_ops.prune import apply_plan
+
+    model, index = prepared.model, prepared.index  # type: ignore[attr-defined]
+    inits = {t.name for t in model.graph.initializer}
+    name = next(i.name for i in model.graph.input if i.name not in inits)
+    declared = load_model(prepared.path).graph  # type: ignore[attr-defined]
+    worst, equal = 0.0, True
+    for seed in seeds:
+        plan = random_valid_plan(index, np.random.default_rng(seed))
+        pruned = prepared.restore_io(apply_plan(model, index, plan))  # type: ignore[attr-defined]
+        masked = zero_channels(model, index, plan)
+        for shape in shapes:
+            feeds = {name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+            worst = max(worst, assert_same_outputs(masked, pruned, feeds, rtol=rtol, atol=atol))
+        for mine, theirs in ((pruned.graph.input, [i for i in declared.input if i.name == name]),
+                             (pruned.graph.output, declared.output)):
+            assert [i.name for i in mine] == [i.name for i in theirs]
+            for ours, file in zip(mine, theirs, strict=True):  # the file's declared dims, -1 and symbols included
+                assert not file.type.tensor_type.HasField("shape") or ours.type.tensor_type.shape == (
+                    file.type.tensor_type.shape), (ours, file)
+        counted = prepared.count(pruned)  # type: ignore[attr-defined]
+        predicted = index.predict({gid: len(kept) for gid, kept in plan.items()})
+        equal = equal and not counted.unresolved and (counted.macs, counted.params) == predicted
+    return worst, equal

@@ -89,6 +89,7 @@ class RecoveryOptions:
     spill_bytes: int = SPILL_BYTES
     shard_batches: int = SHARD_BATCHES
     cluster: Any | None = None
+    samples: int | None = None  # calibration samples (set by :func:`recover`; R3 raises its positions for few)
 
     def session(self) -> dict[str, Any]:
         """Options of :class:`pipeline.recovery.sweep.Sweep`."""
@@ -127,7 +128,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
             model only).
         options: fields of :class:`RecoveryOptions`: ``ridge`` (fixed ridge factor α; default: chosen on
             held-out batches), ``batch_size``, ``max_positions`` (pixels sampled per image for R1 / R2; None: all),
-            ``refit_positions`` (output positions sampled per image for R3; None: all), ``refit_max_dim`` (R3:
+            ``refit_positions`` (output positions sampled per image for R3, raised for a wide layer when the data
+            has few images: :func:`pipeline.recovery.refit.refit_positions`; None: all), ``refit_max_dim`` (R3:
             layers with more unknowns per output, whose Gram matrix would not fit in memory comfortably, get R2
             instead), ``seed``, ``backend``,
             ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`), ``progress`` (a tqdm bar over the
@@ -156,17 +158,19 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         return out, RecoveryReport(method, 0, (), (), notes)
     if dataset is None:
         raise UserInputError(f"recovery '{method}' needs calibration data (the training split); give a dataset")
-    opts = replace(opts, batch_size=fixed_batch(model_input_specs(original), opts.batch_size))
+    opts = replace(opts, batch_size=fixed_batch(model_input_specs(original), opts.batch_size),
+                   samples=getattr(dataset, "num_samples", None))
     plan = run(original, out, index, keep, opts)
     shards = shard_layout(getattr(dataset, "num_samples", 0), opts.batch_size, opts.shard_batches)
+    session = {**opts.session(), "sizes": dict(index.shapes)}  # sizes: for memory slicing of dynamic input sizes
     executor = None
     if opts.cluster is not None:
         from pipeline.cluster import recovery_on_ray
 
         executor = recovery_on_ray(opts.cluster, partial(run, index=index, keep=keep, opts=replace(opts, cluster=None)),
-                                   original, out, dataset, shards, opts.session())
+                                   original, out, dataset, shards, session)
     done, missed, sweep = sweep_levels(original, out, plan, dataset, shards, progress=opts.progress,
-                                       session=opts.session(), executor=executor)
+                                       session=session, executor=executor)
     skipped = [*plan.skipped, *missed]
     verify_model(out)
     samples = getattr(dataset, "num_samples", None)

@@ -187,6 +187,19 @@ def _no_indices(levels: Iterable[int], batch: int, n: int) -> dict[str, np.ndarr
     raise CalibrationError("recovery sweep: gathers were requested without position indices")
 
 
+def _sized(declared: Mapping[str, tuple], sizes: Mapping[str, tuple] | None) -> Mapping[str, tuple]:
+    """Declared shapes with their unknown dims (and unknown shapes) taken from ``sizes`` (a memory estimate: a
+    pruned tensor's declared channel count is kept, the unpruned one of ``sizes`` only bounds it)."""
+    if not sizes:
+        return declared
+    filled = dict(sizes)
+    for name, shape in declared.items():
+        hint = sizes.get(name)
+        filled[name] = shape if hint is None or len(hint) != len(shape) else tuple(
+            d if d is not None else h for d, h in zip(shape, hint, strict=True))
+    return filled
+
+
 class Sweep:
     """Both models advanced level by level (see the module docstring): :meth:`run` computes one step for some
     batches (every batch must have gone through the steps before), refitting the current model in place between
@@ -209,7 +222,7 @@ class Sweep:
                  requests: Mapping[int, tuple[Sequence[Request], Sequence[Request]]], dataset: Any, *,
                  sequential: bool, batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None,
                  spill_dir: str | Path | None = None, spill_bytes: int = SPILL_BYTES,
-                 original_ahead: bool | None = None) -> None:
+                 original_ahead: bool | None = None, sizes: Mapping[str, tuple] | None = None) -> None:
         """Plan the steps of both models (no data is read yet). ``original_ahead`` (default: when every request to
         the original is a gather or a tensor of rank <= 2, i.e. small): the original model runs once, whole, at
         step 0, and its requested values are kept until their level (it does not change between levels)."""
@@ -238,7 +251,8 @@ class Sweep:
         # slices of 10, the pruned model's first 20 of 48 steps in slices of 10-32, the other 28 whole (recovery peak
         # 1.8 instead of 2.2 GiB at the same speed, measured; slicing every step by the whole model's widest tensor
         # was 6-12 % slower)
-        self.shapes = {key: None if static_batch(side.model) else declared_shapes(side.model)
+        # (``sizes``: the shapes analysis used, for the dims a model with dynamic input sizes leaves unknown)
+        self.shapes = {key: None if static_batch(side.model) else _sized(declared_shapes(side.model), sizes)
                        for key, side in self.sides.items()}
         self.store = {key: FrontierStore(spill_bytes // 2, spill_dir) for key in self.sides}
         self.seconds = {"original": 0.0, "current": 0.0, "fold": 0.0}  # onnxruntime per side; the jobs' folding

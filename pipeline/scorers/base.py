@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex
+from graph_ops.io import read_text
 from pipeline.errors import CalibrationError, UserInputError
 from pipeline.stats import CalibrationStats, ProbeStats
 
@@ -156,10 +157,7 @@ class ChannelScores:
     @classmethod
     def load(cls, path: str | Path) -> tuple[ChannelScores, str | None]:
         """Read a scores file; returns the scores and the model path recorded in it (may be ``None``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise UserInputError(f"scores file not found: {path}")
-        return cls.from_json(path.read_text())
+        return cls.from_json(read_text(path, "scores file"))
 
 
 class Scorer(Protocol):

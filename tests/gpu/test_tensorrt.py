@@ -85,3 +85,37 @@ def test_ort_cuda_provider_is_really_active(tmp_path: Path) -> None:
 
     _, providers = make_session(_model(tmp_path / "m.onnx"), "ort-cuda")
     assert providers[0] == "CUDAExecutionProvider"
+
+
+@pytest.mark.parametrize("artifact", ["int8", "fp16"])
+def test_edge_artifacts_build_and_match_onnxruntime(tmp_path: Path, artifact: str) -> None:
+    """The TensorRT-recipe INT8 file (explicit quantization, no calibrator) and the FP16 file build and agree with
+    onnxruntime CPU running the same file."""
+    _require_tensorrt()
+    from pipeline.data import open_dataset
+    from pipeline.engines import TrtRunner, build_engine
+    from pipeline.fp16 import convert_fp16
+    from pipeline.quantize import Int8Quantizer
+    from pipeline.runtime import make_session
+
+    model = onnx.load(str(_model(tmp_path / "m.onnx")))
+    rng = np.random.default_rng(1)
+    if artifact == "int8":
+        np.savez(tmp_path / "cal.npz", x=rng.standard_normal((64, 3, 16, 16)).astype(np.float32),
+                 y=np.zeros(64, np.int64))
+        quantizer = Int8Quantizer(model, open_dataset(str(tmp_path / "cal.npz")), samples=64, recipe="tensorrt")
+        try:
+            made = quantizer.quantize()
+        finally:
+            quantizer.close()
+    else:
+        made = convert_fp16(model)
+    path = tmp_path / f"m.{artifact}.onnx"
+    onnx.save(made, str(path))
+    engine = build_engine(path, {"input": (4, 3, 16, 16)}, tmp_path / f"m.{artifact}.engine", precision=artifact)
+    feeds = {"input": rng.standard_normal((4, 3, 16, 16)).astype(np.float32)}
+    runner = TrtRunner(engine, feeds)
+    runner()
+    session, _ = make_session(path)
+    ref = session.run(None, feeds)[0]
+    assert np.abs(runner.outputs["logits"] - ref).max() / np.abs(ref).max() <= 0.05

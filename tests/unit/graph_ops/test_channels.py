@@ -174,13 +174,29 @@ def test_tensor_read_inside_subgraph_freezes_group() -> None:
 
 
 def test_an_operand_the_analysis_cannot_follow_is_named_as_such_not_as_a_broadcast() -> None:
-    """A residual Add whose other operand comes back from a channels-last detour (Transpose there and back, as a
+    """A residual Add whose other operand comes back from a channels-last LayerNorm (Transpose there and back, as a
     LayerNorm2d exports) freezes the stream with "input without channel layout", not "broadcast over channels"."""
     n = Net(0)
     y = n.op("Relu", [n.conv("x", 3, 8)])
-    back = n.op("Transpose", [n.op("Transpose", [y], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+    normed = n.op("LayerNormalization", [n.op("Transpose", [y], perm=[0, 2, 3, 1]), n.rand(8), n.rand(8)], axis=-1)
+    back = n.op("Transpose", [normed], perm=[0, 3, 1, 2])
     z = n.op("Add", [n.conv(y, 8, 8), back])
     index = analyze(n.model(n.head(n.conv(z, 8, 16), 16)))
     reasons = [g.frozen for g in index.groups if g.frozen]
     assert any(r and r.startswith("input without channel layout at Add") for r in reasons), reasons
     assert not any(r and "broadcast" in r for r in reasons), reasons
+
+
+def test_a_channels_last_detour_without_a_cross_channel_op_is_followed() -> None:
+    """Transpose to channels-last and back, with an elementwise op in between: the channels move with their axis,
+    so the residual Add unions the two convs' channels and both stay prunable (pruned == masked)."""
+    n = Net(0)
+    y = n.op("Relu", [n.conv("x", 3, 8)])
+    last = n.op("Mul", [n.op("Transpose", [y], perm=[0, 2, 3, 1]), n.rand(8)])  # a per-channel scale, channels last
+    z = n.op("Add", [n.conv(y, 8, 8), n.op("Transpose", [last], perm=[0, 3, 1, 2])])
+    model = n.model(n.head(n.conv(z, 8, 16), 16))
+    index = analyze(model)
+    assert [g.size for g in index.groups if g.prunable] == [8, 16]
+    plan = {g.id: [0, 2, 3, 5, 7][: g.size] for g in index.groups if g.prunable}
+    feeds = random_feeds(model, np.random.default_rng(0))
+    assert_same_outputs(zero_channels(model, index, plan), apply_plan(model, index, plan), feeds, rtol=1e-4)

@@ -19,6 +19,7 @@ from graph_ops.least_squares import (
     gathered_rows,
     gathered_targets,
     patch_error,
+    patch_index,
     patch_rows,
     sample_positions,
     solve_refit,
@@ -65,19 +66,92 @@ def test_patches_times_coefficients_equal_onnxruntime_conv(case: dict, rng: np.r
     np.testing.assert_allclose(got, want[image, :, oy, ox], rtol=1e-4, atol=1e-4)
 
 
+def _transposed_brute_force(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, strides: list, pads: list,
+                            dilations: list, group: int, out_hw: tuple[int, int]) -> np.ndarray:
+    """ConvTranspose by its definition: every input pixel scattered through every tap (numpy loops)."""
+    n, c_in, h, w = x.shape
+    out_g, kh, kw = weight.shape[1:]
+    per = c_in // group
+    y = np.zeros((n, out_g * group, *out_hw)) + bias[None, :, None, None]
+    for c in range(c_in):
+        g = c // per
+        for i in range(h):
+            for j in range(w):
+                for u in range(kh):
+                    for v in range(kw):
+                        oy = i * strides[0] + u * dilations[0] - pads[0]
+                        ox = j * strides[1] + v * dilations[1] - pads[1]
+                        if 0 <= oy < out_hw[0] and 0 <= ox < out_hw[1]:
+                            y[:, g * out_g:(g + 1) * out_g, oy, ox] += x[:, c, i, j, None] * weight[c, :, u, v]
+    return y
+
+
+TRANSPOSED = {
+    "k2-s2": {"cin": 4, "cout": 6, "k": 2, "strides": [2, 2], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1},
+    "k3-s2-pads-outpad": {"cin": 4, "cout": 5, "k": 3, "strides": [2, 2], "pads": [1, 0, 1, 1], "dilations": [1, 1],
+                          "group": 1, "output_padding": [1, 1]},
+    "k3-s1-dilated": {"cin": 3, "cout": 4, "k": 3, "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [2, 2],
+                      "group": 1},
+    "grouped-s3": {"cin": 6, "cout": 4, "k": 3, "strides": [3, 2], "pads": [0, 1, 0, 1], "dilations": [1, 1],
+                   "group": 2},
+}
+
+
+@pytest.mark.parametrize("case", TRANSPOSED.values(), ids=TRANSPOSED.keys())
+def test_transposed_patches_times_coefficients_equal_onnxruntime_and_the_definition(
+        case: dict, rng: np.random.Generator) -> None:
+    """A ConvTranspose's output at sampled positions is its transposed patches times its coefficients: checked
+    against onnxruntime and against a brute-force scatter of every input pixel (numpy loops)."""
+    cin, cout, k, group = case["cin"], case["cout"], case["k"], case["group"]
+    weight = rng.standard_normal((cin, cout // group, k, k))
+    bias = rng.standard_normal(cout)
+    attrs = {key: case[key] for key in ("strides", "pads", "dilations", "group", "output_padding") if key in case}
+    model = _layer("ConvTranspose", weight, bias, [2, cin, 5, 6], kernel_shape=[k, k], **attrs)
+    x = rng.standard_normal((2, cin, 5, 6)).astype(np.float32)
+    want = run_ort(model, {"x": x})[0]
+    brute = _transposed_brute_force(x.astype(np.float64), weight, bias, case["strides"], case["pads"],
+                                    case["dilations"], group, want.shape[2:])
+    np.testing.assert_allclose(brute, want, rtol=1e-4, atol=1e-4)
+    shape = LayerShape.of(model.graph.node[0], weight.shape)
+    assert shape.dim(weight.shape) == cin // group * k * k + 1
+    image, oy, ox = sample_positions(2, want.shape[2], want.shape[3], None, rng)  # every position, every phase
+    rows = patch_rows(conv_patches(x.astype(np.float64), shape, image, oy, ox), shape)
+    got = np.einsum("rgd,gdo->rgo", rows, coef_from_weights(shape, weight, bias)).reshape(len(image), cout)
+    np.testing.assert_allclose(got, brute[image, :, oy, ox], rtol=1e-9, atol=1e-9)
+
+
+def test_transposed_gathered_taps_equal_the_patches(rng: np.random.Generator) -> None:
+    """patch_index (what the in-graph gathers read) gives the same patches as conv_patches for a ConvTranspose."""
+    case = TRANSPOSED["k3-s2-pads-outpad"]
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="t", kernel_shape=[3, 3],
+                            **{key: case[key] for key in ("strides", "pads", "dilations", "output_padding")})
+    shape = LayerShape.of(node, (4, 5, 3, 3))
+    x = rng.standard_normal((3, 4, 5, 6))
+    image, oy, ox = sample_positions(3, 10, 12, 9, rng)
+    flat, inside = patch_index(shape, 5, 6, oy, ox)
+    gathered = x.reshape(3, 4, -1)[image[:, None, None], np.arange(4)[None, :, None], flat[:, None, :]]
+    gathered = (gathered * inside[:, None, :]).reshape(len(image), 1, -1)
+    np.testing.assert_array_equal(gathered, conv_patches(x, shape, image, oy, ox))
+    assert inside.any(axis=1).all() and not inside.all()  # every position is reached by some tap, not by all
+
+
 @pytest.mark.parametrize(("op", "attrs", "w_shape", "with_bias"), [
     ("Conv", {"group": 3}, (6, 2, 3, 3), True),
+    ("ConvTranspose", {"group": 2}, (6, 3, 2, 2), True),
+    ("ConvTranspose", {}, (4, 3, 3, 3), False),
     ("Conv", {}, (4, 3, 1, 1), False),
     ("Gemm", {"transB": 1, "alpha": 0.5, "beta": 2.0}, (4, 7), True),
     ("Gemm", {}, (7, 4), True),
     ("MatMul", {}, (7, 4), False),
-], ids=["grouped-conv", "conv-no-bias", "gemm-transB-alpha-beta", "gemm", "matmul"])
+], ids=["grouped-conv", "grouped-conv-transpose", "conv-transpose-no-bias", "conv-no-bias", "gemm-transB-alpha-beta",
+        "gemm", "matmul"])
 def test_coefficients_round_trip_to_weights(op: str, attrs: dict, w_shape: tuple, with_bias: bool,
                                             rng: np.random.Generator) -> None:
     node = helper.make_node(op, ["x", "w", "b"] if with_bias else ["x", "w"], ["y"], name="n", **attrs)
     shape = LayerShape.of(node, w_shape)
     weight = rng.standard_normal(w_shape).astype(np.float32)
-    out = w_shape[0] if op == "Conv" else (w_shape[0] if attrs.get("transB") else w_shape[1])
+    out = {"Conv": w_shape[0], "ConvTranspose": w_shape[1] * attrs.get("group", 1)}.get(
+        op, w_shape[0] if attrs.get("transB") else w_shape[1])
     bias = rng.standard_normal(out).astype(np.float32) if with_bias else None
     coef = coef_from_weights(shape, weight, bias)
     assert coef.shape[1] == shape.dim(w_shape)
@@ -101,12 +175,13 @@ def test_gemm_coefficients_reproduce_onnxruntime(rng: np.random.Generator) -> No
 
 @pytest.mark.parametrize(("op", "attrs", "reason"), [("Gemm", {"transA": 1}, "transA"),
                                                      ("Conv", {"auto_pad": "SAME_UPPER"}, "auto_pad"),
-                                                     ("ConvTranspose", {}, "not refit")],
-                         ids=["gemm-transA", "auto-pad", "conv-transpose"])
+                                                     ("ConvTranspose", {"output_shape": [8, 8]}, "output_shape"),
+                                                     ("Resize", {}, "not refit")],
+                         ids=["gemm-transA", "auto-pad", "conv-transpose-output-shape", "not-a-layer"])
 def test_unmodelled_layers_are_refused(op: str, attrs: dict, reason: str) -> None:
     node = helper.make_node(op, ["x", "w"], ["y"], name="n", **attrs)
     with pytest.raises(PreconditionError, match=reason):
-        LayerShape.of(node, (4, 4, 3, 3) if "Conv" in op else (4, 4))
+        LayerShape.of(node, (4, 4, 3, 3) if "Conv" in op or op == "Resize" else (4, 4))
 
 
 def _problem(rng: np.random.Generator, n: int, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,3 +262,30 @@ def test_gathered_rows_and_targets_are_the_patch_layout_in_float64(group: int, i
     targets = gathered_targets(outputs, 2)
     assert targets.dtype == np.float64 and targets.shape == (n * positions, 2, 3)
     np.testing.assert_array_equal(targets[1 * positions + 4, 1], outputs[1, 3:6, 4])
+
+
+def test_a_position_prior_is_blended_in_only_where_it_lowers_the_held_out_error(rng: np.random.Generator) -> None:
+    """A pooled layer has few rows of its own (one per image); per-position rows of the same linear map are many.
+    A faithful prior is chosen (weight > 0) and brings the coefficients closer to the truth than the rows alone;
+    a misleading prior (another map) gets weight 0, which is exactly the refit without a prior."""
+    from graph_ops.least_squares import with_prior
+
+    coef = rng.standard_normal((1, 9, 3))
+    own_x = patch_rows(rng.standard_normal((30, 1, 8)), LayerShape("Gemm"))
+    own_y = np.einsum("rgd,gdo->rgo", own_x, coef) + 0.5 * rng.standard_normal((30, 1, 3))
+    fit, held = accumulate(own_x[:20], own_y[:20]), accumulate(own_x[20:], own_y[20:])
+    pos_x = patch_rows(rng.standard_normal((2000, 1, 8)), LayerShape("Gemm"))
+    current = np.zeros((1, 9, 3))
+    plain = choose_refit(fit, held, current, True)
+    faithful = (accumulate(pos_x[:1500], np.einsum("rgd,gdo->rgo", pos_x[:1500], coef)),
+                accumulate(pos_x[1500:], np.einsum("rgd,gdo->rgo", pos_x[1500:], coef)))
+    blended = choose_refit(fit, held, current, True, prior=faithful)
+    assert blended.prior_weight > 0 and blended.error_after < plain.error_after
+    assert np.sum((blended.coef - coef) ** 2) < np.sum((plain.coef - coef) ** 2)
+    other = rng.standard_normal((1, 9, 3))
+    misleading = tuple(accumulate(x, np.einsum("rgd,gdo->rgo", x, other)) for x in (pos_x[:1500], pos_x[1500:]))
+    refused = choose_refit(fit, held, current, True, prior=misleading)
+    assert refused.prior_weight == 0.0 and np.array_equal(refused.coef, plain.coef)
+    assert with_prior(fit, faithful[0], 0.0) is fit
+    scaled = with_prior(fit, faithful[0], 1.0)  # the prior's 1,500 rows weigh as much as the fit's 20
+    np.testing.assert_allclose(scaled.gram - fit.gram, faithful[0].gram * 20 / 1500)

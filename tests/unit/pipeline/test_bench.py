@@ -89,7 +89,7 @@ def test_json_schema(two_models: tuple[str, str], tmp_path: Path) -> None:
     data = json.loads(report.to_json())
     assert data["format"] == FORMAT == "diprune.bench/1"
     assert set(data) == {"format", "backend", "settings", "machine", "models", "results", "comparisons",
-                         "schedule", "warnings"}
+                         "schedule", "warnings", "noise"}
     assert {"warmup_s", "min_duration_s", "min_iters", "rounds", "seed", "threads", "data"} <= set(data["settings"])
     assert {"cpu", "cores_logical", "cores_available", "versions"} <= set(data["machine"])
     assert data["machine"]["versions"]["onnxruntime"]

@@ -194,9 +194,9 @@ def test_eval_on_unlabelled_data_says_so(model: Path, tmp_path: Path, capsys: py
 
 
 def test_std_zero_is_blamed_on_the_setting(model: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    line = _error(["-q", "calibrate", str(model), "--data", "mnist", "--std", "0", "-o", str(tmp_path / "s.npz")],
-                  capsys)
-    assert "--std must be non-zero" in line
+    err = _usage_error(["-q", "calibrate", str(model), "--data", "mnist", "--std", "0", "-o", str(tmp_path / "s.npz")],
+                       capsys)  # a nonsense number: a usage error (exit 2), issue 25
+    assert "argument --std: 0 is not a number > 0" in err
 
 
 def test_npz_with_other_array_names_via_input_and_label_keys(model: Path, tmp_path: Path,

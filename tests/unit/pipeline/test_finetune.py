@@ -75,13 +75,52 @@ def test_finetune_is_deterministic_and_feature_matching_uses_the_kept_channels(p
 
 
 @needs_torch
-def test_a_finetune_that_does_not_lower_its_objective_is_not_applied(pruned_demo) -> None:
+def test_a_finetune_whose_epochs_do_not_beat_the_input_on_validation_returns_the_input(pruned_demo) -> None:
     run, candidate = pruned_demo
-    options = FinetuneOptions(epochs=1, batch_size=128, lr=1.0)  # absurd step size: training diverges
+    options = FinetuneOptions(epochs=2, batch_size=128, lr=1.0)  # absurd step size: training diverges
     model, record = finetune(candidate.model, run.prepared.model, open_dataset("mnist", split="train", limit=128),
                              options)
-    assert not record.kept and record.objective_after >= record.objective_before
+    assert not record.kept and record.best_epoch == 0 and [c.epoch for c in record.checks] == [0, 1, 2]
+    assert all(not c.better_than(record.checks[0]) for c in record.checks[1:])
     assert model.SerializeToString() == candidate.model.SerializeToString()
+    assert "no epoch beat the input" in record.summary()
+
+
+@needs_torch
+def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None:
+    """Every epoch is measured on the held-out slice; the one returned has the lowest objective there, and
+    onnxruntime on the returned model reproduces that epoch's validation top-1."""
+    from pipeline.finetune import validation_split
+    from pipeline.runtime import open_session
+
+    run, candidate = pruned_demo
+    data = open_dataset("mnist", split="train", limit=320)
+    options = FinetuneOptions(epochs=3, batch_size=32, lr=3e-3, validation=0.25)
+    model, record = finetune(candidate.model, run.prepared.model, data, options)
+    fit, held = validation_split(320, 0.25, options.seed)
+    assert record.validation_samples == held.size == 80 and not set(fit) & set(held) and fit.size == 240
+    assert record.steps == 3 * 8  # the 240 training samples in batches of 32, three times
+    best = record.checks[0]
+    for check in record.checks[1:]:
+        best = check if check.better_than(best) else best
+    assert record.best_epoch == best.epoch > 0
+    session = open_session(model.SerializeToString(), "ort-cpu", 1)
+    feeds, labels = {model.graph.input[0].name: next(iter(data.loader(held).values()))}, data.labels[held]
+    logits = session.run(None, feeds)[0]
+    assert float((logits.argmax(axis=1) == labels).mean()) == pytest.approx(best.top1)
+    doc = record.to_dict()
+    assert doc["best_epoch"] == best.epoch and doc["epochs_run"] == 3 and len(doc["validation"]) == 4
+
+
+def test_validation_split_is_seeded_disjoint_and_never_empty() -> None:
+    from pipeline.finetune import validation_split
+
+    fit, held = validation_split(1000, 0.1, 3)
+    assert held.size == 100 and fit.size == 900 and np.union1d(fit, held).size == 1000
+    assert np.array_equal(held, validation_split(1000, 0.1, 3)[1])
+    assert not np.array_equal(held, validation_split(1000, 0.1, 4)[1])
+    assert validation_split(5, 0.01, 0)[1].size == 1 and validation_split(5, 0.0, 0)[1].size == 0
+    assert validation_split(1, 0.5, 0)[1].size == 0  # a single sample trains
 
 
 @needs_torch
@@ -96,6 +135,8 @@ def test_cli_finetune_writes_the_model_and_its_report(pruned_demo, tmp_path: Pat
     assert code == 0
     report = json.loads(Path(f"{out}.report.json").read_text())
     assert report["format"] == "diprune.finetune/1" and report["finetune"]["kept"]
+    assert report["finetune"]["best_epoch"] == 1 and len(report["finetune"]["validation"]) == 2
+    assert report["finetune"]["validation_samples"] == 13  # 10 % of the 128 samples
     assert report["finetune"]["feature_probes"]  # the plan beside the model was found and used
     assert _structure(onnx.load(str(out))) == _structure(candidate.model)
 
@@ -144,7 +185,8 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert all(a >= b for a, b in itertools.pairwise(factors[9:])) and factors[-1] < 0.01
 
 
-@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": 0.0}, {"ce_weight": -1.0}, {"temperature": 0.0}])
+@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": 0.0}, {"ce_weight": -1.0}, {"temperature": 0.0},
+                                    {"validation": 1.0}, {"validation": -0.1}])
 def test_options_refuse_nonsense(kwargs: dict) -> None:
     with pytest.raises(UserInputError):
         FinetuneOptions(**kwargs)
@@ -203,7 +245,8 @@ def test_finetune_on_every_motif_trains_values_and_never_the_structure(name: str
     student = _batch_free(MOTIFS[name]()[0])
     rng = np.random.default_rng(5)
     data = from_iterable([(rng.standard_normal((48, *INPUT_SHAPE[1:])).astype(np.float32), None)])
-    model, record = finetune(student, _perturbed(student, 6), data, FinetuneOptions(epochs=2, batch_size=8))
+    model, record = finetune(student, _perturbed(student, 6), data,
+                             FinetuneOptions(epochs=2, batch_size=8, validation=0.0))  # the last epoch, measured on the data
     assert record.round_trip_error <= 1e-5
     assert record.kept and record.objective_after < record.objective_before  # it did learn something
     assert _interface(model) == _interface(student)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -255,7 +256,8 @@ def _static_batches(model: onnx.ModelProto, n: int, seed: int = 4) -> tuple[Data
 
 
 MOTIFS = {"correlated": lambda: (_correlated_net(), None), "depthwise": depthwise_separable,
-          "flatten-gemm": flatten_gemm, "concat": concat, "residual": residual, "token-matmul": token_matmul}
+          "flatten-gemm": flatten_gemm, "concat": concat, "residual": residual, "token-matmul": token_matmul,
+          "conv-transpose": conv_transpose}
 
 
 @pytest.mark.parametrize("motif", MOTIFS.values(), ids=MOTIFS.keys())
@@ -287,6 +289,34 @@ def test_lstsq_refits_depthwise_layers_per_group() -> None:
     ops = {c.op_type: c for c in report.consumers}
     depthwise = next(c for c in report.consumers if c.dim == 3 * 3 + 1)  # one channel x 3x3 taps + intercept
     assert depthwise.op_type == "Conv" and set(ops) == {"Conv", "Gemm"}
+
+
+@pytest.mark.parametrize("positions", [None, 5], ids=["whole-tensors", "gathered-positions"])
+def test_lstsq_refits_a_strided_conv_transpose_and_lowers_its_output_error(positions: int | None) -> None:
+    """A stride-2 ConvTranspose whose input lost channels is refit (R3 on its transposed patches; R1 / R2 skip it):
+    its held-out error goes down and its output moves towards the original's, whether all positions or a few are
+    gathered inside the graph (the taps of the other phases must be masked: unmasked, the refit made it worse)."""
+    model, _ = conv_transpose()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): [0, 2, 3, 5, 7]}
+    data, x = _static_batches(model, 40, seed=5)
+    pruned = apply_plan(model, index, keep)
+    recovered, report = recover(model, pruned, index, keep, data, method="lstsq", batch_size=1,
+                                refit_positions=positions, intra_op_threads=1)
+    layer = next(c for c in report.consumers if c.op_type == "ConvTranspose")
+    assert layer.dim == 5 * 2 * 2 + 1 and layer.alpha is not None and layer.error_after < layer.error_before
+    out = next(n.output[0] for n in model.graph.node if n.op_type == "ConvTranspose")
+    err = {"plain": 0.0, "lstsq": 0.0, "norm": 0.0}
+    for sample in x[4::5]:  # the held-out batches (every fifth)
+        want = run_ort(expose_tensors(model, [out]), {"x": sample})[-1]
+        err["norm"] += float(np.sum(want**2))
+        for name, m in (("plain", pruned), ("lstsq", recovered)):
+            err[name] += float(np.sum((run_ort(expose_tensors(m, [out]), {"x": sample})[-1] - want) ** 2))
+    assert err["lstsq"] < 0.9 * err["plain"], err
+    # the refit's own held-out estimate is the measured relative error of the weights it had (on every position;
+    # on 5 sampled positions per image, close to it)
+    assert err["plain"] / err["norm"] == pytest.approx(layer.error_before, rel=1e-3 if positions is None else 0.2)
 
 
 def test_lstsq_refits_a_matmul_consumer_without_intercept() -> None:
@@ -356,3 +386,55 @@ def test_lstsq_refits_a_matmul_over_the_last_axis_of_tokens() -> None:
         for name, m in (("plain", pruned), ("lstsq", recovered)):
             err[name] += float(np.sum((run_ort(expose_tensors(m, [out]), {"x": sample})[-1] - want) ** 2))
     assert err["lstsq"] < 0.8 * err["plain"], err
+
+
+def test_refit_positions_grow_for_a_wide_layer_on_few_images_within_a_bound() -> None:
+    """R3 samples more positions per image where the fitted rows would fall short of 10 per unknown (bounded at 4x
+    the default), and never fewer than asked; without a count of images or with every position asked, as given."""
+    from pipeline.recovery.refit import POSITION_GROWTH, refit_positions
+
+    assert refit_positions(64, 865, 50) == 217  # 40 fitted pages x 217 positions >= 8,650 rows
+    assert refit_positions(64, 865, 2000) == 64  # enough images already
+    assert refit_positions(64, 4609, 10) == POSITION_GROWTH * 64  # bounded
+    assert refit_positions(None, 865, 50) is None and refit_positions(64, 865, None) == 64
+
+
+def test_a_layer_behind_a_global_pool_gets_a_position_prior_that_only_helps(monkeypatch) -> None:
+    """The head Gemm reads GlobalAveragePool -> Flatten (one row per image): its refit may blend in per-position
+    rows of the pool's input (targets: the original Gemm at each position). The prior is planned for that layer
+    only, its held-out error is never above the refit without it, and the model still equals its mask reference;
+    reading whole tensors (sizes unknown) gives the same refit as the in-graph gathers."""
+    from graph_ops import least_squares
+    from pipeline.recovery import refit
+
+    model, _ = depthwise_separable()
+    model = canonicalize(model)
+    index = analyze(model)
+    keep = {_group(index, 8): [0, 2, 3, 5, 6]}
+    data, x = _static_batches(model, 15, seed=6)
+    pruned = apply_plan(model, index, keep)
+    layers, _ = refit.refit_targets(model, pruned, index, keep)
+    assert [lay.shape.op_type for lay in layers if lay.pooled is not None] == ["Gemm"]
+    options = {"method": "lstsq", "batch_size": 1, "intra_op_threads": 1}
+
+    def head(found: object) -> object:
+        return next(c for c in found.consumers if c.op_type == "Gemm")
+
+    recovered, report = recover(model, pruned, index, keep, data, **options)
+    refit_names = {c.node for c in report.consumers if c.alpha is not None}
+    assert_same_outputs(recovered_reference(model, recovered, index, keep, refit_names), recovered, {"x": x[0]},
+                        rtol=1e-4, atol=1e-5)
+    originals = refit.refit_targets
+
+    def without_sizes(*args: object, **kwargs: object) -> tuple:
+        found, skipped = originals(*args, **kwargs)
+        return [layer if layer.pooled is None else dataclasses.replace(
+            layer, pooled=dataclasses.replace(layer.pooled, size=None)) for layer in found], skipped
+
+    monkeypatch.setattr(refit, "refit_targets", without_sizes)
+    _, whole = recover(model, pruned, index, keep, data, **options)
+    assert head(whole).prior_weight == head(report).prior_weight
+    assert head(whole).error_after == pytest.approx(head(report).error_after, rel=1e-6)
+    monkeypatch.setattr(least_squares, "PRIOR_WEIGHTS", (0.0,))
+    _, plain = recover(model, pruned, index, keep, data, **options)
+    assert head(plain).prior_weight == 0.0 and head(report).error_after <= head(plain).error_after

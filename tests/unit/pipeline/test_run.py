@@ -33,7 +33,7 @@ def _config(folder: Path, **changes: Any) -> Path:
         "data": {"calibration": {"path": "mnist", "limit": 128}, "evaluation": {"path": "mnist", "limit": 400}},
         "prune": {"methods": ["di", "l2"], "target_macs": [0.5], "recover": "lstsq"},
         "bench": FAST_BENCH,
-        "gates": {"max_top1_drop": 0.02, "min_speedup": 0.5},  # a pruned model twice as slow: never
+        "gates": {"max_top1_drop": 2, "min_speedup": 0.5},  # points; a pruned model twice as slow: never
         "output": "out",
     }
     for key, value in changes.items():
@@ -87,7 +87,7 @@ def test_run_end_to_end(first_run: tuple[Path, int, str]) -> None:
         assert [b["batch"] for b in c["latency"]] == [1, 4]
         assert all(b["median_ms"] > 0 and b["speedup"] > 0 for b in c["latency"])
         assert set(c["passed"]) == {"max_top1_drop", "min_speedup"}
-        assert c["passed"]["max_top1_drop"] == (c["top1_drop"] <= 0.02 + 1e-9)
+        assert c["passed"]["max_top1_drop"] == (100 * c["top1_drop"] <= 2 + 1e-9)
         assert c["passed"]["min_speedup"] == (min(b["speedup"] for b in c["latency"]) >= 0.5 - 1e-9)
         assert c["passed_all"] == all(c["passed"].values())
         assert (output / c["path"]).is_file() and not c["reused"]
@@ -176,7 +176,7 @@ model: path/to/model.onnx            # or: {export: "torchvision:resnet18", inpu
 data: {calibration: calib.npz, evaluation: test.npz}   # same forms as --data (npz, image folder, mnist)
 prune: {methods: [di, l2], target_macs: [0.5, 0.25], recover: lstsq}
 bench: {backend: ort-cpu, batch: [1]}
-gates: {max_top1_drop: 0.01, min_speedup: 1.3}
+gates: {max_top1_drop: 1, min_speedup: 1.3}
 output: runs/exp1
 """
     path = tmp_path / "job.yaml"
@@ -188,7 +188,7 @@ output: runs/exp1
     assert config.prune.methods == ("di", "l2") and config.prune.targets == (("macs", 0.5), ("macs", 0.25))
     assert config.prune.recover == "lstsq"
     assert config.bench.backend == "ort-cpu" and config.bench.batch == (1,)
-    assert dict(config.gates) == {"max_top1_drop": 0.01, "min_speedup": 1.3}
+    assert dict(config.gates) == {"max_top1_drop": 1, "min_speedup": 1.3}
     assert config.output == tmp_path / "runs/exp1"
     export = load_config(_write(tmp_path, text.replace("model: path/to/model.onnx",
                                                        'model: {export: "torchvision:resnet18", input_shape: '
@@ -300,7 +300,7 @@ def test_run_with_a_task_and_a_search(tmp_path: Path) -> None:
     candidate with every tried budget in its report."""
     config = _config(tmp_path, task={"classes": [3, 8]}, prune={"methods": ["di"], "target_macs": [0.5],
                                                                 "max_drop": 2.0},
-                     gates={"max_top1_drop": 0.02})
+                     gates={"max_top1_drop": 2})
     assert main(["-q", "run", str(config)]) == 0
     report = _report(tmp_path / "out")
     assert [c["name"] for c in report["candidates"]] == ["di-macs0.5", "di-within2pt"]

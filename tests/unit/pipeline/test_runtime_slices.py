@@ -91,7 +91,7 @@ def test_calibration_and_recovery_do_not_depend_on_the_call_size(model: str, mon
     import pipeline.recovery.sweep
     import pipeline.runtime
 
-    monkeypatch.setattr(pipeline.calibrate, "samples_per_run", lambda model, batch: 5)
+    monkeypatch.setattr(pipeline.calibrate, "samples_per_run", lambda model, batch, **kw: 5)
     monkeypatch.setattr(pipeline.recovery.sweep, "samples_for", lambda shapes, batch: 5)
     sliced = []
     original = pipeline.runtime._run_sliced
