@@ -995,7 +995,8 @@ def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
 
 def _add_latency_command(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     """latency variants | fit."""
-    latency = parser.add_subparsers(dest="latency_command", required=True, metavar="STEP")
+    latency = parser.add_subparsers(dest="latency_command", required=True, metavar="STEP",
+                                    help="variants (models to time on the board) or fit (their profiles)")
     p = latency.add_parser("variants", parents=[common], formatter_class=_HelpFormatter,
                            help="write random-width variants of a model and the board scripts that profile them")
     p.add_argument("model", help="the .onnx file whose variants the board times")

@@ -527,17 +527,11 @@ def from_image_folder(
     return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader, spec, targets)
 
 
-def resized_crop(width: int, height: int, size: int, crop_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Where an image folder's image of ``width x height`` goes: the size after resizing its shorter side to ``size``
-    and the top-left corner of the centre crop, ``(resized width, resized height, left, top)``."""
-    ratio = size / min(width, height)
-    rw, rh = max(1, round(width * ratio)), max(1, round(height * ratio))
-    return rw, rh, (rw - crop_hw[1]) // 2, (rh - crop_hw[0]) // 2
-
-
 def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: str) -> np.ndarray:
     """Read one image: resize shorter side to ``size``, centre crop, CHW float32 in [0, 1]."""
     from PIL import Image
+
+    from pipeline.labels import resized_crop
 
     try:
         with Image.open(path) as img:

@@ -366,7 +366,8 @@ def fit_board_profiles(folder: str | Path, *, source: str | None = None, block: 
                                                                           if k != "device" and v is not None},
            "threads": None, "batch": manifest["batch"], "precision": manifest["precision"],
            "round_to": manifest["round_to"], "min_channels": manifest["min_channels"], "variants": len(fitted) - 1,
-           "block": block, "fingerprint": manifest["fingerprint"], "whole_model": "calibrated" if calibrated
+           "block": block, "fingerprint": manifest["fingerprint"], "input_shapes": manifest.get("input_shapes", {}),
+           "whole_model": "calibrated" if calibrated
            else "sum of layer medians"}
     model = LatencyModel(key, full, kernels, scale, offset, exponent)
 
@@ -407,6 +408,11 @@ def load_latency_model(path: str | Path, prepared: PreparedModel) -> LatencyMode
     if wanted is not None and wanted != fingerprint(prepared.model):
         raise UserInputError(f"{path} was fitted on another model (fingerprint differs from {prepared.path}); make "
                              "variants of this model (with the same --input-shape) and fit them")
+    sizes = {k: list(v) for k, v in prepared.input_shapes.items()}
+    if model.key.get("input_shapes") is not None and model.key["input_shapes"] != sizes:
+        fitted_at, run_at = model.key["input_shapes"] or "as declared", sizes or "as declared"
+        raise UserInputError(f"{path} was fitted on another model (input sizes {fitted_at}, this run {run_at}); "
+                             "make variants with the same --input-shape and fit them")
     if dict(model.full_widths) != prepared.index.full_widths():
         raise UserInputError(f"{path} was fitted on another model (its group widths differ from {prepared.path})")
     return model

@@ -16,7 +16,7 @@ Per sample: ``map`` an int64 ``(H, W)`` class map (``-1`` = ignore; 255 in files
 Pairing of label files with samples: for an image folder, by file stem (``images/a.jpg`` <-> ``labels/a.txt``,
 ``labels/a.png``, or the COCO image whose ``file_name`` has stem ``a``); for an ``.npz``, sample ``i`` of the data as
 opened (after ``--split``) <-> the file (or COCO ``file_name``) whose stem is the integer ``i`` (``7.txt``,
-``000007.txt``). Image folders are resized and centre-cropped (:func:`pipeline.data.resized_crop`); boxes and masks
+``000007.txt``). Image folders are resized and centre-cropped (:func:`resized_crop`); boxes and masks
 go through the same geometry (boxes clipped to the crop, masks resized with nearest neighbour).
 """
 
@@ -90,13 +90,19 @@ class TargetSource:
         return top + 1
 
 
+def resized_crop(width: int, height: int, size: int, crop_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where an image folder's image of ``width x height`` goes: the size after resizing its shorter side to ``size``
+    and the top-left corner of the centre crop, ``(resized width, resized height, left, top)``."""
+    ratio = size / min(width, height)
+    rw, rh = max(1, round(width * ratio)), max(1, round(height * ratio))
+    return rw, rh, (rw - crop_hw[1]) // 2, (rh - crop_hw[0]) // 2
+
+
 def resized_box(geometry: Geometry | None, width: int, height: int) -> Callable[[np.ndarray], np.ndarray]:
     """Boxes ``(m, 5)`` normalised to an original image of ``width x height`` -> normalised to what the image folder
     loader makes of it (resize the shorter side to ``size``, centre crop), clipped; boxes left empty are dropped."""
     if geometry is None:
         return lambda boxes: boxes
-    from pipeline.data import resized_crop
-
     size, (ch, cw) = geometry
     rw, rh, left, top = resized_crop(width, height, size, (ch, cw))
 
@@ -241,8 +247,6 @@ def _read_mask(path: Path | None, geometry: Geometry | None) -> np.ndarray:
                 raise UserInputError(f"mask {path} has mode {img.mode}; a mask is a one-channel image whose pixel "
                                      f"values are class ids (255 = ignore)")
             if geometry is not None:
-                from pipeline.data import resized_crop
-
                 size, (ch, cw) = geometry
                 rw, rh, left, top = resized_crop(*img.size, size, (ch, cw))
                 img = img.resize((rw, rh), Image.NEAREST).crop((left, top, left + cw, top + ch))
