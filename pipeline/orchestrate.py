@@ -48,7 +48,7 @@ from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
-from pipeline.sensitivity import Sensitivity, measure
+from pipeline.sensitivity import MIN_SAMPLES, Sensitivity, fit_budget, measure
 from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.targets import LabelOptions
@@ -311,17 +311,22 @@ class PruneRun:
                 "names": list(self.task.names), "dropped_samples": dict(self.dropped)}
 
     def sensitivity(self, scores: ChannelScores, *, round_to: int = 8, min_channels: int = 8,
-                    protect: Iterable[str] = ()) -> Sensitivity:
+                    protect: Iterable[str] = ()) -> Sensitivity | None:
         """The measured damage of every movable group at its anchor widths, removing channels in ``scores``' order
-        (:mod:`pipeline.sensitivity`, on the first samples of the calibration data; once per setting)."""
+        (:mod:`pipeline.sensitivity`, on the first samples of the calibration data; once per setting); None when
+        the measurement does not fit its cost cap (:func:`pipeline.sensitivity.fit_budget`)."""
         key = (id(scores), round_to, min_channels, tuple(sorted(protect)))
         if key not in self._sensitivity:
             _, movable = movable_groups(scores, self.prepared.index, round_to, min_channels, protect, False)
             anchors = {g.id: anchor_widths(g.size, round_to, min_channels, g.blocks) for g in movable}
-            orders = {g.id: block_order(scores.elimination_order(g.id), g.blocks) for g in movable}
-            with self.timed("sensitivity"):
-                measured = measure(self.prepared.model, self.prepared.index, scores, movable, anchors, self.data,
-                                   orders=orders, backend=self.backend, intra_op_threads=self.threads)
+            fitted = fit_budget(anchors, int(getattr(self.data, "num_samples", 0) or 0))
+            measured = None
+            if fitted is not None:
+                orders = {g.id: block_order(scores.elimination_order(g.id), g.blocks) for g in movable}
+                with self.timed("sensitivity"):
+                    measured = measure(self.prepared.model, self.prepared.index, scores, movable, fitted[0],
+                                       self.data, orders=orders, samples=fitted[1], backend=self.backend,
+                                       intra_op_threads=self.threads)
             self._sensitivity[key] = (scores, measured)
         return self._sensitivity[key][1]
 
@@ -339,6 +344,7 @@ class PruneRun:
         measured = allocation == "measured" and latency is None and self.data is not None
         sensitivity = self.sensitivity(scores, round_to=round_to, min_channels=min_channels, protect=protect) \
             if measured else None
+        measured = sensitivity is not None
         with self.timed("plan"):
             if latency is not None:
                 from pipeline.latency_plan import plan_for_latency
@@ -351,8 +357,14 @@ class PruneRun:
                                        target_params=target_params, round_to=round_to, min_channels=min_channels,
                                        protect=tuple(protect), keep_first_and_last=keep_first_and_last and not measured,
                                        sensitivity=sensitivity, **planner)
-        if allocation == "measured" and not measured:
-            why = "a latency budget (its planner does not measure)" if latency is not None else "no calibration data"
+        if allocation == "measured" and sensitivity is None:
+            why = ("a latency budget (its planner does not measure)" if latency is not None else
+                   "no calibration data" if self.data is None else
+                   f"over its cost cap: two widths for each movable group at {MIN_SAMPLES} samples need more than "
+                   f"one pass over the {self.data.num_samples} calibration samples (give more data, or "
+                   "--allocation rule to silence this)")
+            if self.data is not None and latency is None:
+                logger.warning("measured allocation skipped: %s; the rule allocation is used", why)
             plan = replace(plan, meta={**plan.meta, "allocation": {"mode": "rule", "why": why}})
         if self.task is not None:
             plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})

@@ -21,6 +21,13 @@ prediction), resp. 1. ``D_g(size) = 0``, and ``D_g`` is made non-decreasing as t
 No recovery runs here: the damage is that of removing the channels alone. Cost: one onnxruntime pass of the
 original and one of a masked model per anchor, each over the subset (recorded: ``passes``, ``seconds``).
 Deterministic (fixed subset, the scores' order, onnxruntime on CPU).
+
+Cost cap (:func:`fit_budget`): ``passes x samples`` (sample-inferences) may not exceed the calibration data's size,
+so the measurement costs at most about one plain inference pass over the calibration data. When all anchors at
+:data:`SAMPLES` samples do not fit, each group keeps two anchors (the one nearest half its size and its narrowest;
+the curve between them follows the criterion, :func:`pipeline.plan.measured_curve`) and the samples per pass shrink
+to what the budget allows, down to :data:`MIN_SAMPLES`; when even that does not fit (many groups, little data),
+nothing is measured and the planner uses the rule (the plan's ``meta.allocation`` says why).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 SAMPLES = 64
 """Calibration samples the damage is measured on (the first ones of the calibration data)."""
+MIN_SAMPLES = 16
+"""Fewest samples a damage is measured on (below it the cost cap falls back to the rule)."""
 _PROB_TOL = 1e-3
 _EPS = 1e-12
 
@@ -74,6 +83,34 @@ class Sensitivity:
                 "passes": self.passes, "method": self.method,
                 "groups": {gid: {"size": self.sizes.get(gid), "widths": list(self.widths[gid]),
                                  "damage": [round(d, 6) for d in self.damage[gid]]} for gid in self.widths}}
+
+
+def fit_budget(anchors: Mapping[str, tuple[int, ...]], available: int, *, samples: int = SAMPLES,
+               min_samples: int = MIN_SAMPLES, budget: int | None = None) -> tuple[dict[str, tuple[int, ...]], int] | None:
+    """The anchors and samples per pass a measurement within ``budget`` sample-inferences uses (module docstring;
+    default budget: ``available``, the calibration samples), or None when even two anchors per group at
+    ``min_samples`` samples do not fit.
+
+    >>> fit_budget({"a": (48, 32, 16, 8), "b": (24, 16, 8)}, 2000)
+    ({'a': (48, 32, 16, 8), 'b': (24, 16, 8)}, 64)
+    >>> fit_budget({"a": (48, 32, 16, 8), "b": (24, 16, 8)}, 200)
+    ({'a': (32, 8), 'b': (16, 8)}, 40)
+    >>> fit_budget({"a": (48, 32, 16, 8), "b": (24, 16, 8)}, 40) is None
+    True
+    """
+    budget = available if budget is None else budget
+    samples = min(samples, available)
+
+    def passes(chosen: Mapping[str, tuple[int, ...]]) -> int:
+        return 1 + sum(len(v) for v in chosen.values())
+
+    if passes(anchors) * samples <= budget:
+        return dict(anchors), samples
+    two = {gid: tuple(sorted({v[min(1, len(v) - 1)], v[-1]}, reverse=True)) if v else () for gid, v in anchors.items()}
+    fitted = min(samples, budget // passes(two))
+    if fitted < min(min_samples, samples) or fitted < 1:
+        return None
+    return two, fitted
 
 
 def _probabilities(outputs: np.ndarray) -> np.ndarray:

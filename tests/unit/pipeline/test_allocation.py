@@ -95,7 +95,7 @@ def test_kl_of_probabilities_and_logits() -> None:
 
 @pytest.fixture(scope="module")
 def mnist_run() -> PruneRun:
-    return PruneRun(demo_model_path(), open_dataset("mnist", split="train", limit=256), progress=False,
+    return PruneRun(demo_model_path(), open_dataset("mnist", split="train", limit=1024), progress=False,
                     backend="ort-cpu", intra_op_threads=1)
 
 
@@ -119,6 +119,22 @@ def test_sensitivity_of_the_demo_cnn_is_the_masked_models_kl(mnist_run: PruneRun
     assert sens.damage[group.id][1] == pytest.approx(max(expected, sens.damage[group.id][0]), rel=1e-6)
     for values in sens.damage.values():
         assert list(values) == sorted(values)
+
+
+@pytest.mark.parametrize("limit", [200, 40])
+def test_the_measurement_stays_within_one_pass_over_the_calibration_data(limit: int) -> None:
+    run = PruneRun(demo_model_path(), open_dataset("mnist", split="train", limit=limit), progress=False,
+                   backend="ort-cpu", intra_op_threads=1)
+    scores = run.scores("l2")
+    plan = run.plan(scores, target_macs=0.5)
+    record = plan.meta["allocation"]
+    if limit == 40:  # 6 groups x 2 widths + 1 at 16 samples = 208 > 40: the rule, and why
+        assert record["mode"] == "rule" and "cost cap" in record["why"]
+        assert run.sensitivity(scores) is None
+        return
+    sens = run.sensitivity(scores)
+    assert record["mode"] == "measured" and sens.passes * sens.samples <= limit
+    assert all(len(w) <= 2 for w in sens.widths.values()) and sens.samples >= 16
 
 
 def test_round_targets_and_compose() -> None:
