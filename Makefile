@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-zoo test-ray bench-latency bench-quality bench-scale clean
+.PHONY: demo test test-zoo test-ray docs bench-latency bench-quality bench-scale clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ $(VENV)/.ray: $(VENV)/.test
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,ray]'
 	touch $@
 
+$(VENV)/.docs: $(VENV)/.core constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	touch $@
+
 $(VENV)/.bench: $(VENV)/.core constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	touch $@
@@ -39,6 +43,12 @@ test: $(VENV)/.test
 
 test-zoo: $(VENV)/.test $(VENV)/.production
 	$(PY) -m pytest -q -m zoo
+
+# The documentation site (MkDocs): the CLI reference from the argparse parser, the API reference from the
+# docstrings, the results pages from benchmarks/results/; built into work/site (open work/site/index.html).
+docs: $(VENV)/.docs
+	$(PY) docs/generate.py
+	$(VENV)/bin/mkdocs build -q
 
 # The Ray tests (tests/unit/pipeline/test_cluster.py) on a local Ray instance; installs the [ray] extra (about 360 MB).
 test-ray: $(VENV)/.ray

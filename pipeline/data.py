@@ -386,13 +386,16 @@ def from_npz(
         input_map: ``{array key: model input name}``; default: every non-label array under its own key (a single
             array is bound later to the model's single input).
         labels_key: Key of the label vector (None: unlabelled; a missing ``"y"`` also means unlabelled).
-        scale, mean, std: ``x_float = (x * scale - mean) / std``; scale defaults to 1/255 for uint8, 1 for float.
+        scale: ``x_float = (x * scale - mean) / std``; defaults to 1/255 for uint8, 1 for float.
+        mean: see ``scale``.
+        std: see ``scale``.
         layout: One of ``LAYOUTS``.
         split: ``"train"``, ``"test"`` or None (all samples).
         limit: Keep only the first ``limit`` samples (after the split). Arrays are converted lazily, per batch.
-        label_format, labels_path: dense labels (:mod:`pipeline.labels`): a labels array of shape ``(N, H, W)``
-            (class maps) or ``(N, L)`` (sequences) becomes the dataset's ``targets``; ``labels_path`` reads them
-            from label files instead (sample ``i`` <-> the file whose stem is the integer ``i``).
+        label_format: dense labels (:mod:`pipeline.labels`): a labels array of shape ``(N, H, W)`` (class maps)
+            or ``(N, L)`` (sequences) becomes the dataset's ``targets``.
+        labels_path: read the dense labels from label files instead (sample ``i`` <-> the file whose stem is the
+            integer ``i``).
 
     Raises:
         UserInputError: Missing or unreadable file, unknown key, layout or split.
@@ -464,12 +467,13 @@ def from_image_folder(
         root: Folder with one sub-folder per class, or with the images themselves (unlabelled).
         size: Shorter side after resizing (bilinear).
         crop: Centre crop, ``int`` for square or ``(height, width)``.
-        mean, std: Per-channel mean and standard deviation on the [0, 1] scale, in ``channel_order``.
+        mean: Per-channel mean on the [0, 1] scale, in ``channel_order``.
+        std: Per-channel standard deviation on the [0, 1] scale, in ``channel_order``.
         channel_order: ``"RGB"``, ``"BGR"`` or ``"L"`` (grayscale, one channel).
         limit: Keep only the first ``limit`` images (sorted by class, then file name). Images are read lazily.
-        label_format, labels_path: dense labels of an unlabelled folder (:mod:`pipeline.labels`; image
-            ``a.jpg`` <-> label ``a.txt`` / ``a.png`` / the COCO image with that stem), through the same resize and
-            crop as the images.
+        label_format: the format of the dense labels of an unlabelled folder (:mod:`pipeline.labels`).
+        labels_path: where those labels are (image ``a.jpg`` <-> label ``a.txt`` / ``a.png`` / the COCO image with
+            that stem), read through the same resize and crop as the images.
 
     Raises:
         UserInputError: Missing root, no class folders or no images, Pillow not installed, bad channel order.
