@@ -225,7 +225,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         reference = None if reference is None else task.head(_as_model(reference))
         dataset = task.dataset(dataset).data
     classifier = is_classifier(proto)
-    kind = None if classifier else _dense_kind(proto, output_kind)
+    kind = None if classifier else scored_kind(proto, output_kind)
     if classifier and output_kind not in (None, "classes"):
         raise UserInputError(f"--output-kind {output_kind}: the first output '{proto.graph.output[0].name}' is (N, K) "
                              f"class scores, which only the 'classes' kind reads")
@@ -267,7 +267,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     return _report(totals, width, ref_session is not None, dense)
 
 
-def _dense_kind(model: onnx.ModelProto, output_kind: str | None) -> str | None:
+def scored_kind(model: onnx.ModelProto, output_kind: str | None) -> str | None:
     """The dense kind of a non-classifier's first output; None when the shape does not tell (fidelity only) and
     no ``output_kind`` was given."""
     if output_kind is not None:

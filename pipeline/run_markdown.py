@@ -53,6 +53,26 @@ def _table(doc: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _dense(doc: Mapping[str, Any]) -> list[str]:
+    """The dense metrics of the original and every candidate (a dense model only), with changes in points."""
+    original = doc["original"].get("metrics")
+    if not original:
+        return []
+    from pipeline.dense_eval import METRIC_NAMES
+
+    names = METRIC_NAMES[original["output_kind"]]
+    against = "the data's labels" if original["against"] == "labels" else "the original model's own decisions"
+    lines = ["", "## Dense metrics", "", f"{original['output_kind']} output, measured against {against}; primary "
+             f"metric {original['primary']}; changes in points vs the original.", "",
+             "| model | " + " | ".join(f"{n} | change" for n in names) + " |", "|" + "---|" * (1 + 2 * len(names)),
+             "| original | " + " | ".join(f"{_pct(original.get(n))} | -" for n in names) + " |"]
+    for c in doc["candidates"]:
+        mine, changes = c.get("metrics") or {}, c.get("metric_changes") or {}
+        lines.append(f"| {c['name']} | " + " | ".join(f"{_pct(mine.get(n))} | {_points(changes.get(n))}"
+                                                      for n in names) + " |")
+    return lines
+
+
 def _plots(doc: Mapping[str, Any]) -> list[str]:
     plots = doc.get("plots") or {}
     if "skipped" in plots:
@@ -87,7 +107,7 @@ def _provenance(doc: Mapping[str, Any]) -> list[str]:
 
 def run_markdown(doc: Mapping[str, Any]) -> str:
     """The Markdown report of a run report's JSON form."""
-    lines = ["# diprune run", "", *_verdict(doc), "", "## Candidates", "", *_table(doc), *_plots(doc),
+    lines = ["# diprune run", "", *_verdict(doc), "", "## Candidates", "", *_table(doc), *_dense(doc), *_plots(doc),
              *_provenance(doc)]
     if doc.get("mlflow"):
         lines.append(f"- MLflow: {doc['mlflow'].get('uri')} run {doc['mlflow'].get('run_id')}")
