@@ -589,7 +589,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if data.labels is None and data.targets is None:
         if args.reference is None:
             raise UserInputError(f"data {args.data} has no labels and no --reference was given, so there is nothing "
-                                 "to measure; name the labels array with --label-key, or compare with --reference "
+                                 "to measure; name the labels array with --label-key (dense labels: --labels-path), or compare with --reference "
                                  "ORIGINAL.onnx")
         _warn(args, f"data {args.data} has no labels: top-1/top-5 are not measured (null), only the comparison "
                     "with the reference (name the labels array with --label-key)")
