@@ -28,9 +28,14 @@ def _verdict(doc: Mapping[str, Any]) -> list[str]:
     bar = ", ".join(f"{k} {v:g}" for k, v in gates.items()) or "none (every candidate passes)"
     if doc["best"] is not None:
         best = next(c for c in doc["candidates"] if c["name"] == doc["best"])
+        dense = best.get("metrics")
+        primary = dense["primary"] if dense else None
+        accuracy = (f"{primary} {_pct(dense['score'])} ({_points((best.get('metric_changes') or {}).get(primary))} "
+                    f"points vs the original)") if dense else (
+            f"top-1 {_pct(best['top1'])} ({_points(None if best['top1_drop'] is None else -best['top1_drop'])} "
+            f"points vs the original)")
         return [f"**PASS** (exit 0): best candidate **{best['name']}**: MACs x{best['macs_fraction']:.3f}, "
-                f"params x{best['params_fraction']:.3f}, top-1 {_pct(best['top1'])} "
-                f"({_points(None if best['top1_drop'] is None else -best['top1_drop'])} points vs the original), "
+                f"params x{best['params_fraction']:.3f}, {accuracy}, "
                 f"{_latency(best['latency'])}; written to `best.onnx`.", "", f"Gates: {bar}."]
     return ["**FAIL** (exit 3): no candidate passes every gate; `best.onnx` was not written.", "", f"Gates: {bar}."]
 

@@ -330,7 +330,8 @@ def test_run_report_and_gates_on_a_segmentation_model(tmp_path: Path, capsys: py
     assert code == 0 and doc["original"]["metrics"]["miou"] == 1.0
     assert cand["metrics"]["against"] == "reference" and cand["passed"] == {"max_miou_drop": True}
     assert cand["metric_changes"]["miou"] == pytest.approx(cand["metrics"]["miou"] - 1.0)
-    assert "## Dense metrics" in (tmp_path / "out" / "report.md").read_text()
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Dense metrics" in markdown and f"miou {100 * cand['metrics']['miou']:.2f} %" in markdown
     drop = -100 * cand["metric_changes"]["miou"]
     assert drop > 0.2  # pruning 40 % of a random network's MACs without recovery changes its maps
     code = main(["-q", "run", str(_job(tmp_path, model, tmp_path / "plain.npz", {"max_miou_drop": drop - 0.1}))])
