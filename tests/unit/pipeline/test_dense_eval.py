@@ -289,6 +289,7 @@ def test_cli_eval_missing_extra_is_one_line(tmp_path: Path, capsys: pytest.Captu
     assert code != 0 and err.startswith("diprune: error:") and "pip install 'diprune[metrics]'" in err
 
 
+@pytest.mark.slow  # a prune and a --max-drop search, about a second
 def test_prune_report_and_max_drop_use_the_dense_metric(tmp_path: Path) -> None:
     from pipeline.orchestrate import prune
 
@@ -320,6 +321,7 @@ def _job(folder: Path, model: str, data: Path, gates: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # three small runs, a few seconds
 def test_run_report_and_gates_on_a_segmentation_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = seg_net(str(tmp_path / "seg.onnx"), classes=3)
     x = np.random.default_rng(0).random((32, 1, 16, 16), dtype=np.float32)
