@@ -12,8 +12,9 @@ $(VENV)/.core: pyproject.toml
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
+# the [metrics] extra (pycocotools, editdistance: two small wheels) so the dense-metric tests run, not skip
 $(VENV)/.test: $(VENV)/.core constraints.txt
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,metrics]'
 	touch $@
 
 # timm and ultralytics for the production zoo tests: --no-deps (their own requirements would pull CUDA torch and

@@ -585,20 +585,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = _task(args)
     split = _eval_split(args.data, args)
-    data = _dataset(args.data, args, split=split)
-    if data.labels is None:
+    data = _dataset(args.data, args, split=split, dense=True)
+    if data.labels is None and data.targets is None:
         if args.reference is None:
             raise UserInputError(f"data {args.data} has no labels and no --reference was given, so there is nothing "
-                                 "to measure; name the labels array with --label-key, or compare with --reference "
+                                 "to measure; name the labels array with --label-key (dense labels: --labels-path), or compare with --reference "
                                  "ORIGINAL.onnx")
         _warn(args, f"data {args.data} has no labels: top-1/top-5 are not measured (null), only the comparison "
                     "with the reference (name the labels array with --label-key)")
     model, reference = _with_shapes(args.model, args), _with_shapes(args.reference, args)
-    report = evaluate(model, data, reference=reference, task=task)
+    labels = _label_options(args)
+    report = evaluate(model, data, reference=reference, task=task, output_kind=labels.output_kind,
+                      decode=labels.decode)
     doc = {**report.to_dict(), "split": split, "data": data.name}
     if reference is not None and report.top1 is not None:  # the reference's own accuracy, on the same samples
         own = evaluate(reference, data, task=task)
         doc["reference"] = {"top1": own.top1, "top5": own.top5}
+    if reference is not None and report.metrics and report.metrics["against"] == "labels":  # the same for dense
+        own = evaluate(reference, data, task=task, output_kind=labels.output_kind, decode=labels.decode)
+        doc["reference"] = {"metrics": own.metrics}
     if task is not None:
         doc["task"] = {**task.to_dict(), "names": list(task.names)}
     if args.robustness:
@@ -672,14 +677,20 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
                             "(log-sum-exp of the member logits)")
 
 
-def _add_label_options(parser: argparse.ArgumentParser) -> None:
+def _add_label_options(parser: argparse.ArgumentParser, *, evaluation: bool = False) -> None:
+    """The label options; ``evaluation`` (``eval``): the dense labels, output kind and decoders, no ``--labels``
+    source or location sampling (the metrics are scored against the data's labels, else the reference's)."""
     from pipeline.locations import DEFAULT_BACKGROUND_RATIO, DEFAULT_PER_CLASS
     from pipeline.outputs import MAP_THRESHOLD, OUTPUT_KINDS, YOLO_CONF, YOLO_IOU
     from pipeline.targets import LABEL_FORMATS, LABEL_SOURCES
 
-    parser.add_argument("--labels", choices=LABEL_SOURCES, default=None,
-                        help="labels of di/lda/pls-vip: 'data' (the data's), or 'model' (the original model's own "
-                             "decisions on the data); default: the data's when it has some, else the model's")
+    if evaluation:
+        parser.set_defaults(labels=None, locations_per_class=DEFAULT_PER_CLASS,
+                            background_ratio=DEFAULT_BACKGROUND_RATIO)
+    else:
+        parser.add_argument("--labels", choices=LABEL_SOURCES, default=None,
+                            help="labels of di/lda/pls-vip: 'data' (the data's), or 'model' (the original model's "
+                                 "own decisions on the data); default: the data's when it has some, else the model's")
     parser.add_argument("--label-format", choices=LABEL_FORMATS, default=None,
                         help="dense labels: yolo (a .txt per image), coco (instances JSON), mask (a PNG per image), "
                              "text (an .npz y of shape (N, L), padded with -1); default: from --labels-path / y")
@@ -693,9 +704,12 @@ def _add_label_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-threshold", type=_fraction, default=MAP_THRESHOLD,
                         help=f"model labels of a [N,1,H,W] probability map: class 1 above it (default {MAP_THRESHOLD})")
     parser.add_argument("--conf-threshold", type=_fraction, default=YOLO_CONF,
-                        help=f"model labels of a YOLO head: detections above it (default {YOLO_CONF})")
+                        help=f"model labels of a YOLO head (eval: the reference's boxes taken as ground truth): "
+                             f"detections above it (default {YOLO_CONF})")
     parser.add_argument("--iou-threshold", type=_fraction, default=YOLO_IOU,
                         help=f"model labels of a YOLO head: class-wise NMS IoU (default {YOLO_IOU})")
+    if evaluation:
+        return
     parser.add_argument("--locations-per-class", type=_positive_int, default=DEFAULT_PER_CLASS, metavar="N",
                         help=f"dense labels: locations sampled per class and image (default {DEFAULT_PER_CLASS})")
     parser.add_argument("--background-ratio", type=_non_negative, default=DEFAULT_BACKGROUND_RATIO, metavar="R",
@@ -955,11 +969,13 @@ def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("model", help="the .onnx file to evaluate")
     p.add_argument("--data", required=True, help="'mnist', an .npz or an image folder")
     p.add_argument("--reference", default=None, help="original model: adds its own top-1, agreement and relative "
-                                                     "logit error")
+                                                     "logit error; a dense output without labels is scored against "
+                                                     "the reference's own decisions")
     p.add_argument("--robustness", action="store_true",
                    help="with --reference: top-1 and agreement under Gaussian noise and FGSM/PGD examples crafted "
                         "on the original (adversarial part needs the [torch] extra)")
     _add_data_options(p, evaluation=True)
+    _add_label_options(p, evaluation=True)
     _add_task_options(p)
 
     seconds = _at_most(_non_negative, MAX_SECONDS, " s")
@@ -1036,7 +1052,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                                "extra); same graph, new weights"),
     "push": (cmd_push, "Grow-Push-Prune's push (train features towards class separation in few channels), then "
                        "prune with DI and recover (needs the [torch] extra)"),
-    "eval": (cmd_eval, "top-1/top-5 on held-out data, agreement with a reference model"),
+    "eval": (cmd_eval, "top-1/top-5 (dense outputs: exact/CER, mIoU, mAP) on held-out data, agreement with a "
+                       "reference model"),
     "bench": (cmd_bench, "latency of one or more models, interleaved rounds"),
     "demo": (cmd_demo, "prune the shipped MNIST model with DI and show what was gained"),
     "latency": (cmd_latency, "latency models from your own board: 'variants' writes the models and the trtexec / "

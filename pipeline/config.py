@@ -62,7 +62,7 @@ from graph_ops.io import read_text
 from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
 from pipeline.engines import BACKENDS, PRECISIONS
 from pipeline.errors import UserInputError
-from pipeline.gates import GATE_RANGES, GATES, POINTS_FLOOR
+from pipeline.gates import DENSE_GATES, GATE_RANGES, GATES, POINTS_FLOOR, POINTS_GATES
 from pipeline.locations import DEFAULT_BACKGROUND_RATIO, DEFAULT_PER_CLASS, Sampling
 from pipeline.outputs import MAP_THRESHOLD, OUTPUT_KINDS, YOLO_CONF, YOLO_IOU, DecodeOptions
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
@@ -466,11 +466,14 @@ def _gates(value: Any) -> dict[str, float]:
     for name, limit in section.items():
         low, high = GATE_RANGES[name]
         gates[name] = _number(limit, f"gates.{name}", low=low, high=high)
-    drop = gates.get("max_top1_drop")
-    if drop is not None and 0 < drop < POINTS_FLOOR:
-        raise UserInputError(f"config: 'gates.max_top1_drop' is in accuracy points (1 = one point of top-1, as "
-                             f"--max-drop and the report); {drop:g} reads like the old fraction spelling "
-                             f"({drop:g} = {100 * drop:g} points): write {100 * drop:g}, or 0 for no drop at all")
+    for name in POINTS_GATES:
+        drop = gates.get(name)
+        if drop is not None and 0 < drop < POINTS_FLOOR:
+            unit = "accuracy points (1 = one point of top-1" if name == "max_top1_drop" else \
+                f"points of the metric (1 = one point of {DENSE_GATES[name][1]}"
+            raise UserInputError(f"config: 'gates.{name}' is in {unit}, as --max-drop and the report); {drop:g} "
+                                 f"reads like the fraction spelling ({drop:g} = {100 * drop:g} points): write "
+                                 f"{100 * drop:g}, or 0 for no change at all")
     return gates
 
 

@@ -13,14 +13,22 @@ Output fidelity (any model, e.g. a detector, with a reference; both models must 
 ``o``, over all samples, ``relative_error = ||a_o - b_o|| / ||b_o||``, ``cosine = <a_o, b_o> / (||a_o|| ||b_o||)``
 (the outputs flattened; 1.0 when both are zero) and ``max_abs_diff = max |a_o - b_o|``.
 
+Dense outputs (a CTC sequence ``[N, T, K]``, a map ``[N, K, H, W]``, YOLO detections ``[N, 4 + K, A]``; detected by
+:func:`pipeline.outputs.detect_output_kind` or given as ``output_kind``): ``metrics`` holds the dense metrics of
+:mod:`pipeline.dense_eval` (exact-sequence accuracy and CER, mIoU and pixel accuracy, mAP@0.5 and mAP@0.5:0.95),
+against the data's dense labels, else against the reference model's own decisions (``metrics["against"]`` says
+which), with ``metrics["primary"]`` naming the score (``exact``, ``miou``, ``map50``; :func:`score`).
+
 Accumulation is in float64 across batches, so memory does not grow with the dataset. Accuracy needs labels; without
-labels ``top1``/``top5`` are None. A model that is not a classifier can only be evaluated against a reference.
+labels ``top1``/``top5`` are None. A model that is neither a classifier nor scored by a dense metric can only be
+evaluated against a reference.
 Non-finite outputs (NaN or infinity, of the model or of the reference) are refused with an error naming the output:
 NaN logits would otherwise score top-5 = 1.0 (no score is greater than NaN), a silently wrong result.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,9 +36,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+from pipeline.dense_eval import DenseScorer, dense_kind, dense_scorer
 from pipeline.errors import CalibrationError, UserInputError
+from pipeline.outputs import DecodeOptions, output_classes
 from pipeline.runtime import check_labels, model_input_specs, open_session, run, samples_per_run, stream
 from pipeline.task import Task
+
+logger = logging.getLogger(__name__)
 
 TOP_K = 5
 
@@ -45,10 +57,23 @@ class EvalReport:
     agreement: float | None = None
     relative_logit_error: float | None = None
     outputs: dict[str, dict[str, float]] | None = field(default=None)
+    metrics: dict[str, Any] | None = field(default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with every field."""
-        return asdict(self)
+        """JSON-ready dict with every field (``metrics`` only for a dense output)."""
+        doc = asdict(self)
+        if doc["metrics"] is None:
+            del doc["metrics"]
+        return doc
+
+
+def score(evaluation: dict[str, Any]) -> tuple[str, float | None]:
+    """``(name, value)`` of an evaluation's score (:meth:`EvalReport.to_dict`): a dense output's primary metric
+    (``exact``, ``miou``, ``map50``), else ``top1``."""
+    dense = evaluation.get("metrics")
+    if dense:
+        return dense["primary"], dense["score"]
+    return "top1", evaluation.get("top1")
 
 
 def _as_model(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
@@ -150,7 +175,7 @@ class _Totals:
             self.fidelity.setdefault(name, _Fidelity()).add(a, b)
 
 
-def _report(totals: _Totals, num_classes: int, with_reference: bool) -> EvalReport:
+def _report(totals: _Totals, num_classes: int, with_reference: bool, dense: DenseScorer | None = None) -> EvalReport:
     if totals.n == 0:
         raise CalibrationError("the evaluation dataset yielded no samples")
     labelled = totals.classifier and totals.labelled == totals.n
@@ -162,14 +187,17 @@ def _report(totals: _Totals, num_classes: int, with_reference: bool) -> EvalRepo
     return EvalReport(n=totals.n, top1=totals.top1 / totals.n if labelled else None,
                       top5=totals.top5 / totals.n if labelled and num_classes > TOP_K else None,
                       agreement=totals.agree / totals.n if with_reference and totals.classifier else None,
-                      relative_logit_error=error if totals.classifier else None, outputs=outputs)
+                      relative_logit_error=error if totals.classifier else None, outputs=outputs,
+                      metrics=None if dense is None else dense.result())
 
 
 def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
              reference: str | os.PathLike[str] | onnx.ModelProto | None = None, batch_size: int = 256,
              backend: str = "auto", intra_op_threads: int | None = None, progress: bool = False,
-             task: Task | None = None) -> EvalReport:
-    """Top-1/top-5 accuracy of a classifier on ``dataset``; agreement and output fidelity against ``reference``.
+             task: Task | None = None, output_kind: str | None = None,
+             decode: DecodeOptions | None = None) -> EvalReport:
+    """Top-1/top-5 accuracy of a classifier, or the dense metrics of a dense output, on ``dataset``; agreement and
+    output fidelity against ``reference``.
 
     Args:
         model: an .onnx path or a ModelProto.
@@ -182,6 +210,9 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         progress: show a tqdm bar on stderr.
         task: evaluate on the user's task (:mod:`pipeline.task`): the models get the task's head unless they carry
             it already (a model pruned for the task), and the dataset keeps the task's samples with task labels.
+        output_kind: what the first output is (:data:`pipeline.outputs.OUTPUT_KINDS`; default: detected from its
+            shape where that is unambiguous; an output it cannot tell apart is evaluated by fidelity only).
+        decode: decoder thresholds of dense outputs (CTC blank, map threshold, the reference's YOLO confidence, NMS).
 
     Returns:
         The :class:`EvalReport`.
@@ -194,10 +225,16 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         reference = None if reference is None else task.head(_as_model(reference))
         dataset = task.dataset(dataset).data
     classifier = is_classifier(proto)
-    if not classifier and reference is None:
+    kind = None if classifier else scored_kind(proto, output_kind)
+    if classifier and output_kind not in (None, "classes"):
+        raise UserInputError(f"--output-kind {output_kind}: the first output '{proto.graph.output[0].name}' is (N, K) "
+                             f"class scores, which only the 'classes' kind reads")
+    if not classifier and kind is None and reference is None:
         out = proto.graph.output[0]
         raise UserInputError(f"the first output '{out.name}' is not (N, K) class scores, so there is no accuracy to "
                              f"measure; give the original model with --reference to report output fidelity")
+    dense = None if kind is None else dense_scorer(proto, dataset, kind, with_reference=reference is not None,
+                                                   decode=decode)
     num_classes = _num_classes(proto) if classifier else 0
     specs = model_input_specs(proto)
     names = [o.name for o in proto.graph.output]
@@ -217,9 +254,29 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
             width = num_classes or batch.outputs[0].shape[1]
             if batch.labels is not None:
                 totals.add_labels(batch.outputs[0], check_labels(batch.labels, batch.size, width))
+        ref_outputs = None
         if ref_session is not None:
             ref_outputs = run(ref_session, None, batch.feeds, stage="evaluate", per_run=per_run)
             _check_finite([o.name for o in ref_proto.graph.output], ref_outputs, "the reference")
             totals.add_reference(names, batch.outputs, ref_outputs)
+        if dense is not None:
+            labels = None if dense.against == "reference" else dataset.targets.take(batch.start,
+                                                                                  batch.start + batch.size)
+            dense.update(batch.outputs[0], dict(batch.feeds), labels, None if ref_outputs is None else ref_outputs[0])
         totals.n += batch.size
-    return _report(totals, width, ref_session is not None)
+    return _report(totals, width, ref_session is not None, dense)
+
+
+def scored_kind(model: onnx.ModelProto, output_kind: str | None) -> str | None:
+    """The dense kind of a non-classifier's first output; None when the shape does not tell (fidelity only) and
+    no ``output_kind`` was given."""
+    if output_kind is not None:
+        return dense_kind(model, output_kind)
+    try:
+        kind = dense_kind(model)
+        if kind is not None:
+            output_classes(model, kind)  # a dynamic class axis: nothing to decode against
+        return kind
+    except UserInputError as err:
+        logger.info("no dense metric for this model (%s); output fidelity only", err)
+        return None

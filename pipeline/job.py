@@ -28,9 +28,11 @@ from typing import Any
 
 from graph_ops.io import atomic_write_files, check_writable, is_inside, same_file, sha256_file
 from pipeline.config import DataSpec, RunConfig
+from pipeline.dense_eval import METRIC_NAMES
 from pipeline.engines import default_round_to
 from pipeline.errors import UserInputError
-from pipeline.gates import ACCURACY_GATES
+from pipeline.evaluate import score
+from pipeline.gates import ACCURACY_GATES, DENSE_GATES, check_gates_fit_model
 from pipeline.locks import LOCK_NAME, exclusive_lock
 from pipeline.orchestrate import (
     Candidate,
@@ -75,7 +77,7 @@ def _open(spec: DataSpec, *, evaluation: bool) -> Any:
     from pipeline.data import default_eval_split, open_dataset
 
     split = spec.split or (default_eval_split(spec.source) if evaluation else None)
-    dense = {} if evaluation else {"label_format": spec.label_format, "labels_path": spec.labels_path}
+    dense = {"label_format": spec.label_format, "labels_path": spec.labels_path}
     return open_dataset(spec.source, split=split, limit=spec.limit, scale=spec.scale, mean=spec.mean, std=spec.std,
                         size=spec.size, crop=spec.crop, input_keys=spec.input_key, label_key=spec.label_key,
                         channel_order=spec.channel_order, **dense)
@@ -241,7 +243,7 @@ def _evaluate(job: _Job, run: PruneRun, model: Any, data: Any, eval_id: dict[str
               reference: bool) -> dict[str, Any]:
     """Held-out metrics of a model (cached by the model's bytes, the reference and the data)."""
     key = content_key("eval", model=model_digest(model), reference=run.prepared.sha256 if reference else None,
-                      data=eval_id)
+                      data=eval_id, kind=run.labels.output_kind, decode=vars(run.labels.decode), dense_metrics=1)
     cached = job.cache.load_json("eval", key, required=EVAL_KEYS)
     if cached is not None and all(cached[k] is None or isinstance(cached[k], (int, float)) for k in EVAL_KEYS):
         job.counts["evaluations_reused"] += 1
@@ -279,7 +281,17 @@ def _result(run: PruneRun, name: str, candidate: Candidate, reused: bool, path: 
         budget_reached=bool(candidate.plan.meta.get("reached", True)),
         notes=tuple(str(n) for n in candidate.plan.meta.get("notes", ())), top1=pruned["top1"], top5=pruned["top5"],
         top1_drop=drop, agreement=pruned["agreement"], relative_logit_error=pruned["relative_logit_error"],
-        latency=latency, groups=groups, reused=reused, timings_s=dict(candidate.timings_s))
+        latency=latency, groups=groups, reused=reused, timings_s=dict(candidate.timings_s),
+        metrics=pruned.get("metrics"), metric_changes=_metric_changes(original, pruned))
+
+
+def _metric_changes(original: dict[str, Any], pruned: dict[str, Any]) -> dict[str, float] | None:
+    """Candidate minus original of every dense metric both have (fractions), or None."""
+    mine, theirs = pruned.get("metrics") or {}, original.get("metrics") or {}
+    if not mine or not theirs:
+        return None
+    return {name: mine[name] - theirs[name] for name in METRIC_NAMES[mine["output_kind"]]
+            if mine.get(name) is not None and theirs.get(name) is not None}
 
 
 EVAL_KEYS = ("n", "top1", "top5", "agreement", "relative_logit_error")
@@ -306,6 +318,12 @@ def check_run_paths(config: RunConfig) -> None:
         if clash is not None:
             raise UserInputError(f"input {item} lies where this run writes ({clash}): it would be overwritten or "
                                  f"deleted; move it out of {output} or choose another output folder")
+
+
+def _check_gates_fit_model(job: _Job, run: PruneRun) -> None:
+    """Dense gates need a model whose first output is of their kind (:func:`pipeline.gates.check_gates_fit_model`)."""
+    if any(name in DENSE_GATES for name in job.config.gates):
+        check_gates_fit_model(job.config.gates, run.dense_kind())
 
 
 def _check_gates_fit_data(job: _Job, evaluation: Any) -> None:
@@ -411,6 +429,7 @@ def _run_stages(job: _Job, config: RunConfig, calibration: Any, evaluation: Any,
                    progress=progress, work_dir=job.cache.root if use_cache else None, task=config.task,
                    cluster=cluster, shard_batches=prune.shard_batches, labels=prune.label_options())
     evaluation = run.check_data(run.task_data(evaluation, "evaluation"), "evaluation", labels=True)
+    _check_gates_fit_model(job, run)
     groups = run.prepared.index.groups
     job.echo(f"model {model_path.name}: {len(groups)} channel groups, {sum(g.prunable for g in groups)} prunable")
     if config.task is not None:
@@ -449,7 +468,7 @@ def _finish(job: _Job, run: PruneRun, model_path: Path, calibration: Any, evalua
                        _latencies(bench, str(path), batches, str(model_path)), output)
                for name, cand, path, metrics in paths]
     orig_latency = _latencies(bench, str(model_path), batches, str(model_path))
-    accuracy = original["top1"] if original["top1"] is not None else 1.0
+    accuracy = score(original)[1] if score(original)[1] is not None else 1.0
     judged, best = judge(results, config.gates, (1.0, orig_latency[0].median_ms, accuracy))
     original_entry = {"path": str(model_path), "sha256": run.prepared.sha256, "macs": int(run.prepared.cost.macs),
                       "params": int(run.prepared.cost.params), **original,

@@ -451,9 +451,25 @@ class PruneRun:
         ``data`` is restricted to the run's task (:meth:`task_data`) by the caller."""
         from pipeline.evaluate import evaluate
 
+        against = self.prepared.model if reference else None
+        if against is None and self.scored_against_original(data):
+            against = model  # no dense labels: the original is scored against its own decisions (1.0)
         with self.timed("evaluate"):
-            return evaluate(model, data, reference=self.prepared.model if reference else None,
-                            backend=self.backend, intra_op_threads=self.threads, progress=self.progress).to_dict()
+            return evaluate(model, data, reference=against, backend=self.backend, intra_op_threads=self.threads,
+                            progress=self.progress, output_kind=self.labels.output_kind,
+                            decode=self.labels.decode).to_dict()
+
+    def dense_kind(self) -> str | None:
+        """The dense kind of the model's first output (``sequence``, ``map``, ``yolo``; ``--output-kind`` or
+        detected), None for a classifier or an output the rules cannot tell (scored by fidelity only)."""
+        from pipeline.evaluate import scored_kind
+
+        model = self.prepared.model
+        return None if is_classifier(model) else scored_kind(model, self.labels.output_kind)
+
+    def scored_against_original(self, data: Any) -> bool:
+        """True when a dense model is scored against the original's decisions (the data has no dense labels)."""
+        return self.dense_kind() is not None and getattr(data, "targets", None) is None
 
 
 def check_allocation(allocation: str) -> None:
@@ -559,8 +575,8 @@ _FLOOR_TARGET = 1e-6  # a MACs target no plan reaches: the planner stops at ever
 
 def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float, *, steps: int = SEARCH_STEPS,
                     **options: Any) -> tuple[Candidate, dict[str, Any], tuple[dict[str, Any], ...]]:
-    """The smallest model (by achieved MACs) whose held-out top-1 stays within ``max_drop`` points of the unpruned
-    model's, found on one calibration: first the smallest reachable model (every group at its floor), then a
+    """The smallest model (by achieved MACs) whose held-out score (top-1; a dense model's primary metric:
+    :func:`pipeline.evaluate.score`) stays within ``max_drop`` points of the unpruned model's, found on one calibration: first the smallest reachable model (every group at its floor), then a
     geometric bisection of the MACs target between the largest failing and the smallest passing achieved fraction.
     Accuracy is not guaranteed monotone in the budget, so this is a search, not a proof; every tried budget is
     returned.
@@ -573,10 +589,14 @@ def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float,
     """
     if max_drop < 0:
         raise UserInputError(f"--max-drop is a number of accuracy points >= 0, got {max_drop}")
+    from pipeline.evaluate import score
+
     original = run.evaluate(run.prepared.model, eval_data, reference=False)
-    if original.get("top1") is None:
-        raise UserInputError("--max-drop needs labelled evaluation data (top-1 accuracy)")
-    bound = original["top1"] - max_drop / 100.0
+    metric, base = score(original)
+    if base is None:
+        raise UserInputError("--max-drop needs labelled evaluation data (top-1 accuracy), or a dense model (its "
+                             "primary metric, against dense labels or the original's decisions)")
+    bound = base - max_drop / 100.0
     full = run.prepared.cost.macs
     tried: list[dict[str, Any]] = []
     best: tuple[float, Candidate, dict[str, Any]] | None = None
@@ -586,10 +606,11 @@ def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float,
         candidate = run.candidate(method, target_macs=target, **options)
         pruned = run.evaluate(candidate.model, eval_data)
         achieved = run.cost(candidate.model).macs / full
-        passed = pruned["top1"] >= bound
-        tried.append({"target_macs": round(target, 6), "macs_fraction": round(achieved, 6), "top1": pruned["top1"],
-                      "drop_points": round(100 * (original["top1"] - pruned["top1"]), 3), "within": passed})
-        logger.info("--max-drop search: target %.4f -> MACs %.4f, top-1 %.4f (%s)", target, achieved, pruned["top1"],
+        value = score(pruned)[1]
+        passed = value is not None and value >= bound
+        tried.append({"target_macs": round(target, 6), "macs_fraction": round(achieved, 6), metric: value,
+                      "drop_points": None if value is None else round(100 * (base - value), 3), "within": passed})
+        logger.info("--max-drop search: target %.4f -> MACs %.4f, %s %s (%s)", target, achieved, metric, value,
                     "within" if passed else "outside")
         if passed and (best is None or achieved < best[0]):
             best = (achieved, candidate, pruned)
@@ -603,9 +624,9 @@ def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float,
             break
         target = float(np.sqrt(low * high)) if low is not None else 1.0
     if best is None:
-        raise VerificationError(f"no tried budget keeps the held-out top-1 within {max_drop} points of the unpruned "
-                                f"model's {original['top1']:.4f}: " + "; ".join(
-                                    f"MACs {t['macs_fraction']:.3f} -> {t['top1']:.4f}" for t in tried))
+        raise VerificationError(f"no tried budget keeps the held-out {metric} within {max_drop} points of the "
+                                f"unpruned model's {base:.4f}: " + "; ".join(
+                                    f"MACs {t['macs_fraction']:.3f} -> {t[metric]}" for t in tried))
     return _searched(best[1], max_drop), {"original": original, "pruned": best[2]}, tuple(tried)
 
 
@@ -754,7 +775,7 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
         evaluation = {}
         if eval_data is not None:
             original = run.evaluate(run.prepared.model, eval_data, reference=False) if is_classifier(
-                run.prepared.model) else None  # a detector's original has nothing to score without a reference
+                run.prepared.model) or run.dense_kind() else None  # an output of no known kind: nothing to score
             evaluation = {"original": original, "pruned": run.evaluate(candidate.model, eval_data)}
     if robustness:
         from pipeline.robustness import robustness as measure_robustness

@@ -96,6 +96,10 @@ class Report:
         pruned, original = self.evaluation.get("pruned") or {}, self.evaluation.get("original") or {}
         if pruned.get("top1") is not None and original.get("top1") is not None:
             acc += f", top-1 {original['top1']:.4f} -> {pruned['top1']:.4f}"
+        if pruned.get("metrics") and (original or {}).get("metrics"):
+            dense, before = pruned["metrics"], original["metrics"]
+            against = "labels" if dense["against"] == "labels" else "the original's decisions"
+            acc += f", {dense['primary']} {before['score']:.4f} -> {dense['score']:.4f} (against {against})"
         if pruned.get("agreement") is not None:
             acc += f", agreement with the original {pruned['agreement']:.4f}"
         elif pruned.get("relative_logit_error") is None and pruned.get("outputs"):

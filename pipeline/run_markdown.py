@@ -28,9 +28,14 @@ def _verdict(doc: Mapping[str, Any]) -> list[str]:
     bar = ", ".join(f"{k} {v:g}" for k, v in gates.items()) or "none (every candidate passes)"
     if doc["best"] is not None:
         best = next(c for c in doc["candidates"] if c["name"] == doc["best"])
+        dense = best.get("metrics")
+        primary = dense["primary"] if dense else None
+        accuracy = (f"{primary} {_pct(dense['score'])} ({_points((best.get('metric_changes') or {}).get(primary))} "
+                    f"points vs the original)") if dense else (
+            f"top-1 {_pct(best['top1'])} ({_points(None if best['top1_drop'] is None else -best['top1_drop'])} "
+            f"points vs the original)")
         return [f"**PASS** (exit 0): best candidate **{best['name']}**: MACs x{best['macs_fraction']:.3f}, "
-                f"params x{best['params_fraction']:.3f}, top-1 {_pct(best['top1'])} "
-                f"({_points(None if best['top1_drop'] is None else -best['top1_drop'])} points vs the original), "
+                f"params x{best['params_fraction']:.3f}, {accuracy}, "
                 f"{_latency(best['latency'])}; written to `best.onnx`.", "", f"Gates: {bar}."]
     return ["**FAIL** (exit 3): no candidate passes every gate; `best.onnx` was not written.", "", f"Gates: {bar}."]
 
@@ -50,6 +55,26 @@ def _table(doc: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {name} | {target} | {c['macs_fraction']:.3f} | {c['params_fraction']:.3f} | "
                      f"{_pct(c['top1'])} | {_points(drop)} | {_pct(c['agreement'])} | {_latency(c['latency'])} | "
                      f"{gates} | {pareto} |")
+    return lines
+
+
+def _dense(doc: Mapping[str, Any]) -> list[str]:
+    """The dense metrics of the original and every candidate (a dense model only), with changes in points."""
+    original = doc["original"].get("metrics")
+    if not original:
+        return []
+    from pipeline.dense_eval import METRIC_NAMES
+
+    names = METRIC_NAMES[original["output_kind"]]
+    against = "the data's labels" if original["against"] == "labels" else "the original model's own decisions"
+    lines = ["", "## Dense metrics", "", f"{original['output_kind']} output, measured against {against}; primary "
+             f"metric {original['primary']}; changes in points vs the original.", "",
+             "| model | " + " | ".join(f"{n} | change" for n in names) + " |", "|" + "---|" * (1 + 2 * len(names)),
+             "| original | " + " | ".join(f"{_pct(original.get(n))} | -" for n in names) + " |"]
+    for c in doc["candidates"]:
+        mine, changes = c.get("metrics") or {}, c.get("metric_changes") or {}
+        lines.append(f"| {c['name']} | " + " | ".join(f"{_pct(mine.get(n))} | {_points(changes.get(n))}"
+                                                      for n in names) + " |")
     return lines
 
 
@@ -87,7 +112,7 @@ def _provenance(doc: Mapping[str, Any]) -> list[str]:
 
 def run_markdown(doc: Mapping[str, Any]) -> str:
     """The Markdown report of a run report's JSON form."""
-    lines = ["# diprune run", "", *_verdict(doc), "", "## Candidates", "", *_table(doc), *_plots(doc),
+    lines = ["# diprune run", "", *_verdict(doc), "", "## Candidates", "", *_table(doc), *_dense(doc), *_plots(doc),
              *_provenance(doc)]
     if doc.get("mlflow"):
         lines.append(f"- MLflow: {doc['mlflow'].get('uri')} run {doc['mlflow'].get('run_id')}")

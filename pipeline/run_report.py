@@ -11,14 +11,17 @@
                      "notes", "top1", "top5", "top1_drop", "agreement", "relative_logit_error",
                      "latency": [{"batch", "median_ms", "p90_ms", "mean_ms", "speedup"}],
                      "passed": {"<gate>": true | false}, "passed_all", "pareto": {"macs", "latency"},
-                     "groups": {"<group id>": {"size", "kept"}}, "reused", "timings_s"}],
+                     "groups": {"<group id>": {"size", "kept"}}, "reused", "timings_s",
+                     "metrics": null | {...}, "metric_changes": null | {"<metric>": candidate - original}}],
      "data", "bench" (backend, settings, machine, warnings), "cache", "timings_s", "plots", "mlflow", "config"}
 
-Accuracy values are fractions; ``top1_drop`` = original top-1 minus candidate top-1; ``speedup`` = median over the
+Accuracy values are fractions; ``top1_drop`` = original top-1 minus candidate top-1; a dense model's ``metrics``
+(original and candidates: :mod:`pipeline.dense_eval`, with ``against``: ``labels`` or ``reference``, and the
+``primary`` metric as ``score``) and ``metric_changes`` (fractions; the dense gates read them, in points); ``speedup`` = median over the
 interleaved rounds of (original median / candidate median) at that batch (:class:`pipeline.bench.Comparison`).
 ``pareto.macs`` / ``pareto.latency``: no other model (the original included) has fewer MACs (lower latency at the
-first batch size) and at least the same accuracy, or the same cost and a higher accuracy (accuracy: top-1, or the
-agreement with the original when the evaluation data has no labels). ``best``: among the candidates that pass every
+first batch size) and at least the same accuracy, or the same cost and a higher accuracy (accuracy: top-1, a dense
+model's primary metric, or the agreement with the original when the evaluation data has no labels). ``best``: among the candidates that pass every
 gate, the one with the fewest MACs (ties: higher accuracy, then lower latency); exit code 0 when there is one, 3
 when no candidate passes.
 """
@@ -75,6 +78,8 @@ class CandidateResult:
     passed: Mapping[str, bool] = field(default_factory=dict)
     pareto_macs: bool = False
     pareto_latency: bool = False
+    metrics: Mapping[str, Any] | None = None
+    metric_changes: Mapping[str, float] | None = None
 
     @property
     def passed_all(self) -> bool:
@@ -83,7 +88,9 @@ class CandidateResult:
 
     @property
     def accuracy(self) -> float | None:
-        """Top-1, or the agreement with the original when there are no labels."""
+        """Top-1, a dense model's primary metric, or the agreement with the original when there are no labels."""
+        if self.top1 is None and self.metrics:
+            return self.metrics.get("score")
         return self.top1 if self.top1 is not None else self.agreement
 
     def to_dict(self) -> dict[str, Any]:
