@@ -225,7 +225,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         reference = None if reference is None else task.head(_as_model(reference))
         dataset = task.dataset(dataset).data
     classifier = is_classifier(proto)
-    kind = None if classifier else scored_kind(proto, output_kind)
+    kind = None if classifier else scored_kind(proto, output_kind, fidelity=reference is not None)
     if classifier and output_kind not in (None, "classes"):
         raise UserInputError(f"--output-kind {output_kind}: the first output '{proto.graph.output[0].name}' is (N, K) "
                              f"class scores, which only the 'classes' kind reads")
@@ -267,15 +267,22 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
     return _report(totals, width, ref_session is not None, dense)
 
 
-def scored_kind(model: onnx.ModelProto, output_kind: str | None) -> str | None:
+def scored_kind(model: onnx.ModelProto, output_kind: str | None, *, fidelity: bool = False) -> str | None:
     """The dense kind of a non-classifier's first output; None when the shape does not tell (fidelity only) and
-    no ``output_kind`` was given."""
+    no ``output_kind`` was given, or, with ``fidelity`` (a reference to compare outputs with), when the detected
+    kind's metric needs an optional package that is not installed (a warning names the ``[metrics]`` extra)."""
     if output_kind is not None:
         return dense_kind(model, output_kind)
     try:
         kind = dense_kind(model)
         if kind is not None:
             output_classes(model, kind)  # a dynamic class axis: nothing to decode against
+            from pipeline.metrics import METRICS_EXTRA, NEEDS, available
+
+            if fidelity and not available(kind):  # detected, not asked for: fidelity only, and say how to get it
+                logger.warning("the %s metric of this %s output needs '%s' (%s); output fidelity only",
+                               "mAP" if kind == "yolo" else "CER", kind, NEEDS[kind], METRICS_EXTRA)
+                return None
         return kind
     except UserInputError as err:
         logger.info("no dense metric for this model (%s); output fidelity only", err)

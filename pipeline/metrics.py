@@ -57,6 +57,17 @@ def _require(module: str, purpose: str) -> Any:
                              f"{METRICS_EXTRA}") from err
 
 
+NEEDS = {"yolo": "pycocotools", "sequence": "editdistance"}
+"""The optional package the metric of an output kind needs (the ``[metrics]`` extra); maps need none."""
+
+
+def available(kind: str) -> bool:
+    """Whether the metric of output kind ``kind`` can run here (its optional package is installed)."""
+    import importlib.util
+
+    return kind not in NEEDS or importlib.util.find_spec(NEEDS[kind]) is not None
+
+
 def _check_same_kind(a: Any, b: Any) -> None:
     if type(a) is not type(b):
         raise TypeError(f"cannot merge {type(a).__name__} with {type(b).__name__}")

@@ -131,7 +131,10 @@ def test_missing_metrics_extra_names_the_install(tmp_path: Path, monkeypatch: py
     data = _data(tmp_path / "seq.npz", np.zeros((2, 1, 8, 32), np.float32))
     monkeypatch.setitem(sys.modules, "editdistance", None)  # import editdistance -> ImportError
     with pytest.raises(UserInputError, match=r"pip install 'diprune\[metrics\]'"):
-        evaluate(model, data, reference=model)
+        evaluate(model, data, reference=model, output_kind="sequence")  # asked for: the metric or an error
+    fidelity = evaluate(model, data, reference=model).to_dict()  # detected only: output fidelity, as without metrics
+    assert "metrics" not in fidelity and fidelity["outputs"]
+    assert all(row["max_abs_diff"] == 0.0 for row in fidelity["outputs"].values())
 
 
 # ---------------------------------------------------------------------------------------------- maps
