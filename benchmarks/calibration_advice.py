@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.pipeline_cost import export
+from benchmarks.output import torchvision_onnx
 from graph_ops.io import atomic_write_bytes
 from pipeline.advice import sample_advice
 from pipeline.prepare import prepare
@@ -27,7 +27,7 @@ TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "vgg16")
 def main() -> int:
     """Advice for every model, as JSON and a markdown table."""
     paths = {name: ROOT / path for name, path in LOCAL.items()}
-    paths.update({f"torchvision {name} (224x224)": export(name, ROOT / "work" / "cost") for name in TORCHVISION})
+    paths.update({f"torchvision {name} (224x224)": torchvision_onnx(name, ROOT / "work" / "cost") for name in TORCHVISION})
     doc = {}
     for name, path in paths.items():
         prepared = prepare(path)

@@ -90,12 +90,13 @@ def spill(rounds: int, pause: float, reuse: bool, work: Path) -> float:
 
 def stages(advice: bool, work: Path) -> dict[str, float]:
     """Seconds of calibration and DI scoring of ResNet-50 (``benchmarks.pipeline_cost``'s job)."""
-    from benchmarks.pipeline_cost import dataset, export
+    from benchmarks.output import torchvision_onnx
+    from benchmarks.pipeline_cost import dataset
     from pipeline.orchestrate import PruneRun
 
     set_huge_page_advice(advice)
     data = dataset(256, 64)
-    run = PruneRun(export("resnet50", work), data, batch_size=64, backend="ort-cpu", progress=False, work_dir=work)
+    run = PruneRun(torchvision_onnx("resnet50", work), data, batch_size=64, backend="ort-cpu", progress=False, work_dir=work)
     start = time.perf_counter()
     run.stats()
     calibrate = time.perf_counter() - start

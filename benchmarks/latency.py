@@ -15,29 +15,17 @@ cached in ``--work``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from benchmarks.output import torchvision_onnx, write_results
 from graph_ops.cost import count
-from graph_ops.io import atomic_write_bytes, load_model, save_model
+from graph_ops.io import load_model, save_model
 from pipeline.bench import machine_info, measure
 
 MODELS = ("resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0")
 TARGETS = (0.5, 0.25)
 RESULT = Path(__file__).resolve().parent / "results" / "latency.json"
-
-
-def export(name: str, work: Path) -> Path:
-    """Export a seeded-random torchvision model once (cached)."""
-    path = work / f"{name}.onnx"
-    if not path.is_file():
-        import torch
-
-        from pipeline.export import export_torch, load_torchvision
-
-        export_torch(load_torchvision(name, seed=0), torch.randn(1, 3, 224, 224), path)
-    return path
 
 
 def pruned(original: Path, target: float, work: Path) -> Path:
@@ -55,7 +43,7 @@ def pruned(original: Path, target: float, work: Path) -> Path:
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
-    original = export(name, args.work)
+    original = torchvision_onnx(name, args.work)
     variants = [pruned(original, t, args.work) for t in TARGETS]
     paths = [str(original), *map(str, variants)]
     macs = [count(load_model(p)).macs for p in paths]
@@ -100,10 +88,7 @@ def main() -> None:
     rows = [row for name in args.models.split(",") for row in bench_model(name, args)]
     payload = {"format": "diprune.latency/1", "backend": "ort-cpu", "threads": args.threads, "quick": args.quick,
                "rounds": args.rounds, "machine": machine_info(), "rows": rows}
-    atomic_write_bytes(RESULT, json.dumps(payload, indent=1).encode())
-    table = markdown(rows)
-    atomic_write_bytes(RESULT.with_suffix(".md"), (table + "\n").encode())
-    print(table)
+    print(write_results(RESULT, payload, lambda doc: markdown(doc["rows"]) + "\n"), end="")
     print(f"wrote {RESULT}")
 
 

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from benchmarks.latency import export
+from benchmarks.output import torchvision_onnx
 from benchmarks.quality import locked_doc, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from graph_ops.io import save_model
@@ -123,7 +123,7 @@ def _final_timing(run: PruneRun, plans: Sequence[PruningPlan], on: LatencyTarget
 
 def torchvision_model(name: str, work: Path, on: LatencyTarget = ON) -> dict[str, Any]:
     """The torchvision stage for one model (module docstring), measured on ``on`` (its batch)."""
-    run = PruneRun(export(name, work), None, progress=False)
+    run = PruneRun(torchvision_onnx(name, work), None, progress=False)
     scores = run.scores("l2")
     start = time.perf_counter()
     model = latency_model_for(run.prepared, on, work / "cache")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.output import write_results
+from benchmarks.output import torchvision_onnx, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,19 +80,6 @@ class PeakMemory:
         self.peaks[name] = round(max(self.current, _rss()) / 2**30, 3)
 
 
-def export(name: str, work: Path) -> Path:
-    """The seeded-random torchvision model at 224x224 (exported once)."""
-    path = work / f"{name}.onnx"
-    if not path.is_file():
-        import torch
-
-        from pipeline.export import export_torch, load_torchvision
-
-        work.mkdir(parents=True, exist_ok=True)
-        export_torch(load_torchvision(name, seed=0), torch.randn(1, 3, 224, 224), path)
-    return path
-
-
 def dataset(images: int, batch: int) -> Any:
     """Seeded standard-normal images, labels cycling through 10 classes."""
     from pipeline.data import from_iterable
@@ -119,7 +106,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     no_huge_page_advice()  # as the CLI's process does
 
-    path = export(name, args.work)
+    path = torchvision_onnx(name, args.work)
     data = dataset(args.images, args.batch)
     memory, seconds = PeakMemory(), {}
     with memory.stage("plain", seconds):

@@ -39,22 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.output import torchvision_onnx, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def export(work: Path) -> Path:
-    """ResNet-18 at 224x224, seeded random weights (exported once)."""
-    path = work / "resnet18.onnx"
-    if not path.is_file():
-        import torch
-
-        from pipeline.export import export_torch, load_torchvision
-
-        work.mkdir(parents=True, exist_ok=True)
-        export_torch(load_torchvision("resnet18", seed=0), torch.randn(1, 3, 224, 224), path)
-    return path
 
 
 def images(work: Path, count: int) -> Path:
@@ -105,7 +94,7 @@ def job(args: argparse.Namespace, threads: int | None, cluster: Any | None) -> d
     from pipeline.recovery import recover
 
     data = from_npz(images(args.work, args.images), mean=IMAGENET[0], std=IMAGENET[1])
-    prepared = prepare(export(args.work))
+    prepared = prepare(torchvision_onnx("resnet18", args.work))
     stats, calibrate_s = timed(calibrate, prepared, data, batch_size=args.batch, intra_op_threads=threads,
                                progress=False, cluster=cluster)
     keep = keep_lists(select_channels(score(prepared, stats, "di"), prepared.index, target_macs=0.5))
@@ -132,7 +121,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipeline.cluster import RayOptions
 
-    export(args.work)
+    torchvision_onnx("resnet18", args.work)
     images(args.work, args.images)
     out: dict[str, Any] = {"images": args.images, "batch": args.batch, "load_start": os.getloadavg()}
     runs: dict[str, dict[str, Any]] = {"calibrate": {}, "recover": {}}
@@ -258,8 +247,7 @@ def main() -> None:
     result = {"machine": machine_info(), **measure(args)}
     result["estimate"] = estimate(result, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "scale.md").write_text(markdown(result))
+    write_results(args.out / "scale.json", result, markdown)
     print(markdown(result))
 
 

@@ -47,66 +47,47 @@ def _emit(args: argparse.Namespace, text: object = "") -> None:
     print(text, file=args.stdout)
 
 
-def _integer(text: str, minimum: int) -> int:
-    """``text`` as an integer of at least ``minimum`` (argparse's error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= {minimum}")
-    return value
+def _number(kind: type = float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, name: str | None = None, unit: str = "",
+            nonzero: bool = False) -> Callable[[str], float]:
+    """The argparse ``type=`` for a number: ``kind`` (``int`` or ``float``, finite), at least ``low`` (more than it
+    with ``low_open``), at most ``high`` (less than it with ``high_open``; a value that would run for hours is a
+    typo, not a setting), not zero with ``nonzero``. Every refusal is argparse's usage error naming the value and
+    what is allowed: ``x is not an integer >= 1``, ``x is not a number > 0``, ``x is more than 100 points``, or with
+    ``name`` and both bounds ``x is not a fraction in (0, 1]``."""
+    noun = "an integer" if kind is int else "a number"
 
-
-def _positive_int(text: str) -> int:
-    return _integer(text, 1)
-
-
-def _non_negative_int(text: str) -> int:
-    return _integer(text, 0)
-
-
-def _at_most(parse: Callable[[str], float], high: float, unit: str = "") -> Callable[[str], float]:
-    """``parse`` with an upper bound (a value that would run for hours is a typo, not a setting)."""
     def parsed(text: str) -> float:
-        value = parse(text)
-        if value > high:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if nonzero and value == 0:
+            raise argparse.ArgumentTypeError(f"{text} is zero; give a finite non-zero number")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if name is not None and (below or above):
+            raise argparse.ArgumentTypeError(f"{text} is not a {name} in {'(' if low_open else '['}{low:g}, "
+                                             f"{high:g}{')' if high_open else ']'}")
+        if below:
+            raise argparse.ArgumentTypeError(f"{text} is not {noun} {'>' if low_open else '>='} {low:g}")
+        if above:
             raise argparse.ArgumentTypeError(f"{text} is more than {high:g}{unit}")
         return value
 
     return parsed
 
 
-def _number(text: str) -> float:
-    """``text`` as a finite number (argparse's error otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
-    return value
-
-
-def _nonzero(text: str) -> float:
-    value = _number(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"{text} is zero; give a finite non-zero number")
-    return value
+_finite = _number()
+_positive_int = _number(int, low=1)
+_non_negative_int = _number(int, low=0)
+_non_negative = _number(low=0)
+_positive = _number(low=0, low_open=True)
+_nonzero = _number(nonzero=True)
+_share = _number(low=0, high=1, high_open=True, name="share")
+_fraction = _number(low=0, high=1, low_open=True, name="fraction")
 
 
 def _task_classes(text: str) -> str:
@@ -118,20 +99,6 @@ def _task_classes(text: str) -> str:
     except UserInputError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
-
-
-def _share(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1)")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
-    return value
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -236,7 +203,7 @@ def _add_data_options(parser: argparse.ArgumentParser, *, evaluation: bool = Fal
                             help="evaluation part of the data (default: 'test' where the data has one, else all)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use at most N samples (the first N)")
     parser.add_argument("--scale", type=_nonzero, default=None, help="uint8 inputs: x * scale (default 1/255)")
-    parser.add_argument("--mean", type=_number, nargs="+", default=None,
+    parser.add_argument("--mean", type=_finite, nargs="+", default=None,
                         help="per-channel mean after scaling (default 0; image folders: ImageNet's)")
     parser.add_argument("--std", type=_positive, nargs="+", default=None,
                         help="per-channel std after scaling (default 1; image folders: ImageNet's)")
@@ -951,7 +918,7 @@ def _add_prune_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=_non_negative_int, default=0, metavar="N",
                    help="after recovery, distil the original into the pruned model for N epochs on --data "
                         "(needs the [torch] extra; see 'diprune finetune')")
-    p.add_argument("--max-drop", type=_at_most(_non_negative, 100, " points"), default=None, metavar="P",
+    p.add_argument("--max-drop", type=_number(low=0, high=100, unit=" points"), default=None, metavar="P",
                    help="instead of a budget: the smallest model whose held-out top-1 (on --eval-data) stays within "
                         "P accuracy points of the unpruned model; the report lists every budget tried")
     _add_budget_options(p)
@@ -978,7 +945,7 @@ def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
     _add_label_options(p, evaluation=True)
     _add_task_options(p)
 
-    seconds = _at_most(_non_negative, MAX_SECONDS, " s")
+    seconds = _number(low=0, high=MAX_SECONDS, unit=" s")
     p = parsers["bench"]
     p.add_argument("models", nargs="+", help="the .onnx files; the first is the baseline of the ratios")
     p.add_argument("--backend", choices=BACKENDS, default="ort-cpu", help="where the models run")
@@ -989,9 +956,9 @@ def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--json", default=None, help="write the full report here")
     p.add_argument("--warmup", type=seconds, default=1.0, help="warm-up seconds per model and batch")
     p.add_argument("--duration", type=seconds, default=3.0, help="minimum timed seconds per model and batch")
-    p.add_argument("--iterations", type=_at_most(_positive_int, MAX_ITERATIONS), default=30,
+    p.add_argument("--iterations", type=_number(int, low=1, high=MAX_ITERATIONS), default=30,
                    help="minimum timed iterations")
-    p.add_argument("--rounds", type=_at_most(_positive_int, MAX_ROUNDS), default=5,
+    p.add_argument("--rounds", type=_number(int, low=1, high=MAX_ROUNDS), default=5,
                    help="interleaved rounds (A B A B ...)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="onnxruntime intra-op threads (default: onnxruntime's choice, one per physical core)")

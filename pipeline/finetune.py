@@ -64,16 +64,8 @@ from graph_ops.io import atomic_write_files, check_finite_weights, check_writabl
 from graph_ops.prune import kept_indices
 from pipeline.errors import UserInputError
 from pipeline.prepare import PreparedModel
-from pipeline.torch_bridge import TorchGraph, to_torch, torch_settings, write_back
-from pipeline.training import (
-    SCHEDULES,
-    as_tensors,
-    batches,
-    check_write_back,
-    converted,
-    teacher_logits,
-    train,
-)
+from pipeline.torch_bridge import TorchGraph, to_torch, torch_settings
+from pipeline.training import SCHEDULES, as_tensors, batches, distillation, prepare_student, train, written
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +250,8 @@ def _loss_terms(torch: Any, setup: _Setup, options: FinetuneOptions, idx: np.nda
     names = list(setup.features) if options.feature_weight > 0 else []
     if student is None:
         student = setup.student.forward(feeds, [setup.logits, *names])
-    temp = options.temperature
     target = torch.from_numpy(setup.targets[idx])
-    terms = {"kd": options.kd_weight * temp * temp * functional.kl_div(
-        functional.log_softmax(student[setup.logits] / temp, dim=1), functional.log_softmax(target / temp, dim=1),
-        reduction="batchmean", log_target=True)}
+    terms = {"kd": distillation(torch, student[setup.logits], target, options.temperature, options.kd_weight)}
     if labels is not None and options.ce_weight > 0:
         terms["ce"] = options.ce_weight * functional.cross_entropy(student[setup.logits], torch.from_numpy(labels))
     if names and setup.teacher is not None:
@@ -307,10 +296,10 @@ def validation_split(samples: int, share: float, seed: int) -> tuple[np.ndarray,
 def _setup(torch: Any, pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any, options: FinetuneOptions,
            features: Mapping[str, np.ndarray] | None) -> tuple[_Setup, dict[str, np.ndarray], float]:
     """Student, teacher logits (and the torch teacher when features are matched), checks of shapes."""
-    student, bound, check, error = converted(pruned, data, "finetune")
-    targets = teacher_logits(reference, bound, threads=options.threads)
+    trainee = prepare_student(pruned, reference, data, "finetune", threads=options.threads)
+    targets, check = trainee.targets, trainee.check
     with torch.no_grad():
-        width = student.forward(as_tensors(torch, check), [pruned.graph.output[0].name])
+        width = trainee.graph.forward(as_tensors(torch, check), [trainee.logits])
     width = tuple(next(iter(width.values())).shape[1:])
     if width != targets.shape[1:]:
         raise UserInputError(f"the pruned model's output has shape {width}, the reference's {targets.shape[1:]}; "
@@ -322,9 +311,9 @@ def _setup(torch: Any, pruned: onnx.ModelProto, reference: onnx.ModelProto, data
         teacher.module.eval()
         for param in teacher.module.parameters():
             param.requires_grad_(False)
-    setup = _Setup(student, bound, targets, pruned.graph.output[0].name, teacher, features)
+    setup = _Setup(trainee.graph, trainee.data, targets, trainee.logits, teacher, features)
     _check_features(torch, setup, check)
-    return setup, check, error
+    return setup, check, trainee.round_trip
 
 
 def _check_features(torch: Any, setup: _Setup, feeds: Mapping[str, np.ndarray]) -> None:
@@ -380,18 +369,17 @@ def finetune(pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any,
                               epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
                               progress=progress, desc="finetune", indices=fit, on_epoch=on_epoch,
                               schedule=options.schedule)
-        model, written = pruned, 0.0
+        model, write_error = pruned, 0.0
         if best["epoch"] > 0:
             with torch.no_grad():
                 for param, value in zip(params, best["values"], strict=True):
                     param.copy_(value)
-            model = write_back(pruned, setup.student)
-            written = check_write_back(model, setup.student, check, "finetune")
+            model, write_error = written(pruned, setup.student, check, "finetune")
     record = FinetuneRecord(options=asdict(options), samples=setup.data.num_samples,
                             labelled=setup.data.labels is not None, steps=steps,
                             seconds=time.perf_counter() - start, epoch_losses=tuple(losses),
                             validation_samples=int(held.size), checks=tuple(checks), best_epoch=best["epoch"],
-                            round_trip_error=round_trip, write_back_error=written,
+                            round_trip_error=round_trip, write_back_error=write_error,
                             trained_initializers=len(setup.student.links), frozen=setup.student.frozen,
                             feature_probes=tuple(setup.features))
     logger.info("%s", record.summary())

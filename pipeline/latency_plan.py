@@ -47,14 +47,7 @@ from graph_ops.groups import ChannelGroupIndex
 from graph_ops.prune import apply_plan
 from pipeline.errors import UserInputError
 from pipeline.latency_model import LatencyModel, LatencyTarget, key_digest, latency_model_for
-from pipeline.plan import (
-    PruningPlan,
-    _Allocation,
-    _keep_lists,
-    fill_back_rungs,
-    movable_groups,
-    start_allocation,
-)
+from pipeline.plan import PruningPlan, _Allocation, _keep_lists, check_fractions, fill_back_rungs, plan_setup
 from pipeline.prepare import PreparedModel
 from pipeline.scorers.base import ChannelScores
 from pipeline.timing import interleaved_ratios
@@ -155,13 +148,6 @@ class _Tried:
     lost: float
 
 
-def _check_budgets(target_latency: float, target_macs: float | None, target_params: float | None) -> None:
-    for name, value in (("target_latency", target_latency), ("target_macs", target_macs),
-                        ("target_params", target_params)):
-        if value is not None and not 0 < value <= 1:
-            raise UserInputError(f"{name} must be a fraction in (0, 1], got {value}")
-
-
 RANKINGS = ("budgets", "macs")
 """The step orders :func:`select_for_latency` tries (module docstring): by saving on the unmet budgets, by MACs."""
 
@@ -177,19 +163,21 @@ def select_for_latency(scores: ChannelScores, index: ChannelGroupIndex, model: L
         UserInputError: a fraction outside (0, 1], a non-positive ``round_to``/``min_channels``, an unknown
             ``protect`` id or ranking, or a latency model made for other group widths.
     """
-    _check_budgets(target_latency, target_macs, target_params)
+    budgets = {"target_latency": target_latency, "target_macs": target_macs, "target_params": target_params}
+    check_fractions(**budgets)
     rankings = tuple(rankings)
     unknown = sorted(set(rankings) - set(RANKINGS))
     if unknown or not rankings:
         raise UserInputError(f"unknown step rankings {unknown or 'none'}; choose from {', '.join(RANKINGS)}")
     if dict(model.full_widths) != index.full_widths():
         raise UserInputError("the latency model was measured on another model (its group widths differ)")
-    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
-    targets = (target_macs or 1.0, target_params or 1.0, target_latency)
+    setup = plan_setup(scores, index, budgets, round_to=round_to, min_channels=min_channels, protect=protect,
+                       keep_first_and_last=keep_first_and_last)
+    targets = (*setup.targets, target_latency)
     full_us = model.kernel_us()
     tried = []
     for rank in rankings:
-        alloc = start_allocation(scores, index, movable, {}, round_to, min_channels)
+        alloc = setup.allocation()
         state = _State(alloc, model, model.by_group(), (*alloc.full, full_us), [*alloc.full, full_us])
         reached = _allocate(state, targets, rank)
         added = _fill_back(state, targets) if reached and fill_back else 0
@@ -202,12 +190,9 @@ def select_for_latency(scores: ChannelScores, index: ChannelGroupIndex, model: L
     notes = [] if reached else [f"latency budget not reached: predicted latency x{lat_f:.3f}, MACs x{macs_f:.3f}, "
                                 f"params x{params_f:.3f} with every movable group at its floor (frozen, protected "
                                 f"or at --min-channels); --prune-ends or a smaller --min-channels frees more"]
-    meta = {"method": scores.method, "target_latency": target_latency, "target_macs": target_macs,
-            "target_params": target_params, "round_to": round_to, "min_channels": min_channels,
-            "protected": sorted(protected), "macs_fraction": macs_f, "params_fraction": params_f,
-            "latency_fraction": lat_f, "reached": reached, "notes": notes, "filled_back": added,
-            "information_lost": lost, "ranked_by": rank,
-            "information_lost_by_ranking": {t.rank: t.lost for t in tried if t.reached}}
+    meta = setup.meta(macs_fraction=macs_f, params_fraction=params_f, latency_fraction=lat_f, reached=reached,
+                      notes=notes, filled_back=added, information_lost=lost, ranked_by=rank,
+                      information_lost_by_ranking={t.rank: t.lost for t in tried if t.reached})
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(state.alloc), meta=meta)
 
 
@@ -343,7 +328,7 @@ def plan_for_latency(prepared: PreparedModel, scores: ChannelScores, budget: Lat
     """A plan whose latency measured on ``budget.on`` is ``budget.target`` of the original's (closed loop), also
     meeting the optional MACs / params budgets; ``plan.meta["latency"]`` records the model and every try. With
     ``budget.model_file`` the plan is made against that latency model's prediction instead (:func:`plan_on_model`)."""
-    _check_budgets(budget.target, target_macs, target_params)
+    check_fractions(target_latency=budget.target, target_macs=target_macs, target_params=target_params)
     options = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
                "min_channels": min_channels, "protect": protect, "keep_first_and_last": keep_first_and_last}
     if budget.model_file is not None:
@@ -352,9 +337,7 @@ def plan_for_latency(prepared: PreparedModel, scores: ChannelScores, budget: Lat
                                        min_channels=min_channels, progress=budget.progress)
 
     def make(aim: float) -> PruningPlan:
-        return select_for_latency(scores, prepared.index, model, target_latency=aim, target_macs=target_macs,
-                                  target_params=target_params, round_to=round_to, min_channels=min_channels,
-                                  protect=protect, keep_first_and_last=keep_first_and_last)
+        return select_for_latency(scores, prepared.index, model, target_latency=aim, **options)
 
     plan, tried = closed_loop(make, lambda p: measure_plan(prepared, p, budget.on), budget.target,
                               predicted=lambda p: p.meta["latency_fraction"], iterations=budget.iterations,

@@ -353,6 +353,48 @@ def start_allocation(scores: ChannelScores, index: ChannelGroupIndex, movable: I
                        {g.id: g.blocks for g in groups})
 
 
+@dataclass(frozen=True)
+class PlanSetup:
+    """What every planner builds before it allocates (:func:`select_channels` and
+    :func:`pipeline.latency_plan.select_for_latency`): the protected groups (id -> why), the groups it may narrow,
+    the budgets (name -> fraction, None: not given) and the ladder settings; its allocations and the part of the plan's
+    meta they all record come from here."""
+
+    scores: ChannelScores
+    index: ChannelGroupIndex
+    budgets: Mapping[str, float | None]
+    round_to: int
+    min_channels: int
+    protected: Mapping[str, str]
+    movable: tuple[Any, ...]
+
+    @property
+    def targets(self) -> tuple[float, float]:
+        """The (MACs, params) fractions to reach (1.0 for a budget not given)."""
+        macs, params = self.budgets.get("target_macs"), self.budgets.get("target_params")
+        return macs if macs is not None else 1.0, params if params is not None else 1.0
+
+    def allocation(self, steps: Mapping[str, int] | None = None) -> _Allocation:
+        """Every movable group at full width on its ladder (:func:`start_allocation`; ``steps``: finer steps)."""
+        return start_allocation(self.scores, self.index, self.movable, steps or {}, self.round_to, self.min_channels)
+
+    def meta(self, **fields: Any) -> dict[str, Any]:
+        """The plan's meta: the method, the budgets, the ladder settings and the protected groups, then ``fields``."""
+        return {"method": self.scores.method, **self.budgets, "round_to": self.round_to,
+                "min_channels": self.min_channels, "protected": sorted(self.protected), **fields}
+
+
+def plan_setup(scores: ChannelScores, index: ChannelGroupIndex, budgets: Mapping[str, float | None], *,
+               round_to: int, min_channels: int, protect: Iterable[str], keep_first_and_last: bool) -> PlanSetup:
+    """The :class:`PlanSetup` of one planner call (the budgets are checked by the caller: :func:`check_fractions`).
+
+    Raises:
+        UserInputError: as :func:`movable_groups`.
+    """
+    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
+    return PlanSetup(scores, index, dict(budgets), round_to, min_channels, protected, tuple(movable))
+
+
 def _fractions(index: ChannelGroupIndex, widths: Mapping[str, int], full: tuple[float, float]) -> tuple[float, float]:
     macs, params = index.predict(widths)
     return macs / full[0] if full[0] else 1.0, params / full[1] if full[1] else 1.0
@@ -371,7 +413,16 @@ def _choose(options: list[tuple[float, str, float, float, float]], now: tuple[fl
 def _check_targets(target_macs: float | None, target_params: float | None) -> None:
     if target_macs is None and target_params is None:
         raise UserInputError("give a budget: target_macs and/or target_params (fractions of the original, 0..1]")
-    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+    check_fractions(target_macs=target_macs, target_params=target_params)
+
+
+def check_fractions(**budgets: float | None) -> None:
+    """Every budget given (name -> fraction of the original, None: not given) is a fraction in (0, 1].
+
+    Raises:
+        UserInputError: naming the first budget outside (0, 1] and its value.
+    """
+    for name, value in budgets.items():
         if value is not None and not 0 < value <= 1:
             raise UserInputError(f"{name} must be a fraction in (0, 1], got {value}")
 
@@ -577,15 +628,18 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
         raise UserInputError(f"a MACs budget needs every layer's MACs, but {len(unknown)} Conv/Gemm/MatMul nodes "
                              f"(e.g. '{unknown[0]}') have a dynamic spatial or token size; give the input shape with "
                              f"--input-shape NAME:1x3xHxW (prepare(path, input_shapes=...)), or use --target-params")
-    protected, movable = movable_groups(scores, index, round_to, min_channels, protect, keep_first_and_last)
-    fine = {} if fine_share is None else _fine_steps(index, movable, round_to, fine_share, (target_macs, target_params))
-    targets = (target_macs if target_macs is not None else 1.0, target_params if target_params is not None else 1.0)
-    alloc = start_allocation(scores, index, movable, fine, round_to, min_channels)
+    setup = plan_setup(scores, index, {"target_macs": target_macs, "target_params": target_params},
+                       round_to=round_to, min_channels=min_channels, protect=protect,
+                       keep_first_and_last=keep_first_and_last)
+    protected, targets = setup.protected, setup.targets
+    fine = {} if fine_share is None else _fine_steps(index, setup.movable, round_to, fine_share,
+                                                     (target_macs, target_params))
+    alloc = setup.allocation(fine)
     floors = _use_measurement(alloc, sensitivity, floors=True) if sensitivity is not None else {}
     fractions = _greedy(alloc, targets)
     relaxed = False
     if floors and not (fractions[0] <= targets[0] and fractions[1] <= targets[1]):
-        alloc = start_allocation(scores, index, movable, fine, round_to, min_channels)
+        alloc = setup.allocation(fine)
         _use_measurement(alloc, sensitivity, floors=False)
         fractions, relaxed = _greedy(alloc, targets), True
     full = alloc.full
@@ -599,12 +653,10 @@ def select_channels(scores: ChannelScores, index: ChannelGroupIndex, *, target_m
     used_fine = {gid: step for gid, step in fine.items() if alloc.rung[gid] > 0}
     notes += [f"group {gid} steps by {step} channels, not {round_to}: one {round_to}-channel step is more than "
               f"{fine_share:.0%} of the model's cost" for gid, step in sorted(used_fine.items())]
-    meta = {"method": scores.method, "target_macs": target_macs, "target_params": target_params,
-            "round_to": round_to, "min_channels": min_channels, "protected": sorted(protected),
-            "macs_fraction": None if index.unknown_macs else fractions[0], "params_fraction": fractions[1],
-            "reached": reached, "notes": notes, "filled_back": added, "fine_steps": used_fine,
-            "step_back": None if step_back is None else {"macs": None if index.unknown_macs else step_back[0],
-                                                         "params": step_back[1]}}
+    meta = setup.meta(macs_fraction=None if index.unknown_macs else fractions[0], params_fraction=fractions[1],
+                      reached=reached, notes=notes, filled_back=added, fine_steps=used_fine,
+                      step_back=None if step_back is None else {"macs": None if index.unknown_macs else step_back[0],
+                                                                "params": step_back[1]})
     if sensitivity is not None:
         meta["allocation"] = _allocation_record(alloc, sensitivity, floors, relaxed, index)
     return PruningPlan(model_sha256=scores.model_sha256, keep=_keep_lists(alloc), meta=meta)

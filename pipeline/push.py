@@ -62,8 +62,8 @@ import onnx
 from graph_ops.io import atomic_write_bytes, check_writable
 from pipeline.errors import UserInputError
 from pipeline.prepare import PreparedModel, as_prepared
-from pipeline.torch_bridge import torch_settings, write_back
-from pipeline.training import as_tensors, batches, check_write_back, converted, teacher_logits, train
+from pipeline.torch_bridge import torch_settings
+from pipeline.training import as_tensors, batches, distillation, prepare_student, train, written
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +199,9 @@ def push(model: PreparedModel | str | os.PathLike[str], data: Any, options: Push
                              "(name the labels array with --label-key)")
     start = time.perf_counter()
     with torch_settings(options.seed, options.threads) as torch:
-        graph, bound, check, round_trip = converted(prepared.model, data, "push")
-        targets = torch.from_numpy(teacher_logits(prepared.model, bound, threads=options.threads))
-        logits = prepared.model.graph.output[0].name
+        trainee = prepare_student(prepared.model, prepared.model, data, "push", threads=options.threads)
+        graph, bound, logits = trainee.graph, trainee.data, trainee.logits
+        targets = torch.from_numpy(trainee.targets)
         before = _monitor(torch, graph, bound, probes, options.batch_size)
 
         def loss_fn(idx: np.ndarray, feeds: Mapping[str, Any], labels: np.ndarray | None) -> Any:
@@ -212,11 +212,10 @@ def push(model: PreparedModel | str | os.PathLike[str], data: Any, options: Push
                               batch_size=options.batch_size, lr=options.lr, seed=options.seed, progress=progress,
                               desc="push")
         after = _monitor(torch, graph, bound, probes, options.batch_size)
-        pushed = write_back(prepared.model, graph)
-        written = check_write_back(pushed, graph, check, "push")
+        pushed, write_error = written(prepared.model, graph, trainee.check, "push")
     record = PushRecord(options=asdict(options), samples=bound.num_samples, steps=steps,
                         seconds=time.perf_counter() - start, probes=probes, epoch_losses=tuple(losses),
-                        terms_before=before, terms_after=after, round_trip_error=round_trip, write_back_error=written,
+                        terms_before=before, terms_after=after, round_trip_error=trainee.round_trip, write_back_error=write_error,
                         trained_initializers=len(graph.links))
     logger.info("%s", record.summary())
     return pushed, record
@@ -224,13 +223,9 @@ def push(model: PreparedModel | str | os.PathLike[str], data: Any, options: Push
 
 def _loss(torch: Any, graph: Any, options: PushOptions, logits: str, probes: Sequence[str], target: Any,
           feeds: Mapping[str, Any], labels: Any) -> Any:
-    functional = torch.nn.functional
     out = graph.forward(feeds, [logits, *probes])
-    temp = options.temperature
-    loss = options.ce_weight * functional.cross_entropy(out[logits], labels)
-    loss = loss + options.kd_weight * temp * temp * functional.kl_div(
-        functional.log_softmax(out[logits] / temp, dim=1), functional.log_softmax(target / temp, dim=1),
-        reduction="batchmean", log_target=True)
+    loss = options.ce_weight * torch.nn.functional.cross_entropy(out[logits], labels)
+    loss = loss + distillation(torch, out[logits], target, options.temperature, options.kd_weight)
     terms = _terms(torch, out, probes, labels)
     return (loss + options.sep_weight * terms["sep"] + options.cov_weight * terms["cov"]
             + options.align_weight * terms["align"])

@@ -5,6 +5,10 @@
   <= ``ROUND_TRIP_TOLERANCE``) before anything is trained;
 * :func:`teacher_logits`: the teacher's first output on every sample, computed once with onnxruntime (a teacher
   that runs only for its logits costs one inference per sample, not one per sample and epoch);
+* :func:`prepare_student`: both of these for a model distilled from a teacher (:class:`Student`), and
+  :func:`written`: its trained weights written back into the ONNX graph and checked (``WRITE_BACK_TOLERANCE``);
+* :func:`distillation`: the distillation term ``w * T^2 * KL(softmax(t / T) || softmax(s / T))`` (Hinton et al.
+  2015; ``T^2`` keeps the soft-target gradients on the scale of the hard-label ones);
 * :func:`train`: Adam on the linked parameters, a linear warm-up over the first ``WARMUP`` of the steps (Adam's
   first steps are large relative to the weights of a refit model), then cosine decay to 0 or a constant rate
   (``SCHEDULES``), a seeded shuffle per epoch, a tqdm bar, a callback after every epoch; the loss is the caller's.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +30,7 @@ import onnx
 from pipeline.data import validate_batch
 from pipeline.errors import UserInputError, VerificationError
 from pipeline.runtime import model_input_specs, open_session, stream
-from pipeline.torch_bridge import TorchGraph, parity, to_torch
+from pipeline.torch_bridge import TorchGraph, parity, to_torch, write_back
 
 ROUND_TRIP_TOLERANCE = 1e-5
 WRITE_BACK_TOLERANCE = 1e-4
@@ -95,6 +100,46 @@ def teacher_logits(model: onnx.ModelProto, data: Any, *, batch_size: int = 256, 
     parts = [batch.outputs[0] for batch in stream(session, data, [name], specs, batch_size=batch_size,
                                                   stage="teacher")]
     return np.concatenate(parts).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Student:
+    """A model ready to be distilled: in torch (eval mode), the data bound to its inputs, the feeds the round trip
+    was checked on and its error, the teacher's logits per sample and the name of the model's logits output."""
+
+    graph: TorchGraph
+    data: Any
+    check: dict[str, np.ndarray]
+    round_trip: float
+    targets: np.ndarray
+    logits: str
+
+
+def prepare_student(model: onnx.ModelProto, teacher: onnx.ModelProto, data: Any, what: str, *,
+                    threads: int = 1) -> Student:
+    """``model`` converted (:func:`converted`) and ``teacher``'s logits on the bound data (:func:`teacher_logits`).
+
+    Raises:
+        UserInputError, VerificationError: as :func:`converted`.
+    """
+    graph, bound, check, error = converted(model, data, what)
+    targets = teacher_logits(teacher, bound, threads=threads)
+    return Student(graph, bound, check, error, targets, model.graph.output[0].name)
+
+
+def written(model: onnx.ModelProto, graph: TorchGraph, check: Mapping[str, np.ndarray],
+            what: str) -> tuple[onnx.ModelProto, float]:
+    """``model`` with the trained parameters of ``graph`` written back, and its error (:func:`check_write_back`)."""
+    trained = write_back(model, graph)
+    return trained, check_write_back(trained, graph, check, what)
+
+
+def distillation(torch: Any, student_logits: Any, teacher_logits: Any, temperature: float, weight: float) -> Any:
+    """``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+    functional = torch.nn.functional
+    return weight * temperature * temperature * functional.kl_div(
+        functional.log_softmax(student_logits / temperature, dim=1),
+        functional.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
 
 
 SCHEDULES = ("cosine", "constant")
