@@ -32,6 +32,17 @@ all moments. A Gemm ``y = alpha A B' + beta C`` is solved for ``W = alpha B'`` a
 Positions are subsampled per image (He et al. 2017 and ThiNet do the same); memory is ``O(g d² + g d O_g)`` whatever
 the number of samples. Zero padding is modelled exactly (padded taps are zeros in the patch), so unlike R1 / R2 the
 border positions are fitted too. This module is pure numpy + onnx (no onnxruntime, no pipeline import).
+
+Precision. The rows of one batch are float32 (the activations onnxruntime returns) and their products ``Σ x̃ x̃ᵀ``,
+``Σ x̃ yᵀ`` are computed in float32 (BLAS ssyrk / sgemm, about twice the speed of float64 products of float64
+copies, half the memory) on the rows shifted by their batch mean ``s``; the shift is added back exactly in float64
+(``Σ x yᵀ = Σ (x - s)(y - t)ᵀ + S tᵀ + s Tᵀ - n s tᵀ``, :func:`products`), and the sums across batches, the solves
+and the errors of :func:`patch_error` are float64 (:data:`PRODUCTS`). The rounding of one batch's product (a few
+thousand rows) is then about ``sqrt(R) 2⁻²⁴`` of the rows' spread, not of their offset: without the shift, the
+float32 products of rows whose mean is ten times their spread moved the ridge solution at ``α = 1e-4`` by 100 %
+of its size, with it by 2e-5 (``tests/unit/graph_ops/test_least_squares.py``; recovered models against the
+float64 path: ``benchmarks/recovery_precision.py``). A batch whose float32 products are not finite (activations
+beyond about 1e19) is folded in float64.
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ from graph_ops.errors import PreconditionError
 from graph_ops.proto import attrs as node_attrs
 
 REFIT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
+PRODUCTS = np.float32
+"""dtype of one batch's rows and products (module docstring, Precision); sums across batches are float64."""
 REFIT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -199,13 +212,13 @@ class PatchMoments:
 
 
 def gathered_rows(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarray:
-    """Design rows of gathered input values, built in one pass as float64 (what :func:`accumulate` reads, so it
-    makes no copy): ``(N, C, P * taps)`` (per sample, ``P`` positions of ``taps`` values per channel) -> ``(N * P,
+    """Design rows of gathered input values, built in one pass as :data:`PRODUCTS` (what :func:`accumulate` reads,
+    so it makes no copy): ``(N, C, P * taps)`` (per sample, ``P`` positions of ``taps`` values per channel) -> ``(N * P,
     group, C_g * taps [+ 1])``, the :func:`conv_patches` layout with the intercept column of :func:`patch_rows`."""
     n, channels = values.shape[:2]
     per_group, positions = channels // shape.group, values.shape[2] // taps
     per = per_group * taps
-    rows = np.empty((n, positions, shape.group, per + int(shape.intercept)))
+    rows = np.empty((n, positions, shape.group, per + int(shape.intercept)), PRODUCTS)
     view = rows[..., :per]
     view.shape = (n, positions, shape.group, per_group, taps)  # a view (raises rather than copy)
     view[...] = values.reshape(n, shape.group, per_group, positions, taps).transpose(0, 3, 1, 2, 4)
@@ -215,9 +228,9 @@ def gathered_rows(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarra
 
 
 def gathered_targets(values: np.ndarray, groups: int) -> np.ndarray:
-    """``(N, O, P)`` gathered outputs -> ``(N * P, groups, O / groups)`` float64 targets (one pass)."""
+    """``(N, O, P)`` gathered outputs -> ``(N * P, groups, O / groups)`` :data:`PRODUCTS` targets (one pass)."""
     n, out, positions = values.shape
-    targets = np.empty((n, positions, out))
+    targets = np.empty((n, positions, out), PRODUCTS)
     targets[...] = values.transpose(0, 2, 1)
     return targets.reshape(n * positions, groups, out // groups)
 
@@ -229,15 +242,39 @@ def patch_rows(x: np.ndarray, shape: LayerShape) -> np.ndarray:
     return x
 
 
-def accumulate(rows: np.ndarray, targets: np.ndarray) -> PatchMoments:
-    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (both cast to float64)."""
-    if rows.shape[1] == 1:  # one group: plain 2-D products (numpy's fast path for X^T X)
-        x = np.asarray(rows[:, 0], np.float64)
-        y = np.asarray(targets[:, 0], np.float64)
-        return PatchMoments(len(rows), (x.T @ x)[None], (x.T @ y)[None], (y**2).sum(axis=0)[None])
-    xg = np.ascontiguousarray(np.asarray(rows, np.float64).transpose(1, 0, 2))
-    yg = np.ascontiguousarray(np.asarray(targets, np.float64).transpose(1, 0, 2))
-    return PatchMoments(len(rows), xg.transpose(0, 2, 1) @ xg, xg.transpose(0, 2, 1) @ yg, (yg**2).sum(axis=1))
+def products(x: np.ndarray, y: np.ndarray | None = None, dtype: type | None = None) -> np.ndarray:
+    """``Σ_r x_r y_rᵀ`` per group, float64 ``(g, d, o)``, of rows ``x`` ``(R, g, d)`` and ``y`` ``(R, g, o)`` (None:
+    ``x``, the Gram matrix): products in ``dtype`` (default :data:`PRODUCTS`) of the rows shifted by their mean,
+    the shift added back exactly in float64, so that the rounding is relative to the rows' spread, not to their
+    offset; in float64 again when the ``dtype`` products are not finite (module docstring, Precision)."""
+    dtype, given = dtype or PRODUCTS, (x, y)
+    x = np.asarray(x, dtype)
+    y = x if y is None else np.asarray(y, dtype)
+    sum_x, sum_y = x.sum(axis=0, dtype=np.float64), y.sum(axis=0, dtype=np.float64)  # (g, d), (g, o)
+    s = (sum_x / len(x)).astype(dtype)
+    t = None if y is x else (sum_y / len(x)).astype(dtype)
+    xc = x - s
+    yc = xc if t is None else y - t
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below
+        if x.shape[1] == 1:  # one group: plain 2-D products (numpy's fast path for X^T X when yc is xc)
+            part = (xc[:, 0].T @ yc[:, 0])[None]
+        else:
+            xg = np.ascontiguousarray(xc.transpose(1, 0, 2))
+            yg = xg if t is None else np.ascontiguousarray(yc.transpose(1, 0, 2))
+            part = xg.transpose(0, 2, 1) @ yg
+    if dtype != np.float64 and not np.isfinite(part).all():
+        return products(*given, np.float64)
+    # Σ x yᵀ = Σ (x - s)(y - t)ᵀ + S tᵀ + s Tᵀ - n s tᵀ for any shifts s, t (S = Σ x, T = Σ y)
+    s64 = s.astype(np.float64)
+    t64 = s64 if t is None else t.astype(np.float64)
+    return (part.astype(np.float64) + sum_x[:, :, None] * t64[:, None, :] + s64[:, :, None] * sum_y[:, None, :]
+            - len(x) * s64[:, :, None] * t64[:, None, :])
+
+
+def accumulate(rows: np.ndarray, targets: np.ndarray, dtype: type | None = None) -> PatchMoments:
+    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (:func:`products` in ``dtype``)."""
+    return PatchMoments(len(rows), products(rows, dtype=dtype), products(rows, targets, dtype),
+                        np.square(targets, dtype=np.float64).sum(axis=0))
 
 
 class MomentSums:
