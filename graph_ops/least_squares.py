@@ -242,38 +242,55 @@ def patch_rows(x: np.ndarray, shape: LayerShape) -> np.ndarray:
     return x
 
 
+def _shifted(values: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``values`` ``(R, g, k)`` in ``dtype`` minus their mean rounded to ``dtype``, the float64 sums and shift."""
+    values = np.asarray(values, dtype)
+    total = values.sum(axis=0, dtype=np.float64)
+    shift = (total / len(values)).astype(dtype)
+    return values - shift, total, shift.astype(np.float64)
+
+
+def _product(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
+    """``Σ_r x_r y_rᵀ`` per group in the rows' dtype (``yc is xc``: numpy's X^T X fast path)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught by the caller
+        if xc.shape[1] == 1:  # one group: plain 2-D products
+            return (xc[:, 0].T @ (xc[:, 0] if yc is xc else yc[:, 0]))[None]
+        xg = np.ascontiguousarray(xc.transpose(1, 0, 2))
+        return xg.transpose(0, 2, 1) @ (xg if yc is xc else np.ascontiguousarray(yc.transpose(1, 0, 2)))
+
+
+def _unshifted(part: np.ndarray, n: int, sum_x: np.ndarray, s: np.ndarray, sum_y: np.ndarray,
+               t: np.ndarray) -> np.ndarray:
+    """``Σ x yᵀ = Σ (x - s)(y - t)ᵀ + S tᵀ + s Tᵀ - n s tᵀ`` for any shifts ``s``, ``t`` (``S = Σ x``, ``T = Σ y``)."""
+    return (part.astype(np.float64) + sum_x[:, :, None] * t[:, None, :] + s[:, :, None] * sum_y[:, None, :]
+            - n * s[:, :, None] * t[:, None, :])
+
+
 def products(x: np.ndarray, y: np.ndarray | None = None, dtype: type | None = None) -> np.ndarray:
     """``Σ_r x_r y_rᵀ`` per group, float64 ``(g, d, o)``, of rows ``x`` ``(R, g, d)`` and ``y`` ``(R, g, o)`` (None:
     ``x``, the Gram matrix): products in ``dtype`` (default :data:`PRODUCTS`) of the rows shifted by their mean,
     the shift added back exactly in float64, so that the rounding is relative to the rows' spread, not to their
     offset; in float64 again when the ``dtype`` products are not finite (module docstring, Precision)."""
-    dtype, given = dtype or PRODUCTS, (x, y)
-    x = np.asarray(x, dtype)
-    y = x if y is None else np.asarray(y, dtype)
-    sum_x, sum_y = x.sum(axis=0, dtype=np.float64), y.sum(axis=0, dtype=np.float64)  # (g, d), (g, o)
-    s = (sum_x / len(x)).astype(dtype)
-    t = None if y is x else (sum_y / len(x)).astype(dtype)
-    xc = x - s
-    yc = xc if t is None else y - t
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below
-        if x.shape[1] == 1:  # one group: plain 2-D products (numpy's fast path for X^T X when yc is xc)
-            part = (xc[:, 0].T @ yc[:, 0])[None]
-        else:
-            xg = np.ascontiguousarray(xc.transpose(1, 0, 2))
-            yg = xg if t is None else np.ascontiguousarray(yc.transpose(1, 0, 2))
-            part = xg.transpose(0, 2, 1) @ yg
+    dtype = dtype or PRODUCTS
+    xc, sum_x, s = _shifted(x, dtype)
+    yc, sum_y, t = (xc, sum_x, s) if y is None else _shifted(y, dtype)
+    part = _product(xc, yc)
     if dtype != np.float64 and not np.isfinite(part).all():
-        return products(*given, np.float64)
-    # Σ x yᵀ = Σ (x - s)(y - t)ᵀ + S tᵀ + s Tᵀ - n s tᵀ for any shifts s, t (S = Σ x, T = Σ y)
-    s64 = s.astype(np.float64)
-    t64 = s64 if t is None else t.astype(np.float64)
-    return (part.astype(np.float64) + sum_x[:, :, None] * t64[:, None, :] + s64[:, :, None] * sum_y[:, None, :]
-            - len(x) * s64[:, :, None] * t64[:, None, :])
+        return products(x, y, np.float64)
+    return _unshifted(part, len(xc), sum_x, s, sum_y, t)
 
 
 def accumulate(rows: np.ndarray, targets: np.ndarray, dtype: type | None = None) -> PatchMoments:
-    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (:func:`products` in ``dtype``)."""
-    return PatchMoments(len(rows), products(rows, dtype=dtype), products(rows, targets, dtype),
+    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (:func:`products` in ``dtype``, the
+    rows shifted once for both products)."""
+    dtype = dtype or PRODUCTS
+    xc, sum_x, s = _shifted(rows, dtype)
+    yc, sum_y, t = _shifted(targets, dtype)
+    gram, cross = _product(xc, xc), _product(xc, yc)
+    if dtype != np.float64 and not (np.isfinite(gram).all() and np.isfinite(cross).all()):
+        return accumulate(rows, targets, np.float64)
+    n = len(xc)
+    return PatchMoments(n, _unshifted(gram, n, sum_x, s, sum_x, s), _unshifted(cross, n, sum_x, s, sum_y, t),
                         np.square(targets, dtype=np.float64).sum(axis=0))
 
 
