@@ -32,6 +32,17 @@ all moments. A Gemm ``y = alpha A B' + beta C`` is solved for ``W = alpha B'`` a
 Positions are subsampled per image (He et al. 2017 and ThiNet do the same); memory is ``O(g d² + g d O_g)`` whatever
 the number of samples. Zero padding is modelled exactly (padded taps are zeros in the patch), so unlike R1 / R2 the
 border positions are fitted too. This module is pure numpy + onnx (no onnxruntime, no pipeline import).
+
+Precision. The rows of one batch are float32 (the activations onnxruntime returns) and their products ``Σ x̃ x̃ᵀ``,
+``Σ x̃ yᵀ`` are computed in float32 (BLAS ssyrk / sgemm, about twice the speed of float64 products of float64
+copies, half the memory) on the rows shifted by their batch mean ``s``; the shift is added back exactly in float64
+(``Σ x yᵀ = Σ (x - s)(y - t)ᵀ + S tᵀ + s Tᵀ - n s tᵀ``, :func:`products`), and the sums across batches, the solves
+and the errors of :func:`patch_error` are float64 (:data:`PRODUCTS`). The rounding of one batch's product (a few
+thousand rows) is then about ``sqrt(R) 2⁻²⁴`` of the rows' spread, not of their offset: without the shift, the
+float32 products of rows whose mean is ten times their spread moved the ridge solution at ``α = 1e-4`` by 100 %
+of its size, with it by 2e-5 (``tests/unit/graph_ops/test_least_squares.py``; recovered models against the
+float64 path: ``benchmarks/recovery_precision.py``). A batch whose float32 products are not finite (activations
+beyond about 1e19) is folded in float64.
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ from graph_ops.errors import PreconditionError
 from graph_ops.proto import attrs as node_attrs
 
 REFIT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
+PRODUCTS = np.float32
+"""dtype of one batch's rows and products (module docstring, Precision); sums across batches are float64."""
 REFIT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -199,13 +212,13 @@ class PatchMoments:
 
 
 def gathered_rows(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarray:
-    """Design rows of gathered input values, built in one pass as float64 (what :func:`accumulate` reads, so it
-    makes no copy): ``(N, C, P * taps)`` (per sample, ``P`` positions of ``taps`` values per channel) -> ``(N * P,
+    """Design rows of gathered input values, built in one pass as :data:`PRODUCTS` (what :func:`accumulate` reads,
+    so it makes no copy): ``(N, C, P * taps)`` (per sample, ``P`` positions of ``taps`` values per channel) -> ``(N * P,
     group, C_g * taps [+ 1])``, the :func:`conv_patches` layout with the intercept column of :func:`patch_rows`."""
     n, channels = values.shape[:2]
     per_group, positions = channels // shape.group, values.shape[2] // taps
     per = per_group * taps
-    rows = np.empty((n, positions, shape.group, per + int(shape.intercept)))
+    rows = np.empty((n, positions, shape.group, per + int(shape.intercept)), PRODUCTS)
     view = rows[..., :per]
     view.shape = (n, positions, shape.group, per_group, taps)  # a view (raises rather than copy)
     view[...] = values.reshape(n, shape.group, per_group, positions, taps).transpose(0, 3, 1, 2, 4)
@@ -215,9 +228,9 @@ def gathered_rows(values: np.ndarray, shape: LayerShape, taps: int) -> np.ndarra
 
 
 def gathered_targets(values: np.ndarray, groups: int) -> np.ndarray:
-    """``(N, O, P)`` gathered outputs -> ``(N * P, groups, O / groups)`` float64 targets (one pass)."""
+    """``(N, O, P)`` gathered outputs -> ``(N * P, groups, O / groups)`` :data:`PRODUCTS` targets (one pass)."""
     n, out, positions = values.shape
-    targets = np.empty((n, positions, out))
+    targets = np.empty((n, positions, out), PRODUCTS)
     targets[...] = values.transpose(0, 2, 1)
     return targets.reshape(n * positions, groups, out // groups)
 
@@ -229,15 +242,56 @@ def patch_rows(x: np.ndarray, shape: LayerShape) -> np.ndarray:
     return x
 
 
-def accumulate(rows: np.ndarray, targets: np.ndarray) -> PatchMoments:
-    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (both cast to float64)."""
-    if rows.shape[1] == 1:  # one group: plain 2-D products (numpy's fast path for X^T X)
-        x = np.asarray(rows[:, 0], np.float64)
-        y = np.asarray(targets[:, 0], np.float64)
-        return PatchMoments(len(rows), (x.T @ x)[None], (x.T @ y)[None], (y**2).sum(axis=0)[None])
-    xg = np.ascontiguousarray(np.asarray(rows, np.float64).transpose(1, 0, 2))
-    yg = np.ascontiguousarray(np.asarray(targets, np.float64).transpose(1, 0, 2))
-    return PatchMoments(len(rows), xg.transpose(0, 2, 1) @ xg, xg.transpose(0, 2, 1) @ yg, (yg**2).sum(axis=1))
+def _shifted(values: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``values`` ``(R, g, k)`` in ``dtype`` minus their mean rounded to ``dtype``, the float64 sums and shift."""
+    values = np.asarray(values, dtype)
+    total = values.sum(axis=0, dtype=np.float64)
+    shift = (total / len(values)).astype(dtype)
+    return values - shift, total, shift.astype(np.float64)
+
+
+def _product(xc: np.ndarray, yc: np.ndarray) -> np.ndarray:
+    """``Σ_r x_r y_rᵀ`` per group in the rows' dtype (``yc is xc``: numpy's X^T X fast path)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught by the caller
+        if xc.shape[1] == 1:  # one group: plain 2-D products
+            return (xc[:, 0].T @ (xc[:, 0] if yc is xc else yc[:, 0]))[None]
+        xg = np.ascontiguousarray(xc.transpose(1, 0, 2))
+        return xg.transpose(0, 2, 1) @ (xg if yc is xc else np.ascontiguousarray(yc.transpose(1, 0, 2)))
+
+
+def _unshifted(part: np.ndarray, n: int, sum_x: np.ndarray, s: np.ndarray, sum_y: np.ndarray,
+               t: np.ndarray) -> np.ndarray:
+    """``Σ x yᵀ = Σ (x - s)(y - t)ᵀ + S tᵀ + s Tᵀ - n s tᵀ`` for any shifts ``s``, ``t`` (``S = Σ x``, ``T = Σ y``)."""
+    return (part.astype(np.float64) + sum_x[:, :, None] * t[:, None, :] + s[:, :, None] * sum_y[:, None, :]
+            - n * s[:, :, None] * t[:, None, :])
+
+
+def products(x: np.ndarray, y: np.ndarray | None = None, dtype: type | None = None) -> np.ndarray:
+    """``Σ_r x_r y_rᵀ`` per group, float64 ``(g, d, o)``, of rows ``x`` ``(R, g, d)`` and ``y`` ``(R, g, o)`` (None:
+    ``x``, the Gram matrix): products in ``dtype`` (default :data:`PRODUCTS`) of the rows shifted by their mean,
+    the shift added back exactly in float64, so that the rounding is relative to the rows' spread, not to their
+    offset; in float64 again when the ``dtype`` products are not finite (module docstring, Precision)."""
+    dtype = dtype or PRODUCTS
+    xc, sum_x, s = _shifted(x, dtype)
+    yc, sum_y, t = (xc, sum_x, s) if y is None else _shifted(y, dtype)
+    part = _product(xc, yc)
+    if dtype != np.float64 and not np.isfinite(part).all():
+        return products(x, y, np.float64)
+    return _unshifted(part, len(xc), sum_x, s, sum_y, t)
+
+
+def accumulate(rows: np.ndarray, targets: np.ndarray, dtype: type | None = None) -> PatchMoments:
+    """Moments of design rows ``(R, g, d)`` against targets ``(R, g, O_g)`` (:func:`products` in ``dtype``, the
+    rows shifted once for both products)."""
+    dtype = dtype or PRODUCTS
+    xc, sum_x, s = _shifted(rows, dtype)
+    yc, sum_y, t = _shifted(targets, dtype)
+    gram, cross = _product(xc, xc), _product(xc, yc)
+    if dtype != np.float64 and not (np.isfinite(gram).all() and np.isfinite(cross).all()):
+        return accumulate(rows, targets, np.float64)
+    n = len(xc)
+    return PatchMoments(n, _unshifted(gram, n, sum_x, s, sum_x, s), _unshifted(cross, n, sum_x, s, sum_y, t),
+                        np.square(targets, dtype=np.float64).sum(axis=0))
 
 
 class MomentSums:

@@ -28,15 +28,21 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from graph_ops.errors import PruneError, UserInputError
-from pipeline.calibrate import DEFAULT_POOLING, POOLINGS
-from pipeline.engines import BACKENDS, PRECISIONS, default_round_to
-from pipeline.finetune import FinetuneOptions
+from pipeline.choices import (
+    ALLOCATIONS,
+    BACKENDS,
+    DEFAULT_ALLOCATION,
+    DEFAULT_POOLING,
+    DEFAULT_RECOVERY,
+    DEFAULT_STEPS,
+    FINETUNE_DEFAULTS,
+    POOLINGS,
+    PRECISIONS,
+    PUSH_DEFAULTS,
+    RECOVERY,
+    SCORERS,
+)
 from pipeline.memory import no_huge_page_advice
-from pipeline.orchestrate import ALLOCATIONS, DEFAULT_ALLOCATION
-from pipeline.progressive import DEFAULT_STEPS
-from pipeline.push import PushOptions
-from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY
-from pipeline.scorers import SCORERS
 
 logger = logging.getLogger("diprune")
 
@@ -115,6 +121,8 @@ def _round_to(args: argparse.Namespace) -> int:
     """``--round-to`` if given, else the default of the deployment target (``--backend``, ``--precision``)."""
     if args.round_to is not None:
         return args.round_to
+    from pipeline.engines import default_round_to
+
     return default_round_to(args.backend, args.precision)
 
 
@@ -479,7 +487,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from pipeline.finetune import finetune_file
+    from pipeline.finetune import FinetuneOptions, finetune_file
 
     options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                               temperature=args.temperature, ce_weight=args.ce_weight,
@@ -505,7 +513,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipeline.push import push_and_prune
+    from pipeline.push import PushOptions, push_and_prune
 
     if args.target_macs is None and args.target_params is None:
         raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.25)")
@@ -647,9 +655,16 @@ def _add_task_options(parser: argparse.ArgumentParser) -> None:
 def _add_label_options(parser: argparse.ArgumentParser, *, evaluation: bool = False) -> None:
     """The label options; ``evaluation`` (``eval``): the dense labels, output kind and decoders, no ``--labels``
     source or location sampling (the metrics are scored against the data's labels, else the reference's)."""
-    from pipeline.locations import DEFAULT_BACKGROUND_RATIO, DEFAULT_PER_CLASS
-    from pipeline.outputs import MAP_THRESHOLD, OUTPUT_KINDS, YOLO_CONF, YOLO_IOU
-    from pipeline.targets import LABEL_FORMATS, LABEL_SOURCES
+    from pipeline.choices import (
+        DEFAULT_BACKGROUND_RATIO,
+        DEFAULT_PER_CLASS,
+        LABEL_FORMATS,
+        LABEL_SOURCES,
+        MAP_THRESHOLD,
+        OUTPUT_KINDS,
+        YOLO_CONF,
+        YOLO_IOU,
+    )
 
     if evaluation:
         parser.set_defaults(labels=None, locations_per_class=DEFAULT_PER_CLASS,
@@ -718,7 +733,7 @@ def _add_budget_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_latency_options(parser: argparse.ArgumentParser) -> None:
-    from pipeline.latency_model import default_cache_dir
+    from pipeline.choices import default_cache_dir
 
     parser.add_argument("--target-latency", type=_fraction, default=None, metavar="F",
                         help="fraction of the original's latency measured on --backend (closed loop: planned with a "
@@ -736,12 +751,12 @@ def _add_latency_options(parser: argparse.ArgumentParser) -> None:
                              "none); checked before any work, locked while a model is built")
 
 
-def _add_training_options(p: argparse.ArgumentParser, defaults: FinetuneOptions | PushOptions) -> None:
+def _add_training_options(p: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
     p.add_argument("--data", required=True, help="training data: 'mnist', an .npz or an image folder")
     p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
-    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="passes over the training data")
-    p.add_argument("--lr", type=_positive, default=defaults.lr, help="Adam's peak learning rate")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="samples per training step")
+    p.add_argument("--epochs", type=_positive_int, default=defaults["epochs"], help="passes over the training data")
+    p.add_argument("--lr", type=_positive, default=defaults["lr"], help="Adam's peak learning rate")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"], help="samples per training step")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the data order and initialisation")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch and onnxruntime threads")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write (its report: OUTPUT.report.json)")
@@ -749,17 +764,17 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: FinetuneOptions 
 
 
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:
-    defaults = FinetuneOptions()
+    defaults = FINETUNE_DEFAULTS
     p.add_argument("model", help="the pruned model (its plan <model>.plan.json is read when present)")
     p.add_argument("--reference", required=True, help="the original model: the teacher")
-    p.add_argument("--temperature", type=_positive, default=defaults.temperature,
+    p.add_argument("--temperature", type=_positive, default=defaults["temperature"],
                    help="distillation temperature (softens both models' class scores)")
-    p.add_argument("--ce-weight", type=_non_negative, default=defaults.ce_weight,
+    p.add_argument("--ce-weight", type=_non_negative, default=defaults["ce_weight"],
                    help="weight of cross-entropy on the labels, when the data has labels")
-    p.add_argument("--feature-weight", type=_non_negative, default=defaults.feature_weight,
+    p.add_argument("--feature-weight", type=_non_negative, default=defaults["feature_weight"],
                    help="weight of feature matching at the group probes (needs the plan; 0: off)")
     p.add_argument("--plan", default=None, help="the plan the model was pruned with (default: <model>.plan.json)")
-    p.add_argument("--validation", type=_share, default=defaults.validation,
+    p.add_argument("--validation", type=_share, default=defaults["validation"],
                    help="share of --data held out to choose the epoch kept (0: keep the last epoch)")
     _add_training_options(p, defaults)
 
@@ -774,7 +789,7 @@ def _add_input_shape(parser: argparse.ArgumentParser, *, export: bool = False) -
 
 
 def _add_push_options(p: argparse.ArgumentParser) -> None:
-    defaults = PushOptions()
+    defaults = PUSH_DEFAULTS
     p.add_argument("model", help="an .onnx file, or a torch spec as in 'diprune export' (exported first)")
     _add_input_shape(p, export=True)
     p.add_argument("--method", choices=sorted(SCORERS), default="di", help="how channels are scored")
@@ -787,7 +802,7 @@ def _add_push_options(p: argparse.ArgumentParser) -> None:
     terms = {"sep": "class separation in the kept channels", "cov": "decorrelation of the kept channels",
              "align": "agreement with the original model's outputs"}
     for term, what in terms.items():
-        p.add_argument(f"--{term}-weight", type=_non_negative, default=getattr(defaults, f"{term}_weight"),
+        p.add_argument(f"--{term}-weight", type=_non_negative, default=defaults[f"{term}_weight"],
                        help=f"weight of the push objective's {what} term")
     _add_budget_options(p)
     _add_training_options(p, defaults)
@@ -930,7 +945,7 @@ def _add_prune_command(p: argparse.ArgumentParser) -> None:
 
 def _add_measure_commands(parsers: dict[str, argparse.ArgumentParser]) -> None:
     """eval, bench, demo and run."""
-    from pipeline.bench import MAX_ITERATIONS, MAX_ROUNDS, MAX_SECONDS
+    from pipeline.choices import MAX_ITERATIONS, MAX_ROUNDS, MAX_SECONDS
 
     p = parsers["eval"]
     p.add_argument("model", help="the .onnx file to evaluate")

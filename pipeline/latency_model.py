@@ -576,13 +576,6 @@ def build_latency_model(prepared: PreparedModel, target: LatencyTarget | None = 
     return model
 
 
-def default_cache_dir() -> Path:
-    """Where the CLI keeps latency models: ``$XDG_CACHE_HOME/diprune/latency`` (default ``~/.cache``)."""
-    import os
-
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diprune" / "latency"
-
-
 def latency_model_for(prepared: PreparedModel, target: LatencyTarget, cache_dir: str | Path | None, *,
                       round_to: int = 8, min_channels: int = 8, progress: bool = False) -> LatencyModel:
     """The cached latency model of this model on this target, or a new measurement (written to ``cache_dir``).

@@ -2,7 +2,8 @@
 
 For each consumer edit recorded by analysis (Conv ``W[:, c]``, ConvTranspose ``W[c]``, Gemm K rows, in ``H*W``
 blocks after Flatten) whose input loses channels, float64 :class:`graph_ops.channel_fill.CrossMoments` of the full
-input ``a`` in the ORIGINAL model and of the kept channels ``z`` are accumulated (activations are never stored; at
+input ``a`` in the ORIGINAL model and of the kept channels ``z`` are accumulated (each batch's products in float32 on
+mean-shifted rows, summed in float64: :func:`graph_ops.least_squares.products`; activations are never stored; at
 most ``max_positions`` random pixels per image, drawn from :func:`batch_rng` of ``(seed, level, batch)``) and a map ``a ≈ F z + f`` is solved and folded into the
 consumer (algebra: :mod:`graph_ops.channel_fill`). One pass: ``z = a_K`` from the original. Sequential
 (error-accumulation correction as in He et al. 2017): consumers are processed level by level from input to output
@@ -35,6 +36,7 @@ from graph_ops.channel_fill import (
 )
 from graph_ops.errors import PreconditionError
 from graph_ops.groups import ChannelGroupIndex, Edit
+from graph_ops.least_squares import PRODUCTS, products
 from graph_ops.proto import attrs, fingerprint, node_index, node_name
 from graph_ops.prune import kept_indices
 from pipeline.recovery.levels import LevelJob, LevelPlan
@@ -142,7 +144,8 @@ def _output_rows(edits: Sequence[Edit], node: int, index: ChannelGroupIndex,
 
 
 class _Moments:
-    """float64 accumulator of :class:`CrossMoments` for one consumer input (arrays allocated on the first batch)."""
+    """float64 accumulator of :class:`CrossMoments` for one consumer input (arrays allocated on the first batch;
+    one batch's products in float32, :func:`graph_ops.least_squares.products`)."""
 
     def __init__(self, channels: int, block: int, kept: np.ndarray) -> None:
         self.channels, self.block, self.kept, self.count = channels, block, kept, 0
@@ -157,8 +160,8 @@ class _Moments:
         """Fold one batch: ``a`` from the original model, ``z`` from the pruned one (None: ``a``'s kept channels)."""
         if self.count == 0:
             self._allocate()
-        a = np.asarray(a, dtype=np.float64).reshape(a.shape[0], self.channels, -1)
-        z = a[:, self.kept] if z is None else np.asarray(z, dtype=np.float64).reshape(a.shape[0], self.kept.size, -1)
+        a = np.asarray(a, dtype=PRODUCTS).reshape(a.shape[0], self.channels, -1)
+        z = a[:, self.kept] if z is None else np.asarray(z, dtype=PRODUCTS).reshape(a.shape[0], self.kept.size, -1)
         if self.block == 1:  # convolutional input: pixels are samples
             if max_positions is not None and a.shape[2] > max_positions:
                 pick = np.sort(rng.choice(a.shape[2], max_positions, replace=False))
@@ -167,12 +170,12 @@ class _Moments:
         elif a.shape[2] != self.block:
             raise PreconditionError(f"tensor has {a.shape[2]} positions per channel, analysis expected {self.block}")
         self.count += a.shape[0]
-        self.sums_a += a.sum(axis=0)
-        self.sums_z += z.sum(axis=0)
-        rows_a, rows_z = (v.transpose(0, 2, 1).reshape(-1, v.shape[1]) for v in (a, z))
-        self.gram_a += rows_a.T @ rows_a
-        self.gram_z += rows_z.T @ rows_z
-        self.cross += rows_a.T @ rows_z
+        self.sums_a += a.sum(axis=0, dtype=np.float64)
+        self.sums_z += z.sum(axis=0, dtype=np.float64)
+        rows_a, rows_z = (v.transpose(0, 2, 1).reshape(-1, 1, v.shape[1]) for v in (a, z))
+        self.gram_a += products(rows_a)[0]
+        self.gram_z += products(rows_z)[0]
+        self.cross += products(rows_a, rows_z)[0]
 
     def freeze(self) -> CrossMoments | None:
         """The accumulated moments (None before any vector)."""

@@ -43,6 +43,7 @@ import onnx
 from graph_ops.errors import PreconditionError
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.least_squares import (
+    PRODUCTS,
     REFIT_ALPHAS,
     REFIT_OPS,
     LayerShape,
@@ -346,7 +347,7 @@ class RefitLevel(LevelJob):
         for layer in self.layers:
             if layer.name in self.specs:
                 y_spec, x_spec = self.specs[layer.name]
-                # (N, kept outputs, P): the kept channels were gathered in the graph; both built as float64 at once
+                # (N, kept outputs, P): the kept channels were gathered in the graph; both built in one pass
                 targets = gathered_targets(original[y_spec.output], layer.shape.group)
                 rows = gathered_rows(current[x_spec.output], layer.shape, int(np.prod(layer.shape.kernel)))
             else:
@@ -397,7 +398,7 @@ def _prior_design(layer: _Layer, h: np.ndarray, a: np.ndarray) -> tuple[np.ndarr
     """Rows ``(R, 1, C_kept [+ 1])`` from the pruned pool input's positions ``h`` ``(R, C_kept)``, targets
     ``(R, 1, O_kept)``: the original layer applied to the original's ``a`` ``(R, C)`` at the same positions."""
     one = LayerShape("Gemm", intercept=layer.shape.intercept)
-    rows = patch_rows(np.asarray(h, np.float64)[:, None], one)
+    rows = patch_rows(np.asarray(h, PRODUCTS)[:, None], one)
     full = patch_rows(np.asarray(a, np.float64)[:, None], one)
     return rows, np.einsum("rgd,gdo->rgo", full, layer.pooled.coef)  # type: ignore[union-attr]
 

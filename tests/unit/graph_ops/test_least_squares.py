@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.errors import PreconditionError
 from graph_ops.least_squares import (
+    PRODUCTS,
     LayerShape,
     PatchMoments,
     accumulate,
@@ -197,13 +198,14 @@ def test_patch_error_matches_brute_force(rng: np.random.Generator) -> None:
     rows, y, _ = _problem(rng, 50, 0.3)
     coef = rng.standard_normal((1, 6, 3))
     brute = float(np.sum((y - np.einsum("rgd,gdo->rgo", rows, coef)) ** 2))
-    assert patch_error(accumulate(rows, y), coef) == pytest.approx(brute, rel=1e-9)
+    assert patch_error(accumulate(rows, y, np.float64), coef) == pytest.approx(brute, rel=1e-9)  # the algebra
 
 
 def test_streamed_moments_merge_to_the_one_shot_moments(rng: np.random.Generator) -> None:
     rows, y, _ = _problem(rng, 40, 0.3)
-    merged = accumulate(rows[:15], y[:15]).merge(accumulate(rows[15:], y[15:]))
-    whole = accumulate(rows, y)
+    # the algebra, in float64 products (float32 products differ in rounding with the split: test_float32_products_...)
+    merged = accumulate(rows[:15], y[:15], np.float64).merge(accumulate(rows[15:], y[15:], np.float64))
+    whole = accumulate(rows, y, np.float64)
     assert merged.count == whole.count == 40
     for a, b in ((merged.gram, whole.gram), (merged.cross, whole.cross), (merged.target_sq, whole.target_sq)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
@@ -218,14 +220,14 @@ def test_exact_linear_targets_are_recovered(rng: np.random.Generator) -> None:
 def test_intercept_is_not_shrunk(rng: np.random.Generator) -> None:
     """A huge ridge shrinks the slopes to zero but the intercept still fits the target mean."""
     rows, y, _ = _problem(rng, 300, 0.1)
-    got = solve_refit(accumulate(rows, y), 1e9, intercept=True)
+    got = solve_refit(accumulate(rows, y, np.float64), 1e9, intercept=True)  # the algebra: float64 products
     np.testing.assert_allclose(got[0, :-1], 0.0, atol=1e-6)
     np.testing.assert_allclose(got[0, -1], y[:, 0].mean(axis=0), rtol=1e-6)
 
 
 def test_choice_keeps_current_weights_when_the_refit_does_not_help(rng: np.random.Generator) -> None:
-    rows, y, coef = _problem(rng, 100, 0.0)
-    fit, held = accumulate(rows[:20], y[:20]), accumulate(rows[20:], y[20:])
+    rows, y, coef = _problem(rng, 100, 0.0)  # exact targets: an error of 0 needs float64 products
+    fit, held = accumulate(rows[:20], y[:20], np.float64), accumulate(rows[20:], y[20:], np.float64)
     choice = choose_refit(fit, held, coef, intercept=True)
     assert choice.alpha is None and np.array_equal(choice.coef, coef)
     assert choice.error_before == choice.error_after == pytest.approx(0.0, abs=1e-12)
@@ -242,7 +244,7 @@ def test_choice_refits_and_lowers_the_held_out_error(rng: np.random.Generator) -
 
 
 @pytest.mark.parametrize("group,intercept", [(1, True), (2, True), (4, False)])
-def test_gathered_rows_and_targets_are_the_patch_layout_in_float64(group: int, intercept: bool) -> None:
+def test_gathered_rows_and_targets_are_the_patch_layout_in_float32(group: int, intercept: bool) -> None:
     # gathered values (N, C, P * taps): per sample, P positions of `taps` values per channel
     rng = np.random.default_rng(0)
     n, channels, positions, taps = 3, 8, 5, 9
@@ -257,10 +259,10 @@ def test_gathered_rows_and_targets_are_the_patch_layout_in_float64(group: int, i
                 expect = [values[i, g * per + c, p * taps + t] for c in range(per) for t in range(taps)]
                 expect += [1.0] if intercept else []
                 np.testing.assert_array_equal(rows[i * positions + p, g], np.asarray(expect, np.float64))
-    assert rows.dtype == np.float64 and rows.shape == (n * positions, group, per * taps + int(intercept))
+    assert rows.dtype == PRODUCTS == np.float32 and rows.shape == (n * positions, group, per * taps + int(intercept))
     outputs = rng.standard_normal((n, 6, positions)).astype(np.float32)
     targets = gathered_targets(outputs, 2)
-    assert targets.dtype == np.float64 and targets.shape == (n * positions, 2, 3)
+    assert targets.dtype == PRODUCTS and targets.shape == (n * positions, 2, 3)
     np.testing.assert_array_equal(targets[1 * positions + 4, 1], outputs[1, 3:6, 4])
 
 
@@ -289,3 +291,39 @@ def test_a_position_prior_is_blended_in_only_where_it_lowers_the_held_out_error(
     assert with_prior(fit, faithful[0], 0.0) is fit
     scaled = with_prior(fit, faithful[0], 1.0)  # the prior's 1,500 rows weigh as much as the fit's 20
     np.testing.assert_allclose(scaled.gram - fit.gram, faithful[0].gram * 20 / 1500)
+
+
+def _offset_rows(rng: np.random.Generator, n: int, features: int, offset: float) -> np.ndarray:
+    """Correlated post-ReLU-like float32 rows ``(n, 1, features + 1)`` (intercept) whose mean is ``offset`` times
+    their spread: the case where raw float32 products lose the centred information."""
+    x = np.maximum(rng.standard_normal((n, features)) + offset, 0)
+    x = x @ (np.eye(features) + 0.3 * rng.standard_normal((features, features)) / np.sqrt(features))
+    return patch_rows(x.astype(np.float32)[:, None], LayerShape("Gemm"))
+
+
+def test_float32_products_match_float64_within_their_rounding(rng: np.random.Generator) -> None:
+    """Entries within sqrt(R) 2^-24 sqrt(G_ii G_jj) (measured: under 0.1 of it), and the ridge solve at the smallest
+    alpha within 1e-3 of the float64 one even with an offset of 10 spreads (raw float32 products of the same rows:
+    a relative coefficient difference of order 1)."""
+    rows = _offset_rows(rng, 2048, 144, 10.0)
+    y = (np.einsum("rgd,gdo->rgo", rows.astype(np.float64), rng.standard_normal((1, 145, 8)))
+         + 0.1 * rng.standard_normal((2048, 1, 8))).astype(np.float32)
+    single, double = accumulate(rows, y), accumulate(rows, y, np.float64)
+    scale = np.sqrt(np.diagonal(double.gram[0]))
+    bound = np.sqrt(len(rows)) * 2.0**-24
+    assert np.all(np.abs(single.gram[0] - double.gram[0]) <= bound * np.outer(scale, scale))
+    assert np.all(np.abs(single.cross[0] - double.cross[0]) <= bound * np.outer(scale, np.sqrt(double.target_sq[0])))
+    want = solve_refit(double, 1e-4, intercept=True)
+    assert np.abs(solve_refit(single, 1e-4, intercept=True) - want).max() <= 1e-3 * np.abs(want).max()
+    x = rows[:, 0]
+    raw = PatchMoments(len(rows), (x.T @ x).astype(np.float64)[None], single.cross, single.target_sq)
+    assert np.abs(solve_refit(raw, 1e-4, intercept=True) - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_products_are_float64_where_float32_overflows(rng: np.random.Generator) -> None:
+    rows = np.concatenate([1e20 * rng.standard_normal((8, 1, 3)), np.ones((8, 1, 1))], axis=2)
+    got = accumulate(rows, rows[:, :, :2])
+    want = accumulate(rows, rows[:, :, :2], np.float64)
+    assert np.isfinite(got.gram).all()
+    np.testing.assert_allclose(got.gram, want.gram, rtol=1e-12)
+    np.testing.assert_allclose(got.cross, want.cross, rtol=1e-12)
