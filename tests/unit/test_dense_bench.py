@@ -133,9 +133,9 @@ def test_goal_lines_give_a_verdict_per_task() -> None:
                        for task, c in (("seq", ahead), ("seg", ahead), ("det", mixed))}}
     text = "\n".join(goal_lines(doc))
     assert "- di-data ahead of l2 and random by > 2 SE at <= 0.35 of the MACs after lstsq: 2 of 3 tasks checked " \
-           "(seq, seg); goal: 2 of 3: met" in text
+           "(seq at 0.35: +10.0 ± 0.6 / +20.0 ± 0.0; seg at 0.35: +10.0 ± 0.6 / +20.0 ± 0.0; points over l2 / random); goal: 2 of 3: met" in text
     assert "- di-model ahead of l2 and random by > 2 SE at <= 0.35 of the MACs after lstsq: 0 of 3 tasks checked " \
-           "(none); goal: 2 of 3: not met" in text
+           "(none; points over l2 / random); goal: 2 of 3: not met" in text
     assert "| det (miou) | 0.35 | -10.0 ± 0.6 behind | +20.0 ± 0.0 ahead | -40.0 ± 0.6 behind | -10.0 ± 0.0 behind |" \
         in text
     assert "not measured" in "\n".join(goal_lines({"benches": {}}))
