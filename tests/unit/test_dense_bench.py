@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from benchmarks import dense_data
-from benchmarks.dense_selection import comparison_lines, paired, report, text_map_metrics
+from benchmarks.dense_selection import (
+    Bench,
+    comparison_lines,
+    goal_lines,
+    has_cell,
+    paired,
+    report,
+    text_map_metrics,
+)
 from benchmarks.dense_tasks import _det_targets, decode_yolo
 
 
@@ -110,3 +118,51 @@ def test_paired_comparison_and_report() -> None:
     text = report(doc_with(data))
     assert "| di-data | lstsq | 81.0 ± 0.6 |" in text and "- `random`: boom" in text
     assert "| l2 | none | not run |" in text
+
+
+def test_goal_lines_give_a_verdict_per_task() -> None:
+    def cells(rows):
+        return {m: {"lstsq": {str(t): {str(s): {"miou": v} for s, v in enumerate(vals)} for t in (0.35, 0.25)}}
+                for m, vals in rows.items()}
+
+    ahead = cells({"di-data": [0.8, 0.82, 0.81], "di-model": [0.70, 0.72, 0.71], "l2": [0.70, 0.71, 0.72],
+                   "random": [0.6, 0.62, 0.61]})
+    mixed = cells({"di-data": [0.8, 0.82, 0.81], "di-model": [0.5, 0.52, 0.51], "l2": [0.9, 0.91, 0.92],
+                   "random": [0.6, 0.62, 0.61]})
+    doc = {"benches": {task: {"setup": {"primary": "miou"}, "cells": c}
+                       for task, c in (("seq", ahead), ("seg", ahead), ("det", mixed))}}
+    text = "\n".join(goal_lines(doc))
+    assert "- di-data ahead of l2 and random by > 2 SE at <= 0.35 of the MACs after lstsq: 2 of 3 tasks checked " \
+           "(seq at 0.35: +10.0 ± 0.6 / +20.0 ± 0.0; seg at 0.35: +10.0 ± 0.6 / +20.0 ± 0.0; points over l2 / random); goal: 2 of 3: met" in text
+    assert "- di-model ahead of l2 and random by > 2 SE at <= 0.35 of the MACs after lstsq: 0 of 3 tasks checked " \
+           "(none; points over l2 / random); goal: 2 of 3: not met" in text
+    assert "| det (miou) | 0.35 | -10.0 ± 0.6 behind | +20.0 ± 0.0 ahead | -40.0 ± 0.6 behind | -10.0 ± 0.0 behind |" \
+        in text
+    assert "not measured" in "\n".join(goal_lines({"benches": {}}))
+
+
+def test_recorded_errors_are_rerun() -> None:
+    cells = {"di-data": {"lstsq": {"0.35": {"0": {"error": "refused"}, "1": {"miou": 0.5}}}}}
+    assert not has_cell(cells, "di-data", "lstsq", 0.35, 0) and has_cell(cells, "di-data", "lstsq", 0.35, 1)
+    assert not has_cell(cells, "di-data", "lstsq", 0.25, 1) and not has_cell(cells, "l2", "lstsq", 0.35, 1)
+
+
+def test_labelled_calibration_subsets_pair_labels_with_their_samples(tmp_path) -> None:
+    """Subset s of a bench reads the labels of training samples [s n, (s + 1) n): npz arrays and YOLO files."""
+    x = np.arange(6 * 8 * 8, dtype=np.uint8).reshape(6, 1, 8, 8)
+    seqs = np.array([[i, i, -1] for i in range(6)])
+    np.savez(tmp_path / "seq.npz", x_train=x, y_train=seqs, x_test=x[:1], y_test=seqs[:1])
+    bench = Bench("seq", tmp_path / "m.onnx", tmp_path / "seq.npz", n_calib=2, n_eval=1, output_kind="sequence",
+                  label_format="text", primary="exact")
+    data = bench.calibration(1, "x", labelled=True)
+    assert data.num_samples == 2 and data.targets.kind == "sequence"
+    assert [t.tolist() for t in data.targets.take(0, 2)] == [[2, 2], [3, 3]]
+    assert bench.calibration(1, "x").targets is None
+    boxes = [np.array([[1, 1, 5, 5, i]], np.float64) for i in range(6)]
+    dense_data.write_yolo(tmp_path / "det", "train", x, boxes)
+    np.savez(tmp_path / "det.npz", x_train=x, x_test=x[:1])
+    det = Bench("det", tmp_path / "m.onnx", tmp_path / "det.npz", n_calib=2, n_eval=1, output_kind="yolo",
+                label_format="yolo", primary="map50", det_root=tmp_path / "det")
+    data = det.calibration(2, "x", labelled=True)
+    assert data.targets.kind == "boxes"
+    assert [int(t[0, 0]) for t in data.targets.take(0, 2)] == [4, 5]  # samples 4 and 5 carry classes 4 and 5
