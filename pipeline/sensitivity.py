@@ -13,8 +13,13 @@ on a small fixed subset of the calibration data (its first :data:`SAMPLES` sampl
 * classifier (first output of rank 2, ``(N, K)``): the mean over the samples of ``KL(p || q)``, ``p`` and ``q``
   the original and the masked model's class probabilities (the softmax of the outputs, or the outputs themselves
   when they already are probabilities: non-negative rows that sum to 1);
-* any other model: ``sum_o ||y_o - y'_o||^2 / sum_o ||y_o - mean(y_o)||^2`` over its outputs ``o`` (the squared
-  error relative to the outputs' variation over the subset).
+* a model that decides a class at every time step or pixel (first output a CTC-style sequence ``(N, T, K)`` or a
+  map ``(N, K, H, W)``, :func:`pipeline.outputs.detect_output_kind`): the same mean ``KL(p || q)`` over every
+  (sample, position) row, the class axis last for sequences, axis 1 for maps; a one-channel map is a probability
+  map (the sigmoid of the outputs unless they already lie in [0, 1]) and its rows are ``(y, 1 - y)``. Raw output
+  error would weigh large logits of classes nobody decides by as much as the decided class;
+* any other model (a detector's boxes, regression outputs): ``sum_o ||y_o - y'_o||^2 / sum_o ||y_o - mean(y_o)||^2``
+  over its outputs ``o`` (the squared error relative to the outputs' variation over the subset).
 
 ``collapse`` is the damage of a model that ignores its input: ``mean KL(p || p_mean)`` (``p_mean`` the subset's mean
 prediction), resp. 1. ``D_g(size) = 0``, and ``D_g`` is made non-decreasing as the width falls (running maximum).
@@ -132,28 +137,57 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
 class _Reference:
     """The original model's outputs on the subset, and how damage is measured against them."""
 
-    classifier: bool
+    kind: str | None  # what the first output decides (``classes``, ``sequence``, ``map``), None: output error
     outputs: tuple[np.ndarray, ...]
     probabilities: np.ndarray | None
     variation: float
 
     def damage(self, outputs: list[np.ndarray]) -> float:
-        if self.classifier:
-            return _kl(self.probabilities, _probabilities(outputs[0]))
+        if self.kind is not None:
+            return _kl(self.probabilities, _decision_rows(outputs[0], self.kind))
         diff = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2)) for a, b in zip(outputs, self.outputs,
                                                                                    strict=True))
         return diff / self.variation if self.variation > 0 else diff
 
     def collapse(self) -> float:
-        if not self.classifier:
+        if self.kind is None:
             return 1.0
         return _kl(self.probabilities, np.broadcast_to(self.probabilities.mean(axis=0), self.probabilities.shape))
 
 
-def _reference(outputs: list[np.ndarray], classifier: bool) -> _Reference:
+def _decision_rows(output: np.ndarray, kind: str) -> np.ndarray:
+    """The class probabilities of every decision of a first output of ``kind`` (module docstring), one row each."""
+    y = np.asarray(output, dtype=np.float64)
+    if kind == "sequence":
+        return _probabilities(y.reshape(-1, y.shape[-1]))
+    if kind == "map":
+        if y.shape[1] == 1:
+            p = y if (y.min() >= 0 and y.max() <= 1) else 1.0 / (1.0 + np.exp(-y))
+            p = p.reshape(-1, 1)
+            return np.concatenate([p, 1.0 - p], axis=1)
+        return _probabilities(np.moveaxis(y, 1, -1).reshape(-1, y.shape[1]))
+    return _probabilities(y)
+
+
+def _decisions_kind(model: onnx.ModelProto) -> str | None:
+    """``classes``, ``sequence`` or ``map`` when the first output decides classes (KL damage), else None."""
+    from pipeline.evaluate import is_classifier
+
+    if is_classifier(model):
+        return "classes"
+    from pipeline.outputs import detect_output_kind
+
+    try:
+        kind = detect_output_kind(model)
+    except UserInputError:
+        return None
+    return kind if kind in ("sequence", "map") else None
+
+
+def _reference(outputs: list[np.ndarray], kind: str | None) -> _Reference:
     outs = tuple(np.asarray(o, np.float64) for o in outputs)
     variation = sum(float(np.sum((o - o.mean(axis=0)) ** 2)) for o in outs)
-    return _Reference(classifier, outs, _probabilities(outs[0]) if classifier else None, variation)
+    return _Reference(kind, outs, None if kind is None else _decision_rows(outs[0], kind), variation)
 
 
 def _run_subset(model: onnx.ModelProto, data: Any, backend: str, threads: int | None) -> list[np.ndarray]:
@@ -187,13 +221,12 @@ def measure(model: onnx.ModelProto, index: Any, scores: ChannelScores, groups: I
         UserInputError: no data.
     """
     from graph_ops.mask import zero_channels
-    from pipeline.evaluate import is_classifier
 
     if data is None:
         raise UserInputError("a measured allocation needs calibration data: pass --data (or --allocation rule)")
     start = time.perf_counter()
     subset = data.subset(0, min(samples, data.num_samples))
-    reference = _reference(_run_subset(model, subset, backend, intra_op_threads), is_classifier(model))
+    reference = _reference(_run_subset(model, subset, backend, intra_op_threads), _decisions_kind(model))
     passes = 1
     widths: dict[str, tuple[int, ...]] = {}
     damage: dict[str, tuple[float, ...]] = {}
@@ -213,6 +246,7 @@ def measure(model: onnx.ModelProto, index: Any, scores: ChannelScores, groups: I
     seconds = time.perf_counter() - start
     logger.info("sensitivity: %d groups, %d passes over %d samples, %.2f s", len(widths), passes,
                 subset.num_samples, seconds)
-    return Sensitivity(metric="kl" if reference.classifier else "relative-error", collapse=reference.collapse(),
+    return Sensitivity(metric="relative-error" if reference.kind is None else "kl" if reference.kind == "classes"
+                       else f"kl per {'time step' if reference.kind == 'sequence' else 'pixel'}", collapse=reference.collapse(),
                        widths=widths, damage=damage, samples=subset.num_samples, passes=passes, seconds=seconds,
                        method=scores.method, sizes=sizes)

@@ -191,8 +191,27 @@ def test_relative_error_damage_of_a_model_that_is_not_a_classifier() -> None:
 
     rng = np.random.default_rng(0)
     maps = [rng.normal(size=(8, 1, 4, 4)), rng.normal(size=(8, 3))]
-    reference = _reference(maps, classifier=False)
+    reference = _reference(maps, None)
     assert reference.damage(maps) == 0.0 and reference.collapse() == 1.0
     means = [np.broadcast_to(m.mean(axis=0), m.shape) for m in maps]
     assert reference.damage(means) == pytest.approx(1.0)  # predicting the mean output: the collapse
     assert reference.damage([maps[0] + 0.1, maps[1]]) > 0
+
+
+def test_kl_per_decision_for_sequences_and_maps() -> None:
+    from pipeline.sensitivity import _decision_rows, _kl, _probabilities, _reference
+
+    rng = np.random.default_rng(0)
+    seq = rng.normal(size=(4, 5, 7))  # (N, T, K) logits
+    reference = _reference([seq], "sequence")
+    assert reference.damage([seq]) == 0.0
+    other = seq + rng.normal(scale=0.5, size=seq.shape)
+    brute = np.mean([_kl(_probabilities(seq[n]), _probabilities(other[n])) for n in range(4)])
+    assert reference.damage([other]) == pytest.approx(brute)  # the mean over every (sample, time step)
+    assert reference.damage([seq + 3.0]) == pytest.approx(0.0, abs=1e-12)  # a shift of all logits decides the same
+    maps = rng.normal(size=(2, 3, 4, 4))  # (N, K, H, W)
+    rows = _decision_rows(maps, "map")
+    assert rows.shape == (32, 3) and np.allclose(rows[5], _probabilities(maps[0, :, 1, 1][None])[0])
+    prob = 1.0 / (1.0 + np.exp(-rng.normal(size=(2, 1, 4, 4))))  # a probability map: rows (y, 1 - y)
+    rows = _decision_rows(prob, "map")
+    assert np.allclose(rows[:, 0], prob.reshape(-1)) and np.allclose(rows.sum(axis=1), 1.0)
