@@ -2,6 +2,7 @@
 
 * ``docs/cli.md``: every ``diprune`` subcommand's ``--help``, from the argparse parser itself
   (:func:`pipeline.cli.build_parser`), so the CLI reference cannot drift from the code;
+* ``docs/index.md``: the README (the user's guide's front page), its links into ``docs/`` made site-relative;
 * ``docs/results/*.md``: every ``benchmarks/results/*.md`` (what the committed benchmark scripts wrote, with their
   commands and machines), and ``docs/results/index.md`` listing them.
 
@@ -66,7 +67,16 @@ def results_pages(out: Path) -> list[tuple[str, str]]:
     return pages
 
 
+def index_page() -> str:
+    """The README with its links made relative to the site: ``docs/x.md`` -> ``x.md``; links to files of the
+    repository outside ``docs/`` -> ``../x`` (the repository root, one level above the site's pages)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = re.sub(r"\]\(docs/([^)]+)\)", r"](\1)", text)
+    return re.sub(r"\]\((?!https?:|#|[\w/.-]+\.md\))([^)]+)\)", r"](../\1)", text)
+
+
 def main() -> None:
+    (DOCS / "index.md").write_text(index_page(), encoding="utf-8")
     (DOCS / "cli.md").write_text(cli_page() + "\n", encoding="utf-8")
     pages = results_pages(DOCS / "results")
     index = ["# Measured results", "", "Every page below is written by a committed script under `benchmarks/` "
