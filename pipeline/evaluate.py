@@ -225,6 +225,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
         reference = None if reference is None else task.head(_as_model(reference))
         dataset = task.dataset(dataset).data
     classifier = is_classifier(proto)
+    check_classifier_labels(proto, dataset)
     kind = None if classifier else scored_kind(proto, output_kind, fidelity=reference is not None)
     if classifier and output_kind not in (None, "classes"):
         raise UserInputError(f"--output-kind {output_kind}: the first output '{proto.graph.output[0].name}' is (N, K) "
@@ -265,6 +266,21 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, dataset: Any, *,
             dense.update(batch.outputs[0], dict(batch.feeds), labels, None if ref_outputs is None else ref_outputs[0])
         totals.n += batch.size
     return _report(totals, width, ref_session is not None, dense)
+
+
+def check_classifier_labels(model: onnx.ModelProto, dataset: Any, role: str = "evaluation") -> None:
+    """Refuse dense labels (class maps, sequences, boxes: ``dataset.targets``) for a model whose first output is
+    ``(N, K)`` class scores: it takes one class id per sample.
+
+    Raises:
+        UserInputError: the dataset holds dense labels and no per-sample class ids, and the model is a classifier.
+    """
+    targets = getattr(dataset, "targets", None)
+    if targets is None or getattr(dataset, "labels", None) is not None or not is_classifier(model):
+        return
+    raise UserInputError(f"{role} data '{getattr(dataset, 'name', dataset)}' holds {targets.kind} labels "
+                         f"({targets.format}), but the model's first output '{model.graph.output[0].name}' is (N, K) "
+                         "class scores, which take one class id per sample: give labels of shape (N,) (or none)")
 
 
 def scored_kind(model: onnx.ModelProto, output_kind: str | None, *, fidelity: bool = False) -> str | None:

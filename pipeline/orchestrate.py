@@ -208,7 +208,10 @@ class PruneRun:
         if data is None or not hasattr(data, "take"):
             return data
         from pipeline.data import validate_batch
+        from pipeline.evaluate import check_classifier_labels
         from pipeline.runtime import model_input_specs
+
+        check_classifier_labels(self.prepared.model, data, role)
 
         specs = model_input_specs(self.prepared.model)
         if data.num_samples == 0:

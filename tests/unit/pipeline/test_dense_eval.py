@@ -346,3 +346,18 @@ def test_run_report_and_gates_on_a_segmentation_model(tmp_path: Path, capsys: py
     code = main(["-q", "run", str(_job(tmp_path, model, tmp_path / "plain.npz", {"max_exact_drop": 1}))])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "'max_exact_drop' limits a metric of 'sequence' outputs" in err
+
+
+def test_dense_labels_for_a_classifier_are_refused_in_eval_and_prune(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.demo import demo_model_path
+
+    x = np.random.default_rng(0).integers(0, 255, (20, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros((20, 2), np.int64))  # (N, L): read as sequences
+    for command in (["eval", str(demo_model_path()), "--data", str(tmp_path / "d.npz")],
+                    ["prune", str(demo_model_path()), "--data", str(tmp_path / "d.npz"), "--method", "l2",
+                     "--target-macs", "0.5", "-o", str(tmp_path / "p.onnx")]):
+        assert main(["-q", *command]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("diprune: error:") and "one class id per sample" in err and "\n" not in err
+    assert not list(tmp_path.glob("p.onnx*"))
