@@ -14,7 +14,9 @@ protected, scored) is at the bottom of its ladder, the smallest multiple of ``ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 
@@ -57,7 +59,8 @@ def floor_width(size: int, round_to: int, min_channels: int) -> int:
 
 
 def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.ModelProto, pruned: onnx.ModelProto,
-                 target: float, round_to: int = 8, min_channels: int = 8) -> BudgetCheck:
+                 target: float, round_to: int = 8, min_channels: int = 8,
+                 counter: Callable[[onnx.ModelProto], Any] = count) -> BudgetCheck:
     """Assert the MACs budget contract of a plan; return the numbers for reporting.
 
     Asserts: kept widths are multiples of ``round_to`` (of ``lcm(round_to, blocks)`` for a group in equal blocks; or
@@ -73,8 +76,8 @@ def check_budget(plan: PruningPlan, index: ChannelGroupIndex, original: onnx.Mod
         step = fine.get(gid, round_to)
         assert step in (round_to, round_to // 2), (gid, step)
         assert len(kept) % math.lcm(step, group.blocks) == 0 and len(kept) < group.size, (gid, len(kept))
-    full = count(original).macs
-    achieved = count(pruned).macs / full
+    full = counter(original).macs  # counter: e.g. PreparedModel.count (the prepared input sizes, dynamic dims kept)
+    achieved = counter(pruned).macs / full
     assert math.isclose(achieved, plan.meta["macs_fraction"], rel_tol=1e-9), (achieved, plan.meta["macs_fraction"])
     step = rounding_step(plan, index, round_to) / full
     reached = bool(plan.meta["reached"])

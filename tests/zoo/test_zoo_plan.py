@@ -42,7 +42,7 @@ def test_zoo_plan_meets_budget(name: str, exporter: str, zoo_model: Callable[[st
             plan = select_channels(scores, prepared.index, target_macs=target, round_to=8)
             keep = keep_lists(plan)
             pruned = apply_plan(prepared.model, prepared.index, keep)
-            check = check_budget(plan, prepared.index, prepared.model, pruned, target)
+            check = check_budget(plan, prepared.index, prepared.model, pruned, target, counter=prepared.count)
             record_property(f"{method}@{target}", f"{check.achieved:.4f} step {check.step:.4f} "
                                                   f"reached {check.reached}")
             again = select_channels(score(prepared, None, method), prepared.index, target_macs=target, round_to=8)
