@@ -51,7 +51,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,9 +61,9 @@ import numpy as np
 import onnx
 
 from benchmarks import dense_tasks
+from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import locked_doc, merge
 from graph_ops.cost import count
-from graph_ops.io import atomic_write_bytes
 from pipeline.data import Dataset, from_npz
 from pipeline.errors import PruneError
 from pipeline.orchestrate import PruneRun
@@ -507,13 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true", help="recompute cells already in the results")
     parser.add_argument("--partial", default=None, help="a note that the results are partial (written to the report)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("graph_ops", "pipeline"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    log_to_stderr(logging.WARNING)
     if args.stage == "report":
-        atomic_write_bytes(args.out.with_suffix(".md"), report(json.loads(args.out.read_text())).encode())
+        rewrite_markdown(args.out, report)
         return 0
-    command = " ".join(["python -m benchmarks.dense_selection", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.dense_selection", argv)
     merge(args.out, ["commands", command], time.strftime("%Y-%m-%d"))
     with locked_doc(args.out) as doc:
         doc["protocol"] = {**doc.get("protocol", {}), "seeds": args.seeds, "targets": list(TARGETS),

@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -46,8 +45,8 @@ from typing import Any
 
 import onnx
 
+from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import MODELS, RESULTS, THREADS, eval_top1, merge
-from graph_ops.io import atomic_write_bytes
 from pipeline.bench import machine_info
 from pipeline.data import open_dataset
 from pipeline.finetune import FinetuneOptions, finetune
@@ -304,14 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help="the JSON file (finetune.md is written beside it)")
     args = parser.parse_args(argv)
     REDO_UNRECORDED["on"] = args.redo_unrecorded
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("graph_ops", "pipeline"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_stderr(logging.WARNING)
     if args.report:
-        doc = json.loads(args.out.read_text())
-        atomic_write_bytes(args.out.with_suffix(".md"), "\n".join(report_lines(doc)).encode())
+        rewrite_markdown(args.out, report_lines)
         return 0
-    command = " ".join(["python -m benchmarks.finetune", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.finetune", argv)
     out = args.out
     merge(out, ["commands", command], time.strftime("%Y-%m-%d"))
     merge(out, ["protocol"], {"n_calib": N_CALIB, "finetunes": [list(f) for f in FINETUNES],

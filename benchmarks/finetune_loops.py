@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -42,9 +41,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import RESULTS, THREADS, eval_top1, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
-from graph_ops.io import atomic_write_bytes
 from pipeline.bench import machine_info
 from pipeline.data import open_dataset
 from pipeline.finetune import FinetuneOptions, finetune
@@ -302,14 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the markdown from the JSON")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("graph_ops", "pipeline"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    log_to_stderr(logging.ERROR)
     if args.report:
-        atomic_write_bytes(args.out.with_suffix(".md"), "\n".join(report_lines(json.loads(args.out.read_text())))
-                           .encode())
+        rewrite_markdown(args.out, report_lines)
         return 0
-    command = " ".join(["python -m benchmarks.finetune_loops", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.finetune_loops", argv)
     merge(args.out, ["commands", command], time.strftime("%Y-%m-%d"))
     merge(args.out, ["protocol"], {"n_train": N_TRAIN, "epochs": list(EPOCHS), "threads": THREADS,
                                    "plain": {"lr": PLAIN_LR, "batch": PLAIN_BATCH, "temperature": TEMPERATURE},

@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,9 +42,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import RESULTS, THREADS, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
-from graph_ops.io import atomic_write_bytes
 from graph_ops.proto import attrs, node_index
 from pipeline.bench import machine_info
 from pipeline.data import from_iterable, open_dataset
@@ -278,14 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("graph_ops", "pipeline"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    log_to_stderr(logging.ERROR)
     if args.report:
-        atomic_write_bytes(args.out.with_suffix(".md"), "\n".join(report_lines(json.loads(args.out.read_text())))
-                           .encode())
+        rewrite_markdown(args.out, report_lines)
         return 0
-    command = " ".join(["python -m benchmarks.recovery_production", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.recovery_production", argv)
     merge(args.out, ["commands", command], time.strftime("%Y-%m-%d"))
     merge(args.out, ["protocol"], {"threads": THREADS, "threshold": THRESHOLD, "machine": machine_info()})
     for name in args.models:
