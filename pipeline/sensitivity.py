@@ -171,17 +171,13 @@ def _decision_rows(output: np.ndarray, kind: str) -> np.ndarray:
 
 def _decisions_kind(model: onnx.ModelProto) -> str | None:
     """``classes``, ``sequence`` or ``map`` when the first output decides classes (KL damage), else None."""
-    from pipeline.evaluate import is_classifier
-
-    if is_classifier(model):
-        return "classes"
     from pipeline.outputs import detect_output_kind
 
     try:
-        kind = detect_output_kind(model)
+        kind = detect_output_kind(model)  # rank 2 is "classes" (pipeline.evaluate.is_classifier's test)
     except UserInputError:
         return None
-    return kind if kind in ("sequence", "map") else None
+    return kind if kind in ("classes", "sequence", "map") else None
 
 
 def _reference(outputs: list[np.ndarray], kind: str | None) -> _Reference:
