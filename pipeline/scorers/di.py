@@ -8,7 +8,11 @@ is about 10⁴ times their spread or more, e.g. near-constant channels, where ``
 eigenvalues larger than ``eps · tr(S)/d``; should ``A`` still fail its Cholesky, ``ρ`` grows by twice the most
 negative eigenvalue of ``S``, with a warning), ``A = S + ρI``, ``M = A⁻¹``
 (Cholesky certifies positive definiteness; numpy has no ``potri``, so the inverse itself is LAPACK ``getri``),
-``Q = M D``, ``G = Q Qᵀ``::
+``Q = M D``, ``G = Q Qᵀ``. The full elimination below pivots on every feature block of ``M``, so it certifies positive
+definiteness itself (``M`` is positive definite iff every pivot block of a complete symmetric elimination is): the
+scorer inverts ``A`` directly and runs the certifying Cholesky of ``A`` (and the ridge fallback) only when a pivot
+fails, which gives the same ``M`` bit for bit while saving a third of the set-up (a ``d³/3`` factorisation per probe,
+most of the scoring time on ResNet-50's 2048-wide probes)::
 
     DI = tr(A⁻¹ S_B) = tr(Dᵀ M D)
     ΔDI_B = DI(all) − DI(all ∖ B) = tr(Q_Bᵀ (M_BB)⁻¹ Q_B) = tr((M_BB)⁻¹ G_BB)      (scalar: G_cc / M_cc)
@@ -103,6 +107,22 @@ def regularised_inverse(scatter: np.ndarray, eps: float, gram: np.ndarray | None
         return inverse_spd(scatter + raised * np.eye(d))
 
 
+class _PivotError(Exception):
+    """A pivot of an uncertified elimination was not positive: ``S + ρI`` is to be certified (and its ridge raised)."""
+
+
+def _uncertified_inverse(a: np.ndarray) -> np.ndarray | None:
+    """``A⁻¹`` as :func:`inverse_spd` computes it (same bits) but without its Cholesky; None when ``A`` is not finite
+    or singular (the certified path then raises or repairs)."""
+    if not np.isfinite(a).all():
+        return None
+    try:
+        inv = np.linalg.inv(a)
+    except np.linalg.LinAlgError:
+        return None
+    return (inv + inv.T) / 2.0
+
+
 def di_value(stats: ProbeStats, eps: float = DEFAULT_EPS) -> float:
     """``DI = tr[(S + ρI)⁻¹ S_B]`` of all features of ``stats``."""
     s = stats.scatter()
@@ -119,11 +139,19 @@ class Eliminator:
     ``G_BB = Q_B Q_Bᵀ`` is read from it; otherwise ``G`` is kept lazily like ``M``.
     """
 
-    def __init__(self, stats: ProbeStats, blocks: np.ndarray, eps: float = DEFAULT_EPS, flush: int = _FLUSH) -> None:
-        """Factor ``S + ρI`` and set up the lazy downdate buffers; ``blocks`` is (channels, b) feature indices."""
+    def __init__(self, stats: ProbeStats, blocks: np.ndarray, eps: float = DEFAULT_EPS, flush: int = _FLUSH, *,
+                 certified: bool = False) -> None:
+        """Invert ``S + ρI`` and set up the lazy downdate buffers; ``blocks`` is (channels, b) feature indices.
+        Unless ``certified`` (or the blocks do not cover every feature once), the inverse is not certified up front:
+        :meth:`remove` raises :class:`_PivotError` on a pivot that is not positive definite and :func:`eliminate`
+        starts again from :meth:`certify`'s eliminator (Cholesky of ``S + ρI``, the ridge raised if needed)."""
         s = stats.scatter()
         delta = stats.delta()[:, stats.row_counts > 0]  # empty classes: zero columns, no information
-        self.m = regularised_inverse(s, eps, stats.gram)
+        self._args = (stats, blocks, eps, flush)
+        covers = np.array_equal(np.sort(np.asarray(blocks).reshape(-1)), np.arange(s.shape[0]))
+        m = None if certified or not covers else _uncertified_inverse(s + ridge(s, eps, stats.gram) * np.eye(len(s)))
+        self.checking = m is not None  # pivots still to be checked (by the elimination)
+        self.m = m if m is not None else regularised_inverse(s, eps, stats.gram)
         self.q = self.m @ delta
         self.q_mode = 4 * delta.shape[1] <= s.shape[0]
         self.g = None if self.q_mode else self.q @ self.q.T
@@ -144,6 +172,11 @@ class Eliminator:
             self._x = np.zeros((rows, self._width), order="F")  # G = G_stored − X Yᵀ − Y Xᵀ
             self._y = np.zeros((rows, self._width), order="F")
         self._used = 0
+
+    def certify(self) -> Eliminator:
+        """A fresh eliminator of the same statistics whose inverse is certified by a Cholesky factorisation."""
+        stats, blocks, eps, flush = self._args
+        return Eliminator(stats, blocks, eps, flush, certified=True)
 
     def _g_blocks(self, live: np.ndarray) -> np.ndarray:
         if self._gb is not None:
@@ -176,8 +209,15 @@ class Eliminator:
         m_bb = m_cols[block]
         if block.size == 1:  # scalar channel: no factorisation needed
             pivot = float(m_bb[0, 0])
+            if self.checking and not pivot > 0:
+                raise _PivotError
             return m_cols / np.sqrt(pivot), m_cols / pivot
-        chol = np.linalg.cholesky(m_bb)
+        try:
+            chol = np.linalg.cholesky(m_bb)
+        except np.linalg.LinAlgError:
+            if self.checking:
+                raise _PivotError from None
+            raise
         return np.linalg.solve(chol, m_cols.T).T, np.linalg.solve(m_bb, m_cols.T).T
 
     def remove(self, channel: int) -> float:
@@ -240,7 +280,16 @@ def eliminate(eliminators: list[Eliminator], blocks: int = 1) -> Elimination:
     ``blocks > 1`` (a group read or written by a grouped convolution): each step removes from one of the
     ``blocks`` equal blocks that have lost the fewest channels so far, so that every prefix of ``blocks * r``
     steps removes exactly ``r`` channels of each block and the retention at those widths is of a valid plan.
+    An eliminator whose inverse was not certified and meets a pivot that is not positive definite restarts the
+    elimination with certified eliminators (the result is then what they give from the start).
     """
+    try:
+        return _eliminate(eliminators, blocks)
+    except _PivotError:
+        return _eliminate([e.certify() for e in eliminators], blocks)
+
+
+def _eliminate(eliminators: list[Eliminator], blocks: int) -> Elimination:
     size = len(eliminators[0].blocks)
     per = size // blocks
     removed = np.zeros(blocks, dtype=np.int64)
