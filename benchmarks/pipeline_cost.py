@@ -12,7 +12,9 @@ recover, write (model, plan, report).
 Plain inference = an onnxruntime session with its default options over the same images at the same batch size and
 threads (session creation included). Every model runs in its own child process, plain inference first then the prune, so peak memory is the
 child's own: the peak resident set size (``VmRSS`` sampled every 10 ms) during each stage, and the process's
-``ru_maxrss`` at the end. The calibration and recovery options are the CLI defaults.
+``ru_maxrss`` at the end; the prune's peak is the largest of its stages' (the plain inferences before and after are
+references, not stages of the prune: their own peaks are reported beside it). The calibration and recovery options
+are the CLI defaults. The load average before and after the run is recorded (the machine may be shared).
 
 The recovery report's sweep timings (onnxruntime per model, folding into moments, spill writes, solves) are
 recorded, and the recovered model's own plain inference is timed after the run, to give the *work floor*: every
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -44,7 +47,7 @@ from benchmarks.output import torchvision_onnx, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-GOALS = {"calibrate": 1.3, "total": 6.0, "peak_gib_resnet50": 2.0}
+GOALS = {"calibrate": 1.3, "total": 6.0, "peak_gib_resnet50": 2.0}  # issue 9; issue 30 keeps total 6x and 2 GiB
 STAGES = ("analyze", "calibrate", "score", "plan", "apply", "recover", "write")
 
 
@@ -153,9 +156,9 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _peak(row: dict[str, Any]) -> float:
-    """The peak resident memory of the prune (plain inference of the original included; the pruned model's plain
-    inference, timed after the prune in the same process, is not a stage of it)."""
-    return max(v for k, v in row["peak_rss_gib"].items() if k != "plain_pruned")
+    """The peak resident memory of the prune's stages (the reference inferences, of the original before the prune and
+    of the pruned model after it, are not stages of the prune; their peaks are listed beside it)."""
+    return max(row["peak_rss_gib"][s] for s in STAGES)
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -165,14 +168,18 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{machine['versions'].get('onnxruntime')})", "",
              f"`prune --method di --target-macs 0.5 --recover lstsq`, {doc['images']} images, batch {doc['batch']}. "
              "Seconds per stage, with the ratio to plain onnxruntime inference of the original model over the same "
-             "images in the same process; peak resident memory per stage (GiB).", "",
-             "| model | plain s | " + " | ".join(STAGES) + " | total | peak GiB |",
+             "images in the same process; peak resident memory of the prune's stages (GiB; in brackets, the plain "
+             "inference's own peak: onnxruntime's default session, not a stage of the prune)."
+             + (f" Load average {doc['loadavg_before'][0]} before, {doc['loadavg_after'][0]} after (the machine was "
+                "shared: compare ratios, not seconds)." if "loadavg_before" in doc else ""), "",
+             "| model | plain s | " + " | ".join(STAGES) + " | total | peak GiB (plain) |",
              "|---|---" + "|---" * (len(STAGES) + 2) + "|"]
     for row in doc["models"]:
         cells = [f"{row['seconds'][s]:.1f} ({row['ratio_to_plain'][s]:.2f}x)" for s in STAGES]
         total = sum(row["seconds"][s] for s in STAGES)
         lines.append(f"| {row['model']} | {row['seconds']['plain']:.1f} | " + " | ".join(cells)
-                     + f" | {total:.1f} ({row['ratio_to_plain']['total']:.2f}x) | {_peak(row):.2f} |")
+                     + f" | {total:.1f} ({row['ratio_to_plain']['total']:.2f}x) | {_peak(row):.2f} "
+                     f"({row['peak_rss_gib']['plain']:.2f}) |")
     lines += ["", "Where recovery's time went (seconds; onnxruntime per model inside the sweep beside the model's "
               "plain inference over the same images; fold: building design rows and float64 moments; solve: the "
               "driver's merges and solves; spill: writing the frontier's file, with its largest size). Work floor: "
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pipeline.bench import machine_info
 
-    rows = []
+    rows, load = [], os.getloadavg()
     for name in args.models:
         command = [sys.executable, "-m", "benchmarks.pipeline_cost", "--child", name, "--images", str(args.images),
                    "--batch", str(args.batch), "--work", str(args.work)]
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     info = machine_info()
-    doc = {"images": args.images, "batch": args.batch, "models": rows, "goals": GOALS, "machine": info}
+    doc = {"images": args.images, "batch": args.batch, "models": rows, "goals": GOALS, "machine": info,
+           "loadavg_before": [round(v, 2) for v in load], "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
     print(write_results(args.out, doc, markdown))
 
 
