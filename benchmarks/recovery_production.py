@@ -204,7 +204,9 @@ def run_model(out: Path, name: str, targets: Sequence[float], methods: Sequence[
                           for c in report.consumers if hasattr(c, "rows")]
                 cell = {**metrics(name, model, reference, test), "macs_fraction": fraction,
                         "seconds": round(seconds, 1), "layers": layers, "by_kind": summarise(layers),
-                        "skipped": [list(s) for s in report.skipped], "kept_widths": widths}
+                        "skipped": [list(s) for s in report.skipped], "kept_widths": widths,
+                        "allocation": dict(candidate.plan.meta.get("allocation", {"mode": "rule"})),
+                        "labels": dict(candidate.plan.meta.get("labels", {}))}
                 merge(out, key, cell)
                 logger.info("%s: %s", "/".join(key), {k: v for k, v in cell.items() if k not in ("layers",
                                                                                             "kept_widths")})
@@ -234,7 +236,9 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              "`benchmarks/recovery_production.py`. `code`: which version of the library ran the row "
              "(`base`: main at a18b2bc, before this work, run as `git archive a18b2bc | tar -x -C BASE`, this script "
              "copied to `BASE/benchmarks/`, the command run in `BASE` with `--out` pointing here; `new`: this "
-             "branch). `--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
+             "branch; `391f118`: main at 391f118 with the library's defaults as `diprune prune` runs them: the allocation "
+             "it chose is in the row, DI's labels are the model's own per-pixel decisions since the det data has no "
+             "class labels). `--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
              "(cls), `--only det --train 400 --test 200` (det: 50 / 25 pages).", "",
              "Cells: classifiers `top-1 (agreement with the original)` in %; det `IoU` of the probability maps "
              f"binarised at {THRESHOLD} with the original's / pixel `F1` against the text boxes, in %.", ""]
@@ -249,7 +253,8 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
             for method, codes in methods.items():
                 for code, rows in codes.items():
                     for row, cell in rows.items():
-                        lines.append(f"| {target} | {method} | {code} | {row} | {_score(name, cell)} | "
+                        mode = f" ({cell['allocation']['mode']} allocation)" if cell.get("allocation") else ""
+                        lines.append(f"| {target} | {method} | {code} | {row}{mode} | {_score(name, cell)} | "
                                      f"{cell['macs_fraction']:.3f} | {cell['seconds']:.0f} |")
                         if cell.get("by_kind"):
                             kinds_rows.append((target, method, code, row, cell["by_kind"]))
