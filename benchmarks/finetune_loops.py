@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # settings a row changes from the defau
     "constant": {"schedule": "constant"}, "ce0.5": {"ce_weight": 0.5}, "ce1": {"ce_weight": 1.0},
     "kd-only": {"ce_weight": 0.0}, "b32": {"batch_size": 32}, "b64": {"batch_size": 64},
     "b128": {"batch_size": 128}, "val0": {"validation": 0.0}, "lr3e-4": {"lr": 3e-4},
+    "z0": {"noise_z": 0.0},  # the rule before: any rise of the validation objective returns the input
 }
 PLAIN = ("adam-ce", "adam-kd")
 OURS = "diprune"  # the library's defaults (``protocol.defaults`` of the JSON); diprune[...] rows change one setting

@@ -33,7 +33,7 @@ held out of training; the model is measured on it before training (epoch 0: the 
 trained epoch with the lowest training objective (the weighted loss above) on the slice is the candidate; it is
 returned unless the slice shows it worse than the input by more than the slice's noise: with ``d_i`` the change of
 the objective on validation sample ``i`` from the input to the candidate (paired, :func:`paired_change`), the input
-is returned (``kept`` false, ``best_epoch`` 0) when ``mean(d) > z * std(d) / sqrt(n)``, ``z = NOISE_Z = 2``
+is returned (``kept`` false, ``best_epoch`` 0) when ``mean(d) > z * std(d) / sqrt(n)``, ``z = noise_z = 2``
 (about 2 % one-sided false alarms when the two are equally good). A training run that diverges is rejected; a
 trained model whose objective moved within the noise is kept. Before this rule an epoch had to beat the input
 strictly, and on the pruned MNIST models of ``benchmarks/finetune_loops.py`` that kept the input in most cells: 200
@@ -94,6 +94,8 @@ class FinetuneOptions:
         threads: torch and onnxruntime intra-op threads.
         validation: share of the data held out to choose the epoch (module docstring); 0: none (last epoch).
         schedule: after the warm-up, ``cosine`` decay to 0 or a ``constant`` rate.
+        noise_z: the input is returned when the best trained epoch's validation objective rose by more than this
+            many standard errors (module docstring; 0: by anything).
     """
 
     epochs: int = 3
@@ -107,6 +109,7 @@ class FinetuneOptions:
     threads: int = 1
     validation: float = 0.1
     schedule: str = "cosine"
+    noise_z: float = NOISE_Z
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -119,6 +122,8 @@ class FinetuneOptions:
             raise UserInputError("finetune: the learning rate and the temperature must be positive")
         if min(self.kd_weight, self.ce_weight, self.feature_weight) < 0:
             raise UserInputError("finetune: loss weights must be >= 0")
+        if not self.noise_z >= 0:
+            raise UserInputError(f"finetune: noise_z must be >= 0, got {self.noise_z}")
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,8 @@ class FinetuneRecord:
             trained = [c for c in self.checks if c.epoch > 0]
             rejected = min(trained, key=lambda c: c.objective)
             return (f"every epoch was worse than the input beyond the noise ({where}: best epoch {rejected.epoch}: "
-                    f"{show(self.before)} -> {show(rejected)}, {change(rejected)} > {NOISE_Z:g} standard errors); "
+                    f"{show(self.before)} -> {show(rejected)}, {change(rejected)} > "
+                    f"{self.options.get('noise_z', NOISE_Z):g} standard errors); "
                     "the weights are unchanged")
         return (f"epoch {self.best_epoch} kept ({where}: {show(self.before)} -> {show(self.after)}, "
                 f"{change(self.after)})")
@@ -424,7 +430,7 @@ def finetune(pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any,
                               progress=progress, desc="finetune", indices=fit, on_epoch=on_epoch,
                               schedule=options.schedule)
         model, write_error = pruned, 0.0
-        if held.size and chosen_epoch(checks) == 0:
+        if held.size and chosen_epoch(checks, options.noise_z) == 0:
             best.update(epoch=0)
         if best["epoch"] > 0:
             with torch.no_grad():

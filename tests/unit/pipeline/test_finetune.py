@@ -212,7 +212,7 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": 0.0}, {"ce_weight": -1.0}, {"temperature": 0.0},
-                                    {"validation": 1.0}, {"validation": -0.1}])
+                                    {"validation": 1.0}, {"validation": -0.1}, {"noise_z": -1.0}])
 def test_options_refuse_nonsense(kwargs: dict) -> None:
     with pytest.raises(UserInputError):
         FinetuneOptions(**kwargs)
