@@ -1,8 +1,9 @@
 """Issue-31 benchmark: ``diprune finetune`` beside a plain training loop on the same pruned models and data.
 
 Protocol. Models: the shipped MNIST CNN (``cnn``) and the MNIST families of ``benchmarks/models`` (trained on samples
-0..7999 of ``pipeline/data/mnist10k.npz``), and the real text-direction classifier of PaddleOCR
-(``ch_ppocr_mobile_v2.0_cls_infer.onnx``, ``cls``: ``--ocr`` names the folder of ``benchmarks/ocr_data.py``'s
+0..7999 of ``pipeline/data/mnist10k.npz``), the third-party pretrained MNIST CNN of the ``ccexam`` wheel
+(``ccexam``, exported by :func:`benchmarks.allocation.ccexam_model`), and the real text-direction classifier of
+PaddleOCR (``ch_ppocr_mobile_v2.0_cls_infer.onnx``, ``cls``: ``--ocr`` names the folder of ``benchmarks/ocr_data.py``'s
 rendered ``cls.npz`` and the unpacked models). Data: the first 2,000 training digits (calibration, recovery and
 training), the 2,000 held-out digits for evaluation (one digit = 0.05 points); ``cls``: the rendered lines'
 training and test parts. Pruned models: ``PruneRun.candidate("di", target_macs=t)`` with the library's defaults
@@ -19,9 +20,12 @@ training and test parts. Pruned models: ``PruneRun.candidate("di", target_macs=t
 
 The plain loops run at a constant rate, so their 1-epoch result is the first epoch of the 3-epoch run (the same
 steps). Every cell is merged into ``benchmarks/results/finetune_loops.json`` as soon as it is done (cells already
-there are skipped); ``--report`` writes the markdown. Run from the repository root::
+there are skipped, each with the held-out digits it gets wrong); ``--report`` writes the markdown, where the
+defaults meet the better plain loop per cell: the difference of the means over the seeds and an exact McNemar test
+on the held-out digits, pooled over the seeds. Run from the repository root::
 
     python -m benchmarks.finetune_loops --models cnn lenet --targets 0.25 0.1 --loops diprune adam-ce adam-kd
+    python -m benchmarks.finetune_loops --models ccexam --targets 0.1 --epochs 1
     python -m benchmarks.finetune_loops --models cls --targets 0.5 --ocr work/ocr
     python -m benchmarks.finetune_loops --report
 """
@@ -42,7 +46,7 @@ import numpy as np
 import onnx
 
 from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
-from benchmarks.quality import RESULTS, THREADS, eval_top1, merge
+from benchmarks.quality import RESULTS, THREADS, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from pipeline.bench import machine_info
 from pipeline.data import open_dataset
@@ -53,7 +57,7 @@ from pipeline.training import as_tensors, batches, converted, teacher_logits
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("cnn", "lenet", "vgg", "resnet", "mobilenet", "inception", "cls")
+FAMILIES = ("cnn", "lenet", "vgg", "resnet", "mobilenet", "inception", "ccexam", "cls")
 TARGETS = (0.5, 0.35, 0.25, 0.1)
 EPOCHS = (1, 3)
 N_TRAIN = 2000
@@ -62,10 +66,11 @@ VARIANTS: dict[str, dict[str, Any]] = {  # settings a row changes from the defau
     "lr1e-3": {"lr": 1e-3}, "lr3e-3": {"lr": 3e-3}, "lr1e-2": {"lr": 1e-2}, "cosine": {"schedule": "cosine"},
     "constant": {"schedule": "constant"}, "ce0.5": {"ce_weight": 0.5}, "ce1": {"ce_weight": 1.0},
     "kd-only": {"ce_weight": 0.0}, "b32": {"batch_size": 32}, "b64": {"batch_size": 64},
-    "b128": {"batch_size": 128},
+    "b128": {"batch_size": 128}, "val0": {"validation": 0.0}, "lr3e-4": {"lr": 3e-4},
+    "z0": {"noise_z": 0.0},  # the rule before: any rise of the validation objective returns the input
 }
 PLAIN = ("adam-ce", "adam-kd")
-OURS = "diprune[b32]"  # the library's defaults chosen here (batch 32); rows spell their settings out
+OURS = "diprune"  # the library's defaults (``protocol.defaults`` of the JSON); diprune[...] rows change one setting
 LOOPS = ("diprune", *PLAIN)  # and diprune[VARIANT,...]
 
 
@@ -99,8 +104,14 @@ def batch_free(model: onnx.ModelProto) -> onnx.ModelProto:
 def datasets(name: str, ocr: Path | None) -> tuple[Any, Any, Path, dict[str, Any]]:
     """Training data, test data, the model file and PruneRun options of one family."""
     if name != "cls":
-        return (open_dataset("mnist", split="train", limit=N_TRAIN), open_dataset("mnist", split="test"),
-                MNIST_MODELS[name], {})
+        if name == "ccexam":
+            from benchmarks.allocation import WORK, ccexam_model
+
+            WORK.mkdir(parents=True, exist_ok=True)
+            path = ccexam_model(WORK)
+        else:
+            path = MNIST_MODELS[name]
+        return open_dataset("mnist", split="train", limit=N_TRAIN), open_dataset("mnist", split="test"), path, {}
     if ocr is None:
         raise SystemExit("the cls model needs --ocr (the folder of benchmarks/ocr_data.py's cls.npz and models)")
     model, data = cls_files(ocr)
@@ -109,16 +120,28 @@ def datasets(name: str, ocr: Path | None) -> tuple[Any, Any, Path, dict[str, Any
             {"input_shapes": {"x": (1, 3, 48, 192)}})
 
 
-def torch_top1(graph: Any, torch: Any, test: Any, logits: str) -> float:
-    """Top-1 of a converted model (eval mode) on the test data."""
+def torch_scored(graph: Any, torch: Any, test: Any, logits: str) -> dict[str, Any]:
+    """Top-1 of a converted model (eval mode) on the test data and the test samples it gets wrong."""
     graph.module.eval()
     bound = test.bind(list(graph.inputs))
-    correct = 0
+    right = []
     with torch.no_grad():
         for _, feeds, labels in batches(bound, 256):
             out = graph.forward(as_tensors(torch, feeds), [logits])[logits]
-            correct += int((out.argmax(dim=1).numpy() == labels).sum())
-    return correct / bound.num_samples
+            right.append(out.argmax(dim=1).numpy() == labels)
+    return _scored(np.concatenate(right))
+
+
+def _scored(right: np.ndarray) -> dict[str, Any]:
+    """A cell's top-1 and ``wrong`` (the held-out indices it misclassifies: the McNemar tests of the report)."""
+    return {"top1": float(right.mean()), "wrong": np.flatnonzero(~right).tolist()}
+
+
+def scored(model: onnx.ModelProto, test: Any) -> dict[str, Any]:
+    """:func:`_scored` of an ONNX model (onnxruntime, 1 thread)."""
+    from benchmarks.allocation import correct
+
+    return _scored(correct(model, test))
 
 
 def plain_loop(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Any, test: Any, *, distil: bool,
@@ -149,7 +172,7 @@ def plain_loop(pruned: onnx.ModelProto, original: onnx.ModelProto, data: Any, te
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            results[epoch] = {"top1": torch_top1(graph, torch, test, logits),
+            results[epoch] = {**torch_scored(graph, torch, test, logits),
                               "seconds": round(time.perf_counter() - start, 1)}
     return results
 
@@ -191,14 +214,14 @@ def family(out: Path, name: str, targets: Sequence[float], loops: Sequence[str],
     run = PruneRun(path, train, backend="ort-cpu", intra_op_threads=THREADS, progress=False, **extra)
     original = batch_free(run.prepared.model) if extra else run.prepared.model
     if not _done(out, ["models", name, "original"]):
-        merge(out, ["models", name, "original"], {"top1": eval_top1(original, test),
+        merge(out, ["models", name, "original"], {**scored(original, test),
                                                   "load_at_start": list(os.getloadavg())})
     for target in targets:
         model, ends, seconds = pruned_model(run, target, cache)
         model = batch_free(model) if extra else model
         key = ["models", name, str(target)]
         if not _done(out, [*key, "pruned"]):
-            merge(out, [*key, "pruned"], {"top1": eval_top1(model, test), "ends_pruned": ends, "seconds": seconds,
+            merge(out, [*key, "pruned"], {**scored(model, test), "ends_pruned": ends, "seconds": seconds,
                                           "macs_fraction": run.cost(model).macs / run.prepared.cost.macs
                                           if not extra else None})
         for seed in seeds:
@@ -225,7 +248,7 @@ def _cell(out: Path, key: list[str], loop: str, model: onnx.ModelProto, original
             continue
         options = replace(FinetuneOptions(epochs=epochs, seed=seed, threads=THREADS), **changes)
         tuned, record = finetune(model, original, train, options)
-        cell = {"top1": eval_top1(tuned, test), "seconds": round(record.seconds, 1), "best_epoch": record.best_epoch,
+        cell = {**scored(tuned, test), "seconds": round(record.seconds, 1), "best_epoch": record.best_epoch,
                 "validation": [c.top1 for c in record.checks]}
         merge(out, [*key, row], cell)
         logger.info("%s %s: %s", key, row, cell)
@@ -236,24 +259,47 @@ def _mean(cells: Sequence[Mapping[str, Any]]) -> float | None:
     return None if not values else float(np.mean(values))
 
 
+def against_plain(seeds: Sequence[Mapping[str, Any]], epochs: int) -> tuple[float, int, int, int, float] | None:
+    """``OURS`` against the better plain loop (by mean) after ``epochs``: the difference of the means (points), the
+    seeds both ran, the held-out digits only ours / only the plain loop gets right (pooled over those seeds) and
+    the exact McNemar p of that split."""
+    from benchmarks.latency_budget import mcnemar
+
+    ours = f"{OURS}@{epochs}"
+    plain = [(m, p) for p in PLAIN if (m := _mean([v.get(f"{p}@{epochs}", {}) for v in seeds])) is not None]
+    mine = _mean([v.get(ours, {}) for v in seeds])
+    if mine is None or not plain:
+        return None
+    best = f"{max(plain)[1]}@{epochs}"
+    pairs = [(v[ours], v[best]) for v in seeds if ours in v and best in v and "wrong" in v[ours]]
+    only_ours = sum(len(set(b["wrong"]) - set(a["wrong"])) for a, b in pairs)
+    only_plain = sum(len(set(a["wrong"]) - set(b["wrong"])) for a, b in pairs)
+    test = mcnemar(np.array([True] * only_ours + [False] * only_plain),
+                   np.array([False] * only_ours + [True] * only_plain))
+    return round(100 * (mine - max(plain)[0]), 2), len(pairs), only_ours, only_plain, test["p"]
+
+
 def report_lines(doc: Mapping[str, Any]) -> list[str]:
     """Markdown: per family and target, the pruned model and every loop (mean over seeds), and the verdicts."""
     machine = doc.get("protocol", {}).get("machine", {})
     lines = ["# Fine-tune against plain training loops (held-out top-1 %)", "",
              "Generated by `python -m benchmarks.finetune_loops --report` from `finetune_loops.json`; commands: "
              + ", ".join(f"`{c}`" for c in sorted(doc.get("commands", {}))) + ".", "",
-             f"Machine: {machine.get('cpu', '?')}, {machine.get('cores_available', '?')} cores shared with up to 7 "
-             f"other sessions' benchmarks and tests (load average 10-36), torch "
+             f"Machine: {machine.get('cpu', '?')}, {machine.get('cores_available', '?')} cores shared with other "
+             "sessions' benchmarks and tests (load average at the start of each family: " + ", ".join(
+                 f"{n} {e['original']['load_at_start'][0]:.1f}" for n, e in doc.get("models", {}).items()
+                 if "load_at_start" in e.get("original", {})) + "), torch "
              f"{machine.get('versions', {}).get('torch', '?')}, onnxruntime "
              f"{machine.get('versions', {}).get('onnxruntime', '?')}, 1 thread. Protocol: the docstring of "
              "`benchmarks/finetune_loops.py`. Cells: mean top-1 over the seeds run (their count in brackets when "
-             "more than one); `diprune` trains on 90 % of the training data and keeps its best epoch on the other "
-             "10 %, the plain loops train on all of it and keep their last epoch.", "",
+             "more than one); `diprune` trains on 90 % of the training data and returns its best trained epoch on "
+             "the other 10 % unless that epoch is worse than its input there beyond the noise (the rule of "
+             "`pipeline/finetune.py`), the plain loops train on all of it and keep their last epoch.", "",
              *(f"Note: {n}" for n in doc.get("notes", ())), ""]
-    wins: list[tuple[str, float, int, float]] = []
+    wins: list[tuple[str, float, int, float, int, int, int, float]] = []
     for name, entry in doc.get("models", {}).items():
         lines += [f"## {name} (original {100 * entry['original']['top1']:.2f})", ""]
-        targets = [t for t in entry if t not in ("original",)]
+        targets = sorted((t for t in entry if t != "original"), key=float, reverse=True)
         rows = sorted({row for t in targets for seed, cells in entry[t].items() if seed.startswith("seed")
                        for row in cells}, key=lambda r: (r.split("@")[0] not in PLAIN, r))
         lines += ["| row | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
@@ -269,22 +315,29 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
                                                                                    if len(found) > 1 else ""))
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         for t in targets:
+            seeds = [v for s, v in entry[t].items() if s.startswith("seed")]
             for epochs in EPOCHS:
-                ours = _mean([v.get(f"{OURS}@{epochs}", {}) for s, v in entry[t].items() if s.startswith("seed")])
-                plain = [_mean([v.get(f"{p}@{epochs}", {}) for s, v in entry[t].items() if s.startswith("seed")])
-                         for p in PLAIN]
-                plain = [p for p in plain if p is not None]
-                if ours is not None and plain:
-                    wins.append((name, float(t), epochs, round(100 * (ours - max(plain)), 2)))
+                verdict = against_plain(seeds, epochs)
+                if verdict is not None:
+                    wins.append((name, float(t), epochs, *verdict))
         lines.append("")
     if wins:
         lines += [f"## {OURS} (the defaults) against the better plain loop (points; >= 0: at least as good)", "",
-                  "| family | target | epochs | diprune - best plain |", "|---|---|---|---|"]
-        lines += [f"| {n} | {t} | {e} | {d:+.2f} |" for n, t, e, d in wins]
-        behind = [w for w in wins if w[3] < 0]
-        lines += ["", f"{len(wins) - len(behind)} of {len(wins)} cells at least as good as the better plain loop"
-                  + ("." if not behind else "; behind in: " + ", ".join(f"{n} {t} {e} ep ({d:+.2f})"
-                                                                       for n, t, e, d in behind) + "."), ""]
+                  "Difference of the means over the seeds run (in brackets); the better plain loop is the one with "
+                  "the higher mean. Noise test: exact two-sided McNemar test on the held-out digits, the discordant "
+                  "digits of every seed pooled (the seeds share the digits, so this test calls differences "
+                  "significant more readily than an independent one would); within noise: p >= 0.05.", "",
+                  "| family | target | epochs | diprune - best plain | seeds | only diprune / only plain | p | "
+                  "verdict |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {t} | {e} | {d:+.2f} | {k} | {a} / {b} | {p:.3f} | "
+                  f"{'ahead or level' if d >= 0 else ('behind within noise' if p >= 0.05 else 'behind')} |"
+                  for n, t, e, d, k, a, b, p in wins]
+        level = [w for w in wins if w[3] >= 0]
+        noise = [w for w in wins if w[3] < 0 and w[7] >= 0.05]
+        behind = [w for w in wins if w[3] < 0 and w[7] < 0.05]
+        lines += ["", f"{len(level)} of {len(wins)} cells ahead or level, {len(noise)} behind within the noise, "
+                  f"{len(behind)} behind beyond it" + ("." if not behind else ": " + ", ".join(
+                      f"{n} {t} {e} ep ({d:+.2f}, p {p:.3f})" for n, t, e, d, _, _, _, p in behind) + "."), ""]
     return lines
 
 

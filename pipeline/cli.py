@@ -500,8 +500,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _warn(args, note)
     record = doc["finetune"]
     if not record["kept"]:
-        _warn(args, f"no epoch beat the input on the validation slice; {args.output} has the input's weights "
-                    "(try --epochs or --lr)")
+        _warn(args, f"every epoch was worse than the input on the validation slice beyond its noise; {args.output} "
+                    "has the input's weights (try --epochs or --lr)")
     line = f"{record['verdict']} ({record['epochs_run']} epoch(s), {record['steps']} steps, {record['seconds']:.1f} s)"
     if "evaluation" in doc:
         ev = doc["evaluation"]

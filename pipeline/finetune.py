@@ -25,19 +25,27 @@ batch, schedule, rate and loss mix were compared with a plain Adam + cross-entro
 loop (``benchmarks/finetune_loops.py``, ``benchmarks/results/finetune_loops.md``): on the shipped MNIST CNN and the
 LeNet-style family at 0.25 and 0.1 of the MACs, 1 epoch on 2,000 digits, batch 32 (twice the steps of 64) was the
 best or tied in every cell (+0.15 and +0.05 points at 0.1); a 3x rate never beat the input on the validation slice;
-a constant rate after the warm-up and weight 1 on the labels moved top-1 by at most two test digits. The
-teacher's logits are computed once with onnxruntime; a torch teacher runs only for feature matching.
+a constant rate after the warm-up and weight 1 on the labels moved top-1 by at most two test digits. Rechecked
+after the measured allocation became the default (1 epoch, the CNN and LeNet at 0.5 to 0.1 of the MACs): batch 64,
+weight 1 on the labels and a rate of 3e-4 (seed 0), and training on all the data without validation (3 seeds, also
+on the third-party ``ccexam`` CNN) differed from these defaults by a few test digits either way, never
+consistently, so they stay; the validation rule below changed (``noise_z``). The teacher's logits are computed once with onnxruntime; a torch teacher runs only for feature matching.
 
 Validation and the epoch kept: a seeded share of the data (``validation``, default 10 %, at least one sample) is
-held out of training; the model is measured on it before training (epoch 0: the input) and after every epoch, and
-the best of these is returned: the lowest training objective (the weighted loss above) on the validation slice. An
-epoch must beat the best so far strictly, so the result is never worse than its input there; when no epoch beats
-the input, the input model is returned unchanged (``kept`` false, ``best_epoch`` 0). The objective, not top-1,
-decides: the slice is small and usually part of the data the original was trained on and recovery was fitted to,
-where top-1 saturates (the pruned MNIST CNN at 0.25 of the MACs is right on all 200 validation digits) while the
-loss still measures how far the student is from its teacher. Without a validation slice (``validation=0``) the
-last epoch is returned. The record lists every epoch's validation numbers (top-1 with labels, distillation term,
-objective).
+held out of training; the model is measured on it before training (epoch 0: the input) and after every epoch. The
+trained epoch with the lowest training objective (the weighted loss above) on the slice is the candidate; it is
+returned unless the slice shows it worse than the input by more than the slice's noise: with ``d_i`` the change of
+the objective on validation sample ``i`` from the input to the candidate (paired, :func:`paired_change`), the input
+is returned (``kept`` false, ``best_epoch`` 0) when ``mean(d) > z * std(d) / sqrt(n)``, ``z = noise_z = 2``
+(about 2 % one-sided false alarms when the two are equally good). A training run that diverges is rejected; a
+trained model whose objective moved within the noise is kept. Before this rule an epoch had to beat the input
+strictly, and on the pruned MNIST models of ``benchmarks/finetune_loops.py`` that kept the input in most cells: 200
+validation digits cannot see a gain of a few test digits, and the lstsq refit of the input was fitted to those same
+digits, so their objective favours the input. The objective, not top-1, decides: top-1 saturates on the slice
+(the pruned MNIST CNN at 0.25 of the MACs is right on all 200 digits) while the loss still measures how far the
+student is from its teacher. Without a validation slice (``validation=0``) the last epoch is returned. The record
+lists every epoch's validation numbers (top-1 with labels, distillation term, objective, change from the input and
+its standard error).
 
 Both models run in eval mode throughout: BatchNorm keeps its running statistics (which are initializers the ONNX
 graph reads as they are) and dropout is off, so the trained module is exactly what the ONNX graph computes.
@@ -53,7 +61,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +78,7 @@ from pipeline.training import SCHEDULES, as_tensors, batches, distillation, prep
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "diprune.finetune/1"
+NOISE_Z = 2.0  # an epoch is rejected when its objective rose by more than this many standard errors
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class FinetuneOptions:
         threads: torch and onnxruntime intra-op threads.
         validation: share of the data held out to choose the epoch (module docstring); 0: none (last epoch).
         schedule: after the warm-up, ``cosine`` decay to 0 or a ``constant`` rate.
+        noise_z: the input is returned when the best trained epoch's validation objective rose by more than this
+            many standard errors (module docstring; 0: by anything).
     """
 
     epochs: int = 3
@@ -101,6 +112,7 @@ class FinetuneOptions:
     threads: int = 1
     validation: float = 0.1
     schedule: str = "cosine"
+    noise_z: float = NOISE_Z
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -113,21 +125,31 @@ class FinetuneOptions:
             raise UserInputError("finetune: the learning rate and the temperature must be positive")
         if min(self.kd_weight, self.ce_weight, self.feature_weight) < 0:
             raise UserInputError("finetune: loss weights must be >= 0")
+        if not self.noise_z >= 0:
+            raise UserInputError(f"finetune: noise_z must be >= 0, got {self.noise_z}")
 
 
 @dataclass(frozen=True)
 class EpochCheck:
     """The model on the validation slice after ``epoch`` epochs (0: the input): top-1 on the labels (None
-    without labels), the distillation term at weight 1 and the training objective."""
+    without labels), the distillation term at weight 1, the training objective, and the mean per-sample change of
+    the objective from the input's with its standard error (:func:`paired_change`; 0 for the input)."""
 
     epoch: int
     top1: float | None
     distill_loss: float
     objective: float
+    change: float = 0.0
+    noise: float = 0.0
 
     def better_than(self, other: EpochCheck) -> bool:
         """Strictly better: a lower training objective on the validation slice."""
         return self.objective < other.objective
+
+    def worse_than_input(self, z: float = NOISE_Z) -> bool:
+        """The objective rose from the input's by more than ``z`` standard errors of the paired per-sample
+        change (``change`` > ``z`` x ``noise``; module docstring)."""
+        return self.change > z * self.noise
 
 
 @dataclass(frozen=True)
@@ -209,12 +231,21 @@ class FinetuneRecord:
             top1 = "" if check.top1 is None else f", top-1 {100 * check.top1:.2f} %"
             return f"objective {check.objective:.4f}{top1}"
 
+        def change(check: EpochCheck) -> str:
+            return f"change {check.change:+.4f}, standard error {check.noise:.4f}"
+
         where = f"validation on {self.validation_samples} held-out training samples"
         if not self.validation_samples:
             return f"no validation slice: the last epoch is kept ({show(self.after)} on the training data)"
         if not self.kept:
-            return (f"no epoch beat the input ({where}: {show(self.before)}); the weights are unchanged")
-        return f"epoch {self.best_epoch} kept ({where}: {show(self.before)} -> {show(self.after)})"
+            trained = [c for c in self.checks if c.epoch > 0]
+            rejected = min(trained, key=lambda c: c.objective)
+            return (f"every epoch was worse than the input beyond the noise ({where}: best epoch {rejected.epoch}: "
+                    f"{show(self.before)} -> {show(rejected)}, {change(rejected)} > "
+                    f"{self.options.get('noise_z', NOISE_Z):g} standard errors); "
+                    "the weights are unchanged")
+        return (f"epoch {self.best_epoch} kept ({where}: {show(self.before)} -> {show(self.after)}, "
+                f"{change(self.after)})")
 
 
 @dataclass(frozen=True)
@@ -265,24 +296,52 @@ def _loss_terms(torch: Any, setup: _Setup, options: FinetuneOptions, idx: np.nda
     return terms
 
 
-def _check(torch: Any, setup: _Setup, options: FinetuneOptions, indices: np.ndarray, epoch: int) -> EpochCheck:
-    """The student on the samples ``indices`` (the validation slice): top-1, distillation term, objective."""
-    objective, distill, correct, count = 0.0, 0.0, 0, 0
+def _check(torch: Any, setup: _Setup, options: FinetuneOptions, indices: np.ndarray,
+           epoch: int) -> tuple[EpochCheck, np.ndarray]:
+    """The student on the samples ``indices`` (the validation slice): top-1, distillation term, objective, and
+    the objective per sample (for the paired comparison with the input, :func:`paired_change`)."""
+    functional = torch.nn.functional
+    per_sample, distill, correct = [], 0.0, 0
     with torch.no_grad():
         for idx, feeds, labels in batches(setup.data, options.batch_size, indices=indices):
             tensors = as_tensors(torch, feeds)
             names = list(setup.features) if options.feature_weight > 0 else []
             student = setup.student.forward(tensors, [setup.logits, *names])
             terms = _loss_terms(torch, setup, options, idx, tensors, labels, student)
-            take = len(idx)
-            objective += float(sum(terms.values())) * take
-            distill += float(terms["kd"]) / max(options.kd_weight, 1e-12) * take if options.kd_weight else 0.0
+            logits, temperature = student[setup.logits], options.temperature
+            teacher = functional.log_softmax(torch.from_numpy(setup.targets[idx]) / temperature, dim=1)
+            kd = (teacher.exp() * (teacher - functional.log_softmax(logits / temperature, dim=1))).sum(dim=1)
+            kd = kd * temperature * temperature
+            values = options.kd_weight * kd + float(terms.get("feature", 0.0))
+            if "ce" in terms:
+                values = values + options.ce_weight * functional.cross_entropy(
+                    logits, torch.from_numpy(labels), reduction="none")
+            per_sample.append(values.numpy().astype(np.float64))
+            distill += float(kd.sum())
             if labels is not None:
-                correct += int((student[setup.logits].argmax(dim=1).numpy() == labels).sum())
-            count += take
-    count = max(count, 1)
+                correct += int((logits.argmax(dim=1).numpy() == labels).sum())
+    objective = np.concatenate(per_sample) if per_sample else np.zeros(1)
+    count = max(len(objective), 1)
     top1 = None if setup.data.labels is None else correct / count
-    return EpochCheck(epoch, top1, distill / count, objective / count)
+    return EpochCheck(epoch, top1, distill / count, float(objective.mean())), objective
+
+
+def paired_change(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
+    """The mean per-sample change of the objective from ``before`` to ``after`` (the same samples) and its
+    standard error (0 for a single sample)."""
+    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    noise = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+    return float(diff.mean()), noise
+
+
+def chosen_epoch(checks: Sequence[EpochCheck], z: float = NOISE_Z) -> int:
+    """The epoch to return (module docstring): the trained epoch with the lowest validation objective (the first
+    of equals), or 0 (the input) when that epoch is worse than the input by more than ``z`` standard errors."""
+    trained = [c for c in checks if c.epoch > 0]
+    if not trained:
+        return 0
+    best = min(trained, key=lambda c: c.objective)
+    return 0 if best.worse_than_input(z) else best.epoch
 
 
 def validation_split(samples: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -354,13 +413,17 @@ def finetune(pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any,
         setup, check, round_trip = _setup(torch, pruned, reference, data, options, features)
         fit, held = validation_split(setup.data.num_samples, options.validation, options.seed)
         watch = held if held.size else fit
-        checks = [_check(torch, setup, options, watch, 0)]
+        first, before = _check(torch, setup, options, watch, 0)
+        checks = [first]
         best: dict[str, Any] = {"epoch": 0, "values": None}
         params = setup.student.parameters()
 
         def on_epoch(epoch: int) -> None:
-            checks.append(_check(torch, setup, options, watch, epoch))
-            if not held.size or checks[-1].better_than(next(c for c in checks if c.epoch == best["epoch"])):
+            check, values = _check(torch, setup, options, watch, epoch)
+            change, noise = paired_change(values, before)
+            checks.append(replace(check, change=change, noise=noise))
+            trained = [c for c in checks if c.epoch > 0]
+            if not held.size or min(trained, key=lambda c: c.objective) is checks[-1]:
                 best.update(epoch=epoch, values=[p.detach().clone() for p in params])
 
         losses, steps = train(torch, params, setup.data,
@@ -370,6 +433,8 @@ def finetune(pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any,
                               progress=progress, desc="finetune", indices=fit, on_epoch=on_epoch,
                               schedule=options.schedule)
         model, write_error = pruned, 0.0
+        if held.size and chosen_epoch(checks, options.noise_z) == 0:
+            best.update(epoch=0)
         if best["epoch"] > 0:
             with torch.no_grad():
                 for param, value in zip(params, best["values"], strict=True):

@@ -30,6 +30,12 @@ def test_finetune_rows_name_known_settings_and_the_verdict_compares_with_the_bet
     with pytest.raises(argparse.ArgumentTypeError):
         loop_name("diprune[b7]")
     cells = {"original": {"top1": 0.99}, "0.1": {"pruned": {"top1": 0.97}, "seed0": {
-        f"{OURS}@1": {"top1": 0.975}, "adam-ce@1": {"top1": 0.96}, "adam-kd@1": {"top1": 0.9765}}}}
-    text = "\n".join(report_lines({"models": {"cnn": cells}}))
-    assert "| cnn | 0.1 | 1 | -0.15 |" in text and "0 of 1 cells at least as good" in text
+        f"{OURS}@1": {"top1": 0.975, "wrong": list(range(50))}, "adam-ce@1": {"top1": 0.96},
+        "adam-kd@1": {"top1": 0.9765, "wrong": list(range(3, 50))}}}}  # 3 digits only adam-kd gets right
+    far = {"original": {"top1": 0.99}, "0.1": {"pruned": {"top1": 0.97}, "seed0": {
+        f"{OURS}@1": {"top1": 0.97, "wrong": list(range(60))}, "adam-kd@1": {"top1": 0.98, "wrong": list(range(40))}},
+        "seed1": {f"{OURS}@1": {"top1": 0.99}, "adam-kd@1": {"top1": 0.98}}}}  # seed1 has no digits: mean only
+    text = "\n".join(report_lines({"models": {"cnn": cells, "lenet": far}}))
+    assert "| cnn | 0.1 | 1 | -0.15 | 1 | 0 / 3 | 0.250 | behind within noise |" in text
+    assert "| lenet | 0.1 | 1 | +0.00 | 1 | 0 / 20 | 0.000 | ahead or level |" in text
+    assert "1 of 2 cells ahead or level, 1 behind within the noise, 0 behind beyond it." in text

@@ -81,9 +81,9 @@ def test_a_finetune_whose_epochs_do_not_beat_the_input_on_validation_returns_the
     model, record = finetune(candidate.model, run.prepared.model, open_dataset("mnist", split="train", limit=128),
                              options)
     assert not record.kept and record.best_epoch == 0 and [c.epoch for c in record.checks] == [0, 1, 2]
-    assert all(not c.better_than(record.checks[0]) for c in record.checks[1:])
+    assert all(c.worse_than_input() and c.change > 2 * c.noise > 0 for c in record.checks[1:])
     assert model.SerializeToString() == candidate.model.SerializeToString()
-    assert "no epoch beat the input" in record.summary()
+    assert "every epoch was worse than the input beyond the noise" in record.summary()
 
 
 @needs_torch
@@ -100,16 +100,42 @@ def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None
     fit, held = validation_split(320, 0.25, options.seed)
     assert record.validation_samples == held.size == 80 and not set(fit) & set(held) and fit.size == 240
     assert record.steps == 3 * 8  # the 240 training samples in batches of 32, three times
-    best = record.checks[0]
-    for check in record.checks[1:]:
+    best = record.checks[1]
+    for check in record.checks[2:]:
         best = check if check.better_than(best) else best
-    assert record.best_epoch == best.epoch > 0
+    assert record.best_epoch == best.epoch > 0 and not best.worse_than_input()
     session = open_session(model.SerializeToString(), "ort-cpu", 1)
     feeds, labels = {model.graph.input[0].name: next(iter(data.loader(held).values()))}, data.labels[held]
     logits = session.run(None, feeds)[0]
     assert float((logits.argmax(axis=1) == labels).mean()) == pytest.approx(best.top1)
     doc = record.to_dict()
     assert doc["best_epoch"] == best.epoch and doc["epochs_run"] == 3 and len(doc["validation"]) == 4
+
+
+def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
+    from pipeline.finetune import paired_change
+
+    before = np.array([1.0, 2.0, 3.0, 4.0])
+    change, noise = paired_change(before + np.array([0.1, 0.3, 0.1, 0.3]), before)
+    assert change == pytest.approx(0.2) and noise == pytest.approx(np.std([0.1, 0.3, 0.1, 0.3], ddof=1) / 2)
+    assert paired_change(before + 0.5, before) == pytest.approx((0.5, 0.0))  # the same shift everywhere: no noise
+    assert paired_change(np.array([2.0]), np.array([1.0])) == (1.0, 0.0)
+
+
+def test_the_best_trained_epoch_is_kept_unless_worse_than_the_input_beyond_the_noise() -> None:
+    from pipeline.finetune import EpochCheck, chosen_epoch
+
+    def check(epoch: int, objective: float, change: float = 0.0, noise: float = 0.0) -> EpochCheck:
+        return EpochCheck(epoch, None, objective, objective, change, noise)
+
+    start = check(0, 0.10)
+    within = [start, check(1, 0.13, 0.03, 0.02), check(2, 0.12, 0.02, 0.02)]  # worse, but by less than 2 SE
+    assert chosen_epoch(within) == 2  # the lowest objective among the trained epochs
+    assert chosen_epoch([start, check(1, 0.09, -0.01, 0.01), check(2, 0.095, -0.005, 0.01)]) == 1
+    beyond = [start, check(1, 0.20, 0.10, 0.02), check(2, 0.19, 0.09, 0.04)]  # epoch 2 best: 0.09 > 2 x 0.04
+    assert chosen_epoch(beyond) == 0 and chosen_epoch(beyond, z=3.0) == 2
+    assert chosen_epoch([start]) == 0
+    assert check(1, 0.2, 0.05, 0.0).worse_than_input() and not check(1, 0.2, 0.0, 0.0).worse_than_input()
 
 
 def test_validation_split_is_seeded_disjoint_and_never_empty() -> None:
@@ -186,7 +212,7 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": 0.0}, {"ce_weight": -1.0}, {"temperature": 0.0},
-                                    {"validation": 1.0}, {"validation": -0.1}])
+                                    {"validation": 1.0}, {"validation": -0.1}, {"noise_z": -1.0}])
 def test_options_refuse_nonsense(kwargs: dict) -> None:
     with pytest.raises(UserInputError):
         FinetuneOptions(**kwargs)
