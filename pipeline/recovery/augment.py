@@ -7,9 +7,11 @@ unknown (small maps deep in a network, one row per image behind a global pool: S
 copies of the calibration samples add rows near the data's distribution at the cost of a longer sweep (time is
 linear in the samples). The copies:
 
-* ``shift``: the image moved by up to 1/8 of each spatial size, not by zero (edges replicated), 4-D ``(N, C, H, W)`` inputs;
-* ``flip``: mirrored along one spatial axis (W or H, alternating), 4-D inputs;
-* ``mix``: ``λ x_i + (1 - λ) x_j`` with another calibration sample ``j ≠ i`` and ``λ ~ U(0.3, 0.7)`` (any float input);
+* ``shift``: the image moved by up to 1/8 of each spatial size, not by zero (edges replicated), 4-D
+  ``(N, C, H, W)`` inputs;
+* ``flip``: mirrored along one spatial axis (W or H, at random), 4-D inputs;
+* ``mix``: ``λ x_i + (1 - λ) x_j`` with another calibration sample ``j ≠ i`` and ``λ ~ U(0.3, 0.7)`` (any float
+  input);
 * ``noise``: ``x + ε``, ``ε ~ N(0, (0.1 σ_c)²)`` with ``σ_c`` the sample's own per-channel standard deviation.
 
 Sample ``i`` of copy ``k`` (``k = 1..copies``) uses kind ``kinds[(k - 1) % len(kinds)]`` and a generator seeded by
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -111,11 +114,16 @@ def augmented(dataset: Any, copies: int, kinds: Sequence[str] = DEFAULT_KINDS, s
             for key, arr in out.items():
                 if not np.issubdtype(arr.dtype, np.floating):
                     continue  # ids, masks: kept as they are
-                arr[row] = kind(arr[row], rng, lambda key=key, partner=partner: base(np.array([partner]))[key][0]).astype(arr.dtype)
+                other = partial(_sample, base, partner, key)
+                arr[row] = kind(arr[row], rng, other).astype(arr.dtype)
         return out
 
     return replace(dataset, name=f"{dataset.name}+{copies}x{'/'.join(kinds)}", num_samples=len(sources),
                    labels=None, loader=loader, spec=None, targets=None)
+
+
+def _sample(loader: Callable[[np.ndarray], dict[str, np.ndarray]], index: int, key: str) -> np.ndarray:
+    return loader(np.array([index]))[key][0]
 
 
 def _layout(n: int, copies: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
