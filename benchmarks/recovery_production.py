@@ -271,7 +271,10 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              "`benchmarks/recovery_production.py`. `code`: which version of the library ran the row "
              "(`base`: main at a18b2bc, before this work, run as `git archive a18b2bc | tar -x -C BASE`, this script "
              "copied to `BASE/benchmarks/`, the command run in `BASE` with `--out` pointing here; `new`: this "
-             "branch). `--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
+             "branch; `i31cls`: the issue-31 classifier branch at 4adb7a1, where 400 calibration lines fell back to the rule "
+             "allocation (the measurement's cost cap); `i31cls-stretch`: at 15b1526, measured within two passes). "
+             "`group:G` rows: only group G pruned, at its width in the plan above, recovered with `lstsq`. "
+             "`--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
              "(cls), `--only det --train 400 --test 200` (det: 50 / 25 pages).", "",
              "Cells: classifiers `top-1 (agreement with the original)` in %; det `IoU` of the probability maps "
              f"binarised at {THRESHOLD} with the original's / pixel `F1` against the text boxes, in %.", ""]
