@@ -292,7 +292,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
                     for row, cell in rows.items():
                         lines.append(f"| {target} | {method} | {code} | {row} | {_score(name, cell)} | "
                                      f"{cell['macs_fraction']:.3f} | {cell['seconds']:.0f} | "
-                                     f"{_paired(cell, rows.get('lstsq'))} |")
+                                     f"{_paired(cell, None if ' group:' in row else rows.get('lstsq'))} |")
                         if cell.get("by_kind"):
                             kinds_rows.append((target, method, code, row, cell["by_kind"]))
         if kinds_rows:
