@@ -20,11 +20,16 @@ error before and after its refit (:class:`pipeline.recovery.refit.LayerRefit`) i
 kind (``depthwise``, ``pointwise`` (1x1), ``spatial`` (k x k dense), ``conv-transpose``, ``pooled`` (layers behind a
 global pool: one row per image, the SE gates and classifiers), ``dense`` (Gemm / MatMul)). ``--code LABEL``
 records which code ran (e.g. the base commit, run with ``PYTHONPATH`` pointing at an export of it), so rows of two
-versions of the library sit side by side. Cells are merged into ``benchmarks/results/recovery_production.json`` as
+versions of the library sit side by side. ``--groups`` adds, per cut group, a row that prunes that group alone at
+its planned width (every other group whole) with the first ``--recovery`` row: where the points go. Classifier cells
+keep their per-sample correctness; the report gives each top-1's binomial standard error and an exact McNemar test
+against the ``lstsq`` row of the same plan. Cells are merged into ``benchmarks/results/recovery_production.json`` as
 they finish; ``--report`` writes the markdown. Run from the repository root::
 
     python -m benchmarks.recovery_production --models cls --targets 0.5 --methods di --ocr work/ocr
     python -m benchmarks.recovery_production --models det --targets 0.75 --methods l2 random apoz --ocr work/ocr
+    python -m benchmarks.recovery_production --models cls --targets 0.5 --recovery lstsq "lstsq[augment=4]" --groups \
+        --ocr work/ocr
     python -m benchmarks.recovery_production --report
 """
 
@@ -46,6 +51,7 @@ from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import RESULTS, THREADS, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from graph_ops.proto import attrs, node_index
+from graph_ops.prune import apply_plan
 from pipeline.bench import machine_info
 from pipeline.data import from_iterable, open_dataset
 from pipeline.orchestrate import PruneRun, keep_lists
@@ -121,7 +127,12 @@ def metrics(name: str, model: onnx.ModelProto, reference: np.ndarray, test: Any)
                 "pixel_f1": 2 * tp / max(float(got.sum() + truth.sum()), 1.0)}
     x = next(iter(test.loader(np.arange(test.num_samples)).values()))
     pred = _outputs(model, x).argmax(axis=1)
-    return {"top1": float((pred == test.labels).mean()), "agreement": float((pred == reference.argmax(axis=1)).mean())}
+    return {"top1": float((pred == test.labels).mean()), "agreement": float((pred == reference.argmax(axis=1)).mean()),
+            "n": int(pred.size), "correct": _pack(pred == test.labels)}
+
+
+def _pack(right: np.ndarray) -> str:
+    return np.packbits(right.astype(np.uint8)).tobytes().hex()
 
 
 def layer_kind(model: onnx.ModelProto, layer: Mapping[str, Any], pooled: set[str]) -> str:
@@ -176,7 +187,7 @@ def _row_options(row: str) -> tuple[str, dict[str, Any]]:
 
 
 def run_model(out: Path, name: str, targets: Sequence[float], methods: Sequence[str], rows: Sequence[str],
-              code: str, ocr: Path | None) -> None:
+              code: str, ocr: Path | None, groups: bool = False) -> None:
     """Every requested cell of one model."""
     path, train, test, extra = setup(name, ocr)
     run = PruneRun(path, train, backend="ort-cpu", intra_op_threads=THREADS, progress=False,
@@ -190,18 +201,25 @@ def run_model(out: Path, name: str, targets: Sequence[float], methods: Sequence[
     for target in targets:
         for method in methods:
             candidate = run.candidate(method, target_macs=target, recover="none")
-            fraction = run.cost(candidate.model).macs / run.prepared.cost.macs
             widths = {g: len(k) for g, k in keep_lists(candidate.plan).items()}
-            for row in rows:
+            keep = keep_lists(candidate.plan)
+            sizes = {g.id: g.size for g in run.prepared.index.groups}
+            jobs = [(row, keep, candidate.model) for row in rows]
+            if groups:  # where the points go: each cut group alone at its planned width, the first row's recovery
+                jobs += [(f"{rows[0]} group:{g}", alone, apply_plan(original, run.prepared.index, alone))
+                         for g in keep if len(keep[g]) < sizes[g]
+                         for alone in [{h: keep[h] if h == g else tuple(range(sizes[h])) for h in keep}]]
+            for row, keep, pruned in jobs:
                 key = ["models", name, str(target), method, code, row]
-                recovery, options = _row_options(row)
+                recovery, options = _row_options(row.split(" ")[0])
                 start = time.perf_counter()
-                model, report = recover(original, candidate.model, run.prepared.index, keep_lists(candidate.plan),
+                model, report = recover(original, pruned, run.prepared.index, keep,
                                         train, method=recovery, batch_size=1 if name == "det" else 64,
                                         intra_op_threads=THREADS, **options)
                 seconds = time.perf_counter() - start
                 layers = [{**_layer(c), "kind": layer_kind(original, _layer(c), pooled)}
                           for c in report.consumers if hasattr(c, "rows")]
+                fraction = run.cost(model).macs / run.prepared.cost.macs
                 cell = {**metrics(name, model, reference, test), "macs_fraction": fraction,
                         "seconds": round(seconds, 1), "layers": layers, "by_kind": summarise(layers),
                         "skipped": [list(s) for s in report.skipped], "kept_widths": widths,
@@ -209,7 +227,7 @@ def run_model(out: Path, name: str, targets: Sequence[float], methods: Sequence[
                         "labels": dict(candidate.plan.meta.get("labels", {}))}
                 merge(out, key, cell)
                 logger.info("%s: %s", "/".join(key), {k: v for k, v in cell.items() if k not in ("layers",
-                                                                                            "kept_widths")})
+                                                                                            "kept_widths", "correct")})
 
 
 def _layer(refit: Any) -> dict[str, Any]:
@@ -222,6 +240,25 @@ def _score(name: str, cell: Mapping[str, Any]) -> str:
     if name == "det":
         return f"IoU {100 * cell['map_iou']:.1f} / F1 {100 * cell['pixel_f1']:.1f}"
     return f"{100 * cell['top1']:.2f} ({100 * cell['agreement']:.1f})"
+
+
+def _paired(cell: Mapping[str, Any], base: Mapping[str, Any] | None) -> str:
+    """``SE | a / b, p``: the binomial standard error of the top-1 and the exact McNemar test against the ``lstsq``
+    row of the same plan (empty where the cell has no per-sample record)."""
+    if "correct" not in cell:
+        return " | "
+    from benchmarks.latency_budget import mcnemar
+
+    n, top1 = cell["n"], cell["top1"]
+    se = f"{100 * np.sqrt(top1 * (1 - top1) / n):.2f}"
+    if base is None or base is cell or "correct" not in base:
+        return f"{se} | "
+    test = mcnemar(_unpack(cell["correct"], n), _unpack(base["correct"], n))
+    return f"{se} | {test['a_only']} / {test['b_only']}, {test['p']:.3f}"
+
+
+def _unpack(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def report_lines(doc: Mapping[str, Any]) -> list[str]:
@@ -238,14 +275,18 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              "copied to `BASE/benchmarks/`, the command run in `BASE` with `--out` pointing here; `new`: this "
              "branch; `391f118`: main at 391f118 with the library's defaults as `diprune prune` runs them: the allocation "
              "it chose is in the row, DI's labels are the model's own per-pixel decisions since the det data has no "
-             "class labels). `--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
+             "class labels); `i31cls`: the issue-31 classifier branch at 4adb7a1, where 400 calibration lines fell back "
+             "to the rule allocation (the measurement's cost cap); `i31cls-stretch`: at 15b1526, measured within two "
+             "passes). `group:G` rows: only group G pruned, at its width in the plan above, recovered with `lstsq`. "
+             "`--ocr` folders: `python -m benchmarks.ocr_data --out DIR --only cls --train 400 --test 1000` "
              "(cls), `--only det --train 400 --test 200` (det: 50 / 25 pages).", "",
              "Cells: classifiers `top-1 (agreement with the original)` in %; det `IoU` of the probability maps "
              f"binarised at {THRESHOLD} with the original's / pixel `F1` against the text boxes, in %.", ""]
     for name, entry in doc.get("models", {}).items():
         orig = entry["original"]
         lines += [f"## {name} (original: {_score(name, {**orig, 'agreement': 1.0, 'map_iou': 1.0})})", "",
-                  "| target | criterion | code | row | result | MACs | seconds |", "|---|---|---|---|---|---|---|"]
+                  "| target | criterion | code | row | result | MACs | seconds | SE | only row / only lstsq, p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         kinds_rows = []
         for target, methods in entry.items():
             if target == "original":
@@ -255,7 +296,8 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
                     for row, cell in rows.items():
                         mode = f" ({cell['allocation']['mode']} allocation)" if cell.get("allocation") else ""
                         lines.append(f"| {target} | {method} | {code} | {row}{mode} | {_score(name, cell)} | "
-                                     f"{cell['macs_fraction']:.3f} | {cell['seconds']:.0f} |")
+                                     f"{cell['macs_fraction']:.3f} | {cell['seconds']:.0f} | "
+                                     f"{_paired(cell, None if ' group:' in row else rows.get('lstsq'))} |")
                         if cell.get("by_kind"):
                             kinds_rows.append((target, method, code, row, cell["by_kind"]))
         if kinds_rows:
@@ -279,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recovery", nargs="+", default=["none", "lstsq"])
     parser.add_argument("--code", default="new", help="label of the library version that runs (module docstring)")
     parser.add_argument("--ocr", type=Path, default=None)
+    parser.add_argument("--groups", action="store_true",
+                        help="also prune each cut group alone (its planned width) with the first --recovery row")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -290,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge(args.out, ["commands", command], time.strftime("%Y-%m-%d"))
     merge(args.out, ["protocol"], {"threads": THREADS, "threshold": THRESHOLD, "machine": machine_info()})
     for name in args.models:
-        run_model(args.out, name, args.targets, args.methods, args.recovery, args.code, args.ocr)
+        run_model(args.out, name, args.targets, args.methods, args.recovery, args.code, args.ocr, args.groups)
     return 0
 
 

@@ -220,7 +220,8 @@ def _pool_one(b: _Builder, x: str, shape: tuple[int | None, ...], elem_type: int
 
 def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int | Mapping[str, int] = 1,
                       summaries: bool = False, last_axis: Iterable[str] = (),
-                      keep_outputs: Iterable[str] = ()) -> tuple[onnx.ModelProto, tuple[PooledProbe, ...]]:
+                      keep_outputs: Iterable[str] = (), sizes: Mapping[str, tuple[int, ...]] | None = None,
+                      ) -> tuple[onnx.ModelProto, tuple[PooledProbe, ...]]:
     """A copy of ``model`` whose outputs are pooled summaries of the named tensors (and nothing else).
 
     For a probe ``x`` of shape ``(N, C, *spatial)`` the appended nodes compute the sums over the spatial positions
@@ -250,6 +251,8 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
             brings them to ``(N, C, ...)`` first, so they are pooled over every other axis (``bins`` is 1).
         keep_outputs: original outputs to keep (first, in the model's order), e.g. the class scores whose argmax
             labels the samples (``--labels model``).
+        sizes: the probes' static shapes where the model's declared ones keep dynamic dims (a prepared model's
+            ``index.shapes``: the sizes the data is fed at); they win over the declared shapes.
 
     Returns:
         The new model (its outputs: the kept original outputs, then the pooled summaries) and, per probe in the
@@ -265,6 +268,7 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
     shapes = declared_shapes(model)
     if any(name not in shapes for name in wanted):
         shapes = static_shapes(model)
+    shapes = {**shapes, **(sizes or {})}
     builder = _Builder(model)
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info,
                                                              *model.graph.output]}

@@ -319,7 +319,8 @@ def _pooled_job(prepared: PreparedModel, dataset: Any, names: Sequence[str], poo
                 if pooling == "auto" else POOLINGS[pooling])
         pooled_model, pooled = add_pooled_probes(prepared.model, names, bins=bins, summaries=summaries,
                                                  last_axis=prepared.index.last_axis,
-                                                 keep_outputs=[label_output] if label_output else [])
+                                                 keep_outputs=[label_output] if label_output else [],
+                                                 sizes=prepared.index.shapes)
     except PreconditionError as err:
         raise CalibrationError(str(err)) from err
     num_classes = targets.num_classes if targets is not None else _num_classes(prepared.model, dataset, False)

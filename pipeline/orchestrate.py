@@ -48,7 +48,7 @@ from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
 from pipeline.report import Report
 from pipeline.scorers import SCORERS
 from pipeline.scorers.base import ChannelScores, ScoringContext
-from pipeline.sensitivity import MIN_SAMPLES, Sensitivity, fit_budget, measure
+from pipeline.sensitivity import MIN_SAMPLES, STRETCH, Sensitivity, fit_budget, measure
 from pipeline.shards import SHARD_BATCHES
 from pipeline.stats import CalibrationStats
 from pipeline.targets import LabelOptions
@@ -364,7 +364,7 @@ class PruneRun:
             why = ("a latency budget (its planner does not measure)" if latency is not None else
                    "no calibration data" if self.data is None else
                    f"over its cost cap: two widths for each movable group at {MIN_SAMPLES} samples need more than "
-                   f"one pass over the {self.data.num_samples} calibration samples (give more data, or "
+                   f"{STRETCH} passes over the {self.data.num_samples} calibration samples (give more data, or "
                    "--allocation rule to silence this)")
             if self.data is not None and latency is None:
                 logger.warning("measured allocation skipped: %s; the rule allocation is used", why)

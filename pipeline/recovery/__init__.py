@@ -30,6 +30,7 @@ import onnx
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import verify_model
 from pipeline.errors import UserInputError
+from pipeline.recovery.augment import DEFAULT_KINDS, augmented
 from pipeline.recovery.levels import LevelPlan
 from pipeline.recovery.maps import (
     ConsumerRecovery,
@@ -90,6 +91,8 @@ class RecoveryOptions:
     shard_batches: int = SHARD_BATCHES
     cluster: Any | None = None
     samples: int | None = None  # calibration samples (set by :func:`recover`; R3 raises its positions for few)
+    augment: int = 0  # perturbed copies of every calibration sample (:mod:`pipeline.recovery.augment`)
+    augment_kinds: tuple[str, ...] = DEFAULT_KINDS
 
     def session(self) -> dict[str, Any]:
         """Options of :class:`pipeline.recovery.sweep.Sweep`."""
@@ -133,7 +136,8 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
             layers with more unknowns per output, whose Gram matrix would not fit in memory comfortably, get R2
             instead), ``seed``, ``backend``,
             ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`), ``progress`` (a tqdm bar over the
-            levels on stderr).
+            levels on stderr), ``augment`` (perturbed copies of every sample as extra rows, kinds
+            ``augment_kinds``: :mod:`pipeline.recovery.augment`).
 
     Returns:
         The recovered model (verified with the full ONNX checker) and a :class:`RecoveryReport`.
@@ -158,8 +162,9 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         return out, RecoveryReport(method, 0, (), (), notes)
     if dataset is None:
         raise UserInputError(f"recovery '{method}' needs calibration data (the training split); give a dataset")
-    opts = replace(opts, batch_size=fixed_batch(model_input_specs(original), opts.batch_size),
-                   samples=getattr(dataset, "num_samples", None))
+    opts = replace(opts, batch_size=fixed_batch(model_input_specs(original), opts.batch_size))
+    dataset = augmented(dataset, opts.augment, opts.augment_kinds, opts.seed, opts.batch_size)
+    opts = replace(opts, samples=getattr(dataset, "num_samples", None))
     plan = run(original, out, index, keep, opts)
     shards = shard_layout(getattr(dataset, "num_samples", 0), opts.batch_size, opts.shard_batches)
     session = {**opts.session(), "sizes": dict(index.shapes)}  # sizes: for memory slicing of dynamic input sizes

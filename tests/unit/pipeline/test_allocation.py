@@ -19,7 +19,7 @@ from pipeline.orchestrate import PruneRun
 from pipeline.plan import FLOOR_SHARE, anchor_widths, block_order, measured_curve, select_channels
 from pipeline.progressive import compose, progressive, round_targets
 from pipeline.runtime import make_session
-from pipeline.sensitivity import Sensitivity, _kl, _probabilities
+from pipeline.sensitivity import MIN_SAMPLES, STRETCH, Sensitivity, _kl, _probabilities
 from tests.unit.pipeline.test_plan import SIZES, _index, _scores
 
 
@@ -135,6 +135,17 @@ def test_the_measurement_stays_within_one_pass_over_the_calibration_data(limit: 
     sens = run.sensitivity(scores)
     assert record["mode"] == "measured" and sens.passes * sens.samples <= limit
     assert all(len(w) <= 2 for w in sens.widths.values()) and sens.samples >= 16
+
+
+def test_small_data_stretches_the_measurement_to_two_passes_before_falling_back_to_the_rule() -> None:
+    """6 groups x 2 widths + 1 passes at 16 samples = 208 sample-inferences: 120 samples cannot afford them in one
+    pass, but can in two (STRETCH): measured, on as many samples as two passes allow."""
+    run = PruneRun(demo_model_path(), open_dataset("mnist", split="train", limit=120), progress=False,
+                   backend="ort-cpu", intra_op_threads=1)
+    scores = run.scores("l2")
+    assert run.plan(scores, target_macs=0.5).meta["allocation"]["mode"] == "measured"
+    sens = run.sensitivity(scores)
+    assert 120 < sens.passes * sens.samples <= STRETCH * 120 and sens.samples >= MIN_SAMPLES
 
 
 def test_round_targets_and_compose() -> None:
