@@ -2,7 +2,7 @@
 
 For calibration subsets ``s`` of ``benchmarks.dense_selection`` (256 canvases each), l2 and DI with the data's labels
 are planned to 0.35 of the MACs twice, with ``allocation="measured"`` (the default: groups ranked by the damage of
-masking them, KL per time step for a sequence output, :mod:`pipeline.sensitivity`) and ``allocation="rule"``, then
+masking them, KL per time step for a sequence output, :mod:`pipeline.selection.sensitivity`) and ``allocation="rule"``, then
 recovered with lstsq; the held-out exact-sequence accuracy of each. Needs the trained task of
 ``python -m benchmarks.dense_tasks`` (``work/dense``). Writes ``benchmarks/results/allocation_dense.{json,md}``.
 
@@ -24,7 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def cells(subsets: list[int], target: float) -> list[dict[str, Any]]:
     from benchmarks.dense_selection import THREADS, Evaluator, benches, di_run
     from graph_ops.cost import count
-    from pipeline.orchestrate import PruneRun
+    from pipeline.prune.orchestrate import PruneRun
 
     bench = benches()["seq"]
     prepared = bench.prepared()
@@ -68,7 +68,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subsets", type=int, nargs="+", default=[0, 1, 2])

@@ -121,11 +121,11 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_onnxruntime_sessions_live_in_the_runtime_module() -> None:
-    """One onnxruntime home: only pipeline/runtime.py creates sessions (engines.py keeps TensorRT); the board-side
+    """One onnxruntime home: only pipeline/model/runtime.py creates sessions (engines.py keeps TensorRT); the board-side
     profiler that ``diprune latency variants`` copies next to the variants must run without diprune, so it makes its
     own (and imports nothing of the package)."""
     creators = [p for p in GRAPH_OPS + PIPELINE if "InferenceSession(" in p.read_text()]
-    assert [p.relative_to(ROOT).as_posix() for p in creators] == ["pipeline/ort_profile_script.py",
-                                                                   "pipeline/runtime.py"]
-    board = (ROOT / "pipeline" / "ort_profile_script.py").read_text()
+    assert [p.relative_to(ROOT).as_posix() for p in creators] == ["pipeline/deployment/ort_profile_script.py",
+                                                                   "pipeline/model/runtime.py"]
+    board = (ROOT / "pipeline" / "deployment" / "ort_profile_script.py").read_text()
     assert "from pipeline" not in board and "import pipeline" not in board and "graph_ops" not in board

@@ -15,13 +15,13 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline.cli import main
-from pipeline.config import config_from_dict
-from pipeline.data import from_iterable, open_dataset
-from pipeline.demo import demo_model_path
+from pipeline.data.datasets import from_iterable, open_dataset
 from pipeline.errors import UserInputError
-from pipeline.finetune import FinetuneOptions, finetune, probe_channels
-from pipeline.orchestrate import PruneRun
-from pipeline.training import learning_rate_factor
+from pipeline.job.config import config_from_dict
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.training.finetune import FinetuneOptions, finetune, probe_channels
+from pipeline.training.loop import learning_rate_factor
 from tests.graphs import INPUT_SHAPE, MOTIFS
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None,
@@ -90,8 +90,8 @@ def test_a_finetune_whose_epochs_do_not_beat_the_input_on_validation_returns_the
 def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None:
     """Every epoch is measured on the held-out slice; the one returned has the lowest objective there, and
     onnxruntime on the returned model reproduces that epoch's validation top-1."""
-    from pipeline.finetune import validation_split
-    from pipeline.runtime import open_session
+    from pipeline.model.runtime import open_session
+    from pipeline.training.finetune import validation_split
 
     run, candidate = pruned_demo
     data = open_dataset("mnist", split="train", limit=320)
@@ -113,7 +113,7 @@ def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None
 
 
 def test_validation_split_is_seeded_disjoint_and_never_empty() -> None:
-    from pipeline.finetune import validation_split
+    from pipeline.training.finetune import validation_split
 
     fit, held = validation_split(1000, 0.1, 3)
     assert held.size == 100 and fit.size == 900 and np.union1d(fit, held).size == 1000

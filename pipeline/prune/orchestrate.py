@@ -1,0 +1,825 @@
+"""The stage chain: prepare -> calibrate -> score -> plan -> apply -> recover -> evaluate -> report, each run once.
+
+:class:`PruneRun` holds one prepared model (:mod:`pipeline.model.prepare`: loaded, canonicalized and analysed once) and its
+calibration data, and runs every stage on demand, once per need: statistics are computed once per pooling and shared
+by every statistics-based method, scores once per method and seed, and every stage takes the one analysis instead of
+analysing again. :meth:`PruneRun.candidate` chains plan -> apply -> recover for one method and budget. ``prune``
+(the one-shot job of the CLI), the demo and the benchmarks all go through it. The input model file is never
+modified; :func:`write_candidate` writes a candidate's model, plan and report atomically, the model only after it
+passed ``onnx.checker`` (full check) and, when an evaluation set is given, after both models were evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from graph_ops.cost import CostReport
+from graph_ops.errors import UserInputError, VerificationError
+from graph_ops.io import (
+    EXTERNAL_DATA_THRESHOLD,
+    atomic_write_files,
+    check_writable,
+    save_model,
+    sha256_file,
+    verify_model,
+)
+from graph_ops.prune import apply_plan
+from graph_ops.task_head import model_task
+from pipeline.calibration.calibrate import DEFAULT_POOLING, MIN_SAMPLES_PER_DIM, calibrate
+from pipeline.calibration.stats import CalibrationStats
+from pipeline.data.datasets import check_against_model
+from pipeline.data.shards import SHARD_BATCHES
+from pipeline.data.targets import LabelOptions
+from pipeline.data.task import Task
+from pipeline.errors import CalibrationError
+from pipeline.evaluation.evaluate import is_classifier
+from pipeline.memory import release_memory
+from pipeline.model.prepare import PreparedModel, as_prepared, prepare
+from pipeline.prune.report import Report
+from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
+from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
+from pipeline.selection.plan import PruningPlan, anchor_widths, block_order, movable_groups, select_channels
+from pipeline.selection.scorers import SCORERS
+from pipeline.selection.scorers.base import ChannelScores, ScoringContext
+from pipeline.selection.sensitivity import MIN_SAMPLES, Sensitivity, fit_budget, measure
+
+if TYPE_CHECKING:
+    from pipeline.deployment.latency_model import LatencyTarget
+    from pipeline.deployment.latency_plan import LatencyBudget
+
+__all__ = ["Candidate", "PreparedModel", "PruneRun", "keep_lists", "prepare", "prune", "require_channels", "score",
+           "write_candidate"]
+
+logger = logging.getLogger(__name__)
+
+RECOVER_MODES = ("sequential", "one-pass")
+ALLOCATIONS = ("measured", "rule")
+"""How the planner ranks groups: ``measured`` (default) by the damage each group's next channels cause on a small
+calibration subset (:mod:`pipeline.selection.sensitivity`; ends measured like every group), ``rule`` by the criterion's own
+numbers with the first layer and the classifier input protected (the rule before issue 31; ``--prune-ends`` lifts
+the protection)."""
+DEFAULT_ALLOCATION = "measured"
+
+
+def score(prepared: PreparedModel, stats: CalibrationStats | None, method: str, *, seed: int = 0,
+          params: Mapping[str, float] | None = None) -> ChannelScores:
+    """Score every prunable group of a prepared model with a registered scorer (the scores record its task)."""
+    if method not in SCORERS:
+        raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    task = prepared.task.to_dict() if prepared.task else None
+    if stats is not None and (stats.task or None) != task:
+        raise UserInputError(f"the statistics were calibrated for task {stats.task}, the model is prepared for "
+                             f"{task}; calibrate with the same --task-classes / --task-map")
+    if needs_labels(method) and stats is not None and stats.probes:
+        counts = next(iter(stats.probes.values())).class_counts
+        if int(np.count_nonzero(counts)) < 2:
+            raise CalibrationError(f"method '{method}' needs class labels, but the statistics hold one class (they "
+                                   f"were calibrated on unlabelled data); calibrate with --labels model (the model's "
+                                   f"own decisions) or on labelled data, or use a label-free method (l1, l2, random, "
+                                   f"mean-act, apoz)")
+    ctx = ScoringContext(index=prepared.index, stats=stats, weights=prepared.weights(), params=dict(params or {}),
+                         seed=seed, model_sha256=prepared.sha256, producer_weights=prepared.producer_weights,
+                         layers=prepared.layers)
+    scores = SCORERS[method](ctx)
+    if task:
+        scores = replace(scores, task=task)
+    if needs_labels(method) and stats is not None and stats.targets:
+        scores = replace(scores, labels={k: v for k, v in stats.targets.items() if k != "views"})
+    return scores
+
+
+def require_channels(prepared: PreparedModel) -> None:
+    """Refuse a model with no channel to prune (no Conv, ConvTranspose, Gemm or MatMul with constant weights, or no
+    parameters at all), before any work."""
+    if not any(g.producers for g in prepared.index.groups) or not prepared.cost.params:
+        raise UserInputError(f"{prepared.path} has no Conv, ConvTranspose, Gemm or MatMul with constant weights: "
+                             "there are no channels to prune ('diprune inspect' lists its groups)")
+
+
+def keep_lists(plan: PruningPlan) -> dict[str, tuple[int, ...]]:
+    """The plan's keep lists, the form ``apply_plan`` takes."""
+    return {gid: tuple(keep) for gid, keep in plan.keep.items()}
+
+
+def needs_stats(method: str) -> bool:
+    """True for the scorers that read calibration statistics."""
+    return bool(getattr(SCORERS[method], "requires_stats", False))
+
+
+def needs_labels(method: str) -> bool:
+    """True for the label-aware scorers (``di``, ``lda``, ``pls-vip``)."""
+    return bool(getattr(SCORERS[method], "requires_labels", False))
+
+
+def needs_summaries(method: str) -> bool:
+    """True for the scorers that read zero counts / absolute sums (``mean-act``, ``apoz``)."""
+    return bool(getattr(SCORERS[method], "requires_summaries", False))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One pruned model of a run: the method and plan, the model after recovery, and what recovery did."""
+
+    method: str
+    plan: PruningPlan
+    model: onnx.ModelProto
+    recovery: Mapping[str, Any]
+    budget: Mapping[str, Any]
+    timings_s: Mapping[str, float] = field(default_factory=dict)
+
+
+def _work_folder(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string when it is a writable folder (recovery spills there); else a UserInputError that says so."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserInputError(f"work folder {folder} does not exist or is not a folder; create it or pass another "
+                             "work_dir (recovery keeps its spilled activations there)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserInputError(f"work folder {folder} is not writable; pass a writable work_dir")
+    return str(folder)
+
+
+class PruneRun:
+    """One model and its calibration data; every stage on demand, once per need (see the module docstring).
+
+    Args:
+        model: a prepared model or an ONNX file (prepared here).
+        data: calibration data (a :class:`pipeline.data.datasets.Dataset`, training split), or None for data-free methods
+            without recovery.
+        pooling: calibration pooling (``gap``, ``avg2``, ``avg4``).
+        batch_size: samples per onnxruntime call (calibration and recovery).
+        backend: ``auto``, ``ort-cpu`` or ``ort-cuda`` for calibration, recovery and evaluation.
+        intra_op_threads: onnxruntime intra-op threads.
+        seed: seed of random scorers and of recovery's position sampling.
+        progress: tqdm bars on stderr.
+        work_dir: where recovery may spill large activations (default: the system's temp folder).
+        task: the user's task (:class:`pipeline.data.task.Task`): the model's head is rewritten into the task's scores
+            and the calibration data keeps only the task's samples, with task labels.
+        cluster: :class:`pipeline.cluster.RayOptions` (``pipeline.cluster.ray_options(workers=N)`` or
+            ``(address=...)``): calibration and recovery shards on Ray workers, same results; None: this process.
+        shard_batches: batches per shard (:mod:`pipeline.data.shards`; results depend on it in the last bits only).
+        labels: where the labels of the label-aware methods come from (:class:`pipeline.data.targets.LabelOptions`;
+            default: the data's, else the model's own decisions).
+    """
+
+    def __init__(self, model: PreparedModel | str | os.PathLike[str], data: Any | None, *,
+                 pooling: str = DEFAULT_POOLING,
+                 batch_size: int = 64, backend: str = "auto", intra_op_threads: int | None = None, seed: int = 0,
+                 progress: bool = True, work_dir: str | os.PathLike[str] | None = None,
+                 task: Task | None = None, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 cluster: Any | None = None, shard_batches: int = SHARD_BATCHES,
+                 labels: LabelOptions | None = None) -> None:
+        """Prepare the model (timed as ``analyze``; ``input_shapes`` fix dynamic input dims); nothing else runs yet.
+
+        Raises:
+            UserInputError: the model has no channel to prune (:func:`require_channels`), or a bad file.
+        """
+        self.timings: dict[str, float] = {}
+        with self.timed("analyze"):
+            self.prepared = as_prepared(model, input_shapes, task=task)
+        require_channels(self.prepared)
+        self.task = self.prepared.task
+        self.dropped: dict[str, int] = {}
+        data = self.check_data(self.task_data(data, "calibration"), "calibration")
+        self.data, self.pooling, self.batch_size = data, pooling, batch_size
+        self.backend, self.threads, self.seed, self.progress = backend, intra_op_threads, seed, progress
+        self.work_dir = None if work_dir is None else _work_folder(work_dir)
+        self.cluster, self.shard_batches = cluster, shard_batches
+        self.labels = labels or LabelOptions()
+        self._stats: dict[tuple[bool, bool], CalibrationStats] = {}  # (summaries, labelled) -> statistics
+        self._scores: dict[tuple[str, int, tuple[tuple[str, float], ...]], ChannelScores] = {}
+        self._sensitivity: dict[tuple[Any, ...], tuple[ChannelScores, Sensitivity]] = {}
+
+    def check_data(self, data: Any | None, role: str, *, labels: bool = False) -> Any | None:
+        """``data`` as it is, once its first batch fits this model (names, rank, static dims, dtype, finite values;
+        no data without samples) and, with ``labels``, its labels are class ids of the model's output (evaluation):
+        a dataset that cannot feed the model is refused before any work, not after the candidates were made."""
+        if data is None or not hasattr(data, "take"):
+            return data
+        from pipeline.data.datasets import validate_batch
+        from pipeline.evaluation.evaluate import check_classifier_labels
+        from pipeline.model.runtime import model_input_specs
+
+        check_classifier_labels(self.prepared.model, data, role)
+
+        specs = model_input_specs(self.prepared.model)
+        if data.num_samples == 0:
+            raise CalibrationError(f"{role} data '{data.name}' has no samples")
+        static = {shape[0] for shape, _ in specs.values() if shape and shape[0] is not None}
+        first = min(data.num_samples, *static) if static else min(data.num_samples, 64)  # a static batch: its size
+        feeds, _ = data.bind(list(specs)).take(0, first)
+        validate_batch(feeds, specs, f"{role} data '{data.name}'")
+        dims = self.prepared.model.graph.output[0].type.tensor_type.shape.dim
+        width = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+        found = getattr(data, "labels", None)
+        if labels and found is not None and width and found.size and int(found.max()) >= width:
+            raise CalibrationError(f"{role} data '{data.name}' has label {int(found.max())}, but the model has "
+                                   f"{width} classes (labels 0..{width - 1}); is this the right dataset for this "
+                                   "model?")
+        return data
+
+    def task_data(self, data: Any | None, role: str) -> Any | None:
+        """``data`` restricted to the run's task (samples of other classes dropped, task labels), or as it is."""
+        if data is None or self.task is None:
+            return data
+        restricted = self.task.dataset(data)
+        self.dropped[role] = restricted.dropped
+        return restricted.data
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[stage]``; what the stage freed goes back to the system."""
+        start = time.perf_counter()
+        yield
+        release_memory()
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        logger.info("%s took %.2f s", stage, time.perf_counter() - start)
+
+    def stats(self, *, summaries: bool = False, labels: bool = False) -> CalibrationStats:
+        """Calibration statistics (computed once per need; with ``summaries`` the zero counts and absolute sums
+        too; with ``labels`` the samples carry classes: the data's, or the model's own decisions when the data has
+        none or ``--labels model`` says so; the data's labels are recorded whenever it has some)."""
+        for (with_summaries, labelled), stats in self._stats.items():
+            if (with_summaries or not summaries) and (labelled or not labels):
+                return stats
+        if self.data is None:
+            raise UserInputError("calibration needs data: pass --data (or use a data-free method: l1, l2, random)")
+        options = self.labels if labels else replace(self.labels, source=None)  # label-free: the data's, if any
+        with self.timed("calibrate"):
+            stats = calibrate(self.prepared, self.data, pooling=self.pooling, batch_size=self.batch_size,
+                              backend=self.backend, intra_op_threads=self.threads, progress=self.progress,
+                              summaries=summaries, require_labels=labels, cluster=self.cluster,
+                              shard_batches=self.shard_batches, labels=options, seed=self.seed)
+        self._stats[(summaries, stats.targets is not None)] = stats
+        return stats
+
+    def use_stats(self, stats: CalibrationStats, *, summaries: bool) -> None:
+        """Use statistics computed earlier for this model and pooling (e.g. from a cache) instead of calibrating.
+
+        Raises:
+            CalibrationError: the statistics belong to another model or pooling.
+        """
+        if stats.model_sha256 != self.prepared.sha256 or stats.pooling != self.pooling:
+            raise CalibrationError(f"statistics of model {stats.model_sha256[:12]} / pooling {stats.pooling} do not "
+                                   f"fit this run ({self.prepared.sha256[:12]} / {self.pooling})")
+        self._stats[(summaries, stats.targets is not None)] = stats
+
+    def scores(self, method: str, *, seed: int | None = None,
+               params: Mapping[str, float] | None = None) -> ChannelScores:
+        """Scores of one method (statistics only for the methods that read them), computed once per setting."""
+        if method not in SCORERS:
+            raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+        key = (method, self.seed if seed is None else seed, tuple(sorted((params or {}).items())))
+        if key not in self._scores:
+            stats = self.stats(summaries=needs_summaries(method), labels=needs_labels(method)) \
+                if needs_stats(method) else None
+            with self.timed("score"):
+                self._scores[key] = score(self.prepared, stats, method, seed=key[1], params=params)
+        return self._scores[key]
+
+    def calibration_record(self) -> dict[str, Any]:
+        """How many calibration samples each probe had against the advice (10 per feature) and what they were
+        paired with (``targets``: :meth:`pipeline.data.targets.Targets.to_dict`), when calibrated."""
+        ranked = sorted(self._stats.items(), key=lambda item: (not item[0][1], not item[0][0]))
+        stats = ranked[0][1] if ranked else None
+        if stats is None:
+            return {}
+        probes = {name: {"samples": p.n, "features": p.dim, "advised_samples": MIN_SAMPLES_PER_DIM * p.dim}
+                  for name, p in stats.probes.items()}
+        below = sorted(name for name, p in probes.items() if p["samples"] < p["advised_samples"])
+        record = {"pooling": stats.pooling, "samples": next(iter(probes.values()))["samples"] if probes else 0,
+                  "advised_samples": max((p["advised_samples"] for p in probes.values()), default=0),
+                  "probes_below_advice": below, "probes": probes}
+        if stats.targets:
+            record["targets"] = dict(stats.targets)
+        return record
+
+    def task_record(self) -> dict[str, Any]:
+        """What reports say about the task: the head (output, width, classes or groups) and dropped samples."""
+        if self.task is None:
+            return {}
+        head = model_task(self.prepared.model) or {}
+        return {**self.task.to_dict(), "output": head.get("output"), "original_width": head.get("width"),
+                "names": list(self.task.names), "dropped_samples": dict(self.dropped)}
+
+    def sensitivity(self, scores: ChannelScores, *, round_to: int = 8, min_channels: int = 8,
+                    protect: Iterable[str] = ()) -> Sensitivity | None:
+        """The measured damage of every movable group at its anchor widths, removing channels in ``scores``' order
+        (:mod:`pipeline.selection.sensitivity`, on the first samples of the calibration data; once per setting); None when
+        the measurement does not fit its cost cap (:func:`pipeline.selection.sensitivity.fit_budget`)."""
+        key = (id(scores), round_to, min_channels, tuple(sorted(protect)))
+        if key not in self._sensitivity:
+            _, movable = movable_groups(scores, self.prepared.index, round_to, min_channels, protect, False)
+            anchors = {g.id: anchor_widths(g.size, round_to, min_channels, g.blocks) for g in movable}
+            fitted = fit_budget(anchors, int(getattr(self.data, "num_samples", 0) or 0))
+            measured = None
+            if fitted is not None:
+                orders = {g.id: block_order(scores.elimination_order(g.id), g.blocks) for g in movable}
+                with self.timed("sensitivity"):
+                    measured = measure(self.prepared.model, self.prepared.index, scores, movable, fitted[0],
+                                       self.data, orders=orders, samples=fitted[1], backend=self.backend,
+                                       intra_op_threads=self.threads)
+            self._sensitivity[key] = (scores, measured)
+        return self._sensitivity[key][1]
+
+    def plan(self, scores: ChannelScores, *, target_macs: float | None = None, target_params: float | None = None,
+             round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
+             keep_first_and_last: bool = True, latency: LatencyBudget | None = None,
+             allocation: str = DEFAULT_ALLOCATION, **planner: Any) -> PruningPlan:
+        """The planner's allocation for a budget, for this model (its sha recorded); ``planner``: further options of
+        :func:`pipeline.selection.plan.select_channels` (``fill_back``, ``fine_share``); with a ``latency`` budget the latency
+        planner and its closed loop on the target (:mod:`pipeline.deployment.latency_plan`). ``allocation`` (:data:`ALLOCATIONS`):
+        ``measured`` ranks groups by their measured damage (:meth:`sensitivity`; ``keep_first_and_last`` is then
+        not used: the ends are measured too), ``rule`` by the criterion with the ends protected unless
+        ``keep_first_and_last`` is False. Without calibration data, and with a latency budget, the rule is used."""
+        check_allocation(allocation)
+        measured = allocation == "measured" and latency is None and self.data is not None
+        sensitivity = self.sensitivity(scores, round_to=round_to, min_channels=min_channels, protect=protect) \
+            if measured else None
+        measured = sensitivity is not None
+        with self.timed("plan"):
+            if latency is not None:
+                from pipeline.deployment.latency_plan import plan_for_latency
+
+                plan = plan_for_latency(self.prepared, scores, latency, target_macs=target_macs,
+                                        target_params=target_params, round_to=round_to, min_channels=min_channels,
+                                        protect=tuple(protect), keep_first_and_last=keep_first_and_last)
+            else:
+                plan = select_channels(scores, self.prepared.index, target_macs=target_macs,
+                                       target_params=target_params, round_to=round_to, min_channels=min_channels,
+                                       protect=tuple(protect), keep_first_and_last=keep_first_and_last and not measured,
+                                       sensitivity=sensitivity, **planner)
+        if allocation == "measured" and sensitivity is None:
+            why = ("a latency budget (its planner does not measure)" if latency is not None else
+                   "no calibration data" if self.data is None else
+                   f"over its cost cap: two widths for each movable group at {MIN_SAMPLES} samples need more than "
+                   f"one pass over the {self.data.num_samples} calibration samples (give more data, or "
+                   "--allocation rule to silence this)")
+            if self.data is not None and latency is None:
+                logger.warning("measured allocation skipped: %s; the rule allocation is used", why)
+            plan = replace(plan, meta={**plan.meta, "allocation": {"mode": "rule", "why": why}})
+        if self.task is not None:
+            plan = replace(plan, meta={**plan.meta, "task": self.task.to_dict()})
+        if scores.labels:
+            plan = replace(plan, meta={**plan.meta, "labels": dict(scores.labels)})
+        return plan.with_sha(self.prepared.sha256).with_input_shapes(self.prepared.input_shapes)
+
+    def apply(self, plan: PruningPlan) -> onnx.ModelProto:
+        """The plan applied to the canonical model, with the file's own input and output dims (verified with the
+        full checker)."""
+        with self.timed("apply"):
+            pruned = apply_plan(self.prepared.model, self.prepared.index, keep_lists(plan), verify=False)
+            verify_model(self.prepared.restore_io(pruned))
+            return pruned
+
+    def recover(self, pruned: onnx.ModelProto, plan: PruningPlan, method: str = DEFAULT_RECOVERY,
+                mode: str = "sequential") -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """Training-free recovery of a pruned model (``method`` a key of ``RECOVERY``); returns the model and the
+        recovery record of the report."""
+        if method == "none":
+            return pruned, {"method": "none"}
+        if self.data is None:
+            raise UserInputError(f"recovery {method!r} needs calibration data: pass --data (or --recover none)")
+        if self.prepared.input_shapes:  # the data at the prepared sizes, as calibration checks it
+            check_against_model(self.data, self.prepared.input_specs, max_batches=1)
+        with self.timed("recover"):
+            model, report = recover(self.prepared.model, pruned, self.prepared.index, keep_lists(plan), self.data,
+                                    method=method, sequential=mode == "sequential", batch_size=self.batch_size,
+                                    seed=self.seed, progress=self.progress, backend=self.backend,
+                                    intra_op_threads=self.threads, spill_dir=self.work_dir, cluster=self.cluster,
+                                    shard_batches=self.shard_batches)
+        return model, {**report.to_dict(), "mode": mode}
+
+    def candidate(self, method: str, *, target_macs: float | None = None, target_params: float | None = None,
+                  round_to: int = 8, min_channels: int = 8, protect: Iterable[str] = (),
+                  keep_first_and_last: bool = True, recover: str | None = None,
+                  recover_mode: str = "sequential", target_latency: float | None = None,
+                  latency: LatencyBudget | None = None, allocation: str = DEFAULT_ALLOCATION) -> Candidate:
+        """score -> plan -> apply -> recover for one method and budget (``target_latency``: a latency budget measured
+        as ``latency`` says, default onnxruntime CPU at batch 1)."""
+        recover = DEFAULT_RECOVERY if recover is None else recover
+        check_options(method, recover, recover_mode, self.data)
+        before = dict(self.timings)
+        if target_latency is not None:
+            from pipeline.deployment.latency_plan import LatencyBudget
+
+            latency = replace(latency, target=target_latency) if latency else LatencyBudget(target_latency)
+        scores = self.scores(method)
+        plan = self.plan(scores, target_macs=target_macs, target_params=target_params, round_to=round_to,
+                         min_channels=min_channels, protect=protect, keep_first_and_last=keep_first_and_last,
+                         latency=latency, allocation=allocation)
+        model, recovery = self.recover(self.apply(plan), plan, recover, recover_mode)
+        budget = {"target_macs": target_macs, "target_params": target_params, "round_to": round_to,
+                  "min_channels": min_channels, "protect": sorted(protect),
+                  "allocation": plan.meta.get("allocation", {}).get("mode", "rule")}
+        if latency is not None:
+            budget.update(target_latency=latency.target, latency=dict(plan.meta.get("latency", {})))
+        spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items() if v - before.get(k, 0.0) > 0}
+        return Candidate(method, plan, model, recovery, budget, spent)
+
+    def finetune(self, candidate: Candidate, options: Any = None) -> Candidate:
+        """The candidate distilled from the original on the calibration data (:mod:`pipeline.training.finetune`, needs the
+        ``[torch]`` extra); ``options`` a :class:`pipeline.training.finetune.FinetuneOptions` (default: seeded with the run's
+        seed). The record goes to ``recovery["finetune"]``, the time to ``timings["finetune"]``."""
+        from pipeline.training.finetune import FinetuneOptions, finetune, probe_channels
+
+        options = options or FinetuneOptions(seed=self.seed)
+        if self.data is None:
+            raise UserInputError("finetune needs calibration data: pass --data")
+        features = probe_channels(self.prepared, candidate.plan.keep, candidate.model) if options.feature_weight else None
+        with self.timed("finetune"):
+            model, record = finetune(candidate.model, self.prepared.model, self.data, options, features=features,
+                                     progress=self.progress)
+        return replace(candidate, model=model, recovery={**candidate.recovery, "finetune": record.to_dict()},
+                       timings_s={**candidate.timings_s, "finetune": record.seconds})
+
+    def cost(self, model: onnx.ModelProto) -> CostReport:
+        """MACs and params of a model of this run at the prepared input sizes (its declared shapes when none were
+        given)."""
+        return self.prepared.count(model)
+
+    def evaluate(self, model: onnx.ModelProto, data: Any, *, reference: bool = True) -> dict[str, Any]:
+        """Held-out metrics of a model of this run (and its agreement with the original when ``reference``);
+        ``data`` is restricted to the run's task (:meth:`task_data`) by the caller."""
+        from pipeline.evaluation.evaluate import evaluate
+
+        against = self.prepared.model if reference else None
+        if against is None and self.scored_against_original(data):
+            against = model  # no dense labels: the original is scored against its own decisions (1.0)
+        with self.timed("evaluate"):
+            return evaluate(model, data, reference=against, backend=self.backend, intra_op_threads=self.threads,
+                            progress=self.progress, output_kind=self.labels.output_kind,
+                            decode=self.labels.decode).to_dict()
+
+    def dense_kind(self) -> str | None:
+        """The dense kind of the model's first output (``sequence``, ``map``, ``yolo``; ``--output-kind`` or
+        detected), None for a classifier or an output the rules cannot tell (scored by fidelity only)."""
+        from pipeline.evaluation.evaluate import scored_kind
+
+        model = self.prepared.model
+        return None if is_classifier(model) else scored_kind(model, self.labels.output_kind)
+
+    def scored_against_original(self, data: Any) -> bool:
+        """True when a dense model is scored against the original's decisions (the data has no dense labels)."""
+        return self.dense_kind() is not None and getattr(data, "targets", None) is None
+
+
+def check_allocation(allocation: str) -> None:
+    """Refuse an unknown allocation mode."""
+    if allocation not in ALLOCATIONS:
+        raise UserInputError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+
+
+def check_options(method: str, recover: str, recover_mode: str, data: Any | None) -> None:
+    """Refuse unknown methods, recoveries and modes, and data-driven work without data, before any work."""
+    if method not in SCORERS:
+        raise UserInputError(f"unknown method {method!r}; choose one of {', '.join(sorted(SCORERS))}")
+    if recover not in RECOVERY:
+        raise UserInputError(f"unknown recovery {recover!r}; choose one of {sorted(RECOVERY)}")
+    if recover_mode not in RECOVER_MODES:
+        raise UserInputError(f"unknown recovery mode {recover_mode!r}; choose 'sequential' or 'one-pass'")
+    if data is None and (recover != "none" or needs_stats(method)):
+        raise UserInputError(f"method {method!r} with recovery {recover!r} needs calibration data: pass --data "
+                             "(or use a data-free method with --recover none)")
+
+
+def _check_finetune(epochs: int, data: Any | None, max_drop: float | None) -> None:
+    """Refuse a finetune that cannot run, before any work: no torch, no data, or with --max-drop."""
+    from pipeline.model.torch_bridge import require_torch
+
+    if epochs < 0:
+        raise UserInputError(f"--finetune-epochs is a number of epochs >= 0, got {epochs}")
+    if max_drop is not None:
+        raise UserInputError("--finetune-epochs with --max-drop is not supported (the search evaluates models before "
+                             "any finetune); give a budget (--target-macs) instead")
+    if data is None:
+        raise UserInputError("--finetune-epochs needs calibration data: pass --data")
+    require_torch("--finetune-epochs")
+
+
+def _with_advice(recovery: Mapping[str, Any]) -> dict[str, Any]:
+    """The recovery record with, per refit layer, the rows it had against the advice (10 per unknown)."""
+    out = dict(recovery)
+    layers = [c for c in recovery.get("consumers", []) if "rows" in c and "dim" in c]
+    if layers:
+        below = [c["node"] for c in layers if c["rows"] < MIN_ROWS_PER_DIM * c["dim"]]
+        out["advice"] = {"rows_per_unknown": MIN_ROWS_PER_DIM, "layers": len(layers), "layers_below_advice": below}
+    return out
+
+
+def write_candidate(run: PruneRun, candidate: Candidate, out_path: str | os.PathLike[str], *,
+                    evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
+                    search: tuple[Mapping[str, Any], ...] = (), extra_files: Mapping[Path, bytes] | None = None,
+                    artifacts: Mapping[str, Any] | None = None) -> Report:
+    """Write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json`` (and ``extra_files``, e.g. the INT8 model)
+    all or nothing and return the report.
+
+    The three files are written to temporary files first and renamed into place together; when one cannot be
+    written, none is left behind. (A model over 1.8 GB is saved first, with its external data, and removed again
+    when the plan or the report cannot be written.)
+    """
+    out_path = Path(out_path)
+    plan_path, report_path = Path(f"{out_path}.plan.json"), Path(f"{out_path}.report.json")
+    for path in (out_path, plan_path, report_path, *(extra_files or {})):
+        check_writable(path, run.prepared.path)
+    data = candidate.model.SerializeToString() if candidate.model.ByteSize() < EXTERNAL_DATA_THRESHOLD else None
+    if data is None:
+        save_model(candidate.model, out_path)
+    report = candidate_report(run, candidate, out_path, hashlib.sha256(data).hexdigest() if data is not None
+                              else sha256_file(out_path), evaluation=evaluation, timings=timings, search=search)
+    if artifacts:
+        report = replace(report, artifacts=dict(artifacts))
+    files = {plan_path: candidate.plan.to_json().encode(), report_path: report.to_json().encode(),
+             **(extra_files or {})}
+    try:
+        atomic_write_files({out_path: data, **files} if data is not None else files)
+    except BaseException:
+        if data is None:
+            out_path.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def candidate_report(run: PruneRun, candidate: Candidate, out_path: Path, output_sha256: str, *,
+                     evaluation: Mapping[str, Any] | None = None, timings: Mapping[str, float] | None = None,
+                     search: tuple[Mapping[str, Any], ...] = ()) -> Report:
+    """The report of a candidate written to ``out_path`` (whose bytes have ``output_sha256``)."""
+    before, after = run.prepared.cost, run.cost(candidate.model)
+    index = run.prepared.index
+    groups = {g.id: {"size": g.size, "kept": len(candidate.plan.keep.get(g.id, range(g.size)))} for g in index.groups}
+    notes = tuple(str(n) for n in candidate.plan.meta.get("notes", ()))
+    return Report(
+        model=str(run.prepared.path), model_sha256=run.prepared.sha256, output=str(out_path),
+        output_sha256=output_sha256, method=candidate.method, budget=dict(candidate.budget),
+        original={"macs": None if before.unresolved else before.macs, "params": before.params},
+        pruned={"macs": None if after.unresolved else after.macs, "params": after.params},
+        groups=groups, timings_s=dict(timings if timings is not None else candidate.timings_s),
+        evaluation=dict(evaluation or {}), notes=notes, recovery=_with_advice(candidate.recovery),
+        task=run.task_record(), search=search, calibration=run.calibration_record())
+
+
+SEARCH_STEPS = 6
+"""Bisection steps of ``--max-drop`` after the smallest reachable model (each one a prune + recovery + evaluation)."""
+
+
+_FLOOR_TARGET = 1e-6  # a MACs target no plan reaches: the planner stops at every group's floor
+
+
+def smallest_within(run: PruneRun, method: str, eval_data: Any, max_drop: float, *, steps: int = SEARCH_STEPS,
+                    **options: Any) -> tuple[Candidate, dict[str, Any], tuple[dict[str, Any], ...]]:
+    """The smallest model (by achieved MACs) whose held-out score (top-1; a dense model's primary metric:
+    :func:`pipeline.evaluation.evaluate.score`) stays within ``max_drop`` points of the unpruned model's, found on one calibration: first the smallest reachable model (every group at its floor), then a
+    geometric bisection of the MACs target between the largest failing and the smallest passing achieved fraction.
+    Accuracy is not guaranteed monotone in the budget, so this is a search, not a proof; every tried budget is
+    returned.
+
+    Returns:
+        The best candidate, its evaluation ``{"original": ..., "pruned": ...}`` and the tried budgets.
+
+    Raises:
+        VerificationError: no tried budget keeps the accuracy within the bound (nothing is written).
+    """
+    if max_drop < 0:
+        raise UserInputError(f"--max-drop is a number of accuracy points >= 0, got {max_drop}")
+    from pipeline.evaluation.evaluate import score
+
+    original = run.evaluate(run.prepared.model, eval_data, reference=False)
+    metric, base = score(original)
+    if base is None:
+        raise UserInputError("--max-drop needs labelled evaluation data (top-1 accuracy), or a dense model (its "
+                             "primary metric, against dense labels or the original's decisions)")
+    bound = base - max_drop / 100.0
+    full = run.prepared.cost.macs
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, Candidate, dict[str, Any]] | None = None
+    low, high = None, 1.0
+    target = _FLOOR_TARGET  # first: the smallest reachable model
+    for _ in range(steps + 1):
+        candidate = run.candidate(method, target_macs=target, **options)
+        pruned = run.evaluate(candidate.model, eval_data)
+        achieved = run.cost(candidate.model).macs / full
+        value = score(pruned)[1]
+        passed = value is not None and value >= bound
+        tried.append({"target_macs": round(target, 6), "macs_fraction": round(achieved, 6), metric: value,
+                      "drop_points": None if value is None else round(100 * (base - value), 3), "within": passed})
+        logger.info("--max-drop search: target %.4f -> MACs %.4f, %s %s (%s)", target, achieved, metric, value,
+                    "within" if passed else "outside")
+        if passed and (best is None or achieved < best[0]):
+            best = (achieved, candidate, pruned)
+        if passed:
+            high = min(high, achieved)
+            if low is None:
+                break  # the smallest reachable model is within the bound
+        else:
+            low = achieved if low is None else max(low, achieved)
+        if low is not None and high / low < 1.02:
+            break
+        target = float(np.sqrt(low * high)) if low is not None else 1.0
+    if best is None:
+        raise VerificationError(f"no tried budget keeps the held-out {metric} within {max_drop} points of the "
+                                f"unpruned model's {base:.4f}: " + "; ".join(
+                                    f"MACs {t['macs_fraction']:.3f} -> {t[metric]}" for t in tried))
+    return _searched(best[1], max_drop), {"original": original, "pruned": best[2]}, tuple(tried)
+
+
+def _searched(candidate: Candidate, max_drop: float) -> Candidate:
+    """The candidate a ``--max-drop`` search chose, with the search as its budget: ``max_drop`` recorded, and when it
+    is the smallest reachable model (asked for with a MACs target no plan can reach) its "budget not reached" note
+    replaced by what it is."""
+    budget = {**candidate.budget, "max_drop": max_drop}
+    if budget.get("target_macs") != _FLOOR_TARGET:
+        return replace(candidate, budget=budget)
+    notes = [n for n in candidate.plan.meta.get("notes", ()) if not str(n).startswith("budget not reached")]
+    notes.append(f"--max-drop {max_drop:g}: the smallest reachable model (every movable group at its floor) is "
+                 f"within the bound")
+    plan = replace(candidate.plan, meta={**candidate.plan.meta, "notes": notes, "target_macs": None})
+    return replace(candidate, plan=plan, budget={**budget, "target_macs": None})
+
+
+def prune(model_path: str | Path, out_path: str | Path, *, data: object | None, method: str = "di",
+          target_macs: float | None = None, target_params: float | None = None, round_to: int = 8,
+          min_channels: int = 8, protect: Iterable[str] = (), pooling: str = DEFAULT_POOLING,
+          batch_size: int = 64,
+          eval_data: object | None = None, seed: int = 0, progress: bool = True, recover: str | None = None,
+          recover_mode: str = "sequential", task: Task | None = None, max_drop: float | None = None,
+          robustness: bool = False, keep_first_and_last: bool = True,
+          input_shapes: Mapping[str, tuple[int, ...]] | None = None, cluster: Any | None = None,
+          shard_batches: int = SHARD_BATCHES, latency: LatencyBudget | None = None,
+          quantize: str | None = None, max_top1_drop: float | None = None, int8_ranking: str = "di",
+          timing: LatencyTarget | None = None, finetune_epochs: int = 0,
+          allocation: str = DEFAULT_ALLOCATION, steps: int = 1, int8_calibration: str | None = None,
+          fp16: bool = False, fp16_keep_io_types: bool = True, fp16_block: Iterable[str] = (),
+          labels: LabelOptions | None = None) -> Report:
+    """Prune a model file to a budget; write ``out_path``, ``<out>.plan.json`` and ``<out>.report.json``.
+
+    ``data`` and ``eval_data`` are :class:`pipeline.data.datasets.Dataset` objects (calibration from the training split only,
+    evaluation from held-out data). Data-free methods (``l1``, ``l2``, ``random``) accept ``data=None`` when
+    ``recover="none"``. ``recover`` (a key of ``pipeline.recovery.RECOVERY``; default
+    ``pipeline.recovery.DEFAULT_RECOVERY``) refits the layers affected by the removed channels by least squares on
+    the calibration data; ``recover_mode`` is ``sequential`` (layer by layer, inputs from the partly recovered
+    model) or ``one-pass``. ``allocation`` (:data:`ALLOCATIONS`): ``measured`` ranks the groups by their measured
+    damage, ends included; ``rule`` by the criterion, where ``keep_first_and_last`` protects the first layer and the
+    classifier input. ``steps`` > 1 reaches the budget in that many rounds of calibrate -> score -> plan -> apply
+    -> recover on the recovered model (:mod:`pipeline.selection.progressive`; the plan still applies to the original). ``task``
+    restricts the model's head and both datasets to the user's task (:mod:`pipeline.data.task`). ``max_drop`` (accuracy
+    points, instead of a budget) searches for the smallest model within that many points of the unpruned model on
+    ``eval_data`` (:func:`smallest_within`). ``robustness`` adds top-1 and agreement under noise and adversarial
+    examples to the evaluation (:mod:`pipeline.evaluation.robustness`). ``cluster`` (:class:`pipeline.cluster.RayOptions`)
+    computes calibration and recovery shards on Ray, started once for the run. ``latency``
+    (:class:`pipeline.deployment.latency_plan.LatencyBudget`) is a budget of measured latency (alone or with the MACs / params
+    budgets). ``quantize="int8"`` also writes ``OUT.int8.onnx``, the pruned model quantized with onnxruntime
+    (``max_top1_drop``: DI-guided mixed precision, ``int8_ranking`` ``di`` or ``magnitude``), and the report's
+    ``evaluation.int8`` compares original and pruned models in fp32 and int8 (:mod:`pipeline.deployment.int8_stage`), timed on
+    ``timing`` (default: the latency budget's target, else onnxruntime CPU at batch 1), with the INT8 recipe of
+    ``timing.backend`` (:data:`pipeline.deployment.quantize.BACKEND_RECIPES`: TensorRT's symmetric int8 for ``tensorrt`` /
+    ``ort-trt``) and ``int8_calibration`` (minmax, percentile, entropy; default the recipe's). ``fp16`` also writes
+    ``OUT.fp16.onnx`` (:mod:`pipeline.deployment.fp16`; ``fp16_keep_io_types``, ``fp16_block``: ops kept fp32) and the
+    report's ``evaluation.fp16``. The report's ``artifacts`` name each file written, its precision, what runs it and
+    the command that builds and times it on the target (:mod:`pipeline.deployment.deploy`). ``finetune_epochs`` > 0
+    distils the original into the recovered model for that many epochs on ``data`` before it is evaluated and
+    written (:meth:`PruneRun.finetune`). ``labels`` (:class:`pipeline.data.targets.LabelOptions`): where the labels of
+    ``di`` / ``lda`` / ``pls-vip`` come from (default: the data's, else the model's own decisions; dense outputs and
+    labels make calibration location-aware). One :class:`PruneRun` chains the stages; the report's ``timings_s`` has
+    one entry per stage that ran.
+    """
+    from pipeline.deployment.int8_stage import check_int8_options, int8_path
+
+    recover = DEFAULT_RECOVERY if recover is None else recover
+    if robustness and eval_data is None:
+        raise UserInputError("--robustness needs held-out data: pass --eval-data")
+    out_path = check_writable(out_path, model_path)
+    for sibling in (f"{out_path}.plan.json", f"{out_path}.report.json"):
+        check_writable(sibling, model_path)
+    check_options(method, recover, recover_mode, data)
+    check_allocation(allocation)
+    check_int8_options(quantize, max_top1_drop, int8_ranking, eval_data, data, int8_calibration)
+    if quantize is not None:
+        check_writable(int8_path(out_path), model_path)
+    if fp16:
+        from pipeline.deployment.fp16 import fp16_path
+
+        check_writable(fp16_path(out_path), model_path)
+    if max_drop is not None and eval_data is None:
+        raise UserInputError("--max-drop needs held-out data to measure the accuracy: pass --eval-data")
+    if max_drop is None and target_macs is None and target_params is None and latency is None:
+        raise UserInputError("give a budget: --target-macs F, --target-params F or --target-latency F (fraction "
+                             "kept), or --max-drop P")
+    if finetune_epochs:
+        _check_finetune(finetune_epochs, data, max_drop)
+    if steps < 1 or (steps > 1 and (max_drop is not None or latency is not None)):
+        raise UserInputError(f"--steps is a number of rounds >= 1 and, above 1, needs --target-macs/--target-params "
+                             f"(not --max-drop or --target-latency); got {steps}")
+    with ray_started(cluster, data):
+        run = PruneRun(model_path, data, pooling=pooling, batch_size=batch_size, seed=seed, progress=progress,
+                       work_dir=out_path.resolve().parent, task=task, input_shapes=input_shapes, cluster=cluster,
+                       shard_batches=shard_batches, labels=labels)
+        return _prune_run(run, out_path, method, eval_data, max_drop, target_macs, target_params,
+                          {"round_to": round_to, "min_channels": min_channels, "protect": protect, "recover": recover,
+                           "recover_mode": recover_mode, "keep_first_and_last": keep_first_and_last,
+                           "allocation": allocation},
+                          robustness=robustness, latency=latency, quantize=quantize, max_top1_drop=max_top1_drop,
+                          int8_ranking=int8_ranking, timing=timing, finetune_epochs=finetune_epochs, steps=steps,
+                          deploy={"int8_calibration": int8_calibration, "fp16": fp16,
+                                  "fp16_keep_io_types": fp16_keep_io_types, "fp16_block": tuple(fp16_block)})
+
+
+@contextmanager
+def ray_started(cluster: Any | None, data: Any | None = None) -> Iterator[None]:
+    """Ray started (or connected) for the block when ``cluster`` is given, so that every stage reuses it; ``data``
+    that Ray workers cannot reopen (in-memory arrays) is refused first, before any work."""
+    if cluster is None:
+        yield
+        return
+    from pipeline.cluster import data_spec, ray_session
+
+    if data is not None:
+        data_spec(data)
+
+    with ray_session(cluster):
+        yield
+
+
+def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_drop: float | None,
+               target_macs: float | None, target_params: float | None, options: dict[str, Any], *,
+               robustness: bool = False, latency: LatencyBudget | None = None, quantize: str | None = None,
+               max_top1_drop: float | None = None, int8_ranking: str = "di",
+               timing: LatencyTarget | None = None, finetune_epochs: int = 0, steps: int = 1,
+               deploy: Mapping[str, Any] | None = None) -> Report:
+    eval_data = run.check_data(run.task_data(eval_data, "evaluation"), "evaluation", labels=True)
+    deploy = dict(deploy or {})
+    search: tuple[dict[str, Any], ...] = ()
+    if max_drop is not None:
+        candidate, evaluation, search = smallest_within(run, method, eval_data, max_drop, **options)
+    else:
+        if steps > 1:
+            from pipeline.selection.progressive import progressive
+
+            measure = None if eval_data is None else (lambda model: run.evaluate(model, eval_data))
+            candidate = progressive(run, method, steps, target_macs=target_macs, target_params=target_params,
+                                    evaluate=measure, **options)
+        else:
+            candidate = run.candidate(method, target_macs=target_macs, target_params=target_params, latency=latency,
+                                      **options)
+        if finetune_epochs:
+            from pipeline.training.finetune import FinetuneOptions
+
+            candidate = run.finetune(candidate, FinetuneOptions(epochs=finetune_epochs, seed=run.seed))
+        evaluation = {}
+        if eval_data is not None:
+            original = run.evaluate(run.prepared.model, eval_data, reference=False) if is_classifier(
+                run.prepared.model) or run.dense_kind() else None  # an output of no known kind: nothing to score
+            evaluation = {"original": original, "pruned": run.evaluate(candidate.model, eval_data)}
+    if robustness:
+        from pipeline.evaluation.robustness import robustness as measure_robustness
+
+        with run.timed("robustness"):
+            evaluation["robustness"] = measure_robustness(run.prepared.model, candidate.model, eval_data,
+                                                          seed=run.seed, backend=run.backend)
+    extra = {}
+    from pipeline.deployment.deploy import artifact_record
+    from pipeline.deployment.latency_model import LatencyTarget
+
+    timing = timing or (latency.on if latency is not None else LatencyTarget())
+    artifacts = {"fp32": artifact_record(out_path, "fp32", timing.backend, candidate.model, batch=timing.batch)}
+    if quantize is not None:
+        from pipeline.deployment.int8_stage import int8_path, int8_stage
+        from pipeline.deployment.quantize import BACKEND_RECIPES, INT8_RECIPES
+
+        recipe = BACKEND_RECIPES.get(timing.backend, "x86")
+        with run.timed("int8"):
+            quantized, evaluation["int8"] = int8_stage(
+                run.prepared.model, candidate.model, run.data,
+                None if eval_data is None else (lambda m: run.evaluate(m, eval_data)),
+                timing, max_top1_drop=max_top1_drop,
+                ranking=int8_ranking, workdir=out_path.resolve().parent, recipe=recipe,
+                calibration=deploy.get("int8_calibration"), input_shapes=run.prepared.input_shapes)
+        extra[int8_path(out_path)] = quantized.SerializeToString()
+        artifacts["int8"] = artifact_record(int8_path(out_path), "int8", timing.backend, quantized,
+                                            batch=timing.batch, meant_for=INT8_RECIPES[recipe].meant_for)
+    if deploy.get("fp16"):
+        from pipeline.deployment.fp16 import fp16_path, fp16_stage
+        from pipeline.evaluation.evaluate import evaluate as evaluate_model
+
+        def compare(model: onnx.ModelProto, reference: onnx.ModelProto | None) -> dict[str, Any]:
+            return evaluate_model(model, eval_data, reference=reference, backend="ort-cpu",
+                                  intra_op_threads=run.threads).to_dict()
+
+        with run.timed("fp16"):
+            half, evaluation["fp16"] = fp16_stage(candidate.model, None if eval_data is None else compare,
+                                                  keep_io_types=deploy.get("fp16_keep_io_types", True),
+                                                  op_block_list=deploy.get("fp16_block", ()))
+        extra[fp16_path(out_path)] = half.SerializeToString()
+        artifacts["fp16"] = artifact_record(fp16_path(out_path), "fp16", timing.backend, half, batch=timing.batch)
+    return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search,
+                           extra_files=extra, artifacts=artifacts)
