@@ -76,7 +76,8 @@ from pipeline.evaluation.evaluate import evaluate
 from pipeline.model.prepare import prepare
 from pipeline.model.runtime import model_input_specs, open_session, stream
 from pipeline.prune.orchestrate import PruneRun, keep_lists
-from pipeline.selection.plan import PruningPlan, select_channels
+from pipeline.selection.allocate import select_channels
+from pipeline.selection.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.data.datasets import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.prune.orchestrate import PruneRun
-from pipeline.selection.plan import select_channels
+from pipeline.selection.allocate import select_channels
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "plan_equivalence.json"

@@ -52,7 +52,7 @@ def _capture(root: Path, out: Path) -> None:
     from pipeline.data.datasets import open_dataset
     from pipeline.prune.orchestrate import keep_lists, prepare, score
     from pipeline.recovery import recover
-    from pipeline.selection.plan import select_channels
+    from pipeline.selection.allocate import select_channels
 
     out.mkdir(parents=True, exist_ok=True)
     calib = open_dataset("mnist", split="train", limit=1000)

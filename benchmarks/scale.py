@@ -91,7 +91,7 @@ def job(args: argparse.Namespace, threads: int | None, cluster: Any | None) -> d
     from pipeline.model.prepare import prepare
     from pipeline.prune.orchestrate import keep_lists, score
     from pipeline.recovery import recover
-    from pipeline.selection.plan import select_channels
+    from pipeline.selection.allocate import select_channels
 
     data = from_npz(images(args.work, args.images), mean=IMAGENET[0], std=IMAGENET[1])
     prepared = prepare(torchvision_onnx("resnet18", args.work))

@@ -48,7 +48,7 @@ def _capture(root: Path, out: Path, api: str) -> None:
     from graph_ops.prune import apply_plan
     from pipeline.data.datasets import open_dataset
     from pipeline.prune.orchestrate import keep_lists, prepare, score
-    from pipeline.selection.plan import select_channels
+    from pipeline.selection.allocate import select_channels
 
     if api == "old":
         from pipeline.recover import recover

@@ -396,7 +396,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.data.task import Task
     from pipeline.model.prepare import prepare
     from pipeline.prune.orchestrate import require_channels
-    from pipeline.selection.plan import select_channels
+    from pipeline.selection.allocate import select_channels
     from pipeline.selection.scorers.base import ChannelScores
 
     out = Path(args.output)

@@ -69,7 +69,7 @@ from pipeline.deployment.timing import (
 )
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import PreparedModel
-from pipeline.selection.plan import _ladder
+from pipeline.selection.widths import _ladder
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Latency budgets: plans whose latency, measured on the deployment target, is a requested fraction of the original's.
 
-Allocation (:func:`select_for_latency`). As in :func:`pipeline.selection.plan.select_channels` (the same ladders, protection
+Allocation (:func:`select_for_latency`). As in :func:`pipeline.selection.allocate.select_channels` (the same ladders, protection
 and information loss of a step: DI retention or score mass), but a step's saving is the latency it saves,
 predicted by the target's latency model (:mod:`pipeline.deployment.latency_model`), plus the MACs / params it saves when those
 budgets are also given and not met yet::
@@ -49,14 +49,8 @@ from pipeline.deployment.latency_model import LatencyModel, LatencyTarget, key_d
 from pipeline.deployment.timing import interleaved_ratios
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import PreparedModel
-from pipeline.selection.plan import (
-    PruningPlan,
-    _Allocation,
-    _keep_lists,
-    check_fractions,
-    fill_back_rungs,
-    plan_setup,
-)
+from pipeline.selection.allocate import _Allocation, _keep_lists, check_fractions, fill_back_rungs, plan_setup
+from pipeline.selection.plan import PruningPlan
 from pipeline.selection.scorers.base import ChannelScores
 
 logger = logging.getLogger(__name__)
@@ -252,7 +246,7 @@ def _information_lost(alloc: _Allocation) -> float:
 
 
 def _fill_back(state: _State, targets: tuple[float, float, float]) -> int:
-    """:func:`pipeline.selection.plan.fill_back_rungs` while every predicted budget holds (no tie key: the first group id)."""
+    """:func:`pipeline.selection.allocate.fill_back_rungs` while every predicted budget holds (no tie key: the first group id)."""
 
     def fits(gid: str, width: int) -> tuple[tuple[()], list[float]] | None:
         deltas = state.deltas(gid, width)  # negative: the cost goes up

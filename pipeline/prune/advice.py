@@ -27,7 +27,7 @@ from pipeline.calibration.pooling import consumer_bins
 from pipeline.model.prepare import PreparedModel
 from pipeline.recovery import RecoveryOptions
 from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
-from pipeline.selection.plan import default_protected
+from pipeline.selection.widths import default_protected
 
 
 @dataclass(frozen=True)

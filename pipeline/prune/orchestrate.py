@@ -49,10 +49,12 @@ from pipeline.model.prepare import PreparedModel, as_prepared, prepare
 from pipeline.prune.report import Report
 from pipeline.recovery import DEFAULT_RECOVERY, RECOVERY, recover
 from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
-from pipeline.selection.plan import PruningPlan, anchor_widths, block_order, movable_groups, select_channels
+from pipeline.selection.allocate import movable_groups, select_channels
+from pipeline.selection.plan import PruningPlan
 from pipeline.selection.scorers import SCORERS
 from pipeline.selection.scorers.base import ChannelScores, ScoringContext
 from pipeline.selection.sensitivity import MIN_SAMPLES, Sensitivity, fit_budget, measure
+from pipeline.selection.widths import anchor_widths, block_order
 
 if TYPE_CHECKING:
     from pipeline.deployment.latency_model import LatencyTarget
@@ -338,7 +340,7 @@ class PruneRun:
              keep_first_and_last: bool = True, latency: LatencyBudget | None = None,
              allocation: str = DEFAULT_ALLOCATION, **planner: Any) -> PruningPlan:
         """The planner's allocation for a budget, for this model (its sha recorded); ``planner``: further options of
-        :func:`pipeline.selection.plan.select_channels` (``fill_back``, ``fine_share``); with a ``latency`` budget the latency
+        :func:`pipeline.selection.allocate.select_channels` (``fill_back``, ``fine_share``); with a ``latency`` budget the latency
         planner and its closed loop on the target (:mod:`pipeline.deployment.latency_plan`). ``allocation`` (:data:`ALLOCATIONS`):
         ``measured`` ranks groups by their measured damage (:meth:`sensitivity`; ``keep_first_and_last`` is then
         not used: the ends are measured too), ``rule`` by the criterion with the ends protected unless

@@ -6,7 +6,7 @@ from typing import Any
 
 from graph_ops.channels import prunable_share
 from pipeline.model.prepare import PreparedModel
-from pipeline.selection.plan import default_protected
+from pipeline.selection.widths import default_protected
 
 
 def inspect_summary(prepared: PreparedModel) -> dict[str, Any]:

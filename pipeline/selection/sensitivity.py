@@ -4,7 +4,7 @@ The planner's global order needs the information a step loses to be comparable b
 numbers are not (raw weight norms of different layers, a DI retention of features of different dimension), so the
 planner lets the criterion rank channels *inside* a group and this measurement rank the *groups*:
 
-For every movable group ``g`` and a few widths ``a_1 > a_2 > ...`` on its ladder (:func:`pipeline.selection.plan.anchor_widths`:
+For every movable group ``g`` and a few widths ``a_1 > a_2 > ...`` on its ladder (:func:`pipeline.selection.widths.anchor_widths`:
 about 3/4, 1/2 and 1/4 of the group, and its floor), the ``size - a`` channels that the criterion removes first (its
 elimination order, block-fair for a group in blocks) are masked (``graph_ops.mask.zero_channels``: the exit weights
 that read them zeroed, which computes what the surgery computes), one group at a time, and the masked model runs
@@ -30,7 +30,7 @@ Deterministic (fixed subset, the scores' order, onnxruntime on CPU).
 Cost cap (:func:`fit_budget`): ``passes x samples`` (sample-inferences) may not exceed the calibration data's size,
 so the measurement costs at most about one plain inference pass over the calibration data. When all anchors at
 :data:`SAMPLES` samples do not fit, each group keeps two anchors (the one nearest half its size and its narrowest;
-the curve between them follows the criterion, :func:`pipeline.selection.plan.measured_curve`) and the samples per pass shrink
+the curve between them follows the criterion, :func:`pipeline.selection.widths.measured_curve`) and the samples per pass shrink
 to what the budget allows, down to :data:`MIN_SAMPLES`; when even that does not fit (many groups, little data),
 nothing is measured and the planner uses the rule (the plan's ``meta.allocation`` says why).
 """
@@ -210,7 +210,7 @@ def measure(model: onnx.ModelProto, index: Any, scores: ChannelScores, groups: I
         groups: the groups to measure (:class:`graph_ops.groups.ChannelGroup`).
         anchors: group id -> widths to measure it at (descending, below its size).
         data: calibration data; its first ``samples`` samples are used.
-        orders: group id -> the order channels leave in (the planner's, block-fair: ``pipeline.selection.plan.block_order``);
+        orders: group id -> the order channels leave in (the planner's, block-fair: ``pipeline.selection.widths.block_order``);
             default the scores' elimination order.
 
     Raises:

@@ -25,7 +25,7 @@ from graph_ops.io import load_model
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
 from pipeline.prune.orchestrate import keep_lists, prepare, score
-from pipeline.selection.plan import select_channels
+from pipeline.selection.allocate import select_channels
 from tests.budget_checks import check_budget
 from tests.oracles import assert_same_outputs, check_exact_surgery, check_lstsq_mask_reference, random_feeds
 from tests.production_models import EXPORTERS, PRODUCTION

@@ -17,9 +17,10 @@ from pipeline.errors import UserInputError
 from pipeline.model.runtime import make_session
 from pipeline.prune.demo import demo_model_path
 from pipeline.prune.orchestrate import PruneRun
-from pipeline.selection.plan import FLOOR_SHARE, anchor_widths, block_order, measured_curve, select_channels
+from pipeline.selection.allocate import FLOOR_SHARE, select_channels
 from pipeline.selection.progressive import compose, progressive, round_targets
 from pipeline.selection.sensitivity import Sensitivity, _kl, _probabilities
+from pipeline.selection.widths import anchor_widths, block_order, measured_curve
 from tests.unit.pipeline.test_plan import SIZES, _index, _scores
 
 

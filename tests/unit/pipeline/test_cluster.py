@@ -20,7 +20,7 @@ from pipeline.errors import UserInputError
 from pipeline.model.prepare import prepare
 from pipeline.prune.orchestrate import PruneRun, keep_lists, prune, score
 from pipeline.recovery import recover
-from pipeline.selection.plan import select_channels
+from pipeline.selection.allocate import select_channels
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = [pytest.mark.ray, pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (extra [ray]: "

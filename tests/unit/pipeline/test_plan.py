@@ -9,7 +9,8 @@ import pytest
 
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex, CostTerm
 from pipeline.errors import PlanValidationError, UserInputError
-from pipeline.selection.plan import PruningPlan, select_channels
+from pipeline.selection.allocate import select_channels
+from pipeline.selection.plan import PruningPlan
 from pipeline.selection.scorers import ChannelScores
 
 SHA = "a" * 64

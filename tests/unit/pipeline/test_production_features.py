@@ -16,7 +16,9 @@ from pipeline.cli import main
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import parse_input_shapes, prepare
 from pipeline.prune.orchestrate import keep_lists, score
-from pipeline.selection.plan import PruningPlan, block_order, select_channels
+from pipeline.selection.allocate import select_channels
+from pipeline.selection.plan import PruningPlan
+from pipeline.selection.widths import block_order
 from tests.graphs import tiny_classifier
 from tests.graphs_refine import grouped_se_block
 

@@ -199,7 +199,7 @@ def test_mnist_regress_beats_plain_removal() -> None:
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.model.prepare import prepare
     from pipeline.prune.orchestrate import keep_lists, score
-    from pipeline.selection.plan import select_channels
+    from pipeline.selection.allocate import select_channels
 
     prepared = prepare(mnist_path().with_name("mnist_cnn.onnx"))
     plan = select_channels(score(prepared, None, "l2"), prepared.index, target_macs=0.3)

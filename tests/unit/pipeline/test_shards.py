@@ -20,7 +20,7 @@ from pipeline.model.prepare import prepare
 from pipeline.prune.orchestrate import keep_lists, score
 from pipeline.recovery import RECOVERY, RecoveryOptions, recover
 from pipeline.recovery.worker import LayerUpdate, SweepWorker, sweep_levels
-from pipeline.selection.plan import select_channels
+from pipeline.selection.allocate import select_channels
 
 
 @pytest.mark.parametrize(("samples", "batch", "per_shard"), [(1000, 64, 4), (256, 64, 4), (7, 3, 1), (1, 8, 4)])
