@@ -49,7 +49,7 @@ import onnx
 from benchmarks.latency_budget import mcnemar
 from benchmarks.quality import locked_doc, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.model.runtime import model_input_specs, open_session, stream
 from pipeline.prune.orchestrate import PruneRun

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.datasets import MNIST_TRAIN, mnist_path
+from pipeline.data.datasets import mnist_path
+from pipeline.data.npz import MNIST_TRAIN
 
 SEQ_SHAPE, SEQ_MAX = (32, 128), 6
 DET_SIZE, SEG_SIZE = 96, 64

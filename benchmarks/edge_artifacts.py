@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from benchmarks.output import write_results
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.fp16 import convert_fp16
 from pipeline.deployment.latency_model import LatencyTarget
 from pipeline.deployment.quantize import CALIBRATIONS, Int8Quantizer, qdq_zero_points

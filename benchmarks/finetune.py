@@ -47,7 +47,7 @@ import onnx
 
 from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import MODELS, RESULTS, THREADS, eval_top1, merge
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.model.prepare import PreparedModel, prepare
 from pipeline.prune.orchestrate import Candidate, PruneRun

@@ -44,7 +44,7 @@ import onnx
 from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import RESULTS, THREADS, eval_top1, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.model.torch_bridge import torch_settings
 from pipeline.prune.orchestrate import PruneRun

@@ -58,7 +58,7 @@ from benchmarks.quality import locked_doc, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from graph_ops.io import save_model
 from graph_ops.prune import apply_plan
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.deployment.int8_stage import QUANTIZATION
 from pipeline.deployment.latency_model import LatencyTarget, latency_model_for

@@ -44,7 +44,8 @@ def _predictions(model: object, data: object) -> np.ndarray:
 
 def main() -> None:
     """Run the benchmark (module docstring)."""
-    from pipeline.data.datasets import from_iterable, open_dataset
+    from pipeline.data.datasets import from_iterable
+    from pipeline.data.named import open_dataset
     from pipeline.data.targets import LabelOptions
     from pipeline.deployment.bench import machine_info
     from pipeline.prune.orchestrate import PruneRun

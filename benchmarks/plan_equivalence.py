@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.prune.orchestrate import PruneRun
 from pipeline.selection.allocate import select_channels

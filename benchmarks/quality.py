@@ -56,7 +56,7 @@ from graph_ops.cost import count
 from graph_ops.errors import PruneError
 from graph_ops.io import atomic_write_bytes
 from pipeline.calibration.calibrate import DEFAULT_POOLING
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.data.task import Task
 from pipeline.deployment.bench import machine_info
 from pipeline.evaluation.evaluate import evaluate

@@ -49,7 +49,7 @@ def _capture(root: Path, out: Path) -> None:
 
     from graph_ops.prune import apply_plan
     from pipeline.calibration.calibrate import calibrate
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.named import open_dataset
     from pipeline.prune.orchestrate import keep_lists, prepare, score
     from pipeline.recovery import recover
     from pipeline.selection.allocate import select_channels

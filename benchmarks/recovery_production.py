@@ -46,7 +46,8 @@ from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import RESULTS, THREADS, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from graph_ops.proto import attrs, node_index
-from pipeline.data.datasets import from_iterable, open_dataset
+from pipeline.data.datasets import from_iterable
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.model.runtime import open_session
 from pipeline.prune.orchestrate import PruneRun, keep_lists

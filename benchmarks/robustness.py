@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from graph_ops.io import atomic_write_bytes
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.evaluation.robustness import EPSILONS, NOISE, PGD_STEPS, robustness
 from pipeline.prune.orchestrate import PruneRun

@@ -35,7 +35,7 @@ import numpy as np
 
 from graph_ops.io import atomic_write_bytes
 from pipeline.calibration.stats import CalibrationStats
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.model.prepare import PreparedModel, prepare

@@ -46,7 +46,7 @@ def _capture(root: Path, out: Path, api: str) -> None:
     import onnxruntime as ort
 
     from graph_ops.prune import apply_plan
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.named import open_dataset
     from pipeline.prune.orchestrate import keep_lists, prepare, score
     from pipeline.selection.allocate import select_channels
 

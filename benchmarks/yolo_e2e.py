@@ -100,7 +100,7 @@ def _parts(static: Path, pruned: Path, folder: Path, size: int) -> dict[str, dic
     positions removed: how well the pruned model follows the variation with the image, not a constant offset)."""
     from graph_ops.io import load_model
     from graph_ops.probes import expose_tensors
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.named import open_dataset
     from pipeline.model.runtime import make_session
 
     heads = _head_convs(static)

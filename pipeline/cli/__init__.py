@@ -131,7 +131,7 @@ def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None, d
     with the dense labels of ``--label-format`` / ``--labels-path`` (calibration data)."""
     if spec is None:
         return None
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.named import open_dataset
 
     labels = {"label_format": getattr(args, "label_format", None),
               "labels_path": getattr(args, "labels_path", None)} if dense else {}
@@ -156,7 +156,7 @@ def _label_options(args: argparse.Namespace) -> object:
 def _eval_split(spec: str, args: argparse.Namespace) -> str:
     """Held-out part for evaluation: ``--eval-split`` (``eval``: also spelled ``--split``), else 'test' where the data
     has one, else all of it."""
-    from pipeline.data.datasets import default_eval_split
+    from pipeline.data.named import default_eval_split
 
     return args.eval_split or default_eval_split(spec)
 

@@ -29,9 +29,6 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
-import struct
-import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,18 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.convert import LAYOUTS, _check_normalisation, _convert, _text
+from pipeline.data.images import IMAGE_SUFFIXES, _load_image
+from pipeline.data.npz import _read_npz, _select_split
 from pipeline.errors import CalibrationError, UserInputError
 
 LOG = logging.getLogger(__name__)
 
-# CHW = NCHW, HWC = NHWC, HW = NHW (a channel axis is added); "none" leaves arrays alone; "auto": N x H x W gets a
-# channel axis, N x H x W x C with C in (1, 3) and axis 1 not in (1, 3) is channels-last.
-LAYOUTS = ("auto", "NCHW", "NHWC", "NHW", "CHW", "HWC", "HW", "none")
-
-IMAGE_ORDERS = {"rgb": "RGB", "bgr": "BGR", "gray": "L"}
-"""``--channel-order`` of image folders -> Pillow mode / channel order of :func:`from_image_folder`."""
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
-MNIST_TRAIN = 8000  # samples [0, 8000) of the shipped MNIST are the training split, the rest held-out test
 
 ModelInputs = Mapping[str, tuple[Sequence[int | None], np.dtype | type]]
 Loader = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -217,54 +209,6 @@ def require_labels(dataset: Dataset) -> np.ndarray:
     return dataset.labels
 
 
-def _to_nchw(batch: np.ndarray, layout: str) -> np.ndarray:
-    """Return an image batch (leading sample axis) in NCHW layout according to ``layout``."""
-    if layout in ("NHW", "HW") or (layout == "auto" and batch.ndim == 3):
-        return batch[:, None]
-    channels_last = layout in ("NHWC", "HWC") or (
-        layout == "auto" and batch.ndim == 4 and batch.shape[-1] in (1, 3) and batch.shape[1] not in (1, 3)
-    )
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2)) if channels_last else batch
-
-
-def _convert(batch: np.ndarray, scale: float | None, mean: object, std: object, layout: str) -> np.ndarray:
-    """Apply the stated conversion spec to one batch of one array (see the module docstring)."""
-    if layout != "none" and batch.ndim in (3, 4):
-        batch = _to_nchw(batch, layout)
-    if batch.dtype == np.uint8 or np.issubdtype(batch.dtype, np.floating):
-        factor = (1.0 / 255.0 if batch.dtype == np.uint8 else 1.0) if scale is None else scale
-        shape = (1, -1) + (1,) * (batch.ndim - 2) if batch.ndim >= 2 else (-1,)
-        mean_arr = np.asarray(0.0 if mean is None else mean, dtype=np.float32)
-        std_arr = np.asarray(1.0 if std is None else std, dtype=np.float32)
-        mean_arr = mean_arr.reshape(shape) if mean_arr.ndim else mean_arr
-        std_arr = std_arr.reshape(shape) if std_arr.ndim else std_arr
-        batch = (batch.astype(np.float32) * np.float32(factor) - mean_arr) / std_arr
-    return batch
-
-
-def _select_split(arrays: dict[str, np.ndarray], labels_key: str, split: str | None, path: Path) -> dict:
-    """Return the arrays of one split: explicit ``<key>_<split>`` arrays if present, else the MNIST index convention."""
-    if split is None:
-        return arrays
-    if split not in ("train", "test"):
-        raise UserInputError(f"split must be 'train' or 'test', got {split!r}")
-    suffixed = {k[: -len(split) - 1]: v for k, v in arrays.items() if k.endswith(f"_{split}")}
-    if suffixed:
-        return suffixed
-    if any(k.endswith(("_train", "_test")) for k in arrays):
-        raise CalibrationError(f"{path} has split arrays but none ending in '_{split}'; choose another --split "
-                               f"(its arrays: {', '.join(sorted(arrays))})")
-    n = len(arrays[labels_key]) if labels_key in arrays else len(next(iter(arrays.values())))
-    if n <= MNIST_TRAIN:
-        raise CalibrationError(
-            f"{path} has {n} samples and no explicit split arrays; the built-in split convention "
-            f"(0..{MNIST_TRAIN - 1} train, rest test) needs more than {MNIST_TRAIN}; use all of it with "
-            f"--split all (Python: split=None), or store <name>_train / <name>_test arrays"
-        )
-    part = slice(0, MNIST_TRAIN) if split == "train" else slice(MNIST_TRAIN, None)
-    return {k: v[part] for k, v in arrays.items()}
-
-
 def _options(**options: Any) -> tuple[tuple[str, Any], ...]:
     """Loader options as a spec records them (sequences as tuples, mappings as sorted pairs turned back on open)."""
     def plain(value: Any) -> Any:
@@ -275,94 +219,6 @@ def _options(**options: Any) -> tuple[tuple[str, Any], ...]:
         return value
 
     return tuple((key, plain(value)) for key, value in options.items())
-
-
-def _text(value: object, default: float) -> str:
-    return str(default if value is None else np.asarray(value).tolist())
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz``: read-only memory maps for uncompressed members (a reader touches only the samples
-    it indexes), loaded arrays for compressed ones."""
-    if not path.is_file():
-        raise UserInputError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as handle:
-            keys = sorted(handle.files)
-            with zipfile.ZipFile(path) as archive:
-                members = {info.filename: info for info in archive.infolist()}
-            mapped = {k: _mapped(path, members.get(f"{k}.npy")) for k in keys}
-            return {k: handle[k] if mapped[k] is None else mapped[k] for k in keys}
-    except UserInputError:
-        raise
-    except Exception as err:  # zipfile, zlib, pickle and value errors all mean a corrupt or foreign file
-        raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or holding Python objects; "
-                             f"write it with numpy.savez): {err}") from err
-
-
-def npz_keys(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """The array names of an ``.npz`` file (nothing else is read), with a clear error for a corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as handle:
-            return tuple(sorted(handle.files))
-    except Exception as err:  # zipfile and value errors mean a corrupt or foreign file
-        raise UserInputError(f"{path} is not a readable .npz file (corrupt, truncated or not written by "
-                             f"numpy.savez): {err}") from err
-
-
-def _check_normalisation(scale: float | None, mean: object, std: object) -> None:
-    """``scale``, ``mean`` and ``std`` must be finite and ``std`` non-zero (a zero std is a setting, not the data)."""
-    if scale is not None and not (np.isfinite(scale) and scale != 0):
-        raise UserInputError(f"--scale must be a finite non-zero number, got {scale}")
-    for name, value in (("mean", mean), ("std", std)):
-        if value is not None and not np.all(np.isfinite(np.asarray(value, dtype=np.float64))):
-            raise UserInputError(f"--{name} must be finite numbers, got {np.asarray(value).tolist()}")
-    if std is not None and np.any(np.asarray(std, dtype=np.float64) == 0):
-        raise UserInputError(f"--std must be non-zero (it divides the inputs), got {np.asarray(std).tolist()}")
-
-
-def _check_crc(handle: Any, path: Path, member: zipfile.ZipInfo) -> None:
-    """The member's bytes (``handle`` at their start) against the CRC-32 the archive records: a memory map skips
-    zipfile's own check, and a flipped bit in the data would go unnoticed (values silently wrong)."""
-    crc, left = 0, member.compress_size
-    while left > 0:
-        chunk = handle.read(min(left, 1 << 24))
-        if not chunk:
-            break
-        crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-    if left or crc != member.CRC:
-        raise UserInputError(f"{path}: array {member.filename!r} is corrupt (its CRC-32 does not match the archive's"
-                             f"{'; the file is truncated' if left else ''}); copy or write the file again")
-
-
-def _mapped(path: Path, member: zipfile.ZipInfo | None) -> np.ndarray | None:
-    """A stored (uncompressed) ``.npy`` member of a zip file as a read-only memory map (its CRC checked first), or
-    None."""
-    if member is None or member.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as handle:
-        handle.seek(member.header_offset)
-        local = handle.read(30)  # the local file header: its name and extra field lengths are at bytes 26..29
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        handle.seek(member.header_offset + 30 + name_len + extra_len)
-        _check_crc(handle, path, member)
-        handle.seek(member.header_offset + 30 + name_len + extra_len)
-        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        reader = readers.get(np.lib.format.read_magic(handle))
-        if reader is None:
-            return None
-        shape, fortran, dtype = reader(handle)
-        if dtype.hasobject:
-            return None
-        offset = handle.tell()
-    if not int(np.prod(shape, dtype=np.int64)):
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def from_npz(
@@ -531,27 +387,6 @@ def from_image_folder(
     return Dataset(name, None, len(files), _checked_labels(labels, str(root)), ("image",), loader, spec, targets)
 
 
-def _load_image(path: Path, size: int, crop_hw: tuple[int, int], channel_order: str) -> np.ndarray:
-    """Read one image: resize shorter side to ``size``, centre crop, CHW float32 in [0, 1]."""
-    from PIL import Image
-
-    from pipeline.data.labels import resized_crop
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channel_order == "L" else "RGB")
-            w, h, left, top = resized_crop(*img.size, size, crop_hw)
-            img = img.resize((w, h), Image.BILINEAR)
-            ch, cw = crop_hw
-            if ch > h or cw > w:
-                raise UserInputError(f"crop {crop_hw} is larger than the resized image {h}x{w} of {path}")
-            arr = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.float32) / 255.0
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # Pillow's refusal of a decompression bomb
-        raise UserInputError(f"cannot read image {path}: {err}") from err
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return arr[::-1].copy() if channel_order == "BGR" else arr
-
-
 def from_iterable(
     batches: Iterable[tuple[np.ndarray | Mapping[str, np.ndarray], np.ndarray | None]],
     *,
@@ -610,81 +445,6 @@ def input_map_from_keys(keys: Sequence[str] | None) -> dict[str, str] | None:
             raise UserInputError(f"--input-key {key!r}: give ARRAY or ARRAY=INPUT (an array name of the .npz file)")
         mapping[array] = name or array
     return mapping
-
-
-def default_eval_split(spec: str | os.PathLike[str]) -> str:
-    """The held-out part of a data spec: ``test`` for mnist, an image folder and an .npz with ``*_test`` arrays,
-    else ``all``."""
-    path = Path(spec)
-    if str(spec) == "mnist" or path.is_dir():
-        return "test"
-    if path.suffix == ".npz" and path.is_file():
-        return "test" if any(k.endswith("_test") for k in npz_keys(path)) else "all"
-    return "all"
-
-
-def open_dataset(
-    spec: str | os.PathLike[str],
-    *,
-    split: str | None = None,
-    limit: int | None = None,
-    scale: float | None = None,
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
-    size: int | None = None,
-    crop: int | None = None,
-    input_keys: Sequence[str] | None = None,
-    label_key: str | None = None,
-    label_format: str | None = None,
-    labels_path: str | os.PathLike[str] | None = None,
-    channel_order: str | None = None,
-) -> Dataset:
-    """Open a dataset from a CLI-style spec: ``"mnist"``, an ``.npz`` file or an image folder.
-
-    * ``"mnist"``: the shipped digits with the demo model's normalisation (mean 0.1307, std 0.3081 unless given);
-      ``split`` defaults to ``"train"``.
-    * ``.npz``: :func:`from_npz`; ``split`` defaults to ``"train"`` when the file has ``*_train`` arrays, else all.
-      ``input_keys`` (``ARRAY`` or ``ARRAY=INPUT``, see :func:`input_map_from_keys`) picks the input arrays and
-      ``label_key`` the labels (default ``y``; arrays named otherwise are inputs).
-    * a folder: :func:`from_image_folder` (of ``root/<split>`` when that exists); defaults size 256, crop 224 and
-      the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), RGB; ``channel_order`` ``rgb``, ``bgr``
-      or ``gray`` (one channel; default mean/std 0.449 / 0.226, the means of ImageNet's).
-
-    ``split="all"`` means every sample. ``label_format`` / ``labels_path``: dense labels (:mod:`pipeline.data.labels`).
-    Raises UserInputError for a spec that is none of these.
-    """
-    chosen = None if split == "all" else split
-    order = IMAGE_ORDERS.get((channel_order or "rgb").lower())
-    if order is None:
-        raise UserInputError(f"channel order {channel_order!r}: choose one of {', '.join(IMAGE_ORDERS)}")
-    if order != "RGB" and (str(spec) == "mnist" or not Path(spec).is_dir()):
-        raise UserInputError("--channel-order applies to image folders; an .npz holds its arrays as they are")
-    if (input_keys or label_key) and not (str(spec) == "mnist" or Path(spec).suffix == ".npz"):
-        raise UserInputError("--input-key/--label-key name arrays of an .npz file; image folders take their labels "
-                             "from the class sub-folders")
-    npz_options = {"input_map": input_map_from_keys(input_keys), "labels_key": label_key or "y",
-                   "label_format": label_format, "labels_path": labels_path}
-    if str(spec) == "mnist":
-        mean, std = (0.1307 if mean is None else mean), (0.3081 if std is None else std)
-        chosen = "train" if split is None else chosen
-        return from_npz(mnist_path(), scale=scale, mean=mean, std=std, split=chosen, limit=limit, **npz_options)
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".npz":
-        if split is None:
-            chosen = "train" if any(k.endswith("_train") for k in npz_keys(path)) else None
-        return from_npz(path, scale=scale, mean=mean, std=std, split=chosen, limit=limit, **npz_options)
-    if path.is_dir():
-        if scale is not None:
-            raise UserInputError(
-                "--scale applies to .npz data; image folders are always read on the [0, 1] scale"
-            )
-        root = path / chosen if chosen and (path / chosen).is_dir() else path
-        gray = order == "L"
-        mean = ((0.449,) if gray else (0.485, 0.456, 0.406)) if mean is None else mean
-        std = ((0.226,) if gray else (0.229, 0.224, 0.225)) if std is None else std
-        return from_image_folder(root, size=size or 256, crop=crop or 224, mean=mean, std=std, limit=limit,
-                                 channel_order=order, label_format=label_format, labels_path=labels_path)
-    raise UserInputError(f"data '{spec}' not found: give 'mnist', an existing .npz file or an image folder")
 
 
 def validate_batch(feeds: Mapping[str, np.ndarray], model_inputs: ModelInputs, source: str = "data") -> None:

@@ -74,7 +74,7 @@ class _Job:
 
 
 def _open(spec: DataSpec, *, evaluation: bool) -> Any:
-    from pipeline.data.datasets import default_eval_split, open_dataset
+    from pipeline.data.named import default_eval_split, open_dataset
 
     split = spec.split or (default_eval_split(spec.source) if evaluation else None)
     dense = {"label_format": spec.label_format, "labels_path": spec.labels_path}

@@ -23,7 +23,8 @@ import onnx
 from graph_ops.channels import prunable_share
 from graph_ops.errors import UserInputError
 from graph_ops.mask import zero_channels
-from pipeline.data.datasets import Dataset, open_dataset
+from pipeline.data.datasets import Dataset
+from pipeline.data.named import open_dataset
 from pipeline.model.runtime import make_session
 from pipeline.prune.orchestrate import PruneRun, keep_lists, write_candidate
 from pipeline.recovery import DEFAULT_RECOVERY

@@ -92,7 +92,7 @@ def test_edge_artifacts_build_and_match_onnxruntime(tmp_path: Path, artifact: st
     """The TensorRT-recipe INT8 file (explicit quantization, no calibrator) and the FP16 file build and agree with
     onnxruntime CPU running the same file."""
     _require_tensorrt()
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.named import open_dataset
     from pipeline.deployment.engines import TrtRunner, build_engine
     from pipeline.deployment.fp16 import convert_fp16
     from pipeline.deployment.quantize import Int8Quantizer

@@ -12,7 +12,7 @@ from graph_ops.cost import count
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
 from pipeline.cli import main
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
 from pipeline.model.runtime import make_session
 from pipeline.prune.demo import demo_model_path

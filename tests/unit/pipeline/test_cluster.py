@@ -15,7 +15,8 @@ import pytest
 
 from graph_ops.prune import apply_plan
 from pipeline.calibration.calibrate import calibrate
-from pipeline.data.datasets import from_iterable, mnist_path, open_dataset
+from pipeline.data.datasets import from_iterable, mnist_path
+from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import prepare
 from pipeline.prune.orchestrate import PruneRun, keep_lists, prune, score

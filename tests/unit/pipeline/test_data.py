@@ -16,10 +16,10 @@ from pipeline.data.datasets import (
     from_iterable,
     from_npz,
     mnist_path,
-    open_dataset,
     require_labels,
     validate_batch,
 )
+from pipeline.data.named import open_dataset
 from pipeline.errors import CalibrationError, UserInputError
 
 MNIST_INPUTS = {"input": ((None, 1, 28, 28), np.float32)}
@@ -368,7 +368,7 @@ class TestDataSpec:
         np.savez_compressed(tmp_path / "packed.npz", x=x, y=np.arange(9) % 2)
         plain, packed = from_npz(tmp_path / "plain.npz"), from_npz(tmp_path / "packed.npz")
         self._same(plain, packed)
-        from pipeline.data.datasets import _read_npz
+        from pipeline.data.npz import _read_npz
 
         assert isinstance(_read_npz(tmp_path / "plain.npz")["x"], np.memmap)
         assert not isinstance(_read_npz(tmp_path / "packed.npz")["x"], np.memmap)

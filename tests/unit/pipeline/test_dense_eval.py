@@ -187,7 +187,7 @@ def test_dense_model_without_labels_or_reference_and_mismatched_labels(tmp_path:
 
 
 def test_classifier_unchanged_and_output_kind_checked() -> None:
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.named import open_dataset
     from pipeline.prune.demo import demo_model_path
 
     data = open_dataset("mnist", split="test", limit=32)

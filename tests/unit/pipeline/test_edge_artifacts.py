@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto
 
 from pipeline.cli import main
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.fp16 import convert_fp16
 from pipeline.deployment.quantize import (
     BACKEND_RECIPES,

@@ -15,7 +15,8 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline.cli import main
-from pipeline.data.datasets import from_iterable, open_dataset
+from pipeline.data.datasets import from_iterable
+from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
 from pipeline.job.config import config_from_dict
 from pipeline.prune.demo import demo_model_path

@@ -13,7 +13,7 @@ import pytest
 from graph_ops.cost import count
 from graph_ops.proto import declared_shapes
 from pipeline.cli import main
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.deployment.mixed_precision import (
     fewest_passing,
     head,

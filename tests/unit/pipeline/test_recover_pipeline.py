@@ -195,7 +195,8 @@ def test_unsupported_consumer_is_skipped_and_recorded(motif: object, reason: str
 def test_mnist_regress_beats_plain_removal() -> None:
     """The shipped MNIST CNN at 30 % MACs (l2 plan): regression recovery restores held-out accuracy, and the
     sequential (error-accumulation corrected) variant does at least as well."""
-    from pipeline.data.datasets import mnist_path, open_dataset
+    from pipeline.data.datasets import mnist_path
+    from pipeline.data.named import open_dataset
     from pipeline.evaluation.evaluate import evaluate
     from pipeline.model.prepare import prepare
     from pipeline.prune.orchestrate import keep_lists, score

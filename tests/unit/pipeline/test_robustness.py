@@ -7,7 +7,7 @@ import importlib.util
 import onnx
 import pytest
 
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.robustness import robustness
 from pipeline.prune.demo import demo_model_path

@@ -14,7 +14,8 @@ import pytest
 from graph_ops.prune import apply_plan
 from pipeline.calibration.calibrate import calibrate
 from pipeline.calibration.stats import merge_probes
-from pipeline.data.datasets import mnist_path, open_dataset
+from pipeline.data.datasets import mnist_path
+from pipeline.data.named import open_dataset
 from pipeline.data.shards import OrderedMerge, assign, shard_layout
 from pipeline.model.prepare import prepare
 from pipeline.prune.orchestrate import keep_lists, score

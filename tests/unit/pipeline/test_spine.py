@@ -15,7 +15,7 @@ from graph_ops.errors import PlanValidationError
 from graph_ops.mask import zero_channels
 from graph_ops.proto import fingerprint
 from graph_ops.prune import apply_plan
-from pipeline.data.datasets import open_dataset
+from pipeline.data.named import open_dataset
 from pipeline.prune.demo import demo_model_path
 from pipeline.prune.orchestrate import PruneRun, prune
 from tests.graphs import concat, residual

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.datasets import from_image_folder, from_npz, open_dataset
+from pipeline.data.datasets import from_image_folder, from_npz
 from pipeline.data.labels import guess_format
+from pipeline.data.named import open_dataset
 from pipeline.data.targets import LabelOptions, resolve_targets
 from pipeline.errors import CalibrationError, UserInputError
 from pipeline.model.prepare import prepare

@@ -15,7 +15,8 @@ from graph_ops.prune import apply_plan
 from graph_ops.task_head import group_classes, model_task, restrict_classes
 from pipeline.calibration.calibrate import calibrate
 from pipeline.cli import main
-from pipeline.data.datasets import from_iterable, open_dataset
+from pipeline.data.datasets import from_iterable
+from pipeline.data.named import open_dataset
 from pipeline.data.task import Task, load_task_map, parse_classes
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.model.prepare import prepare
