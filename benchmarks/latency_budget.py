@@ -61,7 +61,8 @@ from graph_ops.prune import apply_plan
 from pipeline.data.named import open_dataset
 from pipeline.deployment.bench import machine_info
 from pipeline.deployment.int8_stage import QUANTIZATION
-from pipeline.deployment.latency_model import LatencyTarget, latency_model_for
+from pipeline.deployment.latency_build import latency_model_for
+from pipeline.deployment.latency_model import LatencyTarget
 from pipeline.deployment.latency_plan import (
     LatencyBudget,
     closed_loop,

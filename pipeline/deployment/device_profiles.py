@@ -63,20 +63,9 @@ import numpy as np
 import onnx
 
 from graph_ops.io import atomic_write_bytes, save_model
-from pipeline.deployment.latency_model import (
-    LATENCY_FORMAT,
-    UNMATCHED,
-    LatencyModel,
-    LatencyTarget,
-    _calibrate,
-    _Graph,
-    _match,
-    _variant_widths,
-    fit_kernels,
-    model_ladders,
-    sum_times,
-    variant_model,
-)
+from pipeline.deployment.latency_build import _variant_widths, model_ladders, variant_model
+from pipeline.deployment.latency_fit import UNMATCHED, _calibrate, _Graph, _match, fit_kernels, sum_times
+from pipeline.deployment.latency_model import LATENCY_FORMAT, LatencyModel, LatencyTarget
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import PreparedModel, prepare
 
@@ -241,7 +230,7 @@ class _Names:
 
 
 def trt_times(graph: _Graph, profile: Path, layers: Path | None) -> dict[str, tuple[float, tuple[str, ...], Any]]:
-    """One variant's trtexec profile as microseconds per id (:func:`pipeline.deployment.latency_model.sum_times`)."""
+    """One variant's trtexec profile as microseconds per id (:func:`pipeline.deployment.latency_fit.sum_times`)."""
     info = read_trt_layer_info(layers) if layers is not None and layers.is_file() else {}
     names = _Names.of(graph)
     items = []

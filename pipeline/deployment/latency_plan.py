@@ -45,7 +45,8 @@ from typing import Any
 
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.prune import apply_plan
-from pipeline.deployment.latency_model import LatencyModel, LatencyTarget, key_digest, latency_model_for
+from pipeline.deployment.latency_build import key_digest, latency_model_for
+from pipeline.deployment.latency_model import LatencyModel, LatencyTarget
 from pipeline.deployment.timing import interleaved_ratios
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import PreparedModel

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.deployment.latency_model import LatencyTarget, build_latency_model
+from pipeline.deployment.latency_build import build_latency_model
+from pipeline.deployment.latency_model import LatencyTarget
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import prepare
 from pipeline.model.runtime import make_session

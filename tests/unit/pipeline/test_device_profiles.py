@@ -19,7 +19,9 @@ from pipeline.deployment.device_profiles import (
     read_trt_layer_info,
     read_trt_profile,
 )
-from pipeline.deployment.latency_model import LatencyModel, _Graph, model_ladders
+from pipeline.deployment.latency_build import model_ladders
+from pipeline.deployment.latency_fit import _Graph
+from pipeline.deployment.latency_model import LatencyModel
 from pipeline.errors import UserInputError
 from pipeline.job.config import config_from_dict
 from pipeline.model.prepare import PreparedModel, prepare

@@ -654,7 +654,8 @@ def test_plots_keep_every_candidate_visible_with_full_labels_and_every_batch() -
 
 def test_latency_model_build_shows_progress_unless_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     """31 s of silence today: the build now has a tqdm bar on stderr (LatencyBudget.progress = not -q)."""
-    from pipeline.deployment.latency_model import LatencyTarget, build_latency_model
+    from pipeline.deployment.latency_build import build_latency_model
+    from pipeline.deployment.latency_model import LatencyTarget
     from pipeline.model.prepare import prepare
 
     prepared = prepare(demo_model_path())

@@ -14,19 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.deployment.latency_model import (
-    UNMATCHED,
-    KernelModel,
-    LatencyModel,
-    LatencyTarget,
-    Width,
-    _match,
-    effective,
-    key_digest,
-    latency_model_for,
-    nnls,
-    table_key,
-)
+from pipeline.deployment.latency_build import key_digest, latency_model_for, table_key
+from pipeline.deployment.latency_fit import UNMATCHED, _match, nnls
+from pipeline.deployment.latency_model import KernelModel, LatencyModel, LatencyTarget, Width, effective
 from pipeline.deployment.latency_plan import (
     RANKINGS,
     LatencyBudget,
