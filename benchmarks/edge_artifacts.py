@@ -46,7 +46,7 @@ from pipeline.deployment.latency_model import LatencyTarget
 from pipeline.deployment.quantize import CALIBRATIONS, Int8Quantizer, qdq_zero_points
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.model.prepare import prepare
-from pipeline.prune.orchestrate import prune
+from pipeline.prune.one_shot import prune
 
 PROD = Path("/work/prod")
 PPOCR_CLS = PROD / "rapidocr_onnxruntime/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"

@@ -102,7 +102,8 @@ def _plain_inference(model: Any, data: Any, batch: int) -> None:
 def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One model in this process: plain inference, then the prune stage by stage."""
     from pipeline.memory import no_huge_page_advice
-    from pipeline.prune.orchestrate import PruneRun, write_candidate
+    from pipeline.prune.one_shot import write_candidate
+    from pipeline.prune.orchestrate import PruneRun
 
     no_huge_page_advice()  # as the CLI's process does
 

@@ -4,7 +4,7 @@ Protocol. Calibration data: the first ``N`` samples of the MNIST training split 
 ``pipeline/assets/mnist10k.npz``, ``open_dataset("mnist", split="train", limit=N)``); evaluation: the whole held-out
 split (samples 8000..9999). Each model is prepared and calibrated once (``gap`` pooling, the default probes) and the
 statistics are reused by every statistics-based method and budget; the stages are chained by
-``pipeline.prune.orchestrate.PruneRun`` (what ``pipeline.prune.orchestrate.prune`` uses), then ``apply_plan -> evaluate``. Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
+``pipeline.prune.orchestrate.PruneRun`` (what ``pipeline.prune.one_shot.prune`` uses), then ``apply_plan -> evaluate``. Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
 (``graph_ops.cost.count``). ``random`` is the mean over seeds 0, 1, 2. Planner defaults: ``round_to=8``,
 ``min_channels=8``, first and last layers kept.
 

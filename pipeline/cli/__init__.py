@@ -438,7 +438,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from pipeline.prune.orchestrate import prune
+    from pipeline.prune.one_shot import prune
 
     if args.target_macs is None and args.target_params is None and args.max_drop is None \
             and args.target_latency is None:

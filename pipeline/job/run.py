@@ -37,16 +37,8 @@ from pipeline.job.gates import ACCURACY_GATES, DENSE_GATES, check_gates_fit_mode
 from pipeline.job.plots import write_plots
 from pipeline.job.report import BatchLatency, CandidateResult, RunReport, judge
 from pipeline.locks import LOCK_NAME, exclusive_lock
-from pipeline.prune.orchestrate import (
-    Candidate,
-    PruneRun,
-    needs_labels,
-    needs_stats,
-    needs_summaries,
-    ray_started,
-    smallest_within,
-    write_candidate,
-)
+from pipeline.prune.one_shot import ray_started, smallest_within, write_candidate
+from pipeline.prune.orchestrate import Candidate, PruneRun, needs_labels, needs_stats, needs_summaries
 from pipeline.selection.progressive import progressive
 
 logger = logging.getLogger(__name__)

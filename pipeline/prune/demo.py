@@ -26,7 +26,8 @@ from graph_ops.mask import zero_channels
 from pipeline.data.datasets import Dataset
 from pipeline.data.named import open_dataset
 from pipeline.model.runtime import make_session
-from pipeline.prune.orchestrate import PruneRun, keep_lists, write_candidate
+from pipeline.prune.one_shot import write_candidate
+from pipeline.prune.orchestrate import PruneRun, keep_lists
 from pipeline.recovery import DEFAULT_RECOVERY
 from pipeline.selection.plan import PruningPlan
 

@@ -40,7 +40,7 @@ samples per class for the batch statistics of ten classes), Adam at ``1e-3`` wit
 ``benchmarks/results/finetune.md``.
 
 :func:`push_and_prune` writes the pushed model (the same graph, new initializer values; the plan refers to this
-file) and its record ``<pushed>.push.json``, then runs the usual prune (:func:`pipeline.prune.orchestrate.prune`: DI,
+file) and its record ``<pushed>.push.json``, then runs the usual prune (:func:`pipeline.prune.one_shot.prune`: DI,
 plan, surgery, least-squares recovery, optional finetune) on it.
 """
 
@@ -241,14 +241,14 @@ def push_and_prune(model_path: str | os.PathLike[str], out_path: str | os.PathLi
                    options: PushOptions | None = None, pushed_path: str | os.PathLike[str] | None = None,
                    eval_data: Any | None = None, progress: bool = True, source: str | None = None,
                    **prune_options: Any) -> tuple[Any, PushRecord]:
-    """Push the model, write it, then prune it (:func:`pipeline.prune.orchestrate.prune` with ``prune_options``).
+    """Push the model, write it, then prune it (:func:`pipeline.prune.one_shot.prune` with ``prune_options``).
 
     Writes ``pushed_path`` (default :func:`default_pushed_path`) and ``<pushed>.push.json`` (the record, with the
     held-out top-1 of the original and the pushed model when ``eval_data`` is given), then ``out_path`` with its
     plan and report. ``source`` names the model in the record when ``model_path`` is an intermediate file (a torch
     spec exported first). Returns the prune report and the push record.
     """
-    from pipeline.prune.orchestrate import prune
+    from pipeline.prune.one_shot import prune
 
     pushed_path = Path(pushed_path) if pushed_path is not None else default_pushed_path(out_path)
     for path in (pushed_path, Path(f"{pushed_path}.push.json"), Path(out_path)):

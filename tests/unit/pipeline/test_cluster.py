@@ -19,7 +19,8 @@ from pipeline.data.datasets import from_iterable, mnist_path
 from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import prepare
-from pipeline.prune.orchestrate import PruneRun, keep_lists, prune, score
+from pipeline.prune.one_shot import prune
+from pipeline.prune.orchestrate import PruneRun, keep_lists, score
 from pipeline.recovery import recover
 from pipeline.selection.allocate import select_channels
 

@@ -294,7 +294,7 @@ def test_cli_eval_missing_extra_is_one_line(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow  # a prune and a --max-drop search, about a second
 def test_prune_report_and_max_drop_use_the_dense_metric(tmp_path: Path) -> None:
-    from pipeline.prune.orchestrate import prune
+    from pipeline.prune.one_shot import prune
 
     model = seg_net(str(tmp_path / "seg.onnx"), classes=3)
     x = np.random.default_rng(0).random((48, 1, 16, 16), dtype=np.float32)

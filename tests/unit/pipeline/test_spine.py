@@ -17,7 +17,8 @@ from graph_ops.proto import fingerprint
 from graph_ops.prune import apply_plan
 from pipeline.data.named import open_dataset
 from pipeline.prune.demo import demo_model_path
-from pipeline.prune.orchestrate import PruneRun, prune
+from pipeline.prune.one_shot import prune
+from pipeline.prune.orchestrate import PruneRun
 from tests.graphs import concat, residual
 from tests.oracles import random_valid_plan
 

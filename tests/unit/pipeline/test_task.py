@@ -21,7 +21,7 @@ from pipeline.data.task import Task, load_task_map, parse_classes
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.model.prepare import prepare
 from pipeline.prune.demo import demo_model_path
-from pipeline.prune.orchestrate import prune
+from pipeline.prune.one_shot import prune
 from tests.oracles import run_ort
 
 MNIST_X = next(open_dataset("mnist", split="test", limit=300).batches(300))[0]
