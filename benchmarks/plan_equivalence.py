@@ -36,8 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="a18b2bc")
     args = parser.parse_args()
-    source = subprocess.run(["git", "show", f"{args.baseline}:pipeline/selection/plan.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    # the baseline's layout (before issue 29's stage packages): its planner was pipeline/selection/plan.py and imported the
+    # scorers' base from pipeline.selection.scorers; both spelled in pieces so that the restructure's path rewrite leaves them
+    old_layout = {"pipeline." + "scorers.base": "pipeline.selection.scorers.base"}
+    source = subprocess.run(["git", "show", f"{args.baseline}:" + "/".join(("pipeline", "plan.py"))], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    for old_name, new_name in old_layout.items():
+        source = source.replace(old_name, new_name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "baseline_plan.py"
         path.write_text(source)
