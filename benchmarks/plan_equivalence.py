@@ -36,8 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="a18b2bc")
     args = parser.parse_args()
-    # the baseline's layout (before issue 29's stage packages): its planner was pipeline/selection/plan.py and imported the
-    # scorers' base from pipeline.selection.scorers; both spelled in pieces so that the restructure's path rewrite leaves them
+    # the baseline predates issue 29's stage packages: its planner sat at the top of the package and imported the
+    # scorers' base from the top-level scorers package; both spelled in pieces so that the move's rewrite leaves them
     old_layout = {"pipeline." + "scorers.base": "pipeline.selection.scorers.base"}
     source = subprocess.run(["git", "show", f"{args.baseline}:" + "/".join(("pipeline", "plan.py"))], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout

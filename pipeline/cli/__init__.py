@@ -513,7 +513,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
-    from pipeline.training.push import PushOptions, push_and_prune
+    from pipeline.prune.one_shot import push_and_prune
+    from pipeline.training.push import PushOptions
 
     if args.target_macs is None and args.target_params is None:
         raise UserInputError("give a budget: --target-macs F or --target-params F (fraction kept, e.g. 0.25)")

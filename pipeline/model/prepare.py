@@ -42,7 +42,20 @@ from graph_ops.proto import (
 )
 from pipeline.data.task import Task
 from pipeline.errors import UserInputError
-from pipeline.selection.scorers.base import Layer
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer that reads channels (an exit consumer: Conv with group 1, ConvTranspose, Gemm, MatMul), in the
+    form the tracing scorers need: its weight initializer, the weight axis of its input channels, the columns per
+    channel (``H*W`` after a channel-major Flatten, else 1), the tensor whose channels it reads and its output."""
+
+    name: str
+    weight: str
+    axis: int
+    block: int
+    input: str
+    output: str
 
 
 @dataclass(frozen=True)

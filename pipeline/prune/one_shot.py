@@ -7,6 +7,7 @@ then evaluated, quantized or converted as asked, and written atomically with its
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,6 +22,7 @@ import onnx
 from graph_ops.errors import UserInputError, VerificationError
 from graph_ops.io import (
     EXTERNAL_DATA_THRESHOLD,
+    atomic_write_bytes,
     atomic_write_files,
     check_writable,
     save_model,
@@ -31,6 +33,7 @@ from pipeline.data.shards import SHARD_BATCHES
 from pipeline.data.targets import LabelOptions
 from pipeline.data.task import Task
 from pipeline.evaluation.evaluate import is_classifier
+from pipeline.model.prepare import as_prepared
 from pipeline.prune.orchestrate import (
     DEFAULT_ALLOCATION,
     Candidate,
@@ -41,6 +44,7 @@ from pipeline.prune.orchestrate import (
 from pipeline.prune.report import Report
 from pipeline.recovery import DEFAULT_RECOVERY
 from pipeline.recovery.sweep import MIN_ROWS_PER_DIM
+from pipeline.training.push import PushOptions, PushRecord, default_pushed_path, push
 
 if TYPE_CHECKING:
     from pipeline.deployment.latency_model import LatencyTarget
@@ -378,3 +382,34 @@ def _prune_run(run: PruneRun, out_path: Path, method: str, eval_data: Any, max_d
         artifacts["fp16"] = artifact_record(fp16_path(out_path), "fp16", timing.backend, half, batch=timing.batch)
     return write_candidate(run, candidate, out_path, evaluation=evaluation, timings=run.timings, search=search,
                            extra_files=extra, artifacts=artifacts)
+
+
+def push_and_prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, data: Any,
+                   options: PushOptions | None = None, pushed_path: str | os.PathLike[str] | None = None,
+                   eval_data: Any | None = None, progress: bool = True, source: str | None = None,
+                   **prune_options: Any) -> tuple[Any, PushRecord]:
+    """Push the model, write it, then prune it (:func:`pipeline.prune.one_shot.prune` with ``prune_options``).
+
+    Writes ``pushed_path`` (default :func:`default_pushed_path`) and ``<pushed>.push.json`` (the record, with the
+    held-out top-1 of the original and the pushed model when ``eval_data`` is given), then ``out_path`` with its
+    plan and report. ``source`` names the model in the record when ``model_path`` is an intermediate file (a torch
+    spec exported first). Returns the prune report and the push record.
+    """
+    pushed_path = Path(pushed_path) if pushed_path is not None else default_pushed_path(out_path)
+    for path in (pushed_path, Path(f"{pushed_path}.push.json"), Path(out_path)):
+        check_writable(path, model_path)
+    if Path(pushed_path).resolve() == Path(out_path).resolve():
+        raise UserInputError("the pushed model and the pruned output must be different files")
+    prepared = as_prepared(model_path)
+    pushed, record = push(prepared, data, options, progress=progress)
+    doc = {"format": "diprune.push/1", "model": source or str(model_path), "model_sha256": prepared.sha256,
+           "pushed": str(pushed_path), **record.to_dict()}
+    if eval_data is not None:
+        from pipeline.evaluation.evaluate import evaluate
+
+        doc["evaluation"] = {"original": evaluate(prepared.model, eval_data).to_dict(),
+                             "pushed": evaluate(pushed, eval_data, reference=prepared.model).to_dict()}
+    atomic_write_bytes(pushed_path, pushed.SerializeToString())
+    atomic_write_bytes(Path(f"{pushed_path}.push.json"), (json.dumps(doc, indent=1) + "\n").encode())
+    report = prune(pushed_path, out_path, data=data, eval_data=eval_data, progress=progress, **prune_options)
+    return report, record

@@ -46,7 +46,6 @@ plan, surgery, least-squares recovery, optional finetune) on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -59,7 +58,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graph_ops.io import atomic_write_bytes, check_writable
 from pipeline.errors import UserInputError
 from pipeline.model.prepare import PreparedModel, as_prepared
 from pipeline.model.torch_bridge import torch_settings
@@ -237,34 +235,3 @@ def default_pushed_path(out_path: str | os.PathLike[str]) -> Path:
     return out.with_name(f"{out.stem}.pushed.onnx")
 
 
-def push_and_prune(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, data: Any,
-                   options: PushOptions | None = None, pushed_path: str | os.PathLike[str] | None = None,
-                   eval_data: Any | None = None, progress: bool = True, source: str | None = None,
-                   **prune_options: Any) -> tuple[Any, PushRecord]:
-    """Push the model, write it, then prune it (:func:`pipeline.prune.one_shot.prune` with ``prune_options``).
-
-    Writes ``pushed_path`` (default :func:`default_pushed_path`) and ``<pushed>.push.json`` (the record, with the
-    held-out top-1 of the original and the pushed model when ``eval_data`` is given), then ``out_path`` with its
-    plan and report. ``source`` names the model in the record when ``model_path`` is an intermediate file (a torch
-    spec exported first). Returns the prune report and the push record.
-    """
-    from pipeline.prune.one_shot import prune
-
-    pushed_path = Path(pushed_path) if pushed_path is not None else default_pushed_path(out_path)
-    for path in (pushed_path, Path(f"{pushed_path}.push.json"), Path(out_path)):
-        check_writable(path, model_path)
-    if Path(pushed_path).resolve() == Path(out_path).resolve():
-        raise UserInputError("the pushed model and the pruned output must be different files")
-    prepared = as_prepared(model_path)
-    pushed, record = push(prepared, data, options, progress=progress)
-    doc = {"format": "diprune.push/1", "model": source or str(model_path), "model_sha256": prepared.sha256,
-           "pushed": str(pushed_path), **record.to_dict()}
-    if eval_data is not None:
-        from pipeline.evaluation.evaluate import evaluate
-
-        doc["evaluation"] = {"original": evaluate(prepared.model, eval_data).to_dict(),
-                             "pushed": evaluate(pushed, eval_data, reference=prepared.model).to_dict()}
-    atomic_write_bytes(pushed_path, pushed.SerializeToString())
-    atomic_write_bytes(Path(f"{pushed_path}.push.json"), (json.dumps(doc, indent=1) + "\n").encode())
-    report = prune(pushed_path, out_path, data=data, eval_data=eval_data, progress=progress, **prune_options)
-    return report, record

@@ -27,6 +27,7 @@ from graph_ops.groups import ChannelGroup, ChannelGroupIndex
 from graph_ops.io import read_text
 from pipeline.calibration.stats import CalibrationStats, ProbeStats
 from pipeline.errors import CalibrationError, UserInputError
+from pipeline.model.prepare import Layer
 
 SCORES_FORMAT = "diprune.scores/1"
 
@@ -38,20 +39,6 @@ def _frozen_map(items: Mapping[str, Any], dtype: Any) -> Mapping[str, np.ndarray
         array.setflags(write=False)
         out[key] = array
     return MappingProxyType(out)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A layer that reads channels (an exit consumer: Conv with group 1, ConvTranspose, Gemm, MatMul), in the
-    form the tracing scorers need: its weight initializer, the weight axis of its input channels, the columns per
-    channel (``H*W`` after a channel-major Flatten, else 1), the tensor whose channels it reads and its output."""
-
-    name: str
-    weight: str
-    axis: int
-    block: int
-    input: str
-    output: str
 
 
 @dataclass(frozen=True)
