@@ -182,7 +182,7 @@ def test_stage_packages_import_only_what_lies_below_them() -> None:
 
 
 # Not split yet (issue 29 item 1, left for a next step): these may not grow past their size today.
-NOT_YET_SPLIT = {"pipeline/cli/__init__.py": 1214, "pipeline/job/config.py": 521, "pipeline/job/run.py": 516}
+NOT_YET_SPLIT = {"pipeline/job/config.py": 521, "pipeline/job/run.py": 516}
 
 
 def test_no_module_is_over_500_lines() -> None:
