@@ -46,7 +46,7 @@ def _input_paths(args: argparse.Namespace) -> list[str]:
 
 
 def _output_paths(args: argparse.Namespace) -> list[str]:
-    """Every file the command writes (``run`` writes a folder: :func:`pipeline.job.run.check_run_paths`)."""
+    """Every file the command writes (``run`` writes a folder: :func:`pipeline.job.output.check_run_paths`)."""
     out = getattr(args, "output", None)
     if args.command in ("run", "demo", "inspect", "eval"):
         return []

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from graph_ops.io import atomic_write_files, check_writable, is_inside, same_file, sha256_file
+from graph_ops.io import atomic_write_files, sha256_file
 from pipeline.deployment.engines import default_round_to
 from pipeline.errors import UserInputError
 from pipeline.evaluation.dense_eval import METRIC_NAMES
@@ -34,9 +34,9 @@ from pipeline.evaluation.evaluate import score
 from pipeline.job.cache import RunCache, content_key, data_identity, model_digest
 from pipeline.job.config import DataSpec, RunConfig
 from pipeline.job.gates import ACCURACY_GATES, DENSE_GATES, check_gates_fit_model
+from pipeline.job.output import _prepare_output, _write_best, check_run_paths, output_lock
 from pipeline.job.plots import write_plots
 from pipeline.job.report import BatchLatency, CandidateResult, RunReport, judge
-from pipeline.locks import LOCK_NAME, exclusive_lock
 from pipeline.prune.one_shot import ray_started, smallest_within, write_candidate
 from pipeline.prune.orchestrate import Candidate, PruneRun, needs_labels, needs_stats, needs_summaries
 from pipeline.selection.progressive import progressive
@@ -289,28 +289,6 @@ def _metric_changes(original: dict[str, Any], pruned: dict[str, Any]) -> dict[st
 EVAL_KEYS = ("n", "top1", "top5", "agreement", "relative_logit_error")
 """What a cached evaluation must hold to be reused (:meth:`pipeline.evaluation.evaluate.EvalReport.to_dict`)."""
 
-RUN_FILES = ("best.onnx", "best.onnx.plan.json", "best.onnx.report.json", "report.json", "report.md", "mlflow.db",
-             LOCK_NAME)
-"""Files a job writes (or deletes) in its output folder."""
-RUN_FOLDERS = ("candidates", "cache", "plots")
-"""Folders whose content a job writes in its output folder."""
-
-
-def check_run_paths(config: RunConfig) -> None:
-    """Refuse a job whose inputs lie where it writes or deletes (``RUN_FILES``, ``RUN_FOLDERS``), before any work:
-    a model at ``OUTPUT/best.onnx`` would be deleted as a stale best or overwritten by the new one."""
-    output = config.output
-    for item in config.input_paths():
-        clash = next((output / name for name in RUN_FILES if same_file(item, output / name)), None)
-        clash = clash or next((output / name for name in RUN_FOLDERS
-                               if same_file(item, output / name) or is_inside(item, output / name)), None)
-        if clash is None and is_inside(output, item):  # an image folder holding the output: plots would be images
-            raise UserInputError(f"the output folder {output} lies inside the input folder {item}: the run's files "
-                                 "would join its data; choose an output folder outside it")
-        if clash is not None:
-            raise UserInputError(f"input {item} lies where this run writes ({clash}): it would be overwritten or "
-                                 f"deleted; move it out of {output} or choose another output folder")
-
 
 def _check_gates_fit_model(job: _Job, run: PruneRun) -> None:
     """Dense gates need a model whose first output is of their kind (:func:`pipeline.job.gates.check_gates_fit_model`)."""
@@ -325,18 +303,6 @@ def _check_gates_fit_data(job: _Job, evaluation: Any) -> None:
                              "labels; name the labels array (data.evaluation.label_key) or gate on min_agreement")
 
 
-def _write_best(output: Path, best: CandidateResult | None) -> None:
-    """``best.onnx`` with its plan and report (copies of the best candidate's files), or no stale best at all."""
-    names = ("best.onnx", "best.onnx.plan.json", "best.onnx.report.json")
-    if best is None:
-        for name in names:
-            (output / name).unlink(missing_ok=True)
-        return
-    source = output / best.path
-    sources = (source, Path(f"{source}.plan.json"), Path(f"{source}.report.json"))
-    atomic_write_files({output / name: src.read_bytes() for name, src in zip(names, sources, strict=True)})
-
-
 def _bench(job: _Job, paths: list[str]) -> Any:
     from pipeline.deployment.bench import measure
 
@@ -349,18 +315,6 @@ def _bench(job: _Job, paths: list[str]) -> Any:
                        threads=bench.threads, precision=bench.precision, progress=job.progress,
                        round_to=job.config.prune.round_to or default_round_to(bench.backend, bench.precision),
                        workdir=job.cache.root if bench.backend == "tensorrt" else None)
-
-
-def _prepare_output(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserInputError(f"output {output} is a file; give a folder (it is created when missing)")
-    try:
-        (output / "candidates").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserInputError(f"cannot create the output folder {output}: {err.strerror or err}") from err
-    for name in RUN_FILES:  # a folder, device node or FIFO where the run writes is refused before any work
-        if name != LOCK_NAME:
-            check_writable(output / name)
 
 
 def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = None, use_cache: bool = True,
@@ -383,13 +337,6 @@ def run_job(config: RunConfig, *, progress: bool = True, echo: Echo | None = Non
     _prepare_output(output)
     with output_lock(output):
         return _run_locked(config, progress=progress, echo=echo, use_cache=use_cache, tracker=tracker)
-
-
-@contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """The exclusive lock of an output folder (:mod:`pipeline.locks`) for the block; taken once per process."""
-    with exclusive_lock(output / LOCK_NAME, f"output folder {output}"):
-        yield
 
 
 def _run_locked(config: RunConfig, *, progress: bool, echo: Echo | None, use_cache: bool, tracker: Any) -> RunReport:
