@@ -49,11 +49,11 @@ import onnx
 from benchmarks.latency_budget import mcnemar
 from benchmarks.quality import locked_doc, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.orchestrate import PruneRun
-from pipeline.progressive import progressive
-from pipeline.runtime import model_input_specs, open_session, stream
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.model.runtime import model_input_specs, open_session, stream
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.selection.progressive import progressive
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ For calibration subsets ``s`` of ``benchmarks.dense_selection`` (256 canvases ea
 ``l2``, ``di-data`` DI with the data's labels, ``di-model`` DI with the original model's own decisions) is scored
 once and planned to each target of ``--targets`` twice, with ``allocation="measured"`` (the default: groups ranked by
 the damage of masking them, KL per time step / pixel for a sequence / map output, relative output error otherwise,
-:mod:`pipeline.sensitivity`) and ``allocation="rule"``, then recovered with lstsq; the held-out primary metric of
+:mod:`pipeline.selection.sensitivity`) and ``allocation="rule"``, then recovered with lstsq; the held-out primary metric of
 each (exact-sequence accuracy, mAP@0.5, mIoU). Pairs share the subset and the scores, so ``rule - measured`` per
 subset is a paired difference; the report gives its mean +- SE over the subsets. Needs the trained tasks of
 ``python -m benchmarks.dense_tasks`` (``work/dense``). Writes ``benchmarks/results/allocation_dense.{json,md}``
@@ -37,7 +37,7 @@ def _key(row: dict[str, Any]) -> tuple[Any, ...]:
 def cells(bench_name: str, subsets: list[int], targets: list[float], methods: list[str]) -> list[dict[str, Any]]:
     from benchmarks.dense_selection import DI_METHODS, THREADS, Evaluator, benches, di_run
     from graph_ops.cost import count
-    from pipeline.orchestrate import PruneRun
+    from pipeline.prune.orchestrate import PruneRun
 
     bench = benches()[bench_name]
     prepared = bench.prepared()
@@ -98,7 +98,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.output import command_line
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benches", nargs="+", choices=("seq", "det", "seg"), default=["seq"])

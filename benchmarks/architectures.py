@@ -8,7 +8,7 @@ For each timm architecture of :data:`MODELS` (none of them is in the test zoo; r
 BatchNorm statistics at 1x3x64x64, ``tests.production_models.build``), in its own child process (a crash or a hang
 of one model cannot stop the others; ``--timeout`` seconds each): export with the legacy exporter (checked against
 torch), analyse and check exact surgery as ``benchmarks.production_report`` does (three seeded random plans against
-the mask oracle, predicted == counted MACs), then the default job through ``pipeline.orchestrate.PruneRun`` (the
+the mask oracle, predicted == counted MACs), then the default job through ``pipeline.prune.orchestrate.PruneRun`` (the
 code path of ``diprune prune``): 96 seeded standard-normal images with labels cycling through 10 classes, batch 32,
 ``--method di --target-macs 0.6 --recover lstsq``; the pruned, recovered model is checked with the full ONNX checker
 and must run in onnxruntime. Recorded: prunable share, freeze reasons (Conv output channels per reason), exactness,
@@ -16,7 +16,7 @@ the plan's MACs fraction, refit and skipped layers (with the skip reasons), wall
 the model. Random weights say nothing about accuracy: this is about what the tool accepts and computes exactly. Not in the
 list: LeViT (its attention biases are sized for 224 x 224, so its torch forward itself fails at 64 x 64). The ViT is
 built for 64 x 64 (``img_size=64``).
-Writes ``benchmarks/results/architectures.json`` and ``.md`` with the machine (``pipeline.bench.machine_info``).
+Writes ``benchmarks/results/architectures.json`` and ``.md`` with the machine (``pipeline.deployment.bench.machine_info``).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def child(name: str, cache: Path, work: Path) -> dict[str, Any]:
     from benchmarks.production_report import report_one
     from graph_ops.channels import analyze
     from graph_ops.io import load_model
-    from pipeline.data import from_iterable
-    from pipeline.orchestrate import PruneRun
+    from pipeline.data.datasets import from_iterable
+    from pipeline.prune.orchestrate import PruneRun
     from tests.production_models import export_production, input_shape
 
     row: dict[str, Any] = {"model": name}
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from importlib.metadata import version
 
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     rows = []
     for name in args.models.split(","):

@@ -1,4 +1,4 @@
-"""How many calibration images to use, per model: :func:`pipeline.advice.sample_advice` on the shipped and benchmark
+"""How many calibration images to use, per model: :func:`pipeline.prune.advice.sample_advice` on the shipped and benchmark
 models and on torchvision classifiers at 224x224 (random weights: the advice depends on the architecture only).
 
 Run from the repository root (exports the torchvision models into ``work/cost`` once; needs the ``[torch]`` extra)::
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from benchmarks.output import torchvision_onnx
 from graph_ops.io import atomic_write_bytes
-from pipeline.advice import sample_advice
-from pipeline.prepare import prepare
+from pipeline.model.prepare import prepare
+from pipeline.prune.advice import sample_advice
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-LOCAL = {"demo CNN": "pipeline/data/mnist_cnn.onnx", **{f"MNIST {f}": f"benchmarks/models/mnist_{f}.onnx"
+LOCAL = {"demo CNN": "pipeline/assets/mnist_cnn.onnx", **{f"MNIST {f}": f"benchmarks/models/mnist_{f}.onnx"
                                                         for f in ("vgg", "resnet", "mobilenet", "inception", "lenet")}}
 TORCHVISION = ("resnet18", "resnet50", "mobilenet_v2", "vgg16")
 
@@ -34,7 +34,7 @@ def main() -> int:
         doc[name] = {"params": int(prepared.cost.params), **sample_advice(prepared).to_dict()}
         print(name, doc[name], file=sys.stderr)
     lines = ["# Advised calibration images (`python -m benchmarks.calibration_advice`)", "",
-             "From the analysis alone (`pipeline.advice.sample_advice`, `auto` pooling, 64 sampled positions per "
+             "From the analysis alone (`pipeline.prune.advice.sample_advice`, `auto` pooling, 64 sampled positions per "
              "image): scoring wants 10 images per feature of the widest probe; lstsq recovery 10 rows per unknown of "
              "the most demanding refit layer (unknowns at the unpruned width). Layers above 5,000 unknowns get R2.", "",
              "| model | params | scoring: images (widest probe features) | lstsq: images (layer unknowns, rows per "

@@ -2,7 +2,7 @@
 
 Protocol. Each command runs ``--runs`` times (default 5) as a fresh process, sequentially, and the median wall time
 (``time.perf_counter`` around ``subprocess.run``, process start and exit included) is recorded, with the min and max:
-``diprune --help``, ``diprune inspect DEMO`` (the shipped demo model, ``pipeline.demo.demo_model_path``) and
+``diprune --help``, ``diprune inspect DEMO`` (the shipped demo model, ``pipeline.prune.demo.demo_model_path``) and
 ``python -c "import pipeline.cli"``. The heavy third-party modules that ``import pipeline.cli`` loads are listed
 (``sys.modules`` of a fresh interpreter), and ``python -X importtime``'s cumulative time of ``pipeline.cli`` is
 recorded (median of the runs). The machine's load average is recorded before and after: on a shared machine the
@@ -60,7 +60,7 @@ def _heavy_modules() -> list[str]:
 
 def measure(runs: int) -> dict[str, Any]:
     """Every measurement of the protocol."""
-    from pipeline.demo import demo_model_path
+    from pipeline.prune.demo import demo_model_path
 
     demo = str(demo_model_path())
     load_before = os.getloadavg()

@@ -16,7 +16,7 @@ Cases (data from :mod:`benchmarks.ocr_lines`, unlabelled unless said):
 
 Modes, each in a fresh process, in interleaved rounds
 (plain, pooled, dense, then again): ``plain`` = one onnxruntime pass of the prepared model over the data (same
-batches, :func:`pipeline.runtime.open_session`), ``pooled`` = today's calibration of every probe (pooled features,
+batches, :func:`pipeline.model.runtime.open_session`), ``pooled`` = today's calibration of every probe (pooled features,
 no labels: what ``l2``/``mean-act`` use and what DI used on a classifier), ``dense`` = the location-aware calibration.
 Memory: the peak resident memory of the process during the mode's work alone (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs`` once the model is prepared and the data opened; the preparation's own peak is excluded).
@@ -55,9 +55,9 @@ def _data(work: Path, lines: int, pages: int) -> None:
     if not (work / "pages_masks.npz").is_file():
         x = render_pages(pages, 12, dictionary())
         np.savez(work / "pages.npz", x=x)
-        from pipeline.outputs import map_classes
-        from pipeline.prepare import prepare
-        from pipeline.runtime import open_session
+        from pipeline.data.outputs import map_classes
+        from pipeline.model.prepare import prepare
+        from pipeline.model.runtime import open_session
 
         prepared = prepare(DETECTOR, {"x": (8, 3, 320, 320)})
         session = open_session(prepared.model.SerializeToString(), "ort-cpu")
@@ -67,11 +67,11 @@ def _data(work: Path, lines: int, pages: int) -> None:
 
 def _child(case: str, mode: str, work: Path) -> dict[str, float]:
     """One measurement in this (fresh) process."""
-    from pipeline.calibrate import calibrate
-    from pipeline.data import from_npz
-    from pipeline.prepare import parse_input_shapes, prepare
-    from pipeline.runtime import open_session
-    from pipeline.targets import LabelOptions
+    from pipeline.calibration.calibrate import calibrate
+    from pipeline.data.datasets import from_npz
+    from pipeline.data.targets import LabelOptions
+    from pipeline.model.prepare import parse_input_shapes, prepare
+    from pipeline.model.runtime import open_session
 
     path, shape, file, labels = CASES[case]
     prepared = prepare(path, parse_input_shapes([shape]))
@@ -138,7 +138,7 @@ def main() -> None:
                 record = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.setdefault(case, {}).setdefault(mode, []).append(record)
                 print(f"round {rnd} {case} {mode}: {record}", flush=True)
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     summary = {}
     for case, modes in runs.items():

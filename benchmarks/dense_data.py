@@ -1,6 +1,6 @@
 """Canvases of real MNIST digits for the three dense benchmark tasks (deterministic, seeded; numpy + Pillow).
 
-Digits come from the shipped ``pipeline/data/mnist10k.npz``: training canvases use samples 0..7999 only, held-out
+Digits come from the shipped ``pipeline/assets/mnist10k.npz``: training canvases use samples 0..7999 only, held-out
 test canvases samples 8000..9999 only. Every canvas is uint8, one channel, black background; digits are resized
 with Pillow (bilinear) and composited with ``max`` (overlapping strokes merge as ink would).
 
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import MNIST_TRAIN, mnist_path
+from pipeline.data.datasets import mnist_path
+from pipeline.data.npz import MNIST_TRAIN
 
 SEQ_SHAPE, SEQ_MAX = (32, 128), 6
 DET_SIZE, SEG_SIZE = 96, 64

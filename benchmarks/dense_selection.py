@@ -19,12 +19,12 @@ Methods:
 
 * ``di-data`` / ``di-model``: DI with ground-truth labels of the calibration subset / with the original model's own
   decisions (``--labels model``), through the issue-27 core in-process (:func:`di_run`: :class:`PruneRun` with
-  :class:`pipeline.targets.LabelOptions`, what ``diprune prune --method di --labels data|model --output-kind K
+  :class:`pipeline.data.targets.LabelOptions`, what ``diprune prune --method di --labels data|model --output-kind K
   --label-format F [--labels-path P]`` builds), then the same planner and recovery as every other row. Data labels:
   the npz's ``y_train`` (``seq``: digit sequences padded with -1; ``seg``: class maps) or the Ultralytics label files
   (``det``: ``labels/train/<i>.txt`` <-> training sample ``i``). The cells record the resolved targets (source,
   kind, classes). A refusal of the core is recorded as the cell's error.
-* ``l2``, ``random``: :class:`pipeline.orchestrate.PruneRun` (the stage chain the CLI runs).
+* ``l2``, ``random``: :class:`pipeline.prune.orchestrate.PruneRun` (the stage chain the CLI runs).
 * ``tp-taylor``: Torch-Pruning 1.6.1 ``GroupTaylorImportance`` (first-order Taylor, |w dL/dw| summed over the group's
   coupled parameters, group mean) on a BN-free torch twin carrying the ONNX weights (the same function), gradients of
   the task's training loss over the calibration subset with its ground-truth labels; its per-channel importances
@@ -64,13 +64,13 @@ from benchmarks import dense_tasks
 from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import locked_doc, merge
 from graph_ops.cost import count
-from pipeline.data import Dataset, from_npz
+from pipeline.data.datasets import Dataset, from_npz
+from pipeline.data.targets import LabelOptions
 from pipeline.errors import PruneError
-from pipeline.orchestrate import PruneRun
-from pipeline.prepare import PreparedModel, prepare
+from pipeline.model.prepare import PreparedModel, prepare
+from pipeline.prune.orchestrate import PruneRun
 from pipeline.recovery import DEFAULT_RECOVERY
-from pipeline.scorers.base import ChannelScores
-from pipeline.targets import LabelOptions
+from pipeline.selection.scorers.base import ChannelScores
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Evaluator:
             return dense_tasks.task_metric(self.bench.torch_task, output, self.labels)
         if self.bench.name == "ocr-rec":
             from benchmarks.ocr_data import ctc_greedy
-            from pipeline.metrics import SequenceMetric
+            from pipeline.evaluation.metrics import SequenceMetric
 
             metric = SequenceMetric()
             metric.update(ctc_greedy(output, strip=self.space), self.labels)
@@ -208,7 +208,7 @@ def text_map_metrics(binary: np.ndarray, mask: np.ndarray, reference: np.ndarray
 def di_run(bench: Bench, run: PruneRun, subset: int, labels: str) -> PruneRun:
     """A run on the same calibration subset as ``run`` whose DI reads ``labels`` (``data``: the subset's
     ground truth, :meth:`Bench.calibration` with labels; ``model``: the original model's own decisions), through
-    the issue-27 core in-process: :class:`PruneRun` with :class:`pipeline.targets.LabelOptions` (what ``diprune
+    the issue-27 core in-process: :class:`PruneRun` with :class:`pipeline.data.targets.LabelOptions` (what ``diprune
     prune --method di --labels data|model --output-kind K [--label-format F --labels-path P]`` builds)."""
     data = bench.calibration(subset, run.prepared.model.graph.input[0].name, labelled=True) if labels == "data" \
         else run.data
@@ -492,7 +492,7 @@ def report(doc: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=("run", "report"), default="run")

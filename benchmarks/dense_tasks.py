@@ -2,7 +2,7 @@
 
 Data: :mod:`benchmarks.dense_data` (canvases of real MNIST digits; training canvases from samples 0..7999, held-out
 test canvases from 8000..9999 only). Models (small CNNs, BatchNorm + ReLU, exported with the legacy exporter, opset
-17, dynamic batch, through :func:`pipeline.export.export_torch`, i.e. canonicalized and checked against torch):
+17, dynamic batch, through :func:`pipeline.model.export.export_torch`, i.e. canonicalized and checked against torch):
 
 * ``seq``: CRNN-style CTC recognizer; input ``[N, 1, 32, 128]``; the width axis becomes 32 time steps (a pool over
   the height, a 1x1 conv to K = 11 classes, blank 0); output ``[N, 32, 11]`` softmax (time axis as PP-OCR exports it).
@@ -11,14 +11,14 @@ test canvases from 8000..9999 only). Models (small CNNs, BatchNorm + ReLU, expor
   Ultralytics deployment format ``[N, 4 + 10, 180]``: ``cx, cy, w, h`` in input pixels (distances to the four box
   sides ``softplus(raw) * stride`` from the cell centre) and sigmoid class scores. Trained with BCE on the class
   scores (a cell is positive for the smallest box whose centre region, 1.5 strides, holds it, at the box's scale) and
-  a GIoU loss on positives. Held-out metric: COCO mAP@0.5 and mAP@0.5:0.95 (:class:`pipeline.metrics.DetectionMetric`)
+  a GIoU loss on positives. Held-out metric: COCO mAP@0.5 and mAP@0.5:0.95 (:class:`pipeline.evaluation.metrics.DetectionMetric`)
   after the decoding below (score >= 0.001, the 300 best candidates, class-wise NMS at IoU 0.6, 100 per image).
 * ``seg``: encoder-decoder (ConvTranspose upsampling, bilinear Resize upsampling, concatenated skips) with an output
   at stride 2 resized bilinearly to the input: ``[N, 11, 64, 64]`` logits (class 0 background, ``digit + 1``).
-  Cross-entropy (255 ignored). Held-out metric: mIoU and pixel accuracy (:class:`pipeline.metrics.SegmentationMetric`).
+  Cross-entropy (255 ignored). Held-out metric: mIoU and pixel accuracy (:class:`pipeline.evaluation.metrics.SegmentationMetric`).
 
 The decoders here (:func:`decode_yolo`, argmax, :func:`benchmarks.ocr_data.ctc_greedy`) are the benchmark's own
-until ``pipeline/outputs.py`` (issue 27, core) lands; they follow the same conventions.
+until ``pipeline/data/outputs.py`` (issue 27, core) lands; they follow the same conventions.
 
 Everything is seeded (``torch.manual_seed``, numpy generators, a fixed thread count), so a rebuild gives the same
 models. ``ensure_task(name)`` returns the cached model and data under ``work/dense/`` and rebuilds what is missing.
@@ -337,7 +337,7 @@ def run_onnx(model: Any, x: np.ndarray, batch: int = 128, threads: int = 1) -> n
 def task_metric(task: str, output: np.ndarray, labels: Any) -> dict[str, Any]:
     """Held-out metric of a task from the model's raw outputs (decoded here)."""
     from benchmarks.ocr_data import ctc_greedy
-    from pipeline.metrics import DetectionMetric, SegmentationMetric, SequenceMetric
+    from pipeline.evaluation.metrics import DetectionMetric, SegmentationMetric, SequenceMetric
 
     if task == "seq":
         m: Any = SequenceMetric()
@@ -391,7 +391,7 @@ def write_data(task: str, work: Path = WORK, seed: int = 0) -> tuple[np.ndarray,
 def ensure_task(task: str, work: Path = WORK, force: bool = False) -> tuple[TaskData, dict[str, Any] | None]:
     """The task's cached files, rebuilt (data, training, export) when missing or ``force``; returns them and the
     build record (None when the cache was used)."""
-    from pipeline.export import export_torch
+    from pipeline.model.export import export_torch
 
     files = task_files(task, work)
     if files.model.exists() and files.npz.exists() and not force:
@@ -413,7 +413,7 @@ def ensure_task(task: str, work: Path = WORK, force: bool = False) -> tuple[Task
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))

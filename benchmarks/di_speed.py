@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.scorers.di import Eliminator, eliminate
-from pipeline.stats import ProbeStats
+from pipeline.calibration.stats import ProbeStats
+from pipeline.selection.scorers.di import Eliminator, eliminate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "di_speed.json"
 

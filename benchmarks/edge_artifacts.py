@@ -3,7 +3,7 @@ writes them for TensorRT.
 
 Models (real weights) and held-out data:
 
-* ``mnist``: the shipped MNIST CNN (``pipeline/data/mnist_cnn.onnx``) on the shipped digits (calibration: the
+* ``mnist``: the shipped MNIST CNN (``pipeline/assets/mnist_cnn.onnx``) on the shipped digits (calibration: the
   training split, evaluation: the 2,000 test digits).
 * ``ppocr_cls``: PP-OCR's text-direction classifier (``ch_ppocr_mobile_v2.0_cls_infer.onnx`` from the
   rapidocr-onnxruntime wheel; 0 / 180 degrees) on text lines rendered here with the DejaVu fonts (random words and
@@ -40,13 +40,13 @@ import numpy as np
 import onnx
 
 from benchmarks.output import write_results
-from pipeline.data import open_dataset
-from pipeline.evaluate import evaluate
-from pipeline.fp16 import convert_fp16
-from pipeline.latency_model import LatencyTarget
-from pipeline.orchestrate import prune
-from pipeline.prepare import prepare
-from pipeline.quantize import CALIBRATIONS, Int8Quantizer, qdq_zero_points
+from pipeline.data.named import open_dataset
+from pipeline.deployment.fp16 import convert_fp16
+from pipeline.deployment.latency_model import LatencyTarget
+from pipeline.deployment.quantize import CALIBRATIONS, Int8Quantizer, qdq_zero_points
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.model.prepare import prepare
+from pipeline.prune.one_shot import prune
 
 PROD = Path("/work/prod")
 PPOCR_CLS = PROD / "rapidocr_onnxruntime/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
@@ -148,7 +148,7 @@ dynamic and its batch as dim_value -1, which ``--input-shape`` refuses as fixed;
 symbolic batch and these dims."""
 RUNS = (("x86", "minmax"), *(("tensorrt", c) for c in CALIBRATIONS))
 """(recipe, calibration) pairs measured: today's x86 recipe as the reference, the TensorRT recipe with each method."""
-MODELS = {"mnist": Path("pipeline/data/mnist_cnn.onnx"), "ppocr_cls": PPOCR_CLS, "orientation": ORIENTATION}
+MODELS = {"mnist": Path("pipeline/assets/mnist_cnn.onnx"), "ppocr_cls": PPOCR_CLS, "orientation": ORIENTATION}
 
 
 def cast_report(model: onnx.ModelProto, work: Path) -> dict[str, Any]:

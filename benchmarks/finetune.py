@@ -1,7 +1,7 @@
 """Issue-14 benchmark: beyond training-free. DI + lstsq, then a short distillation, and Grow-Push-Prune's push first.
 
 Protocol (the data protocol of ``benchmarks/quality.py``). Models: ``benchmarks/models/mnist_{vgg,resnet,mobilenet,
-inception,lenet}.onnx`` (trained on samples 0..7999 of ``pipeline/data/mnist10k.npz``). Calibration and recovery:
+inception,lenet}.onnx`` (trained on samples 0..7999 of ``pipeline/assets/mnist10k.npz``). Calibration and recovery:
 the first 2,000 training digits (``open_dataset("mnist", split="train", limit=2000)``); evaluation: the 2,000
 held-out digits (split ``test``; one digit = 0.05 points). Targets: 0.125 and 0.0625 of the MACs. When the planner's
 floor with the first layer and the classifier input protected lies above 1.1 x the target, the cell is made with
@@ -10,13 +10,13 @@ Rows, per family and target:
 
 * ``di+lstsq``: ``PruneRun.candidate("di", target_macs=t)`` (the library's defaults: auto pooling, round-to 8,
   sequential R3 recovery);
-* ``+ft{E}@{N}``: that model distilled with :func:`pipeline.finetune.finetune` (``FinetuneOptions(epochs=E)``, the
+* ``+ft{E}@{N}``: that model distilled with :func:`pipeline.training.finetune.finetune` (``FinetuneOptions(epochs=E)``, the
   library's defaults otherwise: KL at T=4 + 0.5 CE, Adam 1e-3 with warm-up and cosine decay, batch 64, seed 0,
   1 thread) on the first ``N`` training digits, for ``E`` in 1, 3 and ``N`` in 2,000, 8,000. The cell records
   ``kept``: finetune applies the trained weights only when they lower its training objective on the first 1,024
   samples (``objective``: before, after); otherwise the row's model IS the pruned model it started from. (Cells
   measured before ``kept`` was recorded lack it; ``--redo-unrecorded`` measures them again, deterministically.);
-* ``push+di+lstsq``: the original pushed first (:func:`pipeline.push.push`, ``PushOptions()``: 3 epochs on the first
+* ``push+di+lstsq``: the original pushed first (:func:`pipeline.training.push.push`, ``PushOptions()``: 3 epochs on the first
   2,000 training digits), then the same DI + lstsq; ``push+di+lstsq+ft3@8000``: that model distilled as above, the
   pushed model being the teacher (what ``diprune push --finetune-epochs 3`` does).
 
@@ -47,12 +47,12 @@ import onnx
 
 from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import MODELS, RESULTS, THREADS, eval_top1, merge
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.finetune import FinetuneOptions, finetune
-from pipeline.orchestrate import Candidate, PruneRun
-from pipeline.prepare import PreparedModel, prepare
-from pipeline.push import PushOptions, push
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.model.prepare import PreparedModel, prepare
+from pipeline.prune.orchestrate import Candidate, PruneRun
+from pipeline.training.finetune import FinetuneOptions, finetune
+from pipeline.training.push import PushOptions, push
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Issue-31 benchmark: ``diprune finetune`` beside a plain training loop on the same pruned models and data.
 
 Protocol. Models: the shipped MNIST CNN (``cnn``) and the MNIST families of ``benchmarks/models`` (trained on samples
-0..7999 of ``pipeline/data/mnist10k.npz``), the third-party pretrained MNIST CNN of the ``ccexam`` wheel
+0..7999 of ``pipeline/assets/mnist10k.npz``), the third-party pretrained MNIST CNN of the ``ccexam`` wheel
 (``ccexam``, exported by :func:`benchmarks.allocation.ccexam_model`), and the real text-direction classifier of
 PaddleOCR (``ch_ppocr_mobile_v2.0_cls_infer.onnx``, ``cls``: ``--ocr`` names the folder of ``benchmarks/ocr_data.py``'s
 rendered ``cls.npz`` and the unpacked models). Data: the first 2,000 training digits (calibration, recovery and
@@ -10,7 +10,7 @@ training and test parts. Pruned models: ``PruneRun.candidate("di", target_macs=t
 (lstsq recovery), the ends pruned too when the protected floor lies above 1.1 x the target (as in
 ``benchmarks/finetune.py``); every loop starts from the same pruned model. Loops, for 1 and 3 epochs:
 
-* ``diprune``: :func:`pipeline.finetune.finetune` with :class:`pipeline.finetune.FinetuneOptions` (the library's
+* ``diprune``: :func:`pipeline.training.finetune.finetune` with :class:`pipeline.training.finetune.FinetuneOptions` (the library's
   defaults; ``diprune[NAME]``: the defaults with one change from :data:`VARIANTS`, the tuning rows the defaults
   were chosen from). It holds 10 % of the training data out for choosing the epoch and trains on the rest;
 * ``adam-ce``: a plain loop as users write it: the converted model in train mode (BatchNorm on batch statistics),
@@ -48,12 +48,12 @@ import onnx
 from benchmarks.output import command_line, log_to_stderr, rewrite_markdown
 from benchmarks.quality import RESULTS, THREADS, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.finetune import FinetuneOptions, finetune
-from pipeline.orchestrate import PruneRun
-from pipeline.torch_bridge import torch_settings
-from pipeline.training import as_tensors, batches, converted, teacher_logits
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.model.torch_bridge import torch_settings
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.training.finetune import FinetuneOptions, finetune
+from pipeline.training.loop import as_tensors, batches, converted, teacher_logits
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def report_lines(doc: Mapping[str, Any]) -> list[str]:
              "`benchmarks/finetune_loops.py`. Cells: mean top-1 over the seeds run (their count in brackets when "
              "more than one); `diprune` trains on 90 % of the training data and returns its best trained epoch on "
              "the other 10 % unless that epoch is worse than its input there beyond the noise (the rule of "
-             "`pipeline/finetune.py`), the plain loops train on all of it and keep their last epoch.", "",
+             "`pipeline/training/finetune.py`), the plain loops train on all of it and keep their last epoch.", "",
              *(f"Note: {n}" for n in doc.get("notes", ())), ""]
     wins: list[tuple[str, float, int, float, int, int, int, float]] = []
     for name, entry in doc.get("models", {}).items():

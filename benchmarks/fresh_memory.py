@@ -92,7 +92,7 @@ def stages(advice: bool, work: Path) -> dict[str, float]:
     """Seconds of calibration and DI scoring of ResNet-50 (``benchmarks.pipeline_cost``'s job)."""
     from benchmarks.output import torchvision_onnx
     from benchmarks.pipeline_cost import dataset
-    from pipeline.orchestrate import PruneRun
+    from pipeline.prune.orchestrate import PruneRun
 
     set_huge_page_advice(advice)
     data = dataset(256, 64)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child == "stages":
         print(json.dumps(stages(args.option == "on", args.work)))
         return
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     doc: dict[str, Any] = {

@@ -62,9 +62,9 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.io import atomic_write_bytes
-from pipeline.bench import machine_info
-from pipeline.data import mnist_path
-from pipeline.demo import demo_model_path
+from pipeline.data.datasets import mnist_path
+from pipeline.deployment.bench import machine_info
+from pipeline.prune.demo import demo_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -230,7 +230,7 @@ def images(name: str = "imgs", bad: str | None = None) -> Setup:
 def plan_file(name: str = "p.json", **meta: Any) -> Setup:
     """A valid plan of the demo model (2 groups pruned), with ``meta`` entries replaced."""
     def make(d: Path) -> None:
-        from pipeline.orchestrate import PruneRun
+        from pipeline.prune.orchestrate import PruneRun
 
         run = PruneRun(str(d / "m.onnx") if (d / "m.onnx").is_file() else str(demo_model_path()), None,
                        progress=False)
@@ -250,7 +250,7 @@ def edited_json(name: str, change: Callable[[Any], Any]) -> Setup:
 
 def scores_file(name: str = "s.json") -> Setup:
     def make(d: Path) -> None:
-        from pipeline.orchestrate import PruneRun
+        from pipeline.prune.orchestrate import PruneRun
 
         run = PruneRun(str(demo_model_path()), None, progress=False)
         (d / name).write_text(run.scores("l2").to_json(model_path=str(d / "m.onnx")))
@@ -259,9 +259,9 @@ def scores_file(name: str = "s.json") -> Setup:
 
 def stats_file(name: str = "st.npz") -> Setup:
     def make(d: Path) -> None:
-        from pipeline.calibrate import calibrate
-        from pipeline.data import from_npz
-        from pipeline.prepare import prepare
+        from pipeline.calibration.calibrate import calibrate
+        from pipeline.data.datasets import from_npz
+        from pipeline.model.prepare import prepare
 
         x, y = _digits(64)
         np.savez(d / "_c.npz", x=x, y=y)

@@ -1,9 +1,9 @@
 """Realized onnxruntime CPU speedup of magnitude-pruned torchvision models versus their MACs reduction.
 
 For each architecture (random seeded weights; no pretrained weights exist on these machines): export to ONNX
-(``pipeline.export``), prune to 50 % and 25 % of the MACs with the data-free ``l2`` scorer and round-to 8
+(``pipeline.model.export``), prune to 50 % and 25 % of the MACs with the data-free ``l2`` scorer and round-to 8
 (analyse, ``SCORERS["l2"]``, ``select_channels``, ``apply_plan``), then time original and pruned
-models in interleaved rounds (``pipeline.bench.measure``) at batch 1 and 32. ``speedup`` is the median over rounds
+models in interleaved rounds (``pipeline.deployment.bench.measure``) at batch 1 and 32. ``speedup`` is the median over rounds
 of original/pruned latency; ``macs_speedup`` = original MACs / pruned MACs; ``efficiency`` = speedup / macs_speedup
 (1.0: latency fell as much as the MACs did).
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.output import torchvision_onnx, write_results
 from graph_ops.cost import count
 from graph_ops.io import load_model, save_model
-from pipeline.bench import machine_info, measure
+from pipeline.deployment.bench import machine_info, measure
 
 MODELS = ("resnet50", "mobilenet_v2", "vgg16", "efficientnet_b0")
 TARGETS = (0.5, 0.25)
@@ -31,9 +31,9 @@ RESULT = Path(__file__).resolve().parent / "results" / "latency.json"
 def pruned(original: Path, target: float, work: Path) -> Path:
     """Prune to ``target`` of the MACs with l2 magnitude scores and round-to 8 (cached).
 
-    The stages are chained by ``pipeline.orchestrate.PruneRun`` (prepare, ``l2`` scores, plan, apply).
+    The stages are chained by ``pipeline.prune.orchestrate.PruneRun`` (prepare, ``l2`` scores, plan, apply).
     """
-    from pipeline.orchestrate import PruneRun
+    from pipeline.prune.orchestrate import PruneRun
 
     path = work / f"{original.stem}.l2.{int(target * 100)}.onnx"
     if not path.is_file():

@@ -6,13 +6,13 @@ machine recorded in the results.
 
 Stage ``torchvision`` (resnet50, vgg16, mobilenet_v2, efficientnet_b0 at 224x224, seeded random weights, exported as
 ``benchmarks/latency.py`` does; data-free ``l2`` scores, since random weights carry no class information). Per model
-the latency model is measured (:mod:`pipeline.latency_model`; its held-out error is recorded), then per requested
+the latency model is measured (:mod:`pipeline.deployment.latency_model`; its held-out error is recorded), then per requested
 fraction ``F`` in (0.5, 0.33):
 
-* ``latency``: the latency plan for ``F`` (:func:`pipeline.latency_plan.plan_for_latency`, closed loop);
+* ``latency``: the latency plan for ``F`` (:func:`pipeline.deployment.latency_plan.plan_for_latency`, closed loop);
 * ``macs F``: the MACs plan with ``target_macs = F`` (what a MACs budget gives when F is taken at its word);
 * ``macs =lat``: the MACs plan whose measured latency equals the latency plan's (the same closed loop, driving
-  ``target_macs``; :func:`pipeline.latency_plan.closed_loop`).
+  ``target_macs``; :func:`pipeline.deployment.latency_plan.closed_loop`).
 
 The original and all of these are then timed again together in one set of interleaved rounds (the reported
 numbers): ``ratio`` = median over rounds of plan / original, ``speedup = 1 / ratio``, ``efficiency`` = measured
@@ -58,25 +58,27 @@ from benchmarks.quality import locked_doc, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from graph_ops.io import save_model
 from graph_ops.prune import apply_plan
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.evaluate import evaluate
-from pipeline.int8_stage import QUANTIZATION
-from pipeline.latency_model import LatencyTarget, latency_model_for
-from pipeline.latency_plan import (
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.deployment.int8_stage import QUANTIZATION
+from pipeline.deployment.latency_build import latency_model_for
+from pipeline.deployment.latency_model import LatencyTarget
+from pipeline.deployment.latency_plan import (
     LatencyBudget,
     closed_loop,
     measure_plan,
     plan_for_latency,
     with_information_lost,
 )
-from pipeline.mixed_precision import search_mixed_precision
-from pipeline.orchestrate import PruneRun, keep_lists
-from pipeline.plan import PruningPlan, select_channels
-from pipeline.prepare import prepare
-from pipeline.quantize import Int8Quantizer, compare_precisions
-from pipeline.runtime import model_input_specs, open_session, stream
-from pipeline.timing import interleaved_ratios
+from pipeline.deployment.mixed_precision import search_mixed_precision
+from pipeline.deployment.quantize import Int8Quantizer, compare_precisions
+from pipeline.deployment.timing import interleaved_ratios
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.model.prepare import prepare
+from pipeline.model.runtime import model_input_specs, open_session, stream
+from pipeline.prune.orchestrate import PruneRun, keep_lists
+from pipeline.selection.allocate import select_channels
+from pipeline.selection.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +350,7 @@ def main() -> None:
                         help="a line for the results' notes (how a stage was run); repeatable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("graph_ops", "pipeline.calibrate", "pipeline.recovery", "root"):
+    for noisy in ("graph_ops", "pipeline.calibration.calibrate", "pipeline.recovery", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.INFO)
     args.work.mkdir(parents=True, exist_ok=True)

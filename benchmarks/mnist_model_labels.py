@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python -m benchmarks.mnist_model_labels [--models demo,vgg,resnet,mobilenet,inception,lenet]
         [--targets 0.5,0.35,0.25] [--calib 2000]
 
-Per model: one :class:`pipeline.orchestrate.PruneRun` on the first ``--calib`` training digits of the shipped
+Per model: one :class:`pipeline.prune.orchestrate.PruneRun` on the first ``--calib`` training digits of the shipped
 ``mnist10k.npz`` with the digits' labels (``--labels data``) and one with the labels removed (the model's own argmax,
 ``--labels model``); DI at every MACs target with the default lstsq recovery; top-1 on the 2,000 held-out digits.
 A difference counts as noise when it is within two standard errors of a difference of two accuracies measured on
@@ -28,13 +28,13 @@ MODELS = Path(__file__).resolve().parent / "models"
 
 
 def _path(name: str) -> Path:
-    from pipeline.demo import demo_model_path
+    from pipeline.prune.demo import demo_model_path
 
     return Path(demo_model_path()) if name == "demo" else MODELS / f"mnist_{name}.onnx"
 
 
 def _predictions(model: object, data: object) -> np.ndarray:
-    from pipeline.runtime import open_session
+    from pipeline.model.runtime import open_session
 
     session = open_session(model.SerializeToString(), "ort-cpu")
     name = session.get_inputs()[0].name
@@ -44,10 +44,11 @@ def _predictions(model: object, data: object) -> np.ndarray:
 
 def main() -> None:
     """Run the benchmark (module docstring)."""
-    from pipeline.bench import machine_info
-    from pipeline.data import from_iterable, open_dataset
-    from pipeline.orchestrate import PruneRun
-    from pipeline.targets import LabelOptions
+    from pipeline.data.datasets import from_iterable
+    from pipeline.data.named import open_dataset
+    from pipeline.data.targets import LabelOptions
+    from pipeline.deployment.bench import machine_info
+    from pipeline.prune.orchestrate import PruneRun
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo,vgg,resnet,mobilenet,inception,lenet")

@@ -98,7 +98,7 @@ def encode(texts: list[str], classes: list[str]) -> np.ndarray:
 
 def decode(path: np.ndarray, classes: list[str]) -> list[str]:
     """Greedy CTC paths ``(N, T)`` -> texts (repeats merged, blanks dropped)."""
-    from pipeline.outputs import ctc_collapse
+    from pipeline.data.outputs import ctc_collapse
 
     return ["".join(classes[c] for c in seq) for seq in ctc_collapse(path, 0)]
 

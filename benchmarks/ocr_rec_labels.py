@@ -56,7 +56,7 @@ def _edit_distance(a: str, b: str) -> int:
 def _metrics(path: Path, x: np.ndarray, texts: list[str], classes: list[str], batch: int) -> dict[str, float]:
     import onnxruntime as ort
 
-    from pipeline.outputs import ctc_best_path
+    from pipeline.data.outputs import ctc_best_path
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -128,7 +128,7 @@ def main() -> None:
         record["metrics"] = _metrics(out, x_eval, t_eval, classes, args.batch)
         rows[run] = record
         print(f"{run}: {record['metrics']} ({record['seconds']} s)", flush=True)
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     doc = {"model": str(MODEL), "batch": args.batch, "calibration_lines": args.calib, "eval_lines": args.eval, "target_macs": args.target,
            "machine": machine_info(), "conditions": "2-core VM shared with other jobs (timings are not comparable "

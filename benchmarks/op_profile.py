@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from graph_ops.cost import count
 from graph_ops.io import load_model
-from pipeline.bench import machine_info
+from pipeline.deployment.bench import machine_info
 
 RESULT = Path(__file__).resolve().parent / "results" / "op_profile.json"
 

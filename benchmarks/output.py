@@ -15,13 +15,13 @@ from graph_ops.io import atomic_write_bytes, atomic_write_files
 
 
 def torchvision_onnx(name: str, work: Path) -> Path:
-    """The torchvision model ``name`` with seeded random weights (``pipeline.export.load_torchvision``; no pretrained
+    """The torchvision model ``name`` with seeded random weights (``pipeline.model.export.load_torchvision``; no pretrained
     weights can be downloaded here) at 1x3x224x224, exported once to ``work/NAME.onnx`` (``export_torch``)."""
     path = work / f"{name}.onnx"
     if not path.is_file():
         import torch
 
-        from pipeline.export import export_torch, load_torchvision
+        from pipeline.model.export import export_torch, load_torchvision
 
         work.mkdir(parents=True, exist_ok=True)
         export_torch(load_torchvision(name, seed=0), torch.randn(1, 3, 224, 224), path)

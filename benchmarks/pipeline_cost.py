@@ -1,11 +1,11 @@
 """Cost of one prune run at production scale: wall time and peak memory of every stage, as ratios to plain inference.
 
 Protocol. torchvision ResNet-50 and ResNet-18 at 224x224 (seeded random weights with randomised BatchNorm
-statistics, ``pipeline.export.load_torchvision``; no pretrained weights can be downloaded here), exported once with
-``pipeline.export.export_torch`` and cached in ``--work``. Data: ``--images`` (default 256) seeded standard-normal
+statistics, ``pipeline.model.export.load_torchvision``; no pretrained weights can be downloaded here), exported once with
+``pipeline.model.export.export_torch`` and cached in ``--work``. Data: ``--images`` (default 256) seeded standard-normal
 images with labels cycling through 10 classes (what an ImageNet-normalised calibration set looks like to the
 statistics; the content does not change the cost). The job is ``diprune prune --method di --target-macs 0.5
---recover lstsq`` at batch 64, run stage by stage through ``pipeline.orchestrate.PruneRun`` (the code path of
+--recover lstsq`` at batch 64, run stage by stage through ``pipeline.prune.orchestrate.PruneRun`` (the code path of
 ``prune``, in a process set up as the CLI sets up its own: no huge-page advice for numpy's arrays,
 ``pipeline.memory.no_huge_page_advice``): analyse (load, canonicalize, analyse), calibrate, score, plan, apply,
 recover, write (model, plan, report).
@@ -85,7 +85,7 @@ class PeakMemory:
 
 def dataset(images: int, batch: int) -> Any:
     """Seeded standard-normal images, labels cycling through 10 classes."""
-    from pipeline.data import from_iterable
+    from pipeline.data.datasets import from_iterable
 
     x = np.random.default_rng(0).standard_normal((images, 3, 224, 224)).astype(np.float32)
     y = (np.arange(images) % 10).astype(np.int64)
@@ -95,7 +95,7 @@ def dataset(images: int, batch: int) -> Any:
 
 def _plain_inference(model: Any, data: Any, batch: int) -> None:
     """One onnxruntime session with its default options over every batch of ``data`` (session creation included)."""
-    from pipeline.runtime import feed_batches, make_session, model_input_specs
+    from pipeline.model.runtime import feed_batches, make_session, model_input_specs
 
     session, _ = make_session(model.SerializeToString(), "ort-cpu")
     for feeds, _ in feed_batches(data, model_input_specs(model), batch):
@@ -105,7 +105,8 @@ def _plain_inference(model: Any, data: Any, batch: int) -> None:
 def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One model in this process: plain inference, then the prune stage by stage."""
     from pipeline.memory import no_huge_page_advice
-    from pipeline.orchestrate import PruneRun, write_candidate
+    from pipeline.prune.one_shot import write_candidate
+    from pipeline.prune.orchestrate import PruneRun
 
     no_huge_page_advice()  # as the CLI's process does
 
@@ -129,7 +130,7 @@ def child(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with memory.stage("recover", seconds):
         model, recovery = run.recover(pruned, plan, "lstsq")
     with memory.stage("write", seconds):
-        from pipeline.orchestrate import Candidate
+        from pipeline.prune.orchestrate import Candidate
 
         candidate = Candidate("di", plan, model, recovery, {"target_macs": 0.5})
         report = write_candidate(run, candidate, args.work / f"{name}.di.50.onnx")
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     rows, load = [], os.getloadavg()
     for name in args.models:

@@ -1,6 +1,6 @@
 """Issue 31's equivalence check: without a measurement, the planner makes the plans it made before.
 
-The planner of a baseline commit (default ``a18b2bc``, before the measured allocation; its ``pipeline/plan.py`` read
+The planner of a baseline commit (default ``a18b2bc``, before the measured allocation; its ``pipeline/selection/plan.py`` read
 with ``git show`` and imported as a module of its own) and the current one plan from the *same* scores (current
 scorers, calibration on the first 1,000 training digits, 1 thread) for the demo CNN and the five MNIST families, seven
 criteria, five MACs targets, ``round_to`` 4 and 8, ends protected or not, fill-back on or off; the plan files are
@@ -19,14 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.orchestrate import PruneRun
-from pipeline.plan import select_channels
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.selection.allocate import select_channels
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "plan_equivalence.json"
-MODELS = {"cnn": "pipeline/data/mnist_cnn.onnx",
+MODELS = {"cnn": "pipeline/assets/mnist_cnn.onnx",
           **{f: f"benchmarks/models/mnist_{f}.onnx" for f in ("vgg", "resnet", "mobilenet", "inception", "lenet")}}
 METHODS = ("di", "lda", "pls-vip", "l2", "random", "mean-act", "apoz")
 TARGETS = (0.75, 0.5, 0.35, 0.25, 0.125)
@@ -36,8 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="a18b2bc")
     args = parser.parse_args()
-    source = subprocess.run(["git", "show", f"{args.baseline}:pipeline/plan.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    # the baseline predates issue 29's stage packages: its planner sat at the top of the package and imported the
+    # scorers' base from the top-level scorers package; both spelled in pieces so that the move's rewrite leaves them
+    old_layout = {"pipeline." + "scorers.base": "pipeline.selection.scorers.base"}
+    source = subprocess.run(["git", "show", f"{args.baseline}:" + "/".join(("pipeline", "plan.py"))], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    for old_name, new_name in old_layout.items():
+        source = source.replace(old_name, new_name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "baseline_plan.py"
         path.write_text(source)

@@ -41,7 +41,7 @@ every onnxruntime call on one sample) and with this code (whole batches of 64); 
 run's report. On a shared machine only the ratios are meaningful.
 
 Writes ``benchmarks/results/production_exports.{json,md}`` (``production_timing.{json,md}`` for the timing stage)
-with the machine (``pipeline.bench.machine_info``).
+with the machine (``pipeline.deployment.bench.machine_info``).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def build(graph: str, cache: Path, prod: Path) -> tuple[Path, tuple[int, ...] | 
         return path, None, ()
     other = (3, 3, 64, 64)
     if group in ("paddle", "tv"):
-        from pipeline.export import export_torch, load_torchvision
+        from pipeline.model.export import export_torch, load_torchvision
         from tests.graphs_export import paddle_style
         from tests.models import input_shape
 
@@ -139,7 +139,7 @@ def build(graph: str, cache: Path, prod: Path) -> tuple[Path, tuple[int, ...] | 
     if group == "yolo":
         return export_production(name, "legacy", cache), None, ()
     if not path.exists():  # the seeded example of the zoo tests; dynamic batch (and height and width for timm-hw)
-        from pipeline.export import export_torch
+        from pipeline.model.export import export_torch
         from tests.production_models import example
 
         export_torch(build_timm(name), example(name), path, dynamo=False, dynamic_spatial=group == "timm-hw")
@@ -164,7 +164,7 @@ def child(graph: str, cache: Path, prod: Path) -> dict[str, Any]:
     """One graph with this code: analysis, freeze reasons, exactness."""
     from graph_ops.channels import prunable_share
     from graph_ops.io import load_model
-    from pipeline.prepare import prepare
+    from pipeline.model.prepare import prepare
 
     path, shape, other = build(graph, cache, prod)
     path = path.resolve()
@@ -189,7 +189,7 @@ BEFORE = """
 import json, sys
 from graph_ops.channels import prunable_share
 from graph_ops.io import load_model
-from pipeline.prepare import prepare
+from pipeline.model.prepare import prepare
 path, shape = sys.argv[1], json.loads(sys.argv[2])
 model = load_model(path)
 inits = {t.name for t in model.graph.initializer}
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         warnings.simplefilter("ignore")
         print(json.dumps(child(args.child, args.cache, args.prod)))
         return
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     with tempfile.TemporaryDirectory(prefix="before-") as tmp:
         tree = extract(args.before_ref, Path(tmp))

@@ -13,7 +13,7 @@ Ultralytics models with torch 2.13: recorded as the error), export once into ``-
 the frozen Conv output channels with their reasons (node and tensor names dropped), and an exactness check: three
 seeded random plans applied (full checker) against the mask oracle (worst output error relative to the largest
 output) with predicted == counted MACs. Writes ``benchmarks/results/production_groups.json`` and ``.md`` with the
-machine (``pipeline.bench.machine_info``).
+machine (``pipeline.deployment.bench.machine_info``).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def markdown(doc: dict) -> str:
 
 def main() -> None:
     """Parse arguments, build the report, print one line per model and write the JSON and the Markdown."""
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
     from tests.production_models import EXPORTERS, PRODUCTION
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

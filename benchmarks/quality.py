@@ -13,7 +13,7 @@ The achieved MACs fraction is always counted on the written graph with ``graph_o
 (``benchmarks/peers.py``) run on the same ONNX files and data and are matched on achieved MACs by bisection on their
 sparsity knob.
 
-Task-dependent scenario (``--stage task``), with the product's task feature (``pipeline.task``, what
+Task-dependent scenario (``--stage task``), with the product's task feature (``pipeline.data.task``, what
 ``--task-classes`` / ``--task-map`` do): 3-vs-8 restricts the head to the logits of digits 3 and 8 (the predicted class
 is the larger); odd-vs-even groups the ten logits into two (log-sum-exp per group: the group with more probability mass
 wins; before the product feature this benchmark predicted the parity of the single largest logit). Calibration and
@@ -55,14 +55,14 @@ from benchmarks.selection import Runner
 from graph_ops.cost import count
 from graph_ops.errors import PruneError
 from graph_ops.io import atomic_write_bytes
-from pipeline.bench import machine_info
-from pipeline.calibrate import DEFAULT_POOLING
-from pipeline.data import open_dataset
-from pipeline.evaluate import evaluate
-from pipeline.orchestrate import PruneRun, needs_stats
-from pipeline.plan import PruningPlan
+from pipeline.calibration.calibrate import DEFAULT_POOLING
+from pipeline.data.named import open_dataset
+from pipeline.data.task import Task
+from pipeline.deployment.bench import machine_info
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.prune.orchestrate import PruneRun, needs_stats
 from pipeline.recovery import DEFAULT_RECOVERY
-from pipeline.task import Task
+from pipeline.selection.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
@@ -283,12 +283,12 @@ def task_samples(split: str, task: str, limit: int | None = None) -> Any:
 
 
 def task_top1(model: onnx.ModelProto, data: Any) -> float:
-    """Task accuracy: the argmax of the task head against the task labels (``pipeline.evaluate``)."""
+    """Task accuracy: the argmax of the task head against the task labels (``pipeline.evaluation.evaluate``)."""
     return float(evaluate(model, data, backend="ort-cpu", intra_op_threads=THREADS).top1)
 
 
 def task_model(name: str, task: str, targets: Sequence[float], n_calib: int, out: Path) -> None:
-    """The task rows at each target, with the product's task feature (``pipeline.task``): the head is the task's,
+    """The task rows at each target, with the product's task feature (``pipeline.data.task``): the head is the task's,
     calibration and recovery use the first ``n_calib`` training samples of the task's classes, evaluation the task's
     held-out samples; task accuracy and achieved MACs fraction per cell."""
     spec = task_of(task)

@@ -34,7 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "recovery_precision.json"
-MODELS = {"cnn": "pipeline/data/mnist_cnn.onnx", "vgg": "benchmarks/models/mnist_vgg.onnx",
+MODELS = {"cnn": "pipeline/assets/mnist_cnn.onnx", "vgg": "benchmarks/models/mnist_vgg.onnx",
           "resnet": "benchmarks/models/mnist_resnet.onnx", "mobilenet": "benchmarks/models/mnist_mobilenet.onnx",
           "inception": "benchmarks/models/mnist_inception.onnx"}
 PLANS = (("di", 0.5), ("di", 0.25), ("l2", 0.5), ("l2", 0.25))
@@ -48,11 +48,11 @@ def _capture(root: Path, out: Path) -> None:
     import onnxruntime as ort
 
     from graph_ops.prune import apply_plan
-    from pipeline.calibrate import calibrate
-    from pipeline.data import open_dataset
-    from pipeline.orchestrate import keep_lists, prepare, score
-    from pipeline.plan import select_channels
+    from pipeline.calibration.calibrate import calibrate
+    from pipeline.data.named import open_dataset
+    from pipeline.prune.orchestrate import keep_lists, prepare, score
     from pipeline.recovery import recover
+    from pipeline.selection.allocate import select_channels
 
     out.mkdir(parents=True, exist_ok=True)
     calib = open_dataset("mnist", split="train", limit=1000)
@@ -126,7 +126,7 @@ def main() -> None:
         _capture(args.root, args.out)
         return
     from benchmarks.output import write_results
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory(prefix="diprune-precision-") as tmp:

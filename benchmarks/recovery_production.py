@@ -52,11 +52,12 @@ from benchmarks.quality import RESULTS, THREADS, merge
 from benchmarks.selection import MODELS as MNIST_MODELS
 from graph_ops.proto import attrs, node_index
 from graph_ops.prune import apply_plan
-from pipeline.bench import machine_info
-from pipeline.data import from_iterable, open_dataset
-from pipeline.orchestrate import PruneRun, keep_lists
+from pipeline.data.datasets import from_iterable
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.model.runtime import open_session
+from pipeline.prune.orchestrate import PruneRun, keep_lists
 from pipeline.recovery import recover
-from pipeline.runtime import open_session
 
 logger = logging.getLogger(__name__)
 

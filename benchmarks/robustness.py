@@ -3,7 +3,7 @@
 Protocol. Models: ``benchmarks/models/mnist_{vgg,resnet,mobilenet,inception,lenet}.onnx``. Each is pruned to 0.25 of
 its MACs with the library's defaults (``PruneRun.candidate``: auto pooling, the planner with fill-back, ``lstsq``
 recovery) by ``di`` and by ``l2`` (the data-free criterion: does a discriminant choice give up robustness?), calibrated
-and recovered on the first 2,000 training digits. :func:`pipeline.robustness.robustness` then measures the original
+and recovered on the first 2,000 training digits. :func:`pipeline.evaluation.robustness.robustness` then measures the original
 and the pruned model on the 2,000 held-out digits: clean, under Gaussian noise of 0.1 / 0.25 / 0.5 input standard
 deviations, and under FGSM and 5-step PGD examples crafted on the *original* model (onnx2torch) at eps 0.05 / 0.1 /
 0.2 input standard deviations: top-1 of both models and their agreement. onnxruntime on CPU, 1 thread.
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from graph_ops.io import atomic_write_bytes
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.orchestrate import PruneRun
-from pipeline.robustness import EPSILONS, NOISE, PGD_STEPS, robustness
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.evaluation.robustness import EPSILONS, NOISE, PGD_STEPS, robustness
+from pipeline.prune.orchestrate import PruneRun
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -2,7 +2,7 @@
 
 Model per width w: input (N, 64, 28, 28) -> Conv 3x3 (w) -> Relu -> Conv 3x3 (64) -> output; MACs are linear in w.
 Every width is measured against the range's baseline (64 or 128) in its own interleaved A B A B measurement
-(``pipeline.bench.measure``; ratio = median over rounds of the per-round median ratio), so that both sides of a ratio
+(``pipeline.deployment.bench.measure``; ratio = median over rounds of the per-round median ratio), so that both sides of a ratio
 see the same machine load. ``efficiency`` = (MACs / median latency) relative to the baseline: 1.0 means
 the width is as fast per MAC as the baseline; a width whose efficiency is clearly below its multiple-of-8
 neighbours is one where rounding pays.
@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.io import atomic_write_bytes
-from pipeline.bench import machine_info, measure
+from pipeline.deployment.bench import machine_info, measure
 
 C_IN, SIZE = 64, 28
 RANGES = {"around-64": (64, range(56, 73)), "around-128": (128, range(120, 137))}

@@ -2,13 +2,13 @@
 estimate for 50,000 images on N GPU workers from the measured per-image costs.
 
 Protocol. torchvision ResNet-18 at 224x224 (seeded random weights with randomised BatchNorm statistics,
-``pipeline.export.load_torchvision`` + ``export_torch``; no pretrained weights can be downloaded here), 1,000 seeded
+``pipeline.model.export.load_torchvision`` + ``export_torch``; no pretrained weights can be downloaded here), 1,000 seeded
 uint8 images (labels cycling through 10 classes) in one uncompressed ``.npz`` that every worker opens by path
 (ImageNet mean/std), batch 64, default shards (4 batches = 256 images, so 4 shards). In one process, in this order:
 
 * plain onnxruntime inference of the original and of the pruned model over the images (1 intra-op thread): the
   per-image inference costs;
-* calibration (``pipeline.calibrate.calibrate``, gap pooling, with the activation summaries) without Ray, with
+* calibration (``pipeline.calibration.calibrate.calibrate``, gap pooling, with the activation summaries) without Ray, with
   onnxruntime's and numpy's default threads (2 here), and with 1 thread (a child process with
   ``OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1`` and 1 onnxruntime thread: what a Ray worker with 1 CPU gets); then on a
   local Ray (``ray.init(num_cpus=2)``, its start timed separately) with 1 and with 2 workers (1 CPU each);
@@ -64,7 +64,7 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 def plain_inference(model: Any, data: Any, batch: int) -> float:
     """Seconds of onnxruntime inference (1 thread, session included) over the dataset."""
-    from pipeline.runtime import feed_batches, make_session, model_input_specs
+    from pipeline.model.runtime import feed_batches, make_session, model_input_specs
 
     start = time.perf_counter()
     session, _ = make_session(model.SerializeToString(), "ort-cpu", intra_op_threads=1)
@@ -86,12 +86,12 @@ def stats_digest(stats: Any) -> str:
 def job(args: argparse.Namespace, threads: int | None, cluster: Any | None) -> dict[str, Any]:
     """Calibrate, plan (DI, 0.5 of the MACs) and recover one way; timings, digests and the sweep record."""
     from graph_ops.prune import apply_plan
-    from pipeline.calibrate import calibrate
-    from pipeline.data import from_npz
-    from pipeline.orchestrate import keep_lists, score
-    from pipeline.plan import select_channels
-    from pipeline.prepare import prepare
+    from pipeline.calibration.calibrate import calibrate
+    from pipeline.data.datasets import from_npz
+    from pipeline.model.prepare import prepare
+    from pipeline.prune.orchestrate import keep_lists, score
     from pipeline.recovery import recover
+    from pipeline.selection.allocate import select_channels
 
     data = from_npz(images(args.work, args.images), mean=IMAGENET[0], std=IMAGENET[1])
     prepared = prepare(torchvision_onnx("resnet18", args.work))
@@ -227,7 +227,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)

@@ -1,10 +1,10 @@
 """Task-aware selection quality: held-out top-1 after pruning (no recovery), per model, budget and method.
 
 Protocol. Calibration data: the first ``N`` samples of the MNIST training split (samples 0..N-1 of
-``pipeline/data/mnist10k.npz``, ``open_dataset("mnist", split="train", limit=N)``); evaluation: the whole held-out
+``pipeline/assets/mnist10k.npz``, ``open_dataset("mnist", split="train", limit=N)``); evaluation: the whole held-out
 split (samples 8000..9999). Each model is prepared and calibrated once (``gap`` pooling, the default probes) and the
 statistics are reused by every statistics-based method and budget; the stages are chained by
-``pipeline.orchestrate.PruneRun`` (what ``pipeline.orchestrate.prune`` uses), then ``apply_plan -> evaluate``. Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
+``pipeline.prune.orchestrate.PruneRun`` (what ``pipeline.prune.one_shot.prune`` uses), then ``apply_plan -> evaluate``. Budgets are kept-MACs fractions; the achieved fraction is counted on the pruned graph
 (``graph_ops.cost.count``). ``random`` is the mean over seeds 0, 1, 2. Planner defaults: ``round_to=8``,
 ``min_channels=8``, first and last layers kept.
 
@@ -34,19 +34,19 @@ from typing import Any
 import numpy as np
 
 from graph_ops.io import atomic_write_bytes
-from pipeline.bench import machine_info
-from pipeline.data import open_dataset
-from pipeline.evaluate import evaluate
-from pipeline.orchestrate import PruneRun, keep_lists, needs_stats
-from pipeline.plan import PruningPlan
-from pipeline.prepare import PreparedModel, prepare
-from pipeline.scorers.base import ChannelScores
-from pipeline.stats import CalibrationStats
+from pipeline.calibration.stats import CalibrationStats
+from pipeline.data.named import open_dataset
+from pipeline.deployment.bench import machine_info
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.model.prepare import PreparedModel, prepare
+from pipeline.prune.orchestrate import PruneRun, keep_lists, needs_stats
+from pipeline.selection.plan import PruningPlan
+from pipeline.selection.scorers.base import ChannelScores
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = {"cnn": ROOT / "pipeline/data/mnist_cnn.onnx", "vgg": ROOT / "benchmarks/models/mnist_vgg.onnx",
+MODELS = {"cnn": ROOT / "pipeline/assets/mnist_cnn.onnx", "vgg": ROOT / "benchmarks/models/mnist_vgg.onnx",
           "resnet": ROOT / "benchmarks/models/mnist_resnet.onnx",
           "mobilenet": ROOT / "benchmarks/models/mnist_mobilenet.onnx",
           "inception": ROOT / "benchmarks/models/mnist_inception.onnx",

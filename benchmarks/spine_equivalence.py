@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "spine_equivalence.json"
-MODELS = {"cnn": "pipeline/data/mnist_cnn.onnx", "vgg": "benchmarks/models/mnist_vgg.onnx",
+MODELS = {"cnn": "pipeline/assets/mnist_cnn.onnx", "vgg": "benchmarks/models/mnist_vgg.onnx",
           "resnet": "benchmarks/models/mnist_resnet.onnx", "mobilenet": "benchmarks/models/mnist_mobilenet.onnx",
           "inception": "benchmarks/models/mnist_inception.onnx"}
 METHODS = ("di", "lda", "pls-vip", "l2", "random", "mean-act", "apoz")
@@ -46,16 +46,16 @@ def _capture(root: Path, out: Path, api: str) -> None:
     import onnxruntime as ort
 
     from graph_ops.prune import apply_plan
-    from pipeline.data import open_dataset
-    from pipeline.orchestrate import keep_lists, prepare, score
-    from pipeline.plan import select_channels
+    from pipeline.data.named import open_dataset
+    from pipeline.prune.orchestrate import keep_lists, prepare, score
+    from pipeline.selection.allocate import select_channels
 
     if api == "old":
         from pipeline.recover import recover
 
-        from pipeline.calibrate import calibrate, default_probes
+        from pipeline.calibration.calibrate import calibrate, default_probes
     else:
-        from pipeline.calibrate import calibrate
+        from pipeline.calibration.calibrate import calibrate
         from pipeline.recovery import recover
     out.mkdir(parents=True, exist_ok=True)
     calib = open_dataset("mnist", split="train", limit=1000)
@@ -113,7 +113,7 @@ def main() -> None:
     if args.capture:
         _capture(args.root, args.out, args.capture)
         return
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     with tempfile.TemporaryDirectory(prefix="diprune-equivalence-") as tmp:
         tree = Path(tmp) / "baseline"

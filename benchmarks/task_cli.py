@@ -28,7 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {"cnn (demo)": "pipeline/data/mnist_cnn.onnx", "vgg": "benchmarks/models/mnist_vgg.onnx",
+MODELS = {"cnn (demo)": "pipeline/assets/mnist_cnn.onnx", "vgg": "benchmarks/models/mnist_vgg.onnx",
           "resnet": "benchmarks/models/mnist_resnet.onnx", "mobilenet": "benchmarks/models/mnist_mobilenet.onnx",
           "inception": "benchmarks/models/mnist_inception.onnx"}
 TASKS = {"3-vs-8": ["--task-classes", "3,8"], "odd-vs-even": ["--task-map", "{work}/odd_even.json"]}
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "task_cli")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     args = parser.parse_args()
-    from pipeline.bench import machine_info
+    from pipeline.deployment.bench import machine_info
 
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "odd_even.json").write_text(json.dumps({"odd": [1, 3, 5, 7, 9], "even": [0, 2, 4, 6, 8]}))

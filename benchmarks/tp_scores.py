@@ -23,8 +23,8 @@ import onnx
 from onnx import numpy_helper
 
 from benchmarks.peers import _import_torchvision_safe, _strip_bn, module_path
-from pipeline.prepare import PreparedModel
-from pipeline.scorers.base import ChannelScores
+from pipeline.model.prepare import PreparedModel
+from pipeline.selection.scorers.base import ChannelScores
 
 SOURCES = ("Conv", "ConvTranspose")
 

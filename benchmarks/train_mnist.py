@@ -2,10 +2,10 @@
 
 Run from the repository root::
 
-    python -m benchmarks.train_mnist --family demo --epochs 6 --out pipeline/data/
+    python -m benchmarks.train_mnist --family demo --epochs 6 --out pipeline/assets/
     python -m benchmarks.train_mnist --family all --epochs 4 --out benchmarks/models/
 
-Data: ``pipeline/data/mnist10k.npz``; training uses samples 0..7999 only, accuracy is measured on 8000..9999 (never
+Data: ``pipeline/assets/mnist10k.npz``; training uses samples 0..7999 only, accuracy is measured on 8000..9999 (never
 seen in training). Input spec: ``x_float = (x_uint8 / 255 - 0.1307) / 0.3081``, shape ``[N, 1, 28, 28]``, input name
 ``input``, output ``logits``. Determinism: ``torch.manual_seed(seed)``, deterministic algorithms, a fixed number of
 threads (default 1), a seeded permutation per epoch and seeded random shifts of up to 2 pixels (augmentation).
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from benchmarks.mnist_models import FAMILIES, MNIST_MEAN, MNIST_STD, build, count_macs, count_params
-from pipeline.data import from_npz, mnist_path
+from pipeline.data.datasets import from_npz, mnist_path
 
 LOG = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ INPUT_SPEC = "float32 NCHW [N,1,28,28] = (x_uint8 / 255 - 0.1307) / 0.3081"
 
 
 def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the normalised MNIST split as (x [N,1,28,28] float32, y [N] int64) via :func:`pipeline.data.from_npz`."""
+    """Return the normalised MNIST split as (x [N,1,28,28] float32, y [N] int64) via :func:`pipeline.data.datasets.from_npz`."""
     data = from_npz(mnist_path(), mean=MNIST_MEAN, std=MNIST_STD, split=split)
     xs, ys = [], []
     for feeds, labels in data.batches(4096):

@@ -1,7 +1,7 @@
 """Issue 30's held-out cost check: a whole ``diprune prune`` process against one plain inference.
 
 Protocol. torchvision ResNet-18 at 160x160 (seeded random weights with randomised BatchNorm statistics,
-``pipeline.export.load_torchvision``; exported once with ``pipeline.export.export_torch`` to ``--work``), 128 seeded
+``pipeline.model.export.load_torchvision``; exported once with ``pipeline.model.export.export_torch`` to ``--work``), 128 seeded
 standard-normal images with labels cycling through 10 classes, written once to an uncompressed ``.npz`` (``x``,
 ``y``). Plain inference = an onnxruntime session with its default options over the 128 images at batch 64, in this
 process (session creation included; the model is read from its file). The prune is the command line as a user runs
@@ -45,7 +45,7 @@ def inputs(work: Path) -> tuple[Path, Path]:
     if not model.is_file():
         import torch
 
-        from pipeline.export import export_torch, load_torchvision
+        from pipeline.model.export import export_torch, load_torchvision
 
         export_torch(load_torchvision("resnet18", seed=0), torch.randn(1, 3, SIZE, SIZE), model)
     if not data.is_file():

@@ -22,7 +22,7 @@ Steps (every number in the results comes from these commands, run in-process thr
 5. ``diprune bench`` on ORT CPU (batch 1, interleaved rounds): the original prepared at the same input shape
    (canonical, static: the same graph optimisations as the pruned models) against both pruned models.
 
-Writes ``benchmarks/results/yolo_e2e.json`` and ``.md`` with the machine (``pipeline.bench.machine_info``). With
+Writes ``benchmarks/results/yolo_e2e.json`` and ``.md`` with the machine (``pipeline.deployment.bench.machine_info``). With
 random weights the detector's outputs are not meaningful detections; fidelity to the original is what is measured.
 """
 
@@ -100,8 +100,8 @@ def _parts(static: Path, pruned: Path, folder: Path, size: int) -> dict[str, dic
     positions removed: how well the pruned model follows the variation with the image, not a constant offset)."""
     from graph_ops.io import load_model
     from graph_ops.probes import expose_tensors
-    from pipeline.data import open_dataset
-    from pipeline.runtime import make_session
+    from pipeline.data.named import open_dataset
+    from pipeline.model.runtime import make_session
 
     heads = _head_convs(static)
     names = [t for tensors in heads.values() for t in tensors]
@@ -133,9 +133,9 @@ def run(size: int, calib: int, held_out: int, work: Path) -> dict:
     import torch
 
     from graph_ops.io import save_model
-    from pipeline.bench import machine_info
-    from pipeline.export import export_torch
-    from pipeline.prepare import prepare
+    from pipeline.deployment.bench import machine_info
+    from pipeline.model.export import export_torch
+    from pipeline.model.prepare import prepare
     from tests.production_models import build
 
     work.mkdir(parents=True, exist_ok=True)

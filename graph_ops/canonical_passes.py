@@ -307,7 +307,7 @@ def fold_shape_chains(model: onnx.ModelProto, max_rounds: int = 64) -> onnx.Mode
 
     One folding round resolves the shape chains whose inputs have inferred shapes; a folded Reshape target gives the
     next block its shapes only after inference runs again (a ShuffleNet exported with a dynamic batch: one block per
-    round once the input size is fixed). Used when input sizes are fixed (``pipeline.prepare.prepare`` with
+    round once the input size is fixed). Used when input sizes are fixed (``pipeline.model.prepare.prepare`` with
     ``input_shapes``); exact (folding evaluates the same ops with onnxruntime). Returns a new model.
     """
     graph = graph_from_model(model)

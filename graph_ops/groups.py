@@ -171,7 +171,7 @@ class ChannelGroupIndex:
         if not self.fingerprint or self.fingerprint != fingerprint:
             raise PlanValidationError("the channel-group index does not belong to this model (its graph differs "
                                       "from the analysed one); analyse the model the plan is applied to "
-                                      "(graph_ops.channels.analyze or pipeline.prepare.prepare)")
+                                      "(graph_ops.channels.analyze or pipeline.model.prepare.prepare)")
 
     def group(self, group_id: str) -> ChannelGroup:
         """The group with this id; KeyError names the id."""

@@ -1,6 +1,6 @@
 """The names and defaults the command line offers, in a module that imports nothing heavy.
 
-The registries themselves (``pipeline.scorers.SCORERS``, ``pipeline.recovery.RECOVERY``, ...) live with their code,
+The registries themselves (``pipeline.selection.scorers.SCORERS``, ``pipeline.recovery.RECOVERY``, ...) live with their code,
 which imports onnx, onnxruntime or onnx-graphsurgeon; building the argument parser from them made every command,
 ``diprune --help`` included, pay for those imports (about 1 s on a 2-core machine, most of it onnx's ml_dtypes).
 The parser reads the copies below instead, and a command imports its heavy modules when it runs.
@@ -13,45 +13,45 @@ import os
 from pathlib import Path
 
 SCORERS = ("di", "lda", "lda-trace", "pls-vip", "l1", "l2", "mean-act", "apoz", "random")
-"""Keys of ``pipeline.scorers.SCORERS``."""
+"""Keys of ``pipeline.selection.scorers.SCORERS``."""
 RECOVERY = ("none", "bias", "regress", "lstsq")
 """Keys of ``pipeline.recovery.RECOVERY``, in its order."""
 DEFAULT_RECOVERY = "lstsq"
 POOLINGS = ("auto", "gap", "avg2", "avg4")
-"""Keys of ``pipeline.calibrate.POOLINGS``, in its order."""
+"""Keys of ``pipeline.calibration.calibrate.POOLINGS``, in its order."""
 DEFAULT_POOLING = "auto"
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-"""``pipeline.engines.BACKENDS``."""
+"""``pipeline.deployment.engines.BACKENDS``."""
 PRECISIONS = ("fp32", "fp16", "int8")
-"""``pipeline.engines.PRECISIONS``."""
+"""``pipeline.deployment.engines.PRECISIONS``."""
 ALLOCATIONS = ("measured", "rule")
-"""``pipeline.orchestrate.ALLOCATIONS``."""
+"""``pipeline.prune.orchestrate.ALLOCATIONS``."""
 DEFAULT_ALLOCATION = "measured"
 DEFAULT_STEPS = 1
-"""``pipeline.progressive.DEFAULT_STEPS``."""
+"""``pipeline.selection.progressive.DEFAULT_STEPS``."""
 OUTPUT_KINDS = ("classes", "sequence", "map", "yolo")
-"""Keys of ``pipeline.outputs.OUTPUT_KINDS``, in its order."""
+"""Keys of ``pipeline.data.outputs.OUTPUT_KINDS``, in its order."""
 MAP_THRESHOLD = 0.5
 YOLO_CONF = 0.25
 YOLO_IOU = 0.7
-"""``pipeline.outputs``' thresholds of model labels."""
+"""``pipeline.data.outputs``' thresholds of model labels."""
 LABEL_SOURCES = ("data", "model")
-"""``pipeline.targets.LABEL_SOURCES``."""
+"""``pipeline.data.targets.LABEL_SOURCES``."""
 LABEL_FORMATS = ("yolo", "coco", "mask", "text")
-"""``pipeline.labels.LABEL_FORMATS``."""
+"""``pipeline.data.labels.LABEL_FORMATS``."""
 DEFAULT_PER_CLASS = 16
 DEFAULT_BACKGROUND_RATIO = 1.0
-"""``pipeline.locations``' defaults of the location sampling of dense labels."""
+"""``pipeline.data.locations``' defaults of the location sampling of dense labels."""
 MAX_SECONDS = 3600.0
 MAX_ITERATIONS = 1_000_000
 MAX_ROUNDS = 1000
-"""``pipeline.bench``'s bounds of one measurement."""
+"""``pipeline.deployment.bench``'s bounds of one measurement."""
 FINETUNE_DEFAULTS = {"epochs": 3, "batch_size": 32, "lr": 1e-3, "temperature": 4.0, "ce_weight": 0.5,
                      "feature_weight": 0.0, "validation": 0.1}
-"""The defaults of ``pipeline.finetune.FinetuneOptions`` the CLI exposes."""
+"""The defaults of ``pipeline.training.finetune.FinetuneOptions`` the CLI exposes."""
 PUSH_DEFAULTS = {"epochs": 3, "batch_size": 128, "lr": 1e-3, "sep_weight": 1.0, "cov_weight": 1.0,
                  "align_weight": 1.0}
-"""The defaults of ``pipeline.push.PushOptions`` the CLI exposes."""
+"""The defaults of ``pipeline.training.push.PushOptions`` the CLI exposes."""
 
 
 def default_cache_dir() -> Path:

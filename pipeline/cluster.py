@@ -2,11 +2,11 @@
 
 Ray is imported here only, and only when asked for (``--workers N``: a local Ray with N worker processes;
 ``--ray ADDRESS``: an existing cluster; a Ray already started in this process is used as it is). The work is cut
-into the fixed shards of :mod:`pipeline.shards` whatever the number of workers, so the results are those of a run
+into the fixed shards of :mod:`pipeline.data.shards` whatever the number of workers, so the results are those of a run
 without Ray, to the last bit:
 
 * calibration (:func:`calibrate_on_ray`): one task per shard. A task receives the shard job (the serialized model
-  with its pooled probes) and the dataset's :class:`pipeline.data.DataSpec` (path, options, steps), opens the data
+  with its pooled probes) and the dataset's :class:`pipeline.data.datasets.DataSpec` (path, options, steps), opens the data
   itself, runs onnxruntime over its shard and returns the shard's statistics; the driver merges them in shard
   order as they arrive (a tqdm bar counts samples across tasks). A task whose worker dies is retried by Ray
   (``max_retries``); a shard's statistics depend only on the shard, so a retry returns the same values.
@@ -35,10 +35,10 @@ from typing import Any
 
 import onnx
 
+from pipeline.calibration.stats import merge_probes
+from pipeline.data.shards import OrderedMerge, Shard, assign
 from pipeline.errors import CalibrationError, PruneError, UserInputError
 from pipeline.recovery.worker import LayerUpdate, Planner, SweepWorker
-from pipeline.shards import OrderedMerge, Shard, assign
-from pipeline.stats import merge_probes
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _workers(ray: Any, options: RayOptions) -> int:
 
 
 def data_spec(dataset: Any) -> Any:
-    """The dataset's :class:`pipeline.data.DataSpec` (what workers open), or a UserInputError for in-memory data."""
+    """The dataset's :class:`pipeline.data.datasets.DataSpec` (what workers open), or a UserInputError for in-memory data."""
     spec = getattr(dataset, "spec", None)
     if spec is None:
         raise UserInputError(f"--workers / --ray need data the workers can open themselves (an .npz file or an "
@@ -169,7 +169,7 @@ def _calibrate_shard(job: Any, spec: Any, shard: Shard, fault: tuple[str, int] |
 
 def calibrate_on_ray(options: RayOptions, job: Any, dataset: Any, shards: Sequence[Shard], *,
                      progress: bool) -> dict[str, Any]:
-    """Every shard of a calibration (:class:`pipeline.calibrate.ShardJob`) as a Ray task; the statistics merged in
+    """Every shard of a calibration (:class:`pipeline.calibration.calibrate.ShardJob`) as a Ray task; the statistics merged in
     shard order."""
     from tqdm import tqdm
 

@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from pipeline.prepare import PreparedModel
+from pipeline.model.prepare import PreparedModel
 
 FIXTURE_LOG = Path(__file__).parent / "fixtures" / "trtexec_tensorrt10_rtx6000.txt"
 

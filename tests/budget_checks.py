@@ -22,7 +22,7 @@ import onnx
 
 from graph_ops.cost import count
 from graph_ops.groups import ChannelGroupIndex
-from pipeline.plan import PruningPlan
+from pipeline.selection.plan import PruningPlan
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def export_zoo(name: str, exporter: str, cache_dir: str | Path) -> Path:
     Returns:
         The path of the canonical model (already checked against torch by ``export_torch``).
     """
-    from pipeline.export import export_torch, load_torchvision
+    from pipeline.model.export import export_torch, load_torchvision
 
     path = zoo_path(name, exporter, cache_dir)
     if not path.exists():
@@ -134,7 +134,7 @@ def small_cnn_example() -> torch.Tensor:
 
 def export_small_cnn(exporter: str, cache_dir: str | Path) -> Path:
     """Export (once) ``small_cnn()`` (default arguments) with ``export_torch`` to ``<cache_dir>/small_cnn-<exporter>.onnx``."""
-    from pipeline.export import export_torch
+    from pipeline.model.export import export_torch
 
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")

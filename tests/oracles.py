@@ -150,7 +150,7 @@ def check_lstsq_mask_reference(model: onnx.ModelProto, index: ChannelGroupIndex,
     labels) must pass the full checker, refit at least ``min_refit`` layers and equal its recovered mask reference
     (:func:`recovered_reference`); returns the pruned model, the recovered model and the recovery report."""
     from graph_ops.prune import apply_plan
-    from pipeline.data import from_iterable
+    from pipeline.data.datasets import from_iterable
     from pipeline.recovery import recover
 
     keep = random_valid_plan(index, np.random.default_rng(0), 0.5, 0.9)

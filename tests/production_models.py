@@ -110,7 +110,7 @@ def example(name: str) -> torch.Tensor:
 
 def export_production(name: str, exporter: str, cache_dir: str | Path) -> Path:
     """Export (once) the canonical ONNX model of a production architecture into ``cache_dir``."""
-    from pipeline.export import export_torch
+    from pipeline.model.export import export_torch
 
     path = Path(cache_dir) / f"{name}-{exporter}.onnx"
     if not path.exists():  # Ultralytics heads compute anchors from the batch too: a static batch keeps every size static

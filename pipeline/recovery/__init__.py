@@ -29,7 +29,9 @@ import onnx
 
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.io import verify_model
+from pipeline.data.shards import SHARD_BATCHES, shard_layout
 from pipeline.errors import UserInputError
+from pipeline.model.runtime import fixed_batch, model_input_specs
 from pipeline.recovery.augment import DEFAULT_KINDS, augmented
 from pipeline.recovery.levels import LevelPlan
 from pipeline.recovery.maps import (
@@ -42,8 +44,6 @@ from pipeline.recovery.maps import (
 from pipeline.recovery.refit import LayerRefit, lstsq_recovery, refit_targets
 from pipeline.recovery.sweep import SPILL_BYTES, layer_levels
 from pipeline.recovery.worker import sweep_levels
-from pipeline.runtime import fixed_batch, model_input_specs
-from pipeline.shards import SHARD_BATCHES, shard_layout
 
 __all__ = ["DEFAULT_RECOVERY", "RECOVERY", "ConsumerRecovery", "LayerRefit", "RecoveryOptions", "RecoveryReport",
            "consumer_targets", "layer_levels", "recover", "refit_targets"]
@@ -123,7 +123,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
         pruned: ``apply_plan(original, index, keep)`` (not mutated).
         index: ``analyze(original)``.
         keep: the plan's kept channels per group.
-        dataset: calibration :class:`pipeline.data.Dataset` (training split; labels are not needed).
+        dataset: calibration :class:`pipeline.data.datasets.Dataset` (training split; labels are not needed).
         method: a key of :data:`RECOVERY`: ``none``, ``bias`` (R1), ``regress`` (R2) or ``lstsq`` (R3).
         sequential: error-accumulation correction: layers are recovered level by level (input to output), each
             fitted on inputs of the partly recovered pruned model against the original model (one sweep over the
@@ -135,7 +135,7 @@ def recover(original: onnx.ModelProto, pruned: onnx.ModelProto, index: ChannelGr
             has few images: :func:`pipeline.recovery.refit.refit_positions`; None: all), ``refit_max_dim`` (R3:
             layers with more unknowns per output, whose Gram matrix would not fit in memory comfortably, get R2
             instead), ``seed``, ``backend``,
-            ``intra_op_threads`` (see :func:`pipeline.calibrate.open_session`), ``progress`` (a tqdm bar over the
+            ``intra_op_threads`` (see :func:`pipeline.calibration.calibrate.open_session`), ``progress`` (a tqdm bar over the
             levels on stderr), ``augment`` (perturbed copies of every sample as extra rows, kinds
             ``augment_kinds``: :mod:`pipeline.recovery.augment`).
 

@@ -18,7 +18,7 @@ those of whole-model runs up to floating-point rounding (onnxruntime may fuse di
 recovery (``sequential=False``) is a single step.
 
 Batches keep the dataset's order; batch ``i`` is held out (for choosing ridge factors) when
-``i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1``. Batches are grouped into the fixed shards of :mod:`pipeline.shards`:
+``i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1``. Batches are grouped into the fixed shards of :mod:`pipeline.data.shards`:
 a step can run any subset of batches (:meth:`Sweep.run`), each batch's frontier entries are dropped after their last
 reader, and every random draw depends only on ``(seed, level, batch)`` (:func:`batch_rng`), so a
 :class:`pipeline.recovery.worker.SweepWorker` holding some shards (in this process, or as a Ray actor) computes for
@@ -38,11 +38,11 @@ import onnx
 
 from graph_ops.probes import PositionGather, add_position_gathers
 from graph_ops.proto import declared_shapes
-from pipeline.data import validate_batch
+from pipeline.data.datasets import validate_batch
+from pipeline.data.shards import batch_range
 from pipeline.errors import CalibrationError
+from pipeline.model.runtime import model_input_specs, open_session, run, samples_for, static_batch
 from pipeline.recovery.frontier import FrontierStore
-from pipeline.runtime import model_input_specs, open_session, run, samples_for, static_batch
-from pipeline.shards import batch_range
 
 HOLD_OUT_EVERY = 5  # batch i is held out when i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
 MIN_ROWS_PER_DIM = 10  # methods.md 6.2: at least 10x more samples than a regression's dimension (else a warning)
@@ -171,7 +171,7 @@ def _segment(side: _Side, step: int) -> tuple[onnx.ModelProto | None, list[str],
     missing = [n for n in [*ins, *outs] if n not in infos]
     if missing:
         raise CalibrationError(f"recovery sweep: no declared type for tensors {missing[:3]}; prepare the model "
-                               "(pipeline.prepare) so that its shapes are declared")
+                               "(pipeline.model.prepare) so that its shapes are declared")
     used_inits = list(dict.fromkeys(n for i in nodes for n in graph.node[i].input if n in inits))
     sub = onnx.helper.make_graph([graph.node[i] for i in nodes], f"{graph.name}_step{step}",
                                  [infos[n] for n in ins], [infos[n] for n in outs], [inits[n] for n in used_inits])
@@ -212,7 +212,7 @@ class Sweep:
         requests: level -> (requests to ``original``, requests to ``current``) that a step yields per batch:
             tensor names (whole tensors) or :class:`graph_ops.probes.PositionGather` (a tensor gathered at
             positions inside the graph; the indices come from the ``indices`` callback).
-        dataset: a :class:`pipeline.data.Dataset` (labels are ignored); batch ``i`` is its samples
+        dataset: a :class:`pipeline.data.datasets.Dataset` (labels are ignored); batch ``i`` is its samples
             ``[i * batch_size, (i + 1) * batch_size)``.
         sequential: False: a single step (one pass; the current model is not refit in between).
         session: ``batch_size``, ``backend``, ``intra_op_threads``, ``spill_dir``, ``spill_bytes``.

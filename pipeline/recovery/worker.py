@@ -1,7 +1,7 @@
 """Who computes recovery's sweep, shard by shard: a :class:`SweepWorker` in this process or on Ray workers.
 
 The driver (:func:`sweep_levels`) owns the pruned model and the jobs of every level (:class:`LevelPlan`). For each
-level it asks for every shard's moments (:mod:`pipeline.shards`: fixed shards of consecutive batches), merges them
+level it asks for every shard's moments (:mod:`pipeline.data.shards`: fixed shards of consecutive batches), merges them
 in shard order, solves (:meth:`LevelJob.finish` writes the level's layers into the pruned model) and hands the new
 weights (:class:`LayerUpdate`) to the workers before the next level. A :class:`SweepWorker` holds some shards: its
 own :class:`Sweep` (frontier) over them, its own copy of the pruned model (the driver's, in this process) and its
@@ -26,9 +26,9 @@ import onnx
 
 from graph_ops.errors import PreconditionError
 from graph_ops.proto import layer_weights, write_weights
+from pipeline.data.shards import OrderedMerge, Shard
 from pipeline.errors import CalibrationError
 from pipeline.recovery.levels import LevelPlan
-from pipeline.shards import OrderedMerge, Shard
 
 Planner = Callable[[onnx.ModelProto, onnx.ModelProto], LevelPlan]
 """``(original, pruned) -> LevelPlan``: a recovery method bound to its index, plan and options (picklable)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.demo import demo_model_path
+from pipeline.deployment.latency_build import build_latency_model
+from pipeline.deployment.latency_model import LatencyTarget
 from pipeline.errors import UserInputError
-from pipeline.latency_model import LatencyTarget, build_latency_model
-from pipeline.prepare import prepare
-from pipeline.runtime import make_session
+from pipeline.model.prepare import prepare
+from pipeline.model.runtime import make_session
+from pipeline.prune.demo import demo_model_path
 
 pytestmark = pytest.mark.gpu
 

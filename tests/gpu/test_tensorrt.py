@@ -42,9 +42,9 @@ def _model(path: Path, width: int = 16) -> Path:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_matches_onnxruntime(tmp_path: Path, precision: str) -> None:
     _require_tensorrt()
-    from pipeline.bench import TRT_TOLERANCE
-    from pipeline.engines import TrtRunner, build_engine
-    from pipeline.runtime import make_session
+    from pipeline.deployment.bench import TRT_TOLERANCE
+    from pipeline.deployment.engines import TrtRunner, build_engine
+    from pipeline.model.runtime import make_session
 
     model = _model(tmp_path / "m.onnx")
     feeds = {"input": np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)}
@@ -65,7 +65,7 @@ def test_engine_matches_onnxruntime(tmp_path: Path, precision: str) -> None:
 
 def test_measure_tensorrt_reports_gpu_compute_separately(tmp_path: Path) -> None:
     _require_tensorrt()
-    from pipeline.bench import measure
+    from pipeline.deployment.bench import measure
 
     a, b = _model(tmp_path / "a.onnx", 16), _model(tmp_path / "b.onnx", 8)
     report = measure([str(a), str(b)], "tensorrt", (1, 8), warmup_s=0.1, min_duration_s=0.2, min_iters=20,
@@ -81,7 +81,7 @@ def test_ort_cuda_provider_is_really_active(tmp_path: Path) -> None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
-    from pipeline.runtime import make_session
+    from pipeline.model.runtime import make_session
 
     _, providers = make_session(_model(tmp_path / "m.onnx"), "ort-cuda")
     assert providers[0] == "CUDAExecutionProvider"
@@ -92,11 +92,11 @@ def test_edge_artifacts_build_and_match_onnxruntime(tmp_path: Path, artifact: st
     """The TensorRT-recipe INT8 file (explicit quantization, no calibrator) and the FP16 file build and agree with
     onnxruntime CPU running the same file."""
     _require_tensorrt()
-    from pipeline.data import open_dataset
-    from pipeline.engines import TrtRunner, build_engine
-    from pipeline.fp16 import convert_fp16
-    from pipeline.quantize import Int8Quantizer
-    from pipeline.runtime import make_session
+    from pipeline.data.named import open_dataset
+    from pipeline.deployment.engines import TrtRunner, build_engine
+    from pipeline.deployment.fp16 import convert_fp16
+    from pipeline.deployment.quantize import Int8Quantizer
+    from pipeline.model.runtime import make_session
 
     model = onnx.load(str(_model(tmp_path / "m.onnx")))
     rng = np.random.default_rng(1)

@@ -121,11 +121,67 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_onnxruntime_sessions_live_in_the_runtime_module() -> None:
-    """One onnxruntime home: only pipeline/runtime.py creates sessions (engines.py keeps TensorRT); the board-side
+    """One onnxruntime home: only pipeline/model/runtime.py creates sessions (engines.py keeps TensorRT); the board-side
     profiler that ``diprune latency variants`` copies next to the variants must run without diprune, so it makes its
     own (and imports nothing of the package)."""
     creators = [p for p in GRAPH_OPS + PIPELINE if "InferenceSession(" in p.read_text()]
-    assert [p.relative_to(ROOT).as_posix() for p in creators] == ["pipeline/ort_profile_script.py",
-                                                                   "pipeline/runtime.py"]
-    board = (ROOT / "pipeline" / "ort_profile_script.py").read_text()
+    assert [p.relative_to(ROOT).as_posix() for p in creators] == ["pipeline/deployment/ort_profile_script.py",
+                                                                   "pipeline/model/runtime.py"]
+    board = (ROOT / "pipeline" / "deployment" / "ort_profile_script.py").read_text()
     assert "from pipeline" not in board and "import pipeline" not in board and "graph_ops" not in board
+
+
+# Which stage package may import which (modules at the top of pipeline/ are their own entries). A package imports
+# only what lies below it: data is the floor, cli the roof. Lazy imports count too.
+TOP = ("errors", "choices", "locks", "memory")
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(), "choices": set(), "locks": set(), "memory": set(),
+    "data": {*TOP},
+    "model": {"data", *TOP},
+    "calibration": {"model", "data", "cluster", *TOP},
+    "selection": {"calibration", "model", "data", *TOP},
+    "recovery": {"model", "data", "cluster", *TOP},
+    "evaluation": {"model", "data", *TOP},
+    "deployment": {"selection", "calibration", "model", "data", *TOP},
+    "training": {"evaluation", "selection", "calibration", "model", "data", *TOP},
+    "prune": {"training", "evaluation", "deployment", "recovery", "selection", "calibration", "model", "data",
+              "cluster", *TOP},
+    "job": {"prune", "training", "evaluation", "deployment", "recovery", "selection", "calibration", "model", "data",
+            "cluster", *TOP},
+    "cli": {"job", "prune", "training", "evaluation", "deployment", "recovery", "selection", "calibration", "model",
+            "data", "cluster", *TOP},
+    # the Ray executor of calibration and recovery shards: imported lazily by both, it runs their shard work
+    "cluster": {"recovery", "calibration", "data", *TOP},
+}
+
+
+def _stage(module: str) -> str:
+    """The entry of ALLOWED a module of pipeline belongs to (``pipeline.data.npz`` -> ``data``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "pipeline"
+
+
+def test_every_stage_package_and_top_module_is_in_the_table() -> None:
+    tops = {p.stem for p in (ROOT / "pipeline").glob("*.py")} - {"__init__"}
+    packages = {p.parent.name for p in (ROOT / "pipeline").glob("*/__init__.py")}
+    assert tops | packages == set(ALLOWED)
+    assert len(list((ROOT / "pipeline").glob("*.py"))) <= 12
+
+
+@pytest.mark.parametrize("package", sorted(p.parent.name for p in (ROOT / "pipeline").glob("*/__init__.py")))
+def test_each_stage_package_says_what_it_holds_and_may_import(package: str) -> None:
+    doc = ast.get_docstring(ast.parse((ROOT / "pipeline" / package / "__init__.py").read_text())) or ""
+    assert doc and ("May import" in doc or "may import" in doc or package in {"recovery", "cli"}), package
+
+
+def test_stage_packages_import_only_what_lies_below_them() -> None:
+    edges = _internal_edges(PIPELINE, "pipeline")
+    wrong = sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets
+                   if _stage(a) != _stage(b) and _stage(b) != "pipeline" and _stage(b) not in ALLOWED[_stage(a)])
+    assert not wrong, wrong
+
+
+def test_no_module_is_over_500_lines() -> None:
+    long = [f"{p.relative_to(ROOT)}: {n}" for p in GRAPH_OPS + PIPELINE
+            if (n := len(p.read_text().splitlines())) > 500]
+    assert not long, long

@@ -110,7 +110,7 @@ def _tiny_head_model() -> onnx.ModelProto:
 
 
 def test_benchmark_tasks_are_the_products_task_heads() -> None:
-    from pipeline.data import from_iterable
+    from pipeline.data.datasets import from_iterable
 
     assert task_of("3-vs-8").classes == (3, 8)
     assert task_of("odd-vs-even").groups == (("odd", (1, 3, 5, 7, 9)), ("even", (0, 2, 4, 6, 8)))

@@ -30,7 +30,7 @@ def _outputs(session_factory, model: onnx.ModelProto | Path, feed: np.ndarray) -
 def test_canonicalize_keeps_outputs(name: str, exporter: str, zoo_cache: Path, tmp_path: Path, ort_session) -> None:
     import torch
 
-    from pipeline.export import export_raw, load_torchvision
+    from pipeline.model.export import export_raw, load_torchvision
 
     model = load_torchvision(name, num_classes=10, seed=0)
     example = zoo_example(name)

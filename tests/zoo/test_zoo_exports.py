@@ -25,7 +25,7 @@ import pytest
 
 from graph_ops.channels import prunable_share
 from graph_ops.io import load_model
-from pipeline.prepare import PreparedModel, prepare
+from pipeline.model.prepare import PreparedModel, prepare
 from tests.graphs_export import paddle_style
 from tests.oracles import check_prepared_surgery
 from tests.production_models import missing
@@ -83,7 +83,7 @@ def test_tf_same_padding_computed_from_dynamic_sizes(tmp_path: Path) -> None:
         pytest.skip(missing("tf_mixnet_s"))
     import torch
 
-    from pipeline.export import export_torch
+    from pipeline.model.export import export_torch
     from tests.production_models import build
 
     path = export_torch(build("tf_mixnet_s"), torch.randn(1, 3, 64, 64), tmp_path / "tf_mixnet_s.onnx", dynamo=False,

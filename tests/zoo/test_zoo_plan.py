@@ -19,8 +19,8 @@ import pytest
 
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
-from pipeline.orchestrate import keep_lists, prepare, score
-from pipeline.plan import select_channels
+from pipeline.prune.orchestrate import keep_lists, prepare, score
+from pipeline.selection.allocate import select_channels
 from tests.budget_checks import check_budget
 from tests.models import EXPORTERS, ZOO, input_shape
 from tests.oracles import assert_same_outputs, random_feeds

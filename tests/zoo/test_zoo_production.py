@@ -24,8 +24,8 @@ from graph_ops.channels import analyze, prunable_share
 from graph_ops.io import load_model
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
-from pipeline.orchestrate import keep_lists, prepare, score
-from pipeline.plan import select_channels
+from pipeline.prune.orchestrate import keep_lists, prepare, score
+from pipeline.selection.allocate import select_channels
 from tests.budget_checks import check_budget
 from tests.oracles import assert_same_outputs, check_exact_surgery, check_lstsq_mask_reference, random_feeds
 from tests.production_models import EXPORTERS, PRODUCTION
@@ -81,8 +81,8 @@ def test_architectures_that_once_broke_the_default_prune(name: str,
     3-D MatMul (mobilevit_xxs). The default job runs through, every refit layer written in the surgery's layout."""
     import onnx
 
-    from pipeline.data import from_iterable
-    from pipeline.orchestrate import PruneRun
+    from pipeline.data.datasets import from_iterable
+    from pipeline.prune.orchestrate import PruneRun
     from tests.oracles import recovered_reference
     from tests.production_models import input_shape
 
@@ -109,9 +109,9 @@ def test_vit_mlp_hidden_features_are_pruned_exactly(tmp_path: Path) -> None:
     the default job (DI, lstsq) runs, its refit layers in the surgery's layout."""
     import onnx
 
-    from pipeline.data import from_iterable
-    from pipeline.export import export_torch
-    from pipeline.orchestrate import PruneRun
+    from pipeline.data.datasets import from_iterable
+    from pipeline.model.export import export_torch
+    from pipeline.prune.orchestrate import PruneRun
     from tests.oracles import recovered_reference
     from tests.production_models import build, missing
 

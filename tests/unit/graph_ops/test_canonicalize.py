@@ -254,7 +254,7 @@ def test_registry_lists_the_canonical_order() -> None:
 def test_torch_export_of_small_cnn(dynamo: bool, tmp_path: Path, ort_session) -> None:
     import torch
 
-    from pipeline.export import export_raw
+    from pipeline.model.export import export_raw
     from tests.models import small_cnn
 
     model = small_cnn(bias=False)

@@ -1,4 +1,4 @@
-"""Calibration-size advice from the analysis alone (pipeline.advice), counted by hand on the tiny classifier."""
+"""Calibration-size advice from the analysis alone (pipeline.prune.advice), counted by hand on the tiny classifier."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.advice import sample_advice
 from pipeline.cli import main
-from pipeline.demo import demo_model_path
-from pipeline.prepare import prepare
+from pipeline.model.prepare import prepare
+from pipeline.prune.advice import sample_advice
+from pipeline.prune.demo import demo_model_path
 from tests.graphs import tiny_classifier
 
 

@@ -1,4 +1,4 @@
-"""Allocation by measurement (pipeline.sensitivity, the measured planner) and progressive pruning (pipeline.progressive)."""
+"""Allocation by measurement (pipeline.selection.sensitivity, the measured planner) and progressive pruning (pipeline.selection.progressive)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from graph_ops.cost import count
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
 from pipeline.cli import main
-from pipeline.data import open_dataset
-from pipeline.demo import demo_model_path
+from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
-from pipeline.orchestrate import PruneRun
-from pipeline.plan import FLOOR_SHARE, anchor_widths, block_order, measured_curve, select_channels
-from pipeline.progressive import compose, progressive, round_targets
-from pipeline.runtime import make_session
-from pipeline.sensitivity import MIN_SAMPLES, STRETCH, Sensitivity, _kl, _probabilities
+from pipeline.model.runtime import make_session
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.selection.allocate import FLOOR_SHARE, select_channels
+from pipeline.selection.progressive import compose, progressive, round_targets
+from pipeline.selection.sensitivity import MIN_SAMPLES, STRETCH, Sensitivity, _kl, _probabilities
+from pipeline.selection.widths import anchor_widths, block_order, measured_curve
 from tests.unit.pipeline.test_plan import SIZES, _index, _scores
 
 
@@ -198,7 +199,7 @@ def test_cli_allocation_rule_restores_the_old_plan_and_steps_are_checked(tmp_pat
 
 
 def test_relative_error_damage_of_a_model_that_is_not_a_classifier() -> None:
-    from pipeline.sensitivity import _reference
+    from pipeline.selection.sensitivity import _reference
 
     rng = np.random.default_rng(0)
     maps = [rng.normal(size=(8, 1, 4, 4)), rng.normal(size=(8, 3))]
@@ -210,7 +211,7 @@ def test_relative_error_damage_of_a_model_that_is_not_a_classifier() -> None:
 
 
 def test_kl_per_decision_for_sequences_and_maps() -> None:
-    from pipeline.sensitivity import _decision_rows, _kl, _probabilities, _reference
+    from pipeline.selection.sensitivity import _decision_rows, _kl, _probabilities, _reference
 
     rng = np.random.default_rng(0)
     seq = rng.normal(size=(4, 5, 7))  # (N, T, K) logits

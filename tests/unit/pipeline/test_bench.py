@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.errors import UserInputError
-from pipeline.bench import FORMAT, LatencyStats, machine_info, measure, width_warnings
-from pipeline.runtime import make_feeds, make_session
+from pipeline.deployment.bench import FORMAT, LatencyStats, machine_info, measure, width_warnings
+from pipeline.model.runtime import make_feeds, make_session
 
 FAST = {"warmup_s": 0.0, "min_duration_s": 0.05, "min_iters": 6, "threads": 1}
 
@@ -208,7 +208,7 @@ def test_cli_bench_writes_json(two_models: tuple[str, str], tmp_path: Path) -> N
 
 
 def test_markdown_shows_gpu_compute_separately() -> None:
-    from pipeline.bench import BenchReport, ModelResult
+    from pipeline.deployment.bench import BenchReport, ModelResult
 
     stats = LatencyStats.from_samples(np.array([2e-3, 3e-3]), batch=1)
     gpu = LatencyStats.from_samples(np.array([1e-3, 1e-3]), batch=1)

@@ -13,12 +13,12 @@ import pytest
 from graph_ops.channels import analyze
 from graph_ops.io import sha256_file
 from graph_ops.probes import add_pooled_probes, expose_tensors
-from pipeline.calibrate import calibrate, channel_summaries
-from pipeline.data import from_iterable
+from pipeline.calibration.calibrate import calibrate, channel_summaries
+from pipeline.calibration.stats import CalibrationStats
+from pipeline.data.datasets import from_iterable
+from pipeline.data.targets import LabelOptions
 from pipeline.errors import CalibrationError, UserInputError
-from pipeline.prepare import default_probes, prepare
-from pipeline.stats import CalibrationStats
-from pipeline.targets import LabelOptions
+from pipeline.model.prepare import default_probes, prepare
 from tests.graphs import tiny_classifier
 
 CLASSES = 3
@@ -39,7 +39,7 @@ def _data(n: int = 60, *, seed: int = 1, shape: tuple[int, ...] = (2, 8, 8), lab
 
 
 def _dataset(x: np.ndarray, y: np.ndarray | None, chunk: int = 7):
-    """A real pipeline.data Dataset over (x, y), delivered in uneven chunks."""
+    """A real pipeline.data.datasets Dataset over (x, y), delivered in uneven chunks."""
     items = [({"input": x[i:i + chunk]}, None if y is None else y[i:i + chunk]) for i in range(0, len(x), chunk)]
     return from_iterable(items, name="test-data")
 
@@ -221,7 +221,7 @@ def test_unlabelled_statistics_when_labels_are_not_required(model: Path) -> None
 
 def test_small_sample_counts_are_warned(model: Path, caplog: pytest.LogCaptureFixture) -> None:
     x, y = _data(n=12)
-    with caplog.at_level(logging.WARNING, logger="pipeline.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.calibration.calibrate"):
         _calibrate(model, x, y, pooling="avg2")
     text = caplog.text
     assert "only 12 calibration samples for probe 'r2' with 24 features" in text
@@ -231,7 +231,7 @@ def test_small_sample_counts_are_warned(model: Path, caplog: pytest.LogCaptureFi
 
 def test_enough_samples_give_no_warning(model: Path, caplog: pytest.LogCaptureFixture) -> None:
     x, y = _data(n=60)
-    with caplog.at_level(logging.WARNING, logger="pipeline.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.calibration.calibrate"):
         _calibrate(model, x, y, pooling="gap")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 

@@ -1,7 +1,7 @@
 """Location-aware calibration against a brute-force numpy reference on tiny dense models.
 
 The reference takes the full activations of every probe from onnxruntime, builds each probe's view (the probe, its
-height mean, or its mean), labels every cell (:mod:`pipeline.locations`, itself checked against cell-by-cell
+height mean, or its mean), labels every cell (:mod:`pipeline.data.locations`, itself checked against cell-by-cell
 references in ``test_locations``), draws the locations with the same seeds through its own class-balanced sampler
 (smallest keys first), gathers the features and sums them; calibration (in-graph gathers or fetched views) must give
 the same statistics. Model labels must be the argmax / best path / binarised map / NMS detections of the original's
@@ -19,15 +19,15 @@ import onnxruntime as ort
 import pytest
 
 from graph_ops.probes import add_location_views, expose_tensors
-from pipeline.calibrate import calibrate
-from pipeline.calibrate_locations import location_job
-from pipeline.data import from_npz
-from pipeline.locations import Sampling, grid_labels, location_rng, view_of
-from pipeline.outputs import DecodeOptions, ctc_align, detections_as_boxes, map_classes, yolo_decode
-from pipeline.prepare import prepare
-from pipeline.shards import OrderedMerge, shard_layout
-from pipeline.stats import merge_probes
-from pipeline.targets import LabelOptions, resolve_targets
+from pipeline.calibration.calibrate import calibrate
+from pipeline.calibration.calibrate_locations import location_job
+from pipeline.calibration.stats import merge_probes
+from pipeline.data.datasets import from_npz
+from pipeline.data.locations import Sampling, grid_labels, location_rng, view_of
+from pipeline.data.outputs import DecodeOptions, ctc_align, detections_as_boxes, map_classes, yolo_decode
+from pipeline.data.shards import OrderedMerge, shard_layout
+from pipeline.data.targets import LabelOptions, resolve_targets
+from pipeline.model.prepare import prepare
 from tests.dense_models import ctc_net, seg_net, yolo_net
 from tests.graphs import tiny_classifier
 

@@ -13,19 +13,12 @@ from pipeline import choices
 
 
 def _registries() -> list[tuple[str, object, object]]:
-    from pipeline import (
-        bench,
-        calibrate,
-        engines,
-        labels,
-        locations,
-        orchestrate,
-        outputs,
-        progressive,
-        recovery,
-        scorers,
-        targets,
-    )
+    from pipeline import recovery
+    from pipeline.calibration import calibrate
+    from pipeline.data import labels, locations, outputs, targets
+    from pipeline.deployment import bench, engines
+    from pipeline.prune import orchestrate
+    from pipeline.selection import progressive, scorers
 
     return [
         ("SCORERS", choices.SCORERS, tuple(scorers.SCORERS)),
@@ -57,8 +50,8 @@ def test_every_copy_equals_its_registry() -> None:
     assert not wrong
 
 
-@pytest.mark.parametrize(("defaults", "module", "cls"), [(choices.FINETUNE_DEFAULTS, "pipeline.finetune", "FinetuneOptions"),
-                                                         (choices.PUSH_DEFAULTS, "pipeline.push", "PushOptions")])
+@pytest.mark.parametrize(("defaults", "module", "cls"), [(choices.FINETUNE_DEFAULTS, "pipeline.training.finetune", "FinetuneOptions"),
+                                                         (choices.PUSH_DEFAULTS, "pipeline.training.push", "PushOptions")])
 def test_training_defaults_equal_the_options(defaults: dict, module: str, cls: str) -> None:
     import importlib
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from graph_ops.io import load_model
+from pipeline.calibration.stats import CalibrationStats
 from pipeline.cli import main
-from pipeline.config import config_from_dict
 from pipeline.errors import UserInputError
-from pipeline.stats import CalibrationStats
+from pipeline.job.config import config_from_dict
 from tests.dense_models import ctc_net, seg_net, yolo_net
 from tests.oracles import assert_same_outputs
 
@@ -144,8 +144,8 @@ def test_run_config_label_keys(tmp_path: Path) -> None:
 def test_run_job_takes_the_models_labels_and_caches_the_calibration(tmp_path: Path) -> None:
     import yaml
 
-    from pipeline.config import load_config
-    from pipeline.job import run_config
+    from pipeline.job.config import load_config
+    from pipeline.job.run import run_config
     from tests.graphs import tiny_classifier
 
     model = tiny_classifier(str(tmp_path / "c.onnx"), in_channels=2, widths=(4, 6), classes=3, seed=7)

@@ -1,4 +1,4 @@
-"""The CLI's one number parser (``pipeline.cli._number``): every bound, and messages that name the value and the
+"""The CLI's one number parser (``pipeline.cli.common._number``): every bound, and messages that name the value and the
 allowed range (argparse turns them into usage errors, exit 2)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from pipeline.cli import (
+from pipeline.cli.common import (
     _finite,
     _fraction,
     _non_negative,

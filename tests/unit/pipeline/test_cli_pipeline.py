@@ -12,7 +12,7 @@ import pytest
 
 from graph_ops.cost import count
 from pipeline.cli import main
-from pipeline.demo import demo_model_path
+from pipeline.prune.demo import demo_model_path
 
 CALIB = ["--data", "mnist", "--limit", "400"]
 pytestmark = pytest.mark.slow  # each runs the real pipeline on the shipped model (1-3 s)

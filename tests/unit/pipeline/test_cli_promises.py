@@ -12,8 +12,8 @@ import pytest
 
 from graph_ops.io import sha256_file
 from pipeline.cli import build_parser, main
-from pipeline.data import mnist_path
-from pipeline.demo import demo_model_path
+from pipeline.data.datasets import mnist_path
+from pipeline.prune.demo import demo_model_path
 from tests.graphs import tiny_classifier
 
 

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from graph_ops.prune import apply_plan
-from pipeline.calibrate import calibrate
-from pipeline.data import from_iterable, mnist_path, open_dataset
+from pipeline.calibration.calibrate import calibrate
+from pipeline.data.datasets import from_iterable, mnist_path
+from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
-from pipeline.orchestrate import PruneRun, keep_lists, prune, score
-from pipeline.plan import select_channels
-from pipeline.prepare import prepare
+from pipeline.model.prepare import prepare
+from pipeline.prune.one_shot import prune
+from pipeline.prune.orchestrate import PruneRun, keep_lists, score
 from pipeline.recovery import recover
+from pipeline.selection.allocate import select_channels
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = [pytest.mark.ray, pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (extra [ray]: "
@@ -76,8 +78,8 @@ class TestOnRay:
 
     @pytest.mark.parametrize("labels", ["masks", "model"])
     def test_location_statistics_from_1_2_workers_are_identical(self, tmp_path: Path, labels: str) -> None:
-        from pipeline.data import from_npz
-        from pipeline.targets import LabelOptions
+        from pipeline.data.datasets import from_npz
+        from pipeline.data.targets import LabelOptions
         from tests.dense_models import seg_net
 
         model = prepare(seg_net(str(tmp_path / "seg.onnx")))
@@ -139,8 +141,8 @@ class TestOnRay:
             PruneRun(MODEL, data, cluster=_options(2), progress=False).stats()
 
     def test_cli_calibrate_with_workers(self, tmp_path: Path) -> None:
+        from pipeline.calibration.stats import CalibrationStats
         from pipeline.cli import main
-        from pipeline.stats import CalibrationStats
 
         args = [str(MODEL), "--data", "mnist", "--limit", "300"]
         assert main(["-q", "calibrate", *args, "-o", str(tmp_path / "a.npz")]) == 0

@@ -1,4 +1,4 @@
-"""Tests of pipeline.data: loaders on real data (shipped MNIST, PIL-written images), layouts, errors, determinism."""
+"""Tests of pipeline.data.datasets: loaders on real data (shipped MNIST, PIL-written images), layouts, errors, determinism."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pipeline.data import (
+from pipeline.data.datasets import (
     Dataset,
     check_against_model,
     from_image_folder,
     from_iterable,
     from_npz,
     mnist_path,
-    open_dataset,
     require_labels,
     validate_batch,
 )
+from pipeline.data.named import open_dataset
 from pipeline.errors import CalibrationError, UserInputError
 
 MNIST_INPUTS = {"input": ((None, 1, 28, 28), np.float32)}
@@ -344,7 +344,7 @@ class TestDataSpec:
         np.testing.assert_array_equal(la, lb)
 
     def test_npz_with_task_binding_and_ranges_reopens_to_the_same_samples(self) -> None:
-        from pipeline.task import Task
+        from pipeline.data.task import Task
 
         data = Task(classes=(3, 8)).dataset(open_dataset("mnist", split="train", limit=300)).data
         part = data.bind(["input"]).subset(10, 60).subset(5, 37)
@@ -368,7 +368,7 @@ class TestDataSpec:
         np.savez_compressed(tmp_path / "packed.npz", x=x, y=np.arange(9) % 2)
         plain, packed = from_npz(tmp_path / "plain.npz"), from_npz(tmp_path / "packed.npz")
         self._same(plain, packed)
-        from pipeline.data import _read_npz
+        from pipeline.data.npz import _read_npz
 
         assert isinstance(_read_npz(tmp_path / "plain.npz")["x"], np.memmap)
         assert not isinstance(_read_npz(tmp_path / "packed.npz")["x"], np.memmap)

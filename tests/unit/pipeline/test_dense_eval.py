@@ -17,11 +17,11 @@ import onnxruntime as ort
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import _gates
-from pipeline.data import from_npz
+from pipeline.data.datasets import from_npz
 from pipeline.errors import UserInputError
-from pipeline.evaluate import evaluate, score
-from pipeline.gates import check_gates, check_gates_fit_model, gate_value
+from pipeline.evaluation.evaluate import evaluate, score
+from pipeline.job.config import _gates
+from pipeline.job.gates import check_gates, check_gates_fit_model, gate_value
 from tests.dense_models import ctc_net, seg_net, yolo_net
 
 HAS_EDIT = importlib.util.find_spec("editdistance") is not None
@@ -187,8 +187,8 @@ def test_dense_model_without_labels_or_reference_and_mismatched_labels(tmp_path:
 
 
 def test_classifier_unchanged_and_output_kind_checked() -> None:
-    from pipeline.data import open_dataset
-    from pipeline.demo import demo_model_path
+    from pipeline.data.named import open_dataset
+    from pipeline.prune.demo import demo_model_path
 
     data = open_dataset("mnist", split="test", limit=32)
     report = evaluate(demo_model_path(), data)
@@ -205,7 +205,7 @@ def test_classifier_unchanged_and_output_kind_checked() -> None:
 def test_yolo_against_labels_matches_brute_force_and_itself(tmp_path: Path) -> None:
     model = yolo_net(str(tmp_path / "yolo.onnx"), classes=2)
     x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
-    from pipeline.outputs import DecodeOptions, yolo_decode
+    from pipeline.data.outputs import DecodeOptions, yolo_decode
 
     found = yolo_decode(_outputs(model, x), DecodeOptions(conf=0.001))
     labels = tmp_path / "labels"
@@ -294,7 +294,7 @@ def test_cli_eval_missing_extra_is_one_line(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow  # a prune and a --max-drop search, about a second
 def test_prune_report_and_max_drop_use_the_dense_metric(tmp_path: Path) -> None:
-    from pipeline.orchestrate import prune
+    from pipeline.prune.one_shot import prune
 
     model = seg_net(str(tmp_path / "seg.onnx"), classes=3)
     x = np.random.default_rng(0).random((48, 1, 16, 16), dtype=np.float32)
@@ -350,7 +350,7 @@ def test_run_report_and_gates_on_a_segmentation_model(tmp_path: Path, capsys: py
 
 def test_dense_labels_for_a_classifier_are_refused_in_eval_and_prune(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.demo import demo_model_path
+    from pipeline.prune.demo import demo_model_path
 
     x = np.random.default_rng(0).integers(0, 255, (20, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros((20, 2), np.int64))  # (N, L): read as sequences

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import config_from_dict
-from pipeline.demo import demo_model_path
-from pipeline.device_profiles import (
+from pipeline.deployment.device_profiles import (
     _Names,
     fit_board_profiles,
     load_latency_model,
@@ -21,10 +19,14 @@ from pipeline.device_profiles import (
     read_trt_layer_info,
     read_trt_profile,
 )
+from pipeline.deployment.latency_build import model_ladders
+from pipeline.deployment.latency_fit import _Graph
+from pipeline.deployment.latency_model import LatencyModel
 from pipeline.errors import UserInputError
-from pipeline.latency_model import LatencyModel, _Graph, model_ladders
-from pipeline.plan import PruningPlan
-from pipeline.prepare import PreparedModel, prepare
+from pipeline.job.config import config_from_dict
+from pipeline.model.prepare import PreparedModel, prepare
+from pipeline.prune.demo import demo_model_path
+from pipeline.selection.plan import PruningPlan
 from tests.board_profiles import true_ms, write_trtexec_profiles
 
 COSTLY = ("/stem/stem.1/stem.1.0/Conv", "/block/body/body.0/body.0.0/Conv", "/block/body/body.1/body.1.0/Conv",
@@ -223,8 +225,8 @@ def test_fit_reads_onnxruntime_profiles_made_here(tmp_path: Path) -> None:
     """The board script run here on CPU: real onnxruntime profiles (names, fused and NCHWc kernels, reorders), their
     kernel durations replaced by a known cost (weight elements of each Conv / Gemm kernel, channels in blocks), fit
     within 10 %."""
-    from pipeline.latency_model import LatencyTarget, block_size
-    from pipeline.ort_profile_script import main as profile_main
+    from pipeline.deployment.latency_model import LatencyTarget, block_size
+    from pipeline.deployment.ort_profile_script import main as profile_main
     from tests.board_profiles import synthetic_ort_durations
 
     folder = tmp_path / "variants"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.scorers.di import Eliminator, _PivotError, eliminate
-from pipeline.stats import ProbeStats
+from pipeline.calibration.stats import ProbeStats
+from pipeline.selection.scorers.di import Eliminator, _PivotError, eliminate
 
 
 def _stats(seed: int, channels: int, cells: int, classes: int, n: int = 300) -> ProbeStats:

@@ -12,16 +12,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import pipeline.runtime
+import pipeline.model.runtime
 from graph_ops.dynamic_dims import shapes_at, symbolic_dims, with_io_dims
 from graph_ops.errors import UserInputError
 from graph_ops.mask import zero_channels
 from graph_ops.proto import declared_shapes, set_input_dims
 from pipeline.cli import main
-from pipeline.data import from_iterable
-from pipeline.orchestrate import PruneRun, keep_lists
-from pipeline.plan import PruningPlan
-from pipeline.prepare import prepare
+from pipeline.data.datasets import from_iterable
+from pipeline.model.prepare import prepare
+from pipeline.prune.orchestrate import PruneRun, keep_lists
+from pipeline.selection.plan import PruningPlan
 from tests.graphs import Net
 from tests.oracles import assert_same_outputs, run_ort
 
@@ -134,13 +134,13 @@ def test_apply_keeps_the_files_dims(paddle: Path, tmp_path: Path) -> None:
 def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of samples of every onnxruntime call of calibration, evaluation and recovery."""
     seen: list[int] = []
-    call = pipeline.runtime._call
+    call = pipeline.model.runtime._call
 
     def counting(session: object, names: object, feeds: dict[str, np.ndarray], stage: str) -> list[np.ndarray]:
         seen.append(len(next(iter(feeds.values()))))
         return call(session, names, feeds, stage)
 
-    monkeypatch.setattr(pipeline.runtime, "_call", counting)
+    monkeypatch.setattr(pipeline.model.runtime, "_call", counting)
     return seen
 
 
@@ -189,7 +189,7 @@ def test_batch_one_sizes_a_dynamic_batch_only_where_declared_sizes_are_missing()
     """``prepare`` folds shape chains at batch 1 (``PreparedModel.sizes``) for a model whose only dynamic dim is
     the batch when its declared shapes leave a Conv's size unknown (a ShuffleNet or TF-padding export, checked in
     the zoo); the declared shapes suffice otherwise, and a dynamic width needs ``--input-shape``."""
-    from pipeline.prepare import batch_one
+    from pipeline.model.prepare import batch_one
     from tests.graphs_export import explicit_pad
 
     model, _ = explicit_pad()
@@ -203,8 +203,8 @@ def test_batch_one_sizes_a_dynamic_batch_only_where_declared_sizes_are_missing()
 def test_latency_runs_the_dynamic_models_at_the_prepared_sizes(paddle: Path) -> None:
     """The latency benchmarks need static sizes besides the batch: the prepared sizes (``at_sizes``, or
     ``input_shapes`` of the interleaved rounds), while the model itself stays dynamic."""
+    from pipeline.deployment.timing import interleaved_ratios
     from pipeline.errors import UserInputError as PipelineInputError
-    from pipeline.timing import interleaved_ratios
 
     prepared = prepare(paddle, {"x": ANALYSIS})
     quick = {"rounds": 1, "min_iters": 1, "round_seconds": 0.01, "warmup_s": 0.01}

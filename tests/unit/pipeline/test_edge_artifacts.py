@@ -13,12 +13,9 @@ import pytest
 from onnx import TensorProto
 
 from pipeline.cli import main
-from pipeline.data import open_dataset
-from pipeline.demo import demo_model_path
-from pipeline.evaluate import evaluate
-from pipeline.fp16 import convert_fp16
-from pipeline.prepare import prepare
-from pipeline.quantize import (
+from pipeline.data.named import open_dataset
+from pipeline.deployment.fp16 import convert_fp16
+from pipeline.deployment.quantize import (
     BACKEND_RECIPES,
     INT8_RECIPES,
     TENSORRT_INPUT_OPS,
@@ -26,6 +23,9 @@ from pipeline.quantize import (
     qdq_zero_points,
     tensorrt_placement,
 )
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.model.prepare import prepare
+from pipeline.prune.demo import demo_model_path
 
 pytestmark = pytest.mark.slow  # real quantization, conversion and evaluation of the demo CNN
 

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.data import from_iterable
+from pipeline.data.datasets import from_iterable
 from pipeline.errors import UserInputError
-from pipeline.evaluate import EvalReport, evaluate
+from pipeline.evaluation.evaluate import EvalReport, evaluate
 
 
 def _linear(weights: np.ndarray) -> onnx.ModelProto:

@@ -40,7 +40,7 @@ def test_export_is_canonical_and_matches_torch_at_other_batch(exporter: str, sma
 def test_mismatch_with_torch_raises_verification_error(tmp_path: Path) -> None:
     import torch
 
-    from pipeline.export import export_torch
+    from pipeline.model.export import export_torch
 
     class CallCounter(torch.nn.Module):
         """Its output depends on how often it ran: the trace bakes in the first call."""
@@ -60,7 +60,7 @@ def test_mismatch_with_torch_raises_verification_error(tmp_path: Path) -> None:
 def test_exporter_failure_is_a_user_error(tmp_path: Path) -> None:
     import torch
 
-    from pipeline.export import export_torch
+    from pipeline.model.export import export_torch
 
     class Broken(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_exporter_failure_is_a_user_error(tmp_path: Path) -> None:
 def test_load_torchvision_is_seeded_and_randomises_batchnorm() -> None:
     import torch
 
-    from pipeline.export import load_torchvision
+    from pipeline.model.export import load_torchvision
 
     a = load_torchvision("mobilenet_v3_small", num_classes=10, seed=3)
     b = load_torchvision("mobilenet_v3_small", num_classes=10, seed=3)
@@ -87,7 +87,7 @@ def test_load_torchvision_is_seeded_and_randomises_batchnorm() -> None:
 
 
 def test_load_torchvision_googlenet_without_aux_and_unknown_name() -> None:
-    from pipeline.export import load_torchvision
+    from pipeline.model.export import load_torchvision
 
     net = load_torchvision("googlenet", num_classes=10)
     assert net.aux1 is None and net.aux2 is None
@@ -96,5 +96,5 @@ def test_load_torchvision_googlenet_without_aux_and_unknown_name() -> None:
 
 
 def test_package_imports_without_torch() -> None:
-    code = "import sys, pipeline.export, graph_ops.canonicalize, graph_ops.cost; assert 'torch' not in sys.modules"
+    code = "import sys, pipeline.model.export, graph_ops.canonicalize, graph_ops.cost; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -71,7 +71,7 @@ def _run_both(path: Path, batch: np.ndarray) -> np.ndarray:
 def test_export_torchvision_resnet18_passes_parity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from pipeline.export import load_torchvision
+    from pipeline.model.export import load_torchvision
 
     out = tmp_path / "resnet18.onnx"
     assert main(["-q", "export", "torchvision:resnet18", "-o", str(out), "--input-shape", "1x3x64x64",

@@ -15,13 +15,14 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline.cli import main
-from pipeline.config import config_from_dict
-from pipeline.data import from_iterable, open_dataset
-from pipeline.demo import demo_model_path
+from pipeline.data.datasets import from_iterable
+from pipeline.data.named import open_dataset
 from pipeline.errors import UserInputError
-from pipeline.finetune import FinetuneOptions, finetune, probe_channels
-from pipeline.orchestrate import PruneRun
-from pipeline.training import learning_rate_factor
+from pipeline.job.config import config_from_dict
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.training.finetune import FinetuneOptions, finetune, probe_channels
+from pipeline.training.loop import learning_rate_factor
 from tests.graphs import INPUT_SHAPE, MOTIFS
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None,
@@ -90,8 +91,8 @@ def test_a_finetune_whose_epochs_do_not_beat_the_input_on_validation_returns_the
 def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None:
     """Every epoch is measured on the held-out slice; the one returned has the lowest objective there, and
     onnxruntime on the returned model reproduces that epoch's validation top-1."""
-    from pipeline.finetune import validation_split
-    from pipeline.runtime import open_session
+    from pipeline.model.runtime import open_session
+    from pipeline.training.finetune import validation_split
 
     run, candidate = pruned_demo
     data = open_dataset("mnist", split="train", limit=320)
@@ -113,7 +114,7 @@ def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None
 
 
 def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
-    from pipeline.finetune import paired_change
+    from pipeline.training.finetune import paired_change
 
     before = np.array([1.0, 2.0, 3.0, 4.0])
     change, noise = paired_change(before + np.array([0.1, 0.3, 0.1, 0.3]), before)
@@ -123,7 +124,7 @@ def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
 
 
 def test_the_best_trained_epoch_is_kept_unless_worse_than_the_input_beyond_the_noise() -> None:
-    from pipeline.finetune import EpochCheck, chosen_epoch
+    from pipeline.training.finetune import EpochCheck, chosen_epoch
 
     def check(epoch: int, objective: float, change: float = 0.0, noise: float = 0.0) -> EpochCheck:
         return EpochCheck(epoch, None, objective, objective, change, noise)
@@ -139,7 +140,7 @@ def test_the_best_trained_epoch_is_kept_unless_worse_than_the_input_beyond_the_n
 
 
 def test_validation_split_is_seeded_disjoint_and_never_empty() -> None:
-    from pipeline.finetune import validation_split
+    from pipeline.training.finetune import validation_split
 
     fit, held = validation_split(1000, 0.1, 3)
     assert held.size == 100 and fit.size == 900 and np.union1d(fit, held).size == 1000

@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_ops.io import sha256_file
 from pipeline.cli import build_parser, main
-from pipeline.data import mnist_path
-from pipeline.demo import demo_model_path
+from pipeline.data.datasets import mnist_path
+from pipeline.prune.demo import demo_model_path
 from tests.unit.pipeline.test_cli_promises import _error, _usage_error
 
 
@@ -606,12 +606,12 @@ def test_pyproject_lists_every_package_and_pillow() -> None:
     root = Path(__file__).resolve().parents[3]
     doc = tomllib.loads((root / "pyproject.toml").read_text())
     find = doc["tool"]["setuptools"]["packages"]["find"]
-    assert find.get("namespaces") is True  # pipeline/data has no __init__.py
+    assert find.get("namespaces") is True  # pipeline/assets has no __init__.py
     found = set(find_namespace_packages(where=str(root), include=find["include"]))
     folders = {".".join(p.relative_to(root).parts) for top in ("pipeline", "graph_ops")
                for p in [root / top, *(root / top).rglob("*")]
                if p.is_dir() and p.name != "__pycache__" and any(f.is_file() for f in p.iterdir())}
-    assert folders <= found and "pipeline.data" in found
+    assert folders <= found and "pipeline.assets" in found
     assert any(d.lower().startswith("pillow") for d in doc["project"]["dependencies"])
 
 
@@ -635,7 +635,7 @@ def _plot_doc() -> dict[str, Any]:
 def test_plots_keep_every_candidate_visible_with_full_labels_and_every_batch() -> None:
     """Two candidates drawn on top of each other, group ids cut, only the first batch size: fixed."""
     pytest.importorskip("matplotlib", reason="plots need the [plots] extra (matplotlib)")
-    from pipeline.plots import kept_width_figure, scatter_figure
+    from pipeline.job.plots import kept_width_figure, scatter_figure
 
     doc = _plot_doc()
     macs = scatter_figure(doc, "macs")
@@ -654,8 +654,9 @@ def test_plots_keep_every_candidate_visible_with_full_labels_and_every_batch() -
 
 def test_latency_model_build_shows_progress_unless_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     """31 s of silence today: the build now has a tqdm bar on stderr (LatencyBudget.progress = not -q)."""
-    from pipeline.latency_model import LatencyTarget, build_latency_model
-    from pipeline.prepare import prepare
+    from pipeline.deployment.latency_build import build_latency_model
+    from pipeline.deployment.latency_model import LatencyTarget
+    from pipeline.model.prepare import prepare
 
     prepared = prepare(demo_model_path())
     quick = LatencyTarget(threads=1, variants=2, rounds=1, round_seconds=0.005)

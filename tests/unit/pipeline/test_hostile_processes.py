@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from graph_ops.io import sha256_file
-from pipeline.data import mnist_path
-from pipeline.demo import demo_model_path
+from pipeline.data.datasets import mnist_path
+from pipeline.prune.demo import demo_model_path
 
 pytestmark = pytest.mark.slow  # real processes: a few seconds each
 

@@ -13,13 +13,18 @@ import pytest
 from graph_ops.cost import count
 from graph_ops.proto import declared_shapes
 from pipeline.cli import main
-from pipeline.data import open_dataset
-from pipeline.demo import demo_model_path
+from pipeline.data.named import open_dataset
+from pipeline.deployment.mixed_precision import (
+    fewest_passing,
+    head,
+    magnitude_sensitivity,
+    search_mixed_precision,
+)
+from pipeline.deployment.quantize import Int8Quantizer, weight_layers
 from pipeline.errors import UserInputError
-from pipeline.evaluate import evaluate
-from pipeline.mixed_precision import fewest_passing, head, magnitude_sensitivity, search_mixed_precision
-from pipeline.prepare import prepare
-from pipeline.quantize import Int8Quantizer, weight_layers
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.model.prepare import prepare
+from pipeline.prune.demo import demo_model_path
 
 pytestmark = pytest.mark.slow  # real quantization and evaluation of the demo CNN (a few seconds)
 
@@ -96,7 +101,7 @@ def test_mixed_precision_search_records_what_it_tried(quantizer: Int8Quantizer, 
 
 
 def test_di_sensitivity_ranks_every_layer(quantizer: Int8Quantizer) -> None:
-    from pipeline.mixed_precision import di_sensitivity
+    from pipeline.deployment.mixed_precision import di_sensitivity
 
     small = Int8Quantizer(quantizer.model, head(quantizer.data, 64), samples=64)
     try:

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from graph_ops.probes import expose_tensors
-from pipeline.data import from_iterable
-from pipeline.orchestrate import PruneRun, keep_lists
+from pipeline.data.datasets import from_iterable
+from pipeline.prune.orchestrate import PruneRun, keep_lists
 from tests.graphs_refine import channels_last_mlp, token_mlp
 from tests.oracles import assert_same_outputs, recovered_reference, run_ort
 

@@ -14,27 +14,23 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import config_from_dict
-from pipeline.demo import demo_model_path
-from pipeline.errors import UserInputError
-from pipeline.latency_model import (
-    UNMATCHED,
-    KernelModel,
-    LatencyModel,
-    LatencyTarget,
-    Width,
-    _match,
-    effective,
-    key_digest,
-    latency_model_for,
-    nnls,
-    table_key,
+from pipeline.deployment.latency_build import key_digest, latency_model_for, table_key
+from pipeline.deployment.latency_fit import UNMATCHED, _match, nnls
+from pipeline.deployment.latency_model import KernelModel, LatencyModel, LatencyTarget, Width, effective
+from pipeline.deployment.latency_plan import (
+    RANKINGS,
+    LatencyBudget,
+    closed_loop,
+    plan_for_latency,
+    select_for_latency,
 )
-from pipeline.latency_plan import RANKINGS, LatencyBudget, closed_loop, plan_for_latency, select_for_latency
-from pipeline.orchestrate import PruneRun
-from pipeline.plan import PruningPlan
-from pipeline.prepare import PreparedModel, prepare
-from pipeline.timing import interleaved_ratios, profile_kernels
+from pipeline.deployment.timing import interleaved_ratios, profile_kernels
+from pipeline.errors import UserInputError
+from pipeline.job.config import config_from_dict
+from pipeline.model.prepare import PreparedModel, prepare
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.orchestrate import PruneRun
+from pipeline.selection.plan import PruningPlan
 
 pytestmark = pytest.mark.slow  # real onnxruntime measurements (the shared model is measured once, ~15 s)
 
@@ -321,7 +317,7 @@ def test_run_config_takes_latency_budgets_and_int8(tmp_path: Path) -> None:
 
 
 def test_run_job_with_a_latency_budget_and_int8_twins(tmp_path: Path, cache: Path, model: LatencyModel) -> None:
-    from pipeline.job import run_job
+    from pipeline.job.run import run_job
 
     output = tmp_path / "out"
     (output / "cache" / "latency").mkdir(parents=True)

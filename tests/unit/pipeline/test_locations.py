@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.errors import UserInputError
-from pipeline.locations import (
+from pipeline.data.locations import (
     REFERENCE_GRID,
     Sampling,
     boxes_on_grid,
@@ -19,6 +18,7 @@ from pipeline.locations import (
     sample_cells,
     view_of,
 )
+from pipeline.errors import UserInputError
 
 
 def _span(i: int, cells: int, length: int) -> range:

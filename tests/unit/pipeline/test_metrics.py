@@ -1,4 +1,4 @@
-"""Dense metrics (pipeline/metrics.py): hand-computable cases, a brute-force COCO AP reference, shard merges."""
+"""Dense metrics (pipeline/evaluation/metrics.py): hand-computable cases, a brute-force COCO AP reference, shard merges."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserInputError
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     IOU_THRESHOLDS,
     METRICS,
     DetectionMetric,

@@ -11,8 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.errors import UserInputError
-from pipeline.outputs import (
+from pipeline.data.outputs import (
     DecodeOptions,
     box_iou,
     ctc_align,
@@ -25,6 +24,7 @@ from pipeline.outputs import (
     pyramid_cells,
     yolo_decode,
 )
+from pipeline.errors import UserInputError
 from tests.dense_models import ctc_net, seg_net, yolo_net
 
 

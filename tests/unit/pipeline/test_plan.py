@@ -9,8 +9,9 @@ import pytest
 
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex, CostTerm
 from pipeline.errors import PlanValidationError, UserInputError
-from pipeline.plan import PruningPlan, select_channels
-from pipeline.scorers import ChannelScores
+from pipeline.selection.allocate import select_channels
+from pipeline.selection.plan import PruningPlan
+from pipeline.selection.scorers import ChannelScores
 
 SHA = "a" * 64
 SIZES = {"g1": 32, "g2": 60, "g3": 48, "g4": 64, "g5": 16}

@@ -14,12 +14,12 @@ import pytest
 
 from graph_ops.mask import zero_channels
 from graph_ops.prune import apply_plan
-from pipeline.orchestrate import PreparedModel, keep_lists, prepare, score
-from pipeline.plan import select_channels
+from pipeline.prune.orchestrate import PreparedModel, keep_lists, prepare, score
+from pipeline.selection.allocate import select_channels
 from tests.budget_checks import check_budget
 from tests.oracles import assert_same_outputs, random_feeds
 
-MNIST_CNN = Path(__file__).resolve().parents[3] / "pipeline" / "data" / "mnist_cnn.onnx"
+MNIST_CNN = Path(__file__).resolve().parents[3] / "pipeline" / "assets" / "mnist_cnn.onnx"
 TARGETS = (0.75, 0.5, 0.3)
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from graph_ops.probes import add_pooled_probes, expose_tensors
 from graph_ops.proto import declared_shapes
-from pipeline.data import from_iterable
-from pipeline.orchestrate import PruneRun
+from pipeline.data.datasets import from_iterable
+from pipeline.prune.orchestrate import PruneRun
 from tests.oracles import run_ort
 from tests.unit.pipeline.test_dynamic_dims import ANALYSIS, paddle_classifier
 

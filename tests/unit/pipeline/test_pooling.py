@@ -1,4 +1,4 @@
-"""Which pooling `auto` gives each probe (pipeline.pooling): what its consumers read, and the small grid only where
+"""Which pooling `auto` gives each probe (pipeline.calibration.pooling): what its consumers read, and the small grid only where
 the calibration set can estimate its features."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.calibrate import calibrate
-from pipeline.data import from_iterable
-from pipeline.pooling import MIN_SAMPLES_PER_FEATURE, consumer_bins
-from pipeline.prepare import prepare
+from pipeline.calibration.calibrate import calibrate
+from pipeline.calibration.pooling import MIN_SAMPLES_PER_FEATURE, consumer_bins
+from pipeline.data.datasets import from_iterable
+from pipeline.model.prepare import prepare
 from tests.graphs import flatten_gemm, tiny_classifier
 
 

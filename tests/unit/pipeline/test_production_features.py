@@ -14,9 +14,11 @@ from graph_ops.cost import count
 from graph_ops.dynamic_dims import shapes_at
 from pipeline.cli import main
 from pipeline.errors import UserInputError
-from pipeline.orchestrate import keep_lists, score
-from pipeline.plan import PruningPlan, block_order, select_channels
-from pipeline.prepare import parse_input_shapes, prepare
+from pipeline.model.prepare import parse_input_shapes, prepare
+from pipeline.prune.orchestrate import keep_lists, score
+from pipeline.selection.allocate import select_channels
+from pipeline.selection.plan import PruningPlan
+from pipeline.selection.widths import block_order
 from tests.graphs import tiny_classifier
 from tests.graphs_refine import grouped_se_block
 
@@ -166,8 +168,8 @@ def test_refined_groups_are_scored_per_producer_rows(tmp_path: Path) -> None:
 
 
 def test_di_elimination_is_block_fair_for_grouped_groups() -> None:
-    from pipeline.scorers.di import Eliminator, eliminate
-    from pipeline.stats import ProbeAccumulator
+    from pipeline.calibration.stats import ProbeAccumulator
+    from pipeline.selection.scorers.di import Eliminator, eliminate
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)

@@ -12,9 +12,9 @@ import pytest
 
 from graph_ops.io import sha256_file
 from pipeline.cli import main
-from pipeline.demo import demo_model_path
 from pipeline.errors import UserInputError
-from pipeline.push import PushOptions, push_terms
+from pipeline.prune.demo import demo_model_path
+from pipeline.training.push import PushOptions, push_terms
 
 torch = pytest.importorskip("torch")
 needs_onnx2torch = pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None,

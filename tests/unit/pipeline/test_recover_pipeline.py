@@ -15,7 +15,7 @@ from graph_ops.channels import analyze
 from graph_ops.groups import ChannelGroupIndex
 from graph_ops.probes import expose_tensors
 from graph_ops.prune import apply_plan
-from pipeline.data import Dataset, from_iterable
+from pipeline.data.datasets import Dataset, from_iterable
 from pipeline.errors import UserInputError
 from pipeline.recovery import RECOVERY, consumer_targets, layer_levels, recover
 from pipeline.recovery.frontier import ALIGN
@@ -195,11 +195,12 @@ def test_unsupported_consumer_is_skipped_and_recorded(motif: object, reason: str
 def test_mnist_regress_beats_plain_removal() -> None:
     """The shipped MNIST CNN at 30 % MACs (l2 plan): regression recovery restores held-out accuracy, and the
     sequential (error-accumulation corrected) variant does at least as well."""
-    from pipeline.data import mnist_path, open_dataset
-    from pipeline.evaluate import evaluate
-    from pipeline.orchestrate import keep_lists, score
-    from pipeline.plan import select_channels
-    from pipeline.prepare import prepare
+    from pipeline.data.datasets import mnist_path
+    from pipeline.data.named import open_dataset
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.model.prepare import prepare
+    from pipeline.prune.orchestrate import keep_lists, score
+    from pipeline.selection.allocate import select_channels
 
     prepared = prepare(mnist_path().with_name("mnist_cnn.onnx"))
     plan = select_channels(score(prepared, None, "l2"), prepared.index, target_macs=0.3)

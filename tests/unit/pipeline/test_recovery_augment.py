@@ -8,7 +8,7 @@ import pytest
 from graph_ops.canonicalize import canonicalize
 from graph_ops.channels import analyze
 from graph_ops.prune import apply_plan
-from pipeline.data import from_iterable
+from pipeline.data.datasets import from_iterable
 from pipeline.errors import UserInputError
 from pipeline.recovery import recover
 from pipeline.recovery.augment import AUGMENTATIONS, _layout, augmented

@@ -7,11 +7,11 @@ import importlib.util
 import onnx
 import pytest
 
-from pipeline.data import open_dataset
-from pipeline.demo import demo_model_path
-from pipeline.evaluate import evaluate
-from pipeline.orchestrate import PruneRun
-from pipeline.robustness import robustness
+from pipeline.data.named import open_dataset
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.robustness import robustness
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.orchestrate import PruneRun
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnx2torch") is None,
                                 reason="the adversarial part needs the [torch] extra (onnx2torch is not installed)")

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.demo import demo_model_path
+from pipeline.job.config import load_config
+from pipeline.prune.demo import demo_model_path
 
 pytestmark = pytest.mark.slow  # the first run prunes, recovers, evaluates and benchmarks two candidates (~10 s)
 

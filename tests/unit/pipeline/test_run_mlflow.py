@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.demo import demo_model_path
+from pipeline.prune.demo import demo_model_path
 
 
 def _config(folder: Path) -> Path:

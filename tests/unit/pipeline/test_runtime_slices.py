@@ -1,4 +1,4 @@
-"""Batches cut into onnxruntime calls of fewer samples (pipeline.runtime.samples_per_run / run(per_run=...)): same
+"""Batches cut into onnxruntime calls of fewer samples (pipeline.model.runtime.samples_per_run / run(per_run=...)): same
 values as one call, for calibration, evaluation and recovery."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.calibrate import calibrate
-from pipeline.data import from_iterable
-from pipeline.prepare import prepare
+from pipeline.calibration.calibrate import calibrate
+from pipeline.data.datasets import from_iterable
+from pipeline.model.prepare import prepare
+from pipeline.model.runtime import open_session, run, samples_per_run
 from pipeline.recovery import recover
-from pipeline.runtime import open_session, run, samples_per_run
 from tests.graphs import tiny_classifier
 
 
@@ -65,10 +65,10 @@ def test_outputs_that_are_not_per_sample_run_whole(tmp_path: Path, monkeypatch: 
     x = np.ones((10, 3), np.float32)
     assert float(run(session, None, {"x": x}, stage="test", per_run=3)[0]) == 30.0
     # found once: the next batches of this session run whole without trying slices first
-    import pipeline.runtime
+    import pipeline.model.runtime
 
     tried = []
-    monkeypatch.setattr(pipeline.runtime, "_run_sliced", lambda *args: tried.append(args) or None)
+    monkeypatch.setattr(pipeline.model.runtime, "_run_sliced", lambda *args: tried.append(args) or None)
     assert float(run(session, None, {"x": 2 * x}, stage="test", per_run=3)[0]) == 60.0
     assert tried == []
 
@@ -87,21 +87,21 @@ def test_calibration_and_recovery_do_not_depend_on_the_call_size(model: str, mon
         return stats, recovered
 
     stats, recovered = pipeline_run()
-    import pipeline.calibrate
+    import pipeline.calibration.calibrate
+    import pipeline.model.runtime
     import pipeline.recovery.sweep
-    import pipeline.runtime
 
-    monkeypatch.setattr(pipeline.calibrate, "samples_per_run", lambda model, batch, **kw: 5)
+    monkeypatch.setattr(pipeline.calibration.calibrate, "samples_per_run", lambda model, batch, **kw: 5)
     monkeypatch.setattr(pipeline.recovery.sweep, "samples_for", lambda shapes, batch: 5)
     sliced = []
-    original = pipeline.runtime._run_sliced
+    original = pipeline.model.runtime._run_sliced
 
     def counted(*args, **kwargs):
         result = original(*args, **kwargs)
         sliced.append(args[4] if result is not None else "whole")  # "whole": fell back to one call
         return result
 
-    monkeypatch.setattr(pipeline.runtime, "_run_sliced", counted)
+    monkeypatch.setattr(pipeline.model.runtime, "_run_sliced", counted)
     stats5, recovered5 = pipeline_run()
     # calibration's 5 batches, the original model's 5 batches in the recovery sweep and the 5 batches of every step
     # of the current model ran in slices (none fell back to a whole call)

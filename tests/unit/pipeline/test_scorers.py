@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from graph_ops.groups import ChannelGroup, ChannelGroupIndex, Segment
+from pipeline.calibration.stats import CalibrationStats, ProbeStats
 from pipeline.errors import UserInputError
-from pipeline.scorers import SCORERS, ChannelScores, ScoringContext
-from pipeline.scorers.di import Eliminator, eliminate, ridge
-from pipeline.scorers.pls import standardised_moments, vip
-from pipeline.stats import CalibrationStats, ProbeStats
+from pipeline.selection.scorers import SCORERS, ChannelScores, ScoringContext
+from pipeline.selection.scorers.di import Eliminator, eliminate, ridge
+from pipeline.selection.scorers.pls import standardised_moments, vip
 
 
 def _stats(x: np.ndarray, y: np.ndarray, cells: int, classes: int, raw: np.ndarray | None = None) -> ProbeStats:
@@ -250,10 +250,10 @@ def test_lda_trace_follows_utility_that_reaches_the_decision() -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.calibrate import calibrate
-    from pipeline.data import from_iterable
-    from pipeline.orchestrate import score
-    from pipeline.prepare import prepare
+    from pipeline.calibration.calibrate import calibrate
+    from pipeline.data.datasets import from_iterable
+    from pipeline.model.prepare import prepare
+    from pipeline.prune.orchestrate import score
 
     rng = np.random.default_rng(0)
     w_h = np.zeros((4, 6), np.float32)
@@ -296,7 +296,7 @@ def test_di_ridge_covers_the_rounding_noise_of_near_constant_features(caplog: py
     ese_vovnet19b_dw with random weights): S = G - n mu mu^T carries rounding noise beyond eps * tr(S)/d and used to
     fail the Cholesky ("not positive definite"). The ridge floors at d * machine eps * max G_ii, and a scatter that
     is still indefinite gets a larger ridge with a warning; ordinary features keep exactly the ridge they had."""
-    from pipeline.stats import ProbeStats
+    from pipeline.calibration.stats import ProbeStats
 
     rng = np.random.default_rng(0)
     n, d = 400, 96
@@ -306,7 +306,7 @@ def test_di_ridge_covers_the_rounding_noise_of_near_constant_features(caplog: py
     s = stats.scatter()
     with pytest.raises(np.linalg.LinAlgError):
         np.linalg.cholesky(s + ridge(s, 1e-3) * np.eye(d))  # the ridge without a floor
-    with caplog.at_level("WARNING", logger="pipeline.scorers.di"):
+    with caplog.at_level("WARNING", logger="pipeline.selection.scorers.di"):
         result = eliminate([Eliminator(stats, np.arange(d)[:, None])])
     assert "indefinite by rounding" in caplog.text
     assert sorted(result.order) == list(range(d)) and np.all(np.diff(result.retention) >= 0)

@@ -12,15 +12,16 @@ import onnx
 import pytest
 
 from graph_ops.prune import apply_plan
-from pipeline.calibrate import calibrate
-from pipeline.data import mnist_path, open_dataset
-from pipeline.orchestrate import keep_lists, score
-from pipeline.plan import select_channels
-from pipeline.prepare import prepare
+from pipeline.calibration.calibrate import calibrate
+from pipeline.calibration.stats import merge_probes
+from pipeline.data.datasets import mnist_path
+from pipeline.data.named import open_dataset
+from pipeline.data.shards import OrderedMerge, assign, shard_layout
+from pipeline.model.prepare import prepare
+from pipeline.prune.orchestrate import keep_lists, score
 from pipeline.recovery import RECOVERY, RecoveryOptions, recover
 from pipeline.recovery.worker import LayerUpdate, SweepWorker, sweep_levels
-from pipeline.shards import OrderedMerge, assign, shard_layout
-from pipeline.stats import merge_probes
+from pipeline.selection.allocate import select_channels
 
 
 @pytest.mark.parametrize(("samples", "batch", "per_shard"), [(1000, 64, 4), (256, 64, 4), (7, 3, 1), (1, 8, 4)])

@@ -15,9 +15,10 @@ from graph_ops.errors import PlanValidationError
 from graph_ops.mask import zero_channels
 from graph_ops.proto import fingerprint
 from graph_ops.prune import apply_plan
-from pipeline.data import open_dataset
-from pipeline.demo import demo_model_path
-from pipeline.orchestrate import PruneRun, prune
+from pipeline.data.named import open_dataset
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.one_shot import prune
+from pipeline.prune.orchestrate import PruneRun
 from tests.graphs import concat, residual
 from tests.oracles import random_valid_plan
 
@@ -49,10 +50,10 @@ def test_one_prune_run_analyses_once_and_infers_shapes_at_most_twice(tmp_path: P
 
 
 def test_a_run_calibrates_once_for_every_statistics_method_and_budget(monkeypatch) -> None:
-    import pipeline.orchestrate
+    import pipeline.prune.orchestrate
 
     calibrations = _Counter()
-    monkeypatch.setattr(pipeline.orchestrate, "calibrate", calibrations.wrap(pipeline.orchestrate.calibrate))
+    monkeypatch.setattr(pipeline.prune.orchestrate, "calibrate", calibrations.wrap(pipeline.prune.orchestrate.calibrate))
     run = PruneRun(demo_model_path(), open_dataset("mnist", split="train", limit=120), progress=False)
     for method in ("mean-act", "di", "lda", "l2"):
         for target in (0.5, 0.3):

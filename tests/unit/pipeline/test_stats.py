@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.calibration.stats import CalibrationStats, ProbeStats
 from pipeline.errors import CalibrationError, UserInputError
-from pipeline.stats import CalibrationStats, ProbeStats
 
 
 def _data(seed: int, n: int = 120, channels: int = 5, cells: int = 4, classes: int = 3):
@@ -113,7 +113,7 @@ def test_load_rejects_foreign_npz(tmp_path: Path) -> None:
 
 
 def test_sparse_class_rows_give_the_dense_statistics_and_merge_by_union() -> None:
-    from pipeline.stats import ProbeAccumulator
+    from pipeline.calibration.stats import ProbeAccumulator
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((90, 6))
@@ -138,7 +138,7 @@ def test_sparse_class_rows_give_the_dense_statistics_and_merge_by_union() -> Non
 
 
 def test_weighted_rows_count_as_repeated_samples() -> None:
-    from pipeline.stats import ProbeAccumulator
+    from pipeline.calibration.stats import ProbeAccumulator
 
     rng = np.random.default_rng(4)
     x, y, w = rng.standard_normal((5, 3)), np.array([0, 1, 1, 2, 0]), np.array([1, 3, 2, 1, 4])

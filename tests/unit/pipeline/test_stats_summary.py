@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.calibration.stats import ChannelSummary, ProbeStats
 from pipeline.errors import CalibrationError
-from pipeline.stats import ChannelSummary, ProbeStats
 
 
 def _batch(signed: bool, shape: tuple[int, ...] = (6, 4, 5, 3)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

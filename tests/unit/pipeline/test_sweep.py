@@ -11,7 +11,7 @@ from graph_ops.channels import analyze
 from graph_ops.probes import expose_tensors
 from graph_ops.proto import layer_weights, write_weights
 from graph_ops.prune import apply_plan
-from pipeline.data import from_iterable
+from pipeline.data.datasets import from_iterable
 from pipeline.recovery.sweep import Sweep, layer_levels, node_steps
 from tests.graphs import concat, flatten_gemm, residual
 from tests.oracles import random_valid_plan, run_ort

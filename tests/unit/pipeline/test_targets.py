@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import from_image_folder, from_npz, open_dataset
+from pipeline.data.datasets import from_image_folder, from_npz
+from pipeline.data.labels import guess_format
+from pipeline.data.named import open_dataset
+from pipeline.data.targets import LabelOptions, resolve_targets
 from pipeline.errors import CalibrationError, UserInputError
-from pipeline.labels import guess_format
-from pipeline.prepare import prepare
-from pipeline.targets import LabelOptions, resolve_targets
+from pipeline.model.prepare import prepare
 from tests.dense_models import ctc_net, seg_net, yolo_net
 
 PIL = pytest.importorskip("PIL.Image", reason="image folders need Pillow")

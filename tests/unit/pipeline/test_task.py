@@ -13,14 +13,15 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_ops.errors import UserInputError
 from graph_ops.prune import apply_plan
 from graph_ops.task_head import group_classes, model_task, restrict_classes
-from pipeline.calibrate import calibrate
+from pipeline.calibration.calibrate import calibrate
 from pipeline.cli import main
-from pipeline.data import from_iterable, open_dataset
-from pipeline.demo import demo_model_path
-from pipeline.evaluate import evaluate
-from pipeline.orchestrate import prune
-from pipeline.prepare import prepare
-from pipeline.task import Task, load_task_map, parse_classes
+from pipeline.data.datasets import from_iterable
+from pipeline.data.named import open_dataset
+from pipeline.data.task import Task, load_task_map, parse_classes
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.model.prepare import prepare
+from pipeline.prune.demo import demo_model_path
+from pipeline.prune.one_shot import prune
 from tests.oracles import run_ort
 
 MNIST_X = next(open_dataset("mnist", split="test", limit=300).batches(300))[0]

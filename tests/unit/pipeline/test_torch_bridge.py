@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.demo import demo_model_path
-from pipeline.torch_bridge import parity, to_torch, torch_settings, write_back
+from pipeline.model.torch_bridge import parity, to_torch, torch_settings, write_back
+from pipeline.prune.demo import demo_model_path
 from tests.graphs import INPUT_SHAPE, MOTIFS
 from tests.oracles import random_feeds, run_ort
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from graph_ops.errors import UserInputError
-from pipeline.trtexec import find_trtexec, parse_summary, trtexec_command
+from pipeline.deployment.trtexec import find_trtexec, parse_summary, trtexec_command
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
