@@ -220,7 +220,7 @@ def _pool_one(b: _Builder, x: str, shape: tuple[int | None, ...], elem_type: int
 
 def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int | Mapping[str, int] = 1,
                       summaries: bool = False, last_axis: Iterable[str] = (),
-                      keep_outputs: Iterable[str] = (), sizes: Mapping[str, tuple[int, ...]] | None = None,
+                      keep_outputs: Iterable[str] = (), sizes: Mapping[str, tuple[int, ...]] | None = None
                       ) -> tuple[onnx.ModelProto, tuple[PooledProbe, ...]]:
     """A copy of ``model`` whose outputs are pooled summaries of the named tensors (and nothing else).
 
@@ -251,8 +251,7 @@ def add_pooled_probes(model: onnx.ModelProto, names: Iterable[str], *, bins: int
             brings them to ``(N, C, ...)`` first, so they are pooled over every other axis (``bins`` is 1).
         keep_outputs: original outputs to keep (first, in the model's order), e.g. the class scores whose argmax
             labels the samples (``--labels model``).
-        sizes: the probes' static shapes where the model's declared ones keep dynamic dims (a prepared model's
-            ``index.shapes``: the sizes the data is fed at); they win over the declared shapes.
+        sizes: static probe shapes that win over declared dynamic ones (a prepared model's ``index.shapes``).
 
     Returns:
         The new model (its outputs: the kept original outputs, then the pooled summaries) and, per probe in the

@@ -35,7 +35,7 @@ Validation and the epoch kept: a seeded share of the data (``validation``, defau
 held out of training; the model is measured on it before training (epoch 0: the input) and after every epoch. The
 trained epoch with the lowest training objective (the weighted loss above) on the slice is the candidate; it is
 returned unless the slice shows it worse than the input by more than the slice's noise: with ``d_i`` the change of
-the objective on validation sample ``i`` from the input to the candidate (paired, :func:`paired_change`), the input
+the objective on validation sample ``i`` from the input to the candidate (paired, :func:`pipeline.training.validation.paired_change`), the input
 is returned (``kept`` false, ``best_epoch`` 0) when ``mean(d) > z * std(d) / sqrt(n)``, ``z = noise_z = 2``
 (about 2 % one-sided false alarms when the two are equally good). A training run that diverges is rejected; a
 trained model whose objective moved within the noise is kept. Before this rule an epoch had to beat the input
@@ -82,11 +82,12 @@ from pipeline.training.loop import (
     train,
     written,
 )
+from pipeline.training.validation import NOISE_Z, EpochCheck, chosen_epoch, paired_change, validation_split
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "diprune.finetune/1"
-NOISE_Z = 2.0  # an epoch is rejected when its objective rose by more than this many standard errors
+
 
 
 @dataclass(frozen=True)
@@ -135,29 +136,6 @@ class FinetuneOptions:
             raise UserInputError("finetune: loss weights must be >= 0")
         if not self.noise_z >= 0:
             raise UserInputError(f"finetune: noise_z must be >= 0, got {self.noise_z}")
-
-
-@dataclass(frozen=True)
-class EpochCheck:
-    """The model on the validation slice after ``epoch`` epochs (0: the input): top-1 on the labels (None
-    without labels), the distillation term at weight 1, the training objective, and the mean per-sample change of
-    the objective from the input's with its standard error (:func:`paired_change`; 0 for the input)."""
-
-    epoch: int
-    top1: float | None
-    distill_loss: float
-    objective: float
-    change: float = 0.0
-    noise: float = 0.0
-
-    def better_than(self, other: EpochCheck) -> bool:
-        """Strictly better: a lower training objective on the validation slice."""
-        return self.objective < other.objective
-
-    def worse_than_input(self, z: float = NOISE_Z) -> bool:
-        """The objective rose from the input's by more than ``z`` standard errors of the paired per-sample
-        change (``change`` > ``z`` x ``noise``; module docstring)."""
-        return self.change > z * self.noise
 
 
 @dataclass(frozen=True)
@@ -332,32 +310,6 @@ def _check(torch: Any, setup: _Setup, options: FinetuneOptions, indices: np.ndar
     count = max(len(objective), 1)
     top1 = None if setup.data.labels is None else correct / count
     return EpochCheck(epoch, top1, distill / count, float(objective.mean())), objective
-
-
-def paired_change(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
-    """The mean per-sample change of the objective from ``before`` to ``after`` (the same samples) and its
-    standard error (0 for a single sample)."""
-    diff = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
-    noise = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
-    return float(diff.mean()), noise
-
-
-def chosen_epoch(checks: Sequence[EpochCheck], z: float = NOISE_Z) -> int:
-    """The epoch to return (module docstring): the trained epoch with the lowest validation objective (the first
-    of equals), or 0 (the input) when that epoch is worse than the input by more than ``z`` standard errors."""
-    trained = [c for c in checks if c.epoch > 0]
-    if not trained:
-        return 0
-    best = min(trained, key=lambda c: c.objective)
-    return 0 if best.worse_than_input(z) else best.epoch
-
-
-def validation_split(samples: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(training, validation)`` sample indices: a seeded ``share`` of the samples (at least one when the share
-    is positive and there are two samples or more) held out, both sorted."""
-    count = 0 if share <= 0 or samples < 2 else min(samples - 1, max(1, round(share * samples)))
-    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, 7]).permutation(samples)
-    return np.sort(order[count:]), np.sort(order[:count])
 
 
 def _setup(torch: Any, pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any, options: FinetuneOptions,

@@ -92,7 +92,7 @@ def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None
     """Every epoch is measured on the held-out slice; the one returned has the lowest objective there, and
     onnxruntime on the returned model reproduces that epoch's validation top-1."""
     from pipeline.model.runtime import open_session
-    from pipeline.training.finetune import validation_split
+    from pipeline.training.validation import validation_split
 
     run, candidate = pruned_demo
     data = open_dataset("mnist", split="train", limit=320)
@@ -114,7 +114,7 @@ def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None
 
 
 def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
-    from pipeline.training.finetune import paired_change
+    from pipeline.training.validation import paired_change
 
     before = np.array([1.0, 2.0, 3.0, 4.0])
     change, noise = paired_change(before + np.array([0.1, 0.3, 0.1, 0.3]), before)
@@ -124,7 +124,7 @@ def test_paired_change_is_the_mean_difference_and_its_standard_error() -> None:
 
 
 def test_the_best_trained_epoch_is_kept_unless_worse_than_the_input_beyond_the_noise() -> None:
-    from pipeline.training.finetune import EpochCheck, chosen_epoch
+    from pipeline.training.validation import EpochCheck, chosen_epoch
 
     def check(epoch: int, objective: float, change: float = 0.0, noise: float = 0.0) -> EpochCheck:
         return EpochCheck(epoch, None, objective, objective, change, noise)
@@ -140,7 +140,7 @@ def test_the_best_trained_epoch_is_kept_unless_worse_than_the_input_beyond_the_n
 
 
 def test_validation_split_is_seeded_disjoint_and_never_empty() -> None:
-    from pipeline.training.finetune import validation_split
+    from pipeline.training.validation import validation_split
 
     fit, held = validation_split(1000, 0.1, 3)
     assert held.size == 100 and fit.size == 900 and np.union1d(fit, held).size == 1000
