@@ -37,5 +37,5 @@ def test_production_rows_name_the_allocation_they_were_planned_with() -> None:
     doc = {"models": {"det": {"original": {"map_iou": 1.0, "pixel_f1": 0.59},
                               "0.75": {"di": {"391f118": {"lstsq": cell}, "new": {"lstsq": {**cell, "allocation": {}}}}}}}}
     lines = report_lines(doc)
-    assert "| 0.75 | di | 391f118 | lstsq (rule allocation) | IoU 90.0 / F1 60.0 | 0.750 | 1 |" in lines
-    assert "| 0.75 | di | new | lstsq | IoU 90.0 / F1 60.0 | 0.750 | 1 |" in lines
+    assert "| 0.75 | di | 391f118 | lstsq (rule allocation) | IoU 90.0 / F1 60.0 | 0.750 | 1 |  |  |" in lines
+    assert "| 0.75 | di | new | lstsq | IoU 90.0 / F1 60.0 | 0.750 | 1 |  |  |" in lines
