@@ -105,18 +105,30 @@ def _round_to(args: argparse.Namespace) -> int:
     return default_round_to(args.backend, args.precision)
 
 
-def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None, dense: bool = False) -> object | None:
+def _dataset(spec: str | None, args: argparse.Namespace, *, split: str | None, dense: bool = False,
+             labels_path: str | None = None) -> object | None:
     """Open a dataset from the CLI options (``mnist`` = the shipped digits; an .npz; an image folder); ``dense``:
-    with the dense labels of ``--label-format`` / ``--labels-path`` (calibration data)."""
+    with the dense labels of ``--label-format`` / ``labels_path`` (default ``--labels-path``: calibration data)."""
     if spec is None:
         return None
     from pipeline.data.named import open_dataset
 
     labels = {"label_format": getattr(args, "label_format", None),
-              "labels_path": getattr(args, "labels_path", None)} if dense else {}
+              "labels_path": labels_path or getattr(args, "labels_path", None)} if dense else {}
     return open_dataset(spec, split=split, limit=args.limit, scale=args.scale, mean=args.mean, std=args.std,
                         size=args.size, crop=args.crop, input_keys=args.input_key, label_key=args.label_key,
                         channel_order=args.channel_order, **labels)
+
+
+def _eval_dataset(args: argparse.Namespace) -> object | None:
+    """``--eval-data`` at its held-out split (:func:`_eval_split`), with the dense labels of ``--eval-labels-path``
+    where the command has that option and it is given (``--label-format`` names their format when it is not
+    clear from the path); None without ``--eval-data``."""
+    if not args.eval_data:
+        return None
+    labels_path = getattr(args, "eval_labels_path", None)
+    return _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args), dense=labels_path is not None,
+                    labels_path=labels_path)
 
 
 def _label_options(args: argparse.Namespace) -> object:

@@ -14,7 +14,7 @@ from pathlib import Path
 from graph_ops.errors import UserInputError
 
 _INPUT_OPTIONS = ("config", "spec", "model", "models", "reference", "plan", "stats", "scores", "data", "eval_data",
-                  "task_map", "latency_model")
+                  "labels_path", "eval_labels_path", "task_map", "latency_model")
 """Options naming files (or folders) a command reads: no output may be one of them, or lie inside one."""
 
 

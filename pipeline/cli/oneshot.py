@@ -23,7 +23,7 @@ from pipeline.cli.common import (
     _cluster,
     _dataset,
     _emit,
-    _eval_split,
+    _eval_dataset,
     _label_options,
     _latency_budget,
     _latency_target,
@@ -61,7 +61,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                       or args.target_latency is not None):
         raise UserInputError("--max-drop searches the budget itself; drop --target-macs / --target-params / "
                              "--target-latency")
-    eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
+    eval_data = _eval_dataset(args)
     report = prune(args.model, args.output, data=_dataset(args.data, args, split=args.split, dense=True),
                    method=args.method,
                    target_macs=args.target_macs, target_params=args.target_params, round_to=_round_to(args),
@@ -103,6 +103,9 @@ def _add_prune_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the .onnx file to prune (never modified)")
     p.add_argument("--data", default=None, help="calibration data: 'mnist', an .npz or an image folder")
     p.add_argument("--eval-data", default=None, help="held-out data for the report (test split by default)")
+    p.add_argument("--eval-labels-path", default=None, metavar="PATH",
+                   help="dense labels of --eval-data (a label folder or file, as --labels-path): the report's "
+                        "mAP / mIoU / CER against them instead of against the original model's decisions")
     p.add_argument("--method", choices=sorted(SCORERS), default="di", help="how channels are scored")
     p.add_argument("--pooling", choices=tuple(POOLINGS), default=DEFAULT_POOLING,
                    help="probe features: auto (what each probe's consumers read), gap, avg2, avg4")

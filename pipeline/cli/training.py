@@ -18,7 +18,7 @@ from pipeline.choices import (
 from pipeline.cli.common import (
     _dataset,
     _emit,
-    _eval_split,
+    _eval_dataset,
     _non_negative,
     _non_negative_int,
     _positive,
@@ -42,7 +42,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                               temperature=args.temperature, ce_weight=args.ce_weight,
                               feature_weight=args.feature_weight, seed=args.seed, threads=args.threads,
                               validation=args.validation)
-    eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
+    eval_data = _eval_dataset(args)
     doc = finetune_file(args.model, args.reference, args.output, _dataset(args.data, args, split=args.split),
                         options, plan_path=args.plan, eval_data=eval_data, progress=not args.quiet)
     for note in doc["notes"]:
@@ -71,7 +71,7 @@ def cmd_push(args: argparse.Namespace) -> int:
                           cov_weight=args.cov_weight, align_weight=args.align_weight, seed=args.seed,
                           threads=args.threads)
     data = _dataset(args.data, args, split=args.split)
-    eval_data = _dataset(args.eval_data, args, split=_eval_split(args.eval_data, args)) if args.eval_data else None
+    eval_data = _eval_dataset(args)
     prune_options = {"method": args.method, "target_macs": args.target_macs, "target_params": args.target_params,
                      "round_to": _round_to(args), "min_channels": args.min_channels, "protect": tuple(args.protect),
                      "recover": args.recover, "keep_first_and_last": not args.prune_ends, "seed": args.seed,

@@ -6,8 +6,11 @@ The output kind (:func:`pipeline.data.outputs.detect_output_kind`, or ``--output
 * ``sequence`` (CTC ``[N, T, K]``): best path, repeats merged, blanks dropped (:func:`~pipeline.data.outputs.ctc_collapse`)
   -> CER and exact-sequence accuracy; primary ``exact``.
 * ``map`` (``[N, K, H, W]``): per-pixel argmax (a ``K == 1`` probability map thresholded at ``map_threshold``)
-  -> mIoU and pixel accuracy; primary ``miou``. Label maps must have the output's ``H x W``; ignored pixels (255 in
-  files, -1 in :class:`~pipeline.data.labels.TargetSource`) are not scored.
+  -> mIoU and pixel accuracy; primary ``miou``. A label map of another size than the output's ``H x W`` is scored at
+  its own size ``(H', W')``: the predicted class map is resampled to it by nearest pixel centre
+  (:func:`resample_classes`: label pixel ``i`` reads output row ``floor((i + 1/2) H / H')``, the same for columns),
+  so masks at the input's size work for an output at a stride; ignored pixels (255 in files, -1 in
+  :class:`~pipeline.data.labels.TargetSource`) are not scored.
 * ``yolo`` (``[N, 4 + K, A]``): detections of :func:`~pipeline.data.outputs.yolo_decode` at a confidence of
   ``MAP_CONF`` = 0.001 (the usual validation setting: mAP integrates over every score, so low-score detections
   belong in it), class-wise NMS at ``iou`` -> COCO mAP@0.5 and mAP@0.5:0.95 (pycocotools); primary ``map50``.
@@ -114,10 +117,11 @@ class DenseScorer:
         elif self.kind == "yolo":
             truth = [_label_boxes(b, *_image_size(feeds)) for b in labels or []]
         elif self.kind == "map":
+            if labels and any(np.shape(t) != predicted.shape[1:] for t in labels):
+                for p, t in zip(predicted, labels, strict=True):  # scored at each label map's own size
+                    self.metric.update(resample_classes(p, np.shape(t))[None], np.asarray(t)[None])
+                return
             truth = np.stack(labels) if labels else np.zeros((0, *predicted.shape[1:]), np.int64)
-            if truth.shape != predicted.shape:
-                raise UserInputError(f"label maps of shape {list(truth.shape[1:])} do not match the model's class "
-                                     f"maps {list(predicted.shape[1:])}; give masks at the output's size")
         else:
             truth = labels or []
         if self.kind == "yolo":
@@ -167,3 +171,12 @@ def dense_scorer(model: onnx.ModelProto, dataset: Any, kind: str, *, with_refere
         _require("editdistance" if kind == "sequence" else "pycocotools.cocoeval",
                  "sequence error rates" if kind == "sequence" else "detection mAP")
     return DenseScorer(kind, "labels" if source is not None else "reference", decode, k, metric)
+
+
+def resample_classes(classes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A class map ``(H, W)`` resampled to ``shape`` ``(H', W')`` by nearest pixel centre (module docstring)."""
+    if len(shape) != 2:
+        raise UserInputError(f"a label map must be 2-D (H, W), got shape {list(shape)}")
+    rows = ((np.arange(shape[0]) + 0.5) * classes.shape[0] / shape[0]).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * classes.shape[1] / shape[1]).astype(np.int64)
+    return classes[np.ix_(rows, cols)]

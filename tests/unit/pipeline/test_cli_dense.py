@@ -170,3 +170,24 @@ def test_run_job_takes_the_models_labels_and_caches_the_calibration(tmp_path: Pa
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(UserInputError, match="--labels data"):
         run_config(load_config(tmp_path / "job.yaml"), progress=False)
+
+
+def test_prune_evaluates_against_a_separate_label_folder(seg: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """``--eval-labels-path``: held-out images without labels in the file, masks in a folder (sample i <-> i.png);
+    the report's metrics are against those masks, not against the original model's decisions."""
+    from PIL import Image
+
+    model, unlabelled, labelled = seg
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, mask in enumerate(np.load(labelled)["y"]):
+        Image.fromarray(mask.astype(np.uint8)).save(masks / f"{i}.png")
+    out, plain = tmp_path / "p.onnx", tmp_path / "q.onnx"
+    common = ["-q", "prune", str(model), "--data", str(unlabelled), "--eval-data", str(unlabelled), *PRUNE]
+    assert main([*common, "--eval-labels-path", str(masks), "-o", str(out)]) == 0
+    assert main([*common, "-o", str(plain)]) == 0
+    with_masks = json.loads(Path(f"{out}.report.json").read_text())["evaluation"]
+    without = json.loads(Path(f"{plain}.report.json").read_text())["evaluation"]
+    assert with_masks["pruned"]["metrics"]["against"] == "labels"
+    assert without["pruned"]["metrics"]["against"] != "labels"
+    assert with_masks["original"]["metrics"]["against"] == "labels"

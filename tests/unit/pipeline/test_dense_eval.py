@@ -182,8 +182,29 @@ def test_dense_model_without_labels_or_reference_and_mismatched_labels(tmp_path:
         evaluate(model, _data(tmp_path / "a.npz", x))
     with pytest.raises(UserInputError, match="labels are sequence"):
         evaluate(model, _data(tmp_path / "b.npz", x, np.ones((2, 3), np.int64)))
-    with pytest.raises(UserInputError, match="output's size"):
-        evaluate(model, _data(tmp_path / "c.npz", x, np.ones((2, 16, 16), np.int64)))
+
+
+def test_label_maps_at_another_size_are_scored_at_their_own_size(tmp_path: Path) -> None:
+    """Masks at the input's 16 x 16 for an 8 x 8 output: the predicted map is resampled to each mask (nearest pixel
+    centre), so the model scored against its own upsampled decisions gets mIoU 1, and a mask that differs in one
+    input pixel costs exactly that pixel."""
+    from pipeline.evaluation.dense_eval import resample_classes
+
+    assert resample_classes(np.array([[0, 1], [2, 3]]), (4, 4)).tolist() == \
+        [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert resample_classes(np.arange(16).reshape(4, 4), (2, 2)).tolist() == [[5, 7], [13, 15]]
+    with pytest.raises(UserInputError, match="2-D"):
+        resample_classes(np.zeros((2, 2), np.int64), (2, 2, 2))
+    model = seg_net(str(tmp_path / "seg.onnx"))
+    x = np.random.default_rng(1).random((2, 1, 16, 16), dtype=np.float32)
+    own = _outputs(str(tmp_path / "seg.onnx"), x).argmax(axis=1)
+    assert own.shape == (2, 8, 8)
+    masks = np.stack([resample_classes(m, (16, 16)) for m in own])
+    m = evaluate(model, _data(tmp_path / "up.npz", x, masks)).metrics
+    assert (m["against"], m["pixel_accuracy"], m["miou"]) == ("labels", 1.0, 1.0)
+    masks[0, 0, 0] = (masks[0, 0, 0] + 1) % 3
+    m = evaluate(model, _data(tmp_path / "off.npz", x, masks)).metrics
+    assert m["pixel_accuracy"] == pytest.approx(1 - 1 / masks.size)
 
 
 def test_classifier_unchanged_and_output_kind_checked() -> None:
