@@ -1,6 +1,6 @@
 """Issue 31's equivalence check: without a measurement, the planner makes the plans it made before.
 
-The planner of a baseline commit (default ``a18b2bc``, before the measured allocation; its ``pipeline/selection/plan.py`` read
+The planner of a baseline commit (default ``a18b2bc``, before the measured allocation; its ``pipeline/plan.py`` read
 with ``git show`` and imported as a module of its own) and the current one plan from the *same* scores (current
 scorers, calibration on the first 1,000 training digits, 1 thread) for the demo CNN and the five MNIST families, seven
 criteria, five MACs targets, ``round_to`` 4 and 8, ends protected or not, fill-back on or off; the plan files are
