@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserInputError
-from pipeline.recovery.sweep import HOLD_OUT_EVERY
+from pipeline.recovery.sweep import held_out
 
 __all__ = ["AUGMENTATIONS", "augmented"]
 
@@ -81,7 +81,7 @@ def augmented(dataset: Any, copies: int, kinds: Sequence[str] = DEFAULT_KINDS, s
               batch_size: int = 1) -> Any:
     """``dataset`` followed by ``copies`` perturbed copies of every sample (module docstring); 0 copies: unchanged.
 
-    R3 holds out every :data:`HOLD_OUT_EVERY`-th batch of ``batch_size`` samples to choose its ridge and to let the
+    R3 holds out every :data:`~pipeline.recovery.sweep.HOLD_OUT_EVERY`-th batch of ``batch_size`` samples to choose its ridge and to let the
     current weights compete: a copy of a held-out sample must not be fitted on (and a copy of a fitted one must not
     judge the fit), so the copies are placed after the originals at positions whose batch has the same role as their
     original's batch; the few copies left over when one role's positions run out are dropped.
@@ -130,7 +130,7 @@ def _layout(n: int, copies: int, batch_size: int) -> tuple[np.ndarray, np.ndarra
     """Per position of the augmented set: the source sample and the copy number (0: the original); a copy sits in a
     batch whose hold-out role is its original's (:func:`augmented`)."""
     def held(position: int) -> bool:
-        return (position // batch_size) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+        return held_out(position // batch_size)
 
     queues: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
     for copy in range(1, copies + 1):

@@ -49,6 +49,12 @@ MIN_ROWS_PER_DIM = 10  # methods.md 6.2: at least 10x more samples than a regres
 SPILL_BYTES = 256 << 20  # frontier kept in memory up to this many bytes, the rest in files
 
 
+def held_out(batch: int) -> bool:
+    """Whether R3 holds batch ``batch`` out of its fit (to choose the ridge and let the current weights compete):
+    every :data:`HOLD_OUT_EVERY`-th batch."""
+    return batch % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
+
+
 def batch_rng(seed: int, level: int, batch: int, *more: int) -> np.random.Generator:
     """The generator of the random draws of one level for one (global) batch (``more``: e.g. a layer's node
     index): the same whoever computes the batch, in whatever order."""
@@ -352,7 +358,7 @@ class Sweep:
             for key in self.sides:
                 for name in self.last[key].get(step, ()):
                     self.store[key].discard(name, batch)
-            yield (batch, batch % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1, values.get("original", []),
+            yield (batch, held_out(batch), values.get("original", []),
                    values.get("current", []))
 
     def level(self, step: int, indices: Callable[[Iterable[int], int, int], Mapping[str, np.ndarray]] | None = None,

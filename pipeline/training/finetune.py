@@ -82,12 +82,18 @@ from pipeline.training.loop import (
     train,
     written,
 )
-from pipeline.training.validation import NOISE_Z, EpochCheck, chosen_epoch, paired_change, validation_split
+from pipeline.training.validation import (
+    NOISE_Z,
+    EpochCheck,
+    best_trained,
+    chosen_epoch,
+    paired_change,
+    validation_split,
+)
 
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT = "diprune.finetune/1"
-
 
 
 @dataclass(frozen=True)
@@ -224,8 +230,7 @@ class FinetuneRecord:
         if not self.validation_samples:
             return f"no validation slice: the last epoch is kept ({show(self.after)} on the training data)"
         if not self.kept:
-            trained = [c for c in self.checks if c.epoch > 0]
-            rejected = min(trained, key=lambda c: c.objective)
+            rejected = best_trained(self.checks)
             return (f"every epoch was worse than the input beyond the noise ({where}: best epoch {rejected.epoch}: "
                     f"{show(self.before)} -> {show(rejected)}, {change(rejected)} > "
                     f"{self.options.get('noise_z', NOISE_Z):g} standard errors); "
@@ -382,8 +387,7 @@ def finetune(pruned: onnx.ModelProto, reference: onnx.ModelProto, data: Any,
             check, values = _check(torch, setup, options, watch, epoch)
             change, noise = paired_change(values, before)
             checks.append(replace(check, change=change, noise=noise))
-            trained = [c for c in checks if c.epoch > 0]
-            if not held.size or min(trained, key=lambda c: c.objective) is checks[-1]:
+            if not held.size or best_trained(checks) is checks[-1]:
                 best.update(epoch=epoch, values=[p.detach().clone() for p in params])
 
         losses, steps = train(torch, params, setup.data,

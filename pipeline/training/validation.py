@@ -32,10 +32,6 @@ class EpochCheck:
     change: float = 0.0
     noise: float = 0.0
 
-    def better_than(self, other: EpochCheck) -> bool:
-        """Strictly better: a lower training objective on the validation slice."""
-        return self.objective < other.objective
-
     def worse_than_input(self, z: float = NOISE_Z) -> bool:
         """The objective rose from the input's by more than ``z`` standard errors of the paired per-sample
         change (``change`` > ``z`` x ``noise``; module docstring)."""
@@ -53,11 +49,14 @@ def paired_change(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
 def chosen_epoch(checks: Sequence[EpochCheck], z: float = NOISE_Z) -> int:
     """The epoch to return (module docstring): the trained epoch with the lowest validation objective (the first
     of equals), or 0 (the input) when that epoch is worse than the input by more than ``z`` standard errors."""
+    best = best_trained(checks)
+    return 0 if best is None or best.worse_than_input(z) else best.epoch
+
+
+def best_trained(checks: Sequence[EpochCheck]) -> EpochCheck | None:
+    """The trained epoch (epoch > 0) with the lowest validation objective, the first of equals; None before any."""
     trained = [c for c in checks if c.epoch > 0]
-    if not trained:
-        return 0
-    best = min(trained, key=lambda c: c.objective)
-    return 0 if best.worse_than_input(z) else best.epoch
+    return min(trained, key=lambda c: c.objective) if trained else None
 
 
 def validation_split(samples: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

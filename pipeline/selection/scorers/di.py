@@ -86,6 +86,11 @@ def inverse_spd(a: np.ndarray) -> np.ndarray:
     except np.linalg.LinAlgError as err:
         raise CalibrationError("scatter + ridge is not positive definite (NaN statistics?); increase eps") from err
     del chol  # numpy has no potri; the factorisation above only certifies positive definiteness
+    return _symmetric_inverse(a)
+
+
+def _symmetric_inverse(a: np.ndarray) -> np.ndarray:
+    """``A⁻¹`` by LAPACK ``getri``, symmetrised (what both the certified and the uncertified paths return)."""
     inv = np.linalg.inv(a)
     return (inv + inv.T) / 2.0
 
@@ -117,10 +122,9 @@ def _uncertified_inverse(a: np.ndarray) -> np.ndarray | None:
     if not np.isfinite(a).all():
         return None
     try:
-        inv = np.linalg.inv(a)
+        return _symmetric_inverse(a)
     except np.linalg.LinAlgError:
         return None
-    return (inv + inv.T) / 2.0
 
 
 def di_value(stats: ProbeStats, eps: float = DEFAULT_EPS) -> float:

@@ -103,7 +103,7 @@ def test_the_best_epoch_on_the_validation_slice_is_returned(pruned_demo) -> None
     assert record.steps == 3 * 8  # the 240 training samples in batches of 32, three times
     best = record.checks[1]
     for check in record.checks[2:]:
-        best = check if check.better_than(best) else best
+        best = check if check.objective < best.objective else best
     assert record.best_epoch == best.epoch > 0 and not best.worse_than_input()
     session = open_session(model.SerializeToString(), "ort-cpu", 1)
     feeds, labels = {model.graph.input[0].name: next(iter(data.loader(held).values()))}, data.labels[held]
